@@ -1,0 +1,51 @@
+# chatlog: `make serve PORT=9999` and `make test` do all the set-up they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PORT   ?= 9999
+CC     ?= gcc
+CFLAGS ?= -O2 -g
+WARN    = -std=gnu99 -Wall -Wextra -Werror
+PYTEST_ARGS ?=
+
+.PHONY: all chatclient venv serve test asan valgrind bench lint clean
+
+all: chatclient
+
+chatclient: c_client/chatclient.c
+	$(CC) $(WARN) $(CFLAGS) -o $@ $<
+
+chatclient-asan: c_client/chatclient.c
+	$(CC) $(WARN) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+	    -fno-sanitize-recover=all -o $@ $<
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+serve: venv chatclient
+	$(VENV)/bin/chatlog serve $(PORT)
+
+test: venv chatclient chatclient-asan
+	$(PY) -m pytest -n auto -q $(PYTEST_ARGS)
+
+# The C client's hostile-server cases under AddressSanitizer/UBSan, then under valgrind.
+asan: venv chatclient-asan
+	$(PY) -m pytest -q -m asan tests
+
+valgrind: venv chatclient
+	$(PY) -m pytest -q -m valgrind tests
+
+bench: venv chatclient
+	$(PY) bench/run.py
+
+lint: venv
+	$(VENV)/bin/pip install --quiet ruff
+	$(VENV)/bin/ruff check chatlog tests bench
+
+clean:
+	rm -f chatclient chatclient-asan
