@@ -1,0 +1,3 @@
+from chatlog.cli import cli
+
+cli(prog_name="chatlog")

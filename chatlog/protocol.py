@@ -1,0 +1,203 @@
+"""The wire protocol: limits, the tolerant framer, and parsing and formatting lines.
+
+No sockets here. Everything is a pure function or a small state machine fed with bytes and a clock,
+so it can be unit-tested and fuzzed directly. docs/protocol.md is the prose version of this file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_HANDLE = 10  # characters
+MAX_TEXT = 500  # characters
+MAX_LINE = 8192  # bytes; a longer line is cut here so memory stays bounded
+QUIET = 0.15  # seconds of silence that complete an unterminated burst
+SERVER_HANDLE = "SERVER"
+QUIT = "\\quit"
+
+_PREFIX = re.compile(r"([^\s>]{1,%d})> ?" % MAX_HANDLE)
+_HANDLE = re.compile(r"[^\s>]{1,%d}" % MAX_HANDLE)
+
+
+@dataclass(slots=True)
+class Frame:
+    """One received message, as bytes: the payload and everything that arrived with it."""
+
+    payload: bytes  # the line without its terminator
+    raw: bytes  # every byte this message consumed: payload, terminator, padding
+    at: float  # clock time the message became complete
+    cut: int = 0  # bytes dropped because the line was longer than MAX_LINE
+
+
+@dataclass(slots=True)
+class Message:
+    """A frame parsed: who said what."""
+
+    handle: str | None
+    text: str
+    raw: bytes | None  # the received bytes when they differ from the canonical form
+    is_quit: bool
+    cut: int = 0
+
+
+class Framer:
+    """Splits a byte stream into messages, tolerating the many ways peers frame them.
+
+    feed(data, now) takes one burst (one recv()) and returns the messages it completed;
+    flush_if_quiet(now) completes an unterminated message once the peer has been quiet;
+    deadline() says when flush_if_quiet next has something to do; spoke() tells the framer that
+    our side has answered, which ends any padding.
+    """
+
+    __slots__ = (
+        "quiet", "max_line", "dropped", "_buf", "_raw", "_last", "_padding", "_cutting", "_cut"
+    )
+
+    def __init__(self, quiet: float = QUIET, max_line: int = MAX_LINE):
+        self.quiet = quiet
+        self.max_line = max_line
+        self.dropped = 0  # padding bytes that arrived after their message was already returned
+        self._buf = bytearray()  # payload of the message being received
+        self._raw = bytearray()  # raw bytes of the message being received (payload + extras)
+        self._last = 0.0  # when the last byte arrived
+        self._padding = False  # discarding padding after a NUL
+        self._cutting = False  # discarding the rest of an overlong line
+        self._cut = 0
+
+    @property
+    def pending(self) -> bool:
+        """True while bytes of an unfinished message are held."""
+        return bool(self._buf) or self._cutting
+
+    def deadline(self) -> float | None:
+        if self._buf or self._cutting:
+            return self._last + self.quiet
+        return None
+
+    def spoke(self) -> None:
+        self._padding = False
+
+    def feed(self, data: bytes, now: float) -> list[Frame]:
+        out: list[Frame] = []
+        if self._padding and now - self._last >= self.quiet:
+            self._padding = False
+        quiet_gap = now - self._last >= self.quiet
+        self._last = now
+        if (self._buf or self._cutting) and quiet_gap:
+            # The previous burst was already complete by the quiet rule; the caller just did not
+            # ask in time. Finish it before looking at the new bytes.
+            out.append(self._complete(now))
+        i, n = 0, len(data)
+        while i < n:
+            if self._padding:
+                self._attach_padding(out, data[i:])
+                return out
+            nl = data.find(b"\n", i)
+            nul = data.find(b"\0", i)
+            if nl < 0 and nul < 0:
+                self._take(data[i:], data[i:])
+                return out
+            if nl < 0 or (0 <= nul < nl):
+                # A NUL ends the message and starts padding.
+                self._take(data[i:nul], data[i : nul + 1])
+                out.append(self._complete(now))
+                self._padding = True
+                i = nul + 1
+                continue
+            end = nl + 1
+            payload = data[i:nl]
+            if end < n and data[end] == 0:
+                end += 1  # "\n\0": the NUL belongs to the terminator
+            self._take(payload, data[i:end])
+            if self._buf.endswith(b"\r"):
+                del self._buf[-1]
+            out.append(self._complete(now))
+            i = end
+        return out
+
+    def flush_if_quiet(self, now: float) -> list[Frame]:
+        if (self._buf or self._cutting) and now - self._last >= self.quiet:
+            return [self._complete(now)]
+        return []
+
+    def flush(self, now: float) -> list[Frame]:
+        """The peer closed: whatever is held is its last message."""
+        self._padding = False
+        if self._buf or self._cutting:
+            return [self._complete(now)]
+        return []
+
+    def _take(self, payload: bytes, raw: bytes) -> None:
+        if self._cutting:
+            self._cut += len(payload)
+            return
+        room = self.max_line - len(self._buf)
+        if len(payload) > room:
+            self._buf += payload[:room]
+            self._raw += payload[:room]
+            self._cut += len(payload) - room
+            self._cutting = True
+            return
+        self._buf += payload
+        self._raw += raw
+
+    def _attach_padding(self, out: list[Frame], data: bytes) -> None:
+        """Padding is kept with the message it followed, so the store loses none of it."""
+        if out:
+            out[-1].raw += data
+        else:
+            self.dropped += len(data)
+
+    def _complete(self, now: float) -> Frame:
+        frame = Frame(bytes(self._buf), bytes(self._raw), now, self._cut)
+        self._buf.clear()
+        self._raw.clear()
+        self._cutting = False
+        self._cut = 0
+        return frame
+
+
+def decode(payload: bytes) -> str:
+    return payload.decode("utf-8", "replace")
+
+
+def split_prefix(line: str) -> tuple[str | None, str]:
+    """`handle>text` or `handle> text` gives (handle, text); a line with no prefix gives (None, line)."""
+    m = _PREFIX.match(line)
+    if m:
+        return m.group(1), line[m.end() :]
+    return None, line
+
+
+def is_quit(text: str) -> bool:
+    return text.strip() == QUIT
+
+
+def parse(frame: Frame) -> Message:
+    text = decode(frame.payload)
+    handle, text = split_prefix(text)
+    raw: bytes | None = frame.raw
+    if handle is not None and frame.raw in (
+        f"{handle}>{text}\n\0".encode(),
+        f"{handle}>{text}\n".encode(),
+    ):
+        raw = None
+    elif handle is None and frame.raw in (f"{text}\n".encode(), f"{text}\n\0".encode()):
+        raw = None
+    return Message(handle, text, raw, is_quit(text), frame.cut)
+
+
+def valid_handle(handle: str) -> bool:
+    return bool(_HANDLE.fullmatch(handle))
+
+
+def format_server(text: str) -> bytes:
+    return f"{SERVER_HANDLE}>{text}\n".encode()
+
+
+QUIT_LINE = (QUIT + "\n").encode()
+
+
+def format_client(handle: str, text: str) -> bytes:
+    return f"{handle}>{text}\n\0".encode()

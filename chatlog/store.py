@@ -1,0 +1,331 @@
+"""The transcript store: one SQLite file, written through sqlite-utils, read with plain queries.
+
+Nothing above this module writes SQL. Writes are small autocommit transactions (one per event) in
+WAL mode, so every message is durable the moment `add_message` returns and readers in other
+processes never block the server. Read-only commands open the file without importing sqlite-utils
+(it costs ~100 ms) unless a migration is pending.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from chatlog import schema
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+END_REASONS = {
+    "client-quit": "client quit",
+    "server-quit": "server quit",
+    "disconnect": "client disconnected",
+    "timeout": "idle timeout",
+    "shutdown": "server shut down",
+    "interrupted": "interrupted (server stopped unexpectedly)",
+    "overlong": "line too long",
+    "busy": "server busy",
+    "stalled": "client stopped reading",
+    "error": "connection error",
+}
+
+
+class StoreError(Exception):
+    """A problem with the database file, worded for the person running the command."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+@dataclass(slots=True)
+class Session:
+    id: int
+    started_at: str
+    served_at: str | None
+    ended_at: str | None
+    client_host: str | None
+    client_port: int | None
+    server_host: str | None
+    server_port: int | None
+    handle: str | None
+    end_reason: str | None
+    client_messages: int
+    server_messages: int
+
+    @property
+    def messages(self) -> int:
+        return self.client_messages + self.server_messages
+
+    @property
+    def duration(self) -> float | None:
+        if not self.ended_at:
+            return None
+        return (parse_iso(self.ended_at) - parse_iso(self.started_at)).total_seconds()
+
+    @property
+    def reason_text(self) -> str:
+        if self.end_reason is None:
+            return "in progress" if self.served_at else "waiting"
+        return END_REASONS.get(self.end_reason, self.end_reason)
+
+
+@dataclass(slots=True)
+class Msg:
+    id: int
+    session_id: int
+    seq: int
+    at: str
+    sender: str
+    handle: str | None
+    text: str
+    raw: bytes | None
+    note: str | None
+
+
+SESSION_COLUMNS = ", ".join(Session.__slots__)  # type: ignore[attr-defined]
+MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        self._db: Database | None = None
+        self._seq: dict[int, int] = {}
+
+    @property
+    def db(self) -> "Database":
+        """The sqlite-utils view of the same connection (imported on first use)."""
+        if self._db is None:
+            from sqlite_utils import Database
+
+            self._db = Database(self.conn)
+        return self._db
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def close_orphans(self, at: str | None = None) -> int:
+        """Sessions left open by a crash or a kill are closed as `interrupted`. Returns how many."""
+        at = at or now_iso()
+        with self._guard():
+            cur = self.conn.execute(
+                "UPDATE sessions SET end_reason = 'interrupted', "
+                "ended_at = coalesce((SELECT max(m.at) FROM messages m "
+                "WHERE m.session_id = sessions.id), served_at, started_at) "
+                "WHERE ended_at IS NULL"
+            )
+        return cur.rowcount
+
+    def begin_session(
+        self,
+        client: tuple[str, int],
+        server: tuple[str, int],
+        at: str | None = None,
+        *,
+        served: bool = False,
+    ) -> int:
+        at = at or now_iso()
+        row = {
+            "started_at": at,
+            "served_at": at if served else None,
+            "client_host": client[0],
+            "client_port": client[1],
+            "server_host": server[0],
+            "server_port": server[1],
+        }
+        with self._guard():
+            session_id = self.db["sessions"].insert(row).last_pk
+        self._seq[session_id] = 0
+        return session_id
+
+    def serve_session(self, session_id: int, at: str | None = None) -> None:
+        with self._guard():
+            self.conn.execute(
+                "UPDATE sessions SET served_at = ? WHERE id = ?", (at or now_iso(), session_id)
+            )
+
+    def add_message(
+        self,
+        session_id: int,
+        sender: str,
+        handle: str | None,
+        text: str,
+        raw: bytes | None = None,
+        note: str | None = None,
+        at: str | None = None,
+    ) -> int:
+        """Commit one message; returns its sequence number. The hot path: one INSERT, one commit."""
+        seq = self._seq.get(session_id, 0) + 1
+        with self._guard():
+            self.conn.execute(
+                _INSERT_MESSAGE,
+                (session_id, seq, at or now_iso(), sender, handle, text, raw, note),
+            )
+        self._seq[session_id] = seq
+        return seq
+
+    def set_handle(self, session_id: int, handle: str) -> None:
+        with self._guard():
+            self.conn.execute(
+                "UPDATE sessions SET handle = ? WHERE id = ? AND handle IS NULL", (handle, session_id)
+            )
+
+    def end_session(self, session_id: int, reason: str, at: str | None = None) -> None:
+        with self._guard():
+            self.conn.execute(
+                "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE id = ? AND ended_at IS NULL",
+                (at or now_iso(), reason, session_id),
+            )
+        self._seq.pop(session_id, None)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def session(self, ident: int | str) -> Session | None:
+        """A session by id, or the newest one for `last`."""
+        if isinstance(ident, str) and ident.lower() == "last":
+            sql = f"SELECT {SESSION_COLUMNS} FROM sessions ORDER BY id DESC LIMIT 1"
+            args: tuple = ()
+        else:
+            sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
+            args = (int(ident),)
+        with self._guard():
+            row = self.conn.execute(sql, args).fetchone()
+        return Session(*row) if row else None
+
+    def messages(self, session_id: int, after_seq: int = 0) -> Iterator[Msg]:
+        """A session's messages in order, streamed."""
+        with self._guard():
+            cur = self.conn.execute(
+                f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq",
+                (session_id, after_seq),
+            )
+        for row in cur:
+            yield Msg(*row)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _guard(self):
+        return _Guard(self.path)
+
+
+class _Guard:
+    """Turns sqlite3 errors into one clear StoreError."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            raise StoreError(describe_error(self.path, exc)) from exc
+        return False
+
+
+def describe_error(path: Path, exc: BaseException) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return f"{path} is not a usable chatlog database ({text})"
+    if "readonly" in text or "unable to open" in text:
+        return f"cannot write the database {path} ({text})"
+    return f"database error in {path}: {text}"
+
+
+def open_store(path: str | os.PathLike, *, create: bool = True) -> Store:
+    """Open (creating if allowed) the database at `path`, upgrading its schema if needed."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise StoreError(f"no chatlog database at {path} (nothing has been recorded yet)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
+    elif path.is_dir():
+        raise StoreError(f"{path} is a directory, not a database file")
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError as exc:
+        raise StoreError(f"cannot read the database {path}: {exc.strerror}") from exc
+    if header and header != SQLITE_HEADER:
+        raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(describe_error(path, exc)) from exc
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(describe_error(path, exc)) from exc
+    except StoreError:
+        conn.close()
+        raise
+    return Store(conn, path)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'"
+    ).fetchone()
+    applied: list[str] = []
+    if has_table:
+        applied = [
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM _sqlite_migrations WHERE migration_set = ?",
+                (schema.MIGRATION_SET,),
+            )
+        ]
+    unknown = [name for name in applied if name not in schema.NAMES]
+    if unknown:
+        raise StoreError(
+            f"{path} was written by a newer version of chatlog (schema step {unknown[-1]}); "
+            "upgrade chatlog to read it"
+        )
+    if len(applied) == len(schema.NAMES):
+        return
+    if not has_table and conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name IN ('sessions', 'messages')"
+    ).fetchone():
+        raise StoreError(f"{path} is an SQLite file but not a chatlog database")
+    from sqlite_utils import Database
+
+    schema.apply(Database(conn))
