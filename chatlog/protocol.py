@@ -99,11 +99,15 @@ class Framer:
                 self._take(data[i:], data[i:])
                 return out
             if nl < 0 or (0 <= nul < nl):
-                # A NUL ends the message and starts padding.
-                self._take(data[i:nul], data[i : nul + 1])
-                out.append(self._complete(now))
-                self._padding = True
-                i = nul + 1
+                # A NUL ends the message (if one was started) and starts padding.
+                if nul > i or self._buf or self._cutting:
+                    self._take(data[i:nul], data[i : nul + 1])
+                    out.append(self._complete(now))
+                    self._padding = True
+                    i = nul + 1
+                else:
+                    self._padding = True
+                    i = nul
                 continue
             end = nl + 1
             payload = data[i:nl]

@@ -340,8 +340,7 @@ class Server:
             if busy:
                 self.out.event(f"refused {host} port {port}: {len(self.waiting)} already waiting")
                 self._send(conn, protocol.format_server("The server is busy; try again later."))
-                self._send(conn, QUIT_LINE)
-                self._close(conn, "busy")
+                self._close(conn, "busy", tell=True)
                 continue
             self.sel.register(sock, selectors.EVENT_READ, ("client", conn))
             if self.current is None:
@@ -559,6 +558,7 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
+        self.store.end_session(conn.session_id, reason)  # recorded before anyone is told
         if tell:
             self._send_last(conn, QUIT_LINE)
         try:
@@ -569,7 +569,6 @@ class Server:
             conn.sock.close()
         except OSError:
             pass
-        self.store.end_session(conn.session_id, reason)
         if conn in self.waiting:
             self.waiting.remove(conn)
         if conn is self.current or reason != "busy":

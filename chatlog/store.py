@@ -267,10 +267,9 @@ def open_store(path: str | os.PathLike, *, create: bool = True) -> Store:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             os.close(fd)
-        except FileExistsError:
-            pass
         except OSError as exc:
-            raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
+            if not (isinstance(exc, FileExistsError) and path.is_file()):
+                raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
     elif path.is_dir():
         raise StoreError(f"{path} is a directory, not a database file")
     try:

@@ -41,3 +41,166 @@ def db_path(tmp_path):
     os.environ["CHATLOG_DB"] = str(path)
     yield path
     os.environ.pop("CHATLOG_DB", None)
+
+
+# -- a real `chatlog serve` process ----------------------------------------------------------------
+
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+class ServerProc:
+    """`chatlog serve 0` on loopback with a scripted operator (stdin pipe) and captured console."""
+
+    def __init__(self, db, *args, env=None):
+        self.db = db
+        cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"]
+        environ = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1")
+        environ.pop("FORCE_COLOR", None)
+        environ.update(env or {})
+        self.proc = subprocess.Popen(
+            cmd + list(args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environ,
+            cwd=ROOT,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        first = self.wait_for(r"Server started .* port (\d+)")
+        self.port = int(re.search(r"port (\d+)", first).group(1))
+        self.wait_for("Awaiting client connections")
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)  # end of output
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(x for x in self.lines if x is not None)
+
+    def wait_for(self, pattern, timeout=10.0, start=0):
+        """Wait until a console line (from index `start`) matches the regex; return the line."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if line is not None and rx.search(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] is None):
+                    raise AssertionError(
+                        f"no console line matching {pattern!r}; console so far:\n{self.output}\n"
+                        f"stderr: {self._stderr()}"
+                    )
+                self._cond.wait(left)
+
+    def count(self, pattern) -> int:
+        rx = re.compile(pattern)
+        with self._cond:
+            return sum(1 for x in self.lines if x is not None and rx.search(x))
+
+    def _stderr(self):
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read().decode("utf-8", "replace")
+
+    def say(self, line: str):
+        """The operator types a line."""
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def end_input(self):
+        self.proc.stdin.close()
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return s
+
+    def signal(self, sig=signal.SIGINT):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=10):
+        return self.proc.wait(timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start_server(*extra_args) -> ServerProc; every server is stopped afterwards."""
+    servers = []
+
+    def start(*args, db=None, env=None):
+        server = ServerProc(db or tmp_path / "chat.db", *args, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
+    """Read from a socket until `needle` has arrived (or the peer closed)."""
+    sock.settimeout(timeout)
+    data = b""
+    while needle not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01):
+    """Poll `predicate` until it is truthy; return its value or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def db_rows(db, sql, args=()):
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()

@@ -1,0 +1,71 @@
+"""The one sanitiser every renderer uses."""
+
+import pytest
+
+from chatlog.render import Renderer
+from chatlog.sanitize import is_safe, visible
+
+HOSTILE = [
+    ("\x1b[2J", "\\x1b[2J"),
+    ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
+    ("\x1b]52;c;aGk=\x07", "\\x1b]52;c;aGk=\\x07"),
+    ("\x1b[6n", "\\x1b[6n"),
+    ("\x9b31m", "\\x9b31m"),  # C1 CSI as a character
+    ("\x85", "\\x85"),
+    ("a\u202eb", "a\\u202eb"),  # right-to-left override
+    ("a\u200bb\u2066c\ufeff", "a\\u200bb\\u2066c\\ufeff"),
+    ("over\rwrite", "over\\rwrite"),
+    ("forged\nSERVER>line", "forged\\nSERVER>line"),
+    ("tab\there", "tab\\there"),
+    ("nul\x00del\x7f", "nul\\x00del\\x7f"),
+    ("\u2028\u2029", "\\u2028\\u2029"),
+    ("\udcff", "\\udcff"),  # a lone surrogate (surrogateescape)
+    ("tag\U000e0041", "tag\\U000e0041"),
+]
+
+
+@pytest.mark.parametrize("text,shown", HOSTILE)
+def test_dangerous_characters_become_visible(text, shown):
+    assert visible(text) == shown
+    assert not is_safe(text)
+    out = visible(text)
+    assert all(ch.isprintable() for ch in out)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain", "[bold]x[/]", "[link=https://x]y", ":smile:", "trailing\\", "%s%n%x", "héllo 😀 日本", ""],
+)
+def test_harmless_text_is_unchanged(text):
+    assert visible(text) == text
+    assert is_safe(text)
+
+
+def test_renderer_never_interprets_markup_or_escapes(tmp_path):
+    path = tmp_path / "out.txt"
+    with open(path, "w") as stream:
+        r = Renderer(stream, color=True)
+        r.chat("client", "bo\x1bb", "[bold red]x[/] \x1b[2J :smile:")
+        r.event("connected \x07")
+    data = path.read_text()
+    # Only our own SGR codes may appear: every ESC is followed by "[" and digits then "m".
+    import re
+
+    assert re.sub(r"\x1b\[[0-9;]*m", "", data) == (
+        "bo\\x1bb>[bold red]x[/] \\x1b[2J :smile:\nconnected \\x07\n"
+    )
+
+
+def test_renderer_plain_when_not_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    path = tmp_path / "out.txt"
+    with open(path, "w") as stream:
+        Renderer(stream).chat("server", "SERVER", "hi")
+    assert path.read_text() == "SERVER>hi\n"
+
+
+def test_no_color_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    with open(tmp_path / "o", "w") as stream:
+        assert not Renderer(stream).color

@@ -1,0 +1,407 @@
+"""`chatlog serve` end to end: real process, real loopback sockets, real SQLite file."""
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, db_rows, recv_until, wait_until
+
+
+def messages(db, session=None):
+    sql = "SELECT session_id, seq, sender, handle, text, raw, note FROM messages"
+    if session is not None:
+        return db_rows(db, sql + " WHERE session_id = ? ORDER BY seq", (session,))
+    return db_rows(db, sql + " ORDER BY id")
+
+
+def session(db, sid):
+    return db_rows(
+        db,
+        "SELECT handle, end_reason, client_messages, server_messages, ended_at, client_host, "
+        "client_port, server_port FROM sessions WHERE id = ?",
+        (sid,),
+    )[0]
+
+
+def test_full_chat_raw_socket(server):
+    c = server.connect()
+    c.sendall(b"brandon>hello server\n\0")
+    server.wait_for(r"^brandon>hello server$")
+    server.say("why hello client")
+    assert recv_until(c, b"\n") == b"SERVER>why hello client\n"
+    c.sendall(b"brandon>how are you\n\0")
+    server.wait_for("^brandon>how are you$")
+    server.say("good")
+    assert recv_until(c, b"\n") == b"SERVER>good\n"
+    c.sendall(b"brandon>\\quit\n\0")
+    server.wait_for(r"client has quit \(session 1, 2 messages each way\)")
+    assert c.recv(100) == b""
+    assert [m[2:5] for m in messages(server.db)] == [
+        ("client", "brandon", "hello server"),
+        ("server", "SERVER", "why hello client"),
+        ("client", "brandon", "how are you"),
+        ("server", "SERVER", "good"),
+    ]
+    handle, reason, cm, sm, ended, host, port, sport = session(server.db, 1)
+    assert (handle, reason, cm, sm, host, sport) == ("brandon", "client-quit", 2, 2, "127.0.0.1", server.port)
+    assert port == c.getsockname()[1] and ended
+    assert server.output.index("connected to: 127.0.0.1 port") < server.output.index("brandon>hello")
+
+
+def test_every_message_is_committed_before_it_is_shown(server):
+    c = server.connect()
+    c.sendall(b"bob>first\n\0")
+    server.wait_for("^bob>first$")
+    # the console line is printed after the commit: it must be in the file already
+    assert messages(server.db)[0][4] == "first"
+    server.say("reply")
+    recv_until(c, b"\n")
+    assert messages(server.db)[1][4] == "reply"
+
+
+def test_server_quit(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.say("\\quit")
+    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert c.recv(10) == b""
+    server.wait_for(r"chat ended by the server \(session 1")
+    assert session(server.db, 1)[1] == "server-quit"
+    server.wait_for("Awaiting client connections", start=5)
+
+
+def test_disconnect_while_operator_types_is_noticed_at_once(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    t0 = time.time()
+    c.close()  # the operator has not answered
+    server.wait_for(r"client has disconnected \(session 1, 1 from the client, 0 from the server\)")
+    reason, ended = session(server.db, 1)[1], session(server.db, 1)[4]
+    assert reason == "disconnect"
+    from datetime import datetime
+
+    assert abs(datetime.fromisoformat(ended).timestamp() - t0) < 2
+
+
+def test_reset_mid_turn(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()  # RST
+    server.wait_for("client has disconnected")
+    server.say("too late")  # the answer finds nobody; the server carries on
+    c2 = server.connect()
+    c2.sendall(b"amy>next\n\0")
+    server.wait_for("^amy>next$")
+
+
+def test_second_client_waits_and_is_served_with_nothing_lost(server):
+    a = server.connect()
+    a.sendall(b"alice>first\n\0")
+    server.wait_for("^alice>first$")
+    b = server.connect()
+    server.wait_for(r"127.0.0.1 port \d+ is waiting \(1 in the queue\)")
+    b.sendall(b"bob>i was waiting\n\0")  # said while waiting: committed, shown when served
+    wait_until(lambda: len(messages(server.db)) == 2)
+    server.say("hi alice")
+    assert recv_until(a, b"\n") == b"SERVER>hi alice\n"
+    a.sendall(b"alice>\\quit\n\0")
+    server.wait_for(r"client has quit \(session 1")
+    server.wait_for(r"connected to: 127.0.0.1 port %d" % b.getsockname()[1])
+    server.wait_for("^bob>i was waiting$")
+    server.say("hi bob")
+    assert recv_until(b, b"\n") == b"SERVER>hi bob\n"
+    assert [m[:5] for m in messages(server.db, 2)] == [
+        (2, 1, "client", "bob", "i was waiting"),
+        (2, 2, "server", "SERVER", "hi bob"),
+    ]
+    served_at, started_at = db_rows(server.db, "SELECT served_at, started_at FROM sessions WHERE id=2")[0]
+    assert served_at > started_at
+
+
+def test_queue_full_is_told_busy_and_recorded(start_server):
+    server = start_server("--max-waiting", "1")
+    a = server.connect()
+    a.sendall(b"a>hi\n\0")
+    server.wait_for("^a>hi$")
+    b = server.connect()
+    server.wait_for("is waiting")
+    c = server.connect()
+    data = recv_until(c, b"\\quit\n")
+    assert data == b"SERVER>The server is busy; try again later.\n\\quit\n"
+    assert c.recv(10) == b""
+    server.wait_for(r"refused 127.0.0.1 port \d+: 1 already waiting")
+    assert session(server.db, 3)[1] == "busy"
+    b.close()
+    a.close()
+
+
+def test_idle_client_is_dropped_and_next_served(start_server):
+    server = start_server("--idle-timeout", "0.5")
+    idle = server.connect()
+    nxt = server.connect()
+    server.wait_for("is waiting")
+    assert recv_until(idle, b"\n", timeout=5) == b"\\quit\n"
+    server.wait_for(r"client timed out after 0.5 s on its turn \(session 1")
+    assert session(server.db, 1)[1] == "timeout"
+    nxt.sendall(b"n>hello\n\0")
+    server.wait_for("^n>hello$")
+
+
+def test_trickling_client_is_dropped_after_the_idle_timeout(start_server):
+    server = start_server("--idle-timeout", "0.6")
+    c = server.connect()
+    c.sendall(b"t>hi\n\0")
+    server.wait_for("^t>hi$")
+    server.say("go on")
+    recv_until(c, b"\n")
+    start = time.monotonic()
+    c.settimeout(0.05)
+    got = b""
+    for ch in b"slowly typed forever":  # one byte every 50 ms, never a newline... but quiet < 150ms
+        try:
+            c.sendall(bytes([ch]))
+            got += c.recv(100)
+        except TimeoutError:
+            pass
+        except OSError:
+            break
+        if b"\\quit" in got:
+            break
+    server.wait_for("client timed out", timeout=5)
+    assert time.monotonic() - start < 3
+    assert session(server.db, 1)[1] == "timeout"
+
+
+@pytest.mark.parametrize(
+    "sent,expected",
+    [
+        (b"bob> no newline at all", [("bob", "no newline at all")]),
+        (b"bob>crlf\r\n", [("bob", "crlf")]),
+        (b"bob> padded\0" + b"\xde\xad\xbe\xef" * 120, [("bob", "padded")]),
+        (b"bob> zeros\n".ljust(550, b"\0"), [("bob", "zeros")]),
+        (b"just nc text\n", [(None, "just nc text")]),
+        (b"bob>one\nbob>two\n", [("bob", "one"), ("bob", "two")]),
+        ("bob>caf\u00e9 \U0001f600\n".encode(), [("bob", "caf\u00e9 \U0001f600")]),
+        (b"bob>\xff\xfe bad\n\0", [("bob", "\ufffd\ufffd bad")]),
+        (b"bob>\n\0", [("bob", "")]),
+    ],
+)
+def test_tolerant_framing(server, sent, expected):
+    c = server.connect()
+    c.sendall(sent)
+    wait_until(lambda: len(messages(server.db)) >= len(expected))
+    got = messages(server.db)
+    assert [(m[3], m[4]) for m in got] == expected
+    canonical = [f"{h}>{t}\n\0".encode() for h, t in expected]
+    for m, canon in zip(got, canonical, strict=True):
+        # raw is stored exactly when the bytes differ from the canonical form
+        if m[5] is not None:
+            assert m[5] != canon
+
+
+def test_raw_bytes_keep_everything(server):
+    sent = b"bob> padded\0" + b"\xde\xad" * 100
+    c = server.connect()
+    c.sendall(sent)
+    wait_until(lambda: messages(server.db))
+    assert messages(server.db)[0][5] == sent
+
+
+def test_byte_at_a_time_and_split_multibyte(server):
+    c = server.connect()
+    data = "bob>h\u00e9llo\n\0".encode()
+    for i in range(len(data)):
+        c.send(data[i : i + 1])
+        time.sleep(0.002)
+    server.wait_for("^bob>h\u00e9llo$")
+
+
+def test_nc_user_attributed_to_last_handle(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n")
+    server.wait_for("^bob>hi$")
+    server.say("yes?")
+    recv_until(c, b"\n")
+    c.sendall(b"no prefix now\n")
+    server.wait_for("^bob>no prefix now$")
+    assert messages(server.db)[-1][3] == "bob"
+
+
+def test_hostile_text_is_inert_on_the_console(server):
+    c = server.connect()
+    c.sendall("bob>\x1b[2J\x1b]0;pwn\x07[bold]x[/] \u202e\n\0".encode())
+    line = server.wait_for("^bob>")
+    assert "\x1b" not in server.output and "\x07" not in server.output
+    assert line == "bob>\\x1b[2J\\x1b]0;pwn\\x07[bold]x[/] \\u202e"
+    assert messages(server.db)[0][4] == "\x1b[2J\x1b]0;pwn\x07[bold]x[/] \u202e"
+
+
+def test_overlong_line_ends_the_session_and_memory_stays_bounded(server):
+    c = server.connect()
+    chunk = b"x" * 65536
+    try:
+        for _ in range(160):  # 10 MiB, no newline
+            c.sendall(chunk)
+    except OSError:
+        pass
+    server.wait_for(r"client dropped for a line that is too long \(session 1")
+    (text, note), = db_rows(server.db, "SELECT text, note FROM messages")
+    assert len(text) == 8192 and note.startswith("line cut at 8192 bytes")
+    assert session(server.db, 1)[1] == "overlong"
+    status = open(f"/proc/{server.proc.pid}/status").read()
+    rss_kb = int(status.split("VmRSS:")[1].split()[0])
+    assert rss_kb < 200_000
+
+
+def test_operator_line_over_500_characters_is_refused(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.say("x" * 501)
+    server.wait_for(r"message too long \(501 characters, at most 500\); not sent")
+    server.say("short")
+    assert recv_until(c, b"\n") == b"SERVER>short\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_closes_the_session_cleanly(server, sig):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.signal(sig)
+    assert server.wait() == 0
+    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert session(server.db, 1)[1] == "shutdown"
+    assert f"Server stopped ({sig.name})" in server.output
+    assert "Traceback" not in server.proc.stderr.read().decode()
+
+
+def test_sigint_while_idle(server):
+    server.signal(signal.SIGINT)
+    assert server.wait() == 0
+
+
+def test_end_of_operator_input_quits_and_stops(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.end_input()
+    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert server.wait() == 0
+    assert session(server.db, 1)[1] == "server-quit"
+
+
+def test_piped_script_of_answers(tmp_path):
+    """printf 'hi\\nbye\\n' | chatlog serve PORT: one answer per turn, in order."""
+    db = tmp_path / "p.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    proc.stdin.write(b"hi\nbye\n")
+    proc.stdin.close()
+    line = proc.stdout.readline().decode()
+    port = int(line.rsplit("port ", 1)[1])
+    c = socket.create_connection(("127.0.0.1", port))
+    replies = []
+    for text in (b"one", b"two", b"three"):
+        c.sendall(b"bob>" + text + b"\n\0")
+        replies.append(recv_until(c, b"\n"))
+    assert replies == [b"SERVER>hi\n", b"SERVER>bye\n", b"\\quit\n"]
+    assert proc.wait(10) == 0
+    out = proc.stdout.read().decode()
+    assert "SERVER>hi\n" in out and "SERVER>bye\n" in out
+
+
+def test_restart_closes_orphans_as_interrupted(start_server, tmp_path):
+    db = tmp_path / "k.db"
+    first = start_server(db=db)
+    c = first.connect()
+    c.sendall(b"bob>hi\n\0")
+    first.wait_for("^bob>hi$")
+    first.proc.kill()
+    first.proc.wait()
+    second = start_server(db=db)
+    second.wait_for(r"closed 1 session\(s\) left open by an earlier run as interrupted", start=0)
+    assert session(db, 1)[1] == "interrupted"
+
+
+def test_restart_on_the_same_port_at_once(start_server, tmp_path):
+    first = start_server()
+    c = first.connect()
+    c.sendall(b"bob>hi\n\0")
+    first.wait_for("^bob>hi$")
+    port = first.port
+    first.stop()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "serve", str(port), "--db", str(tmp_path / "r.db"), "--bind", "127.0.0.1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        assert f"port {port}" in proc.stdout.readline().decode()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run_cli(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT, timeout=20, **kw
+    )
+
+
+def test_port_in_use(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    r = run_cli("serve", str(port), "--bind", "127.0.0.1", "--db", str(tmp_path / "x.db"), input="")
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"chatlog: cannot listen on port {port}: address already in use"
+    s.close()
+
+
+@pytest.mark.parametrize("port", ["70000", "99999999", "http"])
+def test_bad_port(tmp_path, port):
+    r = run_cli("serve", port, "--db", str(tmp_path / "x.db"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "Invalid value for 'PORT'" in r.stderr
+
+
+def test_unwritable_database(tmp_path):
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    r = run_cli("serve", "0", "--db", str(blocker / "chat.db"), input="")
+    assert r.returncode == 1
+    assert r.stderr.startswith("chatlog: cannot create the database") and "Traceback" not in r.stderr
+
+
+def test_not_a_database(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_text("hello")
+    r = run_cli("serve", "0", "--db", str(bad), input="")
+    assert r.returncode == 1
+    assert r.stderr == f"chatlog: {bad} is not a chatlog database (not an SQLite file)\n"
+
+
+def test_console_colors(start_server):
+    colored = start_server(env={"NO_COLOR": "", "FORCE_COLOR": "1"})
+    c = colored.connect()
+    c.sendall(b"bob>hi\n\0")
+    line = colored.wait_for("bob")
+    assert "\x1b[" in line and line.endswith(">\x1b[0mhi") or "\x1b[" in line
+
+
+def test_plain_console_into_a_pipe(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    assert "\x1b" not in server.output

@@ -1,0 +1,121 @@
+"""The store and its migrations, against real SQLite files."""
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from chatlog import schema
+from chatlog.store import StoreError, open_store
+
+
+def test_fresh_database_has_schema_wal_and_owner_only_mode(tmp_path):
+    path = tmp_path / "sub" / "chat.db"
+    store = open_store(path)
+    store.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY id")]
+    assert names == schema.NAMES
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"sessions", "messages", "messages_fts"} <= tables
+
+
+def test_migrations_are_applied_once(tmp_path):
+    path = tmp_path / "chat.db"
+    open_store(path).close()
+    open_store(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(schema.NAMES)
+
+
+def test_partial_schema_is_upgraded(tmp_path):
+    """A database made by an older chatlog (first migration only) gains the later ones."""
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    path = tmp_path / "old.db"
+    db = Database(path)
+    m = Migrations(schema.MIGRATION_SET)
+    m(name=schema.NAMES[0])(schema.MIGRATIONS[0])
+    m.apply(db)
+    db["sessions"].insert({"started_at": "2026-01-01T00:00:00.000000+00:00"})
+    db["messages"].insert(
+        {"session_id": 1, "seq": 1, "at": "2026-01-01T00:00:01.000000+00:00", "sender": "client", "text": "old words"}
+    )
+    db.close()
+    store = open_store(path, create=False)
+    hits = store.conn.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH 'words'").fetchall()
+    assert hits == [(1,)]  # the FTS migration indexed the existing row
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    open_store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('chatlog', 'm999_future', 'x')"
+    )
+    conn.commit()
+    with pytest.raises(StoreError, match="newer version of chatlog"):
+        open_store(path)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"this is not a database at all", "not an SQLite file"),
+        (b"SQLite format 3\x00" + b"\xff" * 200, "not a usable chatlog database"),
+    ],
+)
+def test_not_sqlite_or_corrupt(tmp_path, content, message):
+    path = tmp_path / "bad.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match=message):
+        open_store(path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE messages (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not a chatlog database"):
+        open_store(path)
+
+
+def test_missing_database_for_readers(tmp_path):
+    with pytest.raises(StoreError, match="no chatlog database"):
+        open_store(tmp_path / "nope.db", create=False)
+
+
+def test_unwritable_location(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(StoreError, match="cannot create the database"):
+        open_store(blocker / "chat.db")
+
+
+def test_session_lifecycle_counts_and_orphans(tmp_path):
+    store = open_store(tmp_path / "c.db")
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    store.set_handle(sid, "bob")
+    store.add_message(sid, "client", "bob", "hi", raw=b"bob> hi\n")
+    store.add_message(sid, "server", "SERVER", "yo")
+    store.add_message(sid, "client", "bob", "\ufffd", raw=b"bob>\xff\n\0")
+    s = store.session("last")
+    assert (s.client_messages, s.server_messages, s.handle, s.end_reason) == (2, 1, "bob", None)
+    assert [m.seq for m in store.messages(sid)] == [1, 2, 3]
+    assert [m.raw for m in store.messages(sid)] == [b"bob> hi\n", None, b"bob>\xff\n\0"]
+    store.close()
+    # the server died: the next open finds the session open and closes it as interrupted
+    store = open_store(tmp_path / "c.db")
+    assert store.close_orphans() == 1
+    s = store.session(sid)
+    assert s.end_reason == "interrupted"
+    assert s.ended_at == list(store.messages(sid))[-1].at
+    store.end_session(sid, "client-quit")  # an ended session is not re-ended
+    assert store.session(sid).end_reason == "interrupted"
