@@ -28,7 +28,8 @@ from chatlog.render import Renderer
 from chatlog.store import Store, iso
 
 RECV_SIZE = 65536
-MAX_OUTBUF = 256 * 1024  # a client that lets this much of our output pile up is dropped
+MAX_OUTBUF = 64 * 1024  # a client that lets this much of our output pile up is dropped
+SEND_BUFFER = 64 * 1024  # kernel send buffer per client: chat lines are small
 MAX_HELD = 64  # messages a waiting client may send before it is served
 
 
@@ -328,6 +329,7 @@ class Server:
             sock.setblocking(False)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass
             host, port = _plain_addr(addr[0]), addr[1]

@@ -124,6 +124,19 @@ class ServerProc:
         self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
 
+    def script(self, lines):
+        """Queue many operator answers without blocking on a full pipe (written by a thread)."""
+        data = b"".join(line.encode() + b"\n" for line in lines)
+
+        def write():
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                pass
+
+        threading.Thread(target=write, daemon=True).start()
+
     def end_input(self):
         self.proc.stdin.close()
 

@@ -1,0 +1,227 @@
+"""Hostile clients, crashes and faults: the server survives and the transcript stays true."""
+
+import os
+import random
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, ServerProc, db_rows, recv_until, wait_until
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(server):
+    # warm up once so lazily opened files (WAL, shm) are already counted
+    s = server.connect()
+    s.sendall(b"w>warm\n\0")
+    server.wait_for("^w>warm$")
+    s.close()
+    server.wait_for("client has disconnected")
+    before = fd_count(server.proc.pid)
+    # In batches no larger than the queue, so every connection is accepted and served, never
+    # refused; half close with FIN, half with RST.
+    ended = 1
+    for _ in range(200):
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _i in range(5)]
+        for i, s in enumerate(socks):
+            if i % 2:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        ended += 5
+        server.wait_for(rf"\(session {ended}, ", start=len(server.lines) - 20)
+    assert db_rows(server.db, "SELECT count(*) FROM sessions WHERE end_reason = 'disconnect'")[0][0] == 1001
+    assert fd_count(server.proc.pid) <= before
+    assert server.proc.poll() is None
+
+
+def test_client_that_stops_reading_is_dropped_not_waited_for(server):
+    """A client that keeps talking but never reads: our answers pile up, then it is dropped."""
+    server.script("%0500d" % i for i in range(1500))
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", server.port))
+    c.settimeout(5)
+    def talk():
+        try:
+            for _ in range(3000):
+                c.sendall(b"r>more\n\0")
+                time.sleep(0.001)  # pacing, so the answers interleave with the messages
+        except OSError:
+            pass  # dropped: expected
+
+    t = threading.Thread(target=talk, daemon=True)
+    t.start()
+    server.wait_for(r"client dropped: it stopped reading \(session 1", timeout=10)
+    assert db_rows(server.db, "SELECT end_reason FROM sessions WHERE id=1")[0][0] == "stalled"
+    # and the server is still serving
+    d = server.connect()
+    d.sendall(b"d>still there?\n\0")
+    server.wait_for("^d>still there\\?$")
+
+
+def test_handle_too_long_or_with_bad_characters_is_not_a_handle(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.say("ok")
+    recv_until(c, b"\n")
+    c.sendall(b"waytoolonghandle>x\n\0")
+    server.wait_for("^bob>waytoolonghandle>x$")  # no valid prefix: attributed to bob, text whole
+    server.say("ok")
+    recv_until(c, b"\n")
+    c.sendall(b"two words>x\n\0")
+    server.wait_for("^bob>two words>x$")
+    rows = db_rows(server.db, "SELECT handle, text FROM messages WHERE sender='client'")
+    assert rows == [("bob", "hi"), ("bob", "waytoolonghandle>x"), ("bob", "two words>x")]
+
+
+def test_message_over_500_characters_is_kept_and_flagged(server):
+    c = server.connect()
+    c.sendall(b"bob>" + b"z" * 700 + b"\n\0")
+    server.wait_for("^bob>z{700}$")
+    (text, note), = db_rows(server.db, "SELECT text, note FROM messages")
+    assert text == "z" * 700 and note == "longer than 500 characters"
+
+
+def test_c1_controls_as_raw_bytes_and_as_utf8(server):
+    c = server.connect()
+    c.sendall(b"bob>raw \x9b2J utf8 \xc2\x9b2J\n\0")
+    line = server.wait_for("^bob>")
+    assert line == "bob>raw \ufffd2J utf8 \\x9b2J"
+    assert "\x9b" not in server.output
+    (raw,), = db_rows(server.db, "SELECT raw FROM messages")
+    assert raw == b"bob>raw \x9b2J utf8 \xc2\x9b2J\n\0"
+
+
+def test_sigpipe_on_the_console_does_not_stop_the_chat(tmp_path):
+    """`chatlog serve | head -3`: the console reader goes away, the server keeps recording."""
+    db = tmp_path / "h.db"
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
+        stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    os.close(w)
+    reader = os.fdopen(r, "rb")
+    port = int(reader.readline().decode().rsplit("port ", 1)[1])
+    reader.close()  # nobody reads the console any more
+    c = socket.create_connection(("127.0.0.1", port))
+    for i in range(3):
+        c.sendall(b"bob>msg %d\n\0" % i)
+        proc.stdin.write(b"answer %d\n" % i)
+        proc.stdin.flush()
+        assert recv_until(c, b"\n") == b"SERVER>answer %d\n" % i
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert db_rows(db, "SELECT count(*) FROM messages")[0][0] == 6
+    assert b"Traceback" not in proc.stderr.read()
+
+
+# -- durability: SIGKILL at random moments ---------------------------------------------------
+
+KILL_TRIALS = 20
+TURNS = 5000
+
+
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_sigkill_at_a_random_moment_loses_nothing_seen(tmp_path, trial):
+    rng = random.Random(trial)
+    db = tmp_path / "kill.db"
+    server = ServerProc(db)
+    try:
+        replies = [f"reply {i} " + "r" * rng.randrange(0, 200) for i in range(TURNS)]
+        server.script(replies)
+        c = server.connect()
+        seen_by_client = []
+        stop = threading.Event()
+
+        def chat():
+            try:
+                for i in range(TURNS):
+                    c.sendall(f"bob>message {i}\n\0".encode())
+                    data = recv_until(c, b"\n", timeout=5)
+                    if not data.endswith(b"\n"):
+                        return
+                    seen_by_client.append(data[len("SERVER>") : -1].decode())
+                    if stop.is_set():
+                        return
+            except OSError:
+                return
+
+        t = threading.Thread(target=chat)
+        t.start()
+        wait_until(lambda: seen_by_client, timeout=10, interval=0.001)
+        time.sleep(rng.uniform(0.0, 0.3))  # then a random moment mid-chat
+        server.proc.kill()
+        server.proc.wait()
+        stop.set()
+        t.join(10)
+        c.close()
+        seen_by_server = [
+            line[len("bob>") :] for line in server.output.splitlines() if line.startswith("bob>")
+        ]
+    finally:
+        server.stop()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored_server = [r[0] for r in conn.execute("SELECT text FROM messages WHERE sender='server' ORDER BY seq")]
+    stored_client = [r[0] for r in conn.execute("SELECT text FROM messages WHERE sender='client' ORDER BY seq")]
+    conn.close()
+    assert 0 < len(seen_by_client) < TURNS  # the kill really landed mid-chat
+    assert stored_server[: len(seen_by_client)] == seen_by_client
+    assert stored_client[: len(seen_by_server)] == seen_by_server
+    # the next start closes the orphaned session as interrupted
+    again = ServerProc(db)
+    try:
+        assert db_rows(db, "SELECT end_reason FROM sessions WHERE id=1")[0][0] == "interrupted"
+    finally:
+        again.stop()
+
+
+def test_reader_process_never_blocks_the_writer(start_server, tmp_path):
+    """Another process reads in a loop while the server commits thousands of messages."""
+    server = start_server()
+    n = 1500
+    server.script(f"answer {i}" for i in range(n))
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(server.db)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    c = server.connect()
+    worst = 0.0
+    for i in range(n):
+        t0 = time.perf_counter()
+        c.sendall(b"bob>message %d\n\0" % i)
+        recv_until(c, b"\n")
+        worst = max(worst, time.perf_counter() - t0)
+    reader.terminate()
+    out, err = reader.communicate(timeout=10)
+    assert b"locked" not in err and b"Traceback" not in err, err
+    assert int(out.split()[-1]) > 10  # the reader really read, many times
+    assert db_rows(server.db, "SELECT count(*) FROM messages")[0][0] == 2 * n
+    assert worst < 1.0  # never stalled behind a reader
+
+
+READER = """
+import sys, signal
+from chatlog.store import open_store
+signal.signal(signal.SIGTERM, lambda *a: (print(reads), sys.exit(0)))
+reads = 0
+while True:
+    store = open_store(sys.argv[1], create=False)
+    s = store.session("last")
+    if s is not None:
+        for m in store.messages(s.id):
+            pass
+    store.close()
+    reads += 1
+"""
