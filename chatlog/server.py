@@ -622,6 +622,7 @@ def serve(
     sockets = listen(bind, port)
     actual_port = sockets[0].getsockname()[1]
     orphans = store.close_orphans()
+    store.start_checkpointer()
     hostname, ip = host_addresses(bind)
     out = renderer
     out.write(f"Server started on host {hostname} ({ip}), port {actual_port}")

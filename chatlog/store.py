@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,6 +113,7 @@ class Store:
         self.path = path
         self._db: Database | None = None
         self._seq: dict[int, int] = {}
+        self._checkpointer: threading.Event | None = None
 
     @property
     def db(self) -> "Database":
@@ -123,7 +125,44 @@ class Store:
         return self._db
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.set()
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
         self.conn.close()
+
+    def start_checkpointer(self, interval: float = 0.5) -> None:
+        """Move WAL checkpoints (which fsync) off the writer's path, into a background thread.
+
+        With SQLite's automatic checkpoints, every ~1000 pages one commit pays for copying the
+        WAL into the database and an fsync: milliseconds, on the chat turn. Here the writer only
+        appends to the WAL, and a second connection checkpoints passively (never blocking the
+        writer) twice a second.
+        """
+        if self._checkpointer is not None:
+            return
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        stop = self._checkpointer = threading.Event()
+        path = self.path
+
+        def run() -> None:
+            try:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA busy_timeout = 1000")
+            except sqlite3.Error:
+                return
+            try:
+                while not stop.wait(interval):
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    except sqlite3.Error:
+                        pass
+            finally:
+                conn.close()
+
+        threading.Thread(target=run, name="checkpointer", daemon=True).start()
 
     # -- writing -------------------------------------------------------------------------------
 
