@@ -154,11 +154,13 @@ class Store:
             except sqlite3.Error:
                 return
             try:
-                while not stop.wait(interval):
+                while True:
                     try:
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     except sqlite3.Error:
                         pass
+                    if stop.wait(interval):
+                        break
             finally:
                 conn.close()
 
