@@ -83,10 +83,19 @@ class Renderer:
     def error(self, text: str) -> None:
         self.write(self.paint("error", visible(text)))
 
+    # Set by an interactive caller (serve at a terminal) whose prompt may be on screen: called
+    # around each line as hook(True) before and hook(False) after.
+    hook = None
+
     def write(self, line: str) -> None:
+        hook = self.hook
         try:
+            if hook is not None and hook(True):
+                line = "\r\x1b[K" + line
             self.stream.write(line + "\n")
             self.stream.flush()
+            if hook is not None:
+                hook(False)
         except BrokenPipeError:
             # The reader of our output went away (`| head`); the chat goes on, unprinted.
             try:

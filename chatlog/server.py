@@ -125,11 +125,11 @@ class Operator:
         self.tty = stream.isatty()
         self.renderer = renderer
         self._partial = b""
+        self.reading = False  # the terminal thread is inside input(), a prompt on screen
         if self.tty:
             self._rsock, self._wsock = socket.socketpair()
             self._rsock.setblocking(False)
             self._request = threading.Event()
-            self.reading = False
             self._thread = threading.Thread(target=self._read_terminal, daemon=True)
             self._thread.start()
             self.fd = self._rsock.fileno()
@@ -229,6 +229,8 @@ class Server:
         self.operator_registered = False
         # Echo the operator's answer unless the terminal already shows what was typed.
         self.echo_operator = not (operator.tty and renderer.stream.isatty())
+        if operator.tty and renderer.stream.isatty():
+            renderer.hook = self._around_prompt
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -430,18 +432,23 @@ class Server:
         self._say(self.out.chat_line("client", msg.handle, msg.text))
 
     def _say(self, line: str) -> None:
-        """Print a line; at a terminal where the operator is typing, keep their prompt intact."""
-        op = self.operator
-        if op.tty and op.reading and self.out.stream.isatty():
-            self.out.write("\r\x1b[K" + line)
+        self.out.write(line)
+
+    def _around_prompt(self, before: bool) -> bool:
+        """Renderer hook: a line printed while the operator is typing at a terminal first clears
+        the prompt line, then readline redraws the prompt and what was typed so far."""
+        if not self.operator.reading:
+            return False
+        if not before and self.stopping is None and not self.finished:
             try:
                 import readline
 
-                readline.redisplay()
-            except Exception:
-                pass
-        else:
-            self.out.write(line)
+                typed = readline.get_line_buffer()
+            except (ImportError, AttributeError):
+                typed = ""
+            self.out.stream.write(self.out.paint("server", f"{SERVER_HANDLE}>") + typed)
+            self.out.stream.flush()
+        return True
 
     def _operator_answers(self) -> None:
         """Give the operator's next line to the client whose turn it is, or ask for one."""
@@ -602,6 +609,20 @@ class Server:
 
     def _shutdown(self) -> None:
         name = signal.Signals(self.stopping).name if self.stopping else "signal"
+        now = time.time()
+        for conn in list(self._conns()):  # what was said before the signal is recorded too
+            frames = []
+            while True:
+                try:
+                    data = conn.sock.recv(RECV_SIZE)
+                except OSError:
+                    break
+                if not data:
+                    break
+                frames += conn.framer.feed(data, now)
+            frames += conn.framer.flush(now)
+            if frames:
+                self._received(conn, frames)
         if self.current is not None:
             self._close(self.current, "shutdown", tell=True)
             self.current = None

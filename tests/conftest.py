@@ -56,9 +56,10 @@ import time  # noqa: E402
 class ServerProc:
     """`chatlog serve 0` on loopback with a scripted operator (stdin pipe) and captured console."""
 
-    def __init__(self, db, *args, env=None):
+    def __init__(self, db, *args, env=None, bind="127.0.0.1"):
         self.db = db
-        cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"]
+        self.host = bind
+        cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", bind]
         environ = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1")
         environ.pop("FORCE_COLOR", None)
         environ.update(env or {})
@@ -141,7 +142,7 @@ class ServerProc:
         self.proc.stdin.close()
 
     def connect(self) -> socket.socket:
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        s = socket.create_connection((self.host, self.port), timeout=10)
         return s
 
     def signal(self, sig=signal.SIGINT):
@@ -170,8 +171,8 @@ def start_server(tmp_path):
     """Factory: start_server(*extra_args) -> ServerProc; every server is stopped afterwards."""
     servers = []
 
-    def start(*args, db=None, env=None):
-        server = ServerProc(db or tmp_path / "chat.db", *args, env=env)
+    def start(*args, db=None, env=None, bind="127.0.0.1"):
+        server = ServerProc(db or tmp_path / "chat.db", *args, env=env, bind=bind)
         servers.append(server)
         return server
 

@@ -405,3 +405,38 @@ def test_plain_console_into_a_pipe(server):
     c.sendall(b"bob>hi\n\0")
     server.wait_for("^bob>hi$")
     assert "\x1b" not in server.output
+
+
+def test_sigint_during_the_clients_turn(server):
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.say("your turn")
+    assert recv_until(c, b"\n") == b"SERVER>your turn\n"
+    c.sendall(b"bob>half a mess")  # mid-message, no terminator yet
+    server.signal(signal.SIGINT)
+    assert server.wait() == 0
+    assert recv_until(c, b"\\quit\n") == b"\\quit\n"
+    rows = db_rows(server.db, "SELECT sender, text FROM messages ORDER BY seq")
+    assert rows == [("client", "hi"), ("server", "your turn"), ("client", "half a mess")]
+    assert session(server.db, 1)[1] == "shutdown"
+
+
+def _has_ipv6_loopback():
+    try:
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::1", 0))
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6(start_server):
+    server = start_server(bind="::1")
+    c = server.connect()
+    c.sendall(b"six>over ipv6\n\0")
+    server.wait_for("^connected to: ::1 port")
+    server.wait_for("^six>over ipv6$")
+    assert session(server.db, 1)[5] == "::1"
