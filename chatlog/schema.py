@@ -36,7 +36,7 @@ def m001_sessions_and_messages(db: "Database") -> None:
             "server_port": int,
             "handle": str,
             "end_reason": str,  # client-quit, server-quit, disconnect, timeout, shutdown, ...
-            "client_messages": int,
+            "client_messages": int,  # final counts, set when the session ends
             "server_messages": int,
         },
         pk="id",
@@ -64,27 +64,9 @@ def m001_sessions_and_messages(db: "Database") -> None:
     )
     db["messages"].create_index(["session_id", "seq"], unique=True)
     db["messages"].create_index(["at"])
-    # Counters live on the session row, kept by a trigger, so listing sessions never scans messages.
-    db.execute(
-        """
-        CREATE TRIGGER messages_count_ai AFTER INSERT ON messages BEGIN
-          UPDATE sessions SET
-            client_messages = client_messages + (new.sender = 'client'),
-            server_messages = server_messages + (new.sender = 'server')
-          WHERE id = new.session_id;
-        END
-        """
-    )
-    db.execute(
-        """
-        CREATE TRIGGER messages_count_ad AFTER DELETE ON messages BEGIN
-          UPDATE sessions SET
-            client_messages = client_messages - (old.sender = 'client'),
-            server_messages = server_messages - (old.sender = 'server')
-          WHERE id = old.session_id;
-        END
-        """
-    )
+    # Message counts are written to the session row when it ends (and computed live for the few
+    # sessions in progress), so listing sessions never scans messages and the chat turn does not
+    # pay for a second row update per message.
 
 
 @migration
