@@ -227,3 +227,13 @@ while True:
     store.close()
     reads += 1
 """
+
+
+def test_hostile_handle_is_escaped_on_the_console_and_kept_in_the_store(server):
+    c = server.connect()
+    c.sendall(b"\x1b[31mX\x07>hi [bold]\n\0")
+    line = server.wait_for("hi \\[bold\\]$")
+    assert line == "\\x1b[31mX\\x07>hi [bold]"
+    assert "\x1b" not in server.output and "\x07" not in server.output
+    assert db_rows(server.db, "SELECT handle, text FROM messages") == [("\x1b[31mX\x07", "hi [bold]")]
+    assert db_rows(server.db, "SELECT handle FROM sessions") == [("\x1b[31mX\x07",)]
