@@ -108,11 +108,32 @@ def host_addresses(bind: str | None) -> tuple[str, str]:
         infos = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
     except OSError:
         infos = []
-    addrs = [info[4][0] for info in infos]
+    addrs = [info[4][0] for info in infos] + _interface_addresses()
     for addr in addrs:
         if not addr.startswith("127.") and addr != "::1":
             return hostname, addr
     return hostname, addrs[0] if addrs else "127.0.0.1"
+
+
+def _interface_addresses() -> list[str]:
+    """IPv4 addresses of this host's interfaces (Linux), for when the hostname resolves only to
+    loopback, as it often does."""
+    try:
+        import fcntl
+        import struct
+
+        found = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    req = struct.pack("256s", name.encode()[:15])
+                    res = fcntl.ioctl(s.fileno(), 0x8915, req)  # SIOCGIFADDR
+                except OSError:
+                    continue
+                found.append(socket.inet_ntoa(res[20:24]))
+        return found
+    except (ImportError, OSError, AttributeError):
+        return []
 
 
 class Operator:
