@@ -69,3 +69,31 @@ def test_no_color_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setenv("FORCE_COLOR", "1")
     with open(tmp_path / "o", "w") as stream:
         assert not Renderer(stream).color
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+
+
+def _inert(out):
+    import unicodedata
+
+    return not any(unicodedata.category(ch) in UNSAFE_CATEGORIES for ch in out)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80))
+def test_output_is_always_inert(text):
+    out = visible(text)
+    assert _inert(out)
+    assert visible(out) == out  # idempotent: the escapes are themselves safe
+    assert visible(text) == text or not is_safe(text)  # safe text is never changed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_decoded_bytes_are_inert(data):
+    assert _inert(visible(data.decode("utf-8", "surrogateescape")))
