@@ -16,7 +16,10 @@ def _build(target):
 
 @pytest.fixture(scope="session")
 def chatclient():
-    """Path to the compiled ./chatclient (built once per test run)."""
+    """Path to the compiled ./chatclient (built once per test run; $CHATCLIENT overrides it,
+    e.g. to run the end-to-end tests against the sanitizer build)."""
+    if os.environ.get("CHATCLIENT"):
+        return Path(os.environ["CHATCLIENT"]).resolve()
     return _build("chatclient")
 
 

@@ -1,0 +1,143 @@
+"""The real ./chatclient in a pseudo-terminal against the real `chatlog serve`."""
+
+import os
+import signal
+
+import pexpect
+import pytest
+from conftest import db_rows
+
+
+def spawn_client(chatclient, server, handle="brandon"):
+    env = dict(os.environ, TERM="xterm")
+    p = pexpect.spawn(str(chatclient), [server.host, str(server.port)], env=env, encoding="utf-8", timeout=10)
+    p.expect_exact(f"Connecting to {server.host} port {server.port}")
+    p.expect_exact("What would you like your chat handle to be> ")
+    p.sendline(handle)
+    p.expect_exact(f"{handle}>")
+    return p
+
+
+def test_the_readme_chat(chatclient, server):
+    p = spawn_client(chatclient, server)
+    p.sendline("hello server")
+    server.wait_for("^brandon>hello server$")
+    server.say("why hello client")
+    p.expect_exact("SERVER>why hello client")
+    p.expect_exact("brandon>")
+    p.sendline("how are you")
+    server.wait_for("^brandon>how are you$")
+    server.say("good")
+    p.expect_exact("SERVER>good")
+    p.expect_exact("brandon>")
+    p.sendline("\\quit")
+    p.expect_exact("Disconnected from server")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    server.wait_for(r"client has quit \(session 1, 2 messages each way\)")
+    assert db_rows(server.db, "SELECT sender, handle, text, raw FROM messages ORDER BY seq") == [
+        ("client", "brandon", "hello server", None),
+        ("server", "SERVER", "why hello client", None),
+        ("client", "brandon", "how are you", None),
+        ("server", "SERVER", "good", None),
+    ]
+    assert db_rows(server.db, "SELECT handle, end_reason FROM sessions") == [("brandon", "client-quit")]
+
+
+def test_server_quits(chatclient, server):
+    p = spawn_client(chatclient, server)
+    p.sendline("bye?")
+    server.wait_for("^brandon>bye\\?$")
+    server.say("\\quit")
+    p.expect_exact("Disconnected from server")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    assert db_rows(server.db, "SELECT end_reason FROM sessions") == [("server-quit",)]
+
+
+def test_client_killed_mid_turn(chatclient, server):
+    p = spawn_client(chatclient, server)
+    p.sendline("hi")
+    server.wait_for("^brandon>hi$")
+    p.kill(signal.SIGKILL)
+    server.wait_for(r"client has disconnected \(session 1")
+    assert db_rows(server.db, "SELECT end_reason FROM sessions") == [("disconnect",)]
+
+
+def test_server_gone_while_the_user_types(chatclient, server):
+    p = spawn_client(chatclient, server)
+    p.sendline("hi")
+    server.wait_for("^brandon>hi$")
+    server.say("go ahead")
+    p.expect_exact("SERVER>go ahead")
+    p.expect_exact("brandon>")
+    p.send("I am typing and hav")  # no Enter
+    server.signal(signal.SIGTERM)
+    p.expect("Disconnected from server|Connection closed by server")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus in (0, 1)
+    assert db_rows(server.db, "SELECT end_reason FROM sessions") == [("shutdown",)]
+
+
+def test_waiting_client_is_served_next(chatclient, server):
+    first = spawn_client(chatclient, server, "first")
+    first.sendline("one")
+    server.wait_for("^first>one$")
+    second = spawn_client(chatclient, server, "second")
+    second.sendline("waiting here")
+    server.wait_for("is waiting")
+    server.say("hello first")
+    first.expect_exact("SERVER>hello first")
+    first.sendline("\\quit")
+    first.expect(pexpect.EOF)
+    server.wait_for("^second>waiting here$")
+    server.say("hello second")
+    second.expect_exact("SERVER>hello second")
+    second.sendline("\\quit")
+    second.expect(pexpect.EOF)
+    rows = db_rows(server.db, "SELECT id, handle, end_reason, client_messages FROM sessions ORDER BY id")
+    assert rows == [(1, "first", "client-quit", 1), (2, "second", "client-quit", 1)]
+
+
+def test_hostile_operator_text_is_inert_in_the_client(chatclient, server):
+    p = spawn_client(chatclient, server)
+    p.sendline("hi")
+    server.wait_for("^brandon>hi$")
+    server.say("\x1b[2J\x1b]0;title\x07 %s%n%x \u202e")
+    p.expect_exact("SERVER>")
+    p.expect_exact("brandon>")
+    shown = p.before
+    assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "\\x1b[2J\\x1b]0;title\\x07 %s%n%x \\u202e" in shown
+    p.sendline("\\quit")
+    p.expect(pexpect.EOF)
+
+
+def test_end_of_input_is_quit(chatclient, server):
+    p = spawn_client(chatclient, server)
+    p.sendline("hi")
+    server.wait_for("^brandon>hi$")
+    server.say("yes")
+    p.expect_exact("SERVER>yes")
+    p.expect_exact("brandon>")
+    p.sendeof()
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    server.wait_for(r"client has quit \(session 1")
+
+
+@pytest.mark.parametrize("length,sent", [(500, True), (501, False)])
+def test_message_length_limit(chatclient, server, length, sent):
+    p = spawn_client(chatclient, server)
+    p.sendline("x" * length)
+    if sent:
+        server.wait_for("^brandon>x{500}$")
+    else:
+        p.expect("too long")
+        p.sendline("short")
+        server.wait_for("^brandon>short$")
+        assert db_rows(server.db, "SELECT text FROM messages") == [("short",)]
