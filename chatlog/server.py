@@ -30,7 +30,7 @@ from chatlog.store import Store, iso
 RECV_SIZE = 65536
 MAX_OUTBUF = 64 * 1024  # a client that lets this much of our output pile up is dropped
 SEND_BUFFER = 64 * 1024  # kernel send buffer per client: chat lines are small
-MAX_HELD = 64  # messages a waiting client may send before it is served
+MAX_UNANSWERED = 64  # messages a client may send without an answer before it is dropped
 
 
 class ServeError(Exception):
@@ -48,6 +48,7 @@ class Conn:
     outbuf: bytearray = field(default_factory=bytearray)
     held: list[protocol.Message] = field(default_factory=list)  # said while waiting
     turn_started: float = 0.0
+    unanswered: int = 0
     client_count: int = 0
     server_count: int = 0
     closed: bool = False
@@ -436,11 +437,20 @@ class Server:
                 conn.session_id, "client", msg.handle, msg.text, msg.raw, note, iso(frame.at)
             )
             conn.client_count += 1
+            conn.unanswered += 1
             if conn is self.current:
                 self._show(conn, msg)
                 self.operator_turn = True
-            elif len(conn.held) < MAX_HELD:
+            else:
                 conn.held.append(msg)
+            if conn.unanswered > MAX_UNANSWERED:
+                # Turns are strict: a client that keeps talking without answers is flooding.
+                self.out.error(f"{conn.host} port {conn.port} sent {MAX_UNANSWERED} messages unanswered")
+                if conn is self.current:
+                    self._end(conn, "flood", tell=True)
+                else:
+                    self._close(conn, "flood", tell=True)
+                return
             if msg.cut:
                 self.out.error(f"{conn.host} port {conn.port} sent a line over {MAX_LINE} bytes")
                 if conn is self.current:
@@ -450,10 +460,7 @@ class Server:
                 return
 
     def _show(self, conn: Conn, msg: protocol.Message) -> None:
-        self._say(self.out.chat_line("client", msg.handle, msg.text))
-
-    def _say(self, line: str) -> None:
-        self.out.write(line)
+        self.out.write(self.out.chat_line("client", msg.handle, msg.text))
 
     def _around_prompt(self, before: bool) -> bool:
         """Renderer hook: a line printed while the operator is typing at a terminal first clears
@@ -504,6 +511,7 @@ class Server:
             return
         self.store.add_message(cur.session_id, "server", SERVER_HANDLE, line)
         cur.server_count += 1
+        cur.unanswered = 0
         if self.echo_operator:
             self.out.write(self.out.chat_line("server", SERVER_HANDLE, line))
         self.operator_turn = False
@@ -623,6 +631,7 @@ class Server:
             "shutdown": "chat closed by server shutdown",
             "overlong": "client dropped for a line that is too long",
             "stalled": "client dropped: it stopped reading",
+            "flood": "client dropped for flooding",
         }.get(reason, f"session ended ({reason})")
         if conn is not self.current:
             what = f"waiting client {conn.host} port {conn.port}: {what}"

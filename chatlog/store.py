@@ -33,6 +33,7 @@ END_REASONS = {
     "overlong": "line too long",
     "busy": "server busy",
     "stalled": "client stopped reading",
+    "flood": "client sent too many messages without an answer",
     "error": "connection error",
 }
 

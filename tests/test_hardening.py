@@ -237,3 +237,23 @@ def test_hostile_handle_is_escaped_on_the_console_and_kept_in_the_store(server):
     assert "\x1b" not in server.output and "\x07" not in server.output
     assert db_rows(server.db, "SELECT handle, text FROM messages") == [("\x1b[31mX\x07", "hi [bold]")]
     assert db_rows(server.db, "SELECT handle FROM sessions") == [("\x1b[31mX\x07",)]
+
+
+def test_a_flooding_client_is_dropped(server):
+    c = server.connect()
+    c.sendall(b"".join(b"f>spam %d\n" % i for i in range(500)))
+    server.wait_for(r"client dropped for flooding \(session 1, 65 from the client")
+    assert db_rows(server.db, "SELECT end_reason, client_messages FROM sessions") == [("flood", 65)]
+
+
+def test_a_flooding_waiting_client_is_dropped(server):
+    a = server.connect()
+    a.sendall(b"a>hi\n\0")
+    server.wait_for("^a>hi$")
+    b = server.connect()
+    server.wait_for("is waiting")
+    b.sendall(b"".join(b"f>spam %d\n" % i for i in range(500)))
+    server.wait_for(r"waiting client 127.0.0.1 port \d+: client dropped for flooding")
+    assert recv_until(b, b"\\quit\n").endswith(b"\\quit\n")
+    server.say("still here")
+    assert recv_until(a, b"\n") == b"SERVER>still here\n"
