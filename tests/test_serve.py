@@ -384,12 +384,49 @@ def test_unwritable_database(tmp_path):
     assert r.stderr.startswith("chatlog: cannot create the database") and "Traceback" not in r.stderr
 
 
-def test_not_a_database(tmp_path):
+def _corrupt(path):
+    from chatlog.store import open_store
+
+    store = open_store(path)
+    sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2))
+    for i in range(200):
+        store.add_message(sid, "client", "bob", f"message {i} " * 20)
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = bytearray(path.read_bytes())
+    data[1024 : len(data)] = b"\xee" * (len(data) - 1024)  # everything after page 1 is garbage
+    path.write_bytes(bytes(data))
+
+
+def _newer(path):
+    import sqlite3
+
+    from chatlog.store import open_store
+
+    open_store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('chatlog', 'm999_x', '')"
+    )
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p.write_text("hello"), "is not a chatlog database (not an SQLite file)"),
+        (_corrupt, "is not a usable chatlog database"),
+        (_newer, "was written by a newer version of chatlog"),
+    ],
+)
+def test_bad_database_files(tmp_path, make, message):
     bad = tmp_path / "bad.db"
-    bad.write_text("hello")
+    make(bad)
     r = run_cli("serve", "0", "--db", str(bad), input="")
     assert r.returncode == 1
-    assert r.stderr == f"chatlog: {bad} is not a chatlog database (not an SQLite file)\n"
+    assert r.stderr.startswith(f"chatlog: {bad}") and message in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
 def test_console_colors(start_server):
