@@ -8,16 +8,17 @@ CFLAGS ?= -O2 -g
 WARN    = -std=gnu99 -Wall -Wextra -Werror
 PYTEST_ARGS ?=
 
-.PHONY: all chatclient venv serve test asan valgrind bench lint clean
+.PHONY: all venv serve test asan valgrind bench lint clean
 
 all: chatclient
 
+# Built to a temporary name and renamed, so a running client is never overwritten in place.
 chatclient: c_client/chatclient.c
-	$(CC) $(WARN) $(CFLAGS) -o $@ $<
+	$(CC) $(WARN) $(CFLAGS) -o $@.tmp $< && mv -f $@.tmp $@
 
 chatclient-asan: c_client/chatclient.c
 	$(CC) $(WARN) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
-	    -fno-sanitize-recover=all -o $@ $<
+	    -fno-sanitize-recover=all -o $@.tmp $< && mv -f $@.tmp $@
 
 venv: $(VENV)/.installed
 

@@ -98,6 +98,7 @@ def test_waiting_client_is_served_next(chatclient, server):
     second.expect_exact("SERVER>hello second")
     second.sendline("\\quit")
     second.expect(pexpect.EOF)
+    server.wait_for(r"client has quit \(session 2")
     rows = db_rows(server.db, "SELECT id, handle, end_reason, client_messages FROM sessions ORDER BY id")
     assert rows == [(1, "first", "client-quit", 1), (2, "second", "client-quit", 1)]
 
