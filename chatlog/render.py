@@ -30,6 +30,36 @@ def chat_text(handle: str | None, text: str) -> str:
     return f"{visible(handle)}>{visible(text)}"
 
 
+ENDINGS = {
+    "client-quit": "client has quit",
+    "server-quit": "chat ended by the server",
+    "disconnect": "client has disconnected",
+    "timeout": "client timed out on its turn",
+    "shutdown": "chat closed by server shutdown",
+    "interrupted": "session interrupted (the server stopped unexpectedly)",
+    "overlong": "client dropped for a line that is too long",
+    "stalled": "client dropped: it stopped reading",
+    "flood": "client dropped for flooding",
+    "busy": "client refused: the server was busy",
+}
+
+
+def ended_text(reason: str, session_id: int, client: int, server: int, idle: float | None = None) -> str:
+    """The console line for the end of a session, e.g. `client has quit (session 1, 2 messages
+    each way)`: the same words in serve, show, replay, tail and the text export."""
+    counts = f"{client} messages each way" if client == server else (
+        f"{client} from the client, {server} from the server"
+    )
+    what = ENDINGS.get(reason, f"session ended ({reason})")
+    if reason == "timeout" and idle:
+        what = f"client timed out after {idle:g} s on its turn"
+    return f"{what} (session {session_id}, {counts})"
+
+
+def connected_text(host: str | None, port: int | None) -> str:
+    return f"connected to: {host} port {port}"
+
+
 def want_color(stream: TextIO, force: bool | None = None) -> bool:
     if force is not None:
         return force

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from chatlog import protocol
 from chatlog.protocol import MAX_LINE, MAX_TEXT, QUIT_LINE, SERVER_HANDLE, Framer
-from chatlog.render import Renderer
+from chatlog.render import Renderer, connected_text, ended_text
 from chatlog.store import Store, iso
 
 RECV_SIZE = 65536
@@ -384,7 +384,7 @@ class Server:
         if not new:
             self.store.serve_session(conn.session_id)
         waiting = f" ({len(self.waiting)} waiting)" if self.waiting else ""
-        self.out.event(f"connected to: {conn.host} port {conn.port}{waiting}")
+        self.out.event(connected_text(conn.host, conn.port) + waiting)
         held, conn.held = conn.held, []
         for msg in held:
             self._show(conn, msg)
@@ -621,21 +621,10 @@ class Server:
             pass
 
     def _ended_text(self, conn: Conn, reason: str) -> str:
-        c, s = conn.client_count, conn.server_count
-        counts = f"{c} messages each way" if c == s else f"{c} from the client, {s} from the server"
-        what = {
-            "client-quit": "client has quit",
-            "server-quit": "chat ended by the server",
-            "disconnect": "client has disconnected",
-            "timeout": f"client timed out after {self.idle_timeout:g} s on its turn",
-            "shutdown": "chat closed by server shutdown",
-            "overlong": "client dropped for a line that is too long",
-            "stalled": "client dropped: it stopped reading",
-            "flood": "client dropped for flooding",
-        }.get(reason, f"session ended ({reason})")
+        what = ended_text(reason, conn.session_id, conn.client_count, conn.server_count, self.idle_timeout)
         if conn is not self.current:
             what = f"waiting client {conn.host} port {conn.port}: {what}"
-        return f"{what} (session {conn.session_id}, {counts})"
+        return what
 
     def _shutdown(self) -> None:
         name = signal.Signals(self.stopping).name if self.stopping else "signal"

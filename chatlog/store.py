@@ -23,21 +23,6 @@ if TYPE_CHECKING:
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
-END_REASONS = {
-    "client-quit": "client quit",
-    "server-quit": "server quit",
-    "disconnect": "client disconnected",
-    "timeout": "idle timeout",
-    "shutdown": "server shut down",
-    "interrupted": "interrupted (server stopped unexpectedly)",
-    "overlong": "line too long",
-    "busy": "server busy",
-    "stalled": "client stopped reading",
-    "flood": "client sent too many messages without an answer",
-    "error": "connection error",
-}
-
-
 class StoreError(Exception):
     """A problem with the database file, worded for the person running the command."""
 
@@ -80,10 +65,11 @@ class Session:
         return (parse_iso(self.ended_at) - parse_iso(self.started_at)).total_seconds()
 
     @property
-    def reason_text(self) -> str:
+    def state(self) -> str:
+        """How it ended (the end reason), or `in progress` / `waiting`."""
         if self.end_reason is None:
             return "in progress" if self.served_at else "waiting"
-        return END_REASONS.get(self.end_reason, self.end_reason)
+        return self.end_reason
 
 
 @dataclass(slots=True)
