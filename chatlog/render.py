@@ -20,6 +20,7 @@ STYLES = {
     "event": "yellow",
     "error": "bold red",
     "dim": "dim",
+    "match": "bold reverse",
 }
 
 

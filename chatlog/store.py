@@ -21,10 +21,19 @@ from chatlog import schema
 if TYPE_CHECKING:
     from sqlite_utils import Database
 
+    from chatlog.query import Filters
+
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 class StoreError(Exception):
     """A problem with the database file, worded for the person running the command."""
+
+
+class BadQuery(StoreError):
+    """A search query SQLite's full-text engine cannot parse."""
+
+
+HL_START, HL_END = "\ue000", "\ue001"  # private-use marks around search matches
 
 
 def now_iso() -> str:
@@ -272,6 +281,127 @@ class Store:
             )
         for row in cur:
             yield Msg(*row)
+
+    def sessions(self, filters: "Filters | None" = None, limit: int = 20) -> list[Session]:
+        """Newest first. Walks the sessions table by id (start order), never the messages."""
+        where, args = filters.where() if filters else ("1", [])
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY sessions.id DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        with self._guard():
+            return [Session(*row) for row in self.conn.execute(sql, args)]
+
+    def session_ids(self, filters: "Filters") -> list[int]:
+        where, args = filters.where()
+        with self._guard():
+            return [r[0] for r in self.conn.execute(f"SELECT id FROM sessions WHERE {where} ORDER BY id", args)]
+
+    def last_seq(self, session_id: int) -> int:
+        with self._guard():
+            row = self.conn.execute(
+                "SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)
+            ).fetchone()
+        return row[0] or 0
+
+    def search(
+        self,
+        fts: str,
+        *,
+        handle: str | None = None,
+        since: str | None = None,
+        limit: int = 20,
+        best: bool = False,
+    ) -> list[tuple[Msg, str]]:
+        """Messages matching an FTS5 query, newest (or best) first, each with its text marked
+        up by `highlight()`: matches between HL_START and HL_END."""
+        clauses, args = ["messages_fts MATCH ?"], [fts]
+        if handle is not None:
+            clauses.append("m.handle = ?")
+            args.append(handle)
+        if since is not None:
+            clauses.append("m.at >= ?")
+            args.append(since)
+        order = "messages_fts.rank" if best else "messages_fts.rowid DESC"
+        cols = ", ".join(f"m.{c}" for c in Msg.__slots__)  # type: ignore[attr-defined]
+        sql = (
+            f"SELECT {cols}, highlight(messages_fts, 0, '{HL_START}', '{HL_END}') "
+            f"FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+            f"WHERE {' AND '.join(clauses)} ORDER BY {order}"
+        )
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        try:
+            rows = self.conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "fts5" in str(exc) or "syntax" in str(exc) or "no such column" in str(exc):
+                raise BadQuery(f"invalid search query {fts!r}: {exc}") from exc
+            raise StoreError(describe_error(self.path, exc)) from exc
+        return [(Msg(*row[:-1]), row[-1]) for row in rows]
+
+    def export_rows(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[Msg]]]:
+        """Each session with its messages, streamed: one query per session, rows as they come."""
+        for session_id in ids:
+            s = self.session(session_id)
+            if s is not None:
+                yield s, self.messages(session_id)
+
+    def stats(self) -> dict:
+        q = self.conn.execute
+        with self._guard():
+            sessions, handles, hosts = q(
+                "SELECT count(*), count(DISTINCT handle), count(DISTINCT client_host) FROM sessions"
+            ).fetchone()
+            messages = q("SELECT count(*) FROM messages").fetchone()[0]
+            avg = q(
+                "SELECT avg((julianday(ended_at) - julianday(started_at)) * 86400) FROM sessions "
+                "WHERE ended_at IS NOT NULL"
+            ).fetchone()[0]
+            busiest = q(
+                "SELECT handle, count(*) AS n, sum(client_messages + server_messages) AS m "
+                "FROM sessions WHERE handle IS NOT NULL GROUP BY handle ORDER BY m DESC, n DESC LIMIT 5"
+            ).fetchall()
+            reasons = q(
+                "SELECT coalesce(end_reason, 'in progress'), count(*) FROM sessions GROUP BY 1 ORDER BY 2 DESC"
+            ).fetchall()
+            first, last = q("SELECT min(started_at), max(started_at) FROM sessions").fetchone()
+        return {
+            "sessions": sessions,
+            "messages": messages,
+            "handles": handles,
+            "hosts": hosts,
+            "average_session_seconds": round(avg, 3) if avg is not None else None,
+            "first_session": first,
+            "last_session": last,
+            "busiest_handles": [{"handle": h, "sessions": n, "messages": m} for h, n, m in busiest],
+            "end_reasons": {r: n for r, n in reasons},
+        }
+
+    def delete_sessions(self, ids: list[int]) -> int:
+        """Delete sessions with their messages (and, by trigger, their search entries)."""
+        if not ids:
+            return 0
+        marks = ", ".join("?" * len(ids))
+        with self._guard():
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute(f"DELETE FROM messages WHERE session_id IN ({marks})", ids)
+                n = self.conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids).rowcount
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        return n
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy through SQLite's online backup API (safe while the server writes)."""
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        with self._guard():
+            target = sqlite3.connect(dest)
+            try:
+                self.conn.backup(target)
+            finally:
+                target.close()
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -1,0 +1,232 @@
+"""Export writers: a registry {format: writer}. Each writer takes an iterator of
+(session, messages) pairs and a text stream, and writes as it reads, so memory stays flat.
+
+Client text is untrusted in every format: sanitised in txt and md (through the same transcript the
+console shows), escaped in HTML, neutralised in CSV, always valid JSON (the raw bytes, when they
+differ from the text, travel base64-encoded beside it).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO
+
+from chatlog.render import Renderer
+from chatlog.store import Msg, Session, parse_iso
+from chatlog.views import header_lines, session_dict, transcript, transcript_items
+
+Sessions = Iterable[tuple[Session, Iterator[Msg]]]
+WRITERS: dict[str, Callable[[Sessions, TextIO], None]] = {}
+EXTENSIONS = {
+    ".txt": "txt", ".log": "txt", ".md": "md", ".markdown": "md", ".json": "json",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html", ".htm": "html",
+    ".cast": "cast",
+}
+
+
+def writer(name: str):
+    def register(fn):
+        WRITERS[name] = fn
+        return fn
+
+    return register
+
+
+def message_dict(m: Msg) -> dict:
+    d = {
+        "session_id": m.session_id,
+        "seq": m.seq,
+        "at": m.at,
+        "sender": m.sender,
+        "handle": m.handle,
+        "text": m.text,
+    }
+    if m.raw is not None:
+        d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
+    if m.note:
+        d["note"] = m.note
+    return d
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+class TerminalSafe:
+    """Wraps a terminal: whatever a writer emits (raw text in CSV, say) is made visible line by
+    line, so an export printed to a screen cannot drive it."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from chatlog.sanitize import visible
+
+        self.stream.write("\n".join(visible(part) for part in text.split("\n")))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def safe_cell(value):
+    """A spreadsheet must not run what a client typed: prefix formula-like text with '."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
+@writer("txt")
+def write_txt(sessions: Sessions, out: TextIO) -> None:
+    plain = Renderer(out, color=False)
+    for i, (s, messages) in enumerate(sessions):
+        if i:
+            out.write("\n")
+        for _, line in transcript(s, messages, plain):
+            out.write(line + "\n")
+
+
+@writer("md")
+def write_md(sessions: Sessions, out: TextIO) -> None:
+    plain = Renderer(out, color=False)
+    for i, (s, messages) in enumerate(sessions):
+        if i:
+            out.write("\n")
+        head = header_lines(s, utc=True)
+        out.write(f"## {_md_escape(head[0])}\n\n")
+        for line in head[1:]:
+            out.write(f"- {_md_escape(line)}\n")
+        out.write("\n")
+        # An indented code block: no line of client text can close it or be read as Markdown.
+        for _, line in transcript(s, messages, plain):
+            out.write("    " + line + "\n")
+
+
+def _md_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\`*_[]<>|~#" else ch for ch in text)
+
+
+@writer("json")
+def write_json(sessions: Sessions, out: TextIO) -> None:
+    out.write('{"sessions": [')
+    for i, (s, messages) in enumerate(sessions):
+        meta = json.dumps(session_dict(s))
+        out.write(("," if i else "") + "\n  " + meta[:-1] + ', "messages": [')
+        for j, m in enumerate(messages):
+            out.write(("," if j else "") + "\n    " + json.dumps(message_dict(m)))
+        out.write("\n  ]}")
+    out.write("\n]}\n")
+
+
+@writer("jsonl")
+def write_jsonl(sessions: Sessions, out: TextIO) -> None:
+    dumps = json.dumps
+    b64 = base64.b64encode
+    for s, messages in sessions:
+        # the session's columns once, as a JSON fragment; each line adds the message's own
+        head = dumps(
+            {
+                "session_id": s.id,
+                "session_started_at": s.started_at,
+                "session_ended_at": s.ended_at,
+                "client_host": s.client_host,
+                "client_port": s.client_port,
+                "session_handle": s.handle,
+                "end_reason": s.end_reason,
+            }
+        )[:-1]
+        for m in messages:
+            line = f'{head}, "seq": {m.seq}, "at": "{m.at}", "sender": "{m.sender}", ' \
+                f'"handle": {dumps(m.handle)}, "text": {dumps(m.text)}'
+            if m.raw is not None:
+                line += f', "raw_base64": "{b64(m.raw).decode("ascii")}"'
+            if m.note:
+                line += f', "note": {dumps(m.note)}'
+            out.write(line + "}\n")
+
+
+CSV_FIELDS = [
+    "session_id", "session_started_at", "client_host", "client_port", "session_handle",
+    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note",
+]
+
+
+@writer("csv")
+def write_csv(sessions: Sessions, out: TextIO) -> None:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for s, messages in sessions:
+        head = [s.id, s.started_at, s.client_host, s.client_port, safe_cell(s.handle), s.end_reason]
+        for m in messages:
+            raw = base64.b64encode(m.raw).decode("ascii") if m.raw is not None else ""
+            w.writerow(head + [m.seq, m.at, m.sender, safe_cell(m.handle), safe_cell(m.text), raw, m.note or ""])
+
+
+HTML_HEAD = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chatlog transcript</title>
+<style>
+body { background: #1e1e1e; color: #d4d4d4; font: 14px/1.45 ui-monospace, Menlo, Consolas, monospace; margin: 2em; }
+h2 { color: #fff; font-size: 15px; margin: 2em 0 .3em; }
+.meta { color: #888; margin: 0 0 1em; }
+.line { white-space: pre-wrap; word-break: break-word; }
+.client { color: #2aa1b3; font-weight: bold; }
+.server { color: #c061cb; font-weight: bold; }
+.event { color: #c4a000; }
+.note { color: #888; }
+time { color: #666; margin-right: 1em; }
+</style>
+</head>
+<body>
+"""
+
+
+@writer("html")
+def write_html(sessions: Sessions, out: TextIO) -> None:
+    e = html.escape
+    out.write(HTML_HEAD)
+    for s, messages in sessions:
+        head = header_lines(s, utc=True)
+        out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
+        out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
+        for kind, when, who, text in transcript_items(s, messages):
+            stamp = f'<time datetime="{e(when)}">{e(when[11:19])}</time>'
+            if kind not in ("client", "server"):
+                out.write(f'<div class="line {kind}">{stamp}{e(text)}</div>\n')
+            else:
+                out.write(f'<div class="line">{stamp}<span class="{kind}">{e(who)}&gt;</span>{e(text)}</div>\n')
+        out.write("</section>\n")
+    out.write("</body>\n</html>\n")
+
+
+@writer("cast")
+def write_cast(sessions: Sessions, out: TextIO) -> None:
+    """An asciinema v2 recording: a header line, then [seconds, "o", text] events that redraw the
+    console line by line with the original timing. Several sessions play one after another."""
+    color = Renderer(None, color=True)
+    offset = 0.0
+    header_written = False
+    for s, messages in sessions:
+        start = parse_iso(s.started_at)
+        if not header_written:
+            out.write(json.dumps({
+                "version": 2, "width": 100, "height": 30,
+                "timestamp": int(start.timestamp()),
+                "title": f"chatlog session {s.id}",
+                "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
+            }) + "\n")
+            header_written = True
+        t = 0.0
+        for when, line in transcript(s, messages, color):
+            t = max(t, (parse_iso(when) - start).total_seconds())
+            out.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
+        offset += t + 1.0
+    if not header_written:
+        out.write(json.dumps({"version": 2, "width": 100, "height": 30}) + "\n")
