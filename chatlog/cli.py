@@ -409,8 +409,6 @@ def _delete(store, ids, yes):
     n = len(ids)
     what = f"session {ids[0]}" if n == 1 else f"{n} sessions"
     if not yes:
-        if not sys.stdin.isatty():
-            fail(f"refusing to delete {what} without confirmation (use --yes)")
         click.confirm(f"Delete {what} and their messages?", abort=True)
     deleted = store.delete_sessions(ids)
     click.echo(f"deleted {deleted} session(s)", err=True)

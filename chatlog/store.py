@@ -234,7 +234,8 @@ class Store:
         at: str | None = None,
     ) -> int:
         """Commit one message; returns its sequence number. The hot path: one INSERT, one commit."""
-        seq = self._seq.get(session_id, 0) + 1
+        seq = self._seq.get(session_id)
+        seq = (self.last_seq(session_id) if seq is None else seq) + 1
         with self._guard():
             self.conn.execute(
                 _INSERT_MESSAGE,

@@ -1,0 +1,436 @@
+"""The transcript tools against a real SQLite file filled through the store's own API."""
+
+import base64
+import csv
+import io
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+
+from chatlog.cli import cli
+from chatlog.store import open_store
+
+HOSTILE = [
+    "\x1b[2J\x1b]0;title\x07",
+    "[bold]x[/] [link=https://x]y[/link] :smile: trailing\\",
+    "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">",
+    "=cmd|' /C calc'!A0",
+    "+1",
+    "-1",
+    "@SUM(1)",
+    "\u202eevil",
+]
+BAD_UTF8_RAW = b"bob>\xff\xfe bytes\n\0pad\0"
+
+
+def t(sec):
+    return f"2026-11-20T10:{sec // 60:02d}:{sec % 60:02d}.250000+00:00"
+
+
+@pytest.fixture
+def db(tmp_path):
+    """Three sessions: a hostile one, a friendly one, and one still in progress."""
+    path = tmp_path / "t.db"
+    s = open_store(path)
+    a = s.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), at=t(0), served=True)
+    s.set_handle(a, "bob")
+    s.add_message(a, "client", "bob", "hello server", at=t(1))
+    s.add_message(a, "server", "SERVER", "why hello client", at=t(3))
+    for i, text in enumerate(HOSTILE):
+        s.add_message(a, "client", "bob", text, at=t(5 + 2 * i))
+        s.add_message(a, "server", "SERVER", f"noted {i}", at=t(6 + 2 * i))
+    s.add_message(a, "client", "bob", "\ufffd\ufffd bytes", raw=BAD_UTF8_RAW, at=t(40))
+    s.end_session(a, "client-quit", at=t(41))
+    b = s.begin_session(("10.0.0.7", 6001), ("127.0.0.1", 9999), at="2026-11-22T09:00:00.000000+00:00", served=True)
+    s.set_handle(b, "amy")
+    s.add_message(b, "client", "amy", "e-mail me, don't forget", at="2026-11-22T09:00:01.000000+00:00")
+    s.add_message(b, "server", "SERVER", "sure", at="2026-11-22T09:01:01.000000+00:00")
+    s.end_session(b, "server-quit", at="2026-11-22T09:01:02.000000+00:00")
+    c = s.begin_session(("127.0.0.1", 5002), ("127.0.0.1", 9999), served=True)
+    s.set_handle(c, "cat")
+    s.add_message(c, "client", "cat", "still talking")
+    s.close()
+    return path
+
+
+def run(db, *args, input=None):
+    result = CliRunner().invoke(cli, [*args, "--db", str(db)], input=input, catch_exceptions=False)
+    return result
+
+
+def no_raw_controls(text):
+    return not any(ch in text for ch in ("\x1b", "\x07", "\x9b", "\u202e"))
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def test_sessions_lists_newest_first(db):
+    r = run(db, "sessions")
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["id", "started", "duration", "client", "handle", "messages", "ended"]
+    assert [line.split()[0] for line in lines[1:]] == ["3", "2", "1"]
+    assert "in progress" in lines[1] and "server-quit" in lines[2] and "client-quit" in lines[3]
+    assert "10.0.0.7:6001" in lines[2] and "1m 02s" in lines[2]
+
+
+def test_sessions_json_shape_and_filters(db):
+    rows = json.loads(run(db, "sessions", "--json").output)
+    assert [r["id"] for r in rows] == [3, 2, 1]
+    assert set(rows[0]) >= {"id", "started_at", "ended_at", "client_host", "client_port", "handle", "end_reason",
+                            "client_messages", "server_messages", "duration_seconds"}
+    assert rows[2]["client_messages"] == 10 and rows[2]["server_messages"] == 9
+    assert rows[0]["client_messages"] == 1  # counted live while in progress
+    assert [r["id"] for r in json.loads(run(db, "sessions", "--json", "--handle", "amy").output)] == [2]
+    assert [r["id"] for r in json.loads(run(db, "sessions", "--json", "--host", "10.0.0.7").output)] == [2]
+    assert [r["id"] for r in json.loads(run(db, "sessions", "--json", "--since", "2026-11-21").output)] == [3, 2]
+    assert [r["id"] for r in json.loads(run(db, "sessions", "--json", "--until", "2026-11-21").output)] == [1]
+    assert [r["id"] for r in json.loads(run(db, "sessions", "--json", "--since", "1h").output)] == [3]
+    assert [r["id"] for r in json.loads(run(db, "sessions", "--json", "-n", "1").output)] == [3]
+
+
+def test_sessions_csv(db):
+    rows = list(csv.DictReader(io.StringIO(run(db, "sessions", "--csv", "-n", "0").output)))
+    assert [r["id"] for r in rows] == ["3", "2", "1"]
+
+
+def test_sessions_utc(db):
+    assert "2026-11-20 10:00:00Z" in run(db, "sessions", "--utc").output
+
+
+# -- show -------------------------------------------------------------------------------------
+
+
+def test_show_is_the_console_transcript_made_safe(db):
+    r = run(db, "show", "1", "--utc")
+    assert r.exit_code == 0
+    out = r.output
+    assert out.startswith("Session 1: bob from 127.0.0.1 port 5000\n")
+    assert "connected to: 127.0.0.1 port 5000\nbob>hello server\nSERVER>why hello client\n" in out
+    assert "bob>\\x1b[2J\\x1b]0;title\\x07\n" in out
+    assert "bob>[bold]x[/] [link=https://x]y[/link] :smile: trailing\\\n" in out
+    assert "bob>\\u202eevil" in out
+    assert out.rstrip().endswith("client has quit (session 1, 10 from the client, 9 from the server)")
+    assert no_raw_controls(out)
+
+
+def test_show_last_and_errors(db, tmp_path):
+    assert "cat>still talking" in run(db, "show", "last").output
+    r = run(db, "show", "99")
+    assert r.exit_code == 1 and r.output == "chatlog: no session 99\n"
+    r = run(db, "show", "abc")
+    assert r.exit_code == 1 and "invalid session id" in r.output
+    empty = tmp_path / "empty.db"
+    open_store(empty).close()
+    r = run(empty, "show", "last")
+    assert r.exit_code == 1 and r.output == "chatlog: no sessions recorded yet\n"
+    r = run(empty, "sessions")
+    assert r.exit_code == 1 and r.output == "chatlog: no sessions recorded yet\n"
+    r = run(tmp_path / "missing.db", "sessions")
+    assert r.exit_code == 1 and "no chatlog database at" in r.output
+
+
+def test_not_sqlite_gives_one_line(tmp_path):
+    bad = tmp_path / "x.db"
+    bad.write_text("not a database")
+    for cmd in (["sessions"], ["show", "1"], ["search", "x"], ["export"], ["stats"]):
+        r = run(bad, *cmd)
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "not a chatlog database" in r.output
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def test_replay_into_a_pipe_prints_without_waiting(db):
+    start = time.monotonic()
+    r = run(db, "replay", "1")
+    assert time.monotonic() - start < 5  # the session lasted 41 s
+    assert r.output == run(db, "show", "1").output.split("\n\n", 1)[1]
+
+
+def test_replay_timing_speed_and_idle_limit():
+    from chatlog.replay import delays, play
+
+    times = [t(0), t(1), t(3), t(63)]
+    assert [round(d, 3) for d in delays(times)] == [0, 1, 2, 60]
+    assert [round(d, 3) for d in delays(times, speed=2)] == [0, 0.5, 1, 30]
+    assert [round(d, 3) for d in delays(times, idle_limit=1.5)] == [0, 1, 1.5, 1.5]
+    slept, shown = [], []
+    play([(x, str(i)) for i, x in enumerate(times)], shown.append, speed=4, idle_limit=2, sleep=slept.append)
+    assert shown == ["0", "1", "2", "3"] and slept == [0.25, 0.5, 2]
+    slept.clear()
+    play([(x, "") for x in times], lambda line: None, instant=True, sleep=slept.append)
+    assert slept == []
+
+
+def test_replay_at_a_terminal_pauses_with_space(db, tmp_path):
+    import os
+
+    import pexpect
+
+    s = open_store(db)
+    sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), at=t(0), served=True)
+    s.add_message(sid, "client", "pat", "first", at=t(0))
+    s.add_message(sid, "client", "pat", "second", at=t(1))
+    s.end_session(sid, "client-quit", at=t(1))
+    s.close()
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "replay", str(sid), "--db", str(db)],
+                      env=dict(os.environ, NO_COLOR="1"), encoding="utf-8", timeout=10)
+    p.expect_exact("pat>first")
+    p.send(" ")  # pause before "second" (due 1 s later)
+    p.expect_exact("[paused: space to resume]")
+    with pytest.raises(pexpect.TIMEOUT):
+        p.expect_exact("pat>second", timeout=1.5)
+    p.send(" ")
+    p.expect_exact("pat>second")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def test_export_txt_is_the_uncolored_console(db):
+    r = run(db, "export", "1", "--format", "txt")
+    assert r.output.startswith("connected to: 127.0.0.1 port 5000\nbob>hello server\n")
+    assert no_raw_controls(r.output)
+    assert "bob>\\x1b[2J\\x1b]0;title\\x07" in r.output
+
+
+def test_export_md(db):
+    out = run(db, "export", "1", "-f", "md").output
+    assert out.startswith("## Session 1: bob from 127.0.0.1 port 5000\n")
+    assert "\n    bob>\\x1b[2J\\x1b]0;title\\x07\n" in out  # inside an indented code block
+    assert "\n    bob><script>" in out
+    assert no_raw_controls(out)
+
+
+def test_export_json_keeps_everything(db):
+    doc = json.loads(run(db, "export", "-f", "json").output)
+    assert [s["id"] for s in doc["sessions"]] == [1, 2, 3]
+    msgs = doc["sessions"][0]["messages"]
+    assert [m["text"] for m in msgs if m["sender"] == "client"][1:9] == HOSTILE
+    last = msgs[-1]
+    assert base64.b64decode(last["raw_base64"]) == BAD_UTF8_RAW
+    assert doc["sessions"][0]["handle"] == "bob" and doc["sessions"][0]["end_reason"] == "client-quit"
+
+
+def test_export_jsonl_one_message_per_line(db):
+    lines = run(db, "export", "1", "2", "-f", "jsonl").output.splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert len(rows) == 19 + 2
+    assert rows[0] == {
+        "session_id": 1, "session_started_at": t(0), "session_ended_at": t(41), "client_host": "127.0.0.1",
+        "client_port": 5000, "session_handle": "bob", "end_reason": "client-quit", "seq": 1, "at": t(1),
+        "sender": "client", "handle": "bob", "text": "hello server",
+    }
+    assert base64.b64decode(rows[18]["raw_base64"]) == BAD_UTF8_RAW
+    assert "\x1b" not in "\n".join(lines)  # JSON escapes control characters
+
+
+def test_export_csv_neutralises_formulas(db):
+    rows = list(csv.DictReader(io.StringIO(run(db, "export", "1", "-f", "csv").output)))
+    texts = [r["text"] for r in rows if r["sender"] == "client"]
+    assert "'=cmd|' /C calc'!A0" in texts and "'+1" in texts and "'-1" in texts and "'@SUM(1)" in texts
+    assert base64.b64decode(rows[-1]["raw_base64"]) == BAD_UTF8_RAW
+    assert {r["session_handle"] for r in rows} == {"bob"}
+
+
+def test_export_html_escapes_every_byte(db, tmp_path):
+    out = tmp_path / "t.html"
+    r = run(db, "export", "-o", str(out))  # format from the extension
+    assert r.exit_code == 0
+    page = out.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script>document" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in page
+    assert "Content-Security-Policy" in page and "http" not in page.split("<body>")[0].replace(
+        'http-equiv', '')
+
+
+def test_export_cast_replays_with_original_timing(db):
+    lines = run(db, "export", "1", "-f", "cast").output.splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and header["width"] > 0 and header["timestamp"] == 1795168800
+    events = [json.loads(x) for x in lines[1:]]
+    assert all(e[1] == "o" and e[2].endswith("\r\n") for e in events)
+    times = [e[0] for e in events]
+    assert times == sorted(times)
+    assert times[:3] == [0.0, 1.0, 3.0]  # connected, hello server, why hello client
+    assert times[-1] == 41.0
+    assert "hello server" in events[1][2] and "client has quit" in events[-1][2]
+    assert all("\x1b]" not in e[2] and "\x07" not in e[2] for e in events)
+
+
+def test_export_filters_and_errors(db, tmp_path):
+    assert run(db, "export", "--handle", "amy").output.startswith("connected to: 10.0.0.7 port 6001")
+    r = run(db, "export", "--handle", "nobody")
+    assert r.exit_code == 1 and r.output == "chatlog: no sessions match\n"
+    r = run(db, "export", "--since", "someday")
+    assert r.exit_code == 1 and "invalid date 'someday'" in r.output
+    r = run(db, "export", "-o", str(tmp_path / "nodir" / "x.txt"))
+    assert r.exit_code == 1 and "cannot write" in r.output
+
+
+def test_large_export_streams_with_flat_memory(tmp_path):
+    """200,000 messages to jsonl in a subprocess: peak memory stays far below the data size."""
+    path = tmp_path / "big.db"
+    s = open_store(path)
+    sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
+    s.conn.execute("BEGIN")
+    s.conn.executemany(
+        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'bob', ?)",
+        ((sid, i, t(0), f"message {i} " + "x" * 200) for i in range(1, 200_001)),
+    )
+    s.conn.execute("COMMIT")
+    s.end_session(sid, "client-quit")
+    s.close()
+    code = (
+        "import resource, subprocess, sys; "
+        "subprocess.run([sys.executable, '-m', 'chatlog', 'export', '-f', 'jsonl', '--db', sys.argv[1]], "
+        "stdout=subprocess.DEVNULL, check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert int(out.stdout) < 100_000  # KiB; the data is ~45 MB
+
+
+# -- search -----------------------------------------------------------------------------------
+
+
+def test_search_words_with_hyphens_and_quotes(db):
+    out = run(db, "search", "e-mail").output
+    assert out.splitlines()[0].split()[0] == "2" and "amy>[e-mail] me" in out
+    assert "amy>" in run(db, "search", "don't").output
+    assert "[hello]" in run(db, "search", "hello").output
+
+
+def test_search_newest_first_json_and_filters(db):
+    hits = json.loads(run(db, "search", "noted", "--json", "-n", "0").output)
+    assert len(hits) == 8 and [h["seq"] for h in hits] == sorted((h["seq"] for h in hits), reverse=True)
+    assert json.loads(run(db, "search", "hello", "--json", "--handle", "bob").output)[0]["text"] == "hello server"
+    assert json.loads(run(db, "search", "hello", "--json", "--since", "2026-11-21").output) == []
+
+
+def test_search_hostile_hit_is_inert_and_raw_syntax(db):
+    out = run(db, "search", "title").output
+    assert no_raw_controls(out) and "\\x1b]0;[title]\\x07" in out
+    assert run(db, "search", "--raw", "hel*").exit_code == 0
+    r = run(db, "search", "--raw", "AND AND")
+    assert r.exit_code == 1 and r.output.startswith("chatlog: invalid search query")
+    r = run(db, "search", "zebra")
+    assert r.exit_code == 1 and r.output == "chatlog: no messages match 'zebra'\n"
+
+
+# -- stats, rm, prune, path, backup -----------------------------------------------------------
+
+
+def test_stats(db):
+    st = json.loads(run(db, "stats", "--json").output)
+    assert st["sessions"] == 3 and st["messages"] == 22 and st["handles"] == 3 and st["hosts"] == 2
+    assert st["busiest_handles"][0] == {"handle": "bob", "sessions": 1, "messages": 19}
+    assert st["average_session_seconds"] == pytest.approx((41 + 62) / 2)
+    assert "sessions          3" in run(db, "stats").output
+
+
+def test_rm_asks_then_deletes_messages_and_search_entries(db):
+    r = run(db, "rm", "2", input="n\n")
+    assert r.exit_code == 1 and "Aborted" in r.output
+    r = run(db, "rm", "2", input="y\n")
+    assert r.exit_code == 0
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM messages WHERE session_id = 2").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'forget'").fetchone() == (0,)
+    assert run(db, "rm", "2", "--yes").output == "chatlog: no session 2\n"
+
+
+def test_prune(db):
+    r = run(db, "prune", "--before", "2026-11-21", "--yes")
+    assert r.exit_code == 0 and "deleted 1 session" in r.output
+    assert [s["id"] for s in json.loads(run(db, "sessions", "--json").output)] == [3, 2]
+    assert run(db, "prune", "--before", "2026-11-21", "--yes").exit_code == 1
+
+
+def test_path_and_env(db, monkeypatch):
+    assert run(db, "path").output.strip() == str(db)
+    monkeypatch.setenv("CHATLOG_DB", str(db))
+    assert CliRunner().invoke(cli, ["path"]).output.strip() == str(db)
+
+
+def test_backup_is_a_consistent_copy_while_writing(db, tmp_path):
+    s = open_store(db)
+    sid = s.begin_session(("127.0.0.1", 9), ("127.0.0.1", 9), served=True)
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            s.add_message(sid, "client", "w", f"m{i}")
+            i += 1
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        copy = tmp_path / "copy.db"
+        r = run(db, "backup", str(copy))
+        assert r.exit_code == 0
+    finally:
+        stop.set()
+        th.join()
+    conn = sqlite3.connect(copy)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == 4
+    assert oct(copy.stat().st_mode & 0o777) == "0o600"
+
+
+def test_tail_follows_a_live_session(db, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "tail", "--db", str(db)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert "session 3: connected to" in proc.stdout.readline()
+        assert proc.stdout.readline().strip() == "cat>still talking"
+        s = open_store(db)
+        s.add_message(3, "server", "SERVER", "live \x1b[31m!")
+        assert proc.stdout.readline().strip() == "SERVER>live \\x1b[31m!"
+        s.end_session(3, "client-quit")
+        assert "client has quit (session 3, 1 messages each way)" in proc.stdout.readline()
+        n = s.begin_session(("127.0.0.1", 7), ("127.0.0.1", 9), served=True)
+        s.add_message(n, "client", "dan", "next one")
+        assert f"session {n}: connected" in proc.stdout.readline()
+        assert proc.stdout.readline().strip() == "dan>next one"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.browser
+def test_html_export_in_headless_chromium(db, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("chromium is not installed")
+    page = tmp_path / "t.html"
+    run(db, "export", "-f", "html", "-o", str(page))
+    r = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    dom = r.stdout
+    assert "<title>chatlog transcript</title>" in dom  # no injected script changed the title
+    assert "pwned</title>" not in dom
+    assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom  # shown as text
+    assert "<img src=\"x\"" not in dom
+    assert "=cmd|' /C calc'!A0" in dom and "why hello client" in dom
