@@ -301,8 +301,18 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, db)
     if output != "-" and sys.stderr.isatty() and len(chosen) > 1:
         pairs = _with_progress(pairs, len(chosen))
     if output == "-":
-        out = exporters.TerminalSafe(sys.stdout) if sys.stdout.isatty() else sys.stdout
-        exporters.WRITERS[fmt](pairs, out)
+        if sys.stdout.isatty():
+            exporters.WRITERS[fmt](pairs, exporters.TerminalSafe(sys.stdout))
+            return
+        try:
+            fd = sys.stdout.fileno()
+        except (OSError, AttributeError, ValueError):  # not a real file (a test runner's)
+            exporters.WRITERS[fmt](pairs, sys.stdout)
+            return
+        sys.stdout.flush()
+        # our own buffer: stdout may be unbuffered (PYTHONUNBUFFERED), a syscall per line
+        with open(fd, "w", encoding="utf-8", newline="", buffering=1 << 16, closefd=False) as out:
+            exporters.WRITERS[fmt](pairs, out)
         return
     try:
         with open(output, "w", encoding="utf-8", newline="") as out:

@@ -9,9 +9,9 @@ differ from the text, travel base64-encoded beside it).
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
+from json.encoder import encode_basestring_ascii as _encode_str
 from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
@@ -19,7 +19,11 @@ from chatlog.render import Renderer
 from chatlog.store import Msg, Session, parse_iso
 from chatlog.views import header_lines, session_dict, transcript, transcript_items
 
-Sessions = Iterable[tuple[Session, Iterator[Msg]]]
+Sessions = Iterable[tuple[Session, Iterator[tuple]]]  # messages as tuples in Msg field order
+
+
+def msgs(rows: Iterable[tuple]) -> Iterator[Msg]:
+    return (Msg(*row) for row in rows)
 WRITERS: dict[str, Callable[[Sessions, TextIO], None]] = {}
 EXTENSIONS = {
     ".txt": "txt", ".log": "txt", ".md": "md", ".markdown": "md", ".json": "json",
@@ -85,7 +89,7 @@ def write_txt(sessions: Sessions, out: TextIO) -> None:
     for i, (s, messages) in enumerate(sessions):
         if i:
             out.write("\n")
-        for _, line in transcript(s, messages, plain):
+        for _, line in transcript(s, msgs(messages), plain):
             out.write(line + "\n")
 
 
@@ -101,7 +105,7 @@ def write_md(sessions: Sessions, out: TextIO) -> None:
             out.write(f"- {_md_escape(line)}\n")
         out.write("\n")
         # An indented code block: no line of client text can close it or be read as Markdown.
-        for _, line in transcript(s, messages, plain):
+        for _, line in transcript(s, msgs(messages), plain):
             out.write("    " + line + "\n")
 
 
@@ -115,7 +119,7 @@ def write_json(sessions: Sessions, out: TextIO) -> None:
     for i, (s, messages) in enumerate(sessions):
         meta = json.dumps(session_dict(s))
         out.write(("," if i else "") + "\n  " + meta[:-1] + ', "messages": [')
-        for j, m in enumerate(messages):
+        for j, m in enumerate(msgs(messages)):
             out.write(("," if j else "") + "\n    " + json.dumps(message_dict(m)))
         out.write("\n  ]}")
     out.write("\n]}\n")
@@ -123,11 +127,12 @@ def write_json(sessions: Sessions, out: TextIO) -> None:
 
 @writer("jsonl")
 def write_jsonl(sessions: Sessions, out: TextIO) -> None:
-    dumps = json.dumps
+    # The hot loop of large exports: the session's columns are encoded once per session, and
+    # each message adds its own fields with the C string encoder, written in batches.
+    enc = _json_str
     b64 = base64.b64encode
-    for s, messages in sessions:
-        # the session's columns once, as a JSON fragment; each line adds the message's own
-        head = dumps(
+    for s, rows in sessions:
+        head = json.dumps(
             {
                 "session_id": s.id,
                 "session_started_at": s.started_at,
@@ -138,14 +143,22 @@ def write_jsonl(sessions: Sessions, out: TextIO) -> None:
                 "end_reason": s.end_reason,
             }
         )[:-1]
-        for m in messages:
-            line = f'{head}, "seq": {m.seq}, "at": "{m.at}", "sender": "{m.sender}", ' \
-                f'"handle": {dumps(m.handle)}, "text": {dumps(m.text)}'
-            if m.raw is not None:
-                line += f', "raw_base64": "{b64(m.raw).decode("ascii")}"'
-            if m.note:
-                line += f', "note": {dumps(m.note)}'
-            out.write(line + "}\n")
+        batch = []
+        for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+            line = f'{head}, "seq": {seq}, "at": "{at}", "sender": "{sender}", "handle": {enc(handle)}, "text": {enc(text)}'
+            if raw is not None:
+                line += f', "raw_base64": "{b64(raw).decode("ascii")}"'
+            if note:
+                line += f', "note": {enc(note)}'
+            batch.append(line + "}\n")
+            if len(batch) >= 1000:
+                out.write("".join(batch))
+                batch.clear()
+        out.write("".join(batch))
+
+
+def _json_str(value) -> str:
+    return "null" if value is None else _encode_str(value)
 
 
 CSV_FIELDS = [
@@ -156,13 +169,36 @@ CSV_FIELDS = [
 
 @writer("csv")
 def write_csv(sessions: Sessions, out: TextIO) -> None:
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(CSV_FIELDS)
-    for s, messages in sessions:
-        head = [s.id, s.started_at, s.client_host, s.client_port, safe_cell(s.handle), s.end_reason]
-        for m in messages:
-            raw = base64.b64encode(m.raw).decode("ascii") if m.raw is not None else ""
-            w.writerow(head + [m.seq, m.at, m.sender, safe_cell(m.handle), safe_cell(m.text), raw, m.note or ""])
+    # Built by hand rather than with csv.writer: only the text-like cells can need quoting, and
+    # checking the rest row by row was most of the cost of a large export.
+    out.write(",".join(CSV_FIELDS) + "\n")
+    cell = _csv_cell
+    b64 = base64.b64encode
+    for s, rows in sessions:
+        head = ",".join(
+            cell(v) for v in (s.id, s.started_at, s.client_host, s.client_port, s.handle, s.end_reason)
+        )
+        batch = []
+        for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+            raw64 = b64(raw).decode("ascii") if raw is not None else ""
+            batch.append(f"{head},{seq},{at},{sender},{cell(handle)},{cell(text)},{raw64},{cell(note)}\n")
+            if len(batch) >= 1000:
+                out.write("".join(batch))
+                batch.clear()
+        out.write("".join(batch))
+
+
+def _csv_cell(value) -> str:
+    """One CSV cell (RFC 4180 quoting), formula-like text neutralised."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return str(value)
+    if value.startswith(_FORMULA):
+        value = "'" + value
+    if '"' in value or "," in value or "\n" in value or "\r" in value:
+        return '"' + value.replace('"', '""') + '"'
+    return value
 
 
 HTML_HEAD = """<!DOCTYPE html>
@@ -196,7 +232,7 @@ def write_html(sessions: Sessions, out: TextIO) -> None:
         head = header_lines(s, utc=True)
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
-        for kind, when, who, text in transcript_items(s, messages):
+        for kind, when, who, text in transcript_items(s, msgs(messages)):
             stamp = f'<time datetime="{e(when)}">{e(when[11:19])}</time>'
             if kind not in ("client", "server"):
                 out.write(f'<div class="line {kind}">{stamp}{e(text)}</div>\n')
@@ -224,7 +260,7 @@ def write_cast(sessions: Sessions, out: TextIO) -> None:
             }) + "\n")
             header_written = True
         t = 0.0
-        for when, line in transcript(s, messages, color):
+        for when, line in transcript(s, msgs(messages), color):
             t = max(t, (parse_iso(when) - start).total_seconds())
             out.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
         offset += t + 1.0
