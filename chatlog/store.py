@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from chatlog.query import Filters
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+WAL_RESTART_FRAMES = 4000  # start the WAL over once it holds this many pages (~4 MB)
+WAL_SIZE_LIMIT = 8 * 1024 * 1024  # and truncate the file back to this after a restart
 
 class StoreError(Exception):
     """A problem with the database file, worded for the person running the command."""
@@ -159,6 +161,7 @@ class Store:
         if self._checkpointer is not None:
             return
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         stop = self._checkpointer = threading.Event()
         path = self.path
 
@@ -171,7 +174,13 @@ class Store:
             try:
                 while True:
                     try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        _busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if frames > WAL_RESTART_FRAMES:
+                            # Under steady writes a passive checkpoint never catches the writer,
+                            # so the WAL would never start over and would grow without bound.
+                            # RESTART copies the few frames written since and makes the next
+                            # commit begin the WAL again; the writer waits for it (~1 ms).
+                            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                     except sqlite3.Error:
                         pass
                     if stop.wait(interval):

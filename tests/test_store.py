@@ -119,3 +119,18 @@ def test_session_lifecycle_counts_and_orphans(tmp_path):
     assert s.ended_at == list(store.messages(sid))[-1].at
     store.end_session(sid, "client-quit")  # an ended session is not re-ended
     assert store.session(sid).end_reason == "interrupted"
+
+
+def test_wal_stays_bounded_under_continuous_writes(tmp_path):
+    """The background checkpointer must start the WAL over even though the writer never pauses."""
+    path = tmp_path / "busy.db"
+    store = open_store(path)
+    store.start_checkpointer(interval=0.05)
+    sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
+    biggest = 0
+    for i in range(8000):
+        store.add_message(sid, "client", "bob", f"message number {i} with some words in it")
+        if i % 500 == 0:
+            biggest = max(biggest, os.path.getsize(str(path) + "-wal"))
+    store.close()
+    assert biggest < 30_000_000  # without restarts it passes 80 MB here
