@@ -173,6 +173,7 @@ def write_csv(sessions: Sessions, out: TextIO) -> None:
     # checking the rest row by row was most of the cost of a large export.
     out.write(",".join(CSV_FIELDS) + "\n")
     cell = _csv_cell
+    lead = _FORMULA_LEAD
     b64 = base64.b64encode
     for s, rows in sessions:
         head = ",".join(
@@ -181,11 +182,20 @@ def write_csv(sessions: Sessions, out: TextIO) -> None:
         batch = []
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
             raw64 = b64(raw).decode("ascii") if raw is not None else ""
-            batch.append(f"{head},{seq},{at},{sender},{cell(handle)},{cell(text)},{raw64},{cell(note)}\n")
+            if handle is None or handle[:1] in lead or '"' in handle or "," in handle:
+                handle = cell(handle)
+            if text[:1] in lead or '"' in text or "," in text or "\n" in text or "\r" in text:
+                text = cell(text)
+            batch.append(f"{head},{seq},{at},{sender},{handle},{text},{raw64},{cell(note)}\n")
             if len(batch) >= 1000:
                 out.write("".join(batch))
                 batch.clear()
         out.write("".join(batch))
+
+
+# A cell needs _csv_cell only if it could be read as a formula or holds a quote, comma or newline
+# (a handle never holds whitespace). The checks are inlined in the loop: it runs once a message.
+_FORMULA_LEAD = frozenset(_FORMULA)
 
 
 def _csv_cell(value) -> str:
