@@ -131,6 +131,7 @@ class Store:
         self._db: Database | None = None
         self._seq: dict[int, int] = {}
         self._checkpointer: threading.Event | None = None
+        self._guard_instance = _Guard(path)  # stateless: one serves every call
 
     @property
     def db(self) -> "Database":
@@ -445,7 +446,7 @@ class Store:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _guard(self):
-        return _Guard(self.path)
+        return self._guard_instance
 
 
 class _Guard:
