@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PORT   ?= 9999
-CC     ?= gcc
+ifeq ($(origin CC),default)
+CC      = gcc
+endif
 CFLAGS ?= -O2 -g
 WARN    = -std=gnu99 -Wall -Wextra -Werror
 PYTEST_ARGS ?=
