@@ -72,7 +72,7 @@ def play(
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Write timed lines with their original rhythm. With `keys`, space pauses and resumes."""
-    lines = list(lines) if not isinstance(lines, list) else lines
+    lines = list(lines)
     for (_, line), gap in zip(lines, delays((t for t, _ in lines), speed, idle_limit), strict=True):
         if not instant and gap > 0:
             if keys is None:

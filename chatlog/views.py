@@ -11,7 +11,7 @@ import csv
 import json
 import sys
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC
 
 from chatlog.render import Renderer, connected_text, ended_text
 from chatlog.sanitize import visible
@@ -208,7 +208,3 @@ def stats_text(st: dict, r: Renderer) -> None:
         r.write("how sessions ended")
         for reason, n in st["end_reasons"].items():
             r.write(f"  {reason:<12} {n:>7}")
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
