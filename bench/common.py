@@ -11,28 +11,50 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CHATLOG = [str(VENV_BIN / "chatlog")]
 DATA = ROOT / "bench" / "data"
-QUICK = os.environ.get("BENCH_QUICK") == "1"
+QUICK = os.environ.get("BENCH_QUICK") == "1" or "--quick" in sys.argv
+
+
+class Missing(Exception):
+    """A command the figure needs does not exist (yet)."""
 
 
 def median_spread(values):
-    """(median, 'min-max') of a list of numbers."""
+    """(median, (min, max)) of a list of numbers."""
     return statistics.median(values), (min(values), max(values))
 
 
+def has_command(name):
+    """True if `chatlog NAME` exists (the transcript commands may not have landed yet)."""
+    r = subprocess.run([*CHATLOG, name, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
 def run_timed(cmd, runs=7, stdout=subprocess.DEVNULL, env=None):
-    """Whole-process wall time (seconds) of `cmd`, median and spread over `runs` runs."""
+    """Whole-process wall time (seconds) of `cmd`: (median, (min, max)) over `runs` runs, after
+    one untimed warm-up run (so every run finds the file in the page cache)."""
     times = []
-    for _ in range(runs):
+    for i in range(runs + 1):
         t0 = time.perf_counter_ns()
-        subprocess.run(cmd, stdout=stdout, stderr=subprocess.DEVNULL, check=True, env=env)
-        times.append((time.perf_counter_ns() - t0) / 1e9)
+        r = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
+        elapsed = (time.perf_counter_ns() - t0) / 1e9
+        if r.returncode != 0:
+            raise Missing(f"{' '.join(map(str, cmd[:3]))}: exit {r.returncode}: {r.stderr.decode()[-200:]}")
+        if i:
+            times.append(elapsed)
     return median_spread(times)
 
 
-def peak_rss_mb(cmd, stdout=subprocess.DEVNULL):
-    """Peak resident memory (MB) of one run of `cmd`, as /usr/bin/time -v reports it."""
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], stdout=stdout, stderr=subprocess.PIPE, check=True, text=True)
-    return int(r.stderr.strip().splitlines()[-1]) / 1024
+def peak_rss_and_lines(cmd):
+    """Peak resident memory (MB) of one run of `cmd` (as /usr/bin/time reports it), and how many
+    lines it wrote (counted by `wc -l`, so the output is checked without being held)."""
+    time_cmd = ["/usr/bin/time", "-f", "%M", *map(str, cmd)]
+    p = subprocess.Popen(time_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wc = subprocess.run(["wc", "-l"], stdin=p.stdout, capture_output=True, text=True)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    if p.wait() != 0:
+        raise Missing(f"{' '.join(map(str, cmd[:3]))}: {err[-200:]}")
+    return int(err.strip().splitlines()[-1]) / 1024, int(wc.stdout)
 
 
 def rss_mb(pid):

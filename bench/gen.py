@@ -5,8 +5,10 @@ The search index is built in bulk (triggers off, then FTS5 'rebuild'), which is 
 import should be done; the triggers are put back so the file is a normal chatlog database.
 """
 
+import hashlib
 import random
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +23,19 @@ WORDS = (
 ).split()
 RARE = "zanzibar"  # appears in about one message in ten thousand
 LONG_SESSION = 1000  # messages in the session that `show` is timed on
+
+
+def stamp():
+    """A short version stamp for generated files: a hash of this generator and of what open_store
+    creates (schema, triggers, page size), so a stale archive is never reused."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"{tmp}/empty.db")
+        ddl = [r[0] or "" for r in store.conn.execute("SELECT sql FROM sqlite_master ORDER BY name")]
+        page = store.conn.execute("PRAGMA page_size").fetchone()[0]
+        store.close()
+    h = hashlib.sha1(open(__file__, "rb").read())
+    h.update(repr((ddl, page)).encode())
+    return h.hexdigest()[:8]
 
 
 def generate(path, sessions, per_session, seed=1):

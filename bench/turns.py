@@ -1,12 +1,15 @@
 """The chat turn: a client sends N messages, each answered by a scripted operator.
 
-chatlog: `chatlog serve 0` with the replies piped in and the console into a pipe.
-Baseline: a bare Python echo server (recv a line, send a line; no store, no console).
+chatlog: `chatlog serve 0` with the replies piped in (written by a thread, so the pipe never
+blocks) and the console read from a pipe by another thread.
+Baseline: a bare Python echo server in its own process (recv a line, send a line; no store, no
+console), the same loop shape.
 The client measures every turn (send to full reply) with perf_counter_ns.
 """
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 buf = b""
+n = 0
 while True:
     data = conn.recv(65536)
     if not data:
@@ -33,25 +37,25 @@ while True:
     buf += data
     while b"\n" in buf:
         line, _, buf = buf.partition(b"\n")
-        conn.sendall(b"SERVER>reply\n")
+        n += 1
+        conn.sendall(b"SERVER>reply %d\n" % n)
 """
 
 
-def drive(port, n, checkpoints=(), on_checkpoint=None):
-    """Chat n turns; return the per-turn latencies in ns."""
+def drive(port, n, after_turn=None):
+    """Chat n turns; return the per-turn latencies in ns. after_turn(i) runs outside the timing."""
     c = socket.create_connection(("127.0.0.1", port))
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     lat = []
-    marks = set(checkpoints)
     for i in range(n):
         t0 = time.perf_counter_ns()
-        c.sendall(b"bob>message %d\n\0" % i)
+        c.sendall(b"bob>msg %d\n\0" % i)
         data = c.recv(4096)
         while not data.endswith(b"\n"):
             data += c.recv(4096)
         lat.append(time.perf_counter_ns() - t0)
-        if i + 1 in marks and on_checkpoint:
-            on_checkpoint(i + 1)
+        if after_turn:
+            after_turn(i + 1)
     c.close()
     return lat
 
@@ -62,6 +66,7 @@ def summary(lat, elapsed):
         "turns_per_s": len(s) / elapsed,
         "p50_us": s[len(s) // 2] / 1000,
         "p99_us": s[int(len(s) * 0.99)] / 1000,
+        "max_us": s[-1] / 1000,
     }
 
 
@@ -75,10 +80,8 @@ def echo_turns(n):
     return summary(lat, elapsed)
 
 
-def chatlog_turns(n, checkpoints=()):
-    """Returns (summary, {turns: server RSS in MB}, messages committed)."""
-    tmp = tempfile.mkdtemp(prefix="chatlog-bench-")
-    db = Path(tmp) / "turns.db"
+def start_server(db, n_answers):
+    """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port)."""
     p = subprocess.Popen(
         [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, NO_COLOR="1"),
@@ -87,18 +90,54 @@ def chatlog_turns(n, checkpoints=()):
     threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()  # the console
 
     def answers():
-        for i in range(n):
+        for i in range(n_answers):
             p.stdin.write(b"reply %d\n" % i)
         p.stdin.flush()
 
     threading.Thread(target=answers, daemon=True).start()
-    rss = {}
-    t = time.perf_counter()
-    lat = drive(port, n, checkpoints, lambda k: rss.__setitem__(k, rss_mb(p.pid)))
-    elapsed = time.perf_counter() - t
+    return p, port
+
+
+def stop(p):
     p.terminate()
     p.wait(10)
-    import sqlite3
 
+
+def chatlog_turns(n, checkpoints=()):
+    """Returns (summary, {turns: server RSS in MB}, messages committed)."""
+    db = Path(tempfile.mkdtemp(prefix="chatlog-bench-")) / "turns.db"
+    p, port = start_server(db, n)
+    rss = {}
+    marks = set(checkpoints)
+
+    def sample(done):
+        if done in marks:
+            rss[done] = rss_mb(p.pid)
+
+    t = time.perf_counter()
+    lat = drive(port, n, sample if marks else None)
+    elapsed = time.perf_counter() - t
+    stop(p)
     committed = sqlite3.connect(db).execute("SELECT count(*) FROM messages").fetchone()[0]
     return summary(lat, elapsed), rss, committed
+
+
+def answered_before_committed(n):
+    """A separate, untimed run: after every answer, a second connection (another reader, as
+    `chatlog tail` would be) checks that the client's message and the answer are both already
+    committed. Returns how many of the n turns were answered before that was true."""
+    db = Path(tempfile.mkdtemp(prefix="chatlog-bench-")) / "order.db"
+    p, port = start_server(db, n)
+    reader = None
+    early = 0
+
+    def check(done):
+        nonlocal reader, early
+        reader = reader or sqlite3.connect(db, isolation_level=None)
+        seq = reader.execute("SELECT max(seq) FROM messages WHERE session_id = (SELECT max(id) FROM sessions)")
+        if (seq.fetchone()[0] or 0) < 2 * done:
+            early += 1
+
+    drive(port, n, check)
+    stop(p)
+    return early
