@@ -129,8 +129,8 @@ def make_filters(handle=None, host=None, since=None, until=None, ids=()):
         return Filters(
             handle=handle,
             host=host,
-            since=parse_when(since) if since else None,
-            until=parse_when(until) if until else None,
+            since=parse_when(since) if since is not None else None,
+            until=parse_when(until) if until is not None else None,
             ids=tuple(ids),
         )
     except BadDate as exc:
@@ -285,51 +285,22 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, db)
     Give session IDs (or `last`), or filters, or nothing for all sessions. Exports stream, so
     memory stays flat however large the archive.
     """
-    import os
-
     from chatlog import export as exporters
 
     store = open_db(db)
     if fmt is None:
-        fmt = exporters.EXTENSIONS.get(os.path.splitext(output)[1].lower(), "txt") if output != "-" else "txt"
+        fmt = exporters.format_for(output)
     ids = [get_session(store, i).id for i in session_ids]
     filters = make_filters(handle, host, since, until, ids)
     chosen = store.session_ids(filters)
     if not chosen:
         fail("no sessions match" if (ids or any((handle, host, since, until))) else "no sessions recorded yet")
-    pairs = store.export_rows(chosen)
-    if output != "-" and sys.stderr.isatty() and len(chosen) > 1:
-        pairs = _with_progress(pairs, len(chosen))
-    if output == "-":
-        if sys.stdout.isatty():
-            exporters.WRITERS[fmt](pairs, exporters.TerminalSafe(sys.stdout))
-            return
-        try:
-            fd = sys.stdout.fileno()
-        except (OSError, AttributeError, ValueError):  # not a real file (a test runner's)
-            exporters.WRITERS[fmt](pairs, sys.stdout)
-            return
-        sys.stdout.flush()
-        # our own buffer: stdout may be unbuffered (PYTHONUNBUFFERED), a syscall per line
-        with open(fd, "w", encoding="utf-8", newline="", buffering=1 << 16, closefd=False) as out:
-            exporters.WRITERS[fmt](pairs, out)
-        return
     try:
-        with open(output, "w", encoding="utf-8", newline="") as out:
-            exporters.WRITERS[fmt](pairs, out)
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}")
-    click.echo(f"wrote {len(chosen)} session(s) to {output} ({fmt})", err=True)
-
-
-def _with_progress(pairs, total):
-    from rich.progress import Progress
-
-    with Progress(transient=True) as progress:
-        task = progress.add_task("exporting", total=total)
-        for pair in pairs:
-            yield pair
-            progress.advance(task)
+        exporters.run(store, chosen, fmt, output, filters)
+    except exporters.ExportError as exc:
+        fail(str(exc))
+    if output != "-":
+        click.echo(f"wrote {len(chosen)} session(s) to {output} ({fmt})", err=True)
 
 
 @cli.command()
@@ -358,7 +329,7 @@ def search(query, raw, handle, since, limit, best, utc, as_json, db):
     if not fts.strip():
         fail("empty search query")
     try:
-        since_ts = parse_when(since) if since else None
+        since_ts = parse_when(since) if since is not None else None
     except BadDate as exc:
         fail(str(exc))
     store = open_db(db)
@@ -397,8 +368,11 @@ def stats(as_json, db):
 def rm(session_ids, yes, db):
     """Delete sessions, with their messages and search entries."""
     store = open_db(db)
-    ids = sorted({get_session(store, i).id for i in session_ids})
-    _delete(store, ids, yes)
+    chosen = [get_session(store, i) for i in session_ids]
+    for s in chosen:
+        if s.ended_at is None:
+            fail(f"session {s.id} is still in progress; it can be deleted once it has ended")
+    _delete(store, sorted({s.id for s in chosen}), yes)
 
 
 @cli.command()
@@ -409,9 +383,15 @@ def rm(session_ids, yes, db):
 def prune(before, yes, db):
     """Delete every session that started before a date."""
     store = open_db(db)
-    ids = store.session_ids(make_filters(until=before))
+    filters = make_filters(until=before)
+    everything = store.session_ids(filters)
+    filters.ended_only = True
+    ids = store.session_ids(filters)
+    if len(ids) < len(everything):
+        n = len(everything) - len(ids)
+        click.echo(f"leaving {n} session(s) still in progress", err=True)
     if not ids:
-        fail(f"no sessions started before {before}")
+        fail(f"no ended sessions started before {before}")
     _delete(store, ids, yes)
 
 

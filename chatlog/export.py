@@ -11,19 +11,28 @@ from __future__ import annotations
 import base64
 import html
 import json
-from json.encoder import encode_basestring_ascii as _encode_str
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import TextIO
+from json.encoder import encode_basestring_ascii as _encode_str
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from chatlog.render import Renderer
-from chatlog.store import Msg, Session, parse_iso
+from chatlog.sanitize import visible
+from chatlog.store import Msg, Session, Store, parse_iso
 from chatlog.views import header_lines, session_dict, transcript, transcript_items
+
+if TYPE_CHECKING:
+    from chatlog.query import Filters
 
 Sessions = Iterable[tuple[Session, Iterator[tuple]]]  # messages as tuples in Msg field order
 
 
 def msgs(rows: Iterable[tuple]) -> Iterator[Msg]:
     return (Msg(*row) for row in rows)
+
+
 WRITERS: dict[str, Callable[[Sessions, TextIO], None]] = {}
 EXTENSIONS = {
     ".txt": "txt", ".log": "txt", ".md": "md", ".markdown": "md", ".json": "json",
@@ -38,6 +47,93 @@ def writer(name: str):
         return fn
 
     return register
+
+
+class ExportError(Exception):
+    """Why an export could not be written, in one line."""
+
+
+PROGRESS_MIN_MESSAGES = 20_000  # a shorter export is over before a bar would be worth drawing
+
+
+def format_for(output: str) -> str:
+    """The format an output file's extension asks for (txt for stdout or an unknown one)."""
+    if output == "-":
+        return "txt"
+    return EXTENSIONS.get(os.path.splitext(output)[1].lower(), "txt")
+
+
+def run(store: Store, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None) -> None:
+    """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming.
+
+    A file is written beside its destination and renamed into place when complete, so an export
+    that fails halfway never leaves half a file (nor truncates the one it was replacing).
+    On a terminal stderr, a long export shows a progress bar there."""
+    write = WRITERS[fmt]
+    pairs = store.export_rows(ids)
+    to_stdout = output == "-"
+    if sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
+        total = store.message_total(filters) if filters is not None else 0
+        if total >= PROGRESS_MIN_MESSAGES:
+            pairs = _with_progress(pairs, total)
+    if to_stdout:
+        _to_stdout(write, pairs)
+        return
+    dest = Path(output)
+    if dest.exists() and dest.is_file() and os.path.samefile(dest, store.path):
+        raise ExportError("the export must not overwrite the database itself")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            write(pairs, out)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _to_stdout(write, pairs) -> None:
+    if sys.stdout.isatty():
+        write(pairs, TerminalSafe(sys.stdout))
+        return
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, AttributeError, ValueError):  # not a real file (a test runner's)
+        write(pairs, sys.stdout)
+        return
+    sys.stdout.flush()
+    # Our own buffer: stdout may be unbuffered (PYTHONUNBUFFERED), which costs a syscall a line.
+    out = open(fd, "w", encoding="utf-8", newline="", buffering=1 << 16, closefd=False)
+    try:
+        write(pairs, out)
+        out.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        _silence_stdout()
+        return
+    finally:
+        try:
+            out.close()
+        except BrokenPipeError:
+            _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _with_progress(pairs: Sessions, total: int) -> Iterator[tuple[Session, Iterator[tuple]]]:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(file=sys.stderr), transient=True) as progress:
+        task = progress.add_task("exporting", total=total)
+        for s, rows in pairs:
+            yield s, rows
+            progress.advance(task, s.messages)
 
 
 def message_dict(m: Msg) -> dict:
@@ -67,8 +163,6 @@ class TerminalSafe:
         self.stream = stream
 
     def write(self, text: str) -> int:
-        from chatlog.sanitize import visible
-
         self.stream.write("\n".join(visible(part) for part in text.split("\n")))
         return len(text)
 
@@ -101,16 +195,16 @@ def write_md(sessions: Sessions, out: TextIO) -> None:
             out.write("\n")
         head = header_lines(s, utc=True)
         out.write(f"## {_md_escape(head[0])}\n\n")
-        for line in head[1:]:
-            out.write(f"- {_md_escape(line)}\n")
-        out.write("\n")
+        # The details as one paragraph (a backslash ends each line but the last). Not a list:
+        # an indented block right after a list item would continue the item as Markdown.
+        out.write("\\\n".join(_md_escape(line) for line in head[1:]) + "\n\n")
         # An indented code block: no line of client text can close it or be read as Markdown.
         for _, line in transcript(s, msgs(messages), plain):
             out.write("    " + line + "\n")
 
 
 def _md_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "\\`*_[]<>|~#" else ch for ch in text)
+    return "".join("\\" + ch if ch in "\\`*_[]<>|~#&!" else ch for ch in text)
 
 
 @writer("json")
@@ -145,7 +239,7 @@ def write_jsonl(sessions: Sessions, out: TextIO) -> None:
         )[:-1]
         batch = []
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
-            line = f'{head}, "seq": {seq}, "at": "{at}", "sender": "{sender}", "handle": {enc(handle)}, "text": {enc(text)}'
+            line = f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
             if raw is not None:
                 line += f', "raw_base64": "{b64(raw).decode("ascii")}"'
             if note:
@@ -242,12 +336,19 @@ def write_html(sessions: Sessions, out: TextIO) -> None:
         head = header_lines(s, utc=True)
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
+        # Escaped after `visible`, as on the console: a bidi override or a control character in
+        # client text shows as its escape instead of reordering or hiding the line.
         for kind, when, who, text in transcript_items(s, msgs(messages)):
             stamp = f'<time datetime="{e(when)}">{e(when[11:19])}</time>'
             if kind not in ("client", "server"):
-                out.write(f'<div class="line {kind}">{stamp}{e(text)}</div>\n')
+                out.write(f'<div class="line {kind}">{stamp}{e(visible(text))}</div>\n')
+            elif who is None:
+                out.write(f'<div class="line">{stamp}{e(visible(text))}</div>\n')
             else:
-                out.write(f'<div class="line">{stamp}<span class="{kind}">{e(who)}&gt;</span>{e(text)}</div>\n')
+                out.write(
+                    f'<div class="line">{stamp}<span class="{kind}">{e(visible(who))}&gt;</span>'
+                    f"{e(visible(text))}</div>\n"
+                )
         out.write("</section>\n")
     out.write("</body>\n</html>\n")
 
@@ -263,7 +364,7 @@ def write_cast(sessions: Sessions, out: TextIO) -> None:
         start = parse_iso(s.started_at)
         if not header_written:
             out.write(json.dumps({
-                "version": 2, "width": 100, "height": 30,
+                "version": 2, "width": 80, "height": 24,
                 "timestamp": int(start.timestamp()),
                 "title": f"chatlog session {s.id}",
                 "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
@@ -275,4 +376,4 @@ def write_cast(sessions: Sessions, out: TextIO) -> None:
             out.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
         offset += t + 1.0
     if not header_written:
-        out.write(json.dumps({"version": 2, "width": 100, "height": 30}) + "\n")
+        out.write(json.dumps({"version": 2, "width": 80, "height": 24}) + "\n")

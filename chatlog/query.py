@@ -18,7 +18,16 @@ def parse_when(text: str, now: datetime | None = None) -> str:
     """A date, a date and time, an ISO timestamp, or a relative `30m`, `2h`, `3d`, `1w` (ago),
     returned as the stored timestamp format (UTC ISO 8601) so it compares as a string.
     Dates and times without a zone are local time."""
-    now = now or datetime.now(UTC)
+    try:
+        return _parse_when(text, now or datetime.now(UTC))
+    except (ValueError, OverflowError):  # a well-formed date out of range: year 1, 10**9 weeks ago
+        raise BadDate(
+            f"invalid date {text!r} (use YYYY-MM-DD, 'YYYY-MM-DD HH:MM', an ISO timestamp, "
+            "or a relative time such as 30m, 2h, 3d, 1w)"
+        ) from None
+
+
+def _parse_when(text: str, now: datetime) -> str:
     m = _RELATIVE.match(text)
     if m:
         when = now - timedelta(**{_UNITS[m.group(2).lower()]: float(m.group(1))})
@@ -28,13 +37,7 @@ def parse_when(text: str, now: datetime | None = None) -> str:
             local = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
             when = local - timedelta(days=1 if value.lower() == "yesterday" else 0)
         else:
-            try:
-                when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                raise BadDate(
-                    f"invalid date {text!r} (use YYYY-MM-DD, 'YYYY-MM-DD HH:MM', an ISO timestamp, "
-                    "or a relative time such as 30m, 2h, 3d, 1w)"
-                ) from None
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
             if when.tzinfo is None:
                 when = when.astimezone()  # naive: local time
     return when.astimezone(UTC).isoformat(timespec="microseconds")
@@ -47,26 +50,8 @@ class Filters:
     since: str | None = None  # stored-format timestamps
     until: str | None = None
     ids: tuple[int, ...] = ()
-
-    def where(self, table: str = "sessions") -> tuple[str, list]:
-        """SQL conditions on the sessions table, and their parameters."""
-        clauses, args = [], []
-        if self.ids:
-            clauses.append(f"{table}.id IN ({', '.join('?' * len(self.ids))})")
-            args += list(self.ids)
-        if self.handle is not None:
-            clauses.append(f"{table}.handle = ?")
-            args.append(self.handle)
-        if self.host is not None:
-            clauses.append(f"{table}.client_host = ?")
-            args.append(self.host)
-        if self.since is not None:
-            clauses.append(f"{table}.started_at >= ?")
-            args.append(self.since)
-        if self.until is not None:
-            clauses.append(f"{table}.started_at < ?")
-            args.append(self.until)
-        return (" AND ".join(clauses) or "1"), args
+    ended_only: bool = False  # leave out sessions still in progress
+    # turned into SQL by the store (chatlog.store.filter_sql): nothing above it writes SQL
 
 
 def fts_query(words: str) -> str:

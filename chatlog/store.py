@@ -295,7 +295,7 @@ class Store:
 
     def sessions(self, filters: "Filters | None" = None, limit: int = 20) -> list[Session]:
         """Newest first. Walks the sessions table by id (start order), never the messages."""
-        where, args = filters.where() if filters else ("1", [])
+        where, args = filter_sql(filters)
         sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY sessions.id DESC"
         if limit:
             sql += f" LIMIT {int(limit)}"
@@ -303,9 +303,18 @@ class Store:
             return [Session(*row) for row in self.conn.execute(sql, args)]
 
     def session_ids(self, filters: "Filters") -> list[int]:
-        where, args = filters.where()
+        where, args = filter_sql(filters)
         with self._guard():
             return [r[0] for r in self.conn.execute(f"SELECT id FROM sessions WHERE {where} ORDER BY id", args)]
+
+    def message_total(self, filters: "Filters") -> int:
+        """How many messages the matching sessions hold (by their counts: no message is read)."""
+        where, args = filter_sql(filters)
+        with self._guard():
+            row = self.conn.execute(
+                f"SELECT sum(client_messages + server_messages) FROM sessions WHERE {where}", args
+            ).fetchone()
+        return row[0] or 0
 
     def last_seq(self, session_id: int) -> int:
         with self._guard():
@@ -357,6 +366,11 @@ class Store:
             return
         chosen = set(ids)
         lo, hi = min(ids), max(ids)
+        if len(chosen) * 4 < hi - lo + 1:
+            # A sparse choice (one handle's sessions among many): the walk would read and drop
+            # the messages of every session in between, so each one is read by its index instead.
+            yield from self._export_each(sorted(chosen))
+            return
         with self._guard():
             sessions = self.conn.execute(
                 f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id BETWEEN ? AND ? ORDER BY id", (lo, hi)
@@ -384,6 +398,20 @@ class Store:
             yield Session(*srow), msgs
             for _ in msgs:  # whatever the writer did not read
                 pass
+
+    def _export_each(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[tuple]]]:
+        for session_id in ids:
+            with self._guard():
+                row = self.conn.execute(
+                    f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+                ).fetchone()
+                if row is None:  # deleted meanwhile
+                    continue
+                rows = self.conn.execute(
+                    f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
+                    (session_id,),
+                )
+            yield Session(*row), rows
 
     def stats(self) -> dict:
         q = self.conn.execute
@@ -417,15 +445,20 @@ class Store:
         }
 
     def delete_sessions(self, ids: list[int]) -> int:
-        """Delete sessions with their messages (and, by trigger, their search entries)."""
+        """Delete ended sessions with their messages (and, by trigger, their search entries).
+
+        A session still in progress is left alone: the server is writing to it, and its next
+        message would fail the foreign key. Checked inside the write transaction, so a session
+        cannot start or resume between the check and the delete."""
         if not ids:
             return 0
         marks = ", ".join("?" * len(ids))
+        ended = f"SELECT id FROM sessions WHERE id IN ({marks}) AND ended_at IS NOT NULL"
         with self._guard():
             self.conn.execute("BEGIN IMMEDIATE")
             try:
-                self.conn.execute(f"DELETE FROM messages WHERE session_id IN ({marks})", ids)
-                n = self.conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", ids).rowcount
+                self.conn.execute(f"DELETE FROM messages WHERE session_id IN ({ended})", ids)
+                n = self.conn.execute(f"DELETE FROM sessions WHERE id IN ({ended})", ids).rowcount
                 self.conn.execute("COMMIT")
             except BaseException:
                 self.conn.execute("ROLLBACK")
@@ -464,6 +497,29 @@ class _Guard:
         if exc_type is not None and issubclass(exc_type, sqlite3.Error):
             raise StoreError(describe_error(self.path, exc)) from exc
         return False
+
+
+def filter_sql(f: "Filters | None") -> tuple[str, list]:
+    """The WHERE conditions on `sessions` for a set of filters, and their parameters."""
+    if f is None:
+        return "1", []
+    clauses: list[str] = []
+    args: list = []
+    if f.ids:
+        clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
+        args += list(f.ids)
+    for column, value, op in (
+        ("handle", f.handle, "="),
+        ("client_host", f.host, "="),
+        ("started_at", f.since, ">="),
+        ("started_at", f.until, "<"),
+    ):
+        if value is not None:
+            clauses.append(f"sessions.{column} {op} ?")
+            args.append(value)
+    if f.ended_only:
+        clauses.append("sessions.ended_at IS NOT NULL")
+    return (" AND ".join(clauses) or "1"), args
 
 
 def describe_error(path: Path, exc: BaseException) -> str:
