@@ -35,6 +35,8 @@ class BadQuery(StoreError):
     """A search query SQLite's full-text engine cannot parse."""
 
 
+_FILE_TROUBLE = ("database", "disk", "locked", "busy", "readonly", "malformed", "corrupt", "unable to open", "no such table")
+
 HL_START, HL_END = "\ue000", "\ue001"  # private-use marks around search matches
 
 
@@ -353,8 +355,14 @@ class Store:
         try:
             rows = self.conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
-            if "fts5" in str(exc) or "syntax" in str(exc) or "no such column" in str(exc):
-                raise BadQuery(f"invalid search query {fts!r}: {exc}") from exc
+            # FTS5 reports a bad query as an OperationalError too ("fts5: syntax error near",
+            # "unterminated string", "no such column: x", "unknown special query"...): anything
+            # that is not about the file itself is about the query.
+            text = str(exc)
+            if not any(word in text for word in _FILE_TROUBLE):
+                raise BadQuery(f"invalid search query {fts!r}: {text}") from exc
+            raise StoreError(describe_error(self.path, exc)) from exc
+        except sqlite3.DatabaseError as exc:
             raise StoreError(describe_error(self.path, exc)) from exc
         return [(Msg(*row[:-1]), row[-1]) for row in rows]
 

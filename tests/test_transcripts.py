@@ -434,3 +434,353 @@ def test_html_export_in_headless_chromium(db, tmp_path):
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom  # shown as text
     assert "<img src=\"x\"" not in dom
     assert "=cmd|' /C calc'!A0" in dom and "why hello client" in dom
+
+
+# -- more hostile text, every format ----------------------------------------------------------
+
+MORE_HOSTILE = [
+    "**bold** [x](http://e.test) <b>hi</b> `code` # heading",
+    "<script>alert(1)</script>",
+    "\tstarts with a tab",
+    "\rstarts with a CR",
+    'comma, "quotes" and a\nnewline',
+    "\x00nul inside",
+    "\u202edesrever",
+]
+
+
+@pytest.fixture
+def hostile_db(tmp_path):
+    """One ended session full of hostile text, including a message with no handle (an `nc`
+    user before any handle was seen), plus a session still in progress."""
+    path = tmp_path / "h.db"
+    s = open_store(path)
+    a = s.begin_session(("192.0.2.1", 4000), ("127.0.0.1", 9999), at=t(0), served=True)
+    s.add_message(a, "client", None, "no handle <i>yet</i>", at=t(1))
+    s.set_handle(a, "eve")
+    for i, text in enumerate(MORE_HOSTILE):
+        s.add_message(a, "client", "eve", text, at=t(2 + 2 * i))
+        s.add_message(a, "server", "SERVER", f"ok {i}", at=t(3 + 2 * i))
+    s.add_message(a, "client", "eve", "\ufffd\ufffd", raw=b"eve>\xff\xfe\n\0", at=t(30))
+    s.end_session(a, "disconnect", at=t(31))
+    b = s.begin_session(("192.0.2.2", 4001), ("127.0.0.1", 9999), at=t(40), served=True)
+    s.set_handle(b, "live")
+    s.add_message(b, "client", "live", "still here", at=t(41))
+    s.close()
+    return path
+
+
+def test_md_transcript_is_a_code_block_not_markdown(hostile_db):
+    from markdown_it import MarkdownIt
+
+    out = run(hostile_db, "export", "1", "-f", "md").output
+    tokens = MarkdownIt("commonmark").parse(out)
+    blocks = [tok for tok in tokens if tok.type == "code_block"]
+    assert len(blocks) == 1
+    code = blocks[0].content
+    assert "eve>**bold** [x](http://e.test) <b>hi</b> `code` # heading\n" in code
+    assert "eve><script>alert(1)</script>\n" in code
+    assert "no handle <i>yet</i>\n" in code and "eve>\\x00nul inside\n" in code
+    # outside the code block, nothing of the client's is rendered as Markdown or HTML
+    rendered = MarkdownIt("commonmark").render(out)
+    assert "<strong>" not in rendered and "<a href" not in rendered and "<b>" not in rendered
+    assert "<script>" not in rendered and no_raw_controls(out)
+
+
+def test_html_shows_controls_and_bidi_overrides_as_escapes(hostile_db):
+    page = run(hostile_db, "export", "-f", "html").output
+    assert "\u202e" not in page and "\x00" not in page and "\t" not in page.split("<body>")[1]
+    assert "eve&gt;</span>\\u202edesrever" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>" not in page
+    assert "no handle &lt;i&gt;yet&lt;/i&gt;</div>" in page  # a message with no handle
+    assert 'comma, &quot;quotes&quot; and a\\nnewline' in page
+
+
+def test_csv_quotes_and_neutralises_every_cell(hostile_db):
+    rows = list(csv.DictReader(io.StringIO(run(hostile_db, "export", "1", "-f", "csv").output)))
+    texts = [r["text"] for r in rows if r["sender"] == "client"]
+    assert texts[0] == "no handle <i>yet</i>" and rows[0]["handle"] == ""
+    assert "'\tstarts with a tab" in texts and "'\rstarts with a CR" in texts
+    assert 'comma, "quotes" and a\nnewline' in texts and "\x00nul inside" in texts
+    assert base64.b64decode(rows[-1]["raw_base64"]) == b"eve>\xff\xfe\n\0"
+
+
+def test_json_and_jsonl_round_trip_every_text(hostile_db):
+    doc = json.loads(run(hostile_db, "export", "-f", "json").output)
+    texts = [m["text"] for m in doc["sessions"][0]["messages"] if m["sender"] == "client"]
+    assert texts[1:-1] == MORE_HOSTILE and texts[0] == "no handle <i>yet</i>"
+    assert doc["sessions"][0]["messages"][0]["handle"] is None
+    assert doc["sessions"][1]["end_reason"] is None  # in progress
+    rows = [json.loads(x) for x in run(hostile_db, "export", "-f", "jsonl").output.splitlines()]
+    assert [r["text"] for r in rows if r["sender"] == "client"][1:8] == MORE_HOSTILE
+    assert base64.b64decode(rows[-2]["raw_base64"]) == b"eve>\xff\xfe\n\0"
+    assert rows[-1]["session_id"] == 2 and rows[-1]["session_ended_at"] is None
+
+
+def test_txt_and_show_agree_and_are_inert(hostile_db):
+    txt = run(hostile_db, "export", "1").output
+    assert txt == run(hostile_db, "show", "1").output.split("\n\n", 1)[1]
+    assert "\nno handle <i>yet</i>\n" in txt
+    assert "eve>\\tstarts with a tab\n" in txt and 'eve>comma, "quotes" and a\\nnewline\n' in txt
+    assert no_raw_controls(txt) and "\x00" not in txt and "\r" not in txt
+
+
+def test_cast_header_and_every_event(hostile_db):
+    lines = run(hostile_db, "export", "-f", "cast").output.splitlines()
+    header = json.loads(lines[0])
+    assert {k: header[k] for k in ("version", "width", "height")} == {"version": 2, "width": 80, "height": 24}
+    assert header["timestamp"] == 1795168800 and header["title"] == "chatlog session 1"
+    events = [json.loads(x) for x in lines[1:]]
+    times = [e[0] for e in events]
+    assert times == sorted(times)
+    # session 1: connected at 0, messages at their offsets, ended at 31; session 2 follows it
+    assert times[:4] == [0.0, 1.0, 2.0, 3.0] and times[len(MORE_HOSTILE) * 2 + 3] == 31.0
+    assert times[-2:] == [32.0, 33.0]  # session 2 starts a second after session 1 ended
+    text = "".join(e[2] for e in events)
+    assert "\x1b]" not in text and "\u202e" not in text and "\x00" not in text
+    assert "\\u202edesrever" in text and "no handle <i>yet</i>\r\n" in text
+    assert "\x1b[" in text  # the console's colors are kept
+
+
+# -- export: files, formats, progress ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext,check", [
+    ("md", lambda s: s.startswith("## Session 1")),
+    ("json", lambda s: json.loads(s)["sessions"][0]["id"] == 1),
+    ("jsonl", lambda s: json.loads(s.splitlines()[0])["seq"] == 1),
+    ("csv", lambda s: s.startswith("session_id,")),
+    ("html", lambda s: s.startswith("<!DOCTYPE html>")),
+    ("cast", lambda s: json.loads(s.splitlines()[0])["version"] == 2),
+    ("log", lambda s: s.startswith("connected to:")),
+])
+def test_export_format_from_the_extension(hostile_db, tmp_path, ext, check):
+    out = tmp_path / f"x.{ext}"
+    r = run(hostile_db, "export", "1", "-o", str(out))
+    assert r.exit_code == 0 and r.output.startswith("wrote 1 session(s)")
+    assert check(out.read_text())
+
+
+def test_failed_export_leaves_the_old_file_alone(hostile_db, tmp_path, monkeypatch):
+    from chatlog import export
+    from chatlog.store import StoreError
+
+    def broken(sessions, out):
+        out.write("half")
+        raise StoreError("disk went away")
+
+    dest = tmp_path / "keep.txt"
+    dest.write_text("previous export\n")
+    monkeypatch.setitem(export.WRITERS, "txt", broken)
+    r = run(hostile_db, "export", "-o", str(dest))
+    assert r.exit_code == 1 and r.output == "chatlog: disk went away\n"
+    assert dest.read_text() == "previous export\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if "keep" in p.name) == ["keep.txt"]
+
+
+def test_export_and_backup_refuse_to_overwrite_the_database(hostile_db):
+    size = hostile_db.stat().st_size
+    r = run(hostile_db, "export", "-f", "txt", "-o", str(hostile_db))
+    assert r.exit_code == 1 and "must not overwrite the database" in r.output
+    r = run(hostile_db, "backup", str(hostile_db))
+    assert r.exit_code == 1 and "must not overwrite the database" in r.output
+    assert hostile_db.stat().st_size == size and run(hostile_db, "show", "1").exit_code == 0
+
+
+def test_sparse_and_dense_exports_read_the_same_rows(tmp_path):
+    path = tmp_path / "many.db"
+    s = open_store(path)
+    for i in range(40):
+        sid = s.begin_session(("127.0.0.1", i), ("127.0.0.1", 1), at=t(i), served=True)
+        s.set_handle(sid, "amy" if i % 10 == 3 else "bob")
+        for k in range(i % 4):  # some sessions have no messages at all
+            s.add_message(sid, "client", "x", f"s{sid} m{k}", at=t(i))
+        s.end_session(sid, "client-quit", at=t(i + 1))
+    every = [(x.id, list(rows)) for x, rows in s.export_rows(list(range(1, 41)))]
+    for chosen in ([4, 14, 24, 34], [2, 3, 5], [40], list(range(1, 41, 2))):
+        got = [(x.id, list(rows)) for x, rows in s.export_rows(chosen)]
+        assert got == [pair for pair in every if pair[0] in chosen]
+    s.close()
+    rows = [json.loads(x) for x in run(path, "export", "--handle", "amy", "-f", "jsonl").output.splitlines()]
+    assert [r["text"] for r in rows] == ["s4 m0", "s4 m1", "s4 m2", "s14 m0", "s24 m0", "s24 m1", "s24 m2", "s34 m0"]
+
+
+def test_export_progress_bar_on_a_terminal_stderr(tmp_path):
+    import os
+
+    import pexpect
+
+    path = tmp_path / "long.db"
+    s = open_store(path)
+    sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
+    s.conn.execute("BEGIN")
+    s.conn.executemany(
+        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'bob', 'hi')",
+        ((sid, i, t(0)) for i in range(1, 30_001)),
+    )
+    s.conn.execute("COMMIT")
+    s.end_session(sid, "client-quit")
+    s.close()
+    out = tmp_path / "long.csv"
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "export", "-o", str(out), "--db", str(path)],
+                      env=dict(os.environ, NO_COLOR="1"), encoding="utf-8", timeout=30)
+    p.expect_exact("exporting")
+    p.expect_exact("wrote 1 session(s)")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and len(out.read_text().splitlines()) == 30_001
+
+
+# -- pipes, terminals, colors -----------------------------------------------------------------
+
+
+def test_into_a_pipe_nothing_imports_rich(db):
+    code = (
+        "import sys\n"
+        "from chatlog.cli import cli\n"
+        "for args in (['sessions'], ['show', '1'], ['search', 'hello'], ['replay', '1'], ['stats'],\n"
+        "             ['export', '1'], ['sessions', '--json']):\n"
+        "    try:\n"
+        "        cli([*args, '--db', sys.argv[1]])\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, (args, exc.code)\n"
+        "print('heavy:', sorted(m for m in ('rich', 'sqlite_utils') if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "heavy: []" in r.stderr
+    assert "\x1b[" not in r.stdout  # plain, stable text
+
+
+@pytest.mark.parametrize("no_color", [True, False])
+def test_show_at_a_terminal_colors_unless_no_color(db, no_color):
+    import os
+
+    import pexpect
+
+    env = dict(os.environ, TERM="xterm")
+    env.pop("NO_COLOR", None)
+    env.pop("FORCE_COLOR", None)
+    if no_color:
+        env["NO_COLOR"] = "1"
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", "1", "--db", str(db)], env=env, timeout=10)
+    p.expect(pexpect.EOF)
+    p.close()
+    out = p.before.decode()
+    assert p.exitstatus == 0 and "client has quit" in out
+    assert ("\x1b[" in out) is (not no_color)
+    # the hostile message is shown as text, in color or not
+    assert "\\x1b[2J\\x1b]0;title\\x07" in out and "\x1b[2J" not in out and "\x1b]0;" not in out
+
+
+# -- more error paths -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["sessions", "--since", "0001-01-01"],
+    ["sessions", "--since", "99999999999w"],
+    ["sessions", "--until", ""],
+    ["sessions", "--since", "yesterdayish"],
+    ["export", "--until", "2026-02-30"],
+    ["search", "hello", "--since", "soon"],
+    ["prune", "--before", "nope", "--yes"],
+])
+def test_bad_dates_are_one_line(db, args):
+    r = run(db, *args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert r.output.startswith("chatlog: invalid date ") and "YYYY-MM-DD" in r.output
+
+
+def test_date_forms(db):
+    from datetime import UTC, datetime
+
+    from chatlog.query import parse_when
+
+    now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    assert parse_when("30m", now) == "2026-11-24T11:30:00.000000+00:00"
+    assert parse_when("2h", now) == "2026-11-24T10:00:00.000000+00:00"
+    assert parse_when("3d", now) == "2026-11-21T12:00:00.000000+00:00"
+    assert parse_when("1w", now) == "2026-11-17T12:00:00.000000+00:00"
+    assert parse_when("2026-11-24T10:00+02:00") == "2026-11-24T08:00:00.000000+00:00"
+    assert parse_when("2026-11-24T10:00Z") == "2026-11-24T10:00:00.000000+00:00"
+    local = datetime(2026, 11, 24, 10, 0).astimezone().astimezone(UTC).isoformat(timespec="microseconds")
+    assert parse_when("2026-11-24 10:00") == local  # no zone: local time
+    ids = [s["id"] for s in json.loads(run(db, "sessions", "--json", "--since", "2026-11-22T09:00:00Z").output)]
+    assert ids == [3, 2]
+
+
+def test_bad_raw_queries_are_one_line(db):
+    for q in ('"unterminated', "nosuchcol:hello", "NEAR(a b", "*foo", "("):
+        r = run(db, "search", "--raw", q)
+        assert r.exit_code == 1 and r.output.count("\n") == 1
+        assert r.output.startswith("chatlog: invalid search query"), r.output
+    # without --raw, the same text is just words to look for
+    for q in ('"unterminated', "NEAR(a b", "*foo", "(", "AND", "-", "'"):
+        r = run(db, "search", q)
+        assert r.output.startswith("chatlog: no messages match") or r.exit_code == 0, r.output
+
+
+def test_rm_and_prune_leave_a_session_in_progress(hostile_db):
+    r = run(hostile_db, "rm", "2", "--yes")
+    assert r.exit_code == 1 and r.output == "chatlog: session 2 is still in progress; it can be deleted once it has ended\n"
+    r = run(hostile_db, "prune", "--before", "1h", "--yes")
+    assert r.exit_code == 0
+    assert "leaving 1 session(s) still in progress" in r.output and "deleted 1 session(s)" in r.output
+    assert [s["id"] for s in json.loads(run(hostile_db, "sessions", "--json").output)] == [2]
+    s = open_store(hostile_db)
+    s.add_message(2, "server", "SERVER", "the server writes on")  # its session is still there
+    s.close()
+    assert "SERVER>the server writes on" in run(hostile_db, "show", "2").output
+
+
+def test_show_empty_and_waiting_sessions(tmp_path):
+    path = tmp_path / "w.db"
+    s = open_store(path)
+    sid = s.begin_session(("127.0.0.1", 3), ("127.0.0.1", 4), at=t(0))  # waiting in the queue
+    s.close()
+    r = run(path, "show", str(sid), "--utc")
+    assert r.exit_code == 0 and "waiting" in r.output and "connected to: 127.0.0.1 port 3" in r.output
+    for fmt in ("txt", "md", "json", "jsonl", "csv", "html", "cast"):
+        assert run(path, "export", "-f", fmt).exit_code == 0, fmt
+
+
+# -- following a session live -----------------------------------------------------------------
+
+
+def test_tail_with_an_id_stops_when_that_session_ends(hostile_db):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "tail", "2", "--db", str(hostile_db)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert "session 2: connected to: 192.0.2.2 port 4001" in proc.stdout.readline()
+        assert proc.stdout.readline().strip() == "live>still here"
+
+        def write():  # the server, in another thread
+            s = open_store(hostile_db)
+            s.add_message(2, "server", "SERVER", "and \u202e more")
+            s.add_message(2, "client", "live", "bye")
+            s.end_session(2, "client-quit")
+            s.close()
+
+        th = threading.Thread(target=write)
+        th.start()
+        th.join()
+        rest = proc.stdout.read()  # to EOF: tail exits by itself
+        assert proc.wait(10) == 0
+        assert rest.splitlines() == [
+            "SERVER>and \\u202e more",
+            "live>bye",
+            "client has quit (session 2, 2 from the client, 1 from the server)",
+        ]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_replay_follow_is_tail(hostile_db):
+    r = run(hostile_db, "replay", "1", "--follow")
+    assert r.exit_code == 0
+    assert r.output.splitlines()[0] == "session 1: connected to: 192.0.2.1 port 4000"
+    assert r.output.splitlines()[-1].startswith("client has disconnected (session 1")
