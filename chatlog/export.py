@@ -222,9 +222,9 @@ def write_json(sessions: Sessions, out: TextIO) -> None:
 @writer("jsonl")
 def write_jsonl(sessions: Sessions, out: TextIO) -> None:
     # The hot loop of large exports: the session's columns are encoded once per session, and
-    # each message adds its own fields with the C string encoder, written in batches.
-    enc = _json_str
-    b64 = base64.b64encode
+    # each message adds its own fields with the C string encoder, written in batches. A message
+    # with a handle and no raw bytes or note (nearly all of them) takes the one-line path.
+    enc = _encode_str
     for s, rows in sessions:
         head = json.dumps(
             {
@@ -237,18 +237,27 @@ def write_jsonl(sessions: Sessions, out: TextIO) -> None:
                 "end_reason": s.end_reason,
             }
         )[:-1]
-        batch = []
+        batch: list[str] = []
+        add = batch.append
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
-            line = f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
-            if raw is not None:
-                line += f', "raw_base64": "{b64(raw).decode("ascii")}"'
-            if note:
-                line += f', "note": {enc(note)}'
-            batch.append(line + "}\n")
-            if len(batch) >= 1000:
+            if raw is None and note is None and handle is not None:
+                add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
+            else:
+                add(_jsonl_rare(head, seq, at, sender, handle, text, raw, note))
+            if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
         out.write("".join(batch))
+
+
+def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
+    enc = _json_str
+    line = f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
+    if raw is not None:
+        line += f', "raw_base64": "{base64.b64encode(raw).decode("ascii")}"'
+    if note:
+        line += f', "note": {enc(note)}'
+    return line + "}\n"
 
 
 def _json_str(value) -> str:
@@ -264,27 +273,42 @@ CSV_FIELDS = [
 @writer("csv")
 def write_csv(sessions: Sessions, out: TextIO) -> None:
     # Built by hand rather than with csv.writer: only the text-like cells can need quoting, and
-    # checking the rest row by row was most of the cost of a large export.
+    # checking the rest row by row was most of the cost of a large export. A message with no raw
+    # bytes or note and a plain handle (nearly all of them) takes the one-line path.
     out.write(",".join(CSV_FIELDS) + "\n")
     cell = _csv_cell
     lead = _FORMULA_LEAD
-    b64 = base64.b64encode
+    plain = _PLAIN_SENDERS
     for s, rows in sessions:
         head = ",".join(
             cell(v) for v in (s.id, s.started_at, s.client_host, s.client_port, s.handle, s.end_reason)
         )
-        batch = []
+        handles: dict[str, str] = {}  # each handle's cell, checked once per session
+        batch: list[str] = []
+        add = batch.append
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
-            raw64 = b64(raw).decode("ascii") if raw is not None else ""
-            if handle is None or handle[:1] in lead or '"' in handle or "," in handle:
-                handle = cell(handle)
-            if text[:1] in lead or '"' in text or "," in text or "\n" in text or "\r" in text:
-                text = cell(text)
-            batch.append(f"{head},{seq},{at},{sender},{handle},{text},{raw64},{cell(note)}\n")
-            if len(batch) >= 1000:
+            if raw is not None or note is not None or handle is None or sender not in plain:
+                add(_csv_rare(head, seq, at, sender, handle, text, raw, note))
+            else:
+                h = handles.get(handle)
+                if h is None:
+                    h = handles[handle] = cell(handle)
+                if text[:1] in lead or '"' in text or "," in text or "\n" in text or "\r" in text:
+                    text = cell(text)
+                add(f"{head},{seq},{at},{sender},{h},{text},,\n")
+            if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
         out.write("".join(batch))
+
+
+_PLAIN_SENDERS = frozenset(("client", "server"))
+
+
+def _csv_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
+    raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
+    cells = (seq, at, sender, handle, text, raw64, note)
+    return head + "," + ",".join(_csv_cell(v) for v in cells) + "\n"
 
 
 # A cell needs _csv_cell only if it could be read as a formula or holds a quote, comma or newline
