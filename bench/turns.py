@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -81,26 +80,36 @@ def echo_turns(n):
 
 
 def start_server(db, n_answers):
-    """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port)."""
+    """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port).
+
+    The replies come from a file through `cat` and the console goes to `cat >/dev/null` (after
+    its first line, which gives the port): both in processes of their own, so the client's
+    process does nothing but chat and time it, as against the echo server.
+    """
+    replies = db.with_name("replies.txt")
+    replies.write_bytes(b"".join(b"reply %d\n" % i for i in range(n_answers)))
+    feeder = subprocess.Popen(["cat", str(replies)], stdout=subprocess.PIPE)
+    console = subprocess.Popen(
+        ["sh", "-c", 'IFS= read -r first; printf "%s\\n" "$first"; exec cat >/dev/null'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )
     p = subprocess.Popen(
         [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ, NO_COLOR="1"),
+        stdin=feeder.stdout, stdout=console.stdin, env=dict(os.environ, NO_COLOR="1"),
     )
-    port = int(p.stdout.readline().decode().rsplit("port ", 1)[1])
-    threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()  # the console
-
-    def answers():
-        for i in range(n_answers):
-            p.stdin.write(b"reply %d\n" % i)
-        p.stdin.flush()
-
-    threading.Thread(target=answers, daemon=True).start()
+    feeder.stdout.close()
+    console.stdin.close()
+    port = int(console.stdout.readline().decode().rsplit("port ", 1)[1])
+    p.helpers = (feeder, console)
     return p, port
 
 
 def stop(p):
     p.terminate()
     p.wait(10)
+    for helper in p.helpers:
+        helper.kill()
+        helper.wait(10)
 
 
 def chatlog_turns(n, checkpoints=()):
