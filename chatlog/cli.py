@@ -397,9 +397,9 @@ def prune(before, yes, db):
 
 def _delete(store, ids, yes):
     n = len(ids)
-    what = f"session {ids[0]}" if n == 1 else f"{n} sessions"
+    what = f"session {ids[0]} and its" if n == 1 else f"{n} sessions and their"
     if not yes:
-        click.confirm(f"Delete {what} and their messages?", abort=True)
+        click.confirm(f"Delete {what} messages?", abort=True)
     deleted = store.delete_sessions(ids)
     click.echo(f"deleted {deleted} session(s)", err=True)
 

@@ -203,7 +203,7 @@ def stats_text(st: dict, r: Renderer) -> None:
     if st["busiest_handles"]:
         r.write("busiest handles")
         for b in st["busiest_handles"]:
-            r.write(f"  {visible(b['handle']):<12} {b['messages']:>7} messages in {b['sessions']} sessions")
+            r.write(f"  {visible(b['handle']):<12} {b['messages']:>7} messages in {b['sessions']} session{'' if b['sessions'] == 1 else 's'}")
     if st["end_reasons"]:
         r.write("how sessions ended")
         for reason, n in st["end_reasons"].items():

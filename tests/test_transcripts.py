@@ -434,6 +434,10 @@ def test_html_export_in_headless_chromium(db, tmp_path):
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom  # shown as text
     assert "<img src=\"x\"" not in dom
     assert "=cmd|' /C calc'!A0" in dom and "why hello client" in dom
+    assert "\\u202eevil" in dom and "\u202e" not in dom  # the override shown, not obeyed
+    assert "\\x1b[2J\\x1b]0;title\\x07" in dom
+    assert "[bold]x[/] [link=https://x]y[/link] :smile: trailing\\" in dom
+    assert dom.count('<section id="session-') == 3 and "<script" not in dom.split("<body>")[1]
 
 
 # -- more hostile text, every format ----------------------------------------------------------
@@ -777,6 +781,32 @@ def test_tail_with_an_id_stops_when_that_session_ends(hostile_db):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tail_waits_for_the_first_session(tmp_path):
+    path = tmp_path / "new.db"
+    open_store(path).close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "tail", "--db", str(path)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "Waiting for a session to start..."
+
+        def server():
+            s = open_store(path)
+            sid = s.begin_session(("127.0.0.1", 8), ("127.0.0.1", 9), served=True)
+            s.add_message(sid, "client", "zed", "first words")
+            s.close()
+
+        th = threading.Thread(target=server)
+        th.start()
+        th.join()
+        assert proc.stdout.readline().strip() == "session 1: connected to: 127.0.0.1 port 8"
+        assert proc.stdout.readline().strip() == "zed>first words"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_replay_follow_is_tail(hostile_db):
