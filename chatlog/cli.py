@@ -139,9 +139,9 @@ def make_filters(handle=None, host=None, since=None, until=None, ids=()):
 
 def get_session(store, ident):
     """A session by id or `last`; a clear error otherwise."""
-    if not (ident.isdigit() or ident.lower() == "last"):
+    if not ((ident.isascii() and ident.isdigit()) or ident.lower() == "last"):
         fail(f"invalid session id {ident!r} (a number, or 'last')")
-    s = store.session(ident)
+    s = store.session(ident) if ident.lower() == "last" or int(ident) < 2**63 else None
     if s is None:
         fail("no sessions recorded yet" if ident.lower() == "last" else f"no session {ident}")
     return s

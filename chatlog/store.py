@@ -300,7 +300,7 @@ class Store:
         where, args = filter_sql(filters)
         sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY sessions.id DESC"
         if limit:
-            sql += f" LIMIT {int(limit)}"
+            sql += f" LIMIT {min(int(limit), 2**63 - 1)}"
         with self._guard():
             return [Session(*row) for row in self.conn.execute(sql, args)]
 
@@ -351,7 +351,7 @@ class Store:
             f"WHERE {' AND '.join(clauses)} ORDER BY {order}"
         )
         if limit:
-            sql += f" LIMIT {int(limit)}"
+            sql += f" LIMIT {min(int(limit), 2**63 - 1)}"
         try:
             rows = self.conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:

@@ -814,3 +814,13 @@ def test_replay_follow_is_tail(hostile_db):
     assert r.exit_code == 0
     assert r.output.splitlines()[0] == "session 1: connected to: 192.0.2.1 port 4000"
     assert r.output.splitlines()[-1].startswith("client has disconnected (session 1")
+
+
+def test_out_of_range_ids_and_limits(db):
+    for cmd in (["show"], ["export"], ["replay"], ["rm", "--yes"], ["tail"]):
+        r = run(db, *cmd, "99999999999999999999999")
+        assert r.exit_code == 1 and r.output == "chatlog: no session 99999999999999999999999\n", (cmd, r.output)
+    r = run(db, "show", "\u0661\u0662")  # digits, but not ASCII ones
+    assert r.exit_code == 1 and "invalid session id" in r.output
+    assert len(json.loads(run(db, "sessions", "--json", "-n", str(10**30)).output)) == 3
+    assert len(json.loads(run(db, "search", "noted", "--json", "-n", str(10**30)).output)) == 8
