@@ -82,9 +82,20 @@ def run(store: Store, ids: list[int], fmt: str, output: str = "-", filters: Filt
     dest = Path(output)
     if dest.exists() and dest.is_file() and os.path.samefile(dest, store.path):
         raise ExportError("the export must not overwrite the database itself")
+    if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO, >(gzip): write straight in
+        try:
+            with open(dest, "w", encoding="utf-8", newline="") as out:
+                write(pairs, out)
+        except OSError as exc:
+            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+        return
+    if dest.is_symlink():
+        dest = Path(os.path.realpath(dest))  # replace the file it points to, not the link
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as out:
+            if dest.exists():
+                os.chmod(out.fileno(), dest.stat().st_mode & 0o7777)  # keep a private file private
             write(pairs, out)
         os.replace(tmp, dest)
     except OSError as exc:

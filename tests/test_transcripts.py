@@ -824,3 +824,27 @@ def test_out_of_range_ids_and_limits(db):
     assert r.exit_code == 1 and "invalid session id" in r.output
     assert len(json.loads(run(db, "sessions", "--json", "-n", str(10**30)).output)) == 3
     assert len(json.loads(run(db, "search", "noted", "--json", "-n", str(10**30)).output)) == 8
+
+
+def test_export_into_devices_links_and_private_files(hostile_db, tmp_path):
+    import os
+    import stat
+
+    r = run(hostile_db, "export", "1", "-o", os.devnull)
+    assert r.exit_code == 0 and stat.S_ISCHR(os.stat(os.devnull).st_mode)  # still the device
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    assert run(hostile_db, "export", "1", "-f", "jsonl", "-o", str(fifo)).exit_code == 0
+    reader.join(10)
+    assert len(got[0].splitlines()) == 16 and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    target = tmp_path / "real.txt"
+    target.write_text("old")
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    assert run(hostile_db, "export", "1", "-o", str(link)).exit_code == 0
+    assert link.is_symlink() and target.read_text().startswith("connected to: 192.0.2.1")
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
