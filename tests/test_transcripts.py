@@ -848,3 +848,27 @@ def test_export_into_devices_links_and_private_files(hostile_db, tmp_path):
     assert run(hostile_db, "export", "1", "-o", str(link)).exit_code == 0
     assert link.is_symlink() and target.read_text().startswith("connected to: 192.0.2.1")
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+
+
+def test_replay_ctrl_c_stops_cleanly_and_restores_the_terminal(db):
+    import os
+
+    import pexpect
+
+    s = open_store(db)
+    sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), at=t(0), served=True)
+    s.add_message(sid, "client", "pat", "first", at=t(0))
+    s.add_message(sid, "client", "pat", "an hour later", at="2026-11-20T11:00:00.250000+00:00")
+    s.end_session(sid, "client-quit", at="2026-11-20T11:00:00.250000+00:00")
+    s.close()
+    script = f'trap : INT; {sys.executable} -m chatlog replay {sid} --db "{db}"; echo "status=$?"; stty -a'
+    p = pexpect.spawn("/bin/sh", ["-c", script], env=dict(os.environ, NO_COLOR="1"), encoding="utf-8", timeout=10)
+    p.expect_exact("pat>first")
+    p.sendintr()
+    p.expect_exact("replay stopped")
+    p.expect(r"status=(\d+)")
+    assert p.match.group(1) == "130"
+    p.expect(pexpect.EOF)
+    settings = p.before.split()
+    assert "icanon" in settings and "echo" in settings  # cbreak mode was undone
+    assert "Traceback" not in p.before and "an hour later" not in p.before
