@@ -72,9 +72,10 @@ def archive(name, sessions, per_session):
 def turn_cost():
     n = 2000 if QUICK else 20_000
     runs = 3
-    echo, ours, committed = [], [], []
-    for _ in range(runs):  # interleaved, so both see the same machine
+    echo, floor, ours, committed = [], [], [], []
+    for _ in range(runs):  # interleaved, so all see the same machine
         echo.append(turns.echo_turns(n))
+        floor.append(turns.echo_turns(n, commit=True))
         s, _, c = turns.chatlog_turns(n)
         ours.append(s)
         committed.append(c)
@@ -82,6 +83,9 @@ def turn_cost():
     etps, etps_med = spread([r["turns_per_s"] for r in echo])
     ratio = tps_med / etps_med
     row(f"turns/s ({n:,} turns, {runs} runs)", tps, f"{etps} bare echo", f"{ratio:.2f}", ">= 0.33", ratio >= 1 / 3)
+    ftps, ftps_med = spread([r["turns_per_s"] for r in floor])
+    row("turns/s, bare echo + 2 Store commits a turn", ftps, f"{etps} bare echo", f"{ftps_med / etps_med:.2f}",
+        "(the floor)", "")
     p50, _ = spread([r["p50_us"] for r in ours])
     p99, p99_med = spread([r["p99_us"] for r in ours])
     e50, _ = spread([r["p50_us"] for r in echo])

@@ -20,6 +20,12 @@ from common import VENV_BIN, rss_mb
 
 ECHO = r"""
 import socket, sys
+store = None
+if len(sys.argv) > 1:  # the echo server that also commits both messages of the turn, as chatlog does
+    from chatlog.store import open_store
+    store = open_store(sys.argv[1])
+    store.start_checkpointer()
+    sid = store.begin_session(("127.0.0.1", 0), ("127.0.0.1", 0), served=True)
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", 0))
@@ -37,6 +43,9 @@ while True:
     while b"\n" in buf:
         line, _, buf = buf.partition(b"\n")
         n += 1
+        if store:
+            store.add_message(sid, "client", "bob", line.lstrip(b"\0").decode())
+            store.add_message(sid, "server", "SERVER", "reply %d" % n)
         conn.sendall(b"SERVER>reply %d\n" % n)
 """
 
@@ -69,8 +78,11 @@ def summary(lat, elapsed):
     }
 
 
-def echo_turns(n):
-    p = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+def echo_turns(n, commit=False):
+    """The bare echo server; with commit=True, one that also commits both messages of each turn
+    through Store.add_message (no framing, no console): the floor for a committed turn."""
+    args = [str(Path(tempfile.mkdtemp(prefix="chatlog-bench-")) / "echo.db")] if commit else []
+    p = subprocess.Popen([sys.executable, "-c", ECHO, *args], stdout=subprocess.PIPE, text=True)
     port = int(p.stdout.readline())
     t = time.perf_counter()
     lat = drive(port, n)
