@@ -150,9 +150,12 @@ def sessions_json(rows: list[Session], out=None) -> None:
 
 
 def sessions_csv(rows: list[Session], out=None) -> None:
-    from chatlog.export import safe_cell
+    from chatlog.export import TerminalSafe, safe_cell
 
-    w = csv.writer(out or sys.stdout, lineterminator="\n")
+    out = out or sys.stdout
+    if out.isatty():  # a handle may hold an escape sequence: never send it to a screen raw
+        out = TerminalSafe(out)
+    w = csv.writer(out, lineterminator="\n")
     fields = list(session_dict(rows[0]).keys()) if rows else []
     w.writerow(fields)
     for s in rows:

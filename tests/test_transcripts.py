@@ -872,3 +872,28 @@ def test_replay_ctrl_c_stops_cleanly_and_restores_the_terminal(db):
     settings = p.before.split()
     assert "icanon" in settings and "echo" in settings  # cbreak mode was undone
     assert "Traceback" not in p.before and "an hour later" not in p.before
+
+
+def test_a_hostile_handle_is_inert_everywhere(tmp_path):
+    """A handle is any 1 to 10 characters without whitespace or '>': escapes and formulas too."""
+    path = tmp_path / "hh.db"
+    evil = "=1+\x1b[31m\u202e"
+    s = open_store(path)
+    sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), at=t(0), served=True)
+    s.set_handle(sid, evil)
+    s.add_message(sid, "client", evil, "findme", at=t(1))
+    s.end_session(sid, "client-quit", at=t(2))
+    s.close()
+    shown = "=1+\\x1b[31m\\u202e"
+    for args in (["sessions"], ["show", "1"], ["search", "findme"], ["stats"], ["export"], ["export", "-f", "md"],
+                 ["export", "-f", "cast"], ["export", "-f", "html"], ["tail", "1"]):
+        out = run(path, *args).output
+        assert "\x1b[31m" not in out and "\u202e" not in out, args
+        if args[-1] != "cast":
+            assert shown in out or shown.replace("\\", "\\\\") in out or "=1+\\\\x1b\\[31m\\\\u202e" in out, (args, out)
+    events = [json.loads(x)[2] for x in run(path, "export", "-f", "cast").output.splitlines()[1:]]
+    assert events[1] == "\x1b[1;36m" + shown + ">\x1b[0mfindme\r\n"  # our colors, its text inert
+    assert list(csv.DictReader(io.StringIO(run(path, "sessions", "--csv").output)))[0]["handle"] == "'" + evil
+    assert json.loads(run(path, "sessions", "--json").output)[0]["handle"] == evil
+    rows = list(csv.DictReader(io.StringIO(run(path, "export", "-f", "csv").output)))
+    assert rows[0]["handle"] == rows[0]["session_handle"] == "'" + evil
