@@ -116,7 +116,7 @@ def session_row(s: Session, utc: bool) -> list[str]:
         str(s.id),
         fmt_time(s.started_at, utc),
         fmt_duration(s.duration),
-        f"{s.client_host}:{s.client_port}",
+        f"[{s.client_host}]:{s.client_port}" if ":" in (s.client_host or "") else f"{s.client_host}:{s.client_port}",
         visible(s.handle) if s.handle else "",
         str(s.messages),
         s.state,

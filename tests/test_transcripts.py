@@ -897,3 +897,12 @@ def test_a_hostile_handle_is_inert_everywhere(tmp_path):
     assert json.loads(run(path, "sessions", "--json").output)[0]["handle"] == evil
     rows = list(csv.DictReader(io.StringIO(run(path, "export", "-f", "csv").output)))
     assert rows[0]["handle"] == rows[0]["session_handle"] == "'" + evil
+
+
+def test_sessions_brackets_an_ipv6_client(tmp_path):
+    path = tmp_path / "v6.db"
+    s = open_store(path)
+    sid = s.begin_session(("::1", 5000), ("::1", 9999), at=t(0), served=True)
+    s.end_session(sid, "disconnect", at=t(1))
+    s.close()
+    assert "[::1]:5000" in run(path, "sessions").output.splitlines()[1]
