@@ -12,7 +12,11 @@ from chatlog.store import now_iso, open_store
 
 
 def store_rate(n):
-    db = Path(tempfile.mkdtemp()) / "s.db"
+    with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
+        return _store_rate(Path(tmp) / "s.db", n)
+
+
+def _store_rate(db, n):
     store = open_store(db)
     sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
     t = time.perf_counter()
@@ -24,7 +28,11 @@ def store_rate(n):
 
 
 def sqlite_rate(n):
-    db = Path(tempfile.mkdtemp()) / "p.db"
+    with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
+        return _sqlite_rate(Path(tmp) / "p.db", n)
+
+
+def _sqlite_rate(db, n):
     open_store(db).close()  # the same schema, triggers and page size
     conn = sqlite3.connect(db, isolation_level=None)
     for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON"):

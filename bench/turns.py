@@ -81,13 +81,14 @@ def summary(lat, elapsed):
 def echo_turns(n, commit=False):
     """The bare echo server; with commit=True, one that also commits both messages of each turn
     through Store.add_message (no framing, no console): the floor for a committed turn."""
-    args = [str(Path(tempfile.mkdtemp(prefix="chatlog-bench-")) / "echo.db")] if commit else []
-    p = subprocess.Popen([sys.executable, "-c", ECHO, *args], stdout=subprocess.PIPE, text=True)
-    port = int(p.stdout.readline())
-    t = time.perf_counter()
-    lat = drive(port, n)
-    elapsed = time.perf_counter() - t
-    p.wait(10)
+    with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
+        args = [str(Path(tmp) / "echo.db")] if commit else []
+        p = subprocess.Popen([sys.executable, "-c", ECHO, *args], stdout=subprocess.PIPE, text=True)
+        port = int(p.stdout.readline())
+        t = time.perf_counter()
+        lat = drive(port, n)
+        elapsed = time.perf_counter() - t
+        p.wait(10)
     return summary(lat, elapsed)
 
 
@@ -126,7 +127,11 @@ def stop(p):
 
 def chatlog_turns(n, checkpoints=()):
     """Returns (summary, {turns: server RSS in MB}, messages committed)."""
-    db = Path(tempfile.mkdtemp(prefix="chatlog-bench-")) / "turns.db"
+    with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
+        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints)
+
+
+def _chatlog_turns(db, n, checkpoints):
     p, port = start_server(db, n)
     rss = {}
     marks = set(checkpoints)
@@ -139,7 +144,9 @@ def chatlog_turns(n, checkpoints=()):
     lat = drive(port, n, sample if marks else None)
     elapsed = time.perf_counter() - t
     stop(p)
-    committed = sqlite3.connect(db).execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn = sqlite3.connect(db)
+    committed = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn.close()
     return summary(lat, elapsed), rss, committed
 
 
@@ -147,7 +154,11 @@ def answered_before_committed(n):
     """A separate, untimed run: after every answer, a second connection (another reader, as
     `chatlog tail` would be) checks that the client's message and the answer are both already
     committed. Returns how many of the n turns were answered before that was true."""
-    db = Path(tempfile.mkdtemp(prefix="chatlog-bench-")) / "order.db"
+    with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
+        return _answered_before_committed(Path(tmp) / "order.db", n)
+
+
+def _answered_before_committed(db, n):
     p, port = start_server(db, n)
     reader = None
     early = 0
@@ -161,4 +172,5 @@ def answered_before_committed(n):
 
     drive(port, n, check)
     stop(p)
+    reader.close()
     return early
