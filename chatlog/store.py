@@ -133,6 +133,7 @@ class Store:
         self._db: Database | None = None
         self._seq: dict[int, int] = {}
         self._checkpointer: threading.Event | None = None
+        self.checkpoints = 0  # passes the background checkpointer has made
         self._guard_instance = _Guard(path)  # stateless: one serves every call
 
     @property
@@ -176,16 +177,8 @@ class Store:
                 return
             try:
                 while True:
-                    try:
-                        _busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                        if frames > WAL_RESTART_FRAMES:
-                            # Under steady writes a passive checkpoint never catches the writer,
-                            # so the WAL would never start over and would grow without bound.
-                            # RESTART copies the few frames written since and makes the next
-                            # commit begin the WAL again; the writer waits for it (~1 ms).
-                            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                    except sqlite3.Error:
-                        pass
+                    checkpoint(conn)
+                    self.checkpoints += 1
                     if stop.wait(interval):
                         break
             finally:
@@ -505,6 +498,20 @@ class _Guard:
         if exc_type is not None and issubclass(exc_type, sqlite3.Error):
             raise StoreError(describe_error(self.path, exc)) from exc
         return False
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """One pass of the background checkpointer, on its own connection."""
+    try:
+        _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames > WAL_RESTART_FRAMES:
+            # Under steady writes a passive checkpoint never catches the writer, so the WAL
+            # would never start over and would grow without bound. RESTART copies the few
+            # frames written since and makes the next commit begin the WAL again; the writer
+            # waits for it (~1 ms).
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    except sqlite3.Error:
+        pass  # busy or locked this time: the next pass catches up
 
 
 def filter_sql(f: "Filters | None") -> tuple[str, list]:
