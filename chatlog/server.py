@@ -137,6 +137,18 @@ def _interface_addresses() -> list[str]:
         return []
 
 
+def _pollable(fd: int) -> bool:
+    """Whether epoll (the selector) accepts this descriptor."""
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(fd, selectors.EVENT_READ)
+        return True
+    except (PermissionError, OSError, ValueError):
+        return False
+    finally:
+        sel.close()
+
+
 class Operator:
     """The operator's lines: from a pipe (read by the loop) or a terminal (read by a thread)."""
 
@@ -158,6 +170,9 @@ class Operator:
         else:
             self.fd = stream.fileno()
             os.set_blocking(self.fd, False)
+        # A regular file or /dev/null cannot be watched with epoll, and never blocks: it is read
+        # directly whenever an answer is wanted.
+        self.direct = not self.tty and not _pollable(self.fd)
 
     def want(self) -> bool:
         """An answer is needed. Returns True when the loop must watch `fd` for it."""
@@ -494,6 +509,9 @@ class Server:
                 self._watch_operator(False)
                 return
             line = op.next_line()
+            if line is None and op.direct and not op.eof:
+                op.read_available()
+                continue
             if line is None:
                 if op.eof:
                     self._operator_gone()
@@ -520,16 +538,16 @@ class Server:
         self._send(cur, protocol.format_server(line))
 
     def _operator_gone(self) -> None:
+        self.finished = True
         if self.current is not None:
             self._end(self.current, "server-quit", tell=True)
         for conn in list(self.waiting):
             self._close(conn, "shutdown", tell=True)
         self.out.event("Operator input ended; server stopped")
-        self.finished = True
 
     def _watch_operator(self, on: bool) -> None:
         """Watch the operator's input only while an answer is wanted (a terminal: always)."""
-        on = on or self.operator.tty
+        on = (on or self.operator.tty) and not self.operator.direct
         if on == self.operator_registered:
             return
         if on:

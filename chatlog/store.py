@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from chatlog.query import Filters
 
 SQLITE_HEADER = b"SQLite format 3\x00"
-WAL_RESTART_FRAMES = 4000  # start the WAL over once it holds this many pages (~4 MB)
+# The WAL size at which the writer makes it start over (see Store._restart_wal): only a flood of
+# messages with no pause for the background checkpointer reaches it. Checked every N commits.
+WAL_RESTART_BYTES = 64 * 1024 * 1024
+WAL_CHECK_EVERY = 1000
 WAL_SIZE_LIMIT = 8 * 1024 * 1024  # and truncate the file back to this after a restart
 
 class StoreError(Exception):
@@ -134,6 +137,8 @@ class Store:
         self._seq: dict[int, int] = {}
         self._checkpointer: threading.Event | None = None
         self.checkpoints = 0  # passes the background checkpointer has made
+        self._commits = 0
+        self._restart_bytes = WAL_RESTART_BYTES
         self._guard_instance = _Guard(path)  # stateless: one serves every call
 
     @property
@@ -154,7 +159,7 @@ class Store:
                 pass
         self.conn.close()
 
-    def start_checkpointer(self, interval: float = 0.5) -> None:
+    def start_checkpointer(self, interval: float = 0.5, restart_bytes: int = WAL_RESTART_BYTES) -> None:
         """Move WAL checkpoints (which fsync) off the writer's path, into a background thread.
 
         With SQLite's automatic checkpoints, every ~1000 pages one commit pays for copying the
@@ -164,6 +169,7 @@ class Store:
         """
         if self._checkpointer is not None:
             return
+        self._restart_bytes = restart_bytes
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self.conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         stop = self._checkpointer = threading.Event()
@@ -247,7 +253,21 @@ class Store:
                 (session_id, seq, at or now_iso(), sender, handle, text, raw, note),
             )
         self._seq[session_id] = seq
+        self._commits += 1
+        if self._commits % WAL_CHECK_EVERY == 0 and self._checkpointer is not None:
+            self._restart_wal()
         return seq
+
+    def _restart_wal(self) -> None:
+        """Under a flood of messages a passive checkpoint never catches the writer, and the WAL
+        would grow without bound. So when it has passed the limit, the writer itself (holding no
+        transaction, so nothing can starve it) runs a RESTART checkpoint: it catches up and makes
+        the next commit begin the WAL again. It costs milliseconds, once per tens of MB."""
+        try:
+            if os.path.getsize(f"{self.path}-wal") > self._restart_bytes:
+                self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except (OSError, sqlite3.Error):
+            pass
 
     def set_handle(self, session_id: int, handle: str) -> None:
         with self._guard():
@@ -501,15 +521,11 @@ class _Guard:
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:
-    """One pass of the background checkpointer, on its own connection."""
+    """One pass of the background checkpointer, on its own connection: a passive checkpoint,
+    which never blocks the writer. When the writer pauses (at chat pace, between any two
+    messages) it completes, and SQLite starts the WAL over at the next commit."""
     try:
-        _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if frames > WAL_RESTART_FRAMES:
-            # Under steady writes a passive checkpoint never catches the writer, so the WAL
-            # would never start over and would grow without bound. RESTART copies the few
-            # frames written since and makes the next commit begin the WAL again; the writer
-            # waits for it (~1 ms).
-            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     except sqlite3.Error:
         pass  # busy or locked this time: the next pass catches up
 

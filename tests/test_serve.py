@@ -1,5 +1,6 @@
 """`chatlog serve` end to end: real process, real loopback sockets, real SQLite file."""
 
+import os
 import signal
 import socket
 import struct
@@ -477,3 +478,32 @@ def test_ipv6(start_server):
     server.wait_for("^connected to: ::1 port")
     server.wait_for("^six>over ipv6$")
     assert session(server.db, 1)[5] == "::1"
+
+
+@pytest.mark.parametrize("source", ["file", "devnull"])
+def test_operator_input_from_a_file_or_dev_null(tmp_path, source):
+    """`chatlog serve PORT < replies.txt` (epoll cannot watch a regular file or /dev/null)."""
+    replies = tmp_path / "replies.txt"
+    replies.write_text("why hello client\ngood\n")
+    path = replies if source == "file" else os.devnull
+    with open(path, "rb") as stdin:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        )
+    port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1])
+    c = socket.create_connection(("127.0.0.1", port))
+    got = []
+    for text in (b"one", b"two", b"three"):
+        c.sendall(b"bob>" + text + b"\n\0")
+        reply = recv_until(c, b"\n")
+        got.append(reply)
+        if reply == b"\\quit\n":
+            break
+    expected = [b"SERVER>why hello client\n", b"SERVER>good\n", b"\\quit\n"] if source == "file" else [b"\\quit\n"]
+    assert got == expected
+    assert proc.wait(10) == 0
+    assert b"Traceback" not in proc.stderr.read()
+    out = proc.stdout.read().decode()
+    assert out.rstrip().endswith("Operator input ended; server stopped")
+    assert "Awaiting client connections\nOperator input ended" not in out
