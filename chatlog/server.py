@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from chatlog import protocol
 from chatlog.protocol import MAX_LINE, MAX_TEXT, QUIT_LINE, SERVER_HANDLE, Framer
 from chatlog.render import Renderer, connected_text, ended_text
-from chatlog.store import Store, iso
+from chatlog.recorder import Recorder
 
 RECV_SIZE = 65536
 MAX_OUTBUF = 64 * 1024  # a client that lets this much of our output pile up is dropped
@@ -244,7 +244,7 @@ class Operator:
 class Server:
     def __init__(
         self,
-        store: Store,
+        store: Recorder,
         sockets: list[socket.socket],
         renderer: Renderer,
         operator: Operator,
@@ -375,7 +375,7 @@ class Server:
             local = sock.getsockname()
             busy = self.current is not None and len(self.waiting) >= self.max_waiting
             session_id = self.store.begin_session(
-                (host, port), (_plain_addr(local[0]), local[1]), served=self.current is None
+                host, port, _plain_addr(local[0]), local[1], time.time(), served=self.current is None
             )
             conn = Conn(sock, host, port, session_id, turn_started=time.time())
             if busy:
@@ -397,7 +397,7 @@ class Server:
         self.operator_turn = False
         conn.turn_started = time.time()
         if not new:
-            self.store.serve_session(conn.session_id)
+            self.store.serve_session(conn.session_id, time.time())
         waiting = f" ({len(self.waiting)} waiting)" if self.waiting else ""
         self.out.event(connected_text(conn.host, conn.port) + waiting)
         held, conn.held = conn.held, []
@@ -449,7 +449,7 @@ class Server:
             elif len(msg.text) > MAX_TEXT:
                 note = f"longer than {MAX_TEXT} characters"
             self.store.add_message(
-                conn.session_id, "client", msg.handle, msg.text, msg.raw, note, iso(frame.at)
+                conn.session_id, "client", msg.handle, msg.text, msg.raw, note, frame.at
             )
             conn.client_count += 1
             conn.unanswered += 1
@@ -527,7 +527,7 @@ class Server:
         if len(line) > MAX_TEXT:
             self.out.error(f"message too long ({len(line)} characters, at most {MAX_TEXT}); not sent")
             return
-        self.store.add_message(cur.session_id, "server", SERVER_HANDLE, line)
+        self.store.add_message(cur.session_id, "server", SERVER_HANDLE, line, None, None, time.time())
         cur.server_count += 1
         cur.unanswered = 0
         if self.echo_operator:
@@ -614,7 +614,7 @@ class Server:
         if conn.closed:
             return
         conn.closed = True
-        self.store.end_session(conn.session_id, reason)  # recorded before anyone is told
+        self.store.end_session(conn.session_id, reason, time.time())  # recorded before anyone is told
         if tell:
             self._send_last(conn, QUIT_LINE)
         try:
@@ -669,7 +669,7 @@ class Server:
 
 
 def serve(
-    store: Store,
+    store: Recorder,
     port: int,
     bind: str | None,
     renderer: Renderer,
@@ -679,8 +679,7 @@ def serve(
 ) -> None:
     sockets = listen(bind, port)
     actual_port = sockets[0].getsockname()[1]
-    orphans = store.close_orphans()
-    store.start_checkpointer()
+    _, orphans = store.start(bind or "", actual_port, time.time())
     hostname, ip = host_addresses(bind)
     out = renderer
     out.write(f"Server started on host {hostname} ({ip}), port {actual_port}")
