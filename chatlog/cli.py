@@ -33,10 +33,11 @@ def fail(message: str, code: int = 1):
 
 def open_db(db: str | None, create: bool = False):
     from chatlog.config import db_path
-    from chatlog.store import StoreError, open_store
+    from chatlog.archive import open_archive
+    from chatlog.db import StoreError
 
     try:
-        return open_store(db_path(db), create=create)
+        return open_archive(db_path(db), create=create)
     except StoreError as exc:
         fail(str(exc))
 
@@ -86,11 +87,17 @@ def serve(port, bind, idle_timeout, max_waiting, color, db):
 
     PORT 0 picks a free port (it is printed). Ctrl-C or SIGTERM closes the current chat cleanly.
     """
+    from chatlog.config import db_path
+    from chatlog.db import StoreError
+    from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
     from chatlog.server import ServeError
     from chatlog.server import serve as run_server
 
-    store = open_db(db, create=True)
+    try:
+        store = open_recorder(db_path(db))
+    except StoreError as exc:
+        fail(str(exc))
     try:
         run_server(store, port, bind, Renderer(color=color), idle_timeout, max_waiting)
     except ServeError as exc:
@@ -153,7 +160,7 @@ def store_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from chatlog.store import StoreError
+        from chatlog.db import StoreError
 
         try:
             return fn(*args, **kwargs)

@@ -386,7 +386,7 @@ def test_unwritable_database(tmp_path):
 
 
 def _corrupt(path):
-    from chatlog.store import open_store
+    from storebuild import open_store
 
     store = open_store(path)
     sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2))
@@ -402,7 +402,7 @@ def _corrupt(path):
 def _newer(path):
     import sqlite3
 
-    from chatlog.store import open_store
+    from storebuild import open_store
 
     open_store(path).close()
     conn = sqlite3.connect(path)
