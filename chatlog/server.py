@@ -126,6 +126,7 @@ class Loop:
         self._server_addr = self._local[sockets[0]]
         self._told_busy = False
         self._told_end = False
+        self.greeting = "Awaiting client connections"
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -140,6 +141,8 @@ class Loop:
         stops = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in stops}
         try:
+            # Said only now that the signals are ours: from here on Ctrl-C closes cleanly.
+            self.console.write(self.r.paint("event", self.greeting))
             self._operator_input()
             self._carry_out()
             while not self.finished:
@@ -179,7 +182,7 @@ class Loop:
                     pass
         now = time.time()
         if self.stopping is not None:
-            self._drain_all(now)
+            self._drain_all(now, final=True)
             self._feed(Stop(self.stopping, now))
             self._carry_out()
             return
@@ -308,8 +311,9 @@ class Loop:
         self._feed(Disconnected(conn.id, now))
         self._forget(conn)
 
-    def _drain_all(self, now: float) -> None:
-        """Read everything already received, from every client (before a timeout or a stop)."""
+    def _drain_all(self, now: float, final: bool = False) -> None:
+        """Read everything already received, from every client (before a timeout or a stop;
+        at a stop, an unterminated line is the client's last message)."""
         for conn in list(self.conns.values()):
             while not conn.closed and conn.id in self.conns:
                 try:
@@ -325,6 +329,9 @@ class Loop:
                     self._forget(conn)
                     break
                 for frame in conn.framer.feed(data, now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+            if final and conn.id in self.conns:
+                for frame in conn.framer.flush(now):
                     self._feed(Received(conn.id, protocol.parse(frame), frame.at))
         self._quiet_frames(now)
 
@@ -379,7 +386,7 @@ class Loop:
         if not any(isinstance(d, STORE_WRITES) for d in batch):
             return results
         rec = self.recorder
-        with rec.transaction():
+        with _transaction(rec):
             for i, d in enumerate(batch):
                 if isinstance(d, Commit):
                     conn = self.conns.get(d.conn)
@@ -405,7 +412,8 @@ class Loop:
                     if conn is not None and conn.session is not None:
                         rec.set_handle(conn.session, d.handle)
                 elif isinstance(d, Refuse):
-                    results[i] = rec.add_refusal(d.host, d.reason, d.at)
+                    add = getattr(rec, "add_refusal", None)
+                    results[i] = add(d.host, d.reason, d.at) if add else 1
         return results
 
     def _act(self, d, result) -> None:
@@ -541,6 +549,15 @@ class Loop:
             self._tell_and_close(conn, NOTICES["store"])
         self.conns.clear()
         self.finished = True
+
+
+def _transaction(rec):
+    tx = getattr(rec, "transaction", None)
+    if tx is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return tx()
 
 
 def _is_store_failure(exc: BaseException) -> bool:
@@ -718,7 +735,6 @@ def serve(
     )
     recorder.on_wait = loop.on_store_wait
     recorder.should_stop = lambda: loop.stopping is not None
-    console.write(renderer.paint("event", "Awaiting client connections"))
     try:
         loop.run()
     finally:

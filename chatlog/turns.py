@@ -236,7 +236,7 @@ class Turns:
         limit = self._limit()
         if limit is None or now < limit[0]:
             return []
-        return self._end(self.current, "timeout", now, timeout_notice(round(limit[1])))
+        return self._end(self.current, "timeout", now, timeout_notice(round(limit[1], 1)))
 
     # -- endings -------------------------------------------------------------------------------
 
