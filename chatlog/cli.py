@@ -97,10 +97,23 @@ def _handle_name(ctx, param, value):
 )
 @click.option(
     "--per-address",
-    type=click.IntRange(1, 1000),
-    default=2,
-    show_default=True,
-    help="Of those, how many may come from one address.",
+    type=click.IntRange(0, 100_000),
+    default=None,
+    help="How many waiting clients (in a room: clients) may come from one address; 0: no cap "
+    "[default: 2; in a room 256].",
+)
+@click.option("--room", is_flag=True, help="A room: many clients at once, every line relayed to everyone else.")
+@click.option(
+    "--max-clients", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True,
+    help="A room's size; more are told it is full.",
+)
+@click.option(
+    "--rate", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="LINES",
+    help="A room's per-client rate limit, lines per second (0: none); over it, reading pauses.",
+)
+@click.option(
+    "--burst", type=click.IntRange(min=1), default=100, show_default=True,
+    help="Lines a room client may send at once before --rate applies.",
 )
 @click.option(
     "--fsync", is_flag=True,
@@ -108,14 +121,22 @@ def _handle_name(ctx, param, value):
 )
 @click.option("--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR].")
 @db_option
-def serve(port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, fsync, color, db):
-    """Listen on PORT and chat with one client at a time, recording everything.
+def serve(
+    port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
+    burst, fsync, color, db,
+):
+    """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
+    recording everything.
 
     The client speaks first; answer at the SERVER> prompt. Type \\quit to end a chat. Clients that
     connect meanwhile wait their turn (and are told their place). Answers can be scripted by
     piping them in; the server stops when its input ends:
 
         printf 'hi\\nbye\\n' | chatlog serve 9999
+
+    In a room (--room), clients type at any time and each line goes to everyone else; the
+    operator's lines go to everyone. At the prompt: \\who lists who is here, \\kick NAME
+    removes someone, \\quit closes the room.
 
     PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP closes the current chat
     cleanly. Every message is committed before it is shown or answered.
@@ -124,9 +145,8 @@ def serve(port, bind, handle, idle_timeout, first_timeout, max_waiting, per_addr
     from chatlog.db import StoreError
     from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
-    from chatlog.server import ServeError, listen, raise_open_files_limit
+    from chatlog.server import MAX_OUTBUF, ROOM_OUTBUF, ServeError, listen, raise_open_files_limit
     from chatlog.server import serve as run_server
-    from chatlog.turns import Turns
 
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
@@ -134,12 +154,26 @@ def serve(port, bind, handle, idle_timeout, first_timeout, max_waiting, per_addr
         fail(str(exc))
     try:
         raise_open_files_limit()
-        sockets = listen(bind, port)
-        policy = Turns(
-            handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
-            max_waiting=max_waiting, per_address=per_address,
+        if room:
+            from chatlog.room import Room
+
+            policy = Room(
+                handle=handle, max_clients=max_clients, rate=rate, burst=burst,
+                **({} if per_address is None else {"per_address": per_address}),
+            )
+            sockets = listen(bind, port, backlog=4096)
+        else:
+            from chatlog.turns import Turns
+
+            policy = Turns(
+                handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
+                max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
+            )
+            sockets = listen(bind, port)
+        run_server(
+            recorder, sockets, policy, Renderer(color=color), sys.stdin, bind=bind, room=room,
+            idle_timeout=None if room else idle_timeout, max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
         )
-        run_server(recorder, sockets, policy, Renderer(color=color), sys.stdin, bind=bind, idle_timeout=idle_timeout)
     except (ServeError, StoreError) as exc:
         fail(str(exc))
     finally:

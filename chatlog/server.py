@@ -52,6 +52,7 @@ from chatlog.sanitize import visible
 RECV_SIZE = 65536
 SEND_BUFFER = 64 * 1024  # kernel send buffer per client: chat lines are small
 MAX_OUTBUF = 64 * 1024  # a 1:1 client that lets this much of our output pile up is dropped
+ROOM_OUTBUF = 1024 * 1024  # in a room, a slow reader is dropped once this much is unsent
 ACCEPT_BACKOFF = (0.05, 2.0)  # at the open-files limit, stop accepting for this long (doubling)
 STORE_WRITES = (Open, Serve, Handle, Commit, End, Refuse, Join)
 
@@ -102,8 +103,11 @@ class Loop:
         echo_operator: bool = True,
         idle_timeout: float | None = None,
         max_outbuf: int = MAX_OUTBUF,
+        room_session: int | None = None,
     ):
         self.policy = policy
+        self.room_session = room_session  # a room: the one session every line belongs to
+        self._bcast: list[tuple[bytes, int | None]] = []
         self.recorder = recorder
         self.sockets = sockets
         self.r = renderer
@@ -379,6 +383,8 @@ class Loop:
                 return
             for decision, result in zip(batch, results, strict=True):
                 self._act(decision, result)
+            if self._bcast:
+                self._flush_broadcasts()
 
     def _record(self, batch: list) -> list:
         """Phase one: every store write of the batch, in one transaction."""
@@ -386,31 +392,47 @@ class Loop:
         if not any(isinstance(d, STORE_WRITES) for d in batch):
             return results
         rec = self.recorder
+        room = self.room_session
+        conns = self.conns
         with _transaction(rec):
             for i, d in enumerate(batch):
                 if isinstance(d, Commit):
-                    conn = self.conns.get(d.conn)
-                    if conn is not None and conn.session is not None:
+                    conn = conns.get(d.conn) if d.conn is not None else None
+                    if room is not None:
+                        pid = conn.session if conn is not None else None
+                        rec.add_message(room, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid)
+                    elif conn is not None and conn.session is not None:
                         rec.add_message(conn.session, d.sender, d.handle, d.text, d.raw, d.note, d.at)
+                elif isinstance(d, Join):
+                    conn = conns.get(d.conn)
+                    if conn is not None:
+                        conn.session = rec.add_participant(room, d.host, d.port, d.at)
                 elif isinstance(d, Open):
-                    conn = self.conns.get(d.conn)
+                    conn = conns.get(d.conn)
                     if conn is not None:
                         local = self._server_addr
                         conn.session = rec.begin_session(
                             d.host, d.port, _plain_addr(local[0]), local[1], d.at, served=d.served
                         )
                 elif isinstance(d, End):
-                    conn = self.conns.get(d.conn)
-                    if conn is not None and conn.session is not None:
+                    conn = conns.get(d.conn)
+                    if conn is None or conn.session is None:
+                        continue
+                    if room is not None:
+                        rec.end_participant(conn.session, d.reason, d.at)
+                    else:
                         results[i] = (conn.session, rec.end_session(conn.session, d.reason, d.at))
                 elif isinstance(d, Serve):
-                    conn = self.conns.get(d.conn)
+                    conn = conns.get(d.conn)
                     if conn is not None and conn.session is not None:
                         rec.serve_session(conn.session, d.at)
                 elif isinstance(d, Handle):
-                    conn = self.conns.get(d.conn)
+                    conn = conns.get(d.conn)
                     if conn is not None and conn.session is not None:
-                        rec.set_handle(conn.session, d.handle)
+                        if room is not None:
+                            rec.set_participant_handle(conn.session, d.handle)
+                        else:
+                            rec.set_handle(conn.session, d.handle)
                 elif isinstance(d, Refuse):
                     add = getattr(rec, "add_refusal", None)
                     results[i] = add(d.host, d.reason, d.at) if add else 1
@@ -418,12 +440,23 @@ class Loop:
 
     def _act(self, d, result) -> None:
         """Phase two: the console and the sockets."""
-        if isinstance(d, Send):
+        if isinstance(d, Broadcast):
+            self._bcast.append((d.data, d.exclude))
+            return
+        if isinstance(d, Show):
+            self._show(d)
+            return
+        if self._bcast:
+            self._flush_broadcasts()  # what was said before reaches everyone before what follows
+        if isinstance(d, Pause):
+            conn = self.conns.get(d.conn)
+            if conn is not None:
+                conn.paused_until = d.until
+                self._interest(conn)
+        elif isinstance(d, Send):
             conn = self.conns.get(d.conn)
             if conn is not None:
                 self._send(conn, d.data)
-        elif isinstance(d, Show):
-            self._show(d)
         elif isinstance(d, End):
             conn = self.conns.pop(d.conn, None)
             if conn is not None:
@@ -467,6 +500,20 @@ class Loop:
         self.console.write(self.r.paint("event", visible(what)))
 
     # -- sending and closing -------------------------------------------------------------------
+
+    def _flush_broadcasts(self) -> None:
+        """Every line broadcast in this pass, in one write per connection: the same joined bytes
+        for everyone who said none of them, and its own selection for each sender."""
+        lines, self._bcast = self._bcast, []
+        everyone = b"".join(data for data, _ in lines)
+        senders = {ex for _, ex in lines if ex is not None}
+        for conn in list(self.conns.values()):
+            if conn.id in senders:
+                data = b"".join(data for data, ex in lines if ex != conn.id)
+                if data:
+                    self._send(conn, data)
+            else:
+                self._send(conn, everyone)
 
     def _send(self, conn: Conn, data: bytes) -> None:
         if conn.closed:
@@ -729,16 +776,30 @@ def serve(
     if operator.tty and renderer.color:
         operator.prompt = renderer.paint("server", f"{policy.handle}>")
     echo = not (operator.tty and console.stream.isatty())
+    room_session = None
+    if room:
+        host = _plain_addr(local[0])
+        room_session = recorder.begin_session(None, None, host, local[1], time.time(), served=True, kind="room")
     loop = Loop(
         policy, recorder, sockets, renderer, console, operator,
-        echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf,
+        echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf, room_session=room_session,
     )
+    if room:
+        loop.greeting = f"The room is open (session {room_session}); awaiting clients. At the prompt: \\who, \\kick NAME, \\quit"
     recorder.on_wait = loop.on_store_wait
     recorder.should_stop = lambda: loop.stopping is not None
     try:
         loop.run()
     finally:
         _restore_tty(stdin, saved_tty)
+        if room_session is not None and not loop.failure:
+            reason = "shutdown" if loop.stopping else "server-quit"
+            try:
+                recorder.end_session(room_session, reason, time.time())
+            except Exception as exc:  # noqa: BLE001  (the store's own error, worded)
+                if not _is_store_failure(exc):
+                    raise
+                loop.failure = str(exc)
     if loop.failure:
         raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
 
