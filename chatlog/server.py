@@ -394,7 +394,7 @@ class Loop:
         rec = self.recorder
         room = self.room_session
         conns = self.conns
-        with _transaction(rec):
+        with rec.transaction():
             for i, d in enumerate(batch):
                 if isinstance(d, Commit):
                     conn = conns.get(d.conn) if d.conn is not None else None
@@ -434,8 +434,7 @@ class Loop:
                         else:
                             rec.set_handle(conn.session, d.handle)
                 elif isinstance(d, Refuse):
-                    add = getattr(rec, "add_refusal", None)
-                    results[i] = add(d.host, d.reason, d.at) if add else 1
+                    results[i] = rec.add_refusal(d.host, d.reason, d.at)
         return results
 
     def _act(self, d, result) -> None:
@@ -580,9 +579,9 @@ class Loop:
 
     # -- the store failing ---------------------------------------------------------------------
 
-    def on_store_wait(self, seconds: float | None) -> None:
-        """The recorder waits on a store another process holds (None: it is free again)."""
-        if seconds is None:
+    def on_store_wait(self, seconds: float, resumed: bool) -> None:
+        """The recorder waits on a store another process holds (said once, and when it frees)."""
+        if resumed:
             self.console.write(self.r.paint("event", "the database is free again; the chat goes on"))
         else:
             self.console.write(self.r.paint(
@@ -598,15 +597,6 @@ class Loop:
             self._tell_and_close(conn, NOTICES["store"])
         self.conns.clear()
         self.finished = True
-
-
-def _transaction(rec):
-    tx = getattr(rec, "transaction", None)
-    if tx is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return tx()
 
 
 def _is_store_failure(exc: BaseException) -> bool:

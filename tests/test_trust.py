@@ -188,3 +188,73 @@ def _listening_port(pid: int) -> int | None:
         if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
             return int(parts[1].split(":")[1], 16)
     return None
+
+
+def test_a_store_that_fails_for_good_tells_everyone_and_stops(tmp_path):
+    """The disk fills up mid-chat (a file-size limit makes it happen at once): the operator gets
+    one clear line, the client is told and gets \\quit, nothing is shown or answered that was
+    not committed, and the server exits non-zero."""
+    db = tmp_path / "full.db"
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"]
+    env = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=env, preexec_fn=small_disk)
+    try:
+        port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1].split()[0])
+        c = socket.create_connection(("127.0.0.1", port))
+        answered = 0
+        for i in range(200):
+            c.sendall(b"bob>" + b"x" * 480 + b"%d\n\0" % i)
+            proc.stdin.write(b"y" * 490 + b"%d\n" % i)
+            proc.stdin.flush()
+            reply = recv_until(c, b"\n")
+            if not reply.startswith(b"SERVER>y"):
+                break
+            answered += 1
+        assert reply + recv_until(c, b"\\quit\n") == (
+            b"SERVER>*** The server cannot record the chat right now; try again later.\n\\quit\n"
+        )
+        assert proc.wait(10) == 1
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err
+        assert err.count("\n") == 1 and err.startswith("chatlog: cannot write the database"), err
+        out = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = db_rows(db, "SELECT sender, text FROM messages ORDER BY seq")
+    # every answer the client got is recorded, and every line shown on the console too
+    assert [t for s, t in rows if s == "server"] == ["y" * 490 + str(i) for i in range(answered)]
+    shown = [line[4:] for line in out.splitlines() if line.startswith("bob>")]
+    assert shown == [t for s, t in rows if s == "client"]
+
+
+def test_a_busy_store_is_waited_on_and_nothing_is_lost(server):
+    """Another process holds the write lock for a while (a long rm, say): the chat waits, the
+    operator is told once, and when it frees nothing is lost."""
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(2.5); c.execute('COMMIT')",
+         str(server.db)],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout.readline() == b"locked\n"
+    server.say("this answer waits for the lock")
+    server.wait_for("the database is locked by another process; waiting")
+    assert recv_until(c, b"\n") == b"SERVER>this answer waits for the lock\n"
+    server.wait_for("the database is free again")
+    holder.wait(10)
+    c.sendall(b"bob>and on we go\n\0")
+    server.wait_for("^bob>and on we go$")
+    assert server.count("the database is locked") == 1
+    rows = db_rows(server.db, "SELECT text FROM messages ORDER BY seq")
+    assert [r[0] for r in rows] == ["hi", "this answer waits for the lock", "and on we go"]
