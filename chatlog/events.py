@@ -116,9 +116,12 @@ class Handle:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """Record one message. sender is 'client' or 'server'; conn is whose session it belongs to."""
+    """Record one message. sender is 'client' or 'server' (or, in a room, 'event': a join or
+    leave, text 'joined' or 'left', the end reason in `note`); conn is whose session it belongs
+    to. In a room every line belongs to the room's one session: conn is the participant who said
+    it, None for the operator."""
 
-    conn: int
+    conn: int | None
     sender: str
     handle: str | None
     text: str
@@ -226,6 +229,8 @@ NOTICES = {
     "overlong": "A line over 8192 bytes: disconnected.",
     "kicked": "The operator removed you from the room.",
     "store": "The server cannot record the chat right now; try again later.",
+    "slow": "You stopped reading what the room sends: disconnected.",
+    "per-address": "Too many connections from your address; try again later.",
 }
 
 
