@@ -270,9 +270,9 @@ class Room:
                 Show("client", shown, p.shown),
                 Broadcast(p.prefix + shown.encode() + b"\n", p.conn),
             ]
-            out = _stores_first(out)
         if msg.cut:
-            return out + self._leave(p.conn, "overlong", at, NOTICES["overlong"])
+            return _stores_first(out + self._leave(p.conn, "overlong", at, NOTICES["overlong"]))
+        out = _stores_first(out)
         if self.rate:
             self._limit(p, at, out)
         return out
