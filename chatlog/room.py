@@ -306,10 +306,13 @@ class Room:
         if elapsed > 0:
             p.stamp = at
         if tokens < 1.0:
-            out.append(Pause(p.conn, at + (1.0 - tokens) / rate))
-            if not p.noted_pause:
-                p.noted_pause = True
-                out.append(Show("note", f"{p.shown or address(p.host, p.port)} is sending over {self.rate:g} lines/s: reading paused to that rate"))
+            self._paused(p, at, tokens, out)
+
+    def _paused(self, p: Participant, at: float, tokens: float, out: list[Decision]) -> None:
+        out.append(Pause(p.conn, at + (1.0 - tokens) / self.rate))
+        if not p.noted_pause:
+            p.noted_pause = True
+            out.append(Show("note", f"{p.shown or address(p.host, p.port)} is sending over {self.rate:g} lines/s: reading paused to that rate"))
 
     def _leave(self, conn: int, reason: str, at: float, notice: str | None = None) -> list[Decision]:
         p = self.people.pop(conn, None)

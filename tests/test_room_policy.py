@@ -571,3 +571,14 @@ def test_room_properties(script, limits, max_clients, per_address):
         if finished and not closing:
             assert all(isinstance(d, Refuse) for d in out)
         assert len(here) <= max_clients
+
+
+def test_kick_a_hostile_handle_by_the_form_who_shows_or_an_ipv6_address():
+    r = room(2, ["\x1b[2J"])
+    r.handle(Connected(3, "::1", 6000, 2.0))
+    who = [d.text for d in r.handle(OperatorLine("\\who", 3.0))]
+    assert any(t.startswith("  \\x1b[2J ") for t in who) and any("[::1]:6000" in t for t in who)
+    out = r.handle(OperatorLine("\\kick \\x1b[2J", 4.0))
+    assert of(End, out) == [End(1, "kicked", 4.0, NOTICES["kicked"])]
+    assert of(Broadcast, out) == [Broadcast(b"SERVER>*** \\x1b[2J left\n", exclude=1)]
+    assert of(End, r.handle(OperatorLine("\\kick [::1]:6000", 4.0))) == [End(3, "kicked", 4.0, NOTICES["kicked"])]
