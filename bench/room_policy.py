@@ -1,4 +1,4 @@
-"""Micro-benchmark: Room.handle(Received) per relayed line, the room policy's per-line cost.
+"""Micro-benchmark: Room.handle_event(Received) per relayed line, the room policy's per-line cost.
 
     .venv/bin/python bench/room_policy.py
 
@@ -23,9 +23,9 @@ def per_line(rate: float, step: float, text: str) -> float:
     best = float("inf")
     for _ in range(7):
         room = Room(rate=rate)
-        room.handle(Connected(1, "127.0.0.1", 5000, 1.0))
-        room.handle(Received(1, Message("alice", "hi", None, False), 2.0))
-        handle = room.handle
+        room.handle_event(Connected(1, "127.0.0.1", 5000, 1.0))
+        room.handle_event(Received(1, Message("alice", "hi", None, False), 2.0))
+        handle = room.handle_event
         t = time.perf_counter()
         for m in msgs:
             handle(m)

@@ -1,8 +1,8 @@
 """The room policy: many clients and the operator in one conversation; socket-free.
 
-`Room.handle(event)` takes one event from the server loop (`chatlog/events.py`) and returns the
-decisions the loop must carry out, in order. No sockets, no store, no clock, no console: time comes
-in on the events and everything the loop needs is in the decisions.
+`Room.handle_event(event)` takes one event from the server loop (`chatlog/events.py`) and returns
+the decisions the loop must carry out, in order. No sockets, no store, no clock, no console: time
+comes in on the events and everything the loop needs is in the decisions.
 
 What a room does:
 
@@ -115,7 +115,7 @@ class Participant:
 
 class Room:
     __slots__ = (
-        "handle_name", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
+        "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
         "finished", "_server_fold", "_server_prefix",
     )
 
@@ -134,7 +134,7 @@ class Room:
             raise ValueError("max_clients must be at least 1")
         if per_address < 0 or rate < 0 or burst < 0:
             raise ValueError("per_address, rate and burst cannot be negative")
-        self.handle_name = handle
+        self.handle = handle
         self.max_clients = max_clients
         self.per_address = per_address
         self.rate = float(rate)
@@ -147,7 +147,7 @@ class Room:
 
     # -- the interface the loop uses ---------------------------------------------------------
 
-    def handle(self, event) -> list[Decision]:
+    def handle_event(self, event) -> list[Decision]:
         """The decisions for one event, in the order the loop must carry them out."""
         if type(event) is Received:  # the hot path first
             return self._received(event)
@@ -246,12 +246,12 @@ class Room:
         elif len(msg.text) > MAX_TEXT:
             note = f"longer than {MAX_TEXT} characters"
         if handle is not None and fold(handle) == self._server_fold:
-            why = f"the handle {self.handle_name} is the server's: not relayed"
+            why = f"the handle {self.handle} is the server's: not relayed"
             out += [
                 Commit(p.conn, "client", handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
                 Show("client", visible(msg.text), visible(handle)),
                 Show("error", visible(f"{address(p.host, p.port)} used the server's handle; line not relayed")),
-                Send(p.conn, self.notice(f"The handle {self.handle_name} is the server's; choose another, like: alice>hello (not relayed)")),
+                Send(p.conn, self.notice(f"The handle {self.handle} is the server's; choose another, like: alice>hello (not relayed)")),
             ]
         elif handle is None and p.handle is None:
             why = "no handle yet: not relayed"
@@ -352,8 +352,8 @@ class Room:
             return [Show("error", f"message too long ({len(text)} characters, at most {MAX_TEXT}); not sent")]
         shown = visible(text)
         return [
-            Commit(None, "server", self.handle_name, text, None, None, ev.at),
-            Show("operator", shown, visible(self.handle_name)),
+            Commit(None, "server", self.handle, text, None, None, ev.at),
+            Show("operator", shown, visible(self.handle)),
             Broadcast(self._server_prefix + shown.encode() + b"\n"),
         ]
 
