@@ -50,6 +50,7 @@ from chatlog.events import (
     OperatorEnd,
     OperatorLine,
     Pause,
+    Prompt,
     Received,
     Refuse,
     Send,
@@ -116,7 +117,7 @@ class Participant:
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "_server_fold", "_server_prefix",
+        "finished", "prompted", "_server_fold", "_server_prefix",
     )
 
     def __init__(
@@ -142,6 +143,7 @@ class Room:
         self.people: dict[int, Participant] = {}
         self.per_addr: dict[str, int] = {}
         self.finished = False
+        self.prompted = False  # the operator's input is wanted from the first event on
         self._server_fold = fold(handle)
         self._server_prefix = (visible(handle) + ">").encode()
 
@@ -155,6 +157,9 @@ class Room:
             if type(event) is Connected:
                 return [Refuse(event.conn, event.host, event.port, "shutdown", event.at, NOTICES["shutdown"])]
             return []
+        if not self.prompted:
+            self.prompted = True
+            return [Prompt(True)] + self.handle_event(event)
         match event:
             case Connected():
                 return self._connected(event)
@@ -173,8 +178,10 @@ class Room:
         raise TypeError(f"not a room event: {event!r}")
 
     def deadline(self) -> float | None:
-        """A room keeps no timers: no idle timeout, and a pause carries its own end."""
-        return None
+        """A room keeps no timers (no idle timeout; a pause carries its own end). Until its first
+        event it asks for a Tick at once, to answer it with Prompt(True): in a room the
+        operator may speak at any time, even before anyone comes."""
+        return None if self.prompted or self.finished else 0.0
 
     def notice(self, text: str) -> bytes:
         """A server notice line, e.g. `SERVER>*** alice joined\\n`."""
@@ -249,8 +256,8 @@ class Room:
             why = f"the handle {self.handle} is the server's: not relayed"
             out += [
                 Commit(p.conn, "client", handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
-                Show("client", visible(msg.text), visible(handle)),
-                Show("error", visible(f"{address(p.host, p.port)} used the server's handle; line not relayed")),
+                # Not as a chat line: on the console it would read as the operator's own words.
+                Show("error", visible(f"{address(p.host, p.port)} used the server's handle (not relayed): {handle}>{msg.text}")),
                 Send(p.conn, self.notice(f"The handle {self.handle} is the server's; choose another, like: alice>hello (not relayed)")),
             ]
         elif handle is None and p.handle is None:
@@ -397,7 +404,7 @@ class Room:
             ends.append(End(conn, reason, at, notice))
         self.people.clear()
         self.per_addr.clear()
-        return commits + ends + [Show("event", why), Finish(why)]
+        return commits + ends + [Prompt(False), Show("event", why), Finish(why)]
 
 
 _STORE = (Handle, Commit, Join)

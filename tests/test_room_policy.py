@@ -21,6 +21,7 @@ from chatlog.events import (
     OperatorEnd,
     OperatorLine,
     Pause,
+    Prompt,
     Received,
     Refuse,
     Send,
@@ -41,9 +42,18 @@ def line(conn, text, handle=None, at=10.0, raw=None, cut=0):
     return Received(conn, Message(handle, text, raw, text.strip() == "\\quit", cut), at)
 
 
+def opened(**kw):
+    """A room as the loop starts it: its first deadline is now, and the Tick turns the prompt on."""
+    r = Room(**kw)
+    assert r.deadline() == 0.0
+    assert r.handle_event(Tick(0.5)) == [Prompt(True)]
+    assert r.deadline() is None
+    return r
+
+
 def room(n=0, handles=(), **kw):
     """A room with `n` clients (conn 1..n) connected at t=1; the first len(handles) have spoken."""
-    r = Room(**kw)
+    r = opened(**kw)
     for c in range(1, n + 1):
         r.handle_event(Connected(c, HOST, 5000 + c, 1.0))
     for c, h in enumerate(handles, 1):
@@ -59,7 +69,7 @@ def of(kind, decisions):
 
 
 def test_greeting_is_sent_at_once_after_the_join_is_recorded():
-    r = Room()
+    r = opened()
     out = r.handle_event(Connected(1, HOST, 5001, 1.0))
     assert out[0] == Join(1, HOST, 5001, 1.0)
     assert out[1] == Send(1, b"SERVER>*** Welcome to the room: 1 here. Type at any time.\n")
@@ -188,6 +198,9 @@ def test_no_client_takes_the_server_handle(claimed):
                "the handle SERVER is the server's: not relayed", 3.0)
     ]
     assert not of(Broadcast, out) and not of(Handle, out)
+    # The operator does not see it as a chat line under the server's own name.
+    assert [s.kind for s in of(Show, out)] == ["error"]
+    assert of(Show, out)[0].text == f"127.0.0.1:5001 used the server's handle (not relayed): {claimed}>I am the server"
     assert of(Send, out) == [
         Send(1, b"SERVER>*** The handle SERVER is the server's; choose another, like: "
                 b"alice>hello (not relayed)\n")
@@ -332,6 +345,19 @@ def test_closing_the_room_ends_everyone_then_finishes(event, reason):
     assert r.handle_event(Stop("SIGINT", 10.0)) == []
 
 
+def test_the_operator_may_speak_from_the_first_event_on():
+    r = Room()
+    out = r.handle_event(Connected(1, HOST, 5001, 1.0))  # whatever comes first turns it on
+    assert out[0] == Prompt(True) and of(Join, out)
+    assert r.deadline() is None
+    assert not of(Prompt, r.handle_event(Connected(2, HOST, 5002, 1.0)))
+    r = Room()
+    out = r.handle_event(OperatorEnd(1.0))
+    assert out[0] == Prompt(True) and out[-2:] == [Show("event", "Operator input ended; room closed"),
+                                                   Finish("Operator input ended; room closed")]
+    assert r.deadline() is None
+
+
 def test_a_room_needs_no_timer():
     r = room(2, ["alice"])
     assert r.deadline() is None
@@ -352,7 +378,7 @@ def test_max_clients_refuses_clearly_and_admits_again_after_a_leave():
 
 
 def test_per_address_cap_counts_v4_mapped_addresses_as_one():
-    r = Room(per_address=2)
+    r = opened(per_address=2)
     assert of(Join, r.handle_event(Connected(1, "10.0.0.1", 1, 1.0)))
     assert of(Join, r.handle_event(Connected(2, "::ffff:10.0.0.1", 2, 1.0)))
     out = r.handle_event(Connected(3, "10.0.0.1", 3, 1.0))
@@ -363,7 +389,7 @@ def test_per_address_cap_counts_v4_mapped_addresses_as_one():
 
 
 def test_per_address_zero_is_no_cap():
-    r = Room(per_address=0)
+    r = opened(per_address=0)
     for c in range(1, 1001):
         assert of(Join, r.handle_event(Connected(c, HOST, c, 1.0)))
 
@@ -489,12 +515,13 @@ UNSAFE = re.compile(
 )
 def test_room_properties(script, limits, max_clients, per_address):
     rate, burst = limits
-    r = Room(rate=rate, burst=burst, max_clients=max_clients, per_address=per_address)
+    r = opened(rate=rate, burst=burst, max_clients=max_clients, per_address=per_address)
     server = fold("SERVER")
     here: set[int] = set()  # connections the room admitted and has not ended
     gone: set[int] = set()  # connections that got their End (conn ids are not reused here)
     handled: set[int] = set()
     finished = False
+    prompts = []
     at = 100.0
     for step in script:
         at += step[2]
@@ -502,6 +529,8 @@ def test_room_properties(script, limits, max_clients, per_address):
             continue  # the loop never reuses a connection id
         ev = to_event(step, at, here)
         out = r.handle_event(ev)
+        prompts += [(len(prompts), d.on) for d in of(Prompt, out)]
+        assert r.deadline() is None
 
         # Store writes first, then output; every output is preceded by a store write, except
         # the console's own feedback (notes and errors) and the line saying the room closed.
@@ -571,6 +600,8 @@ def test_room_properties(script, limits, max_clients, per_address):
         if finished and not closing:
             assert all(isinstance(d, Refuse) for d in out)
         assert len(here) <= max_clients
+    # Once the room was opened, the operator's input is wanted until the room closes.
+    assert [on for _, on in prompts] in ([], [False])
 
 
 def test_kick_a_hostile_handle_by_the_form_who_shows_or_an_ipv6_address():
