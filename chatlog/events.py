@@ -176,6 +176,7 @@ class Refuse:
     reason: str
     at: float
     notice: str
+    why: str = "the server is busy"  # for the console, e.g. "the room is full (10000 here)"
 
 
 @dataclass(slots=True)

@@ -194,17 +194,12 @@ class Room:
         if ev.conn in people:
             return []
         if len(people) >= self.max_clients:
-            return [
-                Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE),
-                Show("event", visible(f"refused {ev.host} port {ev.port}: the room is full ({len(people)} here)")),
-            ]
+            return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE, f"the room is full ({len(people)} here)")]
         key = _plain(ev.host)
         n = self.per_addr.get(key, 0)
         if self.per_address and n >= self.per_address:
-            return [
-                Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"]),
-                Show("event", visible(f"refused {ev.host} port {ev.port}: {n} connections from that address")),
-            ]
+            return [Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"],
+                           f"{n} connections from that address")]
         self.per_addr[key] = n + 1
         p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at)
         people[ev.conn] = p
@@ -220,6 +215,9 @@ class Room:
         if p is None:  # ended already (what it sent after \quit, a kick, or the room closing)
             return []
         msg = ev.msg
+        if msg.padding:  # not a line: bytes that trailed one, recorded so nothing vanishes
+            note = f"{msg.padding} bytes of padding after the previous line"
+            return [Commit(p.conn, "event", p.handle, "padding", msg.raw, note, ev.at)]
         handle = msg.handle
         if (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit or msg.cut:
             return self._received_slow(p, ev)
@@ -330,12 +328,15 @@ class Room:
             self.per_addr[p.addr] = n
         else:
             del self.per_addr[p.addr]
+        who = p.shown if p.announced else address(p.host, p.port)
+        shown = Show("event", f"{who} left ({reason}, {len(self.people)} here)")
         if not p.announced:
-            return [End(conn, reason, at, notice)]
+            return [End(conn, reason, at, notice), shown]
         return [
             Commit(conn, "event", p.handle, "left", None, reason, at),
             End(conn, reason, at, notice),
             Broadcast(self.notice(f"{p.shown} left"), conn),
+            shown,
         ]
 
     # -- the operator --------------------------------------------------------------------------

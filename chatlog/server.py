@@ -72,6 +72,7 @@ class Conn:
     outbuf: bytearray = field(default_factory=bytearray)
     closed: bool = False
     paused_until: float | None = None
+    member: bool = False  # in a room: joined, so it hears what is broadcast from now on
 
 
 def _plain_addr(host: str) -> str:
@@ -447,7 +448,11 @@ class Loop:
             return
         if self._bcast:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
-        if isinstance(d, Pause):
+        if isinstance(d, Join):
+            conn = self.conns.get(d.conn)
+            if conn is not None:
+                conn.member = True  # it hears what is said from now on, not before
+        elif isinstance(d, Pause):
             conn = self.conns.get(d.conn)
             if conn is not None:
                 conn.paused_until = d.until
@@ -466,9 +471,10 @@ class Loop:
             conn = self.conns.pop(d.conn, None)
             if conn is not None:
                 self._tell_and_close(conn, d.notice)
+            # Coalesced per address and minute: a flood of refusals cannot fill the console.
             if result == 1:
-                self.console.write(self.r.paint("event", f"refused {d.host} port {d.port}: the server is busy"))
-            elif result in (10, 100, 1000, 10000):
+                self.console.write(self.r.paint("event", visible(f"refused {d.host} port {d.port}: {d.why}")))
+            elif result in (10, 100, 1000, 10000, 100000):
                 self.console.write(self.r.paint("event", f"refused {result} connections from {d.host} this minute"))
         elif isinstance(d, Prompt):
             self.operator.want(d.on)
@@ -509,6 +515,8 @@ class Loop:
         everyone = b"".join(data for data, _ in lines)
         senders = {ex for _, ex in lines if ex is not None}
         for conn in list(self.conns.values()):
+            if not conn.member:
+                continue
             if conn.id in senders:
                 data = b"".join(data for data, ex in lines if ex != conn.id)
                 if data:
@@ -557,7 +565,7 @@ class Loop:
         that will not read; then close."""
         data = bytes(conn.outbuf)
         if notice is not None:
-            data += protocol.format_line(self.policy.handle, "*** " + notice) + QUIT_LINE
+            data += self.policy.notice(notice) + QUIT_LINE
         if data and not conn.closed:
             try:
                 conn.sock.send(data)

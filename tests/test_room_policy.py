@@ -113,13 +113,16 @@ def test_leave_notice_and_event():
         Commit(1, "event", "alice", "left", None, "disconnect", 5.0),
         End(1, "disconnect", 5.0, None),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
+        Show("event", "alice left (disconnect, 1 here)"),
     ]
     assert r.handle_event(Disconnected(1, 6.0)) == []  # an End happens once
 
 
 def test_a_lurker_leaves_quietly():
     r = room(2)
-    assert r.handle_event(Disconnected(1, 5.0)) == [End(1, "disconnect", 5.0, None)]
+    assert r.handle_event(Disconnected(1, 5.0)) == [
+        End(1, "disconnect", 5.0, None), Show("event", "127.0.0.1:5001 left (disconnect, 1 here)"),
+    ]
 
 
 def test_the_server_handle_can_be_changed():
@@ -148,6 +151,7 @@ def test_client_quit_is_not_committed_as_a_message():
         Commit(1, "event", "alice", "left", None, "client-quit", 4.0),
         End(1, "client-quit", 4.0, None),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
+        Show("event", "alice left (client-quit, 1 here)"),
     ]
     assert r.handle_event(line(1, "after quit", "alice", at=4.1)) == []
 
@@ -159,6 +163,7 @@ def test_a_slow_client_is_dropped_at_once_and_the_others_told():
         Commit(2, "event", "bob", "left", None, "slow", 7.0),
         End(2, "slow", 7.0, NOTICES["slow"]),
         Broadcast(b"SERVER>*** bob left\n", exclude=2),
+        Show("event", "bob left (slow, 2 here)"),
     ]
     # Nothing else is waiting on it: the next line goes out as usual.
     assert of(Broadcast, r.handle_event(line(1, "still here", "alice", at=7.1))) == [
@@ -303,6 +308,7 @@ def test_kick_by_handle_ends_that_client_and_tells_the_others():
         Commit(2, "event", "bob", "left", None, "kicked", 6.0),
         End(2, "kicked", 6.0, NOTICES["kicked"]),
         Broadcast(b"SERVER>*** bob left\n", exclude=2),
+        Show("event", "bob left (kicked, 2 here)"),
     ]
     assert NOTICES["kicked"] == "The operator removed you from the room."
     assert r.handle_event(line(2, "let me back", "bob", at=6.1)) == []
@@ -316,7 +322,7 @@ def test_kick_case_insensitively_by_address_and_clearly_when_ambiguous():
     assert of(End, r.handle_event(OperatorLine("\\kick 127.0.0.1:5003", 6.0))) == [End(3, "kicked", 6.0, NOTICES["kicked"])]
     assert of(End, r.handle_event(OperatorLine("\\kick bob", 6.0))) == [End(2, "kicked", 6.0, NOTICES["kicked"])]
     out = r.handle_event(OperatorLine("\\kick 127.0.0.1:5004", 6.0))  # a lurker: nobody to tell
-    assert out == [End(4, "kicked", 6.0, NOTICES["kicked"])]
+    assert of(End, out) == [End(4, "kicked", 6.0, NOTICES["kicked"])]
     assert r.handle_event(OperatorLine("\\kick nobody", 6.0))[0].kind == "error"
     assert "usage" in r.handle_event(OperatorLine("\\kick", 6.0))[0].text
 
@@ -370,7 +376,7 @@ def test_a_room_needs_no_timer():
 def test_max_clients_refuses_clearly_and_admits_again_after_a_leave():
     r = room(3, max_clients=3)
     out = r.handle_event(Connected(4, HOST, 6000, 2.0))
-    assert out[0] == Refuse(4, HOST, 6000, "busy", 2.0, FULL_NOTICE)
+    assert out[0] == Refuse(4, HOST, 6000, "busy", 2.0, FULL_NOTICE, "the room is full (3 here)")
     assert FULL_NOTICE == "The room is full; try again later."
     assert r.handle_event(line(4, "hi", "x", at=2.0)) == []
     r.handle_event(Disconnected(2, 3.0))
@@ -382,7 +388,7 @@ def test_per_address_cap_counts_v4_mapped_addresses_as_one():
     assert of(Join, r.handle_event(Connected(1, "10.0.0.1", 1, 1.0)))
     assert of(Join, r.handle_event(Connected(2, "::ffff:10.0.0.1", 2, 1.0)))
     out = r.handle_event(Connected(3, "10.0.0.1", 3, 1.0))
-    assert out[0] == Refuse(3, "10.0.0.1", 3, "per-address", 1.0, NOTICES["per-address"])
+    assert out[0] == Refuse(3, "10.0.0.1", 3, "per-address", 1.0, NOTICES["per-address"], "2 connections from that address")
     assert of(Join, r.handle_event(Connected(4, "10.0.0.2", 4, 1.0)))
     r.handle_event(line(2, "\\quit", "a", at=2.0))
     assert of(Join, r.handle_event(Connected(5, "10.0.0.1", 5, 2.0)))

@@ -30,7 +30,7 @@ def test_silent_connections_from_one_address_do_not_lock_out_another(start_serve
     (30 s by default, 1 s here) runs out."""
     server = start_server("--first-timeout", "1")
     silent = [connect_from(server, "127.0.0.2") for _ in range(10)]
-    server.wait_for(r"refused 127\.0\.0\.2 port \d+: the server is busy")
+    server.wait_for(r"refused 127\.0\.0\.2 port \d+: 2 from 127\.0\.0\.2 already waiting")
     start = time.monotonic()
     real = connect_from(server, "127.0.0.3")
     real.sendall(b"amy>hello?\n\0")
@@ -258,3 +258,34 @@ def test_a_busy_store_is_waited_on_and_nothing_is_lost(server):
     assert server.count("the database is locked") == 1
     rows = db_rows(server.db, "SELECT text FROM messages ORDER BY seq")
     assert [r[0] for r in rows] == ["hi", "this answer waits for the lock", "and on we go"]
+
+
+def test_thousands_of_refusals_neither_fill_the_store_nor_the_console(start_server):
+    """5,000 refused connections used to leave 5,000 session rows and 5,000 console lines."""
+    server = start_server("--max-waiting", "0")
+    keep = server.connect()
+    keep.sendall(b"k>hold the chat\n\0")
+    server.wait_for("^k>hold the chat$")
+    for _ in range(500):
+        s = server.connect()
+        recv_until(s, b"\\quit\n")
+        s.close()
+    server.wait_for("refused 100 connections from 127.0.0.1 this minute")
+    assert db_rows(server.db, "SELECT count(*) FROM sessions") == [(1,)]
+    (total,) = db_rows(server.db, "SELECT sum(count) FROM refusals")[0]
+    assert total == 500
+    assert server.count("refused") <= 4
+
+
+def test_raw_bytes_kept_per_message_are_bounded(server):
+    """64 padded sends of 65 KB used to store 4 MB of raw bytes from one connection."""
+    c = server.connect()
+    for i in range(64):
+        c.sendall(b"bob>hi %d\0" % i + b"\xee" * 65_000)
+        server.wait_for(rf"^bob>hi {i}$")
+        server.say("ok")
+        recv_until(c, b"ok\n")
+    (raw,) = db_rows(server.db, "SELECT sum(length(raw)) FROM messages")[0]
+    assert raw < 64 * 2048
+    notes = db_rows(server.db, "SELECT note FROM messages WHERE sender = 'client' AND note IS NOT NULL")
+    assert len(notes) == 64 and all(n.endswith("63985 more received") for (n,) in notes)
