@@ -170,7 +170,7 @@ def test_clients_resetting_mid_accept_harm_no_one(room):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.connect((room.host, room.port))
         s.close()
-    b = join(room, "bob")
+    join(room, "bob")
     assert recv_until(a, b"bob>hi\n").endswith(b"bob>hi\n")
     assert room.proc.poll() is None
 

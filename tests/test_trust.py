@@ -288,4 +288,4 @@ def test_raw_bytes_kept_per_message_are_bounded(server):
     (raw,) = db_rows(server.db, "SELECT sum(length(raw)) FROM messages")[0]
     assert raw < 64 * 2048
     notes = db_rows(server.db, "SELECT note FROM messages WHERE sender = 'client' AND note IS NOT NULL")
-    assert len(notes) == 64 and all(n.endswith("63985 more received") for (n,) in notes)
+    assert len(notes) == 64 and all(n.startswith("raw bytes cut at 1024; 6398") for (n,) in notes)
