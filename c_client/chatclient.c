@@ -339,15 +339,30 @@ static int receive(struct framer *f)
 	return 0;
 }
 
+/* Unicode white space (Python's str.isspace()), which a handle may not contain. */
+static int is_space(unsigned long c)
+{
+	return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 ||
+	       c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
+	       c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+/* A handle: 1 to MAX_HANDLE valid UTF-8 code points, no white space, no '>', no control or
+ * format character, and short enough in bytes for the handle buffer. */
 static int valid_handle(const char *h, size_t n)
 {
-	size_t chars = utf8_len(h, n);
-	if (chars < 1 || chars > MAX_HANDLE)
+	size_t chars = 0;
+	if (n == 0 || n >= sizeof handle)
 		return 0;
-	for (size_t i = 0; i < n; i++)
-		if (h[i] == '>' || h[i] == ' ' || h[i] == '\t' || (unsigned char)h[i] < 0x20)
+	for (size_t i = 0; i < n; chars++) {
+		unsigned long cp;
+		size_t len = utf8_seq((const unsigned char *)h + i, n - i, &cp);
+		if (len == 0 || cp == '>' || is_space(cp) || cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) ||
+		    is_format_char(cp))
 			return 0;
-	return 1;
+		i += len;
+	}
+	return chars <= MAX_HANDLE;
 }
 
 /* Read one line from the terminal into line; 1 for a line, 0 for EOF, -1 for too long. */
@@ -429,7 +444,7 @@ int main(int argc, char **argv)
 		if (r == 0)
 			leave(0, "\nDisconnected from server");
 		if (r > 0 && valid_handle(line, strlen(line))) {
-			strcpy(handle, line);
+			memcpy(handle, line, strlen(line) + 1);
 			break;
 		}
 		puts("A handle is 1 to 10 characters, with no spaces and no '>'.");

@@ -347,3 +347,51 @@ def test_hostile_server_under_valgrind(chatclient, valgrind, case):
         [valgrind, "--leak-check=full", "--errors-for-leak-kinds=all", "--error-exitcode=99", "-q", str(chatclient)],
         case,
     )
+
+
+# -- the typed input paths: hostile handles and messages under the sanitizer build -------------
+
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer")
+
+
+def run_typed(command, stdin: bytes, script=None):
+    """The client with `stdin` piped in against a server that records what it receives."""
+
+    def default(peer):
+        peer.wait_close()
+
+    srv = FakeServer(script or default)
+    r = subprocess.run(
+        [*command, "127.0.0.1", str(srv.port)],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"),
+    )
+    srv.join()
+    err = r.stderr.decode("utf-8", "replace")
+    for marker in SANITIZER_MARKERS:
+        assert marker not in err, err[-3000:]
+    return r, srv.received
+
+
+@pytest.mark.asan
+@pytest.mark.parametrize(
+    "handle",
+    [
+        b"a" + b"\x80" * 300,  # one letter and continuation bytes: the old length check counted 1
+        b"\x80" * 5000,
+        b"ab\xc3",  # a truncated sequence
+        b"\xed\xa0\x80",  # an encoded surrogate
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+        b"\xc0\xaf",  # an overlong '/'
+        "a\u202eb".encode(),  # a format character
+        "a\u00a0b".encode(),  # no-break space is whitespace
+        "\U0001f600".encode() * 11,  # 11 code points, 44 bytes
+    ],
+)
+def test_hostile_handles_are_refused_without_overflow(chatclient_asan, handle):
+    r, received = run_typed([str(chatclient_asan)], handle + b"\nok\n\\quit\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert received == b"ok>\\quit\n\0"
+    assert r.stdout.count(b"A handle is 1 to 10 characters") == 1
