@@ -259,9 +259,9 @@ static void parse(const unsigned char *m, size_t n, struct line *l)
 		i = 0;
 	}
 	l->text = m + i, l->tlen = n - i;
-	for (a = 0, b = l->tlen; a < b && is_space(l->text[a]); a++)
+	for (a = 0, b = l->tlen; a < b && l->text[a] < 0x80 && is_space(l->text[a]); a++)
 		;
-	while (b > a && is_space(l->text[b - 1]))
+	while (b > a && l->text[b - 1] < 0x80 && is_space(l->text[b - 1]))
 		b--;
 	l->quit = b - a == 5 && memcmp(l->text + a, "\\quit", 5) == 0;
 	l->notice = l->tlen >= 4 && memcmp(l->text, "*** ", 4) == 0;
@@ -634,6 +634,8 @@ static void submit(void)
 	if (n > 0 && line[n - 1] == '\r')
 		n--;
 	line[n] = 0;
+	if (ui.tty)
+		show_input(); /* typed ahead before the prompt was drawn */
 	ui.len = 0;
 	ui.overflow = 0;
 	if (ui.shown)
@@ -686,6 +688,8 @@ static void on_key(unsigned char c)
 	ui.buf[ui.len++] = c;
 	if (ui.tty && ui.shown)
 		fputc(c, stdout);
+	else if (ui.tty)
+		show_input();
 }
 
 /* May typed input be taken now? From a pipe, lines wait there until it is the user's turn. */
@@ -718,7 +722,7 @@ int main(int argc, char **argv)
 			end(0, NULL);
 		}
 	opterr = 0;
-	while ((opt = getopt(argc, argv, "ht:")) != -1) {
+	while ((opt = getopt(argc, argv, "+ht:")) != -1) {
 		if (opt == 'h') {
 			fputs(usage_text, stdout);
 			end(0, NULL);

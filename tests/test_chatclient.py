@@ -343,6 +343,7 @@ def run_hostile(command, case):
         "Connection closed by the server.",
         "Connection to the server lost: Connection reset by peer.",
         "No answer from the server in 1 s: you left the chat.",
+        "You left the chat.",  # the server answered, and the input had ended
     ), out[-500:]
     assert "\x1b" not in out and "\x9b" not in out
 
@@ -424,3 +425,279 @@ def test_unsafe_header_is_generated_from_the_sanitiser():
     # the client's binary search needs sorted, disjoint ranges
     for (lo, hi), (nlo, _) in zip(UNSAFE_RANGES, UNSAFE_RANGES[1:]):
         assert lo <= hi < nlo
+
+
+# -- what the user sees: notices, why the chat ended, the prompt, turns, rooms -----------------
+
+import time  # noqa: E402
+
+import pyte  # noqa: E402
+
+
+class Screen:
+    """The client in a pty, its output through a terminal emulator: what a person sees."""
+
+    def __init__(self, chatclient, port, *args, cols=80, rows=24):
+        self.p = pexpect.spawn(
+            str(chatclient), [*args, "127.0.0.1", str(port)], env=dict(os.environ, TERM="xterm"),
+            encoding="utf-8", timeout=10, dimensions=(rows, cols),
+        )
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.Stream(self.screen)
+        self.raw = ""
+
+    def lines(self):
+        return [line.rstrip() for line in self.screen.display if line.strip()]
+
+    def wait(self, cond, timeout=10):
+        """Feed output to the emulator until cond(lines) holds; return the lines."""
+        deadline = time.monotonic() + timeout
+        while not cond(self.lines()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"screen never matched; it shows:\n" + "\n".join(self.lines()))
+            try:
+                data = self.p.read_nonblocking(4096, timeout=0.05)
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                if not cond(self.lines()):
+                    raise AssertionError("client exited; screen:\n" + "\n".join(self.lines())) from None
+                break
+            self.raw += data
+            self.stream.feed(data)
+        return self.lines()
+
+    def wait_last(self, text, timeout=10):
+        return self.wait(lambda lines: bool(lines) and lines[-1] == text, timeout)
+
+    def type(self, text):
+        self.p.send(text)
+
+    def finish(self):
+        self.p.expect(pexpect.EOF)
+        self.p.close()
+        return self.p.exitstatus
+
+
+@pytest.mark.parametrize(
+    "ending,final",
+    [
+        (b"SERVER>*** The server shut down.\n\\quit\n", "The server shut down."),
+        (b"SERVER>*** No message for 300 s: timed out.\n\\quit\n", "No message for 300 s: timed out."),
+        (b"HAL>*** Too many messages without an answer: disconnected.\nHAL>\\quit\n",
+         "Too many messages without an answer: disconnected."),
+        (b"SERVER>\\quit\n", "The server closed the chat."),
+        (b"SERVER>*** A line over 8192 bytes: disconnected.\n", "Connection closed by the server."),
+    ],
+)
+def test_the_last_line_says_why_the_chat_ended(chatclient, ending, final):
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(ending)))
+    s = Screen(chatclient, srv.port)
+    s.wait_last("What would you like your chat handle to be>")
+    s.type("brandon\rhi\r")
+    lines = s.wait_last(final)
+    assert s.finish() == (1 if final.startswith("Connection") else 0)
+    srv.join()
+    # the reason is said once, as the last line, and never as a server line
+    assert not any(">***" in line or ">\\quit" in line for line in lines)
+    if final.startswith("Connection"):  # a notice with no \quit after it is a status line
+        assert lines[-3:-1] == ["brandon>hi", "[A line over 8192 bytes: disconnected.]"]
+    else:
+        assert lines[-2] == "brandon>hi"
+
+
+def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(b"SERVER>*** The server shut down.\n")))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    lines = s.wait_last("Connection closed by the server.")
+    assert lines[-2] == "[The server shut down.]"
+    assert s.finish() == 1
+
+
+def test_busy_is_said_before_the_handle_is_asked(chatclient):
+    srv = FakeServer(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
+    p = spawn(chatclient, srv.port)
+    p.expect_exact("The server is busy; try again later.\r\n")
+    assert "handle" not in p.before
+    p.expect(pexpect.EOF)
+    assert "handle" not in p.before
+    p.close()
+    assert p.exitstatus == 0
+    srv.join()
+    assert srv.received == b""  # nothing sent: no handle was ever asked for
+
+
+def test_waiting_and_begun_notices_are_status_lines(chatclient):
+    def script(peer):
+        peer.expect(b"brandon>one\n\0")
+        peer.send(b"SERVER>*** Waiting: 2 ahead of you. Your chat begins when they are done.\n")
+        peer.expect(b"brandon>two\n\0")
+        peer.send(b"SERVER>*** Your chat has begun.\nSERVER>hello brandon\n")
+        peer.expect(b"brandon>three\n\0")
+        peer.send(b"SERVER>bye\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rone\r")
+    s.wait(lambda lines: "[Waiting: 2 ahead of you. Your chat begins when they are done.]" in lines)
+    s.type("two\r")
+    s.wait(lambda lines: "SERVER>hello brandon" in lines)
+    s.type("three\r")  # the notice and the answer together were one answer: it is our turn
+    lines = s.wait(lambda lines: "SERVER>bye" in lines)
+    assert lines[lines.index("brandon>two") + 1 :][:2] == ["[Your chat has begun.]", "SERVER>hello brandon"]
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>one\n\0brandon>two\n\0brandon>three\n\0brandon>\\quit\n\0"
+
+
+def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient):
+    answer = threading.Event()
+
+    def script(peer):
+        peer.expect(b"brandon>hi\n\0")
+        answer.wait(10)
+        peer.send(b"SERVER>why hello client\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    s.wait_last("brandon>")
+    s.type("half typed")
+    s.wait_last("brandon>half typed")
+    answer.set()
+    lines = s.wait(lambda lines: lines[-2:] == ["SERVER>why hello client", "brandon>half typed"])
+    assert not any("brandon>SERVER" in line or "typedSERVER" in line for line in lines)
+    s.type("\x15\\quit\r")  # Ctrl-U clears the typed text
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+
+
+def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient):
+    queued = threading.Event()
+    checked = threading.Event()
+
+    def script(peer):
+        peer.expect(b"brandon>hi\n\0")
+        queued.wait(10)
+        peer.conn.setblocking(False)
+        try:
+            early = peer.conn.recv(100)
+        except BlockingIOError:
+            early = b""
+        peer.conn.setblocking(True)
+        assert early == b"", f"sent out of turn: {early!r}"
+        checked.set()
+        peer.send(b"SERVER>answer\n")
+        peer.expect(b"brandon>second\n\0")
+        peer.send(b"SERVER>answer two\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\rsecond\r")
+    s.wait(lambda lines: "(queued: will be sent when the server answers)" in lines)
+    s.type("third\r")
+    s.wait(lambda lines: "Not sent: a line is already queued; wait for the server's answer." in lines)
+    queued.set()
+    assert checked.wait(10)
+    lines = s.wait(lambda lines: "SERVER>answer two" in lines)
+    i = lines.index("SERVER>answer")
+    assert lines[i + 1] == "brandon>second"  # sent now, shown as it goes
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>hi\n\0brandon>second\n\0brandon>\\quit\n\0"
+
+
+ROOM_WELCOME = b"ROOM>*** Welcome to the room: 2 here. Type at any time.\n"
+
+
+def test_room_mode(chatclient):
+    typed = threading.Event()
+
+    def script(peer):
+        peer.send(ROOM_WELCOME)
+        peer.expect(b"bob>one\n\0bob>two\n\0")  # no turns: both sent at once
+        typed.wait(10)
+        peer.send(b"alice>hi all\n")
+        peer.send(b"alice>*** not a notice\nalice>\\quit\nROOM>*** carol joined\n")
+        peer.expect(b"bob>three\n\0")
+        peer.send(b"ROOM>*** The operator removed you from the room.\n\\quit\n")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.wait(lambda lines: "[Welcome to the room: 2 here. Type at any time.]" in lines)
+    s.type("bob\rone\rtwo\r")
+    s.wait_last("bob>")
+    s.type("thr")
+    s.wait_last("bob>thr")
+    typed.set()
+    lines = s.wait(lambda lines: "[carol joined]" in lines)
+    assert lines[-5:] == ["alice>hi all", "alice>*** not a notice", "alice>\\quit", "[carol joined]", "bob>thr"]
+    s.type("ee\r")
+    lines = s.wait_last("The operator removed you from the room.")
+    assert s.finish() == 0
+    srv.join()
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["127.0.0.1", "abc"], "chatclient: port 'abc' is not a number (1-65535)"),
+        (["127.0.0.1", "0"], "chatclient: port '0' is not a number (1-65535)"),
+        (["127.0.0.1", "-5"], "chatclient: port '-5' is not a number (1-65535)"),
+        (["127.0.0.1", "99999999999999999999"], "is not a number (1-65535)"),
+        ([], "chatclient: missing HOST and PORT"),
+        (["localhost"], "chatclient: missing PORT"),
+        (["a", "1", "b"], "chatclient: too many arguments"),
+        (["-t", "x", "a", "1"], "chatclient: -t 'x' is not a number of seconds"),
+        (["-t", "0", "a", "1"], "chatclient: -t '0' is not a number of seconds"),
+        (["-t"], "chatclient: -t needs a number of seconds"),
+        (["a", "1", "-t", "5"], "chatclient: too many arguments"),
+        (["-q", "a", "1"], "chatclient: unknown option '-q'"),
+    ],
+)
+def test_usage_errors_say_why(chatclient, args, error):
+    r = subprocess.run([str(chatclient), *args], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2
+    first, rest = r.stderr.split("\n", 1)
+    assert error in first
+    assert rest.startswith("usage: chatclient")
+    assert r.stdout == ""
+
+
+def test_a_reset_says_the_connection_was_lost(chatclient):
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.reset()))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    s.wait_last("Connection to the server lost: Connection reset by peer.")
+    assert s.finish() == 1
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "ctrl-c", "ctrl-d"])
+def test_leaving_says_quit_and_gives_the_terminal_back(chatclient, how):
+    import termios
+
+    srv = FakeServer(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\r")
+    s.wait_last("brandon>")
+    s.type("typed but not sent")
+    s.wait_last("brandon>typed but not sent")
+    if how.startswith("SIG"):
+        s.p.kill(getattr(signal, how))
+    else:
+        s.type("\x03" if how == "ctrl-c" else "\x15\x04")
+    s.wait_last("You left the chat.")
+    s.p.expect(pexpect.EOF)
+    lflag = termios.tcgetattr(s.p.child_fd)[3]  # the pty's mode, as the client left it
+    assert lflag & termios.ICANON and lflag & termios.ECHO
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>\\quit\n\0"
