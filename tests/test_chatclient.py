@@ -701,3 +701,164 @@ def test_leaving_says_quit_and_gives_the_terminal_back(chatclient, how):
     assert s.finish() == 0
     srv.join()
     assert srv.received == b"brandon>\\quit\n\0"
+
+
+# -- fuzzing the typed input paths under ASan/UBSan, against an oracle of what must be sent ----
+
+from chatlog.sanitize import is_safe  # noqa: E402
+
+INPUT_MAX = 4096  # bytes of one typed line the client holds (c_client/chatclient.c)
+
+
+def expected_handle(raw: bytes) -> bool:
+    if len(raw) > INPUT_MAX:
+        return False
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    if not raw or len(raw) > 40:
+        return False
+    try:
+        h = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return 1 <= len(h) <= 10 and is_safe(h) and ">" not in h and not any(c.isspace() for c in h)
+
+
+def expected_message(raw: bytes):
+    """The text the client must send for this typed line, or None (refused or empty)."""
+    if len(raw) > INPUT_MAX:
+        return None
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    if not raw or b"\0" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return raw if len(text) <= 500 else None
+
+
+PIECES = [
+    lambda r: bytes(r.choice(b"abcXYZ 019>\\*\t") for _ in range(r.randint(1, 12))),
+    lambda r: bytes(r.choice([b for b in range(256) if b != 10]) for _ in range(r.randint(1, 20))),
+    lambda r: b"\x80" * r.choice([1, 3, 39, 40, 41, 300, 5000]),
+    lambda r: "".join(chr(r.choice([r.randint(0x20, 0x7E), r.randint(0xA0, 0xD7FF), r.randint(0x10000, 0x10FFFF)]))
+                      for _ in range(r.randint(1, 12))).encode(),
+    lambda r: "".join(chr(r.randint(lo, hi)) for lo, hi in r.sample(UNSAFE_RANGES, 3) if not 0xD800 <= lo <= 0xDFFF).encode("utf-8", "replace"),
+    lambda r: r.choice([b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\xff", b"\xf0\x9f\x98", b"\0", b"\r"]),
+    lambda r: "\u00e9".encode() * r.choice([250, 499, 500, 501, 2048, 2049]),
+    lambda r: b"x" * r.choice([499, 500, 501, 4095, 4096, 4097, 9000]),
+]
+
+
+def random_line(r: random.Random) -> bytes:
+    while True:
+        line = b"".join(r.choice(PIECES)(r) for _ in range(r.randint(0, 3))).replace(b"\n", b"")
+        if line.strip(b" \t") != b"\\quit":
+            return line
+
+
+def answering_server(room: bool):
+    def script(peer):
+        if room:
+            peer.send(ROOM_WELCOME)
+        buf = b""
+        while True:
+            chunk = peer.conn.recv(65536)
+            if not chunk:
+                return
+            peer.server.received += chunk
+            buf += chunk
+            while b"\n\0" in buf:
+                msg, buf = buf.split(b"\n\0", 1)
+                if msg.endswith(b">\\quit"):
+                    return
+                if not room:
+                    peer.send(b"SERVER>ok\n")
+
+    return script
+
+
+def fuzz_once(command, seed, room=False, lines=60):
+    r = random.Random(seed)
+    stdin, sent = [], []
+    handle = None
+    for _ in range(12):
+        h = random_line(r) if r.random() < 0.8 else r.choice([b"ok", b"\xc3\xa9l\xc3\xa8ve\r", b"a" * 10])
+        stdin.append(h)
+        if expected_handle(h):
+            handle = h.rstrip(b"\r")
+            break
+    else:
+        stdin.append(b"ok")
+        handle = b"ok"
+    for _ in range(lines):
+        line = random_line(r)
+        stdin.append(line)
+        if (text := expected_message(line)) is not None:
+            sent.append(text)
+    result, received = run_typed(command, b"\n".join(stdin) + b"\n", answering_server(room))
+    assert result.returncode == 0, (seed, result.stdout[-500:], result.stderr[-2000:])
+    want = b"".join(handle + b">" + t + b"\n\0" for t in sent) + handle + b">\\quit\n\0"
+    assert received == want, f"seed {seed}"
+    return len(stdin)
+
+
+@pytest.mark.asan
+@pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
+def test_fuzz_typed_input_under_asan(chatclient_asan, room):
+    """Random handles and messages, piped in: no sanitizer report, and the server receives exactly
+    the lines that should be sent (valid UTF-8, at most 500 code points, nothing leaking from an
+    overlong line into the next) and nothing else."""
+    start, total = time.monotonic(), 0
+    for seed in range(int(os.environ.get("CHATCLIENT_FUZZ_RUNS", "6"))):
+        total += fuzz_once([str(chatclient_asan)], seed * 2 + room, room)
+    print(f"fuzz: {total} typed lines in {time.monotonic() - start:.1f} s")
+
+
+def test_client_escapes_exactly_what_the_sanitiser_escapes(chatclient):
+    """Every code point of every unsafe range, and the neighbours of each range, from a scripted
+    server: the client shows each line as `visible()` would."""
+    cps = set()
+    for lo, hi in UNSAFE_RANGES:
+        if 0xD800 <= lo <= 0xDFFF:  # surrogates cannot be sent as UTF-8
+            continue
+        cps.update(range(lo, hi + 1))
+        cps.update(cp for cp in (lo - 1, hi + 1) if 0 <= cp <= 0x10FFFF)
+    cps -= {0x00, 0x0A} | set(range(0xD800, 0xE000))  # NUL and newline end a message
+    texts = [f"a{chr(cp)}b" for cp in sorted(cps)]
+    burst = b"".join(f"SERVER>{t}\n".encode() for t in texts)
+
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(burst + b"\\quit\n")))
+    r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nhi\n", capture_output=True, timeout=20)
+    srv.join()
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in r.stdout.decode().split("\n") if line.startswith("SERVER>")]
+    assert shown == [f"SERVER>{visible(t)}" for t in texts]
+    assert sum("\\" in line for line in shown) > 200  # most of them are escapes
+
+
+@pytest.mark.valgrind
+@pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
+def test_typed_input_under_valgrind(chatclient, valgrind, room):
+    fuzz_once(
+        [valgrind, "--leak-check=full", "--errors-for-leak-kinds=all", "--error-exitcode=99", "-q", str(chatclient)],
+        seed=1000 + room, room=room, lines=30,
+    )
+
+
+def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient):
+    """Typed at a terminal: a line longer than the input buffer is refused at Enter, and none of it
+    reaches the next message."""
+    srv = FakeServer(lambda peer: (peer.expect(b"brandon>short\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
+    s = Screen(chatclient, srv.port, cols=200, rows=60)
+    s.type("brandon\r")
+    s.wait_last("brandon>")
+    s.type("y" * 5000 + "\r")
+    s.wait(lambda lines: "Message too long (more than 4096 bytes, at most 500 characters); not sent." in lines)
+    s.type("short\r")
+    s.wait(lambda lines: "SERVER>ok" in lines)
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>short\n\0brandon>\\quit\n\0"
