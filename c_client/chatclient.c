@@ -275,6 +275,7 @@ static struct {
 	struct termios saved;
 	const char *prompt;       /* shown before the input, or NULL */
 	int shown;                /* prompt (and typed text) are on the screen's last line */
+	size_t cols;              /* how many columns they take */
 	unsigned char buf[INPUT_MAX];
 	size_t len;
 	int overflow;             /* more was typed than buf holds */
@@ -287,10 +288,9 @@ static void hide_input(void)
 		return;
 	if (ui.tty) {
 		struct winsize ws;
-		size_t cols = strlen(ui.prompt) + columns(ui.buf, ui.len);
 		size_t up = 0;
-		if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && cols > 0)
-			up = (cols - 1) / ws.ws_col;
+		if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && ui.cols > 0)
+			up = (ui.cols - 1) / ws.ws_col; /* the rows the input wrapped onto */
 		fputc('\r', stdout);
 		if (up)
 			printf("\033[%zuA", up);
@@ -301,13 +301,19 @@ static void hide_input(void)
 	ui.shown = 0;
 }
 
+/* The prompt and, on a terminal, what has been typed so far (made visible like any text). */
 static void show_input(void)
 {
+	static char echo[4 * INPUT_MAX + 1];
 	if (ui.shown || !ui.prompt)
 		return;
 	fputs(ui.prompt, stdout);
-	if (ui.tty)
-		fwrite(ui.buf, 1, ui.len, stdout);
+	ui.cols = columns((const unsigned char *)ui.prompt, strlen(ui.prompt));
+	if (ui.tty) {
+		size_t n = visible(ui.buf, ui.len, echo);
+		fputs(echo, stdout);
+		ui.cols += columns((const unsigned char *)echo, n);
+	}
 	ui.shown = 1;
 }
 
@@ -529,7 +535,8 @@ static void drain(void)
 	if (has_queued) {
 		has_queued = 0;
 		hide_input();
-		printf("%s%s\n", prompt, queued);
+		visible((const unsigned char *)queued, strlen(queued), vis);
+		printf("%s%s\n", prompt, vis);
 		send_text(queued);
 	}
 }
@@ -653,9 +660,14 @@ static void redraw(void)
 /* One byte from the keyboard. */
 static void on_key(unsigned char c)
 {
-	if (ui.esc) { /* ESC [ or ESC O, parameters, then a final byte */
-		ui.esc = ui.esc == 1 && (c == '[' || c == 'O') ? 2 : ui.esc == 2 && c < 0x40 ? 2 : 0;
+	if (ui.esc == 2) { /* ESC [ or ESC O, parameters, then a final byte: a key we do not use */
+		ui.esc = c >= 0x20 && c < 0x40 ? 2 : 0;
 		return;
+	}
+	if (ui.esc == 1) {
+		ui.esc = c == '[' || c == 'O' ? 2 : 0;
+		if (ui.esc || c >= 0x20)
+			return; /* Alt and a key: dropped; ESC and a control key: the control key */
 	}
 	if (c == '\n' || (ui.tty && c == '\r')) {
 		submit();
@@ -686,10 +698,12 @@ static void on_key(unsigned char c)
 		return;
 	}
 	ui.buf[ui.len++] = c;
-	if (ui.tty && ui.shown)
+	if (ui.tty && ui.shown && c >= 0x20 && c < 0x7F) {
 		fputc(c, stdout);
-	else if (ui.tty)
-		show_input();
+		ui.cols++;
+	} else if (ui.tty) {
+		redraw();
+	}
 }
 
 /* May typed input be taken now? From a pipe, lines wait there until it is the user's turn. */
@@ -752,6 +766,7 @@ int main(int argc, char **argv)
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGHUP, &sa, NULL);
+	sigaction(SIGQUIT, &sa, NULL); /* Ctrl-\\ too: never leave the terminal in our mode */
 	signal(SIGPIPE, SIG_IGN);
 
 	ui.tty = isatty(STDIN_FILENO) && isatty(STDOUT_FILENO) && tcgetattr(STDIN_FILENO, &ui.saved) == 0;

@@ -862,3 +862,38 @@ def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient):
     assert s.finish() == 0
     srv.join()
     assert srv.received == b"brandon>short\n\0brandon>\\quit\n\0"
+
+
+def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient):
+    """A typed line wider than the terminal wraps; an incoming line still appears above all of it,
+    with no fragment left behind. Arrow keys are ignored, and typed invisible characters are shown
+    as escapes (but sent as typed)."""
+    typed = "0123456789" * 7
+    answer = threading.Event()
+    handle = "\u00e9l\u00e8ve"
+
+    def script(peer):
+        peer.expect(f"{handle}>hi\n\0".encode())
+        answer.wait(10)
+        peer.send(b"SERVER>answer\n")
+        peer.expect(f"{handle}>{typed}\u202e\n\0".encode())
+        peer.send(b"SERVER>got it\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port, cols=30, rows=20)
+    s.type(f"{handle}\rhi\r")
+    s.wait_last(f"{handle}>")
+    s.type(typed[:35] + "\x1b[A\x1b[D\x1bOB" + typed[35:] + "\u202e")
+    want = f"{handle}>{typed}\\u202e"
+    rows = [want[i : i + 30] for i in range(0, len(want), 30)]
+    s.wait(lambda lines: lines[-len(rows) :] == rows)
+    answer.set()
+    lines = s.wait(lambda lines: lines[-len(rows) - 1 :] == ["SERVER>answer", *rows])
+    assert not any("0123" in line for line in lines[: -len(rows)])  # nothing left of the old rows
+    s.type("\r")
+    s.wait(lambda lines: "SERVER>got it" in lines)
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
