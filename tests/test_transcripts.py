@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 from chatlog.cli import cli
-from chatlog.store import open_store
+from storebuild import open_store
 
 HOSTILE = [
     "\x1b[2J\x1b]0;title\x07",
@@ -338,7 +338,7 @@ def test_search_hostile_hit_is_inert_and_raw_syntax(db):
 def test_stats(db):
     st = json.loads(run(db, "stats", "--json").output)
     assert st["sessions"] == 3 and st["messages"] == 22 and st["handles"] == 3 and st["hosts"] == 2
-    assert st["busiest_handles"][0] == {"handle": "bob", "sessions": 1, "messages": 19}
+    assert st["busiest_handles"][0] == {"handle": "bob", "sessions": 1, "messages": 19, "said": 10, "answers": 9}
     assert st["average_session_seconds"] == pytest.approx((41 + 62) / 2)
     assert "sessions          3" in run(db, "stats").output
 
@@ -567,7 +567,7 @@ def test_export_format_from_the_extension(hostile_db, tmp_path, ext, check):
 
 def test_failed_export_leaves_the_old_file_alone(hostile_db, tmp_path, monkeypatch):
     from chatlog import export
-    from chatlog.store import StoreError
+    from chatlog.db import StoreError
 
     def broken(sessions, out):
         out.write("half")
