@@ -345,11 +345,13 @@ static long timeout_s;       /* -t: how long to wait for an answer, or 0 */
 static long long deadline;   /* when to give up waiting for it, or 0 */
 static struct framer fr;
 
-static int send_all(const char *buf, size_t n)
+/* Send all of buf; -1 if the connection is gone or a signal asks us to stop (a server that
+ * does not read would otherwise hold us here for ever). */
+static int send_all(const char *buf, size_t n, int flags)
 {
 	while (n > 0) {
-		ssize_t w = send(sock, buf, n, MSG_NOSIGNAL);
-		if (w < 0 && errno == EINTR)
+		ssize_t w = send(sock, buf, n, MSG_NOSIGNAL | flags);
+		if (w < 0 && errno == EINTR && !stop_signal)
 			continue;
 		if (w < 0)
 			return -1;
@@ -368,7 +370,7 @@ static void end(int status, const char *fmt, ...)
 	if (sock >= 0 && handle[0]) {
 		char bye[sizeof handle + 8];
 		int n = snprintf(bye, sizeof bye, "%s>\\quit\n", handle);
-		send_all(bye, (size_t)n + 1); /* with the NUL after the newline */
+		send_all(bye, (size_t)n + 1, MSG_DONTWAIT); /* best effort; with the NUL */
 	}
 	if (sock >= 0)
 		close(sock);
@@ -445,8 +447,11 @@ static void send_text(const char *text)
 {
 	static char out[sizeof handle + INPUT_MAX + 4];
 	int n = snprintf(out, sizeof out, "%s>%s\n", handle, text);
-	if (send_all(out, (size_t)n + 1) < 0) /* with the NUL the original CS372 server expects */
+	if (send_all(out, (size_t)n + 1, 0) < 0) { /* with the NUL the original CS372 server expects */
+		if (stop_signal)
+			end(0, "You left the chat.");
 		lost(errno);
+	}
 	fr.padding = 0; /* we spoke: the server's turn, so any padding from it has ended */
 	if (!room) {
 		my_turn = 0;

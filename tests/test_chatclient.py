@@ -897,3 +897,59 @@ def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient
     s.wait_last("You left the chat.")
     assert s.finish() == 0
     srv.join()
+
+
+def _blocked_in_send(pid):
+    try:
+        with open(f"/proc/{pid}/stack") as f:
+            return "sk_stream_wait_memory" in f.read()  # the socket buffer is full
+    except OSError:
+        return False
+
+
+def _can_read_stacks():
+    try:
+        with open(f"/proc/{os.getpid()}/stack") as f:
+            f.read()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
+def test_sigterm_ends_a_client_blocked_on_a_server_that_does_not_read(chatclient):
+    """In a room, lines are sent as they are typed; a server that stops reading fills the socket.
+    SIGTERM must still end the client (no retrying send() forever), with a final line."""
+    release = threading.Event()
+
+    def script(peer):
+        peer.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.send(ROOM_WELCOME)
+        release.wait(30)  # never reads until the test is over
+
+    srv = FakeServer(script)
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def feed():
+        try:
+            proc.stdin.write(b"bob\n" + (b"x" * 500 + b"\n") * 20000)
+        except (BrokenPipeError, ValueError):
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while not _blocked_in_send(proc.pid):
+        assert time.monotonic() < deadline and proc.poll() is None, "the client never filled the socket"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("SIGTERM did not end a client blocked in send()") from None
+    finally:
+        release.set()
+    assert proc.returncode == 0, err
+    assert out.decode().rstrip("\n").split("\n")[-1] == "You left the chat."
