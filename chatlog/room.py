@@ -221,15 +221,17 @@ class Room:
             return []
         msg = ev.msg
         handle = msg.handle
-        if (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit or msg.cut:
-            return self._received_slow(p, ev)
         text = msg.text
+        if (
+            (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit
+            or msg.cut or len(text) > MAX_TEXT
+        ):
+            return self._received_slow(p, ev)
         at = ev.at
         p.last = at
         shown = visible(text)
         out: list[Decision] = [
-            Commit(ev.conn, "client", p.handle, text, msg.raw,
-                   None if len(text) <= MAX_TEXT else f"longer than {MAX_TEXT} characters", at),
+            Commit(ev.conn, "client", p.handle, text, msg.raw, None, at),
             Show("client", shown, p.shown),
             Broadcast(p.prefix + shown.encode() + b"\n", ev.conn),
         ]
@@ -239,7 +241,7 @@ class Room:
 
     def _received_slow(self, p: Participant, ev: Received) -> list[Decision]:
         """The first line, a new handle, a claimed server handle, no handle at all, `\\quit`, or a
-        line cut at the size limit."""
+        line over the protocol's 500 characters (up to 8192 bytes, more when cut at that limit)."""
         msg = ev.msg
         at = ev.at
         out: list[Decision] = []
@@ -275,8 +277,18 @@ class Room:
             out += [
                 Commit(p.conn, "client", p.handle, text, msg.raw, note, at),
                 Show("client", shown, p.shown),
-                Broadcast(p.prefix + shown.encode() + b"\n", p.conn),
             ]
+            if len(text) > MAX_TEXT:
+                # Relayed as the protocol allows: at most 500 characters, marked as cut. Old
+                # clients have small buffers, and one long line sent to every listener is the
+                # cheapest way to flood a room. The store keeps it whole; the sender is told.
+                more = len(text) - MAX_TEXT
+                shown = visible(text[:MAX_TEXT]) + f" [{more} more characters not relayed]"
+                if not msg.cut:  # (a cut line ends its session, with its own notice)
+                    out.append(Send(p.conn, self.notice(
+                        f"Lines are at most {MAX_TEXT} characters: the others saw the first {MAX_TEXT} of yours."
+                    )))
+            out.append(Broadcast(p.prefix + shown.encode() + b"\n", p.conn))
         if msg.cut:
             return _stores_first(out + self._leave(p.conn, "overlong", at, NOTICES["overlong"]))
         out = _stores_first(out)

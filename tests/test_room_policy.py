@@ -166,7 +166,7 @@ def test_a_slow_client_is_dropped_at_once_and_the_others_told():
     ]
 
 
-def test_an_overlong_line_is_committed_relayed_then_its_sender_ended():
+def test_an_overlong_line_is_committed_whole_relayed_cut_then_its_sender_ended():
     r = room(2, ["alice"])
     out = r.handle_event(line(1, "x" * 8192, "alice", at=4.0, raw=b"alice>" + b"x" * 8186, cut=100))
     commits = of(Commit, out)
@@ -174,16 +174,23 @@ def test_an_overlong_line_is_committed_relayed_then_its_sender_ended():
     assert commits[1] == Commit(1, "event", "alice", "left", None, "overlong", 4.0)
     assert of(End, out) == [End(1, "overlong", 4.0, NOTICES["overlong"])]
     assert of(Broadcast, out) == [
-        Broadcast(b"alice>" + b"x" * 8192 + b"\n", exclude=1),
+        Broadcast(b"alice>" + b"x" * 500 + b" [7692 more characters not relayed]\n", exclude=1),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
     ]
+    assert not of(Send, out)  # its End carries the notice
 
 
-def test_a_line_over_500_characters_is_noted_but_relayed():
+def test_a_line_over_500_characters_is_kept_whole_and_relayed_cut():
     r = room(2, ["alice"])
     out = r.handle_event(line(1, "y" * 501, "alice", at=4.0))
-    assert of(Commit, out)[0].note == "longer than 500 characters"
-    assert len(of(Broadcast, out)) == 1
+    assert of(Commit, out) == [Commit(1, "client", "alice", "y" * 501, None, "longer than 500 characters", 4.0)]
+    assert of(Broadcast, out) == [Broadcast(b"alice>" + b"y" * 500 + b" [1 more characters not relayed]\n", 1)]
+    assert of(Send, out) == [Send(1, b"SERVER>*** Lines are at most 500 characters: the others saw the first 500 of yours.\n")]
+    # Escapes cannot blow a relayed line up past ten times the limit: one line to every
+    # listener stays small.
+    out = r.handle_event(line(1, "\U000e0001" * 2000, "alice", at=5.0))
+    assert len(of(Broadcast, out)[0].data) < 5100
+    assert r.handle_event(line(1, "z" * 500, "alice", at=6.0))[0].note is None
 
 
 # -- the server's handle, unknown handles, renames -----------------------------------------
@@ -453,6 +460,7 @@ handles = st.sampled_from(
 )
 texts = st.one_of(
     st.text(max_size=30),
+    st.text(min_size=495, max_size=520),
     st.sampled_from(["\\quit", " \\quit ", "\x1b]0;t\x07", "*** fake notice", "\u2028", "a\rb"]),
 )
 op_texts = st.one_of(
@@ -565,7 +573,9 @@ def test_room_properties(script, limits, max_clients, per_address):
                 if c.note and "not relayed" in c.note:
                     assert not mine
                 else:
-                    want = (visible(c.handle) + ">" + visible(c.text) + "\n").encode()
+                    cut = len(c.text) - 500
+                    shown = visible(c.text) if cut <= 0 else visible(c.text[:500]) + f" [{cut} more characters not relayed]"
+                    want = (visible(c.handle) + ">" + shown + "\n").encode()
                     assert [b.data for _, b in mine] == [want] and mine[0][0] > i
         assert len(relays) == len([c for c in of(Commit, out) if c.sender == "client"
                                    and not (c.note and "not relayed" in c.note)])
