@@ -6,18 +6,22 @@ comes in on the events and everything the loop needs is in the decisions.
 
 What a room does:
 
-- A client is greeted at once on connect (rooms have no turns) and recorded (`Join`). Its handle
-  becomes known from its first line (`Handle`); only then is its arrival announced to the others
-  (`*** alice joined`) and recorded as an event, so a lurker who never speaks is never announced.
+- A client is greeted at once on connect (rooms have no turns; `N here` counts the clients in the
+  room, the newcomer included) and recorded (`Join`). Its handle becomes known from its first
+  line (`Handle`); only then is its arrival announced to the others (`*** alice joined`) and
+  recorded as an event, so a lurker who never speaks is never announced. Its leaving is announced
+  and recorded if its arrival was; everyone's leaving is recorded by its `End`.
 - Each client line is committed, then relayed to every other client as `handle>text\\n` (one
   `Broadcast`) and shown on the console. Handle and text are made safe with `sanitize.visible`
-  exactly as the console makes them: old clients print what they get raw.
+  exactly as the console makes them: old clients print what they get raw. A line over the
+  protocol's 500 characters is committed whole but relayed cut there, marked, and its sender told.
 - A line that cannot be relayed is still committed (nothing is lost) and its sender is told why:
   a line claiming the server's handle (compared case-insensitively, after Unicode
   compatibility folding) and a line from a client whose handle is not known yet.
 - The operator's lines go to everyone as `SERVER>text\\n` (the configured handle). At the console,
   `\\who` lists who is here, `\\kick NAME` removes a client (by handle or `host:port`), `\\quit`
-  closes the room; the end of the operator's input closes it too.
+  closes the room; the end of the operator's input closes it too. The operator's input is wanted
+  from the start (`deadline()` is 0 until the first event, answered with `Prompt(True)`).
 - A client that stops reading is dropped as `slow` (the loop reports it with `Stalled`), so nobody
   else ever waits for it. A client over its rate limit (a token bucket: `rate` lines/s with a
   `burst` allowance) is paused (`Pause`), never cut short: every line it sent is still committed
