@@ -74,6 +74,15 @@ BURST = 100  # lines at once before the rate applies
 FULL_NOTICE = "The room is full; try again later."
 NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
 
+# How the console words a participant's leaving, by end reason.
+LEFT = {
+    "client-quit": "quit",
+    "disconnect": "disconnected",
+    "slow": "dropped, it stopped reading",
+    "kicked": "removed by the operator",
+    "overlong": "dropped for a line over 8192 bytes",
+}
+
 _COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
 
 
@@ -346,12 +355,16 @@ class Room:
             self.per_addr[p.addr] = n
         else:
             del self.per_addr[p.addr]
+        # The console hears of every leave from here: the loop shows no ending for a participant.
+        who = f"{p.shown} ({address(p.host, p.port)})" if p.announced else address(p.host, p.port)
+        shown = Show("event", f"{who} left: {LEFT.get(reason, reason)} ({len(self.people)} here)")
         if not p.announced:
-            return [End(conn, reason, at, notice)]
+            return [End(conn, reason, at, notice), shown]
         return [
             Commit(conn, "event", p.handle, "left", None, reason, at),
             End(conn, reason, at, notice),
             Broadcast(self.notice(f"{p.shown} left"), conn),
+            shown,
         ]
 
     # -- the operator --------------------------------------------------------------------------

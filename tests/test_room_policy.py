@@ -113,13 +113,17 @@ def test_leave_notice_and_event():
         Commit(1, "event", "alice", "left", None, "disconnect", 5.0),
         End(1, "disconnect", 5.0, None),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
+        Show("event", "alice (127.0.0.1:5001) left: disconnected (1 here)"),
     ]
     assert r.handle_event(Disconnected(1, 6.0)) == []  # an End happens once
 
 
 def test_a_lurker_leaves_quietly():
     r = room(2)
-    assert r.handle_event(Disconnected(1, 5.0)) == [End(1, "disconnect", 5.0, None)]
+    assert r.handle_event(Disconnected(1, 5.0)) == [
+        End(1, "disconnect", 5.0, None),
+        Show("event", "127.0.0.1:5001 left: disconnected (1 here)"),
+    ]
 
 
 def test_the_server_handle_can_be_changed():
@@ -148,6 +152,7 @@ def test_client_quit_is_not_committed_as_a_message():
         Commit(1, "event", "alice", "left", None, "client-quit", 4.0),
         End(1, "client-quit", 4.0, None),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
+        Show("event", "alice (127.0.0.1:5001) left: quit (1 here)"),
     ]
     assert r.handle_event(line(1, "after quit", "alice", at=4.1)) == []
 
@@ -159,6 +164,7 @@ def test_a_slow_client_is_dropped_at_once_and_the_others_told():
         Commit(2, "event", "bob", "left", None, "slow", 7.0),
         End(2, "slow", 7.0, NOTICES["slow"]),
         Broadcast(b"SERVER>*** bob left\n", exclude=2),
+        Show("event", "bob (127.0.0.1:5002) left: dropped, it stopped reading (2 here)"),
     ]
     # Nothing else is waiting on it: the next line goes out as usual.
     assert of(Broadcast, r.handle_event(line(1, "still here", "alice", at=7.1))) == [
@@ -310,6 +316,7 @@ def test_kick_by_handle_ends_that_client_and_tells_the_others():
         Commit(2, "event", "bob", "left", None, "kicked", 6.0),
         End(2, "kicked", 6.0, NOTICES["kicked"]),
         Broadcast(b"SERVER>*** bob left\n", exclude=2),
+        Show("event", "bob (127.0.0.1:5002) left: removed by the operator (2 here)"),
     ]
     assert NOTICES["kicked"] == "The operator removed you from the room."
     assert r.handle_event(line(2, "let me back", "bob", at=6.1)) == []
@@ -323,7 +330,7 @@ def test_kick_case_insensitively_by_address_and_clearly_when_ambiguous():
     assert of(End, r.handle_event(OperatorLine("\\kick 127.0.0.1:5003", 6.0))) == [End(3, "kicked", 6.0, NOTICES["kicked"])]
     assert of(End, r.handle_event(OperatorLine("\\kick bob", 6.0))) == [End(2, "kicked", 6.0, NOTICES["kicked"])]
     out = r.handle_event(OperatorLine("\\kick 127.0.0.1:5004", 6.0))  # a lurker: nobody to tell
-    assert out == [End(4, "kicked", 6.0, NOTICES["kicked"])]
+    assert out[:1] == [End(4, "kicked", 6.0, NOTICES["kicked"])] and not of(Broadcast, out)
     assert r.handle_event(OperatorLine("\\kick nobody", 6.0))[0].kind == "error"
     assert "usage" in r.handle_event(OperatorLine("\\kick", 6.0))[0].text
 
