@@ -206,18 +206,14 @@ class Room:
         people = self.people
         if ev.conn in people:
             return []
+        # The loop shows refusals itself, coalesced per address and minute, so a flood of
+        # connections cannot flood the console.
         if len(people) >= self.max_clients:
-            return [
-                Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE),
-                Show("event", visible(f"refused {ev.host} port {ev.port}: the room is full ({len(people)} here)")),
-            ]
+            return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE)]
         key = _plain(ev.host)
         n = self.per_addr.get(key, 0)
         if self.per_address and n >= self.per_address:
-            return [
-                Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"]),
-                Show("event", visible(f"refused {ev.host} port {ev.port}: {n} connections from that address")),
-            ]
+            return [Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"])]
         self.per_addr[key] = n + 1
         p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at)
         people[ev.conn] = p
@@ -225,7 +221,7 @@ class Room:
         return [
             Join(ev.conn, ev.host, ev.port, ev.at),
             Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),
-            Show("event", visible(f"{ev.host} port {ev.port} entered the room ({here} here)")),
+            Show("event", visible(f"{address(ev.host, ev.port)} entered the room ({here} here)")),
         ]
 
     def _received(self, ev: Received) -> list[Decision]:

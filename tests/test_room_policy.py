@@ -73,6 +73,7 @@ def test_greeting_is_sent_at_once_after_the_join_is_recorded():
     out = r.handle_event(Connected(1, HOST, 5001, 1.0))
     assert out[0] == Join(1, HOST, 5001, 1.0)
     assert out[1] == Send(1, b"SERVER>*** Welcome to the room: 1 here. Type at any time.\n")
+    assert out[2:] == [Show("event", "127.0.0.1:5001 entered the room (1 here)")]
     out = r.handle_event(Connected(2, HOST, 5002, 1.5))
     assert of(Send, out) == [Send(2, b"SERVER>*** Welcome to the room: 2 here. Type at any time.\n")]
     assert not of(Broadcast, out)  # a lurker is not announced
@@ -384,7 +385,7 @@ def test_a_room_needs_no_timer():
 def test_max_clients_refuses_clearly_and_admits_again_after_a_leave():
     r = room(3, max_clients=3)
     out = r.handle_event(Connected(4, HOST, 6000, 2.0))
-    assert out[0] == Refuse(4, HOST, 6000, "busy", 2.0, FULL_NOTICE)
+    assert out == [Refuse(4, HOST, 6000, "busy", 2.0, FULL_NOTICE)]  # the loop shows it, coalesced
     assert FULL_NOTICE == "The room is full; try again later."
     assert r.handle_event(line(4, "hi", "x", at=2.0)) == []
     r.handle_event(Disconnected(2, 3.0))
@@ -396,7 +397,7 @@ def test_per_address_cap_counts_v4_mapped_addresses_as_one():
     assert of(Join, r.handle_event(Connected(1, "10.0.0.1", 1, 1.0)))
     assert of(Join, r.handle_event(Connected(2, "::ffff:10.0.0.1", 2, 1.0)))
     out = r.handle_event(Connected(3, "10.0.0.1", 3, 1.0))
-    assert out[0] == Refuse(3, "10.0.0.1", 3, "per-address", 1.0, NOTICES["per-address"])
+    assert out == [Refuse(3, "10.0.0.1", 3, "per-address", 1.0, NOTICES["per-address"])]
     assert of(Join, r.handle_event(Connected(4, "10.0.0.2", 4, 1.0)))
     r.handle_event(line(2, "\\quit", "a", at=2.0))
     assert of(Join, r.handle_event(Connected(5, "10.0.0.1", 5, 2.0)))
