@@ -6,18 +6,22 @@ comes in on the events and everything the loop needs is in the decisions.
 
 What a room does:
 
-- A client is greeted at once on connect (rooms have no turns) and recorded (`Join`). Its handle
-  becomes known from its first line (`Handle`); only then is its arrival announced to the others
-  (`*** alice joined`) and recorded as an event, so a lurker who never speaks is never announced.
+- A client is greeted at once on connect (rooms have no turns; `N here` counts the clients in the
+  room, the newcomer included) and recorded (`Join`). Its handle becomes known from its first
+  line (`Handle`); only then is its arrival announced to the others (`*** alice joined`) and
+  recorded as an event, so a lurker who never speaks is never announced. Its leaving is announced
+  and recorded if its arrival was; everyone's leaving is recorded by its `End`.
 - Each client line is committed, then relayed to every other client as `handle>text\\n` (one
   `Broadcast`) and shown on the console. Handle and text are made safe with `sanitize.visible`
-  exactly as the console makes them: old clients print what they get raw.
+  exactly as the console makes them: old clients print what they get raw. A line over the
+  protocol's 500 characters is committed whole but relayed cut there, marked, and its sender told.
 - A line that cannot be relayed is still committed (nothing is lost) and its sender is told why:
   a line claiming the server's handle (compared case-insensitively, after Unicode
   compatibility folding) and a line from a client whose handle is not known yet.
 - The operator's lines go to everyone as `SERVER>text\\n` (the configured handle). At the console,
   `\\who` lists who is here, `\\kick NAME` removes a client (by handle or `host:port`), `\\quit`
-  closes the room; the end of the operator's input closes it too.
+  closes the room; the end of the operator's input closes it too. The operator's input is wanted
+  from the start (`deadline()` is 0 until the first event, answered with `Prompt(True)`).
 - A client that stops reading is dropped as `slow` (the loop reports it with `Stalled`), so nobody
   else ever waits for it. A client over its rate limit (a token bucket: `rate` lines/s with a
   `burst` allowance) is paused (`Pause`), never cut short: every line it sent is still committed
@@ -69,6 +73,15 @@ BURST = 100  # lines at once before the rate applies
 
 FULL_NOTICE = "The room is full; try again later."
 NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
+
+# How the console words a participant's leaving, by end reason.
+LEFT = {
+    "client-quit": "quit",
+    "disconnect": "disconnected",
+    "slow": "dropped, it stopped reading",
+    "kicked": "removed by the operator",
+    "overlong": "dropped for a line over 8192 bytes",
+}
 
 _COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
 
@@ -193,6 +206,8 @@ class Room:
         people = self.people
         if ev.conn in people:
             return []
+        # The loop shows refusals itself, coalesced per address and minute, so a flood of
+        # connections cannot flood the console.
         if len(people) >= self.max_clients:
             return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE, f"the room is full ({len(people)} here)")]
         key = _plain(ev.host)
@@ -207,7 +222,7 @@ class Room:
         return [
             Join(ev.conn, ev.host, ev.port, ev.at),
             Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),
-            Show("event", visible(f"{ev.host} port {ev.port} entered the room ({here} here)")),
+            Show("event", visible(f"{address(ev.host, ev.port)} entered the room ({here} here)")),
         ]
 
     def _received(self, ev: Received) -> list[Decision]:
@@ -219,15 +234,17 @@ class Room:
             note = f"{msg.padding} bytes of padding after the previous line"
             return [Commit(p.conn, "event", p.handle, "padding", msg.raw, note, ev.at)]
         handle = msg.handle
-        if (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit or msg.cut:
-            return self._received_slow(p, ev)
         text = msg.text
+        if (
+            (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit
+            or msg.cut or len(text) > MAX_TEXT
+        ):
+            return self._received_slow(p, ev)
         at = ev.at
         p.last = at
         shown = visible(text)
         out: list[Decision] = [
-            Commit(ev.conn, "client", p.handle, text, msg.raw,
-                   None if len(text) <= MAX_TEXT else f"longer than {MAX_TEXT} characters", at),
+            Commit(ev.conn, "client", p.handle, text, msg.raw, None, at),
             Show("client", shown, p.shown),
             Broadcast(p.prefix + shown.encode() + b"\n", ev.conn),
         ]
@@ -237,7 +254,7 @@ class Room:
 
     def _received_slow(self, p: Participant, ev: Received) -> list[Decision]:
         """The first line, a new handle, a claimed server handle, no handle at all, `\\quit`, or a
-        line cut at the size limit."""
+        line over the protocol's 500 characters (up to 8192 bytes, more when cut at that limit)."""
         msg = ev.msg
         at = ev.at
         out: list[Decision] = []
@@ -273,8 +290,18 @@ class Room:
             out += [
                 Commit(p.conn, "client", p.handle, text, msg.raw, note, at),
                 Show("client", shown, p.shown),
-                Broadcast(p.prefix + shown.encode() + b"\n", p.conn),
             ]
+            if len(text) > MAX_TEXT:
+                # Relayed as the protocol allows: at most 500 characters, marked as cut. Old
+                # clients have small buffers, and one long line sent to every listener is the
+                # cheapest way to flood a room. The store keeps it whole; the sender is told.
+                more = len(text) - MAX_TEXT
+                shown = visible(text[:MAX_TEXT]) + f" [{more} more characters not relayed]"
+                if not msg.cut:  # (a cut line ends its session, with its own notice)
+                    out.append(Send(p.conn, self.notice(
+                        f"Lines are at most {MAX_TEXT} characters: the others saw the first {MAX_TEXT} of yours."
+                    )))
+            out.append(Broadcast(p.prefix + shown.encode() + b"\n", p.conn))
         if msg.cut:
             return _stores_first(out + self._leave(p.conn, "overlong", at, NOTICES["overlong"]))
         out = _stores_first(out)
@@ -328,8 +355,9 @@ class Room:
             self.per_addr[p.addr] = n
         else:
             del self.per_addr[p.addr]
-        who = p.shown if p.announced else address(p.host, p.port)
-        shown = Show("event", f"{who} left ({reason}, {len(self.people)} here)")
+        # The console hears of every leave from here: the loop shows no ending for a participant.
+        who = f"{p.shown} ({address(p.host, p.port)})" if p.announced else address(p.host, p.port)
+        shown = Show("event", f"{who} left: {LEFT.get(reason, reason)} ({len(self.people)} here)")
         if not p.announced:
             return [End(conn, reason, at, notice), shown]
         return [

@@ -446,6 +446,8 @@ class Loop:
         if isinstance(d, Show):
             self._show(d)
             return
+        if isinstance(d, (Commit, Handle, Open, Serve)):
+            return  # recorded in phase one; nothing to send or show
         if self._bcast:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
         if isinstance(d, Join):

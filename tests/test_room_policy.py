@@ -73,6 +73,7 @@ def test_greeting_is_sent_at_once_after_the_join_is_recorded():
     out = r.handle_event(Connected(1, HOST, 5001, 1.0))
     assert out[0] == Join(1, HOST, 5001, 1.0)
     assert out[1] == Send(1, b"SERVER>*** Welcome to the room: 1 here. Type at any time.\n")
+    assert out[2:] == [Show("event", "127.0.0.1:5001 entered the room (1 here)")]
     out = r.handle_event(Connected(2, HOST, 5002, 1.5))
     assert of(Send, out) == [Send(2, b"SERVER>*** Welcome to the room: 2 here. Type at any time.\n")]
     assert not of(Broadcast, out)  # a lurker is not announced
@@ -113,7 +114,7 @@ def test_leave_notice_and_event():
         Commit(1, "event", "alice", "left", None, "disconnect", 5.0),
         End(1, "disconnect", 5.0, None),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
-        Show("event", "alice left (disconnect, 1 here)"),
+        Show("event", "alice (127.0.0.1:5001) left: disconnected (1 here)"),
     ]
     assert r.handle_event(Disconnected(1, 6.0)) == []  # an End happens once
 
@@ -121,7 +122,8 @@ def test_leave_notice_and_event():
 def test_a_lurker_leaves_quietly():
     r = room(2)
     assert r.handle_event(Disconnected(1, 5.0)) == [
-        End(1, "disconnect", 5.0, None), Show("event", "127.0.0.1:5001 left (disconnect, 1 here)"),
+        End(1, "disconnect", 5.0, None),
+        Show("event", "127.0.0.1:5001 left: disconnected (1 here)"),
     ]
 
 
@@ -151,7 +153,7 @@ def test_client_quit_is_not_committed_as_a_message():
         Commit(1, "event", "alice", "left", None, "client-quit", 4.0),
         End(1, "client-quit", 4.0, None),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
-        Show("event", "alice left (client-quit, 1 here)"),
+        Show("event", "alice (127.0.0.1:5001) left: quit (1 here)"),
     ]
     assert r.handle_event(line(1, "after quit", "alice", at=4.1)) == []
 
@@ -163,7 +165,7 @@ def test_a_slow_client_is_dropped_at_once_and_the_others_told():
         Commit(2, "event", "bob", "left", None, "slow", 7.0),
         End(2, "slow", 7.0, NOTICES["slow"]),
         Broadcast(b"SERVER>*** bob left\n", exclude=2),
-        Show("event", "bob left (slow, 2 here)"),
+        Show("event", "bob (127.0.0.1:5002) left: dropped, it stopped reading (2 here)"),
     ]
     # Nothing else is waiting on it: the next line goes out as usual.
     assert of(Broadcast, r.handle_event(line(1, "still here", "alice", at=7.1))) == [
@@ -171,7 +173,7 @@ def test_a_slow_client_is_dropped_at_once_and_the_others_told():
     ]
 
 
-def test_an_overlong_line_is_committed_relayed_then_its_sender_ended():
+def test_an_overlong_line_is_committed_whole_relayed_cut_then_its_sender_ended():
     r = room(2, ["alice"])
     out = r.handle_event(line(1, "x" * 8192, "alice", at=4.0, raw=b"alice>" + b"x" * 8186, cut=100))
     commits = of(Commit, out)
@@ -179,16 +181,23 @@ def test_an_overlong_line_is_committed_relayed_then_its_sender_ended():
     assert commits[1] == Commit(1, "event", "alice", "left", None, "overlong", 4.0)
     assert of(End, out) == [End(1, "overlong", 4.0, NOTICES["overlong"])]
     assert of(Broadcast, out) == [
-        Broadcast(b"alice>" + b"x" * 8192 + b"\n", exclude=1),
+        Broadcast(b"alice>" + b"x" * 500 + b" [7692 more characters not relayed]\n", exclude=1),
         Broadcast(b"SERVER>*** alice left\n", exclude=1),
     ]
+    assert not of(Send, out)  # its End carries the notice
 
 
-def test_a_line_over_500_characters_is_noted_but_relayed():
+def test_a_line_over_500_characters_is_kept_whole_and_relayed_cut():
     r = room(2, ["alice"])
     out = r.handle_event(line(1, "y" * 501, "alice", at=4.0))
-    assert of(Commit, out)[0].note == "longer than 500 characters"
-    assert len(of(Broadcast, out)) == 1
+    assert of(Commit, out) == [Commit(1, "client", "alice", "y" * 501, None, "longer than 500 characters", 4.0)]
+    assert of(Broadcast, out) == [Broadcast(b"alice>" + b"y" * 500 + b" [1 more characters not relayed]\n", 1)]
+    assert of(Send, out) == [Send(1, b"SERVER>*** Lines are at most 500 characters: the others saw the first 500 of yours.\n")]
+    # Escapes cannot blow a relayed line up past ten times the limit: one line to every
+    # listener stays small.
+    out = r.handle_event(line(1, "\U000e0001" * 2000, "alice", at=5.0))
+    assert len(of(Broadcast, out)[0].data) < 5100
+    assert r.handle_event(line(1, "z" * 500, "alice", at=6.0))[0].note is None
 
 
 # -- the server's handle, unknown handles, renames -----------------------------------------
@@ -308,7 +317,7 @@ def test_kick_by_handle_ends_that_client_and_tells_the_others():
         Commit(2, "event", "bob", "left", None, "kicked", 6.0),
         End(2, "kicked", 6.0, NOTICES["kicked"]),
         Broadcast(b"SERVER>*** bob left\n", exclude=2),
-        Show("event", "bob left (kicked, 2 here)"),
+        Show("event", "bob (127.0.0.1:5002) left: removed by the operator (2 here)"),
     ]
     assert NOTICES["kicked"] == "The operator removed you from the room."
     assert r.handle_event(line(2, "let me back", "bob", at=6.1)) == []
@@ -322,7 +331,7 @@ def test_kick_case_insensitively_by_address_and_clearly_when_ambiguous():
     assert of(End, r.handle_event(OperatorLine("\\kick 127.0.0.1:5003", 6.0))) == [End(3, "kicked", 6.0, NOTICES["kicked"])]
     assert of(End, r.handle_event(OperatorLine("\\kick bob", 6.0))) == [End(2, "kicked", 6.0, NOTICES["kicked"])]
     out = r.handle_event(OperatorLine("\\kick 127.0.0.1:5004", 6.0))  # a lurker: nobody to tell
-    assert of(End, out) == [End(4, "kicked", 6.0, NOTICES["kicked"])]
+    assert out[:1] == [End(4, "kicked", 6.0, NOTICES["kicked"])] and not of(Broadcast, out)
     assert r.handle_event(OperatorLine("\\kick nobody", 6.0))[0].kind == "error"
     assert "usage" in r.handle_event(OperatorLine("\\kick", 6.0))[0].text
 
@@ -376,7 +385,7 @@ def test_a_room_needs_no_timer():
 def test_max_clients_refuses_clearly_and_admits_again_after_a_leave():
     r = room(3, max_clients=3)
     out = r.handle_event(Connected(4, HOST, 6000, 2.0))
-    assert out[0] == Refuse(4, HOST, 6000, "busy", 2.0, FULL_NOTICE, "the room is full (3 here)")
+    assert out == [Refuse(4, HOST, 6000, "busy", 2.0, FULL_NOTICE, "the room is full (3 here)")]  # the loop shows it, coalesced
     assert FULL_NOTICE == "The room is full; try again later."
     assert r.handle_event(line(4, "hi", "x", at=2.0)) == []
     r.handle_event(Disconnected(2, 3.0))
@@ -388,7 +397,7 @@ def test_per_address_cap_counts_v4_mapped_addresses_as_one():
     assert of(Join, r.handle_event(Connected(1, "10.0.0.1", 1, 1.0)))
     assert of(Join, r.handle_event(Connected(2, "::ffff:10.0.0.1", 2, 1.0)))
     out = r.handle_event(Connected(3, "10.0.0.1", 3, 1.0))
-    assert out[0] == Refuse(3, "10.0.0.1", 3, "per-address", 1.0, NOTICES["per-address"], "2 connections from that address")
+    assert out == [Refuse(3, "10.0.0.1", 3, "per-address", 1.0, NOTICES["per-address"], "2 connections from that address")]
     assert of(Join, r.handle_event(Connected(4, "10.0.0.2", 4, 1.0)))
     r.handle_event(line(2, "\\quit", "a", at=2.0))
     assert of(Join, r.handle_event(Connected(5, "10.0.0.1", 5, 2.0)))
@@ -459,6 +468,7 @@ handles = st.sampled_from(
 )
 texts = st.one_of(
     st.text(max_size=30),
+    st.text(min_size=495, max_size=520),
     st.sampled_from(["\\quit", " \\quit ", "\x1b]0;t\x07", "*** fake notice", "\u2028", "a\rb"]),
 )
 op_texts = st.one_of(
@@ -571,7 +581,9 @@ def test_room_properties(script, limits, max_clients, per_address):
                 if c.note and "not relayed" in c.note:
                     assert not mine
                 else:
-                    want = (visible(c.handle) + ">" + visible(c.text) + "\n").encode()
+                    cut = len(c.text) - 500
+                    shown = visible(c.text) if cut <= 0 else visible(c.text[:500]) + f" [{cut} more characters not relayed]"
+                    want = (visible(c.handle) + ">" + shown + "\n").encode()
                     assert [b.data for _, b in mine] == [want] and mine[0][0] > i
         assert len(relays) == len([c for c in of(Commit, out) if c.sender == "client"
                                    and not (c.note and "not relayed" in c.note)])
