@@ -599,6 +599,16 @@ class Loop:
                 f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
             ))
 
+    def close_room(self) -> None:
+        """Record the room's end (its participants have been ended already)."""
+        reason = "shutdown" if self.stopping else "server-quit"
+        try:
+            self.recorder.end_session(self.room_session, reason, time.time())
+        except Exception as exc:  # noqa: BLE001  (the store's own error, worded)
+            if not _is_store_failure(exc):
+                raise
+            self.failure = str(exc)
+
     def _store_failed(self, why: str) -> None:
         """Nothing of the failed pass was shown or sent. Tell every client, and stop."""
         self.failure = why
@@ -764,14 +774,32 @@ def serve(
     """Run the server on listening `sockets` until it is stopped. Raises ServeError if the store
     fails for good (every client has been told by then)."""
     console = Console(renderer.stream)
+    try:
+        loop = _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf)
+        saved_tty = _save_tty(stdin)
+        try:
+            loop.run()
+        finally:
+            _restore_tty(stdin, saved_tty)
+            if loop.room_session is not None and not loop.failure:
+                loop.close_room()
+    finally:
+        console.close()
+    if loop.failure:
+        raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
+
+
+def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf) -> Loop:
+    """The banner, the server's record (and the room's), the operator: everything but the loop."""
     for line in banner(bind, sockets):
         console.write(line)
     local = sockets[0].getsockname()
     _, orphans = recorder.start(socket.gethostname(), local[1], time.time())
     if orphans:
-        word = "session" if orphans == 1 else "sessions"
-        console.write(renderer.paint("event", f"closed {orphans} {word} left open by a server that stopped unexpectedly, as interrupted"))
-    saved_tty = _save_tty(stdin)
+        what = "1 session" if orphans == 1 else f"{orphans} sessions"
+        console.write(renderer.paint(
+            "event", f"closed {what} left open by a server that stopped unexpectedly, as interrupted"
+        ))
     operator = Operator(
         stdin, console, prompt=f"{policy.handle}>", color_prompt=renderer.prompt(f"{policy.handle}>")
     )
@@ -787,23 +815,13 @@ def serve(
         echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf, room_session=room_session,
     )
     if room:
-        loop.greeting = f"The room is open (session {room_session}); awaiting clients. At the prompt: \\who, \\kick NAME, \\quit"
+        loop.greeting = (
+            f"The room is open (session {room_session}); awaiting clients. "
+            "At the prompt: \\who, \\kick NAME, \\quit"
+        )
     recorder.on_wait = loop.on_store_wait
     recorder.should_stop = lambda: loop.stopping is not None
-    try:
-        loop.run()
-    finally:
-        _restore_tty(stdin, saved_tty)
-        if room_session is not None and not loop.failure:
-            reason = "shutdown" if loop.stopping else "server-quit"
-            try:
-                recorder.end_session(room_session, reason, time.time())
-            except Exception as exc:  # noqa: BLE001  (the store's own error, worded)
-                if not _is_store_failure(exc):
-                    raise
-                loop.failure = str(exc)
-    if loop.failure:
-        raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
+    return loop
 
 
 def _save_tty(stdin):
