@@ -357,6 +357,8 @@ static int send_all(const char *buf, size_t n, int flags)
 			return -1;
 		buf += w;
 		n -= (size_t)w;
+		if (n > 0 && stop_signal && !(flags & MSG_DONTWAIT))
+			return -1; /* a signal cut the send short after some bytes went */
 	}
 	return 0;
 }
