@@ -959,3 +959,37 @@ def test_sigterm_ends_a_client_blocked_on_a_server_that_does_not_read(chatclient
         release.set()
     assert proc.returncode == 0, err
     assert out.decode().rstrip("\n").split("\n")[-1] == "You left the chat."
+
+
+@pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
+def test_ctrl_c_while_connecting_ends_at_once(chatclient):
+    """A listener whose backlog is full leaves connect() waiting: Ctrl-C ends it with one line."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the backlog (never accepted)
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{proc.pid}/stack") as f:
+                if "connect" in f.read():
+                    break
+            assert time.monotonic() < deadline, "the client was never left waiting in connect()"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+        for f in fillers:
+            f.close()
+        lst.close()
+    assert proc.returncode == 1
+    assert err.decode() == f"chatclient: cannot connect to 127.0.0.1 port {port}: interrupted\n"
