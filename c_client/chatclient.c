@@ -357,6 +357,8 @@ static int send_all(const char *buf, size_t n, int flags)
 			return -1;
 		buf += w;
 		n -= (size_t)w;
+		if (n > 0 && stop_signal && !(flags & MSG_DONTWAIT))
+			return -1; /* a signal cut the send short after some bytes went */
 	}
 	return 0;
 }
@@ -420,8 +422,12 @@ static int dial(const char *host, const char *port)
 			saved = errno;
 			continue;
 		}
-		while ((err = connect(fd, ai->ai_addr, ai->ai_addrlen)) < 0 && errno == EINTR)
-			;
+		err = connect(fd, ai->ai_addr, ai->ai_addrlen);
+		if (err < 0 && errno == EINTR) { /* a signal: Ctrl-C while a server keeps us waiting */
+			close(fd);
+			freeaddrinfo(res);
+			end(1, "cannot connect to %s port %s: interrupted", host, port);
+		}
 		if (err == 0)
 			break;
 		saved = errno;
