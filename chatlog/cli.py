@@ -85,7 +85,7 @@ class Group(click.Group):
 
 # -- shared options ---------------------------------------------------------------------------
 
-DB_HELP = "SQLite database file [default: ~/.local/share/chatlog/chatlog.db]"
+DB_HELP = "SQLite database file [env: CHATLOG_DB; default: ~/.local/share/chatlog/chatlog.db]"
 
 
 def _db_value(ctx: click.Context, param: click.Parameter, value):
@@ -109,7 +109,6 @@ def db_option(fn):
         "db",
         type=click.Path(dir_okay=False),
         envvar="CHATLOG_DB",
-        show_envvar=True,
         callback=_db_value,
         help=DB_HELP,
     )(fn)
@@ -536,11 +535,22 @@ def stats(as_json, db):
     from chatlog import views
     from chatlog.render import Renderer
 
-    st = open_archive(db).stats()
+    store = open_archive(db)
+    st = store.stats()
+    _said_and_answers(store, st)
     if as_json:
         views.dump_json(st)
     else:
         views.stats_text(st, Renderer())
+
+
+def _said_and_answers(store, st: dict) -> None:
+    """Each busiest handle's messages split into what it said and the answers it got."""
+    for b in st.get("busiest_handles", []):
+        if "said" not in b:
+            rows = store.sessions(make_filters(handle=b["handle"]), 0)
+            b["said"] = sum(s.client_messages for s in rows)
+            b["answers"] = sum(s.server_messages for s in rows)
 
 
 @cli.command()
