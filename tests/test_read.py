@@ -383,3 +383,13 @@ def test_a_read_only_archive_can_be_read(db_path, queued):
     finally:
         os.chmod(ro, 0o755)
         shutil.rmtree(ro)
+
+
+def test_shell_completion_as_documented():
+    env = dict(os.environ, _CHATLOG_COMPLETE="bash_complete", COMP_WORDS="chatlog exp", COMP_CWORD="1")
+    r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["plain,export"], r.stdout + r.stderr
+    env.update(COMP_WORDS="chatlog export -f c", COMP_CWORD="3")
+    r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["plain,csv", "plain,cast"]
+    assert "_CHATLOG_COMPLETE=bash_source chatlog" in (ROOT / "README.md").read_text()
