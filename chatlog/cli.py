@@ -69,6 +69,17 @@ class Command(click.Command):
             except Nothing as exc:
                 click.echo(str(exc), err=True)
                 return None
+            except BrokenPipeError:  # `| head`: the reader has what it wanted; not a failure
+                _silence_stdout()
+                return None
+
+
+def _silence_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class Group(click.Group):

@@ -113,11 +113,20 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
 def show(
     s: Session, messages: Iterable[Msg], r: Renderer, utc: bool = False, timestamps: bool = False
 ) -> None:
-    for line in header_lines(s, utc):
-        r.write(r.paint("dim", line))
-    r.write("")
+    """The header and the whole transcript, written in batches (not a flush a line: on a large
+    session that was half the time)."""
+    out = r.stream
+    batch = [r.paint("dim", line) for line in header_lines(s, utc)]
+    batch.append("")
     for _, line in console_lines(transcript.events(s, messages), r, timestamps, utc):
-        r.write(line)
+        batch.append(line)
+        if len(batch) >= 1024:
+            batch.append("")
+            out.write("\n".join(batch))
+            batch.clear()
+    batch.append("")
+    out.write("\n".join(batch))
+    out.flush()
 
 
 # -- sessions ---------------------------------------------------------------------------------

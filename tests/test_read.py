@@ -393,3 +393,16 @@ def test_shell_completion_as_documented():
     r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.split() == ["plain,csv", "plain,cast"]
     assert "_CHATLOG_COMPLETE=bash_source chatlog" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args", [["show", "1"], ["export", "1"], ["replay", "1"], ["search", "line", "-n", "0"]])
+def test_a_reader_that_stops_early_is_not_a_failure(db_path, store, args):
+    """`chatlog show 1 | head -1`: the command stops quietly with status 0."""
+    chat(store, handle="amy", started=T("10:00:00"),
+         lines=[("client", f"line {i} " + "x" * 100, T("10:00:01")) for i in range(3000)])
+    proc = subprocess.Popen([sys.executable, "-m", "chatlog", *args, "--db", str(db_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(20) == 0
+    assert proc.stderr.read() == b""
