@@ -72,6 +72,10 @@ class Command(click.Command):
             except BrokenPipeError:  # `| head`: the reader has what it wanted; not a failure
                 _silence_stdout()
                 return None
+            except KeyboardInterrupt:
+                err = Failed("interrupted")
+                err.exit_code = 130
+                raise err from None
 
 
 def _silence_stdout() -> None:

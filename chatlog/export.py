@@ -26,7 +26,7 @@ from chatlog.render import Renderer
 from chatlog.sanitize import TerminalSafe, csv_cell, csv_plain, html_text, visible
 from chatlog.views import console_lines, header_lines, message_dict, session_dict
 
-from chatlog.records import Msg, Session, parse_iso
+from chatlog.records import Msg, Session
 
 if TYPE_CHECKING:
     from chatlog.query import Filters
@@ -383,10 +383,9 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
     with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as spool:
         for s, messages in sessions:
             first = first or s
-            start = parse_iso(s.started_at)
             t = 0.0
             for ev in transcript.events(s, msgs(messages)):
-                t = max(t, (parse_iso(ev.at) - start).total_seconds())
+                t = max(t, transcript.seconds_between(s.started_at, ev.at) or 0.0)
                 line = color.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else (
                     color.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
                 )
@@ -397,7 +396,7 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
         header = {"version": 2, "width": min(width, CAST_MAX_WIDTH), "height": CAST_HEIGHT}
         if first is not None:
             header.update({
-                "timestamp": int(parse_iso(first.started_at).timestamp()),
+                "timestamp": int(getattr(transcript.parse_time(first.started_at), "timestamp", lambda: 0)()),
                 "title": f"chatlog session {first.id}",
                 "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
             })

@@ -24,7 +24,7 @@ from chatlog import transcript
 from chatlog.render import Renderer
 from chatlog.views import console_lines
 
-from chatlog.records import Msg, Session, parse_iso
+from chatlog.records import Msg, Session
 
 PAGE = 2000  # messages read per query: no read transaction stays open while we wait
 
@@ -78,10 +78,11 @@ def relative(lines: Iterable[tuple[str, str]]) -> Iterator[tuple[float, str]]:
     first = None
     t = 0.0
     for when, line in lines:
-        now = parse_iso(when)
-        if first is None:
-            first = now
-        t = max(t, (now - first).total_seconds())
+        now = transcript.parse_time(when)
+        if now is not None:
+            if first is None:
+                first = now
+            t = max(t, (now - first).total_seconds())
         yield t, line
 
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
+from typing import TYPE_CHECKING
 
 from chatlog.render import connected_text, duration, ended_text, plural
 
 from chatlog.records import Msg, Session, parse_iso
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 # Event kinds
 CONNECTED = "connected"
@@ -62,7 +66,9 @@ class Transcript:
         return s.served_at is not None and s.served_at != s.started_at
 
     def _at(self, when: str | None) -> str:
-        if when is None or when < self.last:  # ISO strings in UTC compare as times
+        # Stored times are UTC ISO strings, which compare as times; anything else (a hand-edited
+        # file) is taken as "no later than the line before".
+        if when is None or when < self.last or not looks_like_time(when):
             return self.last
         self.last = when
         return when
@@ -74,8 +80,9 @@ class Transcript:
     def _began_event(self) -> Event:
         s = self.session
         self._began = True
-        wait = (parse_iso(s.served_at) - parse_iso(s.started_at)).total_seconds()
-        return Event(BEGAN, self._at(s.served_at), waited_text(wait))
+        wait = seconds_between(s.started_at, s.served_at)
+        text = waited_text(wait) if wait is not None else "chat began"
+        return Event(BEGAN, self._at(s.served_at), text)
 
     def message(self, m: Msg) -> Iterator[Event]:
         if not self._began and self.session.served_at is not None and m.at >= self.session.served_at:
@@ -120,9 +127,32 @@ def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:
 # -- times as a person reads them ----------------------------------------------------------------
 
 
+def looks_like_time(value: str) -> bool:
+    return len(value) >= 19 and value[:4].isdigit()
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """A stored time, or None for one that is missing or unreadable (a hand-edited file): a
+    reader shows what it can rather than failing."""
+    if not value:
+        return None
+    try:
+        t = parse_iso(value)
+    except (ValueError, TypeError):
+        return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    a, b = parse_time(start), parse_time(end)
+    return max(0.0, (b - a).total_seconds()) if a is not None and b is not None else None
+
+
 def clock(when: str, utc: bool = False) -> str:
-    """`20:09:14` in local time (or UTC)."""
-    t = parse_iso(when)
+    """`20:09:14` in local time (or UTC); `??:??:??` for an unreadable time."""
+    t = parse_time(when)
+    if t is None:
+        return "??:??:??"
     return (t.astimezone(UTC) if utc else t.astimezone()).strftime("%H:%M:%S")
 
 

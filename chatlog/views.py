@@ -22,14 +22,16 @@ from chatlog.render import Renderer, duration, plural
 from chatlog.sanitize import TerminalSafe, csv_safe, visible
 from chatlog.transcript import Event, stamp
 
-from chatlog.records import HL_END, HL_START, Msg, Session, parse_iso
+from chatlog.records import HL_END, HL_START, Msg, Session
 
 
 
 def fmt_time(value: str | None, utc: bool = False) -> str:
     if not value:
         return ""
-    when = parse_iso(value)
+    when = transcript.parse_time(value)
+    if when is None:
+        return visible(value)
     if utc:
         return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
@@ -38,13 +40,17 @@ def fmt_time(value: str | None, utc: bool = False) -> str:
 fmt_duration = duration
 
 
+def session_duration(s: Session) -> float | None:
+    return transcript.seconds_between(s.started_at, s.ended_at)
+
+
 def session_dict(s: Session) -> dict:
     return {
         "id": s.id,
         "started_at": s.started_at,
         "served_at": s.served_at,
         "ended_at": s.ended_at,
-        "duration_seconds": s.duration,
+        "duration_seconds": session_duration(s),
         "client_host": s.client_host,
         "client_port": s.client_port,
         "server_host": s.server_host,
@@ -98,10 +104,10 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
     lines = [f"Session {s.id}: {who} from {s.client_host} port {s.client_port}"]
     when = f"Started {fmt_time(s.started_at, utc)}"
     if s.served_at and s.served_at != s.started_at:
-        waited = (parse_iso(s.served_at) - parse_iso(s.started_at)).total_seconds()
+        waited = transcript.seconds_between(s.started_at, s.served_at)
         when += f", waited {duration(waited)}, chat began {fmt_time(s.served_at, utc)}"
     if s.ended_at:
-        when += f", ended {fmt_time(s.ended_at, utc)} after {duration(s.duration)}"
+        when += f", ended {fmt_time(s.ended_at, utc)} after {duration(session_duration(s))}"
     lines.append(when)
     lines.append(
         f"{plural(s.client_messages, 'message')} from the client, {s.server_messages} from the server; "
@@ -142,7 +148,7 @@ def session_row(s: Session, utc: bool) -> list[str]:
     return [
         str(s.id),
         fmt_time(s.started_at, utc),
-        duration(s.duration),
+        duration(session_duration(s)),
         address(s.client_host, s.client_port),
         visible(s.handle) if s.handle else "",
         str(s.messages),

@@ -406,3 +406,41 @@ def test_a_reader_that_stops_early_is_not_a_failure(db_path, store, args):
     proc.stdout.close()
     assert proc.wait(20) == 0
     assert proc.stderr.read() == b""
+
+
+def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
+    """A hand-edited file with a time that is not a time: every reader still shows the rest."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE messages SET at = 'garbage' WHERE session_id = 2 AND seq = 1")
+    conn.execute("UPDATE sessions SET served_at = 'not a time', ended_at = '2026-13-45T99:00:00' WHERE id = 2")
+    conn.commit()
+    conn.close()
+    for args in (["sessions"], ["sessions", "--json"], ["show", "2", "-t"], ["replay", "2"], ["tail", "2"],
+                 ["export", "-f", "cast"], ["export", "-f", "html"], ["export", "-f", "md", "-t"], ["stats"]):
+        r = run(db_path, *args)
+        assert r.exit_code == 0 and "Traceback" not in r.output, (args, r.output)
+        assert args[0] in ("sessions", "stats") or "anyone?" in r.output, (args, r.output)
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(db_path, store, tmp_path):
+    import pexpect
+
+    sid = chat(store, handle="amy", started=T("10:00:00"))
+    store.conn.execute("BEGIN")
+    store.conn.executemany(
+        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'amy', ?)",
+        ((sid, i, T("10:00:01"), f"line {i}") for i in range(1, 300_001)),
+    )
+    store.conn.execute("COMMIT")
+    store.end_session(sid, "client-quit", at=T("10:00:02"))
+    out = tmp_path / "big.cast"
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "export", str(sid), "-o", str(out), "--db", str(db_path)],
+                      env=dict(os.environ, NO_COLOR="1"), encoding="utf-8", timeout=30)
+    p.expect_exact("exporting")  # the progress bar: well under way
+    p.sendintr()
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 130 and "Traceback" not in p.before and "chatlog: interrupted" in p.before
+    assert not out.exists() and not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
