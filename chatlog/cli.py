@@ -580,40 +580,27 @@ def search(query, raw, handle, since, until, limit, best, count, utc, as_json, a
     """
     from chatlog import views
     from chatlog.db import BadQuery
-    from chatlog.query import fts_query
     from chatlog.render import Renderer
 
     text = " ".join(query)
-    fts = text if raw else fts_query(text)
-    if not fts.strip():
-        raise Failed("empty search query")
     store = open_archive(db)
     try:
-        hits = _search(store, fts, handle, since, until, 0 if count else limit, best)
-    except BadQuery:
-        hint = "; see the FTS5 query syntax" if raw else ""
-        raise Failed(f"invalid search query {text!r}{hint}") from None
+        hits = store.search(text, raw=raw, handle=handle, since=since, until=until, limit=limit, best=best,
+                            count=count)
+    except BadQuery as exc:
+        raise Failed(str(exc)) from None
     if count:
-        click.echo(str(len(hits)))
-    elif as_json:
+        click.echo(str(hits))
+        return
+    if as_json:
         views.search_json(hits)
     elif as_csv:
         views.search_csv(hits)
     elif hits:
         with views.paged(pager) as out:
             views.search_hits(hits, Renderer(out), utc)
-    if not hits and not count:
+    if not hits:
         raise Nothing(f"no messages match {text!r}")
-
-
-def _search(store, fts, handle, since, until, limit, best):
-    import inspect
-
-    if until is None or "until" in inspect.signature(store.search).parameters:
-        extra = {"until": until} if until is not None else {}
-        return store.search(fts, handle=handle, since=since, limit=limit, best=best, **extra)
-    hits = [h for h in store.search(fts, handle=handle, since=since, limit=0, best=best) if h[0].at < until]
-    return hits[:limit] if limit else hits
 
 
 @cli.command()

@@ -1,4 +1,7 @@
-"""Filters shared by `sessions`, `export`, `search` and `prune`: dates, handles, hosts, words."""
+"""Filters shared by `sessions`, `export`, `search` and `prune`: dates, handles, hosts.
+
+(What a search query means is the archive's: `chatlog.archive.fts_query`.)
+"""
 
 from __future__ import annotations
 
@@ -92,28 +95,3 @@ class Filters:
     ids: tuple[int, ...] = ()
     ended_only: bool = False  # leave out sessions still in progress
     # turned into SQL by the store: nothing above it writes SQL
-
-
-_TOKEN = re.compile(r'"([^"]*)"|(\S+)')
-
-
-def fts_query(words: str) -> str:
-    """What a person types, as an FTS5 query: each word is searched for literally (hyphens,
-    quotes and operators included), `"an exact phrase"` matches those words in that order, and a
-    trailing `*` makes a word a prefix (`hel*`). Every word must appear."""
-    parts = []
-    for m in _TOKEN.finditer(words):
-        phrase, word = m.group(1), m.group(2)
-        if phrase is not None:
-            if phrase.strip():
-                parts.append(_quote(phrase))
-            continue
-        if word.endswith("*") and word.rstrip("*"):
-            parts.append(_quote(word.rstrip("*")) + "*")
-        elif word.strip("*"):
-            parts.append(_quote(word))
-    return " ".join(parts)
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"'
