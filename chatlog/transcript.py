@@ -75,7 +75,11 @@ class Transcript:
 
     def start(self) -> Iterator[Event]:
         s = self.session
-        yield Event(CONNECTED, self._at(s.started_at), connected_text(s.client_host, s.client_port))
+        if s.kind == "room":
+            text = f"room opened on port {s.server_port}"
+        else:
+            text = connected_text(s.client_host, s.client_port)
+        yield Event(CONNECTED, self._at(s.started_at), text)
 
     def _began_event(self) -> Event:
         s = self.session
@@ -90,8 +94,9 @@ class Transcript:
         if m.sender in self.counts:
             self.counts[m.sender] += 1
         at = self._at(m.at)
-        if m.sender == "event":  # a room's join or leave, recorded in place
-            yield Event(JOINED if m.text.startswith("joined") else LEFT, at, m.text, None, m.handle)
+        if m.sender == "event":  # a room's join or leave, recorded in place with the messages
+            kind = LEFT if ("left" in m.text or "quit" in m.text or "dropped" in m.text) else JOINED
+            yield Event(kind, at, m.text, None, m.handle)
             return
         yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle)
         if m.note:
@@ -111,7 +116,11 @@ class Transcript:
         if not self._began and s.served_at is not None:
             yield self._began_event()
         if s.end_reason:
-            line = ended_text(s.end_reason, s.id, self.counts["client"], self.counts["server"])
+            if s.kind == "room":
+                said = self.counts["client"] + self.counts["server"]
+                line = f"room closed: {s.end_reason} (session {s.id}, {plural(said, 'message')})"
+            else:
+                line = ended_text(s.end_reason, s.id, self.counts["client"], self.counts["server"])
             yield Event(ENDED, self._at(s.ended_at), line)
 
 

@@ -59,6 +59,8 @@ def session_dict(s: Session) -> dict:
         "end_reason": s.end_reason,
         "client_messages": s.client_messages,
         "server_messages": s.server_messages,
+        "kind": s.kind,
+        "participants": s.participants,
     }
 
 
@@ -100,8 +102,11 @@ def console_lines(
 
 
 def header_lines(s: Session, utc: bool = False) -> list[str]:
-    who = visible(s.handle) if s.handle else "(no handle)"
-    lines = [f"Session {s.id}: {who} from {s.client_host} port {s.client_port}"]
+    if s.kind == "room":
+        lines = [f"Session {s.id}: a room on port {s.server_port}, {plural(s.participants, 'participant')}"]
+    else:
+        who = visible(s.handle) if s.handle else "(no handle)"
+        lines = [f"Session {s.id}: {who} from {s.client_host} port {s.client_port}"]
     when = f"Started {fmt_time(s.started_at, utc)}"
     if s.served_at and s.served_at != s.started_at:
         waited = transcript.seconds_between(s.started_at, s.served_at)
@@ -109,8 +114,9 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
     if s.ended_at:
         when += f", ended {fmt_time(s.ended_at, utc)} after {duration(session_duration(s))}"
     lines.append(when)
+    who = "the participants" if s.kind == "room" else "the client"
     lines.append(
-        f"{plural(s.client_messages, 'message')} from the client, {s.server_messages} from the server; "
+        f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
     )
     return lines
@@ -145,12 +151,13 @@ def address(host: str | None, port: int | None) -> str:
 
 
 def session_row(s: Session, utc: bool) -> list[str]:
+    room = s.kind == "room"
     return [
         str(s.id),
         fmt_time(s.started_at, utc),
         duration(session_duration(s)),
-        address(s.client_host, s.client_port),
-        visible(s.handle) if s.handle else "",
+        f"room :{s.server_port}" if room else address(s.client_host, s.client_port),
+        plural(s.participants, "participant") if room else (visible(s.handle) if s.handle else ""),
         str(s.messages),
         s.state,
     ]

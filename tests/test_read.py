@@ -443,3 +443,57 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(db_path, store, 
     p.close()
     assert p.exitstatus == 130 and "Traceback" not in p.before and "chatlog: interrupted" in p.before
     assert not out.exists() and not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
+
+
+# -- rooms ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def room(store):
+    """A room: amy and bob join, talk over each other, bob leaves, the server shuts down."""
+    from storebuild import _ts
+
+    sid = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    rec = store.rec
+    amy = rec.add_participant(sid, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    rec.set_participant_handle(amy, "amy")
+    rec.add_event(sid, amy, "amy joined", _ts(T("12:00:01")))
+    bob = rec.add_participant(sid, "10.0.0.2", 4002, _ts(T("12:00:02")))
+    rec.set_participant_handle(bob, "bob")
+    rec.add_event(sid, bob, "bob joined", _ts(T("12:00:02")))
+    store.add_message(sid, "client", "amy", "hi all", at=T("12:00:03"), participant=amy)
+    store.add_message(sid, "client", "bob", "hey \x1b[31m", at=T("12:00:03"), participant=bob)
+    store.add_message(sid, "server", "SERVER", "welcome", at=T("12:00:04"))
+    rec.end_participant(bob, "client-quit", _ts(T("12:00:05")))
+    rec.add_event(sid, bob, "bob left", _ts(T("12:00:05")))
+    store.end_session(sid, "shutdown", at=T("12:00:06"))
+    return sid
+
+
+def test_a_room_reads_in_commit_order_with_joins_and_leaves(db_path, room):
+    listing = run(db_path, "sessions").output.splitlines()
+    assert "room :7000" in listing[1] and "2 participants" in listing[1]
+    rows = json.loads(run(db_path, "sessions", "--json").stdout)
+    assert rows[0]["kind"] == "room" and rows[0]["participants"] == 2
+    out = run(db_path, "show", str(room), "--utc", "-t").output
+    assert out.startswith("Session 1: a room on port 7000, 2 participants\n")
+    assert out.split("\n\n", 1)[1].splitlines() == [
+        "[12:00:00] room opened on port 7000",
+        "[12:00:01] amy joined",
+        "[12:00:02] bob joined",
+        "[12:00:03] amy>hi all",
+        "[12:00:03] bob>hey \\x1b[31m",
+        "[12:00:04] SERVER>welcome",
+        "[12:00:05] bob left",
+        "[12:00:06] room closed: shutdown (session 1, 3 messages)",
+    ]
+    body = [line[11:] for line in out.split("\n\n", 1)[1].splitlines()]  # without "[12:00:00] "
+    for fmt in ("txt", "md", "html", "cast"):
+        text = run(db_path, "export", "-f", fmt).stdout
+        for line in ("amy joined", "bob&gt;" if fmt == "html" else "bob>", "hey \\x1b[31m", "bob left", "room closed"):
+            assert line in text or line.replace("\\", "\\\\") in text, (fmt, line)
+        assert "\x1b[31m" not in text, fmt
+    assert run(db_path, "replay", str(room)).output.splitlines() == body
+    assert run(db_path, "tail", str(room)).output.splitlines()[1:] == body[1:]
+    assert json.loads(run(db_path, "search", "welcome", "--json").stdout)[0]["session_id"] == room
+    assert run(db_path, "search", "joined").stderr == "no messages match 'joined'\n"  # events are not searched
