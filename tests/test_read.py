@@ -497,3 +497,27 @@ def test_a_room_reads_in_commit_order_with_joins_and_leaves(db_path, room):
     assert run(db_path, "tail", str(room)).output.splitlines()[1:] == body[1:]
     assert json.loads(run(db_path, "search", "welcome", "--json").stdout)[0]["session_id"] == room
     assert run(db_path, "search", "joined").stderr == "no messages match 'joined'\n"  # events are not searched
+
+
+def test_the_inline_common_message_makes_the_same_events_as_the_general_path():
+    """transcript.events takes a shortcut for the common message; it must agree with feeding
+    every message through Transcript.message, whatever the notes, senders and times."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatlog import transcript
+    from chatlog.records import Msg, Session
+
+    times = st.sampled_from([T("10:00:00"), T("10:00:01"), T("10:00:05"), "garbage", T("09:59:59")])
+    msg = st.tuples(st.sampled_from(["client", "server", "event"]), times, st.sampled_from([None, "", "cut"]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(msg, max_size=12), st.sampled_from([None, T("10:00:00"), T("10:00:03")]))
+    def check(rows, served):
+        s = Session(1, T("10:00:00"), served, T("10:00:09"), "h", 1, "h", 2, "amy", "client-quit", 0, 0)
+        msgs = [Msg(i, 1, i, at, sender, "amy", f"m{i}", None, note) for i, (sender, at, note) in enumerate(rows, 1)]
+        general = transcript.Transcript(s)
+        expected = [*general.start(), *(ev for m in msgs for ev in general.message(m)), *general.end()]
+        assert list(transcript.events(s, msgs)) == expected
+
+    check()
