@@ -521,3 +521,38 @@ def test_the_inline_common_message_makes_the_same_events_as_the_general_path():
         assert list(transcript.events(s, msgs)) == expected
 
     check()
+
+
+@pytest.mark.browser
+def test_html_of_a_queued_chat_and_a_room_in_headless_chromium(db_path, store, tmp_path):
+    import re
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("chromium is not installed")
+    chat(store, handle="bob", port=5001, started=T("10:00:02"), served=T("10:00:05"), lines=[
+        ("client", "anyone? <b>", T("10:00:03")), ("server", "yes", T("10:00:06"))], end=("client-quit", T("10:00:07")))
+    from storebuild import _ts
+
+    sid = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    amy = store.rec.add_participant(sid, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    store.rec.set_participant_handle(amy, "amy")
+    store.rec.add_event(sid, amy, "amy joined", _ts(T("12:00:01")))
+    store.add_message(sid, "client", "amy", "\u202ehi", at=T("12:00:02"), participant=amy)
+    store.end_session(sid, "shutdown", at=T("12:00:03"))
+    page = tmp_path / "t.html"
+    assert run(db_path, "export", "-o", str(page)).exit_code == 0
+    r = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=2000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    dom = r.stdout
+    assert "<title>chatlog transcript</title>" in dom and "<b>" not in dom.split("<body>")[1]
+    assert "chat began after 3s waiting" in dom and "anyone? &lt;b&gt;" in dom
+    assert "room opened on port 7000" in dom and "amy joined" in dom and "\\u202ehi" in dom
+    for section in dom.split("<section")[1:]:
+        times = re.findall(r'<time datetime="([^"]+)"', section)
+        assert times and times == sorted(times)
