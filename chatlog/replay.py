@@ -27,6 +27,7 @@ from chatlog.views import console_lines
 from chatlog.records import Msg, Session
 
 PAGE = 2000  # messages read per query: no read transaction stays open while we wait
+MAX_WAIT = 60.0  # the longest single sleep; a longer pause is several
 
 
 class Keys:
@@ -127,7 +128,7 @@ def play(
     start = clock()
     for t, line in frames:
         while not instant:
-            left = start + t - clock()
+            left = min(start + t - clock(), MAX_WAIT)  # a pause of years (--speed 1e-300) is waited in parts
             if left <= 0:
                 break
             if keys is None:

@@ -556,3 +556,25 @@ def test_html_of_a_queued_chat_and_a_room_in_headless_chromium(db_path, store, t
     for section in dom.split("<section")[1:]:
         times = re.findall(r'<time datetime="([^"]+)"', section)
         assert times and times == sorted(times)
+
+
+def test_an_absurdly_slow_replay_waits_in_parts_not_a_traceback():
+    from chatlog.replay import play, schedule
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+        def sleep(self, seconds):
+            assert seconds <= 60
+            self.now += seconds
+            if self.now > 600:
+                raise KeyboardInterrupt  # the person gives up, as they would
+
+    clock, shown = Clock(), []
+    with pytest.raises(KeyboardInterrupt):
+        play(schedule([(T("10:00:00"), "a"), (T("10:00:01"), "b")], speed=1e-300), shown.append,
+             clock=clock, sleep=clock.sleep)
+    assert shown == ["a"]
