@@ -39,11 +39,8 @@ def valgrind():
 
 @pytest.fixture
 def db_path(tmp_path):
-    """A fresh database path; every command is pointed at it with --db and CHATLOG_DB."""
-    path = tmp_path / "chat.db"
-    os.environ["CHATLOG_DB"] = str(path)
-    yield path
-    os.environ.pop("CHATLOG_DB", None)
+    """A fresh database path (not created); commands are pointed at it with --db."""
+    return tmp_path / "chat.db"
 
 
 # -- a real `chatlog serve` process ----------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_idle_client_is_dropped_and_next_served(start_server):
     nxt = server.connect()
     server.wait_for("is waiting")
     assert recv_until(idle, b"\\quit\n", timeout=5) == ending("No message for 0.5 s: timed out.")
-    server.wait_for(r"client timed out after 0.5 s on its turn \(session 1")
+    server.wait_for(r"client timed out after 0.5s on its turn \(session 1")
     assert session(server.db, 1)[1] == "timeout"
     nxt.sendall(b"n>hello\n\0")
     server.wait_for("^n>hello$")
