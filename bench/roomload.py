@@ -20,6 +20,7 @@ Usage (one scenario alone):
   python bench/roomload.py throughput --server chatlog [--listeners 100 --lines 20000]
   python bench/roomload.py slow       --server ncat [--clients 50 --rate 10 --size 450 --seconds 20]
   python bench/roomload.py crowd      --server relay [--clients 10000]
+  python bench/roomload.py resets     --server ncat [--clients 20 --resets 500]
 """
 
 import argparse
@@ -36,6 +37,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -147,18 +149,8 @@ def wait_listening(port, proc, timeout=10):
     raise Unavailable("not listening after 10 s")
 
 
-def ncat_available():
-    """True if ncat is installed; installs Debian's ncat when running as root and it is not."""
-    if shutil.which("ncat"):
-        return True
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "ncat"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-    return shutil.which("ncat") is not None
-
-
 def start_ncat(max_conns):
-    if not ncat_available():
+    if not shutil.which("ncat"):  # `make bench` installs it when it can (apt-get, as root)
         raise Unavailable("ncat missing")
     port = free_port()
     err = tempfile.TemporaryFile()
@@ -632,7 +624,42 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
     return _finish(load, server, res, cpu0, t0)
 
 
-SCENARIOS = {"fanout": fanout, "throughput": throughput, "slow": slow, "crowd": crowd}
+def resets(target, clients=20, resets=500):
+    """`clients` clients in the room, then `resets` connections made and reset (SO_LINGER 0) at
+    once, back to back, as a port scanner or a crashing client does; then one line to all.
+    `ncat --chat` exits when a reset lands between its accept() and its getpeername()."""
+    server = target.start(clients + resets + 10)
+    load = Load(server.port)
+    t0, cpu0 = time.monotonic(), cpu_seconds()
+    cs = []
+    for i in range(0, clients, BATCH):
+        batch = load.open(min(BATCH, clients - i))
+        load.join(batch, 15)
+        cs += batch
+    done = 0
+    for _ in range(resets):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            s.connect(("127.0.0.1", server.port))
+        except OSError:  # refused: nothing listens any more
+            s.close()
+            break
+        s.close()
+        done += 1
+    live = [c for c in cs if c.greeted and not c.closed]
+    load.loop(lambda: not server.alive(), time.monotonic() + 1)  # give it a moment to fall over
+    got = 0
+    if live and server.alive():
+        load.send(live[0], load.line(live[0].id, 0))
+        load.loop(lambda: all(c.count or c.closed for c in live[1:]), time.monotonic() + 15)
+        got = sum(1 for c in live[1:] if c.count)
+    res = {"clients": clients, "resets": done, "survived": server.alive(), "got_line": got,
+           "of": max(0, len(live) - 1), "relayed": 1 if got else 0}
+    return _finish(load, server, res, cpu0, t0)
+
+
+SCENARIOS = {"fanout": fanout, "throughput": throughput, "slow": slow, "crowd": crowd, "resets": resets}
 
 
 def run(scenario, server, **kw):
@@ -647,7 +674,7 @@ def main():
     ap.add_argument("scenario", choices=SCENARIOS)
     ap.add_argument("--server", choices=("chatlog", "ncat", "relay"), default="ncat")
     for name, typ in (("clients", int), ("listeners", int), ("lines", int), ("rate", float), ("size", int),
-                      ("seconds", float), ("batch", int), ("per-addr", int)):
+                      ("seconds", float), ("batch", int), ("per-addr", int), ("resets", int)):
         ap.add_argument(f"--{name}", type=typ)
     a = ap.parse_args()
     kw = {k.replace("-", "_"): v for k, v in vars(a).items() if v is not None and k not in ("scenario", "server")}

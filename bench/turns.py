@@ -92,7 +92,7 @@ def echo_turns(n, commit=False):
     return summary(lat, elapsed)
 
 
-def start_server(db, n_answers):
+def start_server(db, n_answers, extra=()):
     """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port).
 
     The replies come from a file through `cat` and the console goes to `cat >/dev/null` (after
@@ -107,7 +107,8 @@ def start_server(db, n_answers):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     p = subprocess.Popen(
-        [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600"],
+        [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600",
+         *extra],
         stdin=feeder.stdout, stdout=console.stdin, env=dict(os.environ, NO_COLOR="1"),
     )
     feeder.stdout.close()
@@ -125,14 +126,21 @@ def stop(p):
         helper.wait(10)
 
 
-def chatlog_turns(n, checkpoints=()):
-    """Returns (summary, {turns: server RSS in MB}, messages committed)."""
+def chatlog_turns(n, checkpoints=(), extra=()):
+    """Returns (summary, {turns: server RSS in MB}, messages committed). extra: more options for
+    `chatlog serve` (e.g. --fsync)."""
     with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
-        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints)
+        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints, extra)
 
 
-def _chatlog_turns(db, n, checkpoints):
-    p, port = start_server(db, n)
+def serve_has_option(option):
+    """True if `chatlog serve` accepts this option yet (read from its --help)."""
+    r = subprocess.run([str(VENV_BIN / "chatlog"), "serve", "--help"], capture_output=True, text=True)
+    return option in r.stdout.split()
+
+
+def _chatlog_turns(db, n, checkpoints, extra=()):
+    p, port = start_server(db, n, extra)
     rss = {}
     marks = set(checkpoints)
 
