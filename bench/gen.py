@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-from chatlog.store import open_store  # noqa: E402
+from chatlog.db import connect as open_store  # noqa: E402
 
 WORDS = (
     "hello server client how are you good fine thanks what is the time today tomorrow "

@@ -1,5 +1,5 @@
-"""Logging cost: Store.add_message against a plain sqlite3 loop doing the same INSERT, on the same
-schema (made by open_store, so the FTS triggers and page size are the same) with the same pragmas
+"""Logging cost: Recorder.add_message against a plain sqlite3 loop doing the same INSERT, on the same
+schema (made by chatlog.db.connect, so the FTS triggers and page size are the same) with the same pragmas
 (WAL, synchronous=NORMAL, foreign_keys=ON, SQLite's automatic checkpoints, one autocommit
 transaction per message): what is left is the cost of the store's own Python code."""
 
@@ -8,7 +8,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from chatlog.store import now_iso, open_store
+from chatlog.db import connect
+from chatlog.records import now_iso
+from chatlog.recorder import open_recorder
 
 
 def store_rate(n):
@@ -17,11 +19,11 @@ def store_rate(n):
 
 
 def _store_rate(db, n):
-    store = open_store(db)
-    sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
+    store = open_recorder(db)
+    sid = store.begin_session("127.0.0.1", 1, "127.0.0.1", 2, time.time(), served=True)
     t = time.perf_counter()
     for i in range(n):
-        store.add_message(sid, "client", "bob", f"hello there this is message {i}")
+        store.add_message(sid, "client", "bob", f"hello there this is message {i}", None, None, time.time())
     rate = n / (time.perf_counter() - t)
     store.close()
     return rate
@@ -33,7 +35,7 @@ def sqlite_rate(n):
 
 
 def _sqlite_rate(db, n):
-    open_store(db).close()  # the same schema, triggers and page size
+    connect(db).close()  # the same schema, triggers and page size
     conn = sqlite3.connect(db, isolation_level=None)
     for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON"):
         conn.execute(f"PRAGMA {pragma}")

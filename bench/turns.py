@@ -22,10 +22,11 @@ ECHO = r"""
 import socket, sys
 store = None
 if len(sys.argv) > 1:  # the echo server that also commits both messages of the turn, as chatlog does
-    from chatlog.store import open_store
-    store = open_store(sys.argv[1])
-    store.start_checkpointer()
-    sid = store.begin_session(("127.0.0.1", 0), ("127.0.0.1", 0), served=True)
+    import time
+    from chatlog.recorder import open_recorder
+    store = open_recorder(sys.argv[1])
+    store.start("127.0.0.1", 0, time.time())
+    sid = store.begin_session("127.0.0.1", 0, "127.0.0.1", 0, time.time(), served=True)
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", 0))
@@ -44,8 +45,8 @@ while True:
         line, _, buf = buf.partition(b"\n")
         n += 1
         if store:
-            store.add_message(sid, "client", "bob", line.lstrip(b"\0").decode())
-            store.add_message(sid, "server", "SERVER", "reply %d" % n)
+            store.add_message(sid, "client", "bob", line.lstrip(b"\0").decode(), None, None, time.time())
+            store.add_message(sid, "server", "SERVER", "reply %d" % n, None, None, time.time())
         conn.sendall(b"SERVER>reply %d\n" % n)
 """
 
@@ -80,7 +81,7 @@ def summary(lat, elapsed):
 
 def echo_turns(n, commit=False):
     """The bare echo server; with commit=True, one that also commits both messages of each turn
-    through Store.add_message (no framing, no console): the floor for a committed turn."""
+    through Recorder.add_message (no framing, no console): the floor for a committed turn."""
     with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
         args = [str(Path(tmp) / "echo.db")] if commit else []
         p = subprocess.Popen([sys.executable, "-c", ECHO, *args], stdout=subprocess.PIPE, text=True)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from chatlog.render import Renderer
 from chatlog.sanitize import visible
-from chatlog.store import Msg, Session, Store, parse_iso
+from chatlog.archive import Archive
+from chatlog.records import Msg, Session, parse_iso
 from chatlog.views import header_lines, session_dict, transcript, transcript_items
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def format_for(output: str) -> str:
     return EXTENSIONS.get(os.path.splitext(output)[1].lower(), "txt")
 
 
-def run(store: Store, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None) -> None:
+def run(store: Archive, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None) -> None:
     """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming.
 
     A file is written beside its destination and renamed into place when complete, so an export

@@ -196,8 +196,13 @@ def valid_handle(handle: str) -> bool:
     return bool(_HANDLE.fullmatch(handle))
 
 
+def format_line(handle: str, text: str) -> bytes:
+    """A server line: `handle>text` and a newline."""
+    return f"{handle}>{text}\n".encode()
+
+
 def format_server(text: str) -> bytes:
-    return f"{SERVER_HANDLE}>{text}\n".encode()
+    return format_line(SERVER_HANDLE, text)
 
 
 QUIT_LINE = (QUIT + "\n").encode()

@@ -51,7 +51,7 @@ class Filters:
     until: str | None = None
     ids: tuple[int, ...] = ()
     ended_only: bool = False  # leave out sessions still in progress
-    # turned into SQL by the store (chatlog.store.filter_sql): nothing above it writes SQL
+    # turned into SQL by the store (chatlog.archive.filter_sql): nothing above it writes SQL
 
 
 def fts_query(words: str) -> str:

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 
 from chatlog.render import Renderer, connected_text, ended_text
-from chatlog.store import Session, Store, parse_iso
+from chatlog.archive import Archive
+from chatlog.records import Session, parse_iso
 
 
 class Keys:
@@ -101,7 +102,7 @@ def _wait_with_pause(keys: Keys, gap: float, write: Callable[[str], None]) -> No
 
 
 def follow(
-    store: Store,
+    store: Archive,
     r: Renderer,
     session_id: int | None = None,
     poll: float = 0.2,
@@ -144,7 +145,7 @@ def follow(
         time.sleep(poll)
 
 
-def _next_session(store: Store, after: int, poll: float, stop: Callable[[], bool]) -> Session | None:
+def _next_session(store: Archive, after: int, poll: float, stop: Callable[[], bool]) -> Session | None:
     while not stop():
         s = store.session("last")
         if s is not None and s.id > after:

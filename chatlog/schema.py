@@ -1,87 +1,159 @@
-"""The database schema, as an ordered list of small named migrations.
+"""The database schema, as one ordered registry of small named migrations, in plain SQL.
 
-Migrations are applied with sqlite-utils' `Migrations` (recorded in `_sqlite_migrations`). The
-names are listed here without importing sqlite-utils, so read-only commands can check that a
-database is current without paying for that import; the import happens only when something is
-pending.
+Each migration runs in its own transaction with the record of it in `_sqlite_migrations` (the
+table and format sqlite-utils' `Migrations` used for the first two, so archives written by earlier
+versions carry on). Only `chatlog.db` applies them; a read-only opening never does.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    from sqlite_utils import Database
+import sqlite3
+from datetime import datetime, timezone
+from typing import Callable
 
 MIGRATION_SET = "chatlog"
-MIGRATIONS: list[Callable[["Database"], None]] = []
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = []
 
 
-def migration(fn: Callable[["Database"], None]) -> Callable[["Database"], None]:
+def migration(fn: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
     MIGRATIONS.append(fn)
     return fn
 
 
 @migration
-def m001_sessions_and_messages(db: "Database") -> None:
-    db["sessions"].create(
-        {
-            "id": int,
-            "started_at": str,  # UTC ISO 8601 with microseconds: when the client connected
-            "served_at": str,  # when its chat began (after waiting in the queue)
-            "ended_at": str,
-            "client_host": str,
-            "client_port": int,
-            "server_host": str,
-            "server_port": int,
-            "handle": str,
-            "end_reason": str,  # client-quit, server-quit, disconnect, timeout, shutdown, ...
-            "client_messages": int,  # final counts, set when the session ends
-            "server_messages": int,
-        },
-        pk="id",
-        defaults={"client_messages": 0, "server_messages": 0},
-        not_null={"started_at", "client_messages", "server_messages"},
+def m001_sessions_and_messages(conn: sqlite3.Connection) -> None:
+    # Times: UTC ISO 8601 with microseconds. served_at: when its chat began (after waiting in
+    # the queue). end_reason: client-quit, server-quit, disconnect, timeout, shutdown, ...
+    # client_messages/server_messages: final counts, set when the session ends (and computed live
+    # for the few sessions in progress), so listing sessions never scans messages.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "sessions" (
+           "id" INTEGER PRIMARY KEY,
+           "started_at" TEXT NOT NULL,
+           "served_at" TEXT,
+           "ended_at" TEXT,
+           "client_host" TEXT,
+           "client_port" INTEGER,
+           "server_host" TEXT,
+           "server_port" INTEGER,
+           "handle" TEXT,
+           "end_reason" TEXT,
+           "client_messages" INTEGER NOT NULL DEFAULT 0,
+           "server_messages" INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX "idx_sessions_started_at" ON "sessions" ("started_at");
+        CREATE INDEX "idx_sessions_handle" ON "sessions" ("handle");
+        CREATE INDEX "idx_sessions_client_host" ON "sessions" ("client_host");
+        CREATE TABLE "messages" (
+           "id" INTEGER PRIMARY KEY,
+           "session_id" INTEGER NOT NULL REFERENCES "sessions"("id"),
+           "seq" INTEGER NOT NULL,
+           "at" TEXT NOT NULL,
+           "sender" TEXT NOT NULL,
+           "handle" TEXT,
+           "text" TEXT NOT NULL,
+           "raw" BLOB,
+           "note" TEXT
+        );
+        CREATE UNIQUE INDEX "idx_messages_session_id_seq" ON "messages" ("session_id", "seq");
+        CREATE INDEX "idx_messages_at" ON "messages" ("at");
+        """
     )
-    db["sessions"].create_index(["started_at"])
-    db["sessions"].create_index(["handle"])
-    db["sessions"].create_index(["client_host"])
-    db["messages"].create(
-        {
-            "id": int,
-            "session_id": int,
-            "seq": int,  # 1, 2, 3... within the session
-            "at": str,  # UTC ISO 8601 with microseconds
-            "sender": str,  # client or server
-            "handle": str,
-            "text": str,  # decoded text (invalid UTF-8 as U+FFFD)
-            "raw": bytes,  # the received bytes, only when they differ from the canonical line
-            "note": str,  # what the receiver did to the line, e.g. cut at the length limit
-        },
-        pk="id",
-        foreign_keys=[("session_id", "sessions", "id")],
-        not_null={"session_id", "seq", "at", "sender", "text"},
-    )
-    db["messages"].create_index(["session_id", "seq"], unique=True)
-    db["messages"].create_index(["at"])
-    # Message counts are written to the session row when it ends (and computed live for the few
-    # sessions in progress), so listing sessions never scans messages and the chat turn does not
-    # pay for a second row update per message.
 
 
 @migration
-def m002_messages_fts(db: "Database") -> None:
-    # Full-text search over message text, an external-content FTS5 table kept current by triggers.
-    db["messages"].enable_fts(["text"], fts_version="FTS5", create_triggers=True, tokenize="unicode61")
+def m002_messages_fts(conn: sqlite3.Connection) -> None:
+    # Full-text search over message text: an external-content FTS5 table kept current by triggers.
+    run_script(
+        conn,
+        """
+        CREATE VIRTUAL TABLE "messages_fts" USING FTS5 ("text", tokenize='unicode61', content="messages");
+        INSERT INTO "messages_fts" (rowid, "text") SELECT rowid, "text" FROM "messages";
+        CREATE TRIGGER "messages_ai" AFTER INSERT ON "messages" BEGIN
+          INSERT INTO "messages_fts" (rowid, "text") VALUES (new.rowid, new."text");
+        END;
+        CREATE TRIGGER "messages_ad" AFTER DELETE ON "messages" BEGIN
+          INSERT INTO "messages_fts" ("messages_fts", rowid, "text") VALUES('delete', old.rowid, old."text");
+        END;
+        CREATE TRIGGER "messages_au" AFTER UPDATE ON "messages" BEGIN
+          INSERT INTO "messages_fts" ("messages_fts", rowid, "text") VALUES('delete', old.rowid, old."text");
+          INSERT INTO "messages_fts" (rowid, "text") VALUES (new.rowid, new."text");
+        END;
+        """
+    )
 
 
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 
-def apply(db: "Database") -> None:
-    from sqlite_utils.migrations import Migrations
+def message_count(sender: str) -> str:
+    """The one definition of a session's message count from one side (`client` or `server`), as
+    an SQL expression on the `sessions` row: written into the row when the session ends, and
+    evaluated live for a session still in progress."""
+    assert sender in ("client", "server")
+    return f"(SELECT count(*) FROM messages m WHERE m.session_id = sessions.id AND m.sender = '{sender}')"
 
-    migrations = Migrations(MIGRATION_SET)
+_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS "_sqlite_migrations" (
+   "id" INTEGER PRIMARY KEY,
+   "migration_set" TEXT,
+   "name" TEXT,
+   "applied_at" TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS "idx__sqlite_migrations_migration_set_name"
+    ON "_sqlite_migrations" ("migration_set", "name");
+"""
+
+
+def applied(conn: sqlite3.Connection) -> list[str] | None:
+    """The names applied, in order; None when the file has no migrations table at all."""
+    if not conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlite_migrations'"
+    ).fetchone():
+        return None
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM _sqlite_migrations WHERE migration_set = ? ORDER BY id", (MIGRATION_SET,)
+        )
+    ]
+
+
+def run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run several statements inside the caller's transaction (unlike `executescript`, which
+    commits first)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            conn.execute(pending)
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:60]}")
+
+
+def apply(conn: sqlite3.Connection) -> list[str]:
+    """Apply every pending migration, each in one transaction with its record (`conn` in
+    autocommit mode). Returns the names applied."""
+    ran = []
     for fn in MIGRATIONS:
-        migrations(name=fn.__name__)(fn)
-    migrations.apply(db)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if fn.__name__ in (applied(conn) or []):  # applied before, or by another process now
+                conn.execute("COMMIT")
+                continue
+            run_script(conn, _MIGRATIONS_TABLE)
+            fn(conn)
+            conn.execute(
+                "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+                (MIGRATION_SET, fn.__name__, datetime.now(timezone.utc).isoformat(sep=" ")),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        ran.append(fn.__name__)
+    return ran

@@ -15,7 +15,7 @@ from datetime import UTC
 
 from chatlog.render import Renderer, connected_text, ended_text
 from chatlog.sanitize import visible
-from chatlog.store import HL_END, HL_START, Msg, Session, parse_iso
+from chatlog.records import HL_END, HL_START, Msg, Session, parse_iso
 
 
 def fmt_time(value: str | None, utc: bool = False) -> str:

@@ -7,7 +7,9 @@ import stat
 import pytest
 
 from chatlog import schema
-from chatlog.store import StoreError, open_store
+from storebuild import open_store
+
+from chatlog.db import StoreError
 
 
 def test_fresh_database_has_schema_wal_and_owner_only_mode(tmp_path):
@@ -124,12 +126,12 @@ def test_session_lifecycle_counts_and_orphans(tmp_path):
 def test_wal_stays_bounded_under_continuous_writes(tmp_path, monkeypatch):
     """A writer that never pauses races every passive checkpoint, which then never completes, so
     the WAL would never start over: the writer restarts it itself past a limit."""
-    import chatlog.store
+    import chatlog.recorder
 
-    monkeypatch.setattr(chatlog.store, "WAL_CHECK_EVERY", 100)
+    monkeypatch.setattr(chatlog.recorder, "WAL_CHECK_EVERY", 100)
     path = tmp_path / "busy.db"
     store = open_store(path)
-    store.start_checkpointer(interval=0.005, restart_bytes=4_000_000)  # small, to keep it short
+    store.db.start_checkpointer(interval=0.005, restart_bytes=4_000_000)  # small, to keep it short
     sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
     biggest = 0
     for i in range(12000):

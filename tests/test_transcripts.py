@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 from chatlog.cli import cli
-from chatlog.store import open_store
+from storebuild import open_store
 
 HOSTILE = [
     "\x1b[2J\x1b]0;title\x07",
@@ -567,7 +567,7 @@ def test_export_format_from_the_extension(hostile_db, tmp_path, ext, check):
 
 def test_failed_export_leaves_the_old_file_alone(hostile_db, tmp_path, monkeypatch):
     from chatlog import export
-    from chatlog.store import StoreError
+    from chatlog.db import StoreError
 
     def broken(sessions, out):
         out.write("half")

@@ -1,0 +1,71 @@
+"""The small records the archive returns, and the time helpers every module shares.
+
+Times are stored as UTC ISO 8601 strings with microseconds (`2026-11-24T10:00:00.000000+00:00`),
+so they sort and compare as text. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+HL_START, HL_END = "\ue000", "\ue001"  # private-use marks around search matches
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds as the stored time format."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+@dataclass(slots=True)
+class Session:
+    id: int
+    started_at: str
+    served_at: str | None
+    ended_at: str | None
+    client_host: str | None
+    client_port: int | None
+    server_host: str | None
+    server_port: int | None
+    handle: str | None
+    end_reason: str | None
+    client_messages: int
+    server_messages: int
+
+    @property
+    def messages(self) -> int:
+        return self.client_messages + self.server_messages
+
+    @property
+    def duration(self) -> float | None:
+        if not self.ended_at:
+            return None
+        return (parse_iso(self.ended_at) - parse_iso(self.started_at)).total_seconds()
+
+    @property
+    def state(self) -> str:
+        """How it ended (the end reason), or `in progress` / `waiting`."""
+        if self.end_reason is None:
+            return "in progress" if self.served_at else "waiting"
+        return self.end_reason
+
+
+@dataclass(slots=True)
+class Msg:
+    id: int
+    session_id: int
+    seq: int
+    at: str
+    sender: str
+    handle: str | None
+    text: str
+    raw: bytes | None
+    note: str | None

@@ -1,0 +1,51 @@
+"""The one store builder the tests share: named rows written through the real recorder (the
+server's own write path) into a real SQLite file, with the archive's reads on the same object.
+
+Addresses are (host, port) pairs and times are stored-format strings (or omitted: now), which
+keeps fixtures readable; they are handed to the recorder as it is called by the server.
+"""
+
+from __future__ import annotations
+
+import time
+
+from chatlog.archive import Archive
+from chatlog.db import connect
+from chatlog.records import parse_iso
+from chatlog.recorder import Recorder
+
+
+def _ts(at: str | float | None) -> float:
+    if at is None:
+        return time.time()
+    if isinstance(at, str):
+        return parse_iso(at).timestamp()
+    return at
+
+
+class Built(Archive):
+    def __init__(self, path, *, create=True, **kwargs):
+        super().__init__(connect(path, create=create))
+        self.rec = Recorder(self.db, **kwargs)
+
+    def begin_session(self, client, server, at=None, *, served=False, kind="chat"):
+        return self.rec.begin_session(client[0], client[1], server[0], server[1], _ts(at), served=served, kind=kind)
+
+    def serve_session(self, session_id, at=None):
+        self.rec.serve_session(session_id, _ts(at))
+
+    def set_handle(self, session_id, handle):
+        self.rec.set_handle(session_id, handle)
+
+    def add_message(self, session_id, sender, handle, text, raw=None, note=None, at=None, participant=None):
+        return self.rec.add_message(session_id, sender, handle, text, raw, note, _ts(at), participant)
+
+    def end_session(self, session_id, reason, at=None):
+        return self.rec.end_session(session_id, reason, _ts(at))
+
+    def close_orphans(self, at=None):
+        return self.rec.close_orphans(_ts(at))
+
+
+def open_store(path, **kwargs) -> Built:
+    return Built(path, **kwargs)
