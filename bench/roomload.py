@@ -46,6 +46,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
+CHATLOG = [os.environ.get("ROOMLOAD_CHATLOG") or str(VENV_BIN / "chatlog")]  # another build: --chatlog PATH
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux: pick the source port at connect(), not bind()
 EVENT_READ, EVENT_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # Clients connect in batches this size, each waiting for its greetings before the next: ncat
@@ -181,11 +182,11 @@ def start_relay(_max_conns):
 
 
 def chatlog_has_room():
-    r = subprocess.run([str(VENV_BIN / "chatlog"), "serve", "--help"], capture_output=True, text=True)
+    r = subprocess.run([*CHATLOG, "serve", "--help"], capture_output=True, text=True)
     return "--room" in r.stdout
 
 
-def start_chatlog(_max_conns, db):
+def start_chatlog(_max_conns, db, extra=()):
     if not chatlog_has_room():
         raise Unavailable("no serve --room yet")
     # The console goes to a pipe read by its own process: the banner line is passed on, the rest
@@ -195,20 +196,20 @@ def start_chatlog(_max_conns, db):
          'exec cat >/dev/null;; esac; done'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
+    err = tempfile.TemporaryFile()
     p = subprocess.Popen(
-        [str(VENV_BIN / "chatlog"), "serve", "--room", "0", "--bind", "127.0.0.1", "--db", str(db)],
-        stdin=subprocess.PIPE, stdout=console.stdin, stderr=subprocess.DEVNULL,
-        env=dict(os.environ, NO_COLOR="1"),
+        [*CHATLOG, "serve", "--room", "0", "--bind", "127.0.0.1", "--db", str(db), *extra],
+        stdin=subprocess.PIPE, stdout=console.stdin, stderr=err, env=dict(os.environ, NO_COLOR="1"),
     )
     console.stdin.close()
     banner = console.stdout.readline()
     m = re.search(r"port (\d+)", banner)
+    server = Server("chatlog", p, int(m.group(1)) if m else 0, db=db, helpers=(console,))
+    server.stderr = err
     if not m:
-        p.kill()
-        p.wait(5)
-        console.kill()
-        raise Unavailable(f"no banner (exit {p.poll()})")
-    return Server("chatlog", p, int(m.group(1)), db=db, helpers=(console,))
+        server.stop()
+        raise Unavailable(f"serve --room failed: exit {p.returncode}: {' '.join(server.last_words())[:60]}")
+    return server
 
 
 def stored_lines(db, run):
@@ -235,13 +236,15 @@ class Target:
     def __enter__(self):
         return self
 
-    def start(self, max_conns):
+    def start(self, max_conns, unlimited=False):
+        """unlimited: turn chatlog's per-client rate limit off (a scenario measuring how fast the
+        room relays one client that sends as fast as it can, not the limiter)."""
         if self.kind == "ncat":
             return start_ncat(max_conns)
         if self.kind == "relay":
             return start_relay(max_conns)
         self.tmp = tempfile.TemporaryDirectory(prefix="chatlog-bench-")
-        return start_chatlog(max_conns, Path(self.tmp.name) / "room.db")
+        return start_chatlog(max_conns, Path(self.tmp.name) / "room.db", ("--rate", "0") if unlimited else ())
 
     def __exit__(self, *exc):
         if self.tmp:
@@ -523,7 +526,7 @@ def ms(ns):
 
 def throughput(target, listeners=100, lines=20000, size=0):
     """One sender writes `lines` lines as fast as the server takes them; `listeners` count them."""
-    server = target.start(listeners + 10)
+    server = target.start(listeners + 10, unlimited=True)
     load = Load(server.port)
     t0, cpu0 = time.monotonic(), cpu_seconds()
     ls = []
@@ -673,11 +676,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("scenario", choices=SCENARIOS)
     ap.add_argument("--server", choices=("chatlog", "ncat", "relay"), default="ncat")
+    ap.add_argument("--chatlog", metavar="PATH", help="the chatlog command to run [default: this venv's]")
     for name, typ in (("clients", int), ("listeners", int), ("lines", int), ("rate", float), ("size", int),
                       ("seconds", float), ("batch", int), ("per-addr", int), ("resets", int)):
         ap.add_argument(f"--{name}", type=typ)
     a = ap.parse_args()
-    kw = {k.replace("-", "_"): v for k, v in vars(a).items() if v is not None and k not in ("scenario", "server")}
+    if a.chatlog:
+        CHATLOG[0] = a.chatlog
+    kw = {k.replace("-", "_"): v for k, v in vars(a).items()
+          if v is not None and k not in ("scenario", "server", "chatlog")}
     try:
         print(json.dumps(run(a.scenario, a.server, **kw), indent=1))
     except Unavailable as exc:

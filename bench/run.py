@@ -275,6 +275,8 @@ def room_rows(res, secs):
         missing = r["expected"] - r["delivered"]
         state = "complete" if r["joined"] == r["clients"] and r["sent"] and not missing else (
             f"{r['joined']} joined, {missing:,} of {r['expected']:,} missing")
+        if not r["server_alive"]:
+            state += f"; the server exited ({r['server_exit']})"
         return f"{state}, p99 {r['p99_ms']} ms (p50 {r['p50_ms']})", state == "complete"
 
     f_ours, f_base, f_relay = res["fanout", "chatlog"], res["fanout", "ncat"], res["fanout", "relay"]
