@@ -301,10 +301,11 @@ def room_rows(res, secs):
         if "deliveries_per_s" not in r:
             return f"{r['joined']} of {r['listeners']} joined"
         lost = r["expected"] - r["delivered"]
-        # ncat writes its "<userN> " prefix at the start of each read(), so a line that straddles
-        # two reads arrives cut in two: it counts as not delivered
-        how = "mangled by ncat's prefix" if r is t_base else "not delivered"
-        return f"{r['deliveries_per_s'] / 1e6:.1f} M/s" + (f", {lost:,} {how}" if lost else "")
+        text = f"{r['deliveries_per_s'] / 1e6:.1f} M/s" + (f", {lost:,} deliveries lost" if lost else "")
+        # ncat writes its "<userN> " prefix at the start of each read(), not each line, so a line
+        # that straddles two reads arrives cut in two: the checked listener sees it
+        cut = r["lines"] - r["intact_on_checked"]
+        return text + (f", {cut:,} of {r['lines']:,} lines cut on one listener" if cut else "")
 
     figure = "room: 1 sender, 100 listeners, 20,000 lines: deliveries/s"
     target = ">= 0.5x ncat, all committed"
