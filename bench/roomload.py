@@ -53,6 +53,7 @@ EVENT_READ, EVENT_WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 # listens with a backlog of 10, and a larger burst of connects overflows it (dropped SYNs retried
 # after 1 s, 3 s, ...), which would measure the batch size, not the server.
 BATCH = 10
+MAX_LINE = 1 << 20
 
 
 class Unavailable(Exception):
@@ -285,6 +286,7 @@ class Load:
         self.delivered = 0
         self.last_delivery = 0
         self.coalesce = 0.0
+        self.open_error = None
 
     # -- connections
     def open(self, n, per_addr=0, reader=True, rcvbuf=0):
@@ -292,7 +294,11 @@ class Load:
         made = []
         for _ in range(n):
             cid = len(self.clients)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:  # out of file descriptors: the caller sees fewer clients
+                self.open_error = exc.strerror
+                break
             if rcvbuf:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             if per_addr:
@@ -380,7 +386,7 @@ class Load:
             data = c.buf + data
         nl = data.rfind(b"\n")
         if nl < 0:
-            c.buf = data
+            c.buf = data if len(data) < MAX_LINE else b""  # a server's endless line: not ours
             return
         c.buf = data[nl + 1:]
         if self.timing:
@@ -511,8 +517,9 @@ def fanout(target, clients=200, rate=2.0, seconds=20.0, size=0):
     cs = []
     for i in range(0, clients, BATCH):
         batch = load.open(min(BATCH, clients - i))
-        load.join(batch, 15)
         cs += batch
+        if load.join(batch, 15) < len(batch):
+            break
     joined = sum(c.greeted and not c.closed for c in cs)
     sent = _paced(load, cs, rate, seconds, size) if joined == clients else 0
     expected = sent * (clients - 1)
@@ -538,8 +545,9 @@ def throughput(target, listeners=100, lines=20000, size=0):
     ls = []
     for i in range(0, listeners, BATCH):
         batch = load.open(min(BATCH, listeners - i))
-        load.join(batch, 15)
         ls += batch
+        if load.join(batch, 15) < len(batch):
+            break
     sender = load.open(1)[0]
     load.join([sender], 15)
     joined = sum(c.greeted and not c.closed for c in ls)
@@ -570,8 +578,9 @@ def slow(target, clients=50, rate=10.0, size=450, seconds=20.0):
     cs = []
     for i in range(0, clients - 1, BATCH):
         batch = load.open(min(BATCH, clients - 1 - i))
-        load.join(batch, 15)
         cs += batch
+        if load.join(batch, 15) < len(batch):
+            break
     joined = sum(c.greeted and not c.closed for c in cs)
     sent = _paced(load, cs, rate, seconds, size) if joined == clients - 1 else 0
     expected = sent * (clients - 2)
@@ -612,7 +621,10 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
     while len(cs) < clients and time.monotonic() < deadline:
         b = load.open(min(batch, clients - len(cs)), per_addr=per_addr)
         cs += b
-        ok = load.join(b, 10)
+        if not b:
+            stalled = len(cs)
+            break
+        ok = load.join(b, 10) == len(b)
         server.sample()
         joined_max = max(joined_max, sum(c.greeted and not c.closed for c in cs))
         if not ok or not server.alive():
@@ -629,7 +641,8 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
         others = live[1:]
         load.loop(lambda: all(c.count or c.closed for c in others), time.monotonic() + 60)
         got = sum(1 for c in others if c.count)
-    res = {"clients": clients, "joined": peak_during_connect, "stalled_at": stalled, "connect_s": round(connect_s, 1),
+    res = {"clients": clients, "joined": peak_during_connect, "stalled_at": stalled, "open_error": load.open_error,
+           "connect_s": round(connect_s, 1),
            "got_line": got, "of": max(0, len(live) - 1), "alive_after": server.alive(),
            "relayed": 1 if got else 0}
     return _finish(load, server, res, cpu0, t0)
@@ -645,8 +658,9 @@ def resets(target, clients=20, resets=500):
     cs = []
     for i in range(0, clients, BATCH):
         batch = load.open(min(BATCH, clients - i))
-        load.join(batch, 15)
         cs += batch
+        if load.join(batch, 15) < len(batch):
+            break
     done = 0
     for _ in range(resets):
         s = socket.socket()

@@ -236,6 +236,8 @@ def room_run(scenario, server, **kw):
         r = roomload.run(scenario, server, **kw)
     except roomload.Unavailable as exc:
         return str(exc)
+    except Exception as exc:  # a benchmark never fails: the row says what went wrong
+        return f"error: {type(exc).__name__}: {exc}"[:80]
     print(f"    {r}", file=sys.stderr, flush=True)
     return r
 
@@ -342,6 +344,8 @@ def room_rows(res, secs):
             if "FD_SETSIZE" in said:
                 said = "FD_SETSIZE"
             text = f"{r['joined']:,} joined, then it exited ({said[:40]})"
+        if r.get("open_error"):  # the generator's own limit, not the server's
+            text += f" (generator: {r['open_error']} at {r['stalled_at']:,})"
         return text + f"; peak RSS {r['server_vmhwm_mb']} MB"
 
     c_ours, c_base, c_relay = res["crowd", "chatlog"], res["crowd", "ncat"], res["crowd", "relay"]
