@@ -111,8 +111,11 @@ def fsync_cost():
         return missing(figure, "(the cost of fsync)", "no serve --fsync yet")
     plain, synced, committed = [], [], []
     for _ in range(3):
+        try:
+            s, _, c = turns.chatlog_turns(n, extra=("--fsync",))
+        except Missing as exc:
+            return missing(figure, "(the cost of fsync)", str(exc)[:70])
         plain.append(turns.chatlog_turns(n)[0])
-        s, _, c = turns.chatlog_turns(n, extra=("--fsync",))
         synced.append(s)
         committed.append(c)
     a, a_med = spread([r["turns_per_s"] for r in synced])

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import VENV_BIN, rss_mb
+from common import VENV_BIN, Missing, rss_mb
 
 ECHO = r"""
 import socket, sys
@@ -103,6 +103,7 @@ def start_server(db, n_answers, extra=()):
     replies = db.with_name("replies.txt")
     replies.write_bytes(b"".join(b"reply %d\n" % i for i in range(n_answers)))
     feeder = subprocess.Popen(["cat", str(replies)], stdout=subprocess.PIPE)
+    err = tempfile.TemporaryFile()
     console = subprocess.Popen(
         ["sh", "-c", 'IFS= read -r first; printf "%s\\n" "$first"; exec cat >/dev/null'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -110,13 +111,19 @@ def start_server(db, n_answers, extra=()):
     p = subprocess.Popen(
         [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600",
          *extra],
-        stdin=feeder.stdout, stdout=console.stdin, env=dict(os.environ, NO_COLOR="1"),
+        stdin=feeder.stdout, stdout=console.stdin, stderr=err, env=dict(os.environ, NO_COLOR="1"),
     )
     feeder.stdout.close()
     console.stdin.close()
-    port = int(console.stdout.readline().decode().rsplit("port ", 1)[1])
     p.helpers = (feeder, console)
-    return p, port
+    banner = console.stdout.readline().decode()
+    if "port " not in banner:  # it did not start: say why in one line, not with a traceback
+        p.wait(10)
+        stop(p)
+        err.seek(0)
+        last = (err.read().decode(errors="replace").strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise Missing(f"serve {' '.join(extra)}: {last}")
+    return p, int(banner.rsplit("port ", 1)[1])
 
 
 def stop(p):
