@@ -7,11 +7,24 @@ path. Every query returns the small records of `chatlog.records`.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from chatlog.db import _FILE_TROUBLE, DB, BadQuery, StoreError, connect, describe_error
+from chatlog.db import (
+    _FILE_TROUBLE,
+    DB,
+    BadQuery,
+    ServerLocks,
+    StoreError,
+    connect,
+    describe_error,
+    is_busy,
+    is_database_file,
+    writable,
+)
 from chatlog.records import HL_END, HL_START, Msg, Session
 from chatlog.schema import message_count
 
@@ -25,16 +38,33 @@ def _live_count(sender: str) -> str:
 
 # Select these from `sessions` (unaliased) to build a Session: the counts of a session still in
 # progress are counted live, those of an ended one come from the row.
-SESSION_COLUMNS = ", ".join(
-    _live_count(name.split("_")[0]) if name.endswith("_messages") else f"sessions.{name}"
-    for name in Session.__slots__  # type: ignore[attr-defined]
-)
+def _session_column(name: str) -> str:
+    if name.endswith("_messages"):
+        return _live_count(name.split("_")[0])
+    if name == "participants":
+        return (
+            "CASE WHEN sessions.kind = 'room' THEN (SELECT count(*) FROM participants p "
+            "WHERE p.session_id = sessions.id) ELSE 0 END"
+        )
+    return f"sessions.{name}"
+
+
+SESSION_COLUMNS = ", ".join(map(_session_column, Session.__slots__))  # type: ignore[attr-defined]
+VISIBLE = "sessions.deleting = 0"  # a session being deleted is hidden from every read
+DELETING = "deleting != 0"
 MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
 
 
-def open_archive(path: str | os.PathLike, *, create: bool = False) -> "Archive":
-    """Open the database at `path` for reading (and rm/prune/backup)."""
-    return Archive(connect(path, create=create))
+DELETE_BATCH = 2000  # messages (with their search entries) deleted per transaction
+
+
+def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bool | None = None) -> "Archive":
+    """Open the database at `path` for reading (and rm/prune/backup). A file that cannot be
+    written (read-only media, a read-only backup) is opened read-only unless `read_only=False`:
+    every read works, and nothing is written, not even a -shm file when none can be made."""
+    if read_only is None:
+        read_only = os.path.exists(path) and not writable(path)
+    return Archive(connect(path, create=create, read_only=read_only))
 
 
 class Archive:
@@ -49,10 +79,10 @@ class Archive:
     def session(self, ident: int | str) -> Session | None:
         """A session by id, or the newest one for `last`."""
         if isinstance(ident, str) and ident.lower() == "last":
-            sql = f"SELECT {SESSION_COLUMNS} FROM sessions ORDER BY id DESC LIMIT 1"
+            sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {VISIBLE} ORDER BY id DESC LIMIT 1"
             args: tuple = ()
         else:
-            sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
+            sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
             args = (int(ident),)
         with self.db.guard:
             row = self.conn.execute(sql, args).fetchone()
@@ -87,7 +117,7 @@ class Archive:
         where, args = filter_sql(filters)
         with self.db.guard:
             row = self.conn.execute(
-                f"SELECT sum(client_messages + server_messages) FROM sessions WHERE {where}", args
+                f"SELECT sum({_live_count('client')} + {_live_count('server')}) FROM sessions WHERE {where}", args
             ).fetchone()
         return row[0] or 0
 
@@ -100,15 +130,25 @@ class Archive:
 
     def search(
         self,
-        fts: str,
+        query: str,
         *,
+        raw: bool = False,
         handle: str | None = None,
         since: str | None = None,
+        until: str | None = None,
         limit: int = 20,
         best: bool = False,
-    ) -> list[tuple[Msg, str]]:
-        """Messages matching an FTS5 query, newest (or best) first, each with its text marked
-        up by `highlight()`: matches between HL_START and HL_END."""
+        count: bool = False,
+    ) -> "list[tuple[Msg, str]] | int":
+        """Messages matching `query`, newest (or best) first, each with its text marked up:
+        matches between HL_START and HL_END. With `count`, only how many match (all of them).
+
+        `query` is what a person types (see `fts_query`): words, "an exact phrase", prefix*;
+        with `raw` it is SQLite FTS5 syntax (AND, OR, NOT, NEAR). `since`/`until` are stored-
+        format times (`until` excluded). A query that cannot run is one BadQuery line."""
+        fts = query if raw else fts_query(query)
+        if not fts.strip():
+            raise BadQuery("empty search query")
         clauses, args = ["messages_fts MATCH ?"], [fts]
         if handle is not None:
             clauses.append("m.handle = ?")
@@ -116,27 +156,36 @@ class Archive:
         if since is not None:
             clauses.append("m.at >= ?")
             args.append(since)
-        order = "messages_fts.rank" if best else "messages_fts.rowid DESC"
-        cols = ", ".join(f"m.{c}" for c in Msg.__slots__)  # type: ignore[attr-defined]
-        sql = (
-            f"SELECT {cols}, highlight(messages_fts, 0, '{HL_START}', '{HL_END}') "
-            f"FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
-            f"WHERE {' AND '.join(clauses)} ORDER BY {order}"
-        )
-        if limit:
-            sql += f" LIMIT {min(int(limit), 2**63 - 1)}"
+        if until is not None:
+            clauses.append("m.at < ?")
+            args.append(until)
+        clauses.append(f"m.session_id NOT IN (SELECT id FROM sessions WHERE {DELETING})")
+        where = " AND ".join(clauses)
+        source = "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
+        if count:
+            sql = f"SELECT count(*) {source} WHERE {where}"
+        else:
+            order = "messages_fts.rank" if best else "messages_fts.rowid DESC"
+            cols = ", ".join(f"m.{c}" for c in Msg.__slots__)  # type: ignore[attr-defined]
+            sql = (
+                f"SELECT {cols}, highlight(messages_fts, 0, '{HL_START}', '{HL_END}') "
+                f"{source} WHERE {where} ORDER BY {order}"
+            )
+            if limit:
+                sql += f" LIMIT {min(int(limit), 2**63 - 1)}"
         try:
             rows = self.conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
-            # FTS5 reports a bad query as an OperationalError too ("fts5: syntax error near",
-            # "unterminated string", "no such column: x", "unknown special query"...): anything
-            # that is not about the file itself is about the query.
+            # FTS5 reports a bad query as an OperationalError too: anything that is not about the
+            # file itself is about the query, and is worded for the person who typed it.
             text = str(exc)
             if not any(word in text for word in _FILE_TROUBLE):
-                raise BadQuery(f"invalid search query {fts!r}: {text}") from exc
+                raise BadQuery(bad_query_line(query, text)) from None
             raise StoreError(describe_error(self.path, exc)) from exc
         except sqlite3.DatabaseError as exc:
             raise StoreError(describe_error(self.path, exc)) from exc
+        if count:
+            return rows[0][0]
         return [(Msg(*row[:-1]), row[-1]) for row in rows]
 
     def export_rows(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[tuple]]]:
@@ -154,7 +203,8 @@ class Archive:
             return
         with self.db.guard:
             sessions = self.conn.execute(
-                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id BETWEEN ? AND ? ORDER BY id", (lo, hi)
+                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id BETWEEN ? AND ? AND {VISIBLE} ORDER BY id",
+                (lo, hi),
             )
             rows = self.conn.execute(
                 f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id BETWEEN ? AND ? "
@@ -184,7 +234,7 @@ class Archive:
         for session_id in ids:
             with self.db.guard:
                 row = self.conn.execute(
-                    f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+                    f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}", (session_id,)
                 ).fetchone()
                 if row is None:  # deleted meanwhile
                     continue
@@ -195,59 +245,135 @@ class Archive:
             yield Session(*row), rows
 
     def stats(self) -> dict:
+        """Totals, from the session rows (their stored counts; live counts for the few still in
+        progress), never by reading the messages."""
         q = self.conn.execute
+        live_c, live_s = _live_count("client"), _live_count("server")
         with self.db.guard:
-            sessions, handles, hosts = q(
-                "SELECT count(*), count(DISTINCT handle), count(DISTINCT client_host) FROM sessions"
+            sessions, handles, hosts, said, answers, first, last = q(
+                f"SELECT count(*), count(DISTINCT handle), count(DISTINCT client_host), "
+                f"sum({live_c}), sum({live_s}), min(started_at), max(started_at) FROM sessions WHERE {VISIBLE}"
             ).fetchone()
-            messages = q("SELECT count(*) FROM messages").fetchone()[0]
             avg = q(
                 "SELECT avg((julianday(ended_at) - julianday(started_at)) * 86400) FROM sessions "
-                "WHERE ended_at IS NOT NULL"
+                f"WHERE ended_at IS NOT NULL AND {VISIBLE}"
             ).fetchone()[0]
             busiest = q(
-                "SELECT handle, count(*) AS n, sum(client_messages + server_messages) AS m "
-                "FROM sessions WHERE handle IS NOT NULL GROUP BY handle ORDER BY m DESC, n DESC LIMIT 5"
+                f"SELECT handle, count(*) AS n, sum({live_c}) AS c, sum({live_s}) AS s "
+                f"FROM sessions WHERE handle IS NOT NULL AND {VISIBLE} "
+                "GROUP BY handle ORDER BY c + s DESC, n DESC LIMIT 5"
             ).fetchall()
             reasons = q(
-                "SELECT coalesce(end_reason, 'in progress'), count(*) FROM sessions GROUP BY 1 ORDER BY 2 DESC"
+                f"SELECT coalesce(end_reason, 'in progress'), count(*) FROM sessions WHERE {VISIBLE} "
+                "GROUP BY 1 ORDER BY 2 DESC"
             ).fetchall()
-            first, last = q("SELECT min(started_at), max(started_at) FROM sessions").fetchone()
+            refused = q("SELECT coalesce(sum(count), 0) FROM refusals").fetchone()[0]
         return {
             "sessions": sessions,
-            "messages": messages,
+            "messages": (said or 0) + (answers or 0),
+            "client_messages": said or 0,
+            "server_messages": answers or 0,
             "handles": handles,
             "hosts": hosts,
             "average_session_seconds": round(avg, 3) if avg is not None else None,
             "first_session": first,
             "last_session": last,
-            "busiest_handles": [{"handle": h, "sessions": n, "messages": m} for h, n, m in busiest],
+            "busiest_handles": [
+                {"handle": h, "sessions": n, "messages": c + s, "said": c, "answers": s}
+                for h, n, c, s in busiest
+            ],
             "end_reasons": {r: n for r, n in reasons},
+            "refused_connections": refused,
         }
 
-    def delete_sessions(self, ids: list[int]) -> int:
-        """Delete ended sessions with their messages (and, by trigger, their search entries).
+    # -- liveness --------------------------------------------------------------------------------
 
-        A session still in progress is left alone: the server is writing to it, and its next
-        message would fail the foreign key. Checked inside the write transaction, so a session
-        cannot start or resume between the check and the delete."""
+    def held(self, ids: list[int]) -> dict[int, str]:
+        """Of these sessions, those still being recorded by a running server: id -> who holds
+        it (`pid P on HOST`). A session left open by a server that died is not held."""
         if not ids:
-            return 0
+            return {}
         marks = ", ".join("?" * len(ids))
-        ended = f"SELECT id FROM sessions WHERE id IN ({marks}) AND ended_at IS NOT NULL"
         with self.db.guard:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                self.conn.execute(f"DELETE FROM messages WHERE session_id IN ({ended})", ids)
-                n = self.conn.execute(f"DELETE FROM sessions WHERE id IN ({ended})", ids).rowcount
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-        return n
+            rows = self.conn.execute(
+                f"SELECT s.id, s.server_id, v.pid, v.hostname FROM sessions s "
+                f"LEFT JOIN servers v ON v.id = s.server_id WHERE s.id IN ({marks}) AND s.ended_at IS NULL",
+                ids,
+            ).fetchall()
+        if not rows:
+            return {}
+        locks = ServerLocks(self.path, create=False)
+        try:
+            return {sid: f"pid {pid} on {host}" for sid, server, pid, host in rows if locks.alive(server)}
+        finally:
+            locks.close()
 
-    def backup(self, dest: Path) -> None:
+    def held_by_live_server(self, session_id: int) -> str | None:
+        """Who is recording this session (`pid P on HOST`), or None."""
+        return self.held([session_id]).get(session_id)
+
+    # -- deleting --------------------------------------------------------------------------------
+
+    def delete_sessions(self, ids: list[int], *, batch: int | None = None) -> int:
+        """Delete ended sessions with their messages, participants and search entries; returns
+        how many of `ids` were deleted.
+
+        A session still in progress is left alone (checked inside the write transaction, so it
+        cannot start or resume between the check and the delete). The chosen sessions are first
+        marked, which hides them from every read at once; then their messages go in batches of
+        `batch`, each its own short transaction, so the server's commits never wait long behind
+        a large delete. An interrupted delete (Ctrl-C, a crash) is finished by the next one."""
+        batch = batch or DELETE_BATCH
+        chosen: list[int] = []
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            with self._write():
+                chosen = [
+                    r[0]
+                    for r in self.conn.execute(
+                        f"UPDATE sessions SET deleting = 1 WHERE id IN ({marks}) AND ended_at IS NOT NULL "
+                        "RETURNING id",
+                        ids,
+                    )
+                ]
+        with self.db.guard:
+            pending = [r[0] for r in self.conn.execute(f"SELECT id FROM sessions WHERE {DELETING} ORDER BY id")]
+        for session_id in pending:
+            self._delete_one(session_id, batch)
+        return len(chosen)
+
+    def _delete_one(self, session_id: int, batch: int) -> None:
+        while True:
+            started = time.monotonic()
+            with self._write():
+                n = self.conn.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE session_id = ? "
+                    "ORDER BY session_id, seq LIMIT ?)",
+                    (session_id, batch),
+                ).rowcount
+                if n < batch:
+                    self.conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+                    self.conn.execute("DELETE FROM participants WHERE session_id = ?", (session_id,))
+                    self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                    return
+            # Leave the lock free for a while, as long as the batch held it, so a writer that is
+            # waiting gets in before the next batch.
+            time.sleep(min(0.05, time.monotonic() - started))
+
+    def _write(self) -> "_WriteTx":
+        return _WriteTx(self)
+
+    # -- backing up ------------------------------------------------------------------------------
+
+    def is_database_file(self, path: str | os.PathLike) -> bool:
+        """Whether `path` is this database or one of the files beside it (-wal, -shm, -journal,
+        -lock), however spelt: writing there would destroy the archive."""
+        return is_database_file(path, self.path)
+
+    def backup(self, dest: str | os.PathLike) -> None:
         """A consistent copy through SQLite's online backup API (safe while the server writes)."""
+        if self.is_database_file(dest):
+            raise StoreError(f"{dest} is the database {self.path} or one of its files; choose another path")
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.close(fd)
         with self.db.guard:
@@ -258,11 +384,78 @@ class Archive:
                 target.close()
 
 
+class _WriteTx:
+    """BEGIN IMMEDIATE ... COMMIT on the archive's connection, waiting out a busy database."""
+
+    def __init__(self, archive: Archive):
+        self.a = archive
+
+    def __enter__(self):
+        delay = 0.002
+        while True:
+            try:
+                self.a.conn.execute("BEGIN IMMEDIATE")
+                return self
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise StoreError(describe_error(self.a.path, exc)) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.a.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        except sqlite3.Error as err:
+            if exc_type is None:
+                raise StoreError(describe_error(self.a.path, err)) from err
+        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
+            raise StoreError(describe_error(self.a.path, exc)) from exc
+        return False
+
+
+_WORD = re.compile(r'"([^"]*)"?|(\S+)')
+
+
+def fts_query(text: str) -> str:
+    """What a person types, as an FTS5 query: each word must appear (quoted, so hyphens,
+    apostrophes and operators are searched for, not parsed); "words in quotes" must appear as
+    that phrase; a word ending in * matches any word it begins."""
+    parts = []
+    for m in _WORD.finditer(text):
+        phrase, word = m.group(1), m.group(2)
+        if phrase is not None:
+            if phrase.strip():
+                parts.append('"' + phrase.replace('"', '""') + '"')
+            continue
+        prefix = word.endswith("*") and len(word.rstrip("*")) > 0
+        word = word.rstrip("*") if prefix else word
+        if word.strip("*"):
+            parts.append('"' + word.replace('"', '""') + '"' + (" *" if prefix else ""))
+    return " ".join(parts)
+
+
+def bad_query_line(query: str, sqlite_text: str) -> str:
+    """SQLite's complaint about a search query, said in terms of the query."""
+    if "no such column" in sqlite_text:
+        name = sqlite_text.split(":", 1)[-1].strip()
+        why = f"'{name}:' looks like a column filter; put the word in quotes to search for it"
+    elif "unterminated string" in sqlite_text:
+        why = "a quote is not closed"
+    elif "syntax error near" in sqlite_text:
+        near = sqlite_text.split("near", 1)[-1].strip()
+        why = f"it cannot be read near {near} (AND, OR, NOT and NEAR need words on both sides)"
+    elif "unknown special query" in sqlite_text:
+        why = "a '*' must follow a word"
+    else:
+        why = "it is not valid search syntax"
+    return f"invalid search query {query!r}: {why}"
+
+
 def filter_sql(f: "Filters | None") -> tuple[str, list]:
     """The WHERE conditions on `sessions` for a set of filters, and their parameters."""
     if f is None:
-        return "1", []
-    clauses: list[str] = []
+        return VISIBLE, []
+    clauses: list[str] = [VISIBLE]
     args: list = []
     if f.ids:
         clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
@@ -278,4 +471,4 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
             args.append(value)
     if f.ended_only:
         clauses.append("sessions.ended_at IS NOT NULL")
-    return (" AND ".join(clauses) or "1"), args
+    return " AND ".join(clauses), args

@@ -414,7 +414,7 @@ def search(query, raw, handle, since, limit, best, utc, as_json, db):
     except BadDate as exc:
         fail(str(exc))
     store = open_db(db)
-    hits = store.search(fts, handle=handle, since=since_ts, limit=limit, best=best)
+    hits = store.search(fts, raw=True, handle=handle, since=since_ts, limit=limit, best=best)
     if as_json:
         views.search_json(hits)
     elif not hits:

@@ -6,10 +6,14 @@ package as one `StoreError` worded for the person running the command.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import sqlite3
+import struct
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 from chatlog import schema
 
@@ -39,6 +43,37 @@ class BadQuery(StoreError):
 _FILE_TROUBLE = ("database", "disk", "locked", "busy", "readonly", "malformed", "corrupt", "unable to open", "no such table")
 
 
+# What a failed write means, by SQLite's primary result code, for the one line a person reads.
+_FATAL = {
+    3: "permission denied",  # SQLITE_PERM
+    8: "the file is read-only",  # SQLITE_READONLY
+    10: "I/O error",  # SQLITE_IOERR
+    11: "the file is corrupt",  # SQLITE_CORRUPT
+    13: "disk is full",  # SQLITE_FULL
+    14: "cannot open the file",  # SQLITE_CANTOPEN
+    26: "not an SQLite database",  # SQLITE_NOTADB
+}
+SIDE_FILES = ("-wal", "-shm", "-journal", "-lock")
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Another connection holds the lock: worth waiting for."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def failure_line(path: Path, exc: BaseException) -> str:
+    """`cannot write the database X: disk is full`: one line for a write that failed for good."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    why = _FATAL.get(code & 0xFF) if code is not None else None
+    if why is None:
+        text = str(exc)
+        why = "disk is full" if "full" in text else text
+    return f"cannot write the database {path}: {why}"
+
+
 def describe_error(path: Path, exc: BaseException) -> str:
     text = str(exc)
     if "not a database" in text or "malformed" in text or "corrupt" in text:
@@ -63,6 +98,81 @@ class Guard:
         if exc_type is not None and issubclass(exc_type, sqlite3.Error):
             raise StoreError(describe_error(self.path, exc)) from exc
         return False
+
+
+def is_database_file(candidate: str | os.PathLike, db_path: str | os.PathLike) -> bool:
+    """Whether writing to `candidate` would write over the database at `db_path` or one of the
+    files SQLite keeps beside it (-wal, -shm, -journal) or our -lock, however the path is spelt:
+    relative, with `..`, through symbolic links, or as a hard link to the same file."""
+    db = os.path.realpath(db_path)
+    targets = [db] + [db + suffix for suffix in SIDE_FILES]
+    given = os.path.realpath(candidate)
+    if given in targets:
+        return True
+    try:
+        st = os.stat(candidate)
+    except OSError:
+        return False
+    for target in targets:
+        try:
+            other = os.stat(target)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            return True
+    return False
+
+
+class ServerLocks:
+    """The liveness of servers, by a lock that dies with its process.
+
+    A running server holds a write lock on byte `id` of the sidecar file DB-lock. The locks are
+    open-file-description locks (Linux), so a check made from any process, the server's own
+    included, never disturbs them; a kill -9 releases them at once. Elsewhere classic POSIX locks
+    are used, which cannot see a lock held by the checking process itself.
+    """
+
+    _OFD = hasattr(fcntl, "F_OFD_SETLK")
+    SETLK = getattr(fcntl, "F_OFD_SETLK", fcntl.F_SETLK)
+    GETLK = getattr(fcntl, "F_OFD_GETLK", fcntl.F_GETLK)
+    _FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid
+
+    def __init__(self, db_path: Path, *, create: bool):
+        self.path = f"{db_path}-lock"
+        self.fd: int | None = None
+        try:
+            if create:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            else:
+                self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            self.fd = None  # no lock file: no server ever ran here (or it cannot be read)
+
+    def _flock(self, kind: int, server_id: int) -> bytes:
+        return struct.pack(self._FLOCK, kind, os.SEEK_SET, server_id, 1, 0)
+
+    def hold(self, server_id: int) -> None:
+        if self.fd is None:
+            raise OSError(f"cannot open {self.path}")
+        fcntl.fcntl(self.fd, self.SETLK, self._flock(fcntl.F_WRLCK, server_id))
+
+    def alive(self, server_id: int | None) -> bool:
+        if self.fd is None or server_id is None:
+            return False
+        try:
+            got = fcntl.fcntl(self.fd, self.GETLK, self._flock(fcntl.F_WRLCK, server_id))
+        except OSError:
+            return False
+        return struct.unpack(self._FLOCK, got)[0] != fcntl.F_UNLCK
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def hostname() -> str:
+    return socket.gethostname()
 
 
 class DB:
@@ -145,9 +255,21 @@ def checkpoint(conn: sqlite3.Connection) -> None:
         pass  # busy or locked this time: the next pass catches up
 
 
-def connect(path: str | os.PathLike, *, create: bool = True) -> DB:
-    """Open (creating if allowed) the database at `path`, upgrading its schema if needed."""
+def connect(
+    path: str | os.PathLike,
+    *,
+    create: bool = True,
+    read_only: bool = False,
+    fsync: bool = False,
+) -> DB:
+    """Open (creating if allowed) the database at `path`, upgrading its schema if needed.
+
+    `read_only`: write nothing at all and never migrate (for archives on read-only media, read
+    only files, backups). `fsync`: each commit is synced to disk (synchronous=FULL), so it
+    survives a power loss too, not only a crash of the process (see docs/reliability.md)."""
     path = Path(path)
+    if read_only:
+        return _connect_read_only(path)
     if not path.exists():
         if not create:
             raise StoreError(f"no chatlog database at {path} (nothing has been recorded yet)")
@@ -181,7 +303,7 @@ def connect(path: str | os.PathLike, *, create: bool = True) -> DB:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if mode != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
         _migrate(conn, path)
     except sqlite3.Error as exc:
@@ -191,6 +313,47 @@ def connect(path: str | os.PathLike, *, create: bool = True) -> DB:
         conn.close()
         raise
     return DB(conn, path)
+
+
+def writable(path: str | os.PathLike) -> bool:
+    """Whether the file (and its directory, where SQLite keeps the -wal and -shm) can be written."""
+    path = Path(path)
+    return os.access(path, os.W_OK) and os.access(path.parent if str(path.parent) else ".", os.W_OK | os.X_OK)
+
+
+def _connect_read_only(path: Path) -> DB:
+    """Open without writing a byte: SQLite's `mode=ro`, plus `immutable=1` when the directory
+    cannot be written and there is no WAL (no writer can be running then, and SQLite could not
+    make the -shm it needs). A pending migration is an error, never applied."""
+    if not path.exists():
+        raise StoreError(f"no chatlog database at {path} (nothing has been recorded yet)")
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a database file")
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError as exc:
+        raise StoreError(f"cannot read the database {path}: {exc.strerror}") from exc
+    if header != SQLITE_HEADER:
+        raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
+    parent = path.parent if str(path.parent) else Path(".")
+    immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro" + ("&immutable=1" if immutable else "")
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA query_only = 1")
+        done = _check_schema(conn, path)
+    except sqlite3.Error as exc:
+        raise StoreError(describe_error(path, exc)) from exc
+    if done is None or len(done) < len(schema.NAMES):
+        conn.close()
+        missing = [n for n in schema.NAMES if n not in (done or [])]
+        raise StoreError(
+            f"{path} needs a schema upgrade ({missing[0]}) and cannot be written here; "
+            "open it once with write access (any chatlog command) or use a newer backup"
+        )
+    return DB(conn, path, read_only=True)
 
 
 def _check_schema(conn: sqlite3.Connection, path: Path) -> list[str] | None:

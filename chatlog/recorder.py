@@ -1,33 +1,45 @@
 """The few writes the server makes, in plain SQL: nothing heavy is imported on the chat path.
 
 Each call is one small transaction (autocommit) in WAL mode, so a message is committed (see
-docs/reliability.md for what that survives) the moment `add_message` returns. Times come in as
-epoch seconds and are stored as UTC ISO text.
+docs/reliability.md for what that survives) the moment `add_message` returns; `transaction()`
+groups several calls into one. Times come in as epoch seconds and are stored as UTC ISO text.
+
+A busy database (another process writing: a delete, a backup, a migration) is waited for, in
+short steps so signals stay responsive: after WAIT_NOTICE seconds `on_wait(seconds, False)` is
+called once, and `on_wait(seconds, True)` when the write went through. Nothing is lost. While
+`should_stop()` is true the waiting ends with `StoreFailed`, as does any write that fails for
+good (disk full, read-only file, I/O error), with one line saying so.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+import sqlite3
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
-from chatlog.db import DB, connect
+from chatlog.db import DB, ServerLocks, StoreFailed, connect, failure_line, hostname, is_busy
 from chatlog.records import iso
 from chatlog.schema import message_count
 
 WAL_CHECK_EVERY = 1000  # commits between looks at the WAL's size (see DB.restart_wal)
+WAIT_NOTICE = 1.5  # seconds of waiting on a busy database before the operator is told
+BUSY_TIMEOUT_MS = 50  # SQLite's own wait per attempt: short, so a signal is handled promptly
+RAW_KEEP = 1024  # bytes of a message's raw form kept; the rest is counted in its note
 
 _FINAL_COUNTS = (
     f"client_messages = {message_count('client')}, server_messages = {message_count('server')}"
 )
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note, participant_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def open_recorder(path: str | os.PathLike, **kwargs) -> "Recorder":
+def open_recorder(path: str | os.PathLike, *, fsync: bool = False, **kwargs) -> "Recorder":
     """Open (creating it if needed) the database at `path` for the server to write."""
-    return Recorder(connect(path, create=True), **kwargs)
+    return Recorder(connect(path, create=True, fsync=fsync), **kwargs)
 
 
 class Recorder:
@@ -35,39 +47,146 @@ class Recorder:
         self,
         conn_or_db: DB | str | os.PathLike,
         *,
-        on_wait: Callable[[float | None], None] | None = None,
+        on_wait: Callable[[float, bool], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ):
         self.db = conn_or_db if isinstance(conn_or_db, DB) else connect(conn_or_db, create=True)
         self.conn = self.db.conn
         self.path = self.db.path
+        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self.on_wait = on_wait
         self.should_stop = should_stop
+        self.server_id: int | None = None
+        self._locks: ServerLocks | None = None
         self._seq: dict[int, int] = {}
         self._commits = 0
+        self._in_tx = False
+
+    # -- the one way anything is written ---------------------------------------------------------
+
+    def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        """Run one statement, waiting out a busy database; a lasting failure is StoreFailed."""
+        started = told = None
+        delay = 0.002
+        while True:
+            try:
+                cur = self.conn.execute(sql, args)
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise StoreFailed(failure_line(self.path, exc)) from None
+                now = time.monotonic()
+                started = started or now
+                if self.should_stop():
+                    raise StoreFailed(
+                        f"cannot write the database {self.path}: another process has held it "
+                        f"locked for {now - started:.1f} s"
+                    ) from None
+                if told is None and now - started >= WAIT_NOTICE:
+                    told = now
+                    if self.on_wait is not None:
+                        self.on_wait(now - started, False)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            if told is not None and self.on_wait is not None:
+                self.on_wait(time.monotonic() - started, True)
+            return cur
+
+    @contextmanager
+    def transaction(self) -> Iterator["Recorder"]:
+        """Everything inside is one transaction. The write lock is taken first (BEGIN IMMEDIATE,
+        waited for like any write), so nothing inside can meet a busy database: in WAL mode the
+        holder of the write lock is never refused. On an error all of it is rolled back, the
+        sequence numbers with it. Nested uses join the outer one."""
+        if self._in_tx:
+            yield self
+            return
+        self._run("BEGIN IMMEDIATE")
+        saved = dict(self._seq)
+        self._in_tx = True
+        try:
+            yield self
+            self._run("COMMIT")
+        except BaseException:
+            self._seq = saved
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        finally:
+            self._in_tx = False
+        self._committed()
+
+    def _committed(self) -> None:
+        self._commits += 1
+        if self._commits % WAL_CHECK_EVERY == 0 and self.db.checkpointing:
+            self.db.restart_wal()
 
     # -- the server's life -----------------------------------------------------------------------
 
     def start(self, host: str, port: int, at: float) -> tuple[int, int]:
-        """Called once the server listens: closes the sessions an earlier run left open (as
-        `interrupted`) and starts the background checkpointer. Returns (server id, orphans)."""
-        orphans = self.close_orphans(at)
+        """Called once the server listens: records this server and takes its liveness lock,
+        closes the sessions left open by servers no longer alive (as `interrupted`; a live
+        server's sessions are left alone), and starts the background checkpointer.
+        Returns (server id, orphans closed)."""
+        self._locks = ServerLocks(self.path, create=True)
+        if self._locks.fd is None:
+            raise StoreFailed(f"cannot write the database {self.path}: cannot create {self._locks.path}")
+        with self.transaction():
+            self.server_id = self._run(
+                "INSERT INTO servers (pid, hostname, host, port, started_at) VALUES (?, ?, ?, ?, ?)",
+                (os.getpid(), hostname(), host, port, iso(at)),
+            ).lastrowid
+            try:
+                self._locks.hold(self.server_id)
+            except OSError as exc:
+                raise StoreFailed(
+                    f"cannot write the database {self.path}: cannot lock {self._locks.path} ({exc.strerror})"
+                ) from None
+            orphans = self._close_orphans()
         self.db.start_checkpointer()
-        return 0, orphans
+        return self.server_id, orphans
 
-    def close_orphans(self, at: float | None = None) -> int:
-        """Sessions left open by a crash or a kill are closed as `interrupted`. Returns how many."""
-        with self.db.guard:
-            cur = self.conn.execute(
+    def _close_orphans(self) -> int:
+        owners = [r[0] for r in self._run("SELECT DISTINCT server_id FROM sessions WHERE ended_at IS NULL")]
+        dead = [o for o in owners if o is None or not (o == self.server_id or self._locks.alive(o))]
+        if not dead:
+            return 0
+        n = 0
+        for owner in dead:
+            n += self._run(
                 f"UPDATE sessions SET end_reason = 'interrupted', {_FINAL_COUNTS}, "
                 "ended_at = coalesce((SELECT max(m.at) FROM messages m "
                 "WHERE m.session_id = sessions.id), served_at, started_at) "
-                "WHERE ended_at IS NULL"
+                "WHERE ended_at IS NULL AND server_id IS ?",
+                (owner,),
+            ).rowcount
+            self._run(
+                "UPDATE participants SET left_at = coalesce(left_at, (SELECT ended_at FROM sessions s "
+                "WHERE s.id = participants.session_id)), end_reason = coalesce(end_reason, 'interrupted') "
+                "WHERE left_at IS NULL AND session_id IN (SELECT id FROM sessions WHERE server_id IS ? "
+                "AND end_reason = 'interrupted')",
+                (owner,),
             )
-        return cur.rowcount
+        return n
+
+    def close_orphans(self, at: float | None = None) -> int:
+        """Close every session whose server is not alive (without starting a server)."""
+        if self._locks is None:
+            self._locks = ServerLocks(self.path, create=True)
+        with self.transaction():
+            return self._close_orphans()
 
     def close(self) -> None:
+        if self.server_id is not None:
+            try:
+                self._run("UPDATE servers SET stopped_at = ? WHERE id = ?", (iso(time.time()), self.server_id))
+            except StoreFailed:
+                pass
         self.db.close()
+        if self._locks is not None:
+            self._locks.close()  # the liveness lock goes last: nothing of ours is open now
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -83,24 +202,22 @@ class Recorder:
         kind: str = "chat",
     ) -> int:
         when = iso(at)
-        with self.db.guard:
-            session_id = self.conn.execute(
-                "INSERT INTO sessions (started_at, served_at, client_host, client_port, "
-                "server_host, server_port) VALUES (?, ?, ?, ?, ?, ?)",
-                (when, when if served else None, client_host, client_port, server_host, server_port),
-            ).lastrowid
+        session_id = self._run(
+            "INSERT INTO sessions (started_at, served_at, client_host, client_port, "
+            "server_host, server_port, server_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (when, when if served else None, client_host, client_port, server_host, server_port,
+             self.server_id, kind),
+        ).lastrowid
+        if not self._in_tx:
+            self._committed()
         self._seq[session_id] = 0
         return session_id
 
     def serve_session(self, session_id: int, at: float) -> None:
-        with self.db.guard:
-            self.conn.execute("UPDATE sessions SET served_at = ? WHERE id = ?", (iso(at), session_id))
+        self._run("UPDATE sessions SET served_at = ? WHERE id = ?", (iso(at), session_id))
 
     def set_handle(self, session_id: int, handle: str) -> None:
-        with self.db.guard:
-            self.conn.execute(
-                "UPDATE sessions SET handle = ? WHERE id = ? AND handle IS NULL", (handle, session_id)
-            )
+        self._run("UPDATE sessions SET handle = ? WHERE id = ? AND handle IS NULL", (handle, session_id))
 
     def add_message(
         self,
@@ -113,34 +230,65 @@ class Recorder:
         at: float,
         participant: int | None = None,
     ) -> int:
-        """Commit one message; returns its sequence number. The hot path: one INSERT, one commit."""
+        """Commit one message; returns its sequence number. The hot path: one INSERT, one commit.
+        Of its raw bytes the first RAW_KEEP are kept, and the note says how many more came."""
+        if raw is not None and len(raw) > RAW_KEEP:
+            cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
+            note = f"{note}; {cut}" if note else cut
+            raw = raw[:RAW_KEEP]
         seq = self._seq.get(session_id)
         seq = (self._last_seq(session_id) if seq is None else seq) + 1
-        with self.db.guard:
-            self.conn.execute(_INSERT_MESSAGE, (session_id, seq, iso(at), sender, handle, text, raw, note))
+        self._run(_INSERT_MESSAGE, (session_id, seq, iso(at), sender, handle, text, raw, note, participant))
         self._seq[session_id] = seq
-        self._commits += 1
-        if self._commits % WAL_CHECK_EVERY == 0 and self.db.checkpointing:
-            self.db.restart_wal()
+        if not self._in_tx:
+            self._committed()
         return seq
 
     def end_session(self, session_id: int, reason: str, at: float) -> tuple[int, int]:
         """Record the end and the final counts (unless it had ended already); returns the counts."""
-        with self.db.guard:
-            self.conn.execute(
-                f"UPDATE sessions SET ended_at = ?, end_reason = ?, {_FINAL_COUNTS} "
-                "WHERE id = ? AND ended_at IS NULL",
-                (iso(at), reason, session_id),
-            )
-            row = self.conn.execute(
-                "SELECT client_messages, server_messages FROM sessions WHERE id = ?", (session_id,)
-            ).fetchone()
+        row = self._run(
+            f"UPDATE sessions SET ended_at = coalesce(ended_at, ?), end_reason = coalesce(end_reason, ?), "
+            f"{_FINAL_COUNTS} WHERE id = ? RETURNING client_messages, server_messages",
+            (iso(at), reason, session_id),
+        ).fetchone()
         self._seq.pop(session_id, None)
         return (row[0], row[1]) if row else (0, 0)
 
+    def add_refusal(self, host: str, reason: str, at: float) -> int:
+        """Count a refused connection; returns how many from this host for this reason in this
+        minute, this one included (so the caller can stop reporting a flood)."""
+        when = iso(at)
+        return self._run(
+            "INSERT INTO refusals (host, reason, minute, count, first_at, last_at) VALUES (?, ?, ?, 1, ?, ?) "
+            "ON CONFLICT (host, reason, minute) DO UPDATE SET count = count + 1, last_at = excluded.last_at "
+            "RETURNING count",
+            (host, reason, when[:16], when, when),
+        ).fetchone()[0]
+
+    # -- rooms -----------------------------------------------------------------------------------
+
+    def add_participant(self, session_id: int, host: str, port: int, at: float) -> int:
+        return self._run(
+            "INSERT INTO participants (session_id, host, port, joined_at) VALUES (?, ?, ?, ?)",
+            (session_id, host, port, iso(at)),
+        ).lastrowid
+
+    def set_participant_handle(self, participant_id: int, handle: str) -> None:
+        self._run("UPDATE participants SET handle = ? WHERE id = ?", (handle, participant_id))
+
+    def end_participant(self, participant_id: int, reason: str, at: float) -> None:
+        self._run(
+            "UPDATE participants SET left_at = ?, end_reason = ? WHERE id = ? AND left_at IS NULL",
+            (iso(at), reason, participant_id),
+        )
+
+    def add_event(self, session_id: int, participant_id: int, text: str, at: float) -> int:
+        """A join or leave in a room, in order with the messages (sender 'event', not searchable)."""
+        handle = self._run("SELECT handle FROM participants WHERE id = ?", (participant_id,)).fetchone()
+        return self.add_message(
+            session_id, "event", handle[0] if handle else None, text, None, None, at, participant_id
+        )
+
     def _last_seq(self, session_id: int) -> int:
-        with self.db.guard:
-            row = self.conn.execute(
-                "SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)
-            ).fetchone()
+        row = self._run("SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)).fetchone()
         return row[0] or 0

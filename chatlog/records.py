@@ -39,6 +39,8 @@ class Session:
     end_reason: str | None
     client_messages: int
     server_messages: int
+    kind: str = "chat"  # or "room": many participants in one session
+    participants: int = 0  # in a room, how many have taken part (0 for a 1:1 chat)
 
     @property
     def messages(self) -> int:

@@ -85,6 +85,109 @@ def m002_messages_fts(conn: sqlite3.Connection) -> None:
     )
 
 
+
+@migration
+def m003_servers_and_deletes(conn: sqlite3.Connection) -> None:
+    # Each run of `chatlog serve` is a row; while it runs it holds a lock on byte `id` of the
+    # sidecar file DB-lock (see chatlog.db.ServerLock), so another process can tell a live
+    # server's sessions from those a crash left open. `deleting`: a delete in progress (done in
+    # small batches); such a session is hidden from every read and finished by the next rm/prune.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "servers" (
+           "id" INTEGER PRIMARY KEY,
+           "pid" INTEGER NOT NULL,
+           "hostname" TEXT NOT NULL,
+           "host" TEXT,
+           "port" INTEGER,
+           "started_at" TEXT NOT NULL,
+           "stopped_at" TEXT
+        );
+        ALTER TABLE "sessions" ADD COLUMN "server_id" INTEGER REFERENCES "servers"("id");
+        ALTER TABLE "sessions" ADD COLUMN "deleting" INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX "idx_sessions_open" ON "sessions" ("server_id") WHERE "ended_at" IS NULL;
+        CREATE INDEX "idx_sessions_deleting" ON "sessions" ("id") WHERE "deleting" != 0;
+        """,
+    )
+
+
+@migration
+def m004_rooms(conn: sqlite3.Connection) -> None:
+    # A room is one session of kind 'room' with many participants; a 1:1 chat is kind 'chat' and
+    # reads exactly as before. Joins and leaves are messages with sender 'event'.
+    run_script(
+        conn,
+        """
+        ALTER TABLE "sessions" ADD COLUMN "kind" TEXT NOT NULL DEFAULT 'chat';
+        CREATE TABLE "participants" (
+           "id" INTEGER PRIMARY KEY,
+           "session_id" INTEGER NOT NULL REFERENCES "sessions"("id"),
+           "host" TEXT,
+           "port" INTEGER,
+           "handle" TEXT,
+           "joined_at" TEXT NOT NULL,
+           "left_at" TEXT,
+           "end_reason" TEXT
+        );
+        CREATE INDEX "idx_participants_session_id" ON "participants" ("session_id");
+        ALTER TABLE "messages" ADD COLUMN "participant_id" INTEGER REFERENCES "participants"("id");
+        CREATE INDEX "idx_messages_participant_id" ON "messages" ("participant_id")
+            WHERE "participant_id" IS NOT NULL;
+        """,
+    )
+
+
+@migration
+def m005_refusals(conn: sqlite3.Connection) -> None:
+    # Refused connections, counted per host, reason and minute, instead of a session row each.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "refusals" (
+           "host" TEXT NOT NULL,
+           "reason" TEXT NOT NULL,
+           "minute" TEXT NOT NULL,
+           "count" INTEGER NOT NULL,
+           "first_at" TEXT NOT NULL,
+           "last_at" TEXT NOT NULL,
+           PRIMARY KEY ("host", "reason", "minute")
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
+FTS_TOKENIZER = "unicode61 categories 'L* N* Co S*'"
+
+
+@migration
+def m006_search_symbols_no_events(conn: sqlite3.Connection) -> None:
+    # Symbols (emoji, currency, math) are part of words, so they can be searched for; events
+    # (joins, leaves) are not indexed. The index is rebuilt.
+    run_script(
+        conn,
+        f"""
+        DROP TRIGGER IF EXISTS "messages_ai";
+        DROP TRIGGER IF EXISTS "messages_ad";
+        DROP TRIGGER IF EXISTS "messages_au";
+        DROP TABLE IF EXISTS "messages_fts";
+        CREATE VIRTUAL TABLE "messages_fts" USING FTS5 ("text", tokenize="{FTS_TOKENIZER}", content="messages");
+        INSERT INTO "messages_fts" (rowid, "text") SELECT id, "text" FROM "messages" WHERE sender != 'event';
+        CREATE TRIGGER "messages_ai" AFTER INSERT ON "messages" WHEN new.sender != 'event' BEGIN
+          INSERT INTO "messages_fts" (rowid, "text") VALUES (new.rowid, new."text");
+        END;
+        CREATE TRIGGER "messages_ad" AFTER DELETE ON "messages" WHEN old.sender != 'event' BEGIN
+          INSERT INTO "messages_fts" ("messages_fts", rowid, "text") VALUES('delete', old.rowid, old."text");
+        END;
+        CREATE TRIGGER "messages_au" AFTER UPDATE ON "messages" BEGIN
+          INSERT INTO "messages_fts" ("messages_fts", rowid, "text")
+            SELECT 'delete', old.rowid, old."text" WHERE old.sender != 'event';
+          INSERT INTO "messages_fts" (rowid, "text") SELECT new.rowid, new."text" WHERE new.sender != 'event';
+        END;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

@@ -457,6 +457,8 @@ class Loop:
             conn = self.conns.get(d.conn)
             if conn is not None:
                 self._send(conn, d.data)
+                for frame in conn.framer.spoke():  # our answer ends any padding it was sending
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
         elif isinstance(d, End):
             conn = self.conns.pop(d.conn, None)
             if conn is not None:

@@ -170,6 +170,9 @@ class Turns:
         if peer is None:
             return []
         msg = ev.msg
+        if msg.padding:  # not a line: bytes that trailed one, recorded so nothing vanishes
+            note = f"{msg.padding} bytes of padding after the previous line"
+            return [Commit(peer.conn, "event", peer.handle, "padding", msg.raw, note, ev.at)]
         out: list[Decision] = []
         if msg.handle is not None:
             if peer.handle is None:

@@ -338,7 +338,7 @@ def test_search_hostile_hit_is_inert_and_raw_syntax(db):
 def test_stats(db):
     st = json.loads(run(db, "stats", "--json").output)
     assert st["sessions"] == 3 and st["messages"] == 22 and st["handles"] == 3 and st["hosts"] == 2
-    assert st["busiest_handles"][0] == {"handle": "bob", "sessions": 1, "messages": 19}
+    assert st["busiest_handles"][0] == {"handle": "bob", "sessions": 1, "messages": 19, "said": 10, "answers": 9}
     assert st["average_session_seconds"] == pytest.approx((41 + 62) / 2)
     assert "sessions          3" in run(db, "stats").output
 
