@@ -287,6 +287,8 @@ class Load:
         self.last_delivery = 0
         self.coalesce = 0.0
         self.open_error = None
+        self.server = None  # when set, its peak memory is sampled every half second
+        self.next_sample = 0.0
 
     # -- connections
     def open(self, n, per_addr=0, reader=True, rcvbuf=0):
@@ -440,6 +442,9 @@ class Load:
                     nxt = tick(c, now)
                     if nxt is not None:
                         heapq.heappush(timers, (nxt, cid, c))
+            if self.server and now >= self.next_sample:
+                self.server.sample()
+                self.next_sample = now + 0.5
             if coalesce:
                 time.sleep(coalesce)  # let many small writes gather into one recv() per socket
 
@@ -513,6 +518,7 @@ def fanout(target, clients=200, rate=2.0, seconds=20.0, size=0):
     """N clients each sending `rate` lines a second; every other client times every line."""
     server = target.start(clients + 10)
     load = Load(server.port, timing=True)
+    load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     cs = []
     for i in range(0, clients, BATCH):
@@ -541,6 +547,7 @@ def throughput(target, listeners=100, lines=20000, size=0):
     every line whole, to its newline, and reports how many were: `intact_on_checked`."""
     server = target.start(listeners + 10, unlimited=True)
     load = Load(server.port)
+    load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     ls = []
     for i in range(0, listeners, BATCH):
@@ -573,6 +580,7 @@ def slow(target, clients=50, rate=10.0, size=450, seconds=20.0):
     them. Returns what the others did not get."""
     server = target.start(clients + 10)
     load = Load(server.port, timing=True)
+    load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     mute = load.open(1, reader=False, rcvbuf=4096)[0]
     cs = []
@@ -611,6 +619,7 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
     greetings), source addresses spread over 127.0.0.2+ (`per_addr` each); then one line to all."""
     server = target.start(clients + 10)
     load = Load(server.port)
+    load.server = server
     load.coalesce = 0.005
     t0, cpu0 = time.monotonic(), cpu_seconds()
     deadline = t0 + connect_limit
@@ -654,6 +663,7 @@ def resets(target, clients=20, resets=500):
     `ncat --chat` exits when a reset lands between its accept() and its getpeername()."""
     server = target.start(clients + resets + 10)
     load = Load(server.port)
+    load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     cs = []
     for i in range(0, clients, BATCH):

@@ -273,6 +273,14 @@ def _na(r):
     return None if isinstance(r, dict) else f"n/a ({r})"
 
 
+def _exited(r):
+    """'; it exited (its last words)' when the server did not survive the scenario."""
+    if r["server_alive"]:
+        return ""
+    said = " ".join(r.get("server_said") or []) or f"exit {r.get('server_exit')}"
+    return f"; it exited ({said[:40]})"
+
+
 def room_rows(res, secs):
     def fan(r):
         if _na(r):
@@ -280,8 +288,7 @@ def room_rows(res, secs):
         missing = r["expected"] - r["delivered"]
         state = "complete" if r["joined"] == r["clients"] and r["sent"] and not missing else (
             f"{r['joined']} joined, {missing:,} of {r['expected']:,} missing")
-        if not r["server_alive"]:
-            state += f"; the server exited ({r['server_exit']})"
+        state += _exited(r)
         return f"{state}, p99 {r['p99_ms']} ms (p50 {r['p50_ms']})", state == "complete"
 
     f_ours, f_base, f_relay = res["fanout", "chatlog"], res["fanout", "ncat"], res["fanout", "relay"]
@@ -310,7 +317,7 @@ def room_rows(res, secs):
         # ncat writes its "<userN> " prefix at the start of each read(), not each line, so a line
         # that straddles two reads arrives cut in two: the checked listener sees it
         cut = r["lines"] - r["intact_on_checked"]
-        return text + (f", {cut:,} of {r['lines']:,} lines cut on one listener" if cut else "")
+        return text + (f", {cut:,} of {r['lines']:,} lines cut on one listener" if cut else "") + _exited(r)
 
     figure = "room: 1 sender, 100 listeners, 20,000 lines: deliveries/s"
     target = ">= 0.5x ncat, all committed"
@@ -332,7 +339,7 @@ def room_rows(res, secs):
         if r["undelivered_pct"] is None:
             return f"{r['joined']} of {r['clients']} joined"
         dropped = {True: "; the mute one dropped", False: "; the mute one kept", None: ""}[r["mute_dropped"]]
-        return f"{r['undelivered_pct']}% undelivered, p99 {r['p99_ms']} ms{dropped}"
+        return f"{r['undelivered_pct']}% undelivered, p99 {r['p99_ms']} ms{dropped}{_exited(r)}"
 
     s_ours, s_base = res["slow", "chatlog"], res["slow", "ncat"]
     row("room: 50 clients x 10 lines/s of 450 B, one never reads, 20 s", slow(s_ours), f"{slow(s_base)} ncat",
