@@ -565,7 +565,7 @@ def throughput(target, listeners=100, lines=20000, size=0):
         payload = b"".join(load.line(0, n, size) for n in range(lines))
         start = time.monotonic_ns()
         load.send(sender, payload)
-        _drain(load, expected, quiet=5.0, limit=120.0)
+        _drain(load, expected, quiet=5.0, limit=60.0)
         took = (load.last_delivery - start) / 1e9 if load.delivered else None
         res.update(delivered=load.delivered, seconds=took and round(took, 3),
                    deliveries_per_s=took and load.delivered / took,

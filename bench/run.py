@@ -260,8 +260,10 @@ def room():
     res = {}
     for scenario, kw, servers in scenarios:
         for server in servers:
-            runs = 3 if scenario == "throughput" else 1  # a fraction of a second each: the median of 3
-            rs = [room_run(scenario, server, **kw) for _ in range(runs)]
+            rs = [room_run(scenario, server, **kw)]
+            # a fraction of a second each against ncat: the median of 3 (once, if it was slow)
+            if scenario == "throughput" and isinstance(rs[0], dict) and rs[0]["wall_s"] < 20:
+                rs += [room_run(scenario, server, **kw) for _ in range(2)]
             ok = [r for r in rs if isinstance(r, dict)]
             if ok and scenario == "throughput":
                 ok.sort(key=lambda r: r.get("deliveries_per_s") or 0)
