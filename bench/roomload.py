@@ -285,6 +285,7 @@ class Load:
         self.seen = set()
         self.delivered = 0
         self.last_delivery = 0
+        self.last_delivery_cpu = 0.0  # the generator's CPU seconds at the last delivery
         self.coalesce = 0.0
         self.open_error = None
         self.server = None  # when set, its peak memory is sampled every half second
@@ -402,6 +403,7 @@ class Load:
                 c.count += len(found)
                 self.delivered += len(found)
                 self.last_delivery = now
+                self.last_delivery_cpu = cpu_seconds()
         else:
             k = data.count(self.marker, 0, nl + 1)
             if c.strict:
@@ -410,6 +412,7 @@ class Load:
                 c.count += k
                 self.delivered += k
                 self.last_delivery = time.monotonic_ns()
+                self.last_delivery_cpu = cpu_seconds()
 
     def line(self, cid, seq, size=0):
         """One client line; size pads it to that many bytes (newline included)."""
@@ -527,13 +530,15 @@ def fanout(target, clients=200, rate=2.0, seconds=20.0, size=0):
         if load.join(batch, 15) < len(batch):
             break
     joined = sum(c.greeted and not c.closed for c in cs)
+    start, start_cpu = time.monotonic(), cpu_seconds()
     sent = _paced(load, cs, rate, seconds, size) if joined == clients else 0
     expected = sent * (clients - 1)
     _drain(load, expected)
+    busy = round(100 * (cpu_seconds() - start_cpu) / (time.monotonic() - start))
     lat = sorted(load.lat)
     res = {"clients": clients, "joined": joined, "sent": sent, "expected": expected, "delivered": load.delivered,
            "relayed": len(load.seen), "p50_ms": ms(percentile(lat, 0.5)), "p99_ms": ms(percentile(lat, 0.99)),
-           "max_ms": ms(lat[-1] if lat else None), "dropped": sum(c.closed for c in cs)}
+           "max_ms": ms(lat[-1] if lat else None), "dropped": sum(c.closed for c in cs), "generator_busy_pct": busy}
     return _finish(load, server, res, cpu0, t0)
 
 
@@ -563,10 +568,11 @@ def throughput(target, listeners=100, lines=20000, size=0):
     res = {"listeners": listeners, "lines": lines, "joined": joined, "expected": expected}
     if joined == listeners and sender.greeted:
         payload = b"".join(load.line(0, n, size) for n in range(lines))
-        start = time.monotonic_ns()
+        start, start_cpu = time.monotonic_ns(), cpu_seconds()
         load.send(sender, payload)
         _drain(load, expected, quiet=5.0, limit=60.0)
         took = (load.last_delivery - start) / 1e9 if load.delivered else None
+        res["generator_busy_pct"] = took and round(100 * (load.last_delivery_cpu - start_cpu) / took)
         res.update(delivered=load.delivered, seconds=took and round(took, 3),
                    deliveries_per_s=took and load.delivered / took,
                    relayed=max(c.count for c in ls), intact_on_checked=ls[0].intact,
@@ -640,6 +646,7 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
             stalled = len(cs) - len(b)
             break
     connect_s = time.monotonic() - t0
+    busy = round(100 * (cpu_seconds() - cpu0) / connect_s)
     joined = sum(c.greeted and not c.closed for c in cs)
     peak_during_connect = max(joined, joined_max)
     live = [c for c in cs if c.greeted and not c.closed]
@@ -651,7 +658,7 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
         load.loop(lambda: all(c.count or c.closed for c in others), time.monotonic() + 60)
         got = sum(1 for c in others if c.count)
     res = {"clients": clients, "joined": peak_during_connect, "stalled_at": stalled, "open_error": load.open_error,
-           "connect_s": round(connect_s, 1),
+           "connect_s": round(connect_s, 1), "generator_busy_pct": busy,
            "got_line": got, "of": max(0, len(live) - 1), "alive_after": server.alive(),
            "relayed": 1 if got else 0}
     return _finish(load, server, res, cpu0, t0)
