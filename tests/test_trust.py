@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, db_rows, recv_until, wait_until
 
 
@@ -289,3 +291,43 @@ def test_raw_bytes_kept_per_message_are_bounded(server):
     assert raw < 64 * 2048
     notes = db_rows(server.db, "SELECT note FROM messages WHERE sender = 'client' AND note IS NOT NULL")
     assert len(notes) == 64 and all(n.startswith("raw bytes cut at 1024; 6398") for (n,) in notes)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost"])
+def test_the_banner_never_suggests_an_address_other_hosts_cannot_use(bind):
+    from chatlog.server import banner, listen
+
+    try:
+        sockets = listen(bind, 0)
+    except Exception as exc:  # noqa: BLE001  (no IPv6 loopback on this machine)
+        pytest.skip(str(exc))
+    try:
+        text = "\n".join(banner(bind, sockets))
+    finally:
+        for s in sockets:
+            s.close()
+    assert "reachable from this host alone" in text
+    assert "another host" not in text
+
+
+def test_the_default_banner_names_only_reachable_addresses():
+    import ipaddress
+
+    from chatlog.server import banner, listen
+
+    sockets = listen(None, 0)
+    try:
+        lines = banner(None, sockets)
+    finally:
+        for s in sockets:
+            s.close()
+    suggested = [line.split()[1] for line in lines if line.startswith("  ./chatclient")]
+    if "Connect from another host with:" in lines:
+        for host in suggested:
+            try:
+                assert not ipaddress.ip_address(host).is_loopback
+            except ValueError:  # a hostname: it must not resolve to loopback only
+                infos = socket.getaddrinfo(host, None)
+                assert not all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+    else:
+        assert suggested == ["127.0.0.1"]
