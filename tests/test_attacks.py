@@ -1,0 +1,70 @@
+"""Defects found by attacking the real programs: each test failed before its fix.
+
+Real `chatlog serve` processes, real loopback sockets, real SQLite files.
+"""
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+from conftest import ROOT, recv_until, wait_until
+
+
+def chatlog(db, *args, timeout=30):
+    return subprocess.run(
+        [sys.executable, "-m", "chatlog", *args, "--db", str(db)],
+        capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+        env=dict(os.environ, NO_COLOR="1"),
+    )
+
+
+def join_room(server, handle):
+    s = server.connect()
+    assert recv_until(s, b"\n").startswith(b"SERVER>*** Welcome to the room")
+    s.sendall(f"{handle}>hi\n".encode())
+    return s
+
+
+# -- a room read back: who joined and who left --------------------------------------------------
+
+
+def test_a_real_room_read_back_says_who_joined_and_who_left(start_server, db_path):
+    """The room server records a join as the event text `joined` with the handle beside it; the
+    readers showed a bare `joined` / `left`, so nobody could tell who came and went."""
+    room = start_server("--room")
+    amy = join_room(room, "amy")
+    bob = join_room(room, "bob")
+    recv_until(amy, b"bob>hi\n")
+    bob.sendall(b"\\quit\n")
+    room.wait_for(r"bob \(.*\) left")
+    amy.close()
+    room.wait_for(r"amy \(.*\) left")
+    room.say("\\quit")
+    room.wait()
+    shown = chatlog(db_path, "show", "last").stdout
+    for line in ("amy joined", "bob joined", "bob left", "amy left"):
+        assert line in shown, shown
+    for fmt in ("txt", "md", "html"):
+        out = chatlog(db_path, "export", "last", "--format", fmt).stdout
+        assert "bob joined" in out and "bob left" in out, (fmt, out)
+
+
+def test_late_padding_in_a_room_reads_as_a_note_not_as_a_join(start_server, db_path):
+    """Padding that trails a line in a later burst is recorded as an `event` named `padding`;
+    the readers took every event that was not a leave for a join and dropped its note."""
+    room = start_server("--room")
+    amy = join_room(room, "amy")
+    room.wait_for("amy>hi")
+    amy.sendall(b"amy>x\n\0\0")  # a NUL that is not the terminator's: padding starts
+    room.wait_for("amy>x")
+    amy.sendall(b"junkjunk")  # a later burst of the same padding
+    wait_until(lambda: sqlite3.connect(db_path).execute(
+        "SELECT count(*) FROM messages WHERE text = 'padding'").fetchone()[0])
+    amy.close()
+    room.wait_for(r"amy \(.*\) left")
+    room.say("\\quit")
+    room.wait()
+    shown = chatlog(db_path, "show", "last").stdout
+    assert "bytes of padding after the previous line" in shown, shown
+    assert "\npadding\n" not in shown, shown
