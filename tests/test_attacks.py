@@ -68,3 +68,54 @@ def test_late_padding_in_a_room_reads_as_a_note_not_as_a_join(start_server, db_p
     shown = chatlog(db_path, "show", "last").stdout
     assert "bytes of padding after the previous line" in shown, shown
     assert "\npadding\n" not in shown, shown
+
+
+# -- the store locked by another process -------------------------------------------------------
+
+
+class Console:
+    """A server's console lines as they come (for a server that is not up yet)."""
+
+    def __init__(self, proc):
+        import threading
+
+        self.lines: list[str] = []
+        self.proc = proc
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace"))
+
+    def has(self, needle):
+        return any(needle in line for line in self.lines)
+
+
+def test_a_server_started_on_a_locked_database_says_it_is_waiting(tmp_path):
+    """Starting records the server in the store. With another process holding the write lock
+    the server printed its banner ("Connect with ...") and then nothing, accepting nobody, for as
+    long as the lock was held: the operator could not tell it was waiting."""
+    db = tmp_path / "chat.db"
+    from chatlog.recorder import open_recorder
+
+    open_recorder(db).close()  # the file exists, migrated
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env=dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1"),
+    )
+    try:
+        console = Console(proc)
+        wait_until(lambda: console.has("locked by another process"))
+        assert not console.has("Awaiting client connections")
+        holder.execute("ROLLBACK")
+        wait_until(lambda: console.has("Awaiting client connections"))
+    finally:
+        holder.close()
+        proc.terminate()
+        proc.wait(10)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
