@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, recv_until, wait_until
 
 
@@ -119,3 +120,23 @@ def test_a_server_started_on_a_locked_database_says_it_is_waiting(tmp_path):
         proc.wait(10)
         for f in (proc.stdin, proc.stdout, proc.stderr):
             f.close()
+
+
+# -- options that are numbers but not usable ones ----------------------------------------------
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--idle-timeout", "inf"), ("--idle-timeout", "nan"), ("--idle-timeout", "1e308"),
+    ("--first-timeout", "inf"), ("--first-timeout", "nan"), ("--rate", "nan"),
+])
+def test_serve_refuses_a_timeout_or_rate_that_is_not_a_usable_number(db_path, option, value):
+    """`--idle-timeout inf` (or 1e308) passed the range check, and the loop's select() died
+    with an OverflowError traceback the moment a client connected; `nan` passed it too and
+    silently meant "never"."""
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlog", "serve", "0", "--bind", "127.0.0.1", "--db", str(db_path), option, value],
+        capture_output=True, text=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2, r
+    assert r.stderr.startswith(f"chatlog: Invalid value for '{option}'") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
