@@ -64,6 +64,7 @@ class Command(click.Command):
 
     def invoke(self, ctx):
         with one_line_errors():
+            _closed_streams(ctx)
             try:
                 return super().invoke(ctx)
             except Nothing as exc:
@@ -76,6 +77,22 @@ class Command(click.Command):
                 err = Failed("interrupted")
                 err.exit_code = 130
                 raise err from None
+
+
+def _closed_streams(ctx: click.Context) -> None:
+    """Started with stdin or stdout closed (`<&-`, `>&-`; Python then has None for them), every
+    command died with an AttributeError traceback. A closed stdin is input that has ended, as
+    /dev/null is. A closed stdout is nowhere to write: the server goes on without a console (the
+    chat is still recorded); a command whose output goes there says so in one line."""
+    import os
+
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115  (for the life of the process)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
+        if ctx.command.name not in quiet and ctx.params.get("output", "-") == "-":
+            raise Failed("standard output is closed: nowhere to write")
 
 
 def _silence_stdout() -> None:

@@ -140,3 +140,65 @@ def test_serve_refuses_a_timeout_or_rate_that_is_not_a_usable_number(db_path, op
     assert r.returncode == 2, r
     assert r.stderr.startswith(f"chatlog: Invalid value for '{option}'") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- started with a standard stream closed --------------------------------------------------------
+
+
+def _run_closed(db, args, close, stdin=subprocess.DEVNULL):
+    """chatlog ARGS with file descriptor `close` (0 or 1) closed, as `<&-` or `>&-` leave it."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatlog", *args, "--db", str(db)],
+        stdin=stdin if close != 0 else None, stdout=None if close == 1 else subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=ROOT, timeout=30, preexec_fn=lambda: os.close(close),
+        env=dict(os.environ, NO_COLOR="1"),
+    )
+
+
+@pytest.fixture
+def one_chat(db_path):
+    from chatlog.recorder import open_recorder
+
+    r = open_recorder(db_path)
+    r.start("h", 1, 1.7e9)
+    sid = r.begin_session("10.0.0.1", 5000, "h", 1, 1.7e9, served=True)
+    r.add_message(sid, "client", "amy", "hello", None, None, 1.7e9)
+    r.end_session(sid, "client-quit", 1.7e9 + 1)
+    r.close()
+    return db_path
+
+
+@pytest.mark.parametrize("args", [["sessions"], ["show", "1"], ["export"], ["stats"], ["search", "hello"]])
+def test_a_reader_with_stdout_closed_says_so_in_one_line(one_chat, args):
+    """With stdout closed Python has sys.stdout = None: every reader died with an
+    AttributeError traceback."""
+    r = _run_closed(one_chat, args, 1)
+    assert r.returncode == 1
+    assert r.stderr.decode() == "chatlog: standard output is closed: nowhere to write\n"
+
+
+def test_export_to_a_file_and_rm_work_with_stdout_closed(one_chat, tmp_path):
+    out = tmp_path / "out.txt"
+    r = _run_closed(one_chat, ["export", "-o", str(out)], 1)
+    assert r.returncode == 0, r.stderr
+    assert "amy>hello" in out.read_text()
+    r = _run_closed(one_chat, ["rm", "-y", "1"], 1)
+    assert r.returncode == 0 and r.stderr.decode() == "deleted 1 session\n"
+
+
+@pytest.mark.parametrize("room", [False, True])
+def test_serve_with_stdin_closed_is_a_server_whose_input_has_ended(db_path, room):
+    """`chatlog serve 9999 <&-` died with an AttributeError traceback; a closed stdin is input
+    that has ended, as /dev/null is."""
+    args = ["serve", "0", "--bind", "127.0.0.1"] + (["--room"] if room else [])
+    r = _run_closed(db_path, args, 0)
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert b"Operator input ended" in r.stdout
+
+
+def test_serve_with_stdout_closed_runs_without_a_console(db_path):
+    """The console thread died with a traceback on stderr at its first line."""
+    r = _run_closed(db_path, ["serve", "0", "--bind", "127.0.0.1"], 1)
+    assert r.returncode == 0
+    assert r.stderr == b""
