@@ -537,11 +537,11 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     said = False
     try:
         while True:
-            if db.exists() and db.stat().st_size > 0:
+            if db.exists() and (db.stat().st_size > 0 or not db.is_file()):
                 try:
                     return open_archive(db)
                 except StoreError:
-                    if db.stat().st_size >= 512:  # a whole header: a real error, not a file being made
+                    if db.stat().st_size >= 512 or not db.is_file():  # a real error, not a file being made
                         raise
             if not said:
                 r.event("Waiting for a session to start...")

@@ -202,3 +202,32 @@ def test_serve_with_stdout_closed_runs_without_a_console(db_path):
     r = _run_closed(db_path, ["serve", "0", "--bind", "127.0.0.1"], 1)
     assert r.returncode == 0
     assert r.stderr == b""
+
+
+# -- a database path that is not a regular file ---------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["sessions"], ["show", "last"], ["tail"], ["rm", "-y", "1"], ["backup", "copy.db"],
+    ["serve", "0", "--bind", "127.0.0.1"],
+])
+def test_a_fifo_as_the_database_is_refused_not_waited_on(tmp_path, args):
+    """Every command hung for ever on `--db` naming a FIFO: reading its header waits for a
+    writer that never comes."""
+    fifo = tmp_path / "chat.db"
+    os.mkfifo(fifo)
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlog", *args, "--db", str(fifo)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=20, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 1
+    assert r.stderr == f"chatlog: {fifo} is not a regular file (a pipe or a device?), not a database file\n"
+
+
+def test_a_device_as_the_database_is_refused_clearly():
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlog", "sessions", "--db", os.devnull],
+        capture_output=True, text=True, cwd=ROOT, timeout=20,
+    )
+    assert r.returncode == 1
+    assert "is not a regular file" in r.stderr and "I/O error" not in r.stderr
