@@ -231,3 +231,21 @@ def test_a_device_as_the_database_is_refused_clearly():
     )
     assert r.returncode == 1
     assert "is not a regular file" in r.stderr and "I/O error" not in r.stderr
+
+
+# -- what the server sends stays within the protocol ----------------------------------------------
+
+
+def test_an_operator_line_with_a_nul_reaches_the_client_whole(server):
+    """A piped answer with a NUL in it was sent raw, though the protocol's text has none: every
+    tolerant receiver (chatclient included) ends the line at the NUL and drops the rest as
+    padding, so the client saw `SERVER>a` of `a<NUL>b and more`."""
+    c = server.connect()
+    c.sendall(b"amy>hi\n\0")
+    server.wait_for("amy>hi")
+    server.proc.stdin.write(b"a\0b and more\n")
+    server.proc.stdin.flush()
+    got = recv_until(c, b"\n")
+    assert got == b"SERVER>a\\x00b and more\n"
+    texts = [t for (t,) in sqlite3.connect(server.db).execute("SELECT text FROM messages WHERE sender = 'server'")]
+    assert texts == ["a\\x00b and more"]
