@@ -280,9 +280,14 @@ def cli(db):
 
 def _handle_name(ctx, param, value):
     from chatlog.protocol import valid_handle
+    from chatlog.sanitize import is_safe
 
     if not valid_handle(value):
         raise click.BadParameter("a handle is 1 to 10 characters, with no spaces and no '>'")
+    if not is_safe(value):
+        # A byte that is not UTF-8 (a surrogate here) crashed the server at its first answer;
+        # a control character would reach every old client's terminal raw.
+        raise click.BadParameter("a handle has no control characters and only valid UTF-8")
     return value
 
 

@@ -249,3 +249,16 @@ def test_an_operator_line_with_a_nul_reaches_the_client_whole(server):
     assert got == b"SERVER>a\\x00b and more\n"
     texts = [t for (t,) in sqlite3.connect(server.db).execute("SELECT text FROM messages WHERE sender = 'server'")]
     assert texts == ["a\\x00b and more"]
+
+
+@pytest.mark.parametrize("handle", [b"\xffS", b"S\x1b[2J", b"SERVER\xe2\x80\xae"])
+def test_serve_refuses_an_operator_handle_that_is_not_clean_text(db_path, handle):
+    """`--handle $'\\xff'` started, then died with a UnicodeEncodeError traceback at the first
+    answer, with a client connected; a control character went to old clients raw."""
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"chatlog", b"serve", b"0", b"--bind", b"127.0.0.1",
+         b"--db", bytes(db_path), b"--handle", handle],
+        capture_output=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith(b"chatlog: Invalid value for '--handle'") and r.stderr.count(b"\n") == 1
