@@ -64,6 +64,7 @@ class Command(click.Command):
 
     def invoke(self, ctx):
         with one_line_errors():
+            _utf8_arguments(ctx)
             _closed_streams(ctx)
             try:
                 return super().invoke(ctx)
@@ -77,6 +78,23 @@ class Command(click.Command):
                 err = Failed("interrupted")
                 err.exit_code = 130
                 raise err from None
+
+
+def _utf8_arguments(ctx: click.Context) -> None:
+    """An argument with bytes that are not UTF-8 reaches Python as lone surrogates, and a search
+    query, a --handle or --host filter or a --bind address made of them died with a
+    UnicodeEncodeError traceback. File names may be any bytes; everything else is text."""
+    for param in ctx.command.params:
+        if isinstance(param.type, (click.Path, click.File)):
+            continue
+        value = ctx.params.get(param.name)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    err = click.BadParameter("not valid UTF-8", ctx=ctx, param=param)
+                    raise err from None
 
 
 def _closed_streams(ctx: click.Context) -> None:

@@ -262,3 +262,30 @@ def test_serve_refuses_an_operator_handle_that_is_not_clean_text(db_path, handle
     )
     assert r.returncode == 2
     assert r.stderr.startswith(b"chatlog: Invalid value for '--handle'") and r.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("args, where", [
+    ([b"search", b"hel\xfflo"], b"'QUERY...'"),
+    ([b"sessions", b"--handle", b"\xff"], b"'--handle'"),
+    ([b"export", b"--host", b"\xff"], b"'--host'"),
+    ([b"serve", b"0", b"--bind", b"\xff"], b"'--bind'"),
+])
+def test_an_argument_that_is_not_utf8_is_one_clear_line(one_chat, args, where):
+    """Bytes that are not UTF-8 reach Python as lone surrogates: these died with a
+    UnicodeEncodeError (or idna UnicodeError) traceback."""
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"chatlog", *args, b"--db", bytes(one_chat)],
+        capture_output=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == b"chatlog: Invalid value for " + where + b": not valid UTF-8\n"
+
+
+def test_a_file_name_that_is_not_utf8_still_works(one_chat, tmp_path):
+    out = bytes(tmp_path) + b"/out\xff.txt"
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"chatlog", b"export", b"-o", out, b"--db", bytes(one_chat)],
+        capture_output=True, cwd=ROOT, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert b"amy>hello" in open(out, "rb").read()
