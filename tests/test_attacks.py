@@ -289,3 +289,12 @@ def test_a_file_name_that_is_not_utf8_still_works(one_chat, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert b"amy>hello" in open(out, "rb").read()
+
+
+def test_a_relative_xdg_data_home_is_ignored(tmp_path):
+    """The XDG spec says a relative XDG_DATA_HOME is invalid and must be ignored; it was used,
+    so the database moved with the directory the command was run from."""
+    env = dict(os.environ, XDG_DATA_HOME="relative", HOME=str(tmp_path))
+    env.pop("CHATLOG_DB", None)
+    r = subprocess.run([sys.executable, "-m", "chatlog", "path"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.stdout == f"{tmp_path}/.local/share/chatlog/chatlog.db\n"
