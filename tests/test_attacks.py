@@ -298,3 +298,35 @@ def test_a_relative_xdg_data_home_is_ignored(tmp_path):
     env.pop("CHATLOG_DB", None)
     r = subprocess.run([sys.executable, "-m", "chatlog", "path"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.stdout == f"{tmp_path}/.local/share/chatlog/chatlog.db\n"
+
+
+# -- the client started with a standard descriptor closed -----------------------------------------
+
+
+@pytest.mark.parametrize("closed", [0, 1])
+def test_the_client_never_writes_its_screen_into_the_socket(chatclient, closed):
+    """Started with stdout closed (`>&-`), the socket took descriptor 1 and the client's own
+    lines ("Connecting to ...", the handle prompt) were sent to the server as chat; with stdin
+    closed it read its keyboard from the socket."""
+    from fakeserver import FakeServer
+
+    def script(peer):
+        if closed == 1:
+            peer.expect(b"amy>hi\n\0")
+            peer.send(b"SERVER>ok\n")
+        peer.wait_close()
+
+    fake = FakeServer(script)
+    r = subprocess.run(
+        [str(chatclient), "127.0.0.1", str(fake.port)], input=None if closed == 0 else b"amy\nhi\n",
+        stdout=None if closed == 1 else subprocess.PIPE, stderr=subprocess.PIPE, timeout=20,
+        preexec_fn=lambda: os.close(closed),
+    )
+    fake.join()
+    assert r.returncode == 0, r.stderr
+    assert not fake.received.startswith(b"Connecting"), fake.received
+    assert b"What would you like" not in fake.received
+    if closed == 1:
+        assert fake.received.startswith(b"amy>hi\n\0")
+    else:
+        assert r.stdout.endswith(b"You left the chat.\n")  # a closed stdin is the end of input
