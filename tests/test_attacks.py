@@ -330,3 +330,24 @@ def test_the_client_never_writes_its_screen_into_the_socket(chatclient, closed):
         assert fake.received.startswith(b"amy>hi\n\0")
     else:
         assert r.stdout.endswith(b"You left the chat.\n")  # a closed stdin is the end of input
+
+
+# -- an export written over the files beside the database -----------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-lock"])
+def test_an_export_never_replaces_a_file_beside_the_database(server, suffix):
+    """`export -f txt -o chat.db-wal` replaced a running server's WAL with a text file: every
+    other connection then read pages through the wrong file (the commits not yet checkpointed
+    were gone for them, and a writer among them would write into the text). `backup` refused
+    such paths already; `export` only refused the database itself."""
+    c = server.connect()
+    c.sendall(b"amy>remember me\n\0")
+    server.wait_for("amy>remember me")
+    side = f"{server.db}{suffix}"
+    before = os.stat(side).st_ino
+    r = chatlog(server.db, "export", "-f", "txt", "-o", side)
+    assert r.returncode == 1
+    assert r.stderr == f"chatlog: {side} is one of the files of the database {server.db}; choose another path\n"
+    assert os.stat(side).st_ino == before  # the very same file, not a new one put in its place
+    assert "remember me" in chatlog(server.db, "show", "last").stdout
