@@ -245,42 +245,57 @@ class Archive:
             yield Session(*row), rows
 
     def stats(self) -> dict:
-        """Totals, from the session rows (their stored counts; live counts for the few still in
-        progress), never by reading the messages."""
+        """Totals, from the tables the session-row triggers keep exact (schema m007), plus the
+        live counts of the few sessions still in progress: no scan of sessions or messages."""
         q = self.conn.execute
-        live_c, live_s = _live_count("client"), _live_count("server")
         with self.db.guard:
-            sessions, handles, hosts, said, answers, first, last = q(
-                f"SELECT count(*), count(DISTINCT handle), count(DISTINCT client_host), "
-                f"sum({live_c}), sum({live_s}), min(started_at), max(started_at) FROM sessions WHERE {VISIBLE}"
+            sessions, said, answers, ended, duration_us = q(
+                "SELECT sessions, client_messages, server_messages, ended, duration_us FROM totals"
             ).fetchone()
-            avg = q(
-                "SELECT avg((julianday(ended_at) - julianday(started_at)) * 86400) FROM sessions "
-                f"WHERE ended_at IS NOT NULL AND {VISIBLE}"
-            ).fetchone()[0]
-            busiest = q(
-                f"SELECT handle, count(*) AS n, sum({live_c}) AS c, sum({live_s}) AS s "
-                f"FROM sessions WHERE handle IS NOT NULL AND {VISIBLE} "
-                "GROUP BY handle ORDER BY c + s DESC, n DESC LIMIT 5"
+            # The row counts of a session in progress are written when it ends: count it live.
+            live = q(
+                f"SELECT handle, {message_count('client')}, {message_count('server')} FROM sessions "
+                f"WHERE ended_at IS NULL AND {VISIBLE}"
             ).fetchall()
-            reasons = q(
-                f"SELECT coalesce(end_reason, 'in progress'), count(*) FROM sessions WHERE {VISIBLE} "
-                "GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall()
+            handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
+            hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
+            by_handle = {
+                h: [n, c, a]
+                for h, n, c, a in q(
+                    "SELECT handle, sessions, client_messages, server_messages FROM handle_totals "
+                    "ORDER BY client_messages + server_messages DESC, sessions DESC LIMIT ?",
+                    (5 + len(live),),
+                )
+            }
+            for h, c, a in live:
+                said, answers = said + c, answers + a
+                if h is not None:
+                    if h not in by_handle:
+                        row = q(
+                            "SELECT sessions, client_messages, server_messages FROM handle_totals WHERE handle = ?",
+                            (h,),
+                        ).fetchone()
+                        by_handle[h] = list(row) if row else [1, 0, 0]
+                    by_handle[h][1] += c
+                    by_handle[h][2] += a
+            reasons = q("SELECT reason, sessions FROM reason_totals ORDER BY sessions DESC, reason").fetchall()
+            first = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
+            last = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
             refused = q("SELECT coalesce(sum(count), 0) FROM refusals").fetchone()[0]
+        busiest = sorted(by_handle.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), -kv[1][0]))[:5]
         return {
             "sessions": sessions,
-            "messages": (said or 0) + (answers or 0),
-            "client_messages": said or 0,
-            "server_messages": answers or 0,
+            "messages": said + answers,
+            "client_messages": said,
+            "server_messages": answers,
             "handles": handles,
             "hosts": hosts,
-            "average_session_seconds": round(avg, 3) if avg is not None else None,
-            "first_session": first,
-            "last_session": last,
+            "average_session_seconds": round(duration_us / ended / 1e6, 3) if ended else None,
+            "first_session": first[0] if first else None,
+            "last_session": last[0] if last else None,
             "busiest_handles": [
-                {"handle": h, "sessions": n, "messages": c + s, "said": c, "answers": s}
-                for h, n, c, s in busiest
+                {"handle": h, "sessions": n, "messages": c + a, "said": c, "answers": a}
+                for h, (n, c, a) in busiest
             ],
             "end_reasons": {r: n for r, n in reasons},
             "refused_connections": refused,

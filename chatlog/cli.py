@@ -100,7 +100,7 @@ def serve(port, bind, idle_timeout, max_waiting, color, db):
         fail(str(exc))
     try:
         run_server(store, port, bind, Renderer(color=color), idle_timeout, max_waiting)
-    except ServeError as exc:
+    except (ServeError, StoreError) as exc:
         fail(str(exc))
     finally:
         store.close()
@@ -376,7 +376,10 @@ def rm(session_ids, yes, db):
     """Delete sessions, with their messages and search entries."""
     store = open_db(db)
     chosen = [get_session(store, i) for i in session_ids]
+    held = store.held([s.id for s in chosen])
     for s in chosen:
+        if s.id in held:
+            fail(f"session {s.id} is being recorded by a running server ({held[s.id]}); it can be deleted once it has ended")
         if s.ended_at is None:
             fail(f"session {s.id} is still in progress; it can be deleted once it has ended")
     _delete(store, sorted({s.id for s in chosen}), yes)
@@ -396,7 +399,9 @@ def prune(before, yes, db):
     ids = store.session_ids(filters)
     if len(ids) < len(everything):
         n = len(everything) - len(ids)
-        click.echo(f"leaving {n} session(s) still in progress", err=True)
+        live = len(store.held(sorted(set(everything) - set(ids))))
+        click.echo(f"leaving {n} session(s) still in progress"
+                   + (f" ({live} recorded by a running server)" if live else ""), err=True)
     if not ids:
         fail(f"no ended sessions started before {before}")
     _delete(store, ids, yes)
@@ -417,11 +422,9 @@ def _delete(store, ids, yes):
 @store_errors
 def backup(dest, db):
     """Write a consistent copy of the database to DEST, safely, even while the server runs."""
-    import os
-
     store = open_db(db)
-    if os.path.exists(dest) and os.path.samefile(dest, store.path):
-        fail("the backup must not overwrite the database itself")
+    if store.is_database_file(dest):
+        fail(f"the backup must not overwrite the database or its files ({dest})")
     try:
         store.backup(dest)
     except OSError as exc:

@@ -282,6 +282,8 @@ def connect(
                 raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
     elif path.is_dir():
         raise StoreError(f"{path} is a directory, not a database file")
+    elif not writable(path):
+        raise StoreFailed(f"cannot write the database {path}: the file is read-only")
     try:
         with open(path, "rb") as f:
             header = f.read(16)
