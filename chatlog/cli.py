@@ -57,9 +57,21 @@ def cli(db):
         os.environ["CHATLOG_DB"] = db
 
 
+def _handle_name(ctx, param, value):
+    from chatlog.protocol import valid_handle
+
+    if not valid_handle(value):
+        raise click.BadParameter("a handle is 1 to 10 characters, with no spaces and no '>'")
+    return value
+
+
 @cli.command()
 @click.argument("port", type=click.IntRange(0, 65535))
 @click.option("--bind", metavar="ADDR", help="Address to listen on [default: every interface, IPv6 and IPv4]")
+@click.option(
+    "--handle", default="SERVER", show_default=True, metavar="NAME", callback=_handle_name,
+    help="The operator's handle, sent to clients and recorded.",
+)
 @click.option(
     "--idle-timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -69,41 +81,103 @@ def cli(db):
     help="Drop a client that sends nothing for this long on its turn.",
 )
 @click.option(
+    "--first-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="While others wait, a client that has said nothing yet has this long to speak.",
+)
+@click.option(
     "--max-waiting",
     type=click.IntRange(0, 1000),
     default=5,
     show_default=True,
     help="Clients that may wait while another is served; more are told the server is busy.",
 )
+@click.option(
+    "--per-address",
+    type=click.IntRange(0, 100_000),
+    default=None,
+    help="How many waiting clients (in a room: clients) may come from one address; 0: no cap "
+    "[default: 2; in a room 256].",
+)
+@click.option("--room", is_flag=True, help="A room: many clients at once, every line relayed to everyone else.")
+@click.option(
+    "--max-clients", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True,
+    help="A room's size; more are told it is full.",
+)
+@click.option(
+    "--rate", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="LINES",
+    help="A room's per-client rate limit, lines per second (0: none); over it, reading pauses.",
+)
+@click.option(
+    "--burst", type=click.IntRange(min=1), default=100, show_default=True,
+    help="Lines a room client may send at once before --rate applies.",
+)
+@click.option(
+    "--fsync", is_flag=True,
+    help="Sync every message to disk before it is shown or answered (survives a power loss; slower).",
+)
 @click.option("--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR].")
 @db_option
-def serve(port, bind, idle_timeout, max_waiting, color, db):
-    """Listen on PORT and chat with one client at a time, recording everything.
+def serve(
+    port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
+    burst, fsync, color, db,
+):
+    """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
+    recording everything.
 
     The client speaks first; answer at the SERVER> prompt. Type \\quit to end a chat. Clients that
-    connect meanwhile wait their turn. Answers can be scripted by piping them in:
+    connect meanwhile wait their turn (and are told their place). Answers can be scripted by
+    piping them in; the server stops when its input ends:
 
         printf 'hi\\nbye\\n' | chatlog serve 9999
 
-    PORT 0 picks a free port (it is printed). Ctrl-C or SIGTERM closes the current chat cleanly.
+    In a room (--room), clients type at any time and each line goes to everyone else; the
+    operator's lines go to everyone. At the prompt: \\who lists who is here, \\kick NAME
+    removes someone, \\quit closes the room.
+
+    PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP closes the current chat
+    cleanly. Every message is committed before it is shown or answered.
     """
     from chatlog.config import db_path
     from chatlog.db import StoreError
     from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
-    from chatlog.server import ServeError
+    from chatlog.server import MAX_OUTBUF, ROOM_OUTBUF, ServeError, listen, raise_open_files_limit
     from chatlog.server import serve as run_server
 
     try:
-        store = open_recorder(db_path(db))
+        recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
         fail(str(exc))
     try:
-        run_server(store, port, bind, Renderer(color=color), idle_timeout, max_waiting)
+        raise_open_files_limit()
+        if room:
+            from chatlog.room import Room
+
+            policy = Room(
+                handle=handle, max_clients=max_clients, rate=rate, burst=burst,
+                **({} if per_address is None else {"per_address": per_address}),
+            )
+            sockets = listen(bind, port, backlog=4096)
+        else:
+            from chatlog.turns import Turns
+
+            policy = Turns(
+                handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
+                max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
+            )
+            sockets = listen(bind, port)
+        run_server(
+            recorder, sockets, policy, Renderer(color=color), sys.stdin, bind=bind, room=room,
+            idle_timeout=None if room else idle_timeout, max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
+        )
     except (ServeError, StoreError) as exc:
         fail(str(exc))
     finally:
-        store.close()
+        recorder.close()
 
 
 @cli.command()

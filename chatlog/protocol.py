@@ -17,6 +17,10 @@ SERVER_HANDLE = "SERVER"
 QUIT = "\\quit"
 
 _PREFIX = re.compile(r"([^\s>]{1,%d})> ?" % MAX_HANDLE)
+# A line that starts again after padding: a handle (up to 10 characters of UTF-8), `>`, text
+# with no NUL, and a newline (or the end of what has arrived).
+_RESUME = re.compile(rb"([^\s>\x00]{1,%d})> ?[^\x00\n]*(?:\n|$)" % (4 * MAX_HANDLE))
+PADDING_KEEP = 1024  # bytes of late padding kept (the rest is counted)
 _HANDLE = re.compile(r"[^\s>]{1,%d}" % MAX_HANDLE)
 
 
@@ -28,6 +32,7 @@ class Frame:
     raw: bytes  # every byte this message consumed: payload, terminator, padding
     at: float  # clock time the message became complete
     cut: int = 0  # bytes dropped because the line was longer than MAX_LINE
+    padding: int = 0  # not a message: this many bytes of padding that came after one (in raw, the first of them)
 
 
 @dataclass(slots=True)
@@ -39,6 +44,7 @@ class Message:
     raw: bytes | None  # the received bytes when they differ from the canonical form
     is_quit: bool
     cut: int = 0
+    padding: int = 0  # not a message: padding bytes that followed the previous one
 
 
 class Framer:
@@ -51,7 +57,8 @@ class Framer:
     """
 
     __slots__ = (
-        "quiet", "max_line", "dropped", "_buf", "_raw", "_last", "_padding", "_cutting", "_cut"
+        "quiet", "max_line", "dropped", "_buf", "_raw", "_last", "_padding", "_cutting", "_cut",
+        "_pad_handle", "_late", "_late_n",
     )
 
     def __init__(self, quiet: float = QUIET, max_line: int = MAX_LINE):
@@ -64,6 +71,9 @@ class Framer:
         self._padding = False  # discarding padding after a NUL
         self._cutting = False  # discarding the rest of an overlong line
         self._cut = 0
+        self._pad_handle: bytes | None = None  # the handle of the line the padding followed
+        self._late = bytearray()  # padding that came in later bursts (the first PADDING_KEEP bytes)
+        self._late_n = 0  # and how many bytes of it in all
 
     @property
     def pending(self) -> bool:
@@ -71,17 +81,20 @@ class Framer:
         return bool(self._buf) or self._cutting
 
     def deadline(self) -> float | None:
-        if self._buf or self._cutting:
+        if self._buf or self._cutting or self._late_n:
             return self._last + self.quiet
         return None
 
-    def spoke(self) -> None:
+    def spoke(self) -> list[Frame]:
+        """Our side answered: padding ends. Returns the late padding it leaves, if any."""
         self._padding = False
+        return self._late_frame(self._last)
 
     def feed(self, data: bytes, now: float) -> list[Frame]:
         out: list[Frame] = []
         if self._padding and now - self._last >= self.quiet:
             self._padding = False
+            out += self._late_frame(now)
         quiet_gap = now - self._last >= self.quiet
         self._last = now
         if (self._buf or self._cutting) and quiet_gap:
@@ -91,8 +104,16 @@ class Framer:
         i, n = 0, len(data)
         while i < n:
             if self._padding:
-                self._attach_padding(out, data[i:])
-                return out
+                j = self._resumes_at(data, i)
+                if j < 0:
+                    self._attach_padding(out, data[i:], now)
+                    return out
+                # A well-formed line after the padding is a message, not junk.
+                self._attach_padding(out, data[i:j], now)
+                self._padding = False
+                out += self._late_frame(now)
+                i = j
+                continue
             nl = data.find(b"\n", i)
             nul = data.find(b"\0", i)
             if nl < 0 and nul < 0:
@@ -104,6 +125,7 @@ class Framer:
                     self._take(data[i:nul], data[i : nul + 1])
                     out.append(self._complete(now))
                     self._padding = True
+                    self._pad_handle = _handle_of(out[-1].payload)
                     i = nul + 1
                 else:
                     self._padding = True
@@ -121,16 +143,40 @@ class Framer:
         return out
 
     def flush_if_quiet(self, now: float) -> list[Frame]:
-        if (self._buf or self._cutting) and now - self._last >= self.quiet:
-            return [self._complete(now)]
-        return []
+        if now - self._last < self.quiet:
+            return []
+        out = self._late_frame(now)
+        if self._buf or self._cutting:
+            out.append(self._complete(now))
+        return out
 
     def flush(self, now: float) -> list[Frame]:
         """The peer closed: whatever is held is its last message."""
         self._padding = False
+        out = self._late_frame(now)
         if self._buf or self._cutting:
-            return [self._complete(now)]
-        return []
+            out.append(self._complete(now))
+        return out
+
+    def _resumes_at(self, data: bytes, i: int) -> int:
+        """Where, in padding that starts at data[i], a well-formed line starts again (a line
+        after a NUL, with the same handle as the line the padding followed); -1 if none does."""
+        n = len(data)
+        j = i
+        while j < n:
+            while j < n and data[j] == 0:
+                j += 1
+            if j >= n:
+                return -1
+            if j == 0 or data[j - 1] == 0:  # right after a NUL, or at the start of a burst
+                m = _RESUME.match(data, j)
+                if m and (self._pad_handle is None or m.group(1) == self._pad_handle):
+                    if self._pad_handle is not None or _is_handle(m.group(1)):
+                        return j
+            j = data.find(b"\0", j)
+            if j < 0:
+                return -1
+        return -1
 
     def _take(self, payload: bytes, raw: bytes) -> None:
         if self._cutting:
@@ -146,12 +192,27 @@ class Framer:
         self._buf += payload
         self._raw += raw
 
-    def _attach_padding(self, out: list[Frame], data: bytes) -> None:
-        """Padding is kept with the message it followed, so the store loses none of it."""
-        if out:
+    def _attach_padding(self, out: list[Frame], data: bytes, now: float) -> None:
+        """Padding is kept with the message it followed; padding that comes in a later burst is
+        handed on as a padding frame of its own once it ends, so nothing received vanishes."""
+        if not data:
+            return
+        if out and not out[-1].padding:
             out[-1].raw += data
-        else:
-            self.dropped += len(data)
+            return
+        self.dropped += len(data)
+        self._late_n += len(data)
+        room = PADDING_KEEP - len(self._late)
+        if room > 0:
+            self._late += data[:room]
+
+    def _late_frame(self, now: float) -> list[Frame]:
+        if not self._late_n:
+            return []
+        frame = Frame(b"", bytes(self._late), now, padding=self._late_n)
+        self._late.clear()
+        self._late_n = 0
+        return [frame]
 
     def _complete(self, now: float) -> Frame:
         frame = Frame(bytes(self._buf), bytes(self._raw), now, self._cut)
@@ -160,6 +221,21 @@ class Framer:
         self._cutting = False
         self._cut = 0
         return frame
+
+
+def _handle_of(payload: bytes) -> bytes | None:
+    end = payload.find(b">", 0, 4 * MAX_HANDLE + 1)
+    if end <= 0:
+        return None
+    handle = payload[:end]
+    return handle if _is_handle(handle) else None
+
+
+def _is_handle(raw: bytes) -> bool:
+    try:
+        return valid_handle(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return False
 
 
 def decode(payload: bytes) -> str:
@@ -179,6 +255,8 @@ def is_quit(text: str) -> bool:
 
 
 def parse(frame: Frame) -> Message:
+    if frame.padding:
+        return Message(None, "", frame.raw, False, 0, frame.padding)
     text = decode(frame.payload)
     handle, text = split_prefix(text)
     raw: bytes | None = frame.raw
@@ -196,8 +274,13 @@ def valid_handle(handle: str) -> bool:
     return bool(_HANDLE.fullmatch(handle))
 
 
+def format_line(handle: str, text: str) -> bytes:
+    """A server line: `handle>text` and a newline."""
+    return f"{handle}>{text}\n".encode()
+
+
 def format_server(text: str) -> bytes:
-    return f"{SERVER_HANDLE}>{text}\n".encode()
+    return format_line(SERVER_HANDLE, text)
 
 
 QUIT_LINE = (QUIT + "\n").encode()

@@ -1,64 +1,631 @@
-"""`chatlog serve`: listening, the queue of waiting clients, the turn loop, idle timeouts, signals.
+"""`chatlog serve`: the event loop. It listens, reads and writes sockets, watches the operator's
+input, the timers and the signals, turns all of that into events for the conversation policy
+(`turns.Turns`, or `room.Room`), and carries out the decisions it gets back. It decides nothing.
 
-One thread runs one `selectors` loop over the listening sockets, every client socket, the
-operator's input and a signal wake-up socket, so a client leaving is noticed even while the
-operator is typing. Each message is committed to the store before it is shown or answered.
-
-At a terminal, the operator's line is read by `input()` (readline editing) in a helper thread that
-hands each line to the loop through a socket pair; from a pipe, the loop reads stdin itself, one
-line per turn, so a script of replies is consumed in order.
+One thread runs one `selectors` loop. The decisions of one pass are carried out in two phases:
+first every store write, in one transaction (so in a room the lines read in one pass are one
+commit), then the console lines and the socket writes, in order. So nothing is shown or sent that
+is not committed, and a store that fails for good leaves nothing half-told: every client is told
+why and the server stops with one clear line.
 """
 
 from __future__ import annotations
 
 import errno
-import os
+import resource
 import selectors
 import signal
 import socket
-import sys
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from chatlog import protocol
-from chatlog.protocol import MAX_LINE, MAX_TEXT, QUIT_LINE, SERVER_HANDLE, Framer
-from chatlog.render import Renderer, connected_text, ended_text
-from chatlog.recorder import Recorder
+from chatlog.events import (
+    NOTICES,
+    Broadcast,
+    Commit,
+    Connected,
+    Disconnected,
+    End,
+    Finish,
+    Handle,
+    Join,
+    Open,
+    OperatorEnd,
+    OperatorLine,
+    Pause,
+    Prompt,
+    Received,
+    Refuse,
+    Send,
+    Serve,
+    Show,
+    Stalled,
+    Stop,
+    Tick,
+)
+from chatlog.operator import Console, Operator
+from chatlog.protocol import QUIT_LINE, Framer
+from chatlog.render import Renderer, ended_text
+from chatlog.sanitize import visible
 
 RECV_SIZE = 65536
-MAX_OUTBUF = 64 * 1024  # a client that lets this much of our output pile up is dropped
 SEND_BUFFER = 64 * 1024  # kernel send buffer per client: chat lines are small
-MAX_UNANSWERED = 64  # messages a client may send without an answer before it is dropped
+MAX_OUTBUF = 64 * 1024  # a 1:1 client that lets this much of our output pile up is dropped
+ROOM_OUTBUF = 1024 * 1024  # in a room, a slow reader is dropped once this much is unsent
+ACCEPT_BACKOFF = (0.05, 2.0)  # at the open-files limit, stop accepting for this long (doubling)
+STORE_WRITES = (Open, Serve, Handle, Commit, End, Refuse, Join)
 
 
 class ServeError(Exception):
-    """A fatal start-up problem, worded for the operator."""
+    """A fatal problem, worded for the operator."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Conn:
+    id: int
     sock: socket.socket
     host: str
     port: int
-    session_id: int
     framer: Framer = field(default_factory=Framer)
-    handle: str | None = None
+    session: int | None = None  # its session (1:1) or participant (room) in the store
     outbuf: bytearray = field(default_factory=bytearray)
-    held: list[protocol.Message] = field(default_factory=list)  # said while waiting
-    turn_started: float = 0.0
-    unanswered: int = 0
-    client_count: int = 0
-    server_count: int = 0
     closed: bool = False
+    paused_until: float | None = None
 
 
 def _plain_addr(host: str) -> str:
     return host[7:] if host.startswith("::ffff:") else host
 
 
-def listen(bind: str | None, port: int) -> list[socket.socket]:
+def raise_open_files_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard limit; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class Loop:
+    def __init__(
+        self,
+        policy,
+        recorder,
+        sockets: list[socket.socket],
+        renderer: Renderer,
+        console: Console,
+        operator: Operator,
+        *,
+        echo_operator: bool = True,
+        idle_timeout: float | None = None,
+        max_outbuf: int = MAX_OUTBUF,
+        room_session: int | None = None,
+    ):
+        self.policy = policy
+        self.room_session = room_session  # a room: the one session every line belongs to
+        self._bcast: list[tuple[bytes, int | None]] = []
+        self.recorder = recorder
+        self.sockets = sockets
+        self.r = renderer
+        self.console = console
+        self.operator = operator
+        self.echo_operator = echo_operator
+        self.idle_timeout = idle_timeout
+        self.max_outbuf = max_outbuf
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Conn] = {}
+        self._next_id = 1
+        self.pending: list = []
+        self.finished = False
+        self.failure: str | None = None  # why the store failed for good
+        self.stopping: str | None = None
+        self._operator_watched = False
+        self._accept_paused_until: float | None = None
+        self._accept_backoff = ACCEPT_BACKOFF[0]
+        self._local = {s: s.getsockname() for s in sockets}
+        self._server_addr = self._local[sockets[0]]
+        self._told_busy = False
+        self._told_end = False
+        self.greeting = "Awaiting client connections"
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for s in self.sockets:
+            self.sel.register(s, selectors.EVENT_READ, ("listen", s))
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", wake_r))
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        stops = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in stops}
+        try:
+            # Said only now that the signals are ours: from here on Ctrl-C closes cleanly.
+            self.console.write(self.r.paint("event", self.greeting))
+            self._operator_input()
+            self._carry_out()
+            while not self.finished:
+                self._pass()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            for conn in list(self.conns.values()):
+                self._close(conn)
+            wake_r.close()
+            wake_w.close()
+            for s in self.sockets:
+                s.close()
+            self.sel.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = signal.Signals(signum).name
+
+    def _pass(self) -> None:
+        for key, mask in self.sel.select(self._timeout()):
+            kind, obj = key.data
+            if kind == "client":
+                if mask & selectors.EVENT_WRITE and not obj.closed:
+                    self._flush_out(obj)
+                if mask & selectors.EVENT_READ and not obj.closed:
+                    self._readable(obj)
+            elif kind == "listen":
+                self._accept(obj)
+            elif kind == "operator":
+                for note in self.operator.read_available():
+                    self.console.write(self.r.paint("event", note))
+            else:
+                try:
+                    obj.recv(512)
+                except OSError:
+                    pass
+        now = time.time()
+        if self.stopping is not None:
+            self._drain_all(now, final=True)
+            self._feed(Stop(self.stopping, now))
+            self._carry_out()
+            return
+        self._quiet_frames(now)
+        deadline = self.policy.deadline()
+        if deadline is not None and now >= deadline:
+            # Read what has arrived before timing anyone out: after a stall (SIGSTOP, a long
+            # lock wait) a message sent in time may be waiting in the socket.
+            self._drain_all(now)
+            self._feed(Tick(now))
+        self._resume(now)
+        self._carry_out()
+        self._operator_input()
+
+    def _timeout(self) -> float | None:
+        deadlines = [d for d in (self.policy.deadline(), self._accept_paused_until) if d is not None]
+        for conn in self.conns.values():
+            d = conn.framer.deadline()
+            if d is not None:
+                deadlines.append(d)
+            if conn.paused_until is not None:
+                deadlines.append(conn.paused_until)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.time())
+
+    def _feed(self, event) -> None:
+        self.pending.extend(self.policy.handle_event(event))
+
+    # -- the operator --------------------------------------------------------------------------
+
+    def _operator_input(self) -> None:
+        """Hand the policy the operator's lines while it wants them, and the end of input."""
+        op = self.operator
+        while not self.finished:
+            op.fill()
+            line = op.take()
+            if line is not None:
+                self._feed(OperatorLine(line, time.time()))
+                self._carry_out()
+                continue
+            if op.ended and not self._told_end:
+                self._told_end = True  # once: the policy decides when that ends the chat
+                self._feed(OperatorEnd(time.time()))
+                self._carry_out()
+            break
+        on = op.watch()
+        if on != self._operator_watched and op.fd is not None:
+            if on:
+                self.sel.register(op.fd, selectors.EVENT_READ, ("operator", None))
+            else:
+                self.sel.unregister(op.fd)
+            self._operator_watched = on
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):  # bounded, so one pass cannot starve the chat
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(exc)
+                return  # ECONNABORTED and the like: that client is gone, nobody else is harmed
+            if self._accept_paused_until is None and self._told_busy:
+                self._told_busy = False
+                self.console.write(self.r.paint("event", "accepting connections again"))
+            self._accept_backoff = ACCEPT_BACKOFF[0]
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass
+            conn = Conn(self._next_id, sock, _plain_addr(addr[0]), addr[1])
+            self._next_id += 1
+            self.conns[conn.id] = conn
+            self.sel.register(sock, selectors.EVENT_READ, ("client", conn))
+            self._feed(Connected(conn.id, conn.host, conn.port, time.time()))
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """At the open-files limit the listening socket stays readable: stop watching it for a
+        while instead of spinning, and say so once."""
+        for s in self.sockets:
+            try:
+                self.sel.unregister(s)
+            except (KeyError, ValueError):
+                pass
+        self._accept_paused_until = time.time() + self._accept_backoff
+        self._accept_backoff = min(self._accept_backoff * 2, ACCEPT_BACKOFF[1])
+        if not self._told_busy:
+            self._told_busy = True
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self.console.write(self.r.paint(
+                "error",
+                f"cannot accept connections: {exc.strerror} (limit {limit}); "
+                "new clients wait in the kernel's queue until some leave",
+            ))
+
+    def _resume(self, now: float) -> None:
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            for s in self.sockets:
+                self.sel.register(s, selectors.EVENT_READ, ("listen", s))
+        for conn in self.conns.values():
+            if conn.paused_until is not None and now >= conn.paused_until:
+                conn.paused_until = None
+                self._interest(conn)
+
+    def _readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # reset: what was held is its last message
+        now = time.time()
+        if data:
+            for frame in conn.framer.feed(data, now):
+                self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+            return
+        for frame in conn.framer.flush(now):
+            self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+        self._feed(Disconnected(conn.id, now))
+        self._forget(conn)
+
+    def _drain_all(self, now: float, final: bool = False) -> None:
+        """Read everything already received, from every client (before a timeout or a stop;
+        at a stop, an unterminated line is the client's last message)."""
+        for conn in list(self.conns.values()):
+            while not conn.closed and conn.id in self.conns:
+                try:
+                    data = conn.sock.recv(RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    for frame in conn.framer.flush(now):
+                        self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+                    self._feed(Disconnected(conn.id, now))
+                    self._forget(conn)
+                    break
+                for frame in conn.framer.feed(data, now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+            if final and conn.id in self.conns:
+                for frame in conn.framer.flush(now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+        self._quiet_frames(now)
+
+    def _quiet_frames(self, now: float) -> None:
+        for conn in list(self.conns.values()):
+            for frame in conn.framer.flush_if_quiet(now):
+                self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+
+    def _forget(self, conn: Conn) -> None:
+        """The peer is gone: stop watching it (the policy's End closes it)."""
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.closed = True
+
+    def _interest(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        events = 0 if conn.paused_until is not None else selectors.EVENT_READ
+        if conn.outbuf:
+            events |= selectors.EVENT_WRITE
+        try:
+            if events:
+                self.sel.modify(conn.sock, events, ("client", conn))
+            else:
+                self.sel.unregister(conn.sock)
+        except KeyError:
+            if events:
+                self.sel.register(conn.sock, events, ("client", conn))
+        except ValueError:
+            pass
+
+    # -- carrying out decisions ----------------------------------------------------------------
+
+    def _carry_out(self) -> None:
+        while self.pending and not self.finished:
+            batch, self.pending = self.pending, []
+            try:
+                results = self._record(batch)
+            except Exception as exc:  # noqa: BLE001  (the recorder's StoreFailed, worded)
+                if not _is_store_failure(exc):
+                    raise
+                self._store_failed(str(exc))
+                return
+            for decision, result in zip(batch, results, strict=True):
+                self._act(decision, result)
+            if self._bcast:
+                self._flush_broadcasts()
+
+    def _record(self, batch: list) -> list:
+        """Phase one: every store write of the batch, in one transaction."""
+        results: list = [None] * len(batch)
+        if not any(isinstance(d, STORE_WRITES) for d in batch):
+            return results
+        rec = self.recorder
+        room = self.room_session
+        conns = self.conns
+        with _transaction(rec):
+            for i, d in enumerate(batch):
+                if isinstance(d, Commit):
+                    conn = conns.get(d.conn) if d.conn is not None else None
+                    if room is not None:
+                        pid = conn.session if conn is not None else None
+                        rec.add_message(room, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid)
+                    elif conn is not None and conn.session is not None:
+                        rec.add_message(conn.session, d.sender, d.handle, d.text, d.raw, d.note, d.at)
+                elif isinstance(d, Join):
+                    conn = conns.get(d.conn)
+                    if conn is not None:
+                        conn.session = rec.add_participant(room, d.host, d.port, d.at)
+                elif isinstance(d, Open):
+                    conn = conns.get(d.conn)
+                    if conn is not None:
+                        local = self._server_addr
+                        conn.session = rec.begin_session(
+                            d.host, d.port, _plain_addr(local[0]), local[1], d.at, served=d.served
+                        )
+                elif isinstance(d, End):
+                    conn = conns.get(d.conn)
+                    if conn is None or conn.session is None:
+                        continue
+                    if room is not None:
+                        rec.end_participant(conn.session, d.reason, d.at)
+                    else:
+                        results[i] = (conn.session, rec.end_session(conn.session, d.reason, d.at))
+                elif isinstance(d, Serve):
+                    conn = conns.get(d.conn)
+                    if conn is not None and conn.session is not None:
+                        rec.serve_session(conn.session, d.at)
+                elif isinstance(d, Handle):
+                    conn = conns.get(d.conn)
+                    if conn is not None and conn.session is not None:
+                        if room is not None:
+                            rec.set_participant_handle(conn.session, d.handle)
+                        else:
+                            rec.set_handle(conn.session, d.handle)
+                elif isinstance(d, Refuse):
+                    add = getattr(rec, "add_refusal", None)
+                    results[i] = add(d.host, d.reason, d.at) if add else 1
+        return results
+
+    def _act(self, d, result) -> None:
+        """Phase two: the console and the sockets."""
+        if isinstance(d, Broadcast):
+            self._bcast.append((d.data, d.exclude))
+            return
+        if isinstance(d, Show):
+            self._show(d)
+            return
+        if self._bcast:
+            self._flush_broadcasts()  # what was said before reaches everyone before what follows
+        if isinstance(d, Pause):
+            conn = self.conns.get(d.conn)
+            if conn is not None:
+                conn.paused_until = d.until
+                self._interest(conn)
+        elif isinstance(d, Send):
+            conn = self.conns.get(d.conn)
+            if conn is not None:
+                self._send(conn, d.data)
+                for frame in conn.framer.spoke():  # our answer ends any padding it was sending
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+        elif isinstance(d, End):
+            conn = self.conns.pop(d.conn, None)
+            if conn is not None:
+                self._end(conn, d, result)
+        elif isinstance(d, Refuse):
+            conn = self.conns.pop(d.conn, None)
+            if conn is not None:
+                self._tell_and_close(conn, d.notice)
+            if result == 1:
+                self.console.write(self.r.paint("event", f"refused {d.host} port {d.port}: the server is busy"))
+            elif result in (10, 100, 1000, 10000):
+                self.console.write(self.r.paint("event", f"refused {result} connections from {d.host} this minute"))
+        elif isinstance(d, Prompt):
+            self.operator.want(d.on)
+        elif isinstance(d, Finish):
+            self.finished = True
+
+    def _show(self, d: Show) -> None:
+        if d.kind in ("client", "server", "operator"):
+            if d.kind == "operator" and not self.echo_operator:
+                return
+            role = "client" if d.kind == "client" else "server"
+            self.console.write(self.r.chat_line(role, d.handle, d.text))
+        elif d.kind == "error":
+            self.console.write(self.r.paint("error", visible(d.text)))
+        elif d.kind == "note":
+            self.console.write(self.r.paint("dim", visible(d.text)))
+        else:
+            self.console.write(self.r.paint("event", visible(d.text)))
+
+    def _end(self, conn: Conn, d: End, result) -> None:
+        self._tell_and_close(conn, d.notice)
+        if result is None:
+            return
+        session, (client, server) = result
+        what = ended_text(d.reason, session, client, server, self.idle_timeout if d.reason == "timeout" else None)
+        if d.reason == "timeout" and d.notice:
+            what = ended_text(d.reason, session, client, server, _seconds(d.notice))
+        if d.waiting:
+            what = f"waiting client {conn.host} port {conn.port}: {what}"
+        self.console.write(self.r.paint("event", visible(what)))
+
+    # -- sending and closing -------------------------------------------------------------------
+
+    def _flush_broadcasts(self) -> None:
+        """Every line broadcast in this pass, in one write per connection: the same joined bytes
+        for everyone who said none of them, and its own selection for each sender."""
+        lines, self._bcast = self._bcast, []
+        everyone = b"".join(data for data, _ in lines)
+        senders = {ex for _, ex in lines if ex is not None}
+        for conn in list(self.conns.values()):
+            if conn.id in senders:
+                data = b"".join(data for data, ex in lines if ex != conn.id)
+                if data:
+                    self._send(conn, data)
+            else:
+                self._send(conn, everyone)
+
+    def _send(self, conn: Conn, data: bytes) -> None:
+        if conn.closed:
+            return
+        if not conn.outbuf:
+            try:
+                n = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self._forget(conn)
+                self._feed(Disconnected(conn.id, time.time()))
+                return
+            data = data[n:]
+            if not data:
+                return
+            conn.outbuf += data
+            self._interest(conn)
+            return
+        conn.outbuf += data
+        if len(conn.outbuf) > self.max_outbuf:
+            conn.outbuf.clear()
+            self._feed(Stalled(conn.id, time.time()))
+
+    def _flush_out(self, conn: Conn) -> None:
+        try:
+            n = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._forget(conn)
+            self._feed(Disconnected(conn.id, time.time()))
+            return
+        del conn.outbuf[:n]
+        if not conn.outbuf:
+            self._interest(conn)
+
+    def _tell_and_close(self, conn: Conn, notice: str | None) -> None:
+        """Best effort: what is queued, then the notice and `\\quit`, without waiting on a client
+        that will not read; then close."""
+        data = bytes(conn.outbuf)
+        if notice is not None:
+            data += protocol.format_line(self.policy.handle, "*** " + notice) + QUIT_LINE
+        if data and not conn.closed:
+            try:
+                conn.sock.send(data)
+            except OSError:
+                pass
+        self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        if not conn.closed:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._forget(conn)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    # -- the store failing ---------------------------------------------------------------------
+
+    def on_store_wait(self, seconds: float | None) -> None:
+        """The recorder waits on a store another process holds (None: it is free again)."""
+        if seconds is None:
+            self.console.write(self.r.paint("event", "the database is free again; the chat goes on"))
+        else:
+            self.console.write(self.r.paint(
+                "error",
+                f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
+            ))
+
+    def _store_failed(self, why: str) -> None:
+        """Nothing of the failed pass was shown or sent. Tell every client, and stop."""
+        self.failure = why
+        self.pending = []
+        for conn in list(self.conns.values()):
+            self._tell_and_close(conn, NOTICES["store"])
+        self.conns.clear()
+        self.finished = True
+
+
+def _transaction(rec):
+    tx = getattr(rec, "transaction", None)
+    if tx is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return tx()
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    from chatlog.db import StoreError
+
+    return isinstance(exc, StoreError)
+
+
+def _seconds(notice: str) -> float | None:
+    import re
+
+    m = re.search(r"(\d+(?:\.\d+)?) s", notice)
+    return float(m.group(1)) if m else None
+
+
+# -- listening and the banner ---------------------------------------------------------------------
+
+
+def listen(bind: str | None, port: int, backlog: int = 128) -> list[socket.socket]:
     """Listen on `bind` (default: every interface, IPv6 and IPv4) and return the sockets."""
     if bind is None:
         try:
@@ -70,7 +637,7 @@ def listen(bind: str | None, port: int) -> list[socket.socket]:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 s.bind(("::", port))
-                s.listen(16)
+                s.listen(backlog)
                 s.setblocking(False)
                 return [s]
             except OSError as exc:
@@ -88,7 +655,7 @@ def listen(bind: str | None, port: int) -> list[socket.socket]:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(addr)
-            s.listen(16)
+            s.listen(backlog)
             s.setblocking(False)
             return [s]
         except OSError as exc:
@@ -100,20 +667,65 @@ def listen(bind: str | None, port: int) -> list[socket.socket]:
     raise ServeError(f"cannot listen on {bind} port {port}: {exc.strerror}")
 
 
-def host_addresses(bind: str | None) -> tuple[str, str]:
-    """(hostname, an address other hosts can reach us at) for the start-up banner."""
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(_plain_addr(addr.split("%")[0]))
+    except ValueError:
+        return False
+    return ip.is_loopback
+
+
+def banner(bind: str | None, sockets: list[socket.socket]) -> list[str]:
+    """The start-up lines: where the server listens and how to connect to it."""
     hostname = socket.gethostname()
+    local = sockets[0].getsockname()
+    port = local[1]
+    if _is_loopback(local[0]):
+        return [
+            f"Server started on host {hostname} ({_plain_addr(local[0])}), port {port}",
+            f"Listening on {bind} only: reachable from this host alone "
+            "(--bind 0.0.0.0, or no --bind, to let other hosts connect).",
+            f"Connect with:\n  ./chatclient {_plain_addr(local[0])} {port}",
+        ]
     if bind not in (None, "", "0.0.0.0", "::"):
-        return hostname, bind
+        return [
+            f"Server started on host {hostname} ({_plain_addr(local[0])}), port {port}",
+            "Connect from another host with:",
+            f"  ./chatclient {_plain_addr(local[0])} {port}",
+        ]
+    ip = _reachable_address()
+    lines = [f"Server started on host {hostname} ({ip or 'no network address'}), port {port}"]
+    if ip is None:
+        lines.append("This host has no address other hosts can reach; connect from here with:")
+        lines.append(f"  ./chatclient 127.0.0.1 {port}")
+        return lines
+    lines.append("Connect from another host with:")
+    lines.append(f"  ./chatclient {ip} {port}")
+    if not _resolves_to_loopback(hostname):
+        lines.append(f"  ./chatclient {hostname} {port}")
+    return lines
+
+
+def _resolves_to_loopback(hostname: str) -> bool:
     try:
         infos = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
     except OSError:
+        return True
+    return all(_is_loopback(info[4][0]) for info in infos)
+
+
+def _reachable_address() -> str | None:
+    """An address of this host that other hosts can use (None if there is none)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
         infos = []
-    addrs = [info[4][0] for info in infos] + _interface_addresses()
-    for addr in addrs:
-        if not addr.startswith("127.") and addr != "::1":
-            return hostname, addr
-    return hostname, addrs[0] if addrs else "127.0.0.1"
+    for addr in [info[4][0] for info in infos] + _interface_addresses():
+        if not _is_loopback(addr):
+            return addr
+    return None
 
 
 def _interface_addresses() -> list[str]:
@@ -137,575 +749,80 @@ def _interface_addresses() -> list[str]:
         return []
 
 
-def _pollable(fd: int) -> bool:
-    """Whether epoll (the selector) accepts this descriptor."""
-    sel = selectors.DefaultSelector()
-    try:
-        sel.register(fd, selectors.EVENT_READ)
-        return True
-    except (PermissionError, OSError, ValueError):
-        return False
-    finally:
-        sel.close()
-
-
-class Operator:
-    """The operator's lines: from a pipe (read by the loop) or a terminal (read by a thread)."""
-
-    def __init__(self, stream, renderer: Renderer):
-        self.stream = stream
-        self.lines: deque[str] = deque()
-        self.eof = False
-        self.tty = stream.isatty()
-        self.renderer = renderer
-        self._partial = b""
-        self.reading = False  # the terminal thread is inside input(), a prompt on screen
-        if self.tty:
-            self._rsock, self._wsock = socket.socketpair()
-            self._rsock.setblocking(False)
-            self._request = threading.Event()
-            self._thread = threading.Thread(target=self._read_terminal, daemon=True)
-            self._thread.start()
-            self.fd = self._rsock.fileno()
-        else:
-            self.fd = stream.fileno()
-            os.set_blocking(self.fd, False)
-        # A regular file or /dev/null cannot be watched with epoll, and never blocks: it is read
-        # directly whenever an answer is wanted.
-        self.direct = not self.tty and not _pollable(self.fd)
-
-    def want(self) -> bool:
-        """An answer is needed. Returns True when the loop must watch `fd` for it."""
-        if self.tty:
-            if not self.reading:
-                self._request.set()
-            return True
-        return not self.eof
-
-    def next_line(self) -> str | None:
-        return self.lines.popleft() if self.lines else None
-
-    def read_available(self) -> None:
-        if self.tty:
-            try:
-                self._rsock.recv(4096)
-            except BlockingIOError:
-                pass
-            return
-        try:
-            data = os.read(self.fd, RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.eof = True
-            if self._partial:
-                self.lines.append(self._decode(self._partial))
-                self._partial = b""
-            return
-        chunks = (self._partial + data).split(b"\n")
-        self._partial = chunks.pop()
-        self.lines.extend(self._decode(c) for c in chunks)
-
-    @staticmethod
-    def _decode(line: bytes) -> str:
-        return line.rstrip(b"\r").decode("utf-8", "replace")
-
-    def _read_terminal(self) -> None:
-        try:
-            import readline  # noqa: F401  (line editing for input())
-        except ImportError:
-            pass
-        prompt = self.renderer.prompt(f"{SERVER_HANDLE}>")
-        while True:
-            self._request.wait()
-            self._request.clear()
-            self.reading = True
-            try:
-                line = input(prompt)
-            except EOFError:
-                line = None
-            except Exception:
-                line = None
-            self.reading = False
-            if line is None:
-                self.eof = True
-            else:
-                self.lines.append(line)
-            try:
-                self._wsock.send(b"x")
-            except OSError:
-                return
-            if line is None:
-                return
-
-
-class Server:
-    def __init__(
-        self,
-        store: Recorder,
-        sockets: list[socket.socket],
-        renderer: Renderer,
-        operator: Operator,
-        idle_timeout: float | None = 300.0,
-        max_waiting: int = 5,
-    ):
-        self.store = store
-        self.sockets = sockets
-        self.out = renderer
-        self.operator = operator
-        self.idle_timeout = idle_timeout
-        self.max_waiting = max_waiting
-        self.sel = selectors.DefaultSelector()
-        self.current: Conn | None = None
-        self.waiting: deque[Conn] = deque()
-        self.operator_turn = False
-        self.stopping: int | None = None
-        self.finished = False
-        self.operator_registered = False
-        # Echo the operator's answer unless the terminal already shows what was typed.
-        self.echo_operator = not (operator.tty and renderer.stream.isatty())
-        if operator.tty and renderer.stream.isatty():
-            renderer.hook = self._around_prompt
-
-    # -- the loop ------------------------------------------------------------------------------
-
-    def run(self) -> str:
-        """Serve until a signal or the end of operator input. Returns why it stopped."""
-        for s in self.sockets:
-            self.sel.register(s, selectors.EVENT_READ, ("listen", s))
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", None))
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        old_handlers = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        self._watch_operator(False)
-        try:
-            self.out.event("Awaiting client connections")
-            while not self.finished:
-                if self.stopping is not None:
-                    self._shutdown()
-                    return "signal"
-                for key, mask in self.sel.select(self._timeout()):
-                    kind, obj = key.data
-                    if kind == "client":
-                        if mask & selectors.EVENT_READ:
-                            self._readable(obj)
-                        if mask & selectors.EVENT_WRITE and not obj.closed:
-                            self._flush_out(obj)
-                    elif kind == "listen":
-                        self._accept(obj)
-                    elif kind == "operator":
-                        self.operator.read_available()
-                    elif kind == "wake":
-                        try:
-                            wake_r.recv(512)
-                        except BlockingIOError:
-                            pass
-                self._timers(time.time())
-                self._operator_answers()
-            return "operator"
-        finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            wake_r.close()
-            wake_w.close()
-            for s in self.sockets:
-                s.close()
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stopping = signum
-
-    def _timeout(self) -> float | None:
-        deadlines = []
-        for conn in self._conns():
-            d = conn.framer.deadline()
-            if d is not None:
-                deadlines.append(d)
-        cur = self.current
-        if cur is not None and not self.operator_turn and self.idle_timeout:
-            deadlines.append(cur.turn_started + self.idle_timeout)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.time())
-
-    def _conns(self):
-        if self.current is not None:
-            yield self.current
-        yield from self.waiting
-
-    def _timers(self, now: float) -> None:
-        for conn in list(self._conns()):
-            frames = conn.framer.flush_if_quiet(now)
-            if frames:
-                self._received(conn, frames)
-        cur = self.current
-        if (
-            cur is not None
-            and not self.operator_turn
-            and self.idle_timeout
-            and now - cur.turn_started >= self.idle_timeout
-        ):
-            self._end(cur, "timeout", tell=True)
-
-    # -- connections ---------------------------------------------------------------------------
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.out.error(f"cannot accept a connection: {exc.strerror}")
-                return
-            sock.setblocking(False)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-            except OSError:
-                pass
-            host, port = _plain_addr(addr[0]), addr[1]
-            local = sock.getsockname()
-            busy = self.current is not None and len(self.waiting) >= self.max_waiting
-            session_id = self.store.begin_session(
-                host, port, _plain_addr(local[0]), local[1], time.time(), served=self.current is None
-            )
-            conn = Conn(sock, host, port, session_id, turn_started=time.time())
-            if busy:
-                self.out.event(f"refused {host} port {port}: {len(self.waiting)} already waiting")
-                self._send(conn, protocol.format_server("The server is busy; try again later."))
-                self._close(conn, "busy", tell=True)
-                continue
-            self.sel.register(sock, selectors.EVENT_READ, ("client", conn))
-            if self.current is None:
-                self._serve(conn, new=True)
-            else:
-                self.waiting.append(conn)
-                self.out.event(
-                    f"{host} port {port} is waiting ({len(self.waiting)} in the queue)"
-                )
-
-    def _serve(self, conn: Conn, new: bool = False) -> None:
-        self.current = conn
-        self.operator_turn = False
-        conn.turn_started = time.time()
-        if not new:
-            self.store.serve_session(conn.session_id, time.time())
-        waiting = f" ({len(self.waiting)} waiting)" if self.waiting else ""
-        self.out.event(connected_text(conn.host, conn.port) + waiting)
-        held, conn.held = conn.held, []
-        for msg in held:
-            self._show(conn, msg)
-        if held:
-            self.operator_turn = True
-
-    def _readable(self, conn: Conn) -> None:
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = None
-        now = time.time()
-        if data:
-            frames = conn.framer.feed(data, now)
-            if frames:
-                self._received(conn, frames)
-            return
-        # Closed (b"") or reset (None): what was held is the last message.
-        frames = conn.framer.flush(now)
-        if frames:
-            self._received(conn, frames)
-        if not conn.closed:
-            self._end(conn, "disconnect")
-
-    def _received(self, conn: Conn, frames: list[protocol.Frame]) -> None:
-        for frame in frames:
-            if conn.closed:
-                return
-            msg = protocol.parse(frame)
-            if msg.handle is not None:
-                if conn.handle is None:
-                    self.store.set_handle(conn.session_id, msg.handle)
-                conn.handle = msg.handle
-            else:
-                msg.handle = conn.handle
-            if msg.is_quit:
-                if conn is self.current:
-                    self._end(conn, "client-quit")
-                else:
-                    self._close(conn, "client-quit")
-                return
-            note = None
-            if msg.cut:
-                note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
-            elif len(msg.text) > MAX_TEXT:
-                note = f"longer than {MAX_TEXT} characters"
-            self.store.add_message(
-                conn.session_id, "client", msg.handle, msg.text, msg.raw, note, frame.at
-            )
-            conn.client_count += 1
-            conn.unanswered += 1
-            if conn is self.current:
-                self._show(conn, msg)
-                self.operator_turn = True
-            else:
-                conn.held.append(msg)
-            if conn.unanswered > MAX_UNANSWERED:
-                # Turns are strict: a client that keeps talking without answers is flooding.
-                self.out.error(f"{conn.host} port {conn.port} sent {MAX_UNANSWERED} messages unanswered")
-                if conn is self.current:
-                    self._end(conn, "flood", tell=True)
-                else:
-                    self._close(conn, "flood", tell=True)
-                return
-            if msg.cut:
-                self.out.error(f"{conn.host} port {conn.port} sent a line over {MAX_LINE} bytes")
-                if conn is self.current:
-                    self._end(conn, "overlong", tell=True)
-                else:
-                    self._close(conn, "overlong")
-                return
-
-    def _show(self, conn: Conn, msg: protocol.Message) -> None:
-        self.out.write(self.out.chat_line("client", msg.handle, msg.text))
-
-    def _around_prompt(self, before: bool) -> bool:
-        """Renderer hook: a line printed while the operator is typing at a terminal first clears
-        the prompt line, then readline redraws the prompt and what was typed so far."""
-        if not self.operator.reading:
-            return False
-        if not before and self.stopping is None and not self.finished:
-            try:
-                import readline
-
-                typed = readline.get_line_buffer()
-            except (ImportError, AttributeError):
-                typed = ""
-            self.out.stream.write(self.out.paint("server", f"{SERVER_HANDLE}>") + typed)
-            self.out.stream.flush()
-        return True
-
-    def _operator_answers(self) -> None:
-        """Give the operator's next line to the client whose turn it is, or ask for one."""
-        op = self.operator
-        while True:
-            cur = self.current
-            if cur is None or not self.operator_turn:
-                if op.tty:
-                    stray = op.next_line()
-                    if stray is not None:
-                        self.out.event("(no client is waiting for an answer; line not sent)")
-                        continue
-                    if op.eof:
-                        self._operator_gone()
-                self._watch_operator(False)
-                return
-            line = op.next_line()
-            if line is None and op.direct and not op.eof:
-                op.read_available()
-                continue
-            if line is None:
-                if op.eof:
-                    self._operator_gone()
-                    return
-                self._watch_operator(op.want())
-                return
-            self._answer(cur, line)
-
-    def _answer(self, cur: Conn, line: str) -> None:
-        if protocol.is_quit(line):
-            self._end(cur, "server-quit", tell=True)
-            return
-        if len(line) > MAX_TEXT:
-            self.out.error(f"message too long ({len(line)} characters, at most {MAX_TEXT}); not sent")
-            return
-        self.store.add_message(cur.session_id, "server", SERVER_HANDLE, line, None, None, time.time())
-        cur.server_count += 1
-        cur.unanswered = 0
-        if self.echo_operator:
-            self.out.write(self.out.chat_line("server", SERVER_HANDLE, line))
-        self.operator_turn = False
-        cur.framer.spoke()
-        cur.turn_started = time.time()
-        self._send(cur, protocol.format_server(line))
-
-    def _operator_gone(self) -> None:
-        self.finished = True
-        if self.current is not None:
-            self._end(self.current, "server-quit", tell=True)
-        for conn in list(self.waiting):
-            self._close(conn, "shutdown", tell=True)
-        self.out.event("Operator input ended; server stopped")
-
-    def _watch_operator(self, on: bool) -> None:
-        """Watch the operator's input only while an answer is wanted (a terminal: always)."""
-        on = (on or self.operator.tty) and not self.operator.direct
-        if on == self.operator_registered:
-            return
-        if on:
-            self.sel.register(self.operator.fd, selectors.EVENT_READ, ("operator", None))
-        else:
-            self.sel.unregister(self.operator.fd)
-        self.operator_registered = on
-
-    # -- sending and ending --------------------------------------------------------------------
-
-    def _send(self, conn: Conn, data: bytes) -> None:
-        if conn.closed:
-            return
-        if not conn.outbuf:
-            try:
-                n = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError:
-                self._end(conn, "disconnect")
-                return
-            data = data[n:]
-            if not data:
-                return
-            self._want_write(conn, True)
-        conn.outbuf += data
-        if len(conn.outbuf) > MAX_OUTBUF:
-            conn.outbuf.clear()
-            self._end(conn, "stalled")
-
-    def _flush_out(self, conn: Conn) -> None:
-        try:
-            n = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._end(conn, "disconnect")
-            return
-        del conn.outbuf[:n]
-        if not conn.outbuf:
-            self._want_write(conn, False)
-
-    def _want_write(self, conn: Conn, on: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        try:
-            self.sel.modify(conn.sock, events, ("client", conn))
-        except (KeyError, ValueError):
-            pass
-
-    def _end(self, conn: Conn, reason: str, tell: bool = False) -> None:
-        """End the session being served, then serve the next waiting client."""
-        if conn.closed:
-            return
-        self._close(conn, reason, tell)
-        if conn is self.current:
-            self.current = None
-            self.operator_turn = False
-            if self.waiting:
-                self._serve(self.waiting.popleft())
-            elif not self.finished and self.stopping is None:
-                self.out.event("Awaiting client connections")
-
-    def _close(self, conn: Conn, reason: str, tell: bool = False) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        self.store.end_session(conn.session_id, reason, time.time())  # recorded before anyone is told
-        if tell:
-            self._send_last(conn, QUIT_LINE)
-        try:
-            self.sel.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
-        if conn in self.waiting:
-            self.waiting.remove(conn)
-        if conn is self.current or reason != "busy":
-            self.out.event(self._ended_text(conn, reason))
-
-    def _send_last(self, conn: Conn, data: bytes) -> None:
-        """Best effort: what is queued, then `data`, without waiting on a client that won't read."""
-        try:
-            conn.sock.send(bytes(conn.outbuf) + data)
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def _ended_text(self, conn: Conn, reason: str) -> str:
-        what = ended_text(reason, conn.session_id, conn.client_count, conn.server_count, self.idle_timeout)
-        if conn is not self.current:
-            what = f"waiting client {conn.host} port {conn.port}: {what}"
-        return what
-
-    def _shutdown(self) -> None:
-        name = signal.Signals(self.stopping).name if self.stopping else "signal"
-        now = time.time()
-        for conn in list(self._conns()):  # what was said before the signal is recorded too
-            frames = []
-            while True:
-                try:
-                    data = conn.sock.recv(RECV_SIZE)
-                except OSError:
-                    break
-                if not data:
-                    break
-                frames += conn.framer.feed(data, now)
-            frames += conn.framer.flush(now)
-            if frames:
-                self._received(conn, frames)
-        if self.current is not None:
-            self._close(self.current, "shutdown", tell=True)
-            self.current = None
-        for conn in list(self.waiting):
-            self._close(conn, "shutdown", tell=True)
-        self.out.event(f"Server stopped ({name})")
-
-
 def serve(
-    store: Recorder,
-    port: int,
-    bind: str | None,
+    recorder,
+    sockets: list[socket.socket],
+    policy,
     renderer: Renderer,
-    idle_timeout: float | None,
-    max_waiting: int,
-    stdin=None,
+    stdin,
+    *,
+    bind: str | None = None,
+    room: bool = False,
+    idle_timeout: float | None = None,
+    max_outbuf: int = MAX_OUTBUF,
 ) -> None:
-    sockets = listen(bind, port)
-    actual_port = sockets[0].getsockname()[1]
-    _, orphans = store.start(bind or "", actual_port, time.time())
-    hostname, ip = host_addresses(bind)
-    out = renderer
-    out.write(f"Server started on host {hostname} ({ip}), port {actual_port}")
-    out.write("Connect from another host with:")
-    out.write(f"  ./chatclient {ip} {actual_port}")
-    out.write(f"  ./chatclient {hostname} {actual_port}")
+    """Run the server on listening `sockets` until it is stopped. Raises ServeError if the store
+    fails for good (every client has been told by then)."""
+    console = Console(renderer.stream)
+    for line in banner(bind, sockets):
+        console.write(line)
+    local = sockets[0].getsockname()
+    _, orphans = recorder.start(socket.gethostname(), local[1], time.time())
     if orphans:
-        out.event(f"closed {orphans} session(s) left open by an earlier run as interrupted")
-    stdin = stdin or sys.stdin
-    saved_tty = None
-    if stdin.isatty():
-        try:
-            import termios
-
-            saved_tty = termios.tcgetattr(stdin.fileno())
-        except Exception:
-            saved_tty = None
-    operator = Operator(stdin, renderer)
-    server = Server(store, sockets, renderer, operator, idle_timeout, max_waiting)
+        word = "session" if orphans == 1 else "sessions"
+        console.write(renderer.paint("event", f"closed {orphans} {word} left open by a server that stopped unexpectedly, as interrupted"))
+    saved_tty = _save_tty(stdin)
+    operator = Operator(
+        stdin, console, prompt=f"{policy.handle}>", color_prompt=renderer.prompt(f"{policy.handle}>")
+    )
+    if operator.tty and renderer.color:
+        operator.prompt = renderer.paint("server", f"{policy.handle}>")
+    echo = not (operator.tty and console.stream.isatty())
+    room_session = None
+    if room:
+        host = _plain_addr(local[0])
+        room_session = recorder.begin_session(None, None, host, local[1], time.time(), served=True, kind="room")
+    loop = Loop(
+        policy, recorder, sockets, renderer, console, operator,
+        echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf, room_session=room_session,
+    )
+    if room:
+        loop.greeting = f"The room is open (session {room_session}); awaiting clients. At the prompt: \\who, \\kick NAME, \\quit"
+    recorder.on_wait = loop.on_store_wait
+    recorder.should_stop = lambda: loop.stopping is not None
     try:
-        server.run()
+        loop.run()
     finally:
-        if saved_tty is not None:
+        _restore_tty(stdin, saved_tty)
+        if room_session is not None and not loop.failure:
+            reason = "shutdown" if loop.stopping else "server-quit"
+            try:
+                recorder.end_session(room_session, reason, time.time())
+            except Exception as exc:  # noqa: BLE001  (the store's own error, worded)
+                if not _is_store_failure(exc):
+                    raise
+                loop.failure = str(exc)
+    if loop.failure:
+        raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
+
+
+def _save_tty(stdin):
+    try:
+        if stdin.isatty():
             import termios
 
-            try:
-                termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, saved_tty)
-            except Exception:
-                pass
+            return termios.tcgetattr(stdin.fileno())
+    except Exception:  # noqa: BLE001  (no terminal to restore)
+        return None
+    return None
+
+
+def _restore_tty(stdin, saved) -> None:
+    if saved is None:
+        return
+    try:
+        import termios
+
+        termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, saved)
+    except Exception:  # noqa: BLE001
+        pass

@@ -201,6 +201,11 @@ def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
     return data
 
 
+def ending(notice: str, handle: str = "SERVER") -> bytes:
+    """What a client receives when the server ends its chat: the notice, then `\\quit`."""
+    return f"{handle}>*** {notice}\n\\quit\n".encode()
+
+
 def wait_until(predicate, timeout=10.0, interval=0.01):
     """Poll `predicate` until it is truthy; return its value or fail."""
     deadline = time.monotonic() + timeout

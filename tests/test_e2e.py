@@ -88,19 +88,23 @@ def test_waiting_client_is_served_next(chatclient, server):
     server.wait_for("^first>one$")
     second = spawn_client(chatclient, server, "second")
     second.sendline("waiting here")
+    second.expect_exact("Waiting: 1 ahead of you")  # the queue answers for the operator
     server.wait_for("is waiting")
     server.say("hello first")
     first.expect_exact("SERVER>hello first")
     first.sendline("\\quit")
     first.expect(pexpect.EOF)
     server.wait_for("^second>waiting here$")
+    second.sendline("ready")
+    server.wait_for("^second>ready$")
     server.say("hello second")
+    second.expect_exact("Your chat has begun.")
     second.expect_exact("SERVER>hello second")
     second.sendline("\\quit")
     second.expect(pexpect.EOF)
     server.wait_for(r"client has quit \(session 2")
     rows = db_rows(server.db, "SELECT id, handle, end_reason, client_messages FROM sessions ORDER BY id")
-    assert rows == [(1, "first", "client-quit", 1), (2, "second", "client-quit", 1)]
+    assert rows == [(1, "first", "client-quit", 1), (2, "second", "client-quit", 2)]
 
 
 def test_hostile_operator_text_is_inert_in_the_client(chatclient, server):

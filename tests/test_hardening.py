@@ -19,7 +19,8 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(server):
+def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(start_server):
+    server = start_server("--per-address", "5")
     # warm up once so lazily opened files (WAL, shm) are already counted
     s = server.connect()
     s.sendall(b"w>warm\n\0")

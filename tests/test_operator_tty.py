@@ -6,7 +6,7 @@ import sys
 
 import pexpect
 import pytest
-from conftest import ROOT, db_rows, recv_until
+from conftest import ending, ROOT, db_rows, recv_until
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_ctrl_c_at_the_prompt_closes_the_session(tty_server):
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 0
-    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert recv_until(c, b"\\quit\n") == ending("The server shut down.")
     assert db_rows(p.db, "SELECT end_reason FROM sessions")[0][0] == "shutdown"
 
 
@@ -72,5 +72,5 @@ def test_ctrl_d_ends_the_chat_and_the_server(tty_server):
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 0
-    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert recv_until(c, b"\\quit\n") == ending("The server closed the chat.")
     assert db_rows(p.db, "SELECT end_reason FROM sessions")[0][0] == "server-quit"

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatlog.protocol import (
+    PADDING_KEEP,
     MAX_LINE,
     QUIET,
     Framer,
@@ -71,7 +72,40 @@ def test_padding_split_across_bursts_is_swallowed_until_quiet():
     assert [parse(x).text for x in out] == ["hi"]
     assert f.dropped == len(b"more garbage\n")
     out = f.feed(b"bob>next\n", 2.0)  # after a pause: a real message again
-    assert [parse(x).text for x in out] == ["next"]
+    # the padding that came in its own burst is handed on, so the store keeps a trace of it
+    assert [(x.padding, x.raw) for x in out[:1]] == [(13, b"more garbage\n")]
+    assert [parse(x).text for x in out[1:]] == ["next"]
+
+
+def test_a_well_formed_line_after_a_nul_is_a_message_not_padding():
+    """`bob>first\0`, then `bob>second message\n` 50 ms later, then `bob>third\n`."""
+    f = Framer()
+    out = f.feed(b"bob>first\0", 1.0)
+    out += f.feed(b"bob>second message\n", 1.05)
+    out += f.feed(b"bob>third\n", 1.06)
+    assert [parse(x).text for x in out] == ["first", "second message", "third"]
+    out = Framer().feed(b"bob>first\0\0\0bob>second\n", 1.0)  # in one burst, after NULs
+    assert [parse(x).text for x in out] == ["first", "second"]
+    assert out[0].raw == b"bob>first\0\0\0"
+
+
+def test_junk_after_a_nul_stays_padding_even_if_it_looks_like_a_line():
+    # stack garbage that happens to hold another handle's line is not that client's message
+    out = Framer().feed(b"bob>hi\0eve>not bob\n" + b"\0" * 20, 1.0)
+    assert [parse(x).text for x in out] == ["hi"]
+    assert out[0].raw.endswith(b"eve>not bob\n" + b"\0" * 20)
+
+
+def test_late_padding_is_bounded_but_counted():
+    f = Framer()
+    f.feed(b"bob>hi\0", 1.0)
+    for k in range(100):
+        f.feed(b"\xee" * 1000, 1.0 + k * 0.001)
+    (pad,) = f.flush_if_quiet(5.0)
+    assert pad.padding == 100_000 and len(pad.raw) == PADDING_KEEP
+
+
+
 
 
 def test_padding_ends_when_we_speak():
@@ -200,3 +234,16 @@ def test_segmentation_does_not_change_the_messages(data):
     # byte-at-a-time gives the same messages, except that padding after a NUL is per-burst
     if b"\0" not in data:
         assert [fr.payload for fr in out] == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams, st.lists(st.integers(min_value=0, max_value=200), max_size=10))
+def test_nothing_received_vanishes(data, cuts):
+    """Every byte received is in some message's raw bytes, or counted in a padding frame."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    f, out, now = Framer(max_line=100_000), [], 0.0
+    for a, b in zip(points, points[1:], strict=False):
+        out += f.feed(data[a:b], now)
+        now += 0.001
+    out += f.flush(now)
+    assert sum(fr.padding or len(fr.raw) for fr in out) == len(data)

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, db_rows, recv_until, wait_until
+from conftest import ROOT, db_rows, ending, recv_until, wait_until
 
 
 def messages(db, session=None):
@@ -69,7 +69,7 @@ def test_server_quit(server):
     c.sendall(b"bob>hi\n\0")
     server.wait_for("^bob>hi$")
     server.say("\\quit")
-    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert recv_until(c, b"\\quit\n") == ending("The server closed the chat.")
     assert c.recv(10) == b""
     server.wait_for(r"chat ended by the server \(session 1")
     assert session(server.db, 1)[1] == "server-quit"
@@ -110,6 +110,8 @@ def test_second_client_waits_and_is_served_with_nothing_lost(server):
     b = server.connect()
     server.wait_for(r"127.0.0.1 port \d+ is waiting \(1 in the queue\)")
     b.sendall(b"bob>i was waiting\n\0")  # said while waiting: committed, shown when served
+    # its answer, for now, is its place in the queue (a turn-based client reads once per line)
+    assert recv_until(b, b"\n") == b"SERVER>*** Waiting: 1 ahead of you. Your chat begins when they are done.\n"
     wait_until(lambda: len(messages(server.db)) == 2)
     server.say("hi alice")
     assert recv_until(a, b"\n") == b"SERVER>hi alice\n"
@@ -117,11 +119,15 @@ def test_second_client_waits_and_is_served_with_nothing_lost(server):
     server.wait_for(r"client has quit \(session 1")
     server.wait_for(r"connected to: 127.0.0.1 port %d" % b.getsockname()[1])
     server.wait_for("^bob>i was waiting$")
+    b.sendall(b"bob>still there?\n\0")
+    server.wait_for("^bob>still there\\?$")
     server.say("hi bob")
-    assert recv_until(b, b"\n") == b"SERVER>hi bob\n"
+    # "your chat has begun" rides in the same write as the first answer
+    assert recv_until(b, b"hi bob\n") == b"SERVER>*** Your chat has begun.\nSERVER>hi bob\n"
     assert [m[:5] for m in messages(server.db, 2)] == [
         (2, 1, "client", "bob", "i was waiting"),
-        (2, 2, "server", "SERVER", "hi bob"),
+        (2, 2, "client", "bob", "still there?"),
+        (2, 3, "server", "SERVER", "hi bob"),
     ]
     served_at, started_at = db_rows(server.db, "SELECT served_at, started_at FROM sessions WHERE id=2")[0]
     assert served_at > started_at
@@ -136,10 +142,11 @@ def test_queue_full_is_told_busy_and_recorded(start_server):
     server.wait_for("is waiting")
     c = server.connect()
     data = recv_until(c, b"\\quit\n")
-    assert data == b"SERVER>The server is busy; try again later.\n\\quit\n"
+    assert data == ending("The server is busy; try again later.")
     assert c.recv(10) == b""
-    server.wait_for(r"refused 127.0.0.1 port \d+: 1 already waiting")
-    assert session(server.db, 3)[1] == "busy"
+    server.wait_for(r"refused 127.0.0.1 port \d+: the server is busy")
+    # a refusal is counted per address and minute, not a session of its own
+    assert db_rows(server.db, "SELECT count(*) FROM sessions")[0][0] == 2
     b.close()
     a.close()
 
@@ -149,7 +156,7 @@ def test_idle_client_is_dropped_and_next_served(start_server):
     idle = server.connect()
     nxt = server.connect()
     server.wait_for("is waiting")
-    assert recv_until(idle, b"\n", timeout=5) == b"\\quit\n"
+    assert recv_until(idle, b"\\quit\n", timeout=5) == ending("No message for 0.5 s: timed out.")
     server.wait_for(r"client timed out after 0.5 s on its turn \(session 1")
     assert session(server.db, 1)[1] == "timeout"
     nxt.sendall(b"n>hello\n\0")
@@ -272,14 +279,14 @@ def test_operator_line_over_500_characters_is_refused(server):
     assert recv_until(c, b"\n") == b"SERVER>short\n"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_closes_the_session_cleanly(server, sig):
     c = server.connect()
     c.sendall(b"bob>hi\n\0")
     server.wait_for("^bob>hi$")
     server.signal(sig)
     assert server.wait() == 0
-    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert recv_until(c, b"\\quit\n") == ending("The server shut down.")
     assert session(server.db, 1)[1] == "shutdown"
     assert f"Server stopped ({sig.name})" in server.output
     assert "Traceback" not in server.proc.stderr.read().decode()
@@ -295,7 +302,7 @@ def test_end_of_operator_input_quits_and_stops(server):
     c.sendall(b"bob>hi\n\0")
     server.wait_for("^bob>hi$")
     server.end_input()
-    assert recv_until(c, b"\n") == b"\\quit\n"
+    assert recv_until(c, b"\\quit\n") == ending("The server closed the chat.")
     assert server.wait() == 0
     assert session(server.db, 1)[1] == "server-quit"
 
@@ -315,8 +322,8 @@ def test_piped_script_of_answers(tmp_path):
     replies = []
     for text in (b"one", b"two", b"three"):
         c.sendall(b"bob>" + text + b"\n\0")
-        replies.append(recv_until(c, b"\n"))
-    assert replies == [b"SERVER>hi\n", b"SERVER>bye\n", b"\\quit\n"]
+        replies.append(recv_until(c, b"\n" if text != b"three" else b"\\quit\n"))
+    assert replies == [b"SERVER>hi\n", b"SERVER>bye\n", ending("The server closed the chat.")]
     assert proc.wait(10) == 0
     out = proc.stdout.read().decode()
     assert "SERVER>hi\n" in out and "SERVER>bye\n" in out
@@ -331,7 +338,7 @@ def test_restart_closes_orphans_as_interrupted(start_server, tmp_path):
     first.proc.kill()
     first.proc.wait()
     second = start_server(db=db)
-    second.wait_for(r"closed 1 session\(s\) left open by an earlier run as interrupted", start=0)
+    second.wait_for(r"closed 1 session left open by a server that stopped unexpectedly, as interrupted", start=0)
     assert session(db, 1)[1] == "interrupted"
 
 
@@ -454,7 +461,7 @@ def test_sigint_during_the_clients_turn(server):
     c.sendall(b"bob>half a mess")  # mid-message, no terminator yet
     server.signal(signal.SIGINT)
     assert server.wait() == 0
-    assert recv_until(c, b"\\quit\n") == b"\\quit\n"
+    assert recv_until(c, b"\\quit\n") == ending("The server shut down.")
     rows = db_rows(server.db, "SELECT sender, text FROM messages ORDER BY seq")
     assert rows == [("client", "hi"), ("server", "your turn"), ("client", "half a mess")]
     assert session(server.db, 1)[1] == "shutdown"
@@ -480,13 +487,11 @@ def test_ipv6(start_server):
     assert session(server.db, 1)[5] == "::1"
 
 
-@pytest.mark.parametrize("source", ["file", "devnull"])
-def test_operator_input_from_a_file_or_dev_null(tmp_path, source):
-    """`chatlog serve PORT < replies.txt` (epoll cannot watch a regular file or /dev/null)."""
+def test_operator_input_from_a_file(tmp_path):
+    """`chatlog serve PORT < replies.txt` (epoll cannot watch a regular file)."""
     replies = tmp_path / "replies.txt"
     replies.write_text("why hello client\ngood\n")
-    path = replies if source == "file" else os.devnull
-    with open(path, "rb") as stdin:
+    with open(replies, "rb") as stdin:
         proc = subprocess.Popen(
             [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"],
             stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
@@ -496,14 +501,26 @@ def test_operator_input_from_a_file_or_dev_null(tmp_path, source):
     got = []
     for text in (b"one", b"two", b"three"):
         c.sendall(b"bob>" + text + b"\n\0")
-        reply = recv_until(c, b"\n")
-        got.append(reply)
-        if reply == b"\\quit\n":
-            break
-    expected = [b"SERVER>why hello client\n", b"SERVER>good\n", b"\\quit\n"] if source == "file" else [b"\\quit\n"]
-    assert got == expected
+        got.append(recv_until(c, b"\n" if text != b"three" else b"\\quit\n"))
+    assert got == [b"SERVER>why hello client\n", b"SERVER>good\n", ending("The server closed the chat.")]
     assert proc.wait(10) == 0
     assert b"Traceback" not in proc.stderr.read()
     out = proc.stdout.read().decode()
     assert out.rstrip().endswith("Operator input ended; server stopped")
-    assert "Awaiting client connections\nOperator input ended" not in out
+
+
+@pytest.mark.parametrize("source", ["devnull", "empty-pipe"])
+def test_operator_input_that_ends_with_no_client_stops_the_server_at_once(tmp_path, source):
+    """The README says the server stops when its input ends: even with nobody connected (it
+    used to keep listening and answer the next client with an immediate \\quit)."""
+    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"]
+    if source == "devnull":
+        with open(os.devnull, "rb") as stdin:
+            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    else:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        proc.stdin.close()
+    assert proc.wait(10) == 0
+    out = proc.stdout.read().decode()
+    assert out.rstrip().endswith("Operator input ended; server stopped")
+    assert b"Traceback" not in proc.stderr.read()

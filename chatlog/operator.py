@@ -1,0 +1,267 @@
+"""The operator's side of the console: their input (a terminal with readline, a pipe, a file) and
+the lines the server prints to them.
+
+- **A terminal**: a helper thread runs `input()` (readline editing) only while an answer is
+  wanted, and hands each line to the loop through a socket pair. What was typed before the
+  prompt appeared is discarded, and the operator is told: a line never answers a message the
+  operator has not seen. A line printed while the operator is typing clears the prompt line,
+  then the prompt and what was typed so far are drawn again.
+- **A pipe**: read by the loop as it arrives (a bounded backlog), one line per answer, so a
+  script of replies is consumed in order; its end is known at once, even with no client.
+- **A regular file or /dev/null** (which epoll cannot watch, and which never blocks): read
+  directly whenever the backlog runs low.
+
+`Console` writes the server's lines; a console that fails (a full disk, a hung-up terminal) is
+said once on stderr and then left alone: the chat goes on and is still recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import sys
+import threading
+from collections import deque
+from typing import TextIO
+
+READ_SIZE = 65536
+BACKLOG = 256  # piped lines read ahead of need, at most
+
+
+def _pollable(fd: int) -> bool:
+    """Whether epoll (the selector) accepts this descriptor."""
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(fd, selectors.EVENT_READ)
+        return True
+    except (PermissionError, OSError, ValueError):
+        return False
+    finally:
+        sel.close()
+
+
+class Console:
+    """Writes whole lines to the operator's screen (or wherever stdout goes)."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.operator: Operator | None = None  # set when a terminal prompt may be on screen
+        self.failed = False
+
+    def write(self, line: str) -> None:
+        if self.failed:
+            return
+        op = self.operator
+        try:
+            if op is not None and op.reading:
+                self.stream.write("\r\x1b[K" + line + "\n")
+                self.stream.write(op.prompt + op.typed())
+            else:
+                self.stream.write(line + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            self._silence()  # the reader of our output went away (`| head`): chat on, unprinted
+        except OSError as exc:
+            self._silence()
+            try:
+                sys.stderr.write(
+                    f"chatlog: cannot write to the console ({exc.strerror or exc}); "
+                    "the chat goes on and is still recorded\n"
+                )
+                sys.stderr.flush()
+            except OSError:
+                pass
+
+    def _silence(self) -> None:
+        self.failed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self.stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+class Operator:
+    """The operator's lines, one per answer wanted."""
+
+    def __init__(self, stream, console: Console, prompt: str = "SERVER>", color_prompt: str | None = None):
+        self.stream = stream
+        self.console = console
+        self.prompt = color_prompt or prompt  # as drawn on screen (with colour codes)
+        self._rl_prompt = prompt if color_prompt is None else color_prompt
+        self.lines: deque[str] = deque()
+        self.eof = False  # the input has ended (what is in `lines` is still to be used)
+        self.tty = stream.isatty()
+        self.reading = False  # the terminal thread is inside input(): a prompt is on screen
+        self.discarded = 0  # lines thrown away because they were typed before their prompt
+        self._partial = b""
+        self._wanted = False
+        self._stale = False  # the line being typed was begun before the message it would answer
+        if self.tty:
+            self._rsock, self._wsock = socket.socketpair()
+            self._rsock.setblocking(False)
+            self._request = threading.Event()
+            self._lock = threading.Lock()
+            self._events: deque[tuple[str, str | None]] = deque()
+            self._thread = threading.Thread(target=self._read_terminal, daemon=True)
+            self._thread.start()
+            self.fd: int | None = self._rsock.fileno()
+            console.operator = self
+        else:
+            fd = stream.fileno()
+            if _pollable(fd):
+                os.set_blocking(fd, False)
+                self.fd = fd
+            else:
+                self.fd = None  # a file: read directly
+            self._ifd = fd
+
+    # -- what the loop calls -------------------------------------------------------------------
+
+    def want(self, on: bool) -> None:
+        """An answer is (or is no longer) wanted."""
+        self._wanted = on
+        if not (on and self.tty):
+            return
+        if self.reading:
+            # A prompt is already on screen from before the message was shown: whatever is
+            # typed there now was typed before the operator saw what it would answer.
+            self._stale = bool(self.typed())
+        else:
+            self._request.set()
+
+    def watch(self) -> bool:
+        """Whether the loop should watch `fd` now."""
+        if self.fd is None:
+            return False
+        if self.tty:
+            return True
+        return not self.eof and len(self.lines) < BACKLOG
+
+    def read_available(self) -> list[str]:
+        """Read what has arrived; returns notes for the console (e.g. discarded type-ahead)."""
+        if self.tty:
+            return self._collect_terminal()
+        if self.eof:
+            return []
+        try:
+            data = os.read(self._ifd, READ_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.eof = True
+            if self._partial:
+                self.lines.append(self._decode(self._partial))
+                self._partial = b""
+            return []
+        chunks = (self._partial + data).split(b"\n")
+        self._partial = chunks.pop()
+        self.lines.extend(self._decode(c) for c in chunks)
+        return []
+
+    def fill(self) -> None:
+        """A file is read directly, a chunk at a time, whenever the backlog runs low."""
+        while self.fd is None and not self.tty and not self.eof and len(self.lines) < BACKLOG:
+            self.read_available()
+
+    def take(self) -> str | None:
+        """The next line, if an answer is wanted and one is there."""
+        if self._wanted and self.lines:
+            return self.lines.popleft()
+        return None
+
+    @property
+    def ended(self) -> bool:
+        """The input has ended and every line of it has been used."""
+        return self.eof and not self.lines
+
+    def typed(self) -> str:
+        try:
+            import readline
+
+            return readline.get_line_buffer()
+        except (ImportError, AttributeError):
+            return ""
+
+    @staticmethod
+    def _decode(line: bytes) -> str:
+        return line.rstrip(b"\r").decode("utf-8", "replace")
+
+    # -- the terminal --------------------------------------------------------------------------
+
+    def _collect_terminal(self) -> list[str]:
+        try:
+            self._rsock.recv(4096)
+        except BlockingIOError:
+            pass
+        notes = []
+        with self._lock:
+            while self._events:
+                kind, value = self._events.popleft()
+                if kind == "flushed":
+                    self.discarded += 1
+                    notes.append("(discarded what was typed before the prompt appeared)")
+                elif kind == "eof":
+                    self.eof = True
+                elif kind == "line" and value is not None:
+                    if self._stale:
+                        self._stale = False
+                        self.discarded += 1
+                        notes.append("(discarded a line begun before the message it would answer; type it again)")
+                        if self._wanted:
+                            self._request.set()
+                    else:
+                        self.lines.append(value)
+        return notes
+
+    def _post(self, kind: str, value: str | None = None) -> None:
+        with self._lock:
+            self._events.append((kind, value))
+        try:
+            self._wsock.send(b"x")
+        except OSError:
+            pass
+
+    def _read_terminal(self) -> None:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+        fd = self.stream.fileno()
+        while True:
+            self._request.wait()
+            self._request.clear()
+            if _discard_typeahead(fd):
+                self._post("flushed")
+            self.reading = True
+            try:
+                line = input(self._rl_prompt)
+            except EOFError:
+                line = None
+            except Exception:
+                line = None
+            self.reading = False
+            if line is None:
+                self._post("eof")
+                return
+            self._post("line", line)
+
+
+def _discard_typeahead(fd: int) -> bool:
+    """Throw away what was typed at the terminal while no prompt was shown; True if there was any."""
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        termios.tcflush(fd, termios.TCIFLUSH)
+        return pending > 0
+    except (ImportError, OSError):
+        return False

@@ -1,0 +1,306 @@
+"""The 1:1 conversation policy: the queue, whose turn it is, timeouts, fairness, what ends a
+session and what each side is told. Socket-free: fed events, it returns decisions
+(`chatlog.events`), so every rule here is unit- and property-tested without a server.
+
+The rules, in short:
+- One client is served at a time; the client speaks first, then the operator answers.
+- Others wait in a queue, at most `max_waiting` of them and `per_address` from one address;
+  more are refused as busy. The next one served is the one whose address was served longest
+  ago (never served first), so one address cannot hold the chat with many connections.
+- A served client that has not said anything yet while others wait has `first_timeout` seconds
+  to speak; after that (and always) `idle_timeout` seconds on its turn.
+- Notices (docs/protocol.md) never shift a turn-based client's turns: a queued client is told it
+  waits as the answer to its first line, "your chat has begun" rides with the operator's first
+  answer, and the reason a chat ended comes right before `\\quit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chatlog import protocol
+from chatlog.events import (
+    NOTICES,
+    Commit,
+    Connected,
+    Decision,
+    Disconnected,
+    End,
+    Event,
+    Finish,
+    Handle,
+    Open,
+    OperatorEnd,
+    OperatorLine,
+    Prompt,
+    Received,
+    Refuse,
+    Send,
+    Serve,
+    Show,
+    Stalled,
+    Stop,
+    Tick,
+    timeout_notice,
+)
+from chatlog.protocol import MAX_LINE, MAX_TEXT
+
+INPUT_ENDED = "Operator input ended; server stopped"
+MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dropped as flooding
+
+
+@dataclass(slots=True, eq=False)
+class Peer:
+    conn: int
+    host: str
+    port: int
+    connected: float
+    handle: str | None = None
+    turn_since: float = 0.0  # when the client's current turn (or its wait) began
+    said: int = 0  # lines it sent
+    unanswered: int = 0  # lines since the operator last answered (the flood rule)
+    owed: int = 0  # lines it is blocked on, waiting for an answer
+    told_waiting: bool = False
+    held: list[tuple[str | None, str]] = field(default_factory=list)  # said while waiting
+    begun_notice: bool = False  # "your chat has begun" rides with the next answer
+
+
+def notice_line(handle: str, text: str) -> bytes:
+    return protocol.format_line(handle, "*** " + text)
+
+
+class Turns:
+    def __init__(
+        self,
+        *,
+        handle: str = protocol.SERVER_HANDLE,
+        idle_timeout: float | None = 300.0,
+        first_timeout: float | None = 30.0,
+        max_waiting: int = 5,
+        per_address: int = 2,
+        max_unanswered: int = MAX_UNANSWERED,
+    ):
+        self.handle = handle
+        self.idle_timeout = idle_timeout
+        self.first_timeout = first_timeout
+        self.max_waiting = max_waiting
+        self.per_address = per_address
+        self.max_unanswered = max_unanswered
+        self.current: Peer | None = None
+        self.queue: list[Peer] = []
+        self.operator_turn = False
+        self.finished = False
+        self.peers: dict[int, Peer] = {}
+        self.last_served: dict[str, float] = {}
+        self.input_ended = False  # the operator's input ended: no answer will come any more
+
+    # -- the one entry point ---------------------------------------------------------------------
+
+    def handle_event(self, event: Event) -> list[Decision]:
+        if self.finished:
+            return []
+        match event:
+            case Received():
+                return self._received(event)
+            case OperatorLine():
+                return self._operator_line(event)
+            case Connected():
+                return self._connected(event)
+            case Disconnected():
+                peer = self.peers.get(event.conn)
+                return self._end(peer, "disconnect", event.at) if peer else []
+            case Stalled():
+                peer = self.peers.get(event.conn)
+                return self._end(peer, "stalled", event.at) if peer else []
+            case Tick():
+                return self._tick(event.at)
+            case OperatorEnd():
+                self.input_ended = True
+                if self.current is None or self.operator_turn:
+                    return self._finish(INPUT_ENDED, event.at, "server-quit")
+                return []  # the chat ends when the client next speaks and no answer is left
+            case Stop():
+                return self._finish(f"Server stopped ({event.why})", event.at, "shutdown")
+        raise TypeError(f"not an event: {event!r}")
+
+    def deadline(self) -> float | None:
+        """When the current client's turn runs out (None: no timer is running)."""
+        limit = self._limit()
+        return limit[0] if limit else None
+
+    def _limit(self) -> tuple[float, float] | None:
+        """(when, seconds) of the timer that runs out first on the current client's turn."""
+        cur = self.current
+        if cur is None or self.operator_turn:
+            return None
+        limits = []
+        if self.idle_timeout:
+            limits.append((cur.turn_since + self.idle_timeout, self.idle_timeout))
+        if self.first_timeout and cur.said == 0 and self.queue:
+            waited_since = min(p.connected for p in self.queue)
+            start = max(cur.turn_since, waited_since)
+            limits.append((start + self.first_timeout, start + self.first_timeout - cur.turn_since))
+        return min(limits) if limits else None
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def _connected(self, ev: Connected) -> list[Decision]:
+        peer = Peer(ev.conn, ev.host, ev.port, ev.at, turn_since=ev.at)
+        if self.current is None:
+            self.peers[ev.conn] = peer
+            self.current = peer
+            self.last_served[peer.host] = ev.at
+            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
+        same_host = sum(1 for p in self.queue if p.host == ev.host)
+        if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
+            return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, NOTICES["busy"])]
+        self.peers[ev.conn] = peer
+        self.queue.append(peer)
+        return [
+            Open(ev.conn, ev.host, ev.port, ev.at, served=False),
+            Show("event", f"{ev.host} port {ev.port} is waiting ({len(self.queue)} in the queue)"),
+        ]
+
+    def _received(self, ev: Received) -> list[Decision]:
+        peer = self.peers.get(ev.conn)
+        if peer is None:
+            return []
+        msg = ev.msg
+        if msg.padding:  # not a line: bytes that trailed one, recorded so nothing vanishes
+            note = f"{msg.padding} bytes of padding after the previous line"
+            return [Commit(peer.conn, "event", peer.handle, "padding", msg.raw, note, ev.at)]
+        out: list[Decision] = []
+        if msg.handle is not None:
+            if peer.handle is None:
+                out.append(Handle(peer.conn, msg.handle))
+            peer.handle = msg.handle
+        handle = peer.handle
+        if msg.is_quit:
+            return out + self._end(peer, "client-quit", ev.at)
+        note = None
+        if msg.cut:
+            note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
+        elif len(msg.text) > MAX_TEXT:
+            note = f"longer than {MAX_TEXT} characters"
+        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, note, ev.at))
+        peer.said += 1
+        peer.unanswered += 1
+        if peer is self.current:
+            out.append(Show("client", msg.text, handle))
+            peer.owed += 1
+            if not self.operator_turn:
+                self.operator_turn = True
+                out.append(Prompt(True))
+            if self.input_ended:
+                return out + self._finish(INPUT_ENDED, ev.at, "server-quit")
+        else:
+            peer.held.append((handle, msg.text))
+            if not peer.told_waiting:
+                peer.told_waiting = True
+                ahead = 1 + self._order().index(peer)
+                out.append(Send(peer.conn, notice_line(self.handle, waiting_notice(ahead))))
+            else:
+                peer.owed += 1
+        if peer.unanswered > self.max_unanswered:
+            out.append(Show("error", f"{peer.host} port {peer.port} sent {self.max_unanswered} messages unanswered"))
+            out += self._end(peer, "flood", ev.at, NOTICES["flood"])
+        elif msg.cut:
+            out.append(Show("error", f"{peer.host} port {peer.port} sent a line over {MAX_LINE} bytes"))
+            out += self._end(peer, "overlong", ev.at, NOTICES["overlong"])
+        return out
+
+    def _operator_line(self, ev: OperatorLine) -> list[Decision]:
+        cur = self.current
+        if cur is None or not self.operator_turn:
+            return [Show("event", "(no client is waiting for an answer; line not sent)")]
+        if protocol.is_quit(ev.text):
+            return self._end(cur, "server-quit", ev.at, NOTICES["server-quit"])
+        if len(ev.text) > MAX_TEXT:
+            return [Show("error", f"message too long ({len(ev.text)} characters, at most {MAX_TEXT}); not sent")]
+        data = protocol.format_line(self.handle, ev.text)
+        if cur.begun_notice:
+            data = notice_line(self.handle, "Your chat has begun.") + data
+            cur.begun_notice = False
+        cur.unanswered = cur.owed = 0
+        cur.turn_since = ev.at
+        self.operator_turn = False
+        return [
+            Commit(cur.conn, "server", self.handle, ev.text, None, None, ev.at),
+            Show("operator", ev.text, self.handle),
+            Send(cur.conn, data),
+            Prompt(False),
+        ]
+
+    def _tick(self, now: float) -> list[Decision]:
+        limit = self._limit()
+        if limit is None or now < limit[0]:
+            return []
+        return self._end(self.current, "timeout", now, timeout_notice(round(limit[1], 1)))
+
+    # -- endings -------------------------------------------------------------------------------
+
+    def _end(self, peer: Peer, reason: str, at: float, notice: str | None = None) -> list[Decision]:
+        if self.peers.pop(peer.conn, None) is None:
+            return []
+        if peer is not self.current:
+            self.queue.remove(peer)
+            return [End(peer.conn, reason, at, notice, waiting=True)]
+        out: list[Decision] = [End(peer.conn, reason, at, notice)]
+        if self.operator_turn:
+            out.append(Prompt(False))
+        self.current = None
+        self.operator_turn = False
+        if self.input_ended:
+            return out + self._finish(INPUT_ENDED, at, "server-quit")
+        if self.queue:
+            out += self._serve_next(at)
+        else:
+            out.append(Show("event", "Awaiting client connections"))
+        return out
+
+    def _serve_next(self, at: float) -> list[Decision]:
+        peer = self._order()[0]
+        self.queue.remove(peer)
+        self.current = peer
+        self.last_served[peer.host] = at
+        peer.turn_since = at
+        waiting = f" ({len(self.queue)} waiting)" if self.queue else ""
+        out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer) + waiting)]
+        for handle, text in peer.held:
+            out.append(Show("client", text, handle))
+        peer.held = []
+        peer.begun_notice = peer.told_waiting
+        if peer.owed:
+            self.operator_turn = True
+            out.append(Prompt(True))
+        return out
+
+    def _order(self) -> list[Peer]:
+        """The queue in serving order: the address served longest ago first, then arrival."""
+        return sorted(self.queue, key=lambda p: (self.last_served.get(p.host, float("-inf")), p.connected))
+
+    def _finish(self, why: str, at: float, reason: str) -> list[Decision]:
+        out: list[Decision] = []
+        if self.current is not None:
+            out += [End(self.current.conn, reason, at, NOTICES[reason])]
+            self.peers.pop(self.current.conn, None)
+            self.current = None
+        for peer in list(self.queue):
+            out.append(End(peer.conn, "shutdown", at, NOTICES["shutdown"], waiting=True))
+            self.peers.pop(peer.conn, None)
+        self.queue.clear()
+        self.operator_turn = False
+        self.finished = True
+        return out + [Prompt(False), Show("event", why), Finish(why)]
+
+
+def connected_text(peer: Peer) -> str:
+    return f"connected to: {peer.host} port {peer.port}"
+
+
+def waiting_notice(ahead: int) -> str:
+    return f"Waiting: {ahead} ahead of you. Your chat begins when they are done."

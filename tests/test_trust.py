@@ -1,0 +1,190 @@
+"""Defects found from outside, each kept as a test: the server stays up and the record stays true."""
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, db_rows, recv_until, wait_until
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def connect_from(server, source: str) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect((server.host, server.port))
+    return s
+
+
+def test_silent_connections_from_one_address_do_not_lock_out_another(start_server):
+    """Ten connections from one address that never send a byte: a real client from another
+    address is never refused as busy, and is served once the silent one's first-message time
+    (30 s by default, 1 s here) runs out."""
+    server = start_server("--first-timeout", "1")
+    silent = [connect_from(server, "127.0.0.2") for _ in range(10)]
+    server.wait_for(r"refused 127\.0\.0\.2 port \d+: the server is busy")
+    start = time.monotonic()
+    real = connect_from(server, "127.0.0.3")
+    real.sendall(b"amy>hello?\n\0")
+    # its first line is answered with its place: one ahead of it, the silent client being served
+    assert recv_until(real, b"\n") == b"SERVER>*** Waiting: 1 ahead of you. Your chat begins when they are done.\n"
+    server.wait_for(r"connected to: 127\.0\.0\.3 port")
+    assert time.monotonic() - start < 5
+    server.wait_for("^amy>hello\\?$")  # what it said while waiting, shown when served
+    real.sendall(b"amy>anyone?\n\0")
+    server.wait_for("^amy>anyone\\?$")
+    server.say("hello amy")
+    assert recv_until(real, b"hello amy\n") == b"SERVER>*** Your chat has begun.\nSERVER>hello amy\n"
+    assert recv_until(silent[0], b"\\quit\n").endswith(b"timed out.\n\\quit\n")
+    refused = db_rows(server.db, "SELECT host, reason, count FROM refusals") if _has_refusals(server.db) else []
+    assert all(host == "127.0.0.2" for host, _, _ in refused)
+    for s in silent:
+        s.close()
+
+
+def _has_refusals(db) -> bool:
+    return bool(db_rows(db, "SELECT 1 FROM sqlite_master WHERE name = 'refusals'"))
+
+
+def test_a_message_sent_in_time_survives_a_stall_past_the_timeout(start_server):
+    """Ctrl-Z on the server while the client answers, `fg` after the timeout: the message that
+    arrived in time is read, recorded and shown, not timed out."""
+    server = start_server("--idle-timeout", "1")
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    server.say("say something within a second")
+    recv_until(c, b"\n")
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        c.sendall(b"bob>in time\n\0")
+        time.sleep(1.5)  # the stall itself: the server is stopped, nothing to wait on
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    server.wait_for("^bob>in time$")
+    assert db_rows(server.db, "SELECT end_reason FROM sessions") == [(None,)]
+    assert server.count("timed out") == 0
+
+
+def test_lines_after_a_nul_terminated_message_are_kept(server):
+    """`bob>first\\0`, then well-formed lines: they are messages, not padding."""
+    c = server.connect()
+    c.sendall(b"bob>first\0")
+    server.wait_for("^bob>first$")
+    time.sleep(0.05)
+    c.sendall(b"bob>second message\n")
+    c.sendall(b"bob>third\n")
+    server.wait_for("^bob>third$")
+    texts = [r[0] for r in db_rows(server.db, "SELECT text FROM messages ORDER BY seq")]
+    assert texts == ["first", "second message", "third"]
+
+
+def test_at_the_open_files_limit_the_server_backs_off_and_keeps_chatting(tmp_path):
+    """At the descriptor limit, accept() fails with EMFILE while the listening socket stays
+    readable: the loop must not spin, must say so once, and the chat goes on."""
+    limit = 40
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"),
+           "--bind", "127.0.0.1", "--max-waiting", "100", "--per-address", "100"]
+    env = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=env, preexec_fn=low_limit)
+    try:
+        port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1].split()[0])
+        first = socket.create_connection(("127.0.0.1", port))
+        first.sendall(b"amy>hi\n\0")
+        socks = []
+        for _ in range(limit + 10):
+            socks.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(0.3)  # let it reach the limit
+        before = cpu_seconds(proc.pid)
+        time.sleep(2.0)
+        spent = cpu_seconds(proc.pid) - before
+        assert spent < 0.5, f"the server spun: {spent:.2f} CPU seconds in 2 s"
+        proc.stdin.write(b"still here\n")
+        proc.stdin.flush()
+        assert recv_until(first, b"\n") == b"SERVER>still here\n"
+        for s in socks:
+            s.close()
+        first.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        out = proc.stdout.read().decode()
+        assert out.count("cannot accept connections") == 1
+        assert len(out) < 20_000
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_soft_open_files_limit_is_raised_to_the_hard_limit(tmp_path):
+    def lowered():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))
+
+    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, preexec_fn=lowered)
+    try:
+        proc.stdout.readline()
+        limits = open(f"/proc/{proc.pid}/limits").read()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_a_console_that_cannot_be_written_is_one_line_and_the_chat_goes_on(tmp_path):
+    """stdout on a full device (ENOSPC): one clear line on stderr, no traceback, every message
+    still recorded."""
+    db = tmp_path / "f.db"
+    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=full, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        port = wait_until(lambda: _listening_port(proc.pid))
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"bob>hello\n\0")
+        proc.stdin.write(b"hi bob\n")
+        proc.stdin.flush()
+        assert recv_until(c, b"\n") == b"SERVER>hi bob\n"
+        c.sendall(b"bob>\\quit\n\0")
+        wait_until(lambda: db_rows(db, "SELECT end_reason FROM sessions") == [("client-quit",)])
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err
+        assert err.count("cannot write to the console") == 1, err
+        assert [r[0] for r in db_rows(db, "SELECT text FROM messages ORDER BY seq")] == ["hello", "hi bob"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _listening_port(pid: int) -> int | None:
+    """The port a process listens on, from /proc (its banner cannot be read here)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        parts = line.split()
+        if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+            return int(parts[1].split(":")[1], 16)
+    return None

@@ -1,0 +1,250 @@
+"""The 1:1 turn policy on its own: events in, decisions out, no sockets."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatlog import protocol
+from chatlog.events import (
+    Commit,
+    Connected,
+    Disconnected,
+    End,
+    Finish,
+    Handle,
+    Open,
+    OperatorEnd,
+    OperatorLine,
+    Prompt,
+    Received,
+    Refuse,
+    Send,
+    Serve,
+    Show,
+    Stalled,
+    Stop,
+    Tick,
+)
+from chatlog.turns import Turns
+
+
+def line(conn, data: bytes, at=0.0):
+    frame = protocol.Frame(data.rstrip(b"\n"), data, at)
+    return Received(conn, protocol.parse(frame), at)
+
+
+def kinds(decisions, kind):
+    return [d for d in decisions if isinstance(d, kind)]
+
+
+def sent(decisions, conn):
+    return b"".join(d.data for d in decisions if isinstance(d, Send) and d.conn == conn)
+
+
+def test_a_chat_commits_before_it_shows_and_answers():
+    t = Turns()
+    out = t.handle_event(Connected(1, "10.0.0.1", 5000, 0.0))
+    assert out[0] == Open(1, "10.0.0.1", 5000, 0.0, served=True)
+    out = t.handle_event(line(1, b"amy>hello\n", 1.0))
+    assert [type(d) for d in out] == [Handle, Commit, Show, Prompt]
+    assert out[1].text == "hello" and out[1].sender == "client" and out[1].handle == "amy"
+    out = t.handle_event(OperatorLine("hi amy", 2.0))
+    assert [type(d) for d in out] == [Commit, Show, Send, Prompt]
+    assert out[2].data == b"SERVER>hi amy\n"
+    assert out[3] == Prompt(False)
+
+
+def test_operator_handle_is_used_on_the_wire_and_in_the_record():
+    t = Turns(handle="Ops")
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    t.handle_event(line(1, b"a>x\n"))
+    out = t.handle_event(OperatorLine("y", 1.0))
+    assert kinds(out, Commit)[0].handle == "Ops" and sent(out, 1) == b"Ops>y\n"
+
+
+def test_operator_line_out_of_turn_is_not_sent():
+    t = Turns()
+    out = t.handle_event(OperatorLine("nobody here", 0.0))
+    assert not kinds(out, Send) and not kinds(out, Commit)
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    out = t.handle_event(OperatorLine("too early", 0.0))  # the client speaks first
+    assert not kinds(out, Send) and not kinds(out, Commit)
+
+
+def test_quit_either_way():
+    t = Turns()
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    t.handle_event(line(1, b"a>hi\n"))
+    out = t.handle_event(OperatorLine("\\quit", 1.0))
+    end = kinds(out, End)[0]
+    assert (end.reason, end.notice) == ("server-quit", "The server closed the chat.")
+    assert not kinds(out, Commit)
+    t.handle_event(Connected(2, "h", 2, 2.0))
+    out = t.handle_event(line(2, b"b> \\quit \n", 3.0))
+    assert kinds(out, End)[0].reason == "client-quit" and not kinds(out, Commit)
+
+
+def test_queue_waiting_notice_is_the_answer_and_begun_rides_with_the_answer():
+    t = Turns()
+    t.handle_event(Connected(1, "10.0.0.1", 1, 0.0))
+    out = t.handle_event(Connected(2, "10.0.0.2", 2, 0.5))
+    assert out[0] == Open(2, "10.0.0.2", 2, 0.5, served=False)
+    out = t.handle_event(line(2, b"bob>anyone?\n", 1.0))
+    assert kinds(out, Commit) and not kinds(out, Show)  # recorded, held from the console
+    assert sent(out, 2) == b"SERVER>*** Waiting: 1 ahead of you. Your chat begins when they are done.\n"
+    out = t.handle_event(line(2, b"bob>ok, waiting\n", 2.0))
+    assert not kinds(out, Send)  # the client is now blocked on an answer: nothing out of turn
+    t.handle_event(line(1, b"amy>bye\n", 3.0))
+    out = t.handle_event(Disconnected(1, 4.0))
+    assert kinds(out, End)[0].reason == "disconnect"
+    assert kinds(out, Serve) == [Serve(2, 4.0)]
+    assert [s.text for s in kinds(out, Show) if s.kind == "client"] == ["anyone?", "ok, waiting"]
+    assert Prompt(True) in out  # bob is owed an answer
+    out = t.handle_event(OperatorLine("hello bob", 5.0))
+    assert sent(out, 2) == b"SERVER>*** Your chat has begun.\nSERVER>hello bob\n"  # one write
+
+
+def test_busy_beyond_the_queue_and_beyond_the_per_address_cap():
+    t = Turns(max_waiting=3, per_address=2)
+    t.handle_event(Connected(1, "a", 1, 0.0))
+    assert kinds(t.handle_event(Connected(2, "a", 2, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(3, "a", 3, 0.0)), Open)
+    out = t.handle_event(Connected(4, "a", 4, 0.0))
+    assert kinds(out, Refuse)[0].notice == "The server is busy; try again later."
+    assert kinds(t.handle_event(Connected(5, "b", 5, 0.0)), Open)  # another address still gets in
+    out = t.handle_event(Connected(6, "c", 6, 0.0))
+    assert kinds(out, Refuse)  # the queue is full
+
+
+def test_silent_connections_from_one_address_cannot_lock_another_out():
+    """Ten silent connections from one address: a real client from another address is served
+    within the first-message timeout, never refused."""
+    t = Turns()
+    for i in range(10):
+        t.handle_event(Connected(i, "6.6.6.6", 1000 + i, 0.0))
+    out = t.handle_event(Connected(99, "1.2.3.4", 5555, 1.0))
+    assert kinds(out, Open) and not kinds(out, Refuse)
+    assert t.deadline() == 30.0  # others have waited since 0: the silent one has 30 s to speak
+    out = t.handle_event(Tick(30.0))
+    assert kinds(out, End)[0].reason == "timeout"
+    assert kinds(out, Serve) == [Serve(99, 30.0)]  # fairness: the other address goes first
+
+
+def test_idle_timeout_and_deadline():
+    t = Turns(idle_timeout=5)
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    assert t.deadline() == 5.0
+    t.handle_event(line(1, b"a>x\n", 1.0))
+    assert t.deadline() is None  # the operator's turn has no timer
+    t.handle_event(OperatorLine("y", 2.0))
+    assert t.deadline() == 7.0
+    assert t.handle_event(Tick(6.9)) == []
+    out = t.handle_event(Tick(7.0))
+    assert kinds(out, End)[0].notice == "No message for 5 s: timed out."
+
+
+def test_flood_and_overlong():
+    t = Turns(max_unanswered=3)
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    for i in range(3):
+        assert not kinds(t.handle_event(line(1, b"a>x\n", i)), End)
+    out = t.handle_event(line(1, b"a>x\n", 4))
+    assert kinds(out, Commit) and kinds(out, End)[0].reason == "flood"
+    t.handle_event(Connected(2, "h", 2, 5.0))
+    frame = protocol.Frame(b"b>" + b"x" * 10, b"b>" + b"x" * 10, 6.0, cut=99)
+    out = t.handle_event(Received(2, protocol.parse(frame), 6.0))
+    assert "99 more bytes dropped" in kinds(out, Commit)[0].note
+    assert kinds(out, End)[0].reason == "overlong"
+
+
+def test_stop_and_operator_end_end_everyone_then_finish():
+    for event, reason in ((Stop("SIGHUP", 9.0), "shutdown"), (OperatorEnd(9.0), "server-quit")):
+        t = Turns()
+        t.handle_event(Connected(1, "h", 1, 0.0))
+        t.handle_event(Connected(2, "h2", 2, 0.0))
+        t.handle_event(line(1, b"a>hi\n", 1.0))  # the operator's turn: no answer will come
+        out = t.handle_event(event)
+        ends = {d.conn: d.reason for d in kinds(out, End)}
+        assert ends == {1: reason, 2: "shutdown"}
+        assert isinstance(out[-1], Finish)
+        assert t.handle_event(Connected(3, "h", 3, 10.0)) == []
+
+
+def test_operator_end_with_no_client_finishes_at_once():
+    out = Turns().handle_event(OperatorEnd(0.0))
+    assert isinstance(out[-1], Finish) and not kinds(out, End)
+
+
+def test_operator_end_on_the_clients_turn_waits_for_its_next_line():
+    t = Turns()
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    assert t.handle_event(OperatorEnd(1.0)) == []
+    out = t.handle_event(line(1, b"a>still there?\n", 2.0))
+    assert kinds(out, Commit) and kinds(out, End)[0].reason == "server-quit"
+    assert isinstance(out[-1], Finish)
+
+
+def test_stalled_waiting_client_leaves_the_queue():
+    t = Turns()
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    t.handle_event(Connected(2, "h2", 2, 0.0))
+    out = t.handle_event(Stalled(2, 1.0))
+    assert kinds(out, End) == [End(2, "stalled", 1.0, None, waiting=True)]
+    assert t.waiting == 0
+
+
+# -- properties over random event sequences -----------------------------------------------------
+
+conns = st.integers(0, 4)
+events = st.one_of(
+    st.builds(lambda c, t: Connected(c, f"10.0.0.{c % 3}", c, t), conns, st.floats(0, 1000)),
+    st.builds(
+        lambda c, b, t: line(c, b, t),
+        conns,
+        st.sampled_from([b"a>hi\n", b"bob>yo\n", b"plain\n", b"x>\\quit\n", b"a>\x1b[2J\n"]),
+        st.floats(0, 1000),
+    ),
+    st.builds(Disconnected, conns, st.floats(0, 1000)),
+    st.builds(Stalled, conns, st.floats(0, 1000)),
+    st.builds(OperatorLine, st.sampled_from(["hi", "\\quit", "x" * 600, ""]), st.floats(0, 1000)),
+    st.builds(Tick, st.floats(0, 2000)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events, max_size=40), st.booleans())
+def test_invariants(seq, stop_at_end):
+    t = Turns(max_waiting=2, per_address=1)
+    live: set[int] = set()  # connections with an open session
+    ended: set[int] = set()
+    prompt = False
+    if stop_at_end:
+        seq = seq + [Stop("SIGTERM", 5000.0)]
+    for ev in sorted(seq, key=lambda e: getattr(e, "at", 0.0)):
+        if isinstance(ev, Connected):
+            if ev.conn in live or ev.conn in ended:
+                continue  # the loop never reuses a connection number
+        committed = False
+        for d in t.handle_event(ev):
+            if isinstance(d, Open):
+                assert d.conn not in live
+                live.add(d.conn)
+            elif isinstance(d, Commit):
+                assert d.conn in live
+                committed = True
+            elif isinstance(d, Send):
+                assert d.conn in live
+                if not d.data.startswith(b"SERVER>***"):
+                    assert committed  # an answer is sent only after it is committed
+            elif isinstance(d, End):
+                assert d.conn in live, "a session ends once"
+                live.discard(d.conn)
+                ended.add(d.conn)
+            elif isinstance(d, Prompt):
+                prompt = d.on
+        # one served client at most, and the operator is prompted exactly on its turn
+        assert (t.current is not None) or not t.operator_turn
+        assert prompt == t.operator_turn or t.finished
+        assert len(t.queue) <= 2
+        assert set(t.peers) == live
+    if stop_at_end:
+        assert not live and t.finished
