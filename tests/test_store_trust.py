@@ -136,7 +136,7 @@ def test_full_disk_in_the_server_is_one_line_not_a_traceback(tiny_fs, start_serv
     server.proc.wait(20)
     err = server.proc.stderr.read().decode()
     assert "Traceback" not in err and "Traceback" not in server.output
-    assert err == f"chatlog: cannot write the database {db}: disk is full\n"
+    assert err.startswith(f"chatlog: cannot write the database {db}: disk is full") and err.count("\n") == 1
 
 
 def test_read_only_media_is_a_clear_line_for_the_writer(tiny_fs):
@@ -161,7 +161,7 @@ def test_second_server_leaves_a_live_servers_sessions_and_rm_refuses_them(start_
     c.sendall(b"bob>hi\n\0")
     first.wait_for("^bob>hi$")
     second = start_server(db=db)
-    assert "left open by an earlier run" not in second.output
+    assert "left open" not in second.output
     assert db_rows(db, "SELECT id, ended_at FROM sessions") == [(1, None)]
     r = run_cli("rm", "1", "--yes", "--db", str(db))
     assert r.returncode == 1
@@ -175,7 +175,7 @@ def test_second_server_leaves_a_live_servers_sessions_and_rm_refuses_them(start_
     first.proc.kill()
     first.proc.wait()
     third = start_server(db=db)
-    third.wait_for(r"closed 1 session\(s\) left open by an earlier run as interrupted")
+    third.wait_for(r"closed 1 session.* left open .*interrupted")
     assert db_rows(db, "SELECT end_reason FROM sessions WHERE id = 1") == [("interrupted",)]
 
 
