@@ -19,6 +19,7 @@ from chatlog.db import (
     BadQuery,
     ServerLocks,
     StoreError,
+    checkpoint,
     connect,
     describe_error,
     is_busy,
@@ -55,7 +56,8 @@ DELETING = "deleting != 0"
 MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
 
 
-DELETE_BATCH = 2000  # messages (with their search entries) deleted per transaction
+DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
+DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
 
 
 def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bool | None = None) -> "Archive":
@@ -336,7 +338,7 @@ class Archive:
         A session still in progress is left alone (checked inside the write transaction, so it
         cannot start or resume between the check and the delete). The chosen sessions are first
         marked, which hides them from every read at once; then their messages go in batches of
-        `batch`, each its own short transaction, so the server's commits never wait long behind
+        about DELETE_HOLD seconds each, each its own transaction, so the server's commits never wait long behind
         a large delete. An interrupted delete (Ctrl-C, a crash) is finished by the next one."""
         batch = batch or DELETE_BATCH
         chosen: list[int] = []
@@ -359,7 +361,7 @@ class Archive:
 
     def _delete_one(self, session_id: int, batch: int) -> None:
         while True:
-            started = time.monotonic()
+            started = time.perf_counter()
             with self._write():
                 n = self.conn.execute(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE session_id = ? "
@@ -371,9 +373,16 @@ class Archive:
                     self.conn.execute("DELETE FROM participants WHERE session_id = ?", (session_id,))
                     self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
                     return
-            # Leave the lock free for a while, as long as the batch held it, so a writer that is
-            # waiting gets in before the next batch.
-            time.sleep(min(0.05, time.monotonic() - started))
+            # The next batch is sized to hold the lock about DELETE_HOLD, and the lock is left free
+            # as long as this one held it, so a writer that was waiting gets in first. Meanwhile
+            # what this delete wrote is copied from the WAL into the database (a passive
+            # checkpoint takes no lock a writer needs), so the WAL does not grow by the size of
+            # the whole delete and the server never has to catch up on it in one go.
+            held = max(time.perf_counter() - started, 1e-4)
+            batch = max(100, min(20_000, int(batch * DELETE_HOLD / held)))
+            paused = time.perf_counter()
+            checkpoint(self.conn)
+            time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
 
     def _write(self) -> "_WriteTx":
         return _WriteTx(self)
