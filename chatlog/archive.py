@@ -27,6 +27,7 @@ from chatlog.db import (
     writable,
 )
 from chatlog.records import HL_END, HL_START, Msg, Session
+from chatlog.sanitize import visible
 from chatlog.schema import message_count
 
 if TYPE_CHECKING:
@@ -321,7 +322,10 @@ class Archive:
             return {}
         locks = ServerLocks(self.path, create=False)
         try:
-            return {sid: f"pid {pid} on {host}" for sid, server, pid, host in rows if locks.alive(server)}
+            # The host name comes from the file, which may have been made anywhere: made visible.
+            return {
+                sid: f"pid {pid} on {visible(str(host))}" for sid, server, pid, host in rows if locks.alive(server)
+            }
         finally:
             locks.close()
 

@@ -104,10 +104,10 @@ def is_database_file(candidate: str | os.PathLike, db_path: str | os.PathLike) -
     """Whether writing to `candidate` would write over the database at `db_path` or one of the
     files SQLite keeps beside it (-wal, -shm, -journal) or our -lock, however the path is spelt:
     relative, with `..`, through symbolic links, or as a hard link to the same file."""
-    db = os.path.realpath(db_path)
-    targets = [db] + [db + suffix for suffix in SIDE_FILES]
-    given = os.path.realpath(candidate)
-    if given in targets:
+    targets = []
+    for db in {os.path.realpath(db_path), os.path.abspath(db_path)}:  # through a link, and not
+        targets += [db] + [db + suffix for suffix in SIDE_FILES]
+    if os.path.realpath(candidate) in targets or os.path.abspath(candidate) in targets:
         return True
     try:
         st = os.stat(candidate)

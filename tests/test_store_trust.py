@@ -191,6 +191,13 @@ def test_liveness_check_in_the_servers_own_process_keeps_its_lock(tmp_path):
     other = Recorder(connect(path))
     assert other.start("127.0.0.1", 2, time.time())[1] == 0
     other.close()
+    # The host name is read from the file: a crafted one reaches the terminal inert.
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE servers SET hostname = ? WHERE id = ?", ("evil\x1b]0;pwned\x07", server_id))
+    conn.commit()
+    conn.close()
+    r = run_cli("rm", str(sid), "--yes", "--db", str(path))
+    assert r.returncode == 1 and "\x1b" not in r.stderr and "evil\\x1b]0;pwned\\x07" in r.stderr
     rec.close()
 
 
@@ -318,6 +325,9 @@ def test_backup_and_export_refuse_the_database_and_its_files_however_spelt(tmp_p
     s.close()
     assert db_rows(path, "SELECT text FROM messages") == [("precious",)]
     assert not is_database_file(tmp_path / "copy.db", path)
+    os.symlink(path, tmp_path / "alias.db")  # the database opened through a link
+    assert is_database_file(tmp_path / "alias.db-wal", tmp_path / "alias.db")
+    assert is_database_file(f"{path}-wal", tmp_path / "alias.db")
 
 
 # -- 5. bounded raw bytes, compact refusals --------------------------------------------------------
