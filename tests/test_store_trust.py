@@ -596,3 +596,40 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
     assert st["messages"] == want["messages"]
     a.close()
     rec2.close()
+
+
+def test_stats_reads_no_table_whole(tmp_path):
+    """stats must stay fast on millions of messages: none of its queries scans the sessions or
+    the messages (checked on each statement's query plan, so it holds at any size)."""
+    path = tmp_path / "plan.db"
+    s = open_store(path)
+    for i in range(3):
+        sid = s.begin_session((f"10.0.0.{i}", 1), ("127.0.0.1", 2), served=True)
+        s.set_handle(sid, f"h{i}")
+        s.add_message(sid, "client", f"h{i}", "hi")
+        if i:
+            s.end_session(sid, "client-quit")
+    statements = []
+    s.conn.set_trace_callback(statements.append)
+    s.stats()
+    s.conn.set_trace_callback(None)
+    assert statements
+    for sql in statements:
+        plan = " | ".join(r[3] for r in s.conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        # Allowed: the partial index of open sessions (a few rows), and the first or last row by
+        # start time (an index walk that stops at once).
+        for step in plan.split(" | "):
+            if re.match(r"SCAN (sessions|messages|m)\b", step):
+                assert step in (
+                    "SCAN sessions USING INDEX idx_sessions_open",
+                    "SCAN sessions USING INDEX idx_sessions_started_at",
+                ), (sql, plan)
+                assert "LIMIT 1" in sql or "idx_sessions_open" in step, (sql, plan)
+    s.close()
+
+
+def test_fsync_switch_syncs_every_commit(tmp_path):
+    assert connect(tmp_path / "a.db").conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    rec = Recorder(connect(tmp_path / "b.db", fsync=True))
+    assert rec.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL synced per commit
+    rec.close()
