@@ -162,10 +162,15 @@ class Archive:
         if until is not None:
             clauses.append("m.at < ?")
             args.append(until)
-        clauses.append(f"m.session_id NOT IN (SELECT id FROM sessions WHERE {DELETING})")
+        with self.db.guard:
+            hidden = self.conn.execute(f"SELECT 1 FROM sessions WHERE {DELETING} LIMIT 1").fetchone()
+        if hidden:
+            clauses.append(f"m.session_id NOT IN (SELECT id FROM sessions WHERE {DELETING})")
         where = " AND ".join(clauses)
         source = "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
-        if count:
+        if count and len(clauses) == 1:  # the index alone knows: no message row is read
+            sql = "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH ?"
+        elif count:
             sql = f"SELECT count(*) {source} WHERE {where}"
         else:
             order = "messages_fts.rank" if best else "messages_fts.rowid DESC"
