@@ -282,8 +282,12 @@ def connect(
                 raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
     elif path.is_dir():
         raise StoreError(f"{path} is a directory, not a database file")
-    elif not writable(path):
+    elif not os.access(path, os.W_OK):
         raise StoreFailed(f"cannot write the database {path}: the file is read-only")
+    elif not writable(path):
+        raise StoreFailed(
+            f"cannot write the database {path}: its directory is read-only (SQLite keeps its -wal and -shm files there)"
+        )
     try:
         with open(path, "rb") as f:
             header = f.read(16)
