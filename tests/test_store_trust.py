@@ -319,7 +319,7 @@ def test_backup_and_export_refuse_the_database_and_its_files_however_spelt(tmp_p
         assert is_database_file(dest, path), dest
         r = run_cli("backup", dest, "--db", str(path))
         assert r.returncode == 1 and r.stderr.startswith("chatlog: the backup must not overwrite the database"), dest
-        r = run_cli("export", "-o", dest, "--db", str(path))
+        r = run_cli("export", "-f", "txt", "-o", dest, "--db", str(path))
         assert r.returncode == 1 and "must not overwrite the database" in r.stderr, dest
     assert Path(f"{path}-wal").read_bytes() == wal  # not truncated
     s.close()
