@@ -67,7 +67,6 @@ class Recorder:
     def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         """Run one statement, waiting out a busy database; a lasting failure is StoreFailed."""
         started = told = None
-        delay = 0.002
         while True:
             try:
                 cur = self.conn.execute(sql, args)
@@ -85,8 +84,9 @@ class Recorder:
                     told = now
                     if self.on_wait is not None:
                         self.on_wait(now - started)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                # SQLite's own wait (BUSY_TIMEOUT_MS) polls the lock densely; no backoff on top
+                # of it, or a writer would sleep through the gaps a batched delete leaves.
+                time.sleep(0.001)
                 continue
             if told is not None and self.on_wait is not None:
                 self.on_wait(None)
