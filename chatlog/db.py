@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import sqlite3
 import struct
 import threading
 from pathlib import Path
-from urllib.parse import quote
 
 from chatlog import schema
 
@@ -172,7 +170,12 @@ class ServerLocks:
 
 
 def hostname() -> str:
-    return socket.gethostname()
+    return os.uname().nodename  # what socket.gethostname() returns, without importing socket
+
+
+def _uri_path(path: Path) -> str:
+    """A file path as the path of an SQLite `file:` URI (only %, ? and # need escaping)."""
+    return str(path.absolute()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
 
 
 class DB:
@@ -344,7 +347,7 @@ def _connect_read_only(path: Path) -> DB:
         raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
     parent = path.parent if str(path.parent) else Path(".")
     immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")
-    uri = f"file:{quote(str(path.absolute()))}?mode=ro" + ("&immutable=1" if immutable else "")
+    uri = f"file:{_uri_path(path)}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")

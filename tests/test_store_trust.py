@@ -633,3 +633,11 @@ def test_fsync_switch_syncs_every_commit(tmp_path):
     rec = Recorder(connect(tmp_path / "b.db", fsync=True))
     assert rec.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL synced per commit
     rec.close()
+
+
+def test_read_only_opening_of_a_path_with_uri_characters(tmp_path):
+    odd = tmp_path / "what?#%20 100%.db"
+    _small(odd)
+    a = open_archive(odd, read_only=True)
+    assert [m.text for m in a.messages(1)] == ["kept on a read-only disk 👍"]
+    a.close()
