@@ -228,6 +228,7 @@ class Loop:
             if line is not None:
                 self._feed(OperatorLine(line, time.time()))
                 self._carry_out()
+                op.rearm()
                 continue
             if op.ended and not self._told_end:
                 self._told_end = True  # once: the policy decides when that ends the chat
