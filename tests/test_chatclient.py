@@ -451,6 +451,8 @@ class Screen:
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.Stream(self.screen)
         self.raw = ""
+        # printed once the terminal is in the client's mode: keys typed before would be echoed twice
+        self.wait(lambda lines: any(line.startswith("Connecting to") for line in lines))
 
     def lines(self):
         return [line.rstrip() for line in self.screen.display if line.strip()]
