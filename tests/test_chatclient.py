@@ -995,3 +995,49 @@ def test_ctrl_c_while_connecting_ends_at_once(chatclient):
         lst.close()
     assert proc.returncode == 1
     assert err.decode() == f"chatclient: cannot connect to 127.0.0.1 port {port}: interrupted\n"
+
+
+KEYS = (
+    [chr(c) for c in range(0x20, 0x7F)] * 4
+    + ["\u00e9", "\u65e5", "\U0001f600", "\u202e", "\u0085", "\x9b"]
+    + ["\x7f", "\x08", "\x15", "\x17", "\x1b[A", "\x1b[1;5D", "\x1bOB", "\x1b", "\x1bx", "\t", "\x01", "\x0c"]
+    + ["\r"] * 6
+)
+
+
+@pytest.mark.asan
+def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
+    """Random keys (editing keys, escape sequences, multibyte characters, Enter) typed into the
+    line editor of the sanitizer build: no report, and every line the server gets is well formed."""
+    def script(peer):
+        buf = b""
+        while True:
+            chunk = peer.conn.recv(65536)
+            if not chunk:
+                return
+            peer.server.received += chunk
+            buf += chunk
+            while b"\n\0" in buf:
+                msg, buf = buf.split(b"\n\0", 1)
+                if msg.endswith(b">\\quit"):
+                    return
+                peer.send(b"SERVER>ok " + msg[-20:] + b"\n")
+
+    r = random.Random(5)
+    for run in range(int(os.environ.get("CHATCLIENT_KEY_FUZZ_RUNS", "1"))):
+        srv = FakeServer(script)
+        s = Screen(chatclient_asan, srv.port, cols=50, rows=20)
+        s.type("fuzz\r")
+        s.wait_last("fuzz>")
+        for _ in range(40):
+            s.type("".join(r.choice(KEYS) for _ in range(r.randint(1, 60))))
+        s.type("\x15\\quit\r")
+        s.wait(lambda lines: bool(lines) and lines[-1] == "You left the chat.", timeout=30)
+        assert s.finish() == 0, s.raw[-2000:]
+        srv.join()
+        assert not any(m in s.raw for m in SANITIZER_MARKERS), s.raw[-3000:]
+        msgs = srv.received.split(b"\n\0")
+        assert msgs[-2:] == [b"fuzz>\\quit", b""]
+        for msg in msgs[:-2]:
+            text = msg.decode("utf-8")  # valid UTF-8, or this raises
+            assert text.startswith("fuzz>") and 0 < len(text) - 5 <= 500 and "\0" not in text
