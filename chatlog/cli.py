@@ -1,60 +1,250 @@
 """The click command group. Each command parses its options and calls one function.
 
 Heavy modules (rich, sqlite-utils) are imported inside the commands that need them, so
-`chatlog --help` and `chatlog path` start fast.
+`chatlog --help` and `chatlog path` start fast. Every failure, click's own usage errors included,
+is one `chatlog: ...` line on stderr and a non-zero status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
 
 import click
 
 from chatlog import __version__
 
+# -- one error style --------------------------------------------------------------------------
+
+
+class Failed(click.ClickException):
+    """A command could not do what was asked: one line, exit status 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"chatlog: {self.format_message()}", err=True)
+
+
+class Nothing(Exception):
+    """Nothing matched: said on stderr, and not a failure (exit status 0), so a cron job that
+    finds nothing to list, export or prune does not look failed."""
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Whatever goes wrong below becomes a `Failed` (keeping click's exit status for usage
+    errors): store and export errors, bad dates, and click's own errors."""
+    from chatlog.db import StoreError
+    from chatlog.query import BadDate
+
+    try:
+        yield
+    except Failed:
+        raise
+    except click.ClickException as exc:
+        err = Failed(exc.format_message())
+        err.exit_code = exc.exit_code
+        raise err from None
+    except click.exceptions.Abort:
+        raise Failed("aborted") from None
+    except (StoreError, BadDate) as exc:
+        raise Failed(str(exc)) from None
+    except Exception as exc:
+        from chatlog.export import ExportError
+
+        if isinstance(exc, ExportError):
+            raise Failed(str(exc)) from None
+        raise
+
+
+class Command(click.Command):
+    def make_context(self, *args, **kwargs):
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_errors():
+            try:
+                return super().invoke(ctx)
+            except Nothing as exc:
+                click.echo(str(exc), err=True)
+                return None
+            except BrokenPipeError:  # `| head`: the reader has what it wanted; not a failure
+                _silence_stdout()
+                return None
+            except KeyboardInterrupt:
+                err = Failed("interrupted")
+                err.exit_code = 130
+                raise err from None
+
+
+def _silence_stdout() -> None:
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+class Group(click.Group):
+    command_class = Command
+
+    def make_context(self, *args, **kwargs):
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def resolve_command(self, ctx, args):
+        with one_line_errors():
+            return super().resolve_command(ctx, args)
+
+
+# -- shared options ---------------------------------------------------------------------------
+
 DB_HELP = "SQLite database file [env: CHATLOG_DB; default: ~/.local/share/chatlog/chatlog.db]"
 
 
+def _db_value(ctx: click.Context, param: click.Parameter, value):
+    """--db after the command wins; else `chatlog --db PATH COMMAND`; else $CHATLOG_DB; else
+    the per-user default. Always a Path."""
+    from chatlog.config import db_path
+
+    if ctx.get_parameter_source(param.name) not in (
+        click.core.ParameterSource.COMMANDLINE,
+    ):
+        root = ctx.find_root()
+        if root is not ctx and root.params.get("db"):
+            return Path(root.params["db"]).expanduser()
+    return db_path(value or None)
+
+
 def db_option(fn):
+    """--db, declared once: every command takes it (and `chatlog --db PATH COMMAND` too)."""
     return click.option(
         "--db",
         "db",
         type=click.Path(dir_okay=False),
-        default=None,
+        envvar="CHATLOG_DB",
+        callback=_db_value,
         help=DB_HELP,
     )(fn)
 
 
-def fail(message: str, code: int = 1):
-    """One clear line on stderr and a non-zero exit."""
-    click.echo(f"chatlog: {message}", err=True)
-    sys.exit(code)
+class When(click.ParamType):
+    """A date or time as a person writes it (see chatlog.query.FORMS), as the stored format."""
+
+    name = "when"
+
+    def convert(self, value, param, ctx):
+        from chatlog.query import BadDate, parse_when
+
+        try:
+            return parse_when(value)
+        except BadDate as exc:
+            self.fail(str(exc), param, ctx)
 
 
-def open_db(db: str | None, create: bool = False):
-    from chatlog.config import db_path
-    from chatlog.archive import open_archive
-    from chatlog.db import StoreError
-
-    try:
-        return open_archive(db_path(db), create=create)
-    except StoreError as exc:
-        fail(str(exc))
+WHEN = When()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class SessionRef(click.ParamType):
+    """A session id or `last`."""
+
+    name = "id"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "last":
+            return value
+        text = str(value).strip()
+        if text.lower() == "last":
+            return "last"
+        if text.isascii() and text.isdigit():
+            return int(text)
+        self.fail(f"invalid session id {value!r} (a number, or 'last')", param, ctx)
+
+
+SESSION = SessionRef()
+
+
+def filter_options(fn):
+    """--handle, --host, --since, --until: the filters shared by sessions, export and prune."""
+    fn = click.option("--until", type=WHEN, metavar="WHEN", help="Sessions started before WHEN.")(fn)
+    fn = click.option(
+        "--since", type=WHEN, metavar="WHEN",
+        help="Sessions started at or after WHEN: now, today, yesterday, 2h, 3d, 1w, 2mo, 1y, a date, a time.",
+    )(fn)
+    fn = click.option("--host", metavar="ADDR", help="Only sessions from this client address.")(fn)
+    fn = click.option("--handle", metavar="NAME", help="Only sessions with this handle.")(fn)
+    return fn
+
+
+def utc_option(fn):
+    return click.option("--utc", is_flag=True, help="Show times in UTC instead of local time.")(fn)
+
+
+def timestamps_option(fn):
+    return click.option(
+        "-t", "--timestamps", is_flag=True, help="Each line with its time: [20:09:14] alice>hi"
+    )(fn)
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Output JSON.")(fn)
+
+
+def csv_option(fn):
+    return click.option("--csv", "as_csv", is_flag=True, help="Output CSV (with its header, even when empty).")(fn)
+
+
+def pager_option(fn):
+    return click.option(
+        "--pager/--no-pager", default=True, show_default=True,
+        help="At a terminal, page long output through $PAGER (else less -R).",
+    )(fn)
+
+
+def color_option(fn):
+    return click.option(
+        "--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR]."
+    )(fn)
+
+
+def open_archive(db: Path):
+    """The archive, opened for reading."""
+    from chatlog.archive import open_archive as opener
+
+    return opener(db)
+
+
+def get_session(store, ident):
+    """A session by id or `last`; a clear error otherwise."""
+    s = store.session(ident) if ident == "last" or ident < 2**63 else None
+    if s is None:
+        raise Failed("no sessions recorded yet" if ident == "last" else f"no session {ident}")
+    return s
+
+
+def make_filters(handle=None, host=None, since=None, until=None, ids=()):
+    from chatlog.query import Filters
+
+    return Filters(handle=handle, host=host, since=since, until=until, ids=tuple(ids))
+
+
+def plural(n: int, word: str) -> str:
+    from chatlog.render import plural as p
+
+    return p(n, word)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="chatlog")
-@click.option("--db", "db", type=click.Path(dir_okay=False), default=None, help=DB_HELP + " (for every command)")
+@click.option("--db", "db", type=click.Path(dir_okay=False), default=None,
+              help=DB_HELP + " (for every command; each command takes --db too)")
 def cli(db):
     """A turn-based TCP chat server that keeps a faithful, searchable, replayable transcript.
 
     Start the server with `chatlog serve 9999`, chat with `./chatclient HOST 9999`, then look back
     with `chatlog sessions`, `chatlog show last` and `chatlog search WORD`.
     """
-    if db:
-        import os
-
-        os.environ["CHATLOG_DB"] = db
 
 
 def _handle_name(ctx, param, value):
@@ -151,7 +341,7 @@ def serve(
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
-        fail(str(exc))
+        raise Failed(str(exc)) from None
     try:
         raise_open_files_limit()
         if room:
@@ -175,7 +365,7 @@ def serve(
             idle_timeout=None if room else idle_timeout, max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
         )
     except (ServeError, StoreError) as exc:
-        fail(str(exc))
+        raise Failed(str(exc)) from None
     finally:
         recorder.close()
 
@@ -184,173 +374,154 @@ def serve(
 @db_option
 def path(db):
     """Print the path of the database file."""
-    from chatlog.config import db_path
-
-    click.echo(str(db_path(db)))
+    click.echo(str(db))
 
 
 # -- reading the transcript -------------------------------------------------------------------
 
 
-def filter_options(fn):
-    """--handle, --host, --since, --until: the filters shared by sessions, export and prune."""
-    fn = click.option("--until", metavar="WHEN", help="Sessions started before WHEN.")(fn)
-    fn = click.option(
-        "--since", metavar="WHEN", help="Sessions started at or after WHEN (2026-11-24, '2026-11-24 10:00', 2h, 3d)."
-    )(fn)
-    fn = click.option("--host", metavar="ADDR", help="Only sessions from this client address.")(fn)
-    fn = click.option("--handle", metavar="NAME", help="Only sessions with this handle.")(fn)
-    return fn
-
-
-def make_filters(handle=None, host=None, since=None, until=None, ids=()):
-    from chatlog.query import BadDate, Filters, parse_when
-
-    try:
-        return Filters(
-            handle=handle,
-            host=host,
-            since=parse_when(since) if since is not None else None,
-            until=parse_when(until) if until is not None else None,
-            ids=tuple(ids),
-        )
-    except BadDate as exc:
-        fail(str(exc))
-
-
-def get_session(store, ident):
-    """A session by id or `last`; a clear error otherwise."""
-    if not ((ident.isascii() and ident.isdigit()) or ident.lower() == "last"):
-        fail(f"invalid session id {ident!r} (a number, or 'last')")
-    s = store.session(ident) if ident.lower() == "last" or int(ident) < 2**63 else None
-    if s is None:
-        fail("no sessions recorded yet" if ident.lower() == "last" else f"no session {ident}")
-    return s
-
-
-def store_errors(fn):
-    """Turn a StoreError raised while reading into one clear line."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from chatlog.db import StoreError
-
-        try:
-            return fn(*args, **kwargs)
-        except StoreError as exc:
-            fail(str(exc))
-
-    return wrapper
-
-
 @cli.command()
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="How many (0 for all).")
 @filter_options
-@click.option("--utc", is_flag=True, help="Show times in UTC instead of local time.")
-@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
-@click.option("--csv", "as_csv", is_flag=True, help="Output CSV.")
+@utc_option
+@json_option
+@csv_option
 @db_option
-@store_errors
 def sessions(limit, handle, host, since, until, utc, as_json, as_csv, db):
     """List past conversations, newest first."""
     from chatlog import views
 
-    store = open_db(db)
-    rows = store.sessions(make_filters(handle, host, since, until), limit)
+    rows = open_archive(db).sessions(make_filters(handle, host, since, until), limit)
     if as_json:
         views.sessions_json(rows)
     elif as_csv:
         views.sessions_csv(rows)
-    elif not rows:
-        fail("no sessions match" if any((handle, host, since, until)) else "no sessions recorded yet")
-    else:
+    elif rows:
         views.sessions_table(rows, utc)
+    if not rows:
+        raise Nothing("no sessions match" if any((handle, host, since, until)) else "no sessions recorded yet")
 
 
 @cli.command()
-@click.argument("session_id", metavar="ID")
-@click.option("--utc", is_flag=True, help="Show times in UTC.")
-@click.option("--color/--no-color", default=None, help="Force colors on or off.")
+@click.argument("session_id", metavar="ID", type=SESSION)
+@utc_option
+@timestamps_option
+@color_option
+@pager_option
 @db_option
-@store_errors
-def show(session_id, utc, color, db):
+def show(session_id, utc, timestamps, color, pager, db):
     """Print a whole conversation, as the server console showed it. ID may be `last`."""
     from chatlog import views
     from chatlog.render import Renderer
 
-    store = open_db(db)
+    store = open_archive(db)
     s = get_session(store, session_id)
-    views.show(s, store.messages(s.id), Renderer(color=color), utc)
+    with views.paged(pager) as out:
+        views.show(s, store.messages(s.id), Renderer(out, color=color), utc, timestamps)
 
 
 @cli.command()
-@click.argument("session_id", metavar="ID")
+@click.argument("session_id", metavar="ID", type=SESSION)
 @click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Playback speed.")
 @click.option(
     "-i", "--idle-limit", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-    help="Cap every pause at SECONDS (like asciinema -i).",
+    help="Cap every recorded pause at SECONDS, before --speed applies (like asciinema -i).",
 )
 @click.option("--instant", is_flag=True, help="Print everything at once.")
 @click.option("--follow", is_flag=True, help="Follow the session live as it is written (like tail).")
+@timestamps_option
+@utc_option
 @db_option
-@store_errors
-def replay(session_id, speed, idle_limit, instant, follow, db):
+def replay(session_id, speed, idle_limit, instant, follow, timestamps, utc, db):
     """Play a conversation back with its original timing. ID may be `last`.
 
     Space pauses and resumes; Ctrl-C stops. Into a pipe it prints without waiting.
     """
     from chatlog import replay as player
-    from chatlog import views
+    from chatlog import transcript
     from chatlog.render import Renderer
+    from chatlog.views import console_lines
 
-    store = open_db(db)
+    store = open_archive(db)
     s = get_session(store, session_id)
     r = Renderer()
     if follow:
-        return _follow(store, r, s.id)
-    lines = list(views.transcript(s, store.messages(s.id), r))
+        return _follow(store, r, s, timestamps, utc)
+    lines = console_lines(transcript.events(s, player.paged_messages(store, s.id)), r, timestamps, utc)
+    frames = player.schedule(lines, speed, idle_limit)
     tty = sys.stdout.isatty()
     try:
-        if tty and sys.stdin.isatty():
+        if tty and sys.stdin.isatty() and not instant:
             with player.Keys() as keys:
-                player.play(lines, r.write, speed=speed, idle_limit=idle_limit, instant=instant, keys=keys)
+                player.play(frames, r.write, keys=keys)
         else:
-            player.play(lines, r.write, speed=speed, idle_limit=idle_limit, instant=instant or not tty)
+            player.play(frames, r.write, instant=instant or not tty)
     except KeyboardInterrupt:
         click.echo("\nreplay stopped", err=True)
         sys.exit(130)
 
 
-def _follow(store, r, session_id=None):
-    from chatlog import replay as player
+def _follow(store, r, session=None, timestamps=False, utc=False):
+    from chatlog.replay import Follower
 
+    follower = Follower(store, r, timestamps=timestamps, utc=utc)
     try:
-        player.follow(store, r, session_id)
+        if session is not None:
+            follower.session(session)
+        else:
+            follower.run()
     except KeyboardInterrupt:
         sys.exit(0)
 
 
 @cli.command()
-@click.argument("session_id", metavar="[ID]", required=False)
+@click.argument("session_id", metavar="[ID]", type=SESSION, required=False)
+@timestamps_option
+@utc_option
 @db_option
-@store_errors
-def tail(session_id, db):
+def tail(session_id, timestamps, utc, db):
     """Watch conversations live, from another terminal, as the server records them.
 
-    With no ID it follows the session in progress (or the latest) and each one after it; with an
-    ID it stops when that session ends. Ctrl-C stops.
+    With no ID it follows the chat in progress (or waits for the next one to begin) and each one
+    after it; with an ID it stops when that session ends. Before anything is recorded (even
+    before the database exists) it waits for the first session. Ctrl-C stops.
     """
     from chatlog.render import Renderer
 
-    store = open_db(db)
-    if session_id is not None:
-        session_id = get_session(store, session_id).id
-    _follow(store, Renderer(), session_id)
+    r = Renderer()
+    if session_id is None:
+        store = _wait_for_archive(db, r)
+        if store is None:
+            sys.exit(0)
+        return _follow(store, r, None, timestamps, utc)
+    _follow(open_archive(db), r, get_session(open_archive(db), session_id), timestamps, utc)
+
+
+def _wait_for_archive(db: Path, r, poll: float = 0.2):
+    """The archive, once there is one to read (the server creates it on its first start)."""
+    import time
+
+    from chatlog.db import StoreError
+
+    said = False
+    try:
+        while True:
+            if db.exists() and db.stat().st_size > 0:
+                try:
+                    return open_archive(db)
+                except StoreError:
+                    if db.stat().st_size >= 512:  # a whole header: a real error, not a file being made
+                        raise
+            if not said:
+                r.event("Waiting for a session to start...")
+                said = True
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        return None
 
 
 @cli.command()
-@click.argument("session_ids", metavar="[ID]...", nargs=-1)
+@click.argument("session_ids", metavar="[ID]...", type=SESSION, nargs=-1)
 @filter_options
 @click.option("--all", "everything", is_flag=True, help="Export every session (the default when no ID or filter is given).")
 @click.option(
@@ -358,121 +529,136 @@ def tail(session_id, db):
     default=None, help="Output format [default: from the -o extension, else txt].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", help="Output file [default: stdout].")
+@timestamps_option
+@utc_option
 @db_option
-@store_errors
-def export(session_ids, handle, host, since, until, everything, fmt, output, db):
+def export(session_ids, handle, host, since, until, everything, fmt, output, timestamps, utc, db):
     """Write conversations out as txt, md, json, jsonl, csv, html or an asciinema cast.
 
     Give session IDs (or `last`), or filters, or nothing for all sessions. Exports stream, so
-    memory stays flat however large the archive.
+    memory stays flat however large the archive. --timestamps and --utc apply to txt and md.
     """
     from chatlog import export as exporters
 
-    store = open_db(db)
     if fmt is None:
         fmt = exporters.format_for(output)
+    store = open_archive(db)
     ids = [get_session(store, i).id for i in session_ids]
     filters = make_filters(handle, host, since, until, ids)
     chosen = store.session_ids(filters)
     if not chosen:
-        fail("no sessions match" if (ids or any((handle, host, since, until))) else "no sessions recorded yet")
-    try:
-        exporters.run(store, chosen, fmt, output, filters)
-    except exporters.ExportError as exc:
-        fail(str(exc))
+        raise Nothing(
+            "no sessions match; nothing exported" if (ids or any((handle, host, since, until)))
+            else "no sessions recorded yet; nothing exported"
+        )
+    options = exporters.Options(timestamps=timestamps, utc=utc, headings=len(chosen) > 1)
+    exporters.run(store, chosen, fmt, output, filters, options)
     if output != "-":
-        click.echo(f"wrote {len(chosen)} session(s) to {output} ({fmt})", err=True)
+        click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)
 
 
 @cli.command()
 @click.argument("query", nargs=-1, required=True)
 @click.option("--raw", is_flag=True, help="QUERY is SQLite FTS5 syntax (AND, OR, NEAR, prefix*).")
 @click.option("--handle", metavar="NAME", help="Only messages from this handle.")
-@click.option("--since", metavar="WHEN", help="Only messages at or after WHEN (2026-11-24, 2h, 3d).")
+@click.option("--since", type=WHEN, metavar="WHEN", help="Only messages at or after WHEN (2026-11-24, 2h, 3d).")
+@click.option("--until", type=WHEN, metavar="WHEN", help="Only messages before WHEN.")
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="How many hits (0 for all).")
 @click.option("--best", is_flag=True, help="Best match first, instead of newest first.")
-@click.option("--utc", is_flag=True, help="Show times in UTC.")
-@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+@click.option("-c", "--count", is_flag=True, help="Print only how many messages match.")
+@utc_option
+@json_option
+@csv_option
+@pager_option
 @db_option
-@store_errors
-def search(query, raw, handle, since, limit, best, utc, as_json, db):
+def search(query, raw, handle, since, until, limit, best, count, utc, as_json, as_csv, pager, db):
     """Find words across every conversation (full-text search).
 
-    Words are matched as typed: hyphens and quotes need no escaping. Each hit shows the session,
-    the time, the handle and the line with the match highlighted.
+    Words are matched as typed: hyphens and quotes need no escaping. "an exact phrase" in
+    quotes matches those words in order, and word* matches every word starting with it. Each hit
+    shows the session, the time, the handle and the line with the match highlighted.
     """
     from chatlog import views
-    from chatlog.query import BadDate, fts_query, parse_when
+    from chatlog.db import BadQuery
     from chatlog.render import Renderer
 
     text = " ".join(query)
-    fts = text if raw else fts_query(text)
-    if not fts.strip():
-        fail("empty search query")
+    store = open_archive(db)
     try:
-        since_ts = parse_when(since) if since is not None else None
-    except BadDate as exc:
-        fail(str(exc))
-    store = open_db(db)
-    hits = store.search(fts, raw=True, handle=handle, since=since_ts, limit=limit, best=best)
+        hits = store.search(text, raw=raw, handle=handle, since=since, until=until, limit=limit, best=best,
+                            count=count)
+    except BadQuery as exc:
+        raise Failed(str(exc)) from None
+    if count:
+        click.echo(str(hits))
+        return
     if as_json:
         views.search_json(hits)
-    elif not hits:
-        fail(f"no messages match {text!r}")
-    else:
-        views.search_hits(hits, Renderer(), utc)
+    elif as_csv:
+        views.search_csv(hits)
+    elif hits:
+        with views.paged(pager) as out:
+            views.search_hits(hits, Renderer(out), utc)
+    if not hits:
+        raise Nothing(f"no messages match {text!r}")
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Output JSON.")
+@json_option
 @db_option
-@store_errors
 def stats(as_json, db):
     """Totals: sessions, messages, handles, hosts, busiest handles, average length."""
-    import json
-
     from chatlog import views
     from chatlog.render import Renderer
 
-    st = open_db(db).stats()
+    store = open_archive(db)
+    st = store.stats()
+    _said_and_answers(store, st)
     if as_json:
-        click.echo(json.dumps(st, indent=2))
+        views.dump_json(st)
     else:
         views.stats_text(st, Renderer())
 
 
+def _said_and_answers(store, st: dict) -> None:
+    """Each busiest handle's messages split into what it said and the answers it got."""
+    for b in st.get("busiest_handles", []):
+        if "said" not in b:
+            rows = store.sessions(make_filters(handle=b["handle"]), 0)
+            b["said"] = sum(s.client_messages for s in rows)
+            b["answers"] = sum(s.server_messages for s in rows)
+
+
 @cli.command()
-@click.argument("session_ids", metavar="ID...", nargs=-1, required=True)
+@click.argument("session_ids", metavar="ID...", type=SESSION, nargs=-1, required=True)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-@store_errors
 def rm(session_ids, yes, db):
     """Delete sessions, with their messages and search entries."""
-    store = open_db(db)
+    store = open_archive(db)
     chosen = [get_session(store, i) for i in session_ids]
     for s in chosen:
         if s.ended_at is None:
-            fail(f"session {s.id} is still in progress; it can be deleted once it has ended")
+            raise Failed(f"session {s.id} is still in progress; it can be deleted once it has ended")
     _delete(store, sorted({s.id for s in chosen}), yes)
 
 
 @cli.command()
-@click.option("--before", metavar="WHEN", required=True, help="Delete sessions started before WHEN (a date, or 30d...).")
+@click.option("--before", type=WHEN, metavar="WHEN", required=True, help="Delete sessions started before WHEN (a date, or 30d...).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-@store_errors
 def prune(before, yes, db):
     """Delete every session that started before a date."""
-    store = open_db(db)
+    store = open_archive(db)
     filters = make_filters(until=before)
     everything = store.session_ids(filters)
     filters.ended_only = True
     ids = store.session_ids(filters)
     if len(ids) < len(everything):
         n = len(everything) - len(ids)
-        click.echo(f"leaving {n} session(s) still in progress", err=True)
+        click.echo(f"leaving {plural(n, 'session')} still in progress", err=True)
     if not ids:
-        fail(f"no ended sessions started before {before}")
+        raise Nothing("nothing to prune: no ended sessions started before then")
     _delete(store, ids, yes)
 
 
@@ -482,22 +668,30 @@ def _delete(store, ids, yes):
     if not yes:
         click.confirm(f"Delete {what} messages?", abort=True)
     deleted = store.delete_sessions(ids)
-    click.echo(f"deleted {deleted} session(s)", err=True)
+    click.echo(f"deleted {plural(deleted, 'session')}", err=True)
 
 
 @cli.command()
-@click.argument("dest", type=click.Path(dir_okay=False))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("-f", "--force", is_flag=True, help="Overwrite DEST if it exists.")
 @db_option
-@store_errors
-def backup(dest, db):
-    """Write a consistent copy of the database to DEST, safely, even while the server runs."""
+def backup(dest, force, db):
+    """Write a consistent copy of the database to DEST, safely, even while the server runs.
+
+    DEST may be a directory: the copy is DEST/<the database's file name>. An existing file is
+    left alone unless --force is given.
+    """
     import os
 
-    store = open_db(db)
-    if os.path.exists(dest) and os.path.samefile(dest, store.path):
-        fail("the backup must not overwrite the database itself")
+    store = open_archive(db)
+    if dest.is_dir():
+        dest = dest / store.path.name
+    if dest.exists() and os.path.samefile(dest, store.path):
+        raise Failed("the backup must not overwrite the database itself")
+    if dest.exists() and not force:
+        raise Failed(f"{dest} already exists (use --force to overwrite it)")
     try:
         store.backup(dest)
     except OSError as exc:
-        fail(f"cannot write {dest}: {exc.strerror}")
+        raise Failed(f"cannot write {dest}: {exc.strerror}") from None
     click.echo(f"backed up {store.path} to {dest}", err=True)

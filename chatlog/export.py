@@ -1,28 +1,32 @@
 """Export writers: a registry {format: writer}. Each writer takes an iterator of
-(session, messages) pairs and a text stream, and writes as it reads, so memory stays flat.
+(session, messages) pairs, a text stream and the options, and writes as it reads, so memory
+stays flat.
 
-Client text is untrusted in every format: sanitised in txt and md (through the same transcript the
-console shows), escaped in HTML, neutralised in CSV, always valid JSON (the raw bytes, when they
-differ from the text, travel base64-encoded beside it).
+The text-like formats (txt, md, html, cast) read each session through the one read model,
+`chatlog.transcript`; JSON, JSON lines and CSV are the records themselves. Client text is
+untrusted in every format, and made safe only by `chatlog.sanitize`: made visible in txt and md,
+escaped in HTML, neutralised in CSV, always valid JSON (the raw bytes, when they differ from the
+text, travel base64-encoded beside it).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _encode_str
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from chatlog import transcript
 from chatlog.render import Renderer
-from chatlog.sanitize import visible
-from chatlog.archive import Archive
-from chatlog.records import Msg, Session, parse_iso
-from chatlog.views import header_lines, session_dict, transcript, transcript_items
+from chatlog.sanitize import TerminalSafe, csv_cell, csv_plain, html_text, visible
+from chatlog.views import console_lines, header_lines, message_dict, session_dict
+
+from chatlog.records import Msg, Session
 
 if TYPE_CHECKING:
     from chatlog.query import Filters
@@ -34,7 +38,14 @@ def msgs(rows: Iterable[tuple]) -> Iterator[Msg]:
     return (Msg(*row) for row in rows)
 
 
-WRITERS: dict[str, Callable[[Sessions, TextIO], None]] = {}
+@dataclass(frozen=True)
+class Options:
+    timestamps: bool = False  # txt, md: `[20:09:14] ` before each line
+    utc: bool = False  # times in UTC instead of local time
+    headings: bool = False  # txt: a heading per session (several sessions)
+
+
+WRITERS: dict[str, Callable[[Sessions, TextIO, Options], None]] = {}
 EXTENSIONS = {
     ".txt": "txt", ".log": "txt", ".md": "md", ".markdown": "md", ".json": "json",
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html", ".htm": "html",
@@ -58,19 +69,32 @@ PROGRESS_MIN_MESSAGES = 20_000  # a shorter export is over before a bar would be
 
 
 def format_for(output: str) -> str:
-    """The format an output file's extension asks for (txt for stdout or an unknown one)."""
+    """The format an output file's extension asks for: txt for stdout or a name with no
+    extension (a device, a FIFO); an extension that names no format is an error."""
     if output == "-":
         return "txt"
-    return EXTENSIONS.get(os.path.splitext(output)[1].lower(), "txt")
+    ext = os.path.splitext(output)[1].lower()
+    if not ext:
+        return "txt"
+    fmt = EXTENSIONS.get(ext)
+    if fmt is None:
+        known = ", ".join(sorted(EXTENSIONS))
+        raise ExportError(f"cannot tell the format from {ext!r} (known: {known}); give it with --format")
+    return fmt
 
 
-def run(store: Archive, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None) -> None:
+def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None,
+        options: Options = Options()) -> None:
     """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming.
 
     A file is written beside its destination and renamed into place when complete, so an export
     that fails halfway never leaves half a file (nor truncates the one it was replacing).
     On a terminal stderr, a long export shows a progress bar there."""
-    write = WRITERS[fmt]
+    chosen = WRITERS[fmt]
+
+    def write(pairs, out):
+        chosen(pairs, out, options)
+
     pairs = store.export_rows(ids)
     to_stdout = output == "-"
     if sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
@@ -148,70 +172,36 @@ def _with_progress(pairs: Sessions, total: int) -> Iterator[tuple[Session, Itera
             progress.advance(task, s.messages)
 
 
-def message_dict(m: Msg) -> dict:
-    d = {
-        "session_id": m.session_id,
-        "seq": m.seq,
-        "at": m.at,
-        "sender": m.sender,
-        "handle": m.handle,
-        "text": m.text,
-    }
-    if m.raw is not None:
-        d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
-    if m.note:
-        d["note"] = m.note
-    return d
-
-
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")
-
-
-class TerminalSafe:
-    """Wraps a terminal: whatever a writer emits (raw text in CSV, say) is made visible line by
-    line, so an export printed to a screen cannot drive it."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        self.stream.write("\n".join(visible(part) for part in text.split("\n")))
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def safe_cell(value):
-    """A spreadsheet must not run what a client typed: prefix formula-like text with '."""
-    if isinstance(value, str) and value.startswith(_FORMULA):
-        return "'" + value
-    return value
+def _lines(s: Session, messages, r: Renderer, opts: Options) -> Iterator[tuple[str, str]]:
+    return console_lines(transcript.events(s, msgs(messages)), r, opts.timestamps, opts.utc)
 
 
 @writer("txt")
-def write_txt(sessions: Sessions, out: TextIO) -> None:
+def write_txt(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
     plain = Renderer(out, color=False)
     for i, (s, messages) in enumerate(sessions):
         if i:
             out.write("\n")
-        for _, line in transcript(s, msgs(messages), plain):
+        if opts.headings:
+            head = header_lines(s, opts.utc)
+            out.write(f"== {head[0]} ==\n" + "".join(line + "\n" for line in head[1:]) + "\n")
+        for _, line in _lines(s, messages, plain, opts):
             out.write(line + "\n")
 
 
 @writer("md")
-def write_md(sessions: Sessions, out: TextIO) -> None:
+def write_md(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
     plain = Renderer(out, color=False)
     for i, (s, messages) in enumerate(sessions):
         if i:
             out.write("\n")
-        head = header_lines(s, utc=True)
+        head = header_lines(s, opts.utc)
         out.write(f"## {_md_escape(head[0])}\n\n")
         # The details as one paragraph (a backslash ends each line but the last). Not a list:
         # an indented block right after a list item would continue the item as Markdown.
         out.write("\\\n".join(_md_escape(line) for line in head[1:]) + "\n\n")
         # An indented code block: no line of client text can close it or be read as Markdown.
-        for _, line in transcript(s, msgs(messages), plain):
+        for _, line in _lines(s, messages, plain, opts):
             out.write("    " + line + "\n")
 
 
@@ -220,7 +210,7 @@ def _md_escape(text: str) -> str:
 
 
 @writer("json")
-def write_json(sessions: Sessions, out: TextIO) -> None:
+def write_json(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
     out.write('{"sessions": [')
     for i, (s, messages) in enumerate(sessions):
         meta = json.dumps(session_dict(s))
@@ -232,7 +222,7 @@ def write_json(sessions: Sessions, out: TextIO) -> None:
 
 
 @writer("jsonl")
-def write_jsonl(sessions: Sessions, out: TextIO) -> None:
+def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
     # The hot loop of large exports: the session's columns are encoded once per session, and
     # each message adds its own fields with the C string encoder, written in batches. A message
     # with a handle and no raw bytes or note (nearly all of them) takes the one-line path.
@@ -283,13 +273,13 @@ CSV_FIELDS = [
 
 
 @writer("csv")
-def write_csv(sessions: Sessions, out: TextIO) -> None:
+def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
     # Built by hand rather than with csv.writer: only the text-like cells can need quoting, and
     # checking the rest row by row was most of the cost of a large export. A message with no raw
     # bytes or note and a plain handle (nearly all of them) takes the one-line path.
     out.write(",".join(CSV_FIELDS) + "\n")
-    cell = _csv_cell
-    lead = _FORMULA_LEAD
+    cell = csv_cell
+    safe = csv_plain
     plain = _PLAIN_SENDERS
     for s, rows in sessions:
         head = ",".join(
@@ -305,7 +295,7 @@ def write_csv(sessions: Sessions, out: TextIO) -> None:
                 h = handles.get(handle)
                 if h is None:
                     h = handles[handle] = cell(handle)
-                if text[:1] in lead or '"' in text or "," in text or "\n" in text or "\r" in text:
+                if not safe(text):
                     text = cell(text)
                 add(f"{head},{seq},{at},{sender},{h},{text},,\n")
             if len(batch) >= 2048:
@@ -320,25 +310,7 @@ _PLAIN_SENDERS = frozenset(("client", "server"))
 def _csv_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
     cells = (seq, at, sender, handle, text, raw64, note)
-    return head + "," + ",".join(_csv_cell(v) for v in cells) + "\n"
-
-
-# A cell needs _csv_cell only if it could be read as a formula or holds a quote, comma or newline
-# (a handle never holds whitespace). The checks are inlined in the loop: it runs once a message.
-_FORMULA_LEAD = frozenset(_FORMULA)
-
-
-def _csv_cell(value) -> str:
-    """One CSV cell (RFC 4180 quoting), formula-like text neutralised."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        return str(value)
-    if value.startswith(_FORMULA):
-        value = "'" + value
-    if '"' in value or "," in value or "\n" in value or "\r" in value:
-        return '"' + value.replace('"', '""') + '"'
-    return value
+    return head + "," + ",".join(csv_cell(v) for v in cells) + "\n"
 
 
 HTML_HEAD = """<!DOCTYPE html>
@@ -365,51 +337,70 @@ time { color: #666; margin-right: 1em; }
 
 
 @writer("html")
-def write_html(sessions: Sessions, out: TextIO) -> None:
-    e = html.escape
+def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
+    e = html_text
     out.write(HTML_HEAD)
     for s, messages in sessions:
         head = header_lines(s, utc=True)
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
-        # Escaped after `visible`, as on the console: a bidi override or a control character in
-        # client text shows as its escape instead of reordering or hiding the line.
-        for kind, when, who, text in transcript_items(s, msgs(messages)):
-            stamp = f'<time datetime="{e(when)}">{e(when[11:19])}</time>'
-            if kind not in ("client", "server"):
-                out.write(f'<div class="line {kind}">{stamp}{e(visible(text))}</div>\n')
-            elif who is None:
-                out.write(f'<div class="line">{stamp}{e(visible(text))}</div>\n')
+        for ev in transcript.events(s, msgs(messages)):
+            stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
+            if ev.kind == transcript.NOTE:
+                out.write(f'<div class="line note">{stamp}{e(ev.text)}</div>\n')
+            elif not ev.is_message:
+                out.write(f'<div class="line event">{stamp}{e(ev.text)}</div>\n')
+            elif ev.handle is None:
+                out.write(f'<div class="line">{stamp}{e(ev.text)}</div>\n')
             else:
                 out.write(
-                    f'<div class="line">{stamp}<span class="{kind}">{e(visible(who))}&gt;</span>'
-                    f"{e(visible(text))}</div>\n"
+                    f'<div class="line">{stamp}<span class="{ev.sender}">{e(ev.handle)}&gt;</span>'
+                    f"{e(ev.text)}</div>\n"
                 )
         out.write("</section>\n")
     out.write("</body>\n</html>\n")
 
 
+CAST_MIN_WIDTH, CAST_MAX_WIDTH, CAST_HEIGHT = 80, 400, 24
+
+
 @writer("cast")
-def write_cast(sessions: Sessions, out: TextIO) -> None:
+def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
     """An asciinema v2 recording: a header line, then [seconds, "o", text] events that redraw the
-    console line by line with the original timing. Several sessions play one after another."""
+    console line by line with the original timing. Several sessions play one after another.
+
+    The header records a terminal as wide as the longest line (at least 80 columns), so nothing
+    wraps on playback; the events are spooled (to disk past a few MB) until that is known."""
+    import tempfile
+
+    from rich.cells import cell_len
+
     color = Renderer(None, color=True)
+    plain = Renderer(None, color=False)
     offset = 0.0
-    header_written = False
-    for s, messages in sessions:
-        start = parse_iso(s.started_at)
-        if not header_written:
-            out.write(json.dumps({
-                "version": 2, "width": 80, "height": 24,
-                "timestamp": int(start.timestamp()),
-                "title": f"chatlog session {s.id}",
+    first: Session | None = None
+    width = CAST_MIN_WIDTH
+    with tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", encoding="utf-8") as spool:
+        for s, messages in sessions:
+            first = first or s
+            t = 0.0
+            for ev in transcript.events(s, msgs(messages)):
+                t = max(t, transcript.seconds_between(s.started_at, ev.at) or 0.0)
+                line = color.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else (
+                    color.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
+                )
+                shown = plain.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else visible(ev.text)
+                width = max(width, cell_len(shown) if not shown.isascii() else len(shown))
+                spool.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
+            offset += t + 1.0
+        header = {"version": 2, "width": min(width, CAST_MAX_WIDTH), "height": CAST_HEIGHT}
+        if first is not None:
+            header.update({
+                "timestamp": int(getattr(transcript.parse_time(first.started_at), "timestamp", lambda: 0)()),
+                "title": f"chatlog session {first.id}",
                 "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
-            }) + "\n")
-            header_written = True
-        t = 0.0
-        for when, line in transcript(s, msgs(messages), color):
-            t = max(t, (parse_iso(when) - start).total_seconds())
-            out.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
-        offset += t + 1.0
-    if not header_written:
-        out.write(json.dumps({"version": 2, "width": 80, "height": 24}) + "\n")
+            })
+        out.write(json.dumps(header) + "\n")
+        spool.seek(0)
+        while chunk := spool.read(1 << 16):
+            out.write(chunk)

@@ -1,4 +1,7 @@
-"""Filters shared by `sessions`, `export`, `search` and `prune`: dates, handles, hosts."""
+"""Filters shared by `sessions`, `export`, `search` and `prune`: dates, handles, hosts.
+
+(What a search query means is the archive's: `chatlog.archive.fts_query`.)
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,25 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*(?:ago)?\s*$", re.I)
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# A relative time: a number and a unit, optionally followed by "ago". Units are spelled out
+# so that nothing is a guess: `m`/`min` are minutes, `mo` months; a capital `M` is refused.
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-zA-Z]+)(?:\s+ago)?$")
+_UNITS = {
+    "s": "seconds", "sec": "seconds", "secs": "seconds", "second": "seconds", "seconds": "seconds",
+    "m": "minutes", "min": "minutes", "mins": "minutes", "minute": "minutes", "minutes": "minutes",
+    "h": "hours", "hr": "hours", "hrs": "hours", "hour": "hours", "hours": "hours",
+    "d": "days", "day": "days", "days": "days",
+    "w": "weeks", "wk": "weeks", "week": "weeks", "weeks": "weeks",
+    "mo": "months", "month": "months", "months": "months",
+    "y": "years", "yr": "years", "year": "years", "years": "years",
+}
+_CLOCK = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+
+FORMS = (
+    "now, today, yesterday, a relative time (30s, 15min or 15m, 2h, 3d, 1w, 2mo, 1y), "
+    "a date (2026-11-24), a date and time ('2026-11-24 10:00', ISO 8601 with or without a zone) "
+    "or a time today (14:30)"
+)
 
 
 class BadDate(ValueError):
@@ -15,32 +35,55 @@ class BadDate(ValueError):
 
 
 def parse_when(text: str, now: datetime | None = None) -> str:
-    """A date, a date and time, an ISO timestamp, or a relative `30m`, `2h`, `3d`, `1w` (ago),
-    returned as the stored timestamp format (UTC ISO 8601) so it compares as a string.
-    Dates and times without a zone are local time."""
+    """WHEN as the stored timestamp format (UTC ISO 8601), so it compares as a string.
+
+    Accepts the forms in FORMS. Dates and times without a zone are local time."""
     try:
-        return _parse_when(text, now or datetime.now(UTC))
+        when = _parse_when(text.strip(), now or datetime.now(UTC))
+        return when.astimezone(UTC).isoformat(timespec="microseconds")
+    except BadDate:
+        raise
     except (ValueError, OverflowError):  # a well-formed date out of range: year 1, 10**9 weeks ago
-        raise BadDate(
-            f"invalid date {text!r} (use YYYY-MM-DD, 'YYYY-MM-DD HH:MM', an ISO timestamp, "
-            "or a relative time such as 30m, 2h, 3d, 1w)"
-        ) from None
+        raise BadDate(f"invalid date {text!r} (use {FORMS})") from None
 
 
-def _parse_when(text: str, now: datetime) -> str:
-    m = _RELATIVE.match(text)
+def _parse_when(value: str, now: datetime) -> datetime:
+    low = value.lower()
+    if low == "now":
+        return now
+    if low in ("today", "yesterday"):
+        local = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+        return local - timedelta(days=1 if low == "yesterday" else 0)
+    m = _RELATIVE.match(value)
     if m:
-        when = now - timedelta(**{_UNITS[m.group(2).lower()]: float(m.group(1))})
-    else:
-        value = text.strip()
-        if value.lower() in ("today", "yesterday"):
-            local = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
-            when = local - timedelta(days=1 if value.lower() == "yesterday" else 0)
-        else:
-            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            if when.tzinfo is None:
-                when = when.astimezone()  # naive: local time
-    return when.astimezone(UTC).isoformat(timespec="microseconds")
+        amount, unit = float(m.group(1)), m.group(2)
+        if unit == "M":
+            raise BadDate(f"ambiguous date {value!r}: write {m.group(1)}min for minutes or {m.group(1)}mo for months")
+        name = _UNITS.get(unit.lower())
+        if name is None:
+            raise ValueError(value)
+        if name in ("months", "years"):
+            return _months_before(now, amount * (12 if name == "years" else 1))
+        return now - timedelta(**{name: amount})
+    m = _CLOCK.match(value)
+    if m:  # a time today, local
+        hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+        return now.astimezone().replace(hour=hour, minute=minute, second=second, microsecond=0)
+    when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    return when.astimezone() if when.tzinfo is None else when  # naive: local time
+
+
+def _months_before(now: datetime, months: float) -> datetime:
+    """Calendar months back (the day clamped to the month's length); a fraction as 30-day parts."""
+    whole = int(months)
+    local = now.astimezone()
+    total = local.year * 12 + (local.month - 1) - whole
+    year, month = divmod(total, 12)
+    month += 1
+    import calendar
+
+    day = min(local.day, calendar.monthrange(year, month)[1])
+    return local.replace(year=year, month=month, day=day) - timedelta(days=30 * (months - whole))
 
 
 @dataclass
@@ -51,11 +94,4 @@ class Filters:
     until: str | None = None
     ids: tuple[int, ...] = ()
     ended_only: bool = False  # leave out sessions still in progress
-    # turned into SQL by the store (chatlog.archive.filter_sql): nothing above it writes SQL
-
-
-def fts_query(words: str) -> str:
-    """Ordinary words to an FTS5 query: each word quoted, so hyphens, quotes and operators in
-    what people type are searched for rather than parsed."""
-    tokens = words.split()
-    return " ".join('"' + t.replace('"', '""') + '"' for t in tokens)
+    # turned into SQL by the store: nothing above it writes SQL

@@ -45,15 +45,34 @@ ENDINGS = {
 }
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 message`, `2 messages`."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def duration(seconds: float | None) -> str:
+    """A duration in the one style used everywhere: `0.5s`, `41s`, `1m 02s`, `2h 05m`."""
+    if seconds is None:
+        return ""
+    if seconds < 10 and seconds != int(seconds):
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
 def ended_text(reason: str, session_id: int, client: int, server: int, idle: float | None = None) -> str:
     """The console line for the end of a session, e.g. `client has quit (session 1, 2 messages
     each way)`: the same words in serve, show, replay, tail and the text export."""
-    counts = f"{client} messages each way" if client == server else (
+    counts = f"{plural(client, 'message')} each way" if client == server else (
         f"{client} from the client, {server} from the server"
     )
     what = ENDINGS.get(reason, f"session ended ({reason})")
     if reason == "timeout" and idle:
-        what = f"client timed out after {idle:g} s on its turn"
+        what = f"client timed out after {duration(idle)} on its turn"
     return f"{what} (session {session_id}, {counts})"
 
 

@@ -1,20 +1,33 @@
-"""Playing transcripts back: the replay clock (speed, idle limit, pause) and live following (tail).
+"""Playing transcripts back (the replay clock) and following them live (tail).
 
-The recording (timed console lines from `views.transcript`) is separate from the player, as in
-asciinema: the same lines are exported as a cast file.
+The recording is separate from the player, as in asciinema: `transcript.events` gives the
+events, `views.console_lines` the timed console lines (the same lines the cast export records),
+and playback is a chain of small generators over them:
+
+    relative times -> idle cap (-i) -> speed -> play on an absolute clock
+
+so `-i` caps the recorded pauses before `--speed` scales them, as asciinema does, and a slow
+write never makes the playback drift. Everything streams: a session is read a page at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 
-from chatlog.render import Renderer, connected_text, ended_text
-from chatlog.archive import Archive
-from chatlog.records import Session, parse_iso
+from chatlog import transcript
+from chatlog.render import Renderer
+from chatlog.views import console_lines
+
+from chatlog.records import Msg, Session
+
+PAGE = 2000  # messages read per query: no read transaction stays open while we wait
+MAX_WAIT = 60.0  # the longest single sleep; a longer pause is several
 
 
 class Keys:
@@ -47,108 +60,155 @@ class Keys:
         return os.read(self.fd, 1).decode("utf-8", "replace")
 
 
-def delays(
-    times: Iterable[str], speed: float = 1.0, idle_limit: float | None = None
-) -> Iterable[float]:
-    """Seconds to wait before each line: the recorded gaps, divided by speed, capped by the idle
-    limit (like asciinema's -i)."""
-    prev = None
-    for t in times:
-        now = parse_iso(t)
-        gap = 0.0 if prev is None else max(0.0, (now - prev).total_seconds()) / speed
-        if idle_limit is not None:
-            gap = min(gap, idle_limit)
-        prev = now
-        yield gap
+def paged_messages(store, session_id: int, after_seq: int = 0, page: int = PAGE) -> Iterator[Msg]:
+    """A session's messages in order, read `page` at a time, each page its own short query, so a
+    long playback never holds a read transaction open (which would pin the server's WAL)."""
+    seq = after_seq
+    while True:
+        rows = store.messages(session_id, after_seq=seq)
+        batch = list(islice(rows, page))
+        rows.close()
+        yield from batch
+        if len(batch) < page:
+            return
+        seq = batch[-1].seq
+
+
+def relative(lines: Iterable[tuple[str, str]]) -> Iterator[tuple[float, str]]:
+    """(seconds since the first line, line), never going backwards."""
+    first = None
+    t = 0.0
+    for when, line in lines:
+        now = transcript.parse_time(when)
+        if now is not None:
+            if first is None:
+                first = now
+            t = max(t, (now - first).total_seconds())
+        yield t, line
+
+
+def cap_idle(frames: Iterable[tuple[float, str]], limit: float | None) -> Iterator[tuple[float, str]]:
+    """Shorten every pause longer than `limit` seconds to `limit` (asciinema's -i)."""
+    if limit is None:
+        yield from frames
+        return
+    prev = out = 0.0
+    for t, line in frames:
+        out += min(t - prev, limit)
+        prev = t
+        yield out, line
+
+
+def at_speed(frames: Iterable[tuple[float, str]], speed: float) -> Iterator[tuple[float, str]]:
+    if speed == 1.0:
+        yield from frames
+        return
+    for t, line in frames:
+        yield t / speed, line
+
+
+def schedule(
+    lines: Iterable[tuple[str, str]], speed: float = 1.0, idle_limit: float | None = None
+) -> Iterator[tuple[float, str]]:
+    """Timed console lines to (seconds from the start of playback, line)."""
+    return at_speed(cap_idle(relative(lines), idle_limit), speed)
 
 
 def play(
-    lines: Iterable[tuple[str, str]],
+    frames: Iterable[tuple[float, str]],
     write: Callable[[str], None],
     *,
-    speed: float = 1.0,
-    idle_limit: float | None = None,
     instant: bool = False,
     keys: Keys | None = None,
+    clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Write timed lines with their original rhythm. With `keys`, space pauses and resumes."""
-    lines = list(lines)
-    for (_, line), gap in zip(lines, delays((t for t, _ in lines), speed, idle_limit), strict=True):
-        if not instant and gap > 0:
+    """Write each line when its time comes on one absolute clock (time spent writing or paused
+    is not added to the pauses). With `keys`, space pauses and resumes."""
+    start = clock()
+    for t, line in frames:
+        while not instant:
+            left = min(start + t - clock(), MAX_WAIT)  # a pause of years (--speed 1e-300) is waited in parts
+            if left <= 0:
+                break
             if keys is None:
-                sleep(gap)
-            else:
-                _wait_with_pause(keys, gap, write)
+                sleep(left)
+            elif keys.wait(left) == " ":
+                start += _paused(keys, clock)
         write(line)
 
 
-def _wait_with_pause(keys: Keys, gap: float, write: Callable[[str], None]) -> None:
-    deadline = time.monotonic() + gap
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        key = keys.wait(left)
-        if key == " ":
-            paused_at = time.monotonic()
-            sys.stderr.write("[paused: space to resume]\r")
-            sys.stderr.flush()
-            while keys.wait(None) != " ":
-                pass
-            sys.stderr.write(" " * 26 + "\r")
-            sys.stderr.flush()
-            deadline += time.monotonic() - paused_at
+def _paused(keys: Keys, clock: Callable[[], float]) -> float:
+    """Wait for space again; return how long that took."""
+    paused_at = clock()
+    sys.stderr.write("[paused: space to resume]\r")
+    sys.stderr.flush()
+    while keys.wait(None) != " ":
+        pass
+    sys.stderr.write(" " * 26 + "\r")
+    sys.stderr.flush()
+    return clock() - paused_at
 
 
-def follow(
-    store: Archive,
-    r: Renderer,
-    session_id: int | None = None,
-    poll: float = 0.2,
-    stop: Callable[[], bool] = lambda: False,
-) -> None:
-    """Print the session in progress (or `session_id`) as the server writes it, then, when
-    following the latest, each session after it. Returns when a given session ends."""
-    current: Session | None = store.session(session_id if session_id is not None else "last")
-    if current is None:
-        r.event("Waiting for a session to start...")
-    shown_start = False
-    seq = 0
-    while not stop():
-        if current is None:
-            current = store.session("last")
-            if current is None:
-                time.sleep(poll)
-                continue
-        if not shown_start:
-            r.event(f"session {current.id}: " + connected_text(current.client_host, current.client_port))
-            shown_start = True
-        for m in store.messages(current.id, after_seq=seq):
-            r.chat(m.sender, m.handle, m.text)
-            seq = m.seq
-        fresh = store.session(current.id)
-        if fresh is None:  # deleted under us
-            return
-        if fresh.end_reason:
-            for m in store.messages(current.id, after_seq=seq):
-                r.chat(m.sender, m.handle, m.text)
+# -- following live -----------------------------------------------------------------------------
+
+
+class Follower:
+    """Prints sessions as the server records them, through the same read model as `show`."""
+
+    def __init__(
+        self, store, r: Renderer, *, poll: float = 0.2, stop: Callable[[], bool] = lambda: False,
+        timestamps: bool = False, utc: bool = False,
+    ):
+        self.store, self.r, self.poll, self.stop = store, r, poll, stop
+        self.timestamps, self.utc = timestamps, utc
+
+    def show(self, evs: Iterable[transcript.Event]) -> None:
+        for _, line in console_lines(evs, self.r, self.timestamps, self.utc):
+            self.r.write(line)
+
+    def session(self, s: Session) -> bool:
+        """Follow one session to its end (True), or until it is deleted or we are stopped."""
+        t = transcript.Transcript(s)
+        self.show(dataclasses.replace(ev, text=f"session {s.id}: {ev.text}") for ev in t.start())
+        seq = 0
+        while not self.stop():
+            for m in paged_messages(self.store, s.id, seq):
+                self.show(t.message(m))
                 seq = m.seq
-            r.event(ended_text(fresh.end_reason, fresh.id, fresh.client_messages, fresh.server_messages))
-            if session_id is not None:
-                return
-            nxt = _next_session(store, current.id, poll, stop)
-            if nxt is None:
-                return
-            current, shown_start, seq = nxt, False, 0
-            continue
-        time.sleep(poll)
+            fresh = self.store.session(s.id)
+            if fresh is None:  # deleted under us
+                return False
+            self.show(t.refresh(fresh))
+            if fresh.ended_at is not None:
+                for m in paged_messages(self.store, s.id, seq):  # committed just before the end
+                    self.show(t.message(m))
+                    seq = m.seq
+                self.show(t.end())
+                return True
+            time.sleep(self.poll)
+        return False
 
+    def in_progress(self, after: int = 0) -> Session | None:
+        """The session being served now (the newest served and not ended), if newer than `after`."""
+        for s in self.store.sessions(None, 50):
+            if s.id <= after:
+                return None
+            if s.served_at is not None and s.ended_at is None:
+                return s
+        return None
 
-def _next_session(store: Archive, after: int, poll: float, stop: Callable[[], bool]) -> Session | None:
-    while not stop():
-        s = store.session("last")
-        if s is not None and s.id > after:
-            return store.session(after + 1) or s
-        time.sleep(poll)
-    return None
+    def run(self) -> None:
+        """Follow the session in progress, then each one served after it; with none, wait."""
+        after = 0
+        said = False
+        while not self.stop():
+            s = self.in_progress(after)
+            if s is None:
+                if not said and after == 0:
+                    self.r.event("Waiting for a session to start...")
+                said = True
+                time.sleep(self.poll)
+                continue
+            self.session(s)
+            after = s.id

@@ -58,3 +58,60 @@ def visible(text: str) -> str:
 def is_safe(text: str) -> bool:
     """True when `visible(text)` would change nothing."""
     return _UNSAFE.search(text) is None
+
+
+# -- untrusted text in other places: a terminal stream, a CSV cell, HTML ------------------------
+
+# A spreadsheet runs a cell that starts with one of these as a formula.
+FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_SET = frozenset(FORMULA_LEAD)
+
+
+class TerminalSafe:
+    """Wraps a terminal stream: whatever is written (raw text in CSV, say) is made visible line
+    by line, so output printed to a screen cannot drive it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write("\n".join(visible(part) for part in text.split("\n")))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def csv_safe(value):
+    """A spreadsheet must not run what a client typed: formula-like text gets a leading '."""
+    if isinstance(value, str) and value.startswith(FORMULA_LEAD):
+        return "'" + value
+    return value
+
+
+def csv_cell(value) -> str:
+    """One CSV cell (RFC 4180 quoting), formula-like text neutralised."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return str(value)
+    if value.startswith(FORMULA_LEAD):
+        value = "'" + value
+    if '"' in value or "," in value or "\n" in value or "\r" in value:
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def csv_plain(text: str) -> bool:
+    """True when `text` is already a safe CSV cell as it stands (the fast path of big exports)."""
+    return not (
+        text[:1] in _FORMULA_SET or '"' in text or "," in text or "\n" in text or "\r" in text
+    )
+
+
+def html_text(text: str) -> str:
+    """Untrusted text for an HTML page: made visible first (a bidi override or a control
+    character shows as its escape instead of reordering or hiding the line), then escaped."""
+    import html
+
+    return html.escape(visible(text))

@@ -1,41 +1,47 @@
 """What the read commands print: session listings, a transcript, search hits, stats.
 
-A transcript is produced once, by `transcript()`, as timed lines that look exactly like the server
-console; show, replay, tail, the text export and the cast export all use it. Output to a pipe is
-plain and stable and does not import rich; a terminal gets rich tables and colors.
+A transcript comes from `chatlog.transcript` (the one read model); `console_lines` turns its
+events into the lines the server console shows, for show, replay, tail, the text export and the
+cast. Output to a pipe is plain and stable and does not import rich; a terminal gets rich tables
+and colors. Untrusted text is made safe only through `chatlog.sanitize`.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import UTC
 
-from chatlog.render import Renderer, connected_text, ended_text
-from chatlog.sanitize import visible
-from chatlog.records import HL_END, HL_START, Msg, Session, parse_iso
+from chatlog import transcript
+from chatlog.render import Renderer, duration, plural
+from chatlog.sanitize import TerminalSafe, csv_safe, visible
+from chatlog.transcript import Event, stamp
+
+from chatlog.records import HL_END, HL_START, Msg, Session
+
 
 
 def fmt_time(value: str | None, utc: bool = False) -> str:
     if not value:
         return ""
-    when = parse_iso(value)
+    when = transcript.parse_time(value)
+    if when is None:
+        return visible(value)
     if utc:
         return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+fmt_duration = duration
+
+
+def session_duration(s: Session) -> float | None:
+    return transcript.seconds_between(s.started_at, s.ended_at)
 
 
 def session_dict(s: Session) -> dict:
@@ -44,7 +50,7 @@ def session_dict(s: Session) -> dict:
         "started_at": s.started_at,
         "served_at": s.served_at,
         "ended_at": s.ended_at,
-        "duration_seconds": s.duration,
+        "duration_seconds": session_duration(s),
         "client_host": s.client_host,
         "client_port": s.client_port,
         "server_host": s.server_host,
@@ -53,57 +59,86 @@ def session_dict(s: Session) -> dict:
         "end_reason": s.end_reason,
         "client_messages": s.client_messages,
         "server_messages": s.server_messages,
+        "kind": s.kind,
+        "participants": s.participants,
     }
 
 
-def transcript_items(s: Session, messages: Iterable[Msg]) -> Iterator[tuple[str, str, str | None, str]]:
-    """(kind, timestamp, handle, text) for a whole session, kind being client, server, event or
-    note; the text is raw (untrusted) and each output escapes it its own way."""
-    yield "event", s.served_at or s.started_at, None, connected_text(s.client_host, s.client_port)
-    counts = {"client": 0, "server": 0}
-    last = s.started_at
-    for m in messages:
-        counts[m.sender] = counts.get(m.sender, 0) + 1
-        last = m.at
-        yield ("server" if m.sender == "server" else "client"), m.at, m.handle, m.text
-        if m.note:
-            yield "note", m.at, None, f"({m.note})"
-    if s.end_reason:
-        line = ended_text(s.end_reason, s.id, counts["client"], counts["server"])
-        yield "event", s.ended_at or last, None, line
+def message_dict(m: Msg) -> dict:
+    d = {
+        "session_id": m.session_id,
+        "seq": m.seq,
+        "at": m.at,
+        "sender": m.sender,
+        "handle": m.handle,
+        "text": m.text,
+    }
+    if m.raw is not None:
+        d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
+    if m.note:
+        d["note"] = m.note
+    return d
 
 
-def transcript(s: Session, messages: Iterable[Msg], r: Renderer) -> Iterator[tuple[str, str]]:
-    """(timestamp, console line) for a whole session, as the server console showed it."""
-    for kind, when, handle, text in transcript_items(s, messages):
-        if kind in ("client", "server"):
-            yield when, r.chat_line(kind, handle, text)
-        else:
-            yield when, r.paint("dim" if kind == "note" else "event", visible(text))
+# -- a transcript -----------------------------------------------------------------------------
+
+
+def console_line(ev: Event, r: Renderer) -> str:
+    """An event as the server console shows it (sanitised, colored if `r` colors)."""
+    if ev.kind == transcript.MESSAGE:
+        return r.chat_line(ev.sender or "client", ev.handle, ev.text)
+    return r.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
+
+
+def console_lines(
+    evs: Iterable[Event], r: Renderer, timestamps: bool = False, utc: bool = False
+) -> Iterator[tuple[str, str]]:
+    """(timestamp, console line) for each event; with `timestamps`, `[20:09:14] ` before each."""
+    for ev in evs:
+        line = console_line(ev, r)
+        if timestamps:
+            line = r.paint("dim", stamp(ev.at, utc)) + line
+        yield ev.at, line
 
 
 def header_lines(s: Session, utc: bool = False) -> list[str]:
-    who = visible(s.handle) if s.handle else "(no handle)"
-    lines = [f"Session {s.id}: {who} from {s.client_host} port {s.client_port}"]
+    if s.kind == "room":
+        lines = [f"Session {s.id}: a room on port {s.server_port}, {plural(s.participants, 'participant')}"]
+    else:
+        who = visible(s.handle) if s.handle else "(no handle)"
+        lines = [f"Session {s.id}: {who} from {s.client_host} port {s.client_port}"]
     when = f"Started {fmt_time(s.started_at, utc)}"
     if s.served_at and s.served_at != s.started_at:
-        when += f", served {fmt_time(s.served_at, utc)}"
+        waited = transcript.seconds_between(s.started_at, s.served_at)
+        when += f", waited {duration(waited)}, chat began {fmt_time(s.served_at, utc)}"
     if s.ended_at:
-        when += f", ended {fmt_time(s.ended_at, utc)} after {fmt_duration(s.duration)}"
+        when += f", ended {fmt_time(s.ended_at, utc)} after {duration(session_duration(s))}"
     lines.append(when)
+    who = "the participants" if s.kind == "room" else "the client"
     lines.append(
-        f"{s.client_messages} from the client, {s.server_messages} from the server; "
+        f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
     )
     return lines
 
 
-def show(s: Session, messages: Iterable[Msg], r: Renderer, utc: bool = False) -> None:
-    for line in header_lines(s, utc):
-        r.write(r.paint("dim", line))
-    r.write("")
-    for _, line in transcript(s, messages, r):
-        r.write(line)
+def show(
+    s: Session, messages: Iterable[Msg], r: Renderer, utc: bool = False, timestamps: bool = False
+) -> None:
+    """The header and the whole transcript, written in batches (not a flush a line: on a large
+    session that was half the time)."""
+    out = r.stream
+    batch = [r.paint("dim", line) for line in header_lines(s, utc)]
+    batch.append("")
+    for _, line in console_lines(transcript.events(s, messages), r, timestamps, utc):
+        batch.append(line)
+        if len(batch) >= 1024:
+            batch.append("")
+            out.write("\n".join(batch))
+            batch.clear()
+    batch.append("")
+    out.write("\n".join(batch))
+    out.flush()
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -111,58 +146,80 @@ def show(s: Session, messages: Iterable[Msg], r: Renderer, utc: bool = False) ->
 COLUMNS = ["id", "started", "duration", "client", "handle", "messages", "ended"]
 
 
+def address(host: str | None, port: int | None) -> str:
+    return f"[{host}]:{port}" if ":" in (host or "") else f"{host}:{port}"
+
+
 def session_row(s: Session, utc: bool) -> list[str]:
+    room = s.kind == "room"
     return [
         str(s.id),
         fmt_time(s.started_at, utc),
-        fmt_duration(s.duration),
-        f"[{s.client_host}]:{s.client_port}" if ":" in (s.client_host or "") else f"{s.client_host}:{s.client_port}",
-        visible(s.handle) if s.handle else "",
+        duration(session_duration(s)),
+        f"room :{s.server_port}" if room else address(s.client_host, s.client_port),
+        plural(s.participants, "participant") if room else (visible(s.handle) if s.handle else ""),
         str(s.messages),
         s.state,
     ]
 
 
-def sessions_table(rows: list[Session], utc: bool, out=None) -> None:
+def table(columns: list[str], cells: list[list[str]], right: Iterable[str] = (), out=None) -> None:
+    """Aligned columns: rich at a terminal, plain spaces into a pipe. Cells are already safe."""
     out = out or sys.stdout
-    cells = [session_row(s, utc) for s in rows]
+    right = set(right)
     if out.isatty():
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for name in COLUMNS:
-            table.add_column(name, justify="right" if name in ("id", "messages") else "left")
+        t = Table(box=None, header_style="bold", pad_edge=False)
+        for name in columns:
+            t.add_column(name, justify="right" if name in right else "left")
         for row in cells:
-            table.add_row(*(Text(c) for c in row))  # Text: never parsed as markup
-        Console(file=out).print(table)
+            t.add_row(*(Text(c) for c in row))  # Text: never parsed as markup
+        Console(file=out).print(t)
         return
-    widths = [max(len(c[i]) for c in [COLUMNS, *cells]) for i in range(len(COLUMNS))]
-    for row in [COLUMNS, *cells]:
+    widths = [max(len(c[i]) for c in [columns, *cells]) for i in range(len(columns))]
+    for row in [columns, *cells]:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
-def sessions_json(rows: list[Session], out=None) -> None:
+def sessions_table(rows: list[Session], utc: bool, out=None) -> None:
+    table(COLUMNS, [session_row(s, utc) for s in rows], ("id", "messages"), out)
+
+
+def dump_json(value, out=None) -> None:
     out = out or sys.stdout
-    json.dump([session_dict(s) for s in rows], out, indent=2)
+    json.dump(value, out, indent=2)
     out.write("\n")
 
 
-def sessions_csv(rows: list[Session], out=None) -> None:
-    from chatlog.export import TerminalSafe, safe_cell
+def sessions_json(rows: list[Session], out=None) -> None:
+    dump_json([session_dict(s) for s in rows], out)
 
+
+SESSION_FIELDS = list(session_dict(Session(0, "", None, None, None, None, None, None, None, None, 0, 0)))
+
+
+def write_csv(fields: list[str], rows: Iterable[dict], out=None) -> None:
+    """A CSV table with its header (also when there are no rows), formula-like cells
+    neutralised; on a terminal, escapes are made visible."""
     out = out or sys.stdout
     if out.isatty():  # a handle may hold an escape sequence: never send it to a screen raw
         out = TerminalSafe(out)
     w = csv.writer(out, lineterminator="\n")
-    fields = list(session_dict(rows[0]).keys()) if rows else []
     w.writerow(fields)
-    for s in rows:
-        w.writerow([safe_cell(v) for v in session_dict(s).values()])
+    for row in rows:
+        w.writerow([csv_safe(row.get(f)) for f in fields])
+
+
+def sessions_csv(rows: list[Session], out=None) -> None:
+    write_csv(SESSION_FIELDS, (session_dict(s) for s in rows), out)
 
 
 # -- search -----------------------------------------------------------------------------------
+
+HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note"]
 
 
 def highlighted(marked: str, r: Renderer) -> str:
@@ -187,11 +244,14 @@ def search_hits(hits: list[tuple[Msg, str]], r: Renderer, utc: bool = False) -> 
 
 
 def search_json(hits: list[tuple[Msg, str]], out=None) -> None:
-    from chatlog.export import message_dict
+    dump_json([message_dict(m) for m, _ in hits], out)
 
-    out = out or sys.stdout
-    json.dump([message_dict(m) for m, _ in hits], out, indent=2)
-    out.write("\n")
+
+def search_csv(hits: list[tuple[Msg, str]], out=None) -> None:
+    write_csv(HIT_FIELDS, (message_dict(m) for m, _ in hits), out)
+
+
+# -- stats ------------------------------------------------------------------------------------
 
 
 def stats_text(st: dict, r: Renderer) -> None:
@@ -200,14 +260,91 @@ def stats_text(st: dict, r: Renderer) -> None:
     r.write(f"messages          {st['messages']}")
     r.write(f"distinct handles  {st['handles']}")
     r.write(f"distinct hosts    {st['hosts']}")
-    r.write(f"average session   {fmt_duration(avg) if avg is not None else '-'}")
+    r.write(f"average session   {duration(avg) if avg is not None else '-'}")
     if st["first_session"]:
         r.write(f"first / last      {fmt_time(st['first_session'])} / {fmt_time(st['last_session'])}")
     if st["busiest_handles"]:
         r.write("busiest handles")
         for b in st["busiest_handles"]:
-            r.write(f"  {visible(b['handle']):<12} {b['messages']:>7} messages in {b['sessions']} session{'' if b['sessions'] == 1 else 's'}")
+            name = visible(b["handle"])
+            if "said" in b:  # what the handle said, apart from the answers it got
+                what = f"said {plural(b['said'], 'message')}, got {plural(b.get('answers', 0), 'answer')}"
+            else:
+                what = plural(b["messages"], "message")
+            r.write(f"  {name:<12} {what} in {plural(b['sessions'], 'session')}")
     if st["end_reasons"]:
         r.write("how sessions ended")
         for reason, n in st["end_reasons"].items():
-            r.write(f"  {reason:<12} {n:>7}")
+            r.write(f"  {visible(reason):<12} {n:>7}")
+
+
+# -- paging long output at a terminal -----------------------------------------------------------
+
+
+class PagerClosed(Exception):
+    """The person quit the pager: stop producing output."""
+
+
+class _PagerStream:
+    """The pager's stdin as a text stream. It is a terminal as far as colors go (the pager
+    passes them through), and quitting the pager ends the output instead of being an error."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        try:
+            return self.raw.write(text)
+        except (BrokenPipeError, ValueError):
+            raise PagerClosed from None
+
+    def flush(self) -> None:  # the pager reads in chunks; flushing each line would cost a write each
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def paged(enabled: bool = True):
+    """Yield the stream a long listing should go to: at a terminal, like git, the stdin of
+    $PAGER (else `less -R`, with LESS=FRX so that output shorter than a screen just prints);
+    into a pipe, or with the pager turned off, stdout itself."""
+    import os
+    import shlex
+    import subprocess
+
+    command = os.environ.get("PAGER", "less -R").strip()
+    if not enabled or not sys.stdout.isatty() or command in ("", "cat"):
+        yield sys.stdout
+        return
+    env = dict(os.environ)
+    env.setdefault("LESS", "FRX")
+    env.setdefault("LV", "-c")
+    sys.stdout.flush()
+    try:
+        proc = subprocess.Popen(command if " " not in command else shlex.split(command), stdin=subprocess.PIPE, env=env)
+    except OSError:  # no such pager: print as if there were none
+        yield sys.stdout
+        return
+    stream = io.TextIOWrapper(proc.stdin, encoding="utf-8", errors="replace", write_through=False)
+    interrupted = False
+    try:
+        yield _PagerStream(stream)
+    except PagerClosed:
+        pass
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        try:
+            stream.close()
+        except (BrokenPipeError, ValueError):
+            pass
+        while True:
+            try:
+                proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C in less reaches us too: the pager decides
+                continue
+    if interrupted:
+        sys.exit(130)

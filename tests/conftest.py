@@ -39,11 +39,8 @@ def valgrind():
 
 @pytest.fixture
 def db_path(tmp_path):
-    """A fresh database path; every command is pointed at it with --db and CHATLOG_DB."""
-    path = tmp_path / "chat.db"
-    os.environ["CHATLOG_DB"] = str(path)
-    yield path
-    os.environ.pop("CHATLOG_DB", None)
+    """A fresh database path (not created); commands are pointed at it with --db."""
+    return tmp_path / "chat.db"
 
 
 # -- a real `chatlog serve` process ----------------------------------------------------------------
@@ -80,7 +77,7 @@ class ServerProc:
         self._reader.start()
         first = self.wait_for(r"Server started .* port (\d+)")
         self.port = int(re.search(r"port (\d+)", first).group(1))
-        self.wait_for("Awaiting client connections")
+        self.wait_for("Awaiting client connections|The room is open")
 
     def _read(self):
         for raw in self.proc.stdout:

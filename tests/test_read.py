@@ -1,0 +1,580 @@
+"""The read commands' newer promises, each through the real command: dates, one error style,
+the queued client's story, timestamps, words, pager, tail, search, export and backup options."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+from storebuild import open_store
+
+from chatlog.cli import cli
+
+
+def T(hms: str) -> str:
+    """A stored time on 2026-11-20 (UTC) from `HH:MM:SS`."""
+    return f"2026-11-20T{hms}.000000+00:00"
+
+
+@pytest.fixture
+def store(db_path):
+    s = open_store(db_path)
+    yield s
+    s.close()
+
+
+def chat(store, *, handle, port=5000, started, served=None, lines=(), end=None):
+    """One session from named parts: `lines` are (sender, text, at) or (sender, text, at, note);
+    `end` is (reason, at). `served` defaults to `started` (not queued)."""
+    sid = store.begin_session(("127.0.0.1", port), ("127.0.0.1", 9999), at=started, served=served is None)
+    if handle:
+        store.set_handle(sid, handle)
+    pending = served
+    for sender, text, at, *note in lines:
+        if pending and at >= pending:
+            store.serve_session(sid, at=pending)
+            pending = None
+        who = "SERVER" if sender == "server" else handle
+        store.add_message(sid, sender, who, text, at=at, note=note[0] if note else None)
+    if pending:
+        store.serve_session(sid, at=pending)
+    if end:
+        store.end_session(sid, end[0], at=end[1])
+    return sid
+
+
+def run(db_path, *args, env=None):
+    return CliRunner(env=env).invoke(cli, [*args, "--db", str(db_path)], catch_exceptions=False)
+
+
+@pytest.fixture
+def queued(store):
+    """amy is served; bob connects meanwhile, says something while he waits, then is served."""
+    amy = chat(store, handle="amy", started=T("10:00:00"), lines=[
+        ("client", "hi", T("10:00:01")),
+        ("server", "hello " + "x" * 1000, T("10:00:04"), "line cut at 1000 bytes"),
+    ], end=("client-quit", T("10:00:05")))
+    bob = chat(store, handle="bob", port=5001, started=T("10:00:02"), served=T("10:00:05"), lines=[
+        ("client", "anyone?", T("10:00:03")),
+        ("server", "yes", T("10:00:06")),
+    ], end=("client-quit", T("10:00:07")))
+    return {"amy": amy, "bob": bob}
+
+
+# -- dates ------------------------------------------------------------------------------------
+
+
+def test_every_date_form():
+    from chatlog.query import parse_when
+
+    now = datetime(2026, 3, 31, 12, 0, tzinfo=UTC)
+    local_midnight = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    assert parse_when("now", now) == "2026-03-31T12:00:00.000000+00:00"
+    assert parse_when("today", now) == local_midnight.astimezone(UTC).isoformat(timespec="microseconds")
+    assert parse_when("15min", now) == parse_when("15m", now) == "2026-03-31T11:45:00.000000+00:00"
+    assert parse_when("30s", now) == "2026-03-31T11:59:30.000000+00:00"
+    assert parse_when("2 days ago", now) == "2026-03-29T12:00:00.000000+00:00"
+    assert parse_when("1w", now) == "2026-03-24T12:00:00.000000+00:00"
+    one_month = parse_when("1mo", now)  # a calendar month, the day clamped: Feb has no 31st
+    assert one_month[:10] in ("2026-02-28", "2026-02-27", "2026-03-01")
+    assert parse_when("1y", now)[:4] == "2025"
+    clock = datetime.fromisoformat(parse_when("14:30", now)).astimezone()
+    assert (clock.hour, clock.minute) == (14, 30)
+
+
+@pytest.mark.parametrize("bad", ["1M", "3 fortnights", "next tuesday", "25:00", ""])
+def test_bad_and_ambiguous_dates_list_the_forms(db_path, store, bad):
+    r = run(db_path, "sessions", "--since", bad)
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("chatlog: ")
+    if bad == "1M":
+        assert "ambiguous" in r.output and "1min" in r.output and "1mo" in r.output
+    else:
+        assert "now, today, yesterday" in r.output and "14:30" in r.output
+
+
+# -- one error style, --db declared once --------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,words", [
+    (["nosuch"], "No such command 'nosuch'"),
+    (["show"], "Missing argument 'ID'"),
+    (["sessions", "--limit", "x"], "Invalid value for '-n' / '--limit'"),
+    (["sessions", "--db", "/"], "Invalid value for '--db'"),
+    (["export", "-f", "pdf"], "Invalid value for '-f' / '--format'"),
+])
+def test_usage_errors_are_one_chatlog_line(db_path, store, args, words):
+    r = subprocess.run([sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, CHATLOG_DB=str(db_path)))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_db_from_the_command_the_group_or_the_environment(tmp_path):
+    first, second = tmp_path / "a.db", tmp_path / "b.db"
+    runner = CliRunner(env={"CHATLOG_DB": str(first)})
+    assert runner.invoke(cli, ["path"]).output.strip() == str(first)
+    assert runner.invoke(cli, ["--db", str(second), "path"]).output.strip() == str(second)
+    assert runner.invoke(cli, ["path", "--db", str(second)]).output.strip() == str(second)
+    assert "CHATLOG_DB" not in os.environ  # nothing written into the environment
+
+
+# -- a queued client's session reads in time order ----------------------------------------------
+
+
+def test_a_queued_session_shows_its_wait_in_order(db_path, queued):
+    out = run(db_path, "show", str(queued["bob"]), "--utc", "--timestamps").output
+    assert "waited 3s, chat began 2026-11-20 10:00:05Z" in out
+    assert out.split("\n\n", 1)[1].splitlines() == [
+        "[10:00:02] connected to: 127.0.0.1 port 5001",
+        "[10:00:03] bob>anyone?",
+        "[10:00:05] chat began after 3s waiting",
+        "[10:00:06] SERVER>yes",
+        "[10:00:07] client has quit (session 2, 1 message each way)",
+    ]
+
+
+@pytest.mark.parametrize("fmt,sep", [("txt", "== Session"), ("md", "## Session"), ("html", "<section"), ("cast", None)])
+def test_no_export_shows_time_going_backwards(db_path, queued, fmt, sep):
+    import re
+
+    out = run(db_path, "export", "-f", fmt, "--timestamps", "--utc").stdout
+    if fmt == "cast":  # sessions play one after another
+        parts = [[json.loads(line)[0] for line in out.splitlines()[1:]]]
+    else:  # within each session (the queued one overlaps the first)
+        rx = r'<time datetime="([^"]+)"' if fmt == "html" else r"^ *\[(\d\d:\d\d:\d\d)\]"
+        parts = [re.findall(rx, part, re.M) for part in out.split(sep)[1:]]
+    assert [len(times) for times in parts] in ([10], [5, 5])
+    assert all(times == sorted(times) for times in parts), parts
+
+
+def test_timestamps_local_by_default_and_utc(db_path, queued):
+    local = datetime.fromisoformat(T("10:00:03")).astimezone().strftime("%H:%M:%S")
+    assert f"[{local}] bob>anyone?" in run(db_path, "show", "2", "-t").output
+    assert "[10:00:03] bob>anyone?" in run(db_path, "export", "2", "-t", "--utc").output
+    assert "    [10:00:03] bob>anyone?" in run(db_path, "export", "2", "-f", "md", "-t", "--utc").output
+    assert "[" not in run(db_path, "export", "2").output.split("anyone")[0]  # off by default
+
+
+def test_a_text_export_of_several_sessions_has_a_heading_each(db_path, queued):
+    out = run(db_path, "export", "--utc").output
+    assert out.startswith("== Session 1: amy from 127.0.0.1 port 5000 ==\n")
+    assert "\n\n== Session 2: bob from 127.0.0.1 port 5001 ==\n" in out
+    assert run(db_path, "export", "2").output.startswith("connected to:")  # one session: no heading
+
+
+def test_a_note_shows_in_tail_as_in_show(db_path, queued):
+    shown = run(db_path, "show", "1").output
+    tailed = run(db_path, "tail", "1").output
+    assert "(line cut at 1000 bytes)" in shown and "(line cut at 1000 bytes)" in tailed
+    assert tailed.splitlines()[1:] == shown.split("\n\n", 1)[1].splitlines()[1:]
+
+
+# -- words ----------------------------------------------------------------------------------------
+
+
+def test_counts_and_durations_read_right(db_path, queued):
+    out = run(db_path, "show", "2").output
+    assert "1 message from the client, 1 from the server" in out and "1 message each way" in out
+    assert "messages each way" not in out and "(s)" not in out
+    stats = run(db_path, "stats").output
+    assert "amy          said 1 message, got 1 answer in 1 session" in stats
+    st = json.loads(run(db_path, "stats", "--json").output)
+    assert {"handle": "amy", "said": 1, "answers": 1, "sessions": 1}.items() <= st["busiest_handles"][0].items()
+    r = run(db_path, "export", "-o", str(db_path.parent / "one.txt"), "1")
+    assert r.stderr.startswith("wrote 1 session to ")
+    from chatlog.render import duration, ended_text
+
+    assert [duration(x) for x in (0.5, 2, 41, 62, 7500)] == ["0.5s", "2s", "41s", "1m 02s", "2h 05m"]
+    assert ended_text("timeout", 1, 1, 0, idle=2.0).startswith("client timed out after 2s on its turn")
+
+
+# -- empty and nothing-to-do cases ----------------------------------------------------------------
+
+
+def test_nothing_to_list_export_search_or_prune_is_not_a_failure(db_path, store):
+    header = run(db_path, "sessions", "--csv")
+    assert header.exit_code == 0 and header.stdout.startswith("id,started_at,served_at,ended_at")
+    assert json.loads(run(db_path, "sessions", "--json").stdout) == []
+    for args in (["sessions"], ["export"], ["export", "-f", "json"], ["search", "x"], ["search", "x", "--json"],
+                 ["prune", "--before", "now", "--yes"]):
+        r = run(db_path, *args)
+        assert r.exit_code == 0 and r.stderr.count("\n") == 1 and "chatlog:" not in r.stderr, (args, r.output)
+    assert run(db_path, "search", "x", "--count").stdout == "0\n"
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+
+def test_search_phrases_prefixes_until_count_and_csv(db_path, store):
+    chat(store, handle="amy", started=T("09:00:00"), lines=[
+        ("client", "the quick brown fox", T("09:00:01")),
+        ("client", "brown quick", T("09:00:02")),
+        ("client", "quickly now", T("11:00:00")),
+        ("client", "=HYPERLINK(\"x\") quick", T("11:00:01")),
+    ], end=("client-quit", T("11:00:02")))
+    texts = lambda *a: [h["text"] for h in json.loads(run(db_path, "search", *a, "--json", "-n", "0").stdout)]  # noqa: E731
+    assert texts('"quick brown"') == ["the quick brown fox"]
+    assert len(texts("quick")) == 3 and len(texts("quick*")) == 4
+    assert texts("quick", "--until", T("10:00:00")) == ["brown quick", "the quick brown fox"]
+    assert run(db_path, "search", "quick*", "--count").stdout == "4\n"
+    rows = list(csv.DictReader(io.StringIO(run(db_path, "search", "quick", "--csv").stdout)))
+    assert len(rows) == 3 and rows[0]["text"] == "'=HYPERLINK(\"x\") quick"  # neutralised for a spreadsheet
+
+
+@pytest.mark.parametrize("query", ["nosuchcol:hello", '"unterminated', "AND AND", "NEAR(a b"])
+def test_no_sqlite_wording_in_search_errors(db_path, queued, query):
+    r = run(db_path, "search", "--raw", query)
+    assert r.exit_code == 1 and r.output.startswith("chatlog: invalid search query")
+    assert "no such column" not in r.output and "fts5" not in r.output and "syntax error" not in r.output
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def test_an_unknown_extension_is_an_error_not_plain_text(db_path, queued, tmp_path):
+    r = run(db_path, "export", "-o", str(tmp_path / "chat.pdf"))
+    assert r.exit_code == 1 and r.output.startswith("chatlog: cannot tell the format from '.pdf'")
+    assert "--format" in r.output and not (tmp_path / "chat.pdf").exists()
+    assert run(db_path, "export", "-o", str(tmp_path / "chat.pdf"), "-f", "txt").exit_code == 0
+
+
+def test_the_cast_is_as_wide_as_its_longest_line(db_path, queued):
+    header = json.loads(run(db_path, "export", "1", "-f", "cast").stdout.splitlines()[0])
+    assert header["width"] == len("SERVER>hello " + "x" * 1000) or header["width"] == 400
+    assert header["height"] == 24
+    narrow = json.loads(run(db_path, "export", "2", "-f", "cast").stdout.splitlines()[0])
+    assert narrow["width"] == 80
+
+
+# -- backup ---------------------------------------------------------------------------------------
+
+
+def test_backup_refuses_to_overwrite_unless_forced_and_accepts_a_directory(db_path, queued, tmp_path):
+    dest = tmp_path / "copy.db"
+    dest.write_text("precious")
+    r = run(db_path, "backup", str(dest))
+    assert r.exit_code == 1 and r.output == f"chatlog: {dest} already exists (use --force to overwrite it)\n"
+    assert dest.read_text() == "precious"
+    assert run(db_path, "backup", str(dest), "--force").exit_code == 0
+    assert dest.read_bytes().startswith(b"SQLite format 3")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    r = run(db_path, "backup", str(folder))
+    assert r.exit_code == 0 and (folder / db_path.name).read_bytes().startswith(b"SQLite format 3")
+    assert run(db_path, "backup", str(folder)).exit_code == 1  # and now it exists
+
+
+# -- tail -----------------------------------------------------------------------------------------
+
+
+def _tail(db_path):
+    return subprocess.Popen([sys.executable, "-m", "chatlog", "tail", "--db", str(db_path)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_tail_follows_the_chat_being_served_not_a_queued_client(db_path, store):
+    served = chat(store, handle="amy", started=T("10:00:00"), lines=[("client", "being served", T("10:00:01"))])
+    waiting = store.begin_session(("127.0.0.1", 7), ("127.0.0.1", 9999), at=T("10:00:02"))  # queued, newer
+    store.add_message(waiting, "client", "bob", "waiting here", at=T("10:00:03"))
+    proc = _tail(db_path)
+    try:
+        assert proc.stdout.readline().strip() == f"session {served}: connected to: 127.0.0.1 port 5000"
+        assert proc.stdout.readline().strip() == "amy>being served"
+        store.end_session(served, "client-quit", at=T("10:00:04"))
+        assert "client has quit" in proc.stdout.readline()
+        store.serve_session(waiting, at=T("10:00:05"))
+        assert proc.stdout.readline().strip() == f"session {waiting}: connected to: 127.0.0.1 port 7"
+        assert proc.stdout.readline().strip() == "bob>waiting here"
+        assert proc.stdout.readline().strip() == "chat began after 3s waiting"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_tail_waits_for_the_database_to_exist(db_path):
+    proc = _tail(db_path)
+    try:
+        assert proc.stdout.readline().strip() == "Waiting for a session to start..."
+        s = open_store(db_path)
+        sid = chat(s, handle="zed", started=T("10:00:00"), lines=[("client", "first words", T("10:00:01"))])
+        assert proc.stdout.readline().strip() == f"session {sid}: connected to: 127.0.0.1 port 5000"
+        assert proc.stdout.readline().strip() == "zed>first words"
+        s.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- a pager at a terminal, never into a pipe -----------------------------------------------------
+
+
+@pytest.fixture
+def pager(tmp_path):
+    """A $PAGER that marks what it was given, so a test can see the output went through it."""
+    script = tmp_path / "pager.sh"
+    script.write_text('#!/bin/sh\necho "PAGER START LESS=$LESS"\ncat\necho "PAGER END"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("args", [["show", "1"], ["search", "hi"]])
+def test_long_output_at_a_terminal_goes_through_the_pager(db_path, queued, pager, args):
+    import pexpect
+
+    env = dict(os.environ, PAGER=pager, TERM="xterm")
+    env.pop("LESS", None)
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", *args, "--db", str(db_path)], env=env, timeout=10,
+                      encoding="utf-8")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    out = p.before
+    assert "PAGER START LESS=FRX" in out and "PAGER END" in out
+    assert out.index("PAGER START") < out.index("amy>") < out.index("PAGER END")
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", *args, "--no-pager", "--db", str(db_path)], env=env,
+                      timeout=10, encoding="utf-8")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert "PAGER" not in p.before and "amy>" in p.before
+    piped = subprocess.run([sys.executable, "-m", "chatlog", *args, "--db", str(db_path)], env=env,
+                           capture_output=True, text=True, cwd=ROOT)
+    assert "PAGER" not in piped.stdout and "amy>" in piped.stdout
+
+
+def test_quitting_the_pager_early_ends_the_command_quietly(db_path, store):
+    import pexpect
+
+    sid = chat(store, handle="amy", started=T("10:00:00"),
+               lines=[("client", f"line {i}", T("10:00:01")) for i in range(20000)])
+    env = dict(os.environ, PAGER="head -n 3", TERM="xterm")
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", str(sid), "--db", str(db_path)], env=env,
+                      timeout=20, encoding="utf-8")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and "Traceback" not in p.before and "line 19999" not in p.before
+
+
+def test_a_read_only_archive_can_be_read(db_path, queued):
+    """Run as an unprivileged user (root ignores file modes) on a read-only file in a
+    read-only directory: every read command works."""
+    import shutil
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or not setpriv:
+        pytest.skip("needs root and setpriv to drop to an unprivileged user")
+    ro = tempfile.mkdtemp(prefix="chatlog-ro-")
+    try:
+        copy = os.path.join(ro, "chat.db")
+        assert run(db_path, "backup", copy).exit_code == 0
+        os.chmod(copy, 0o444)
+        os.chmod(ro, 0o555)
+        for args in (["sessions"], ["show", "2"], ["export", "-f", "jsonl"], ["search", "anyone"], ["stats"]):
+            r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                "-m", "chatlog", *args, "--db", copy], capture_output=True, text=True, cwd="/")
+            assert r.returncode == 0, (args, r.stderr)
+    finally:
+        os.chmod(ro, 0o755)
+        shutil.rmtree(ro)
+
+
+def test_shell_completion_as_documented():
+    env = dict(os.environ, _CHATLOG_COMPLETE="bash_complete", COMP_WORDS="chatlog exp", COMP_CWORD="1")
+    r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["plain,export"], r.stdout + r.stderr
+    env.update(COMP_WORDS="chatlog export -f c", COMP_CWORD="3")
+    r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.split() == ["plain,csv", "plain,cast"]
+    assert "_CHATLOG_COMPLETE=bash_source chatlog" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args", [["show", "1"], ["export", "1"], ["replay", "1"], ["search", "line", "-n", "0"]])
+def test_a_reader_that_stops_early_is_not_a_failure(db_path, store, args):
+    """`chatlog show 1 | head -1`: the command stops quietly with status 0."""
+    chat(store, handle="amy", started=T("10:00:00"),
+         lines=[("client", f"line {i} " + "x" * 100, T("10:00:01")) for i in range(3000)])
+    proc = subprocess.Popen([sys.executable, "-m", "chatlog", *args, "--db", str(db_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(20) == 0
+    assert proc.stderr.read() == b""
+
+
+def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
+    """A hand-edited file with a time that is not a time: every reader still shows the rest."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE messages SET at = 'garbage' WHERE session_id = 2 AND seq = 1")
+    conn.execute("UPDATE sessions SET served_at = 'not a time', ended_at = '2026-13-45T99:00:00' WHERE id = 2")
+    conn.commit()
+    conn.close()
+    for args in (["sessions"], ["sessions", "--json"], ["show", "2", "-t"], ["replay", "2"], ["tail", "2"],
+                 ["export", "-f", "cast"], ["export", "-f", "html"], ["export", "-f", "md", "-t"], ["stats"]):
+        r = run(db_path, *args)
+        assert r.exit_code == 0 and "Traceback" not in r.output, (args, r.output)
+        assert args[0] in ("sessions", "stats") or "anyone?" in r.output, (args, r.output)
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(db_path, store, tmp_path):
+    import pexpect
+
+    sid = chat(store, handle="amy", started=T("10:00:00"))
+    store.conn.execute("BEGIN")
+    store.conn.executemany(
+        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'amy', ?)",
+        ((sid, i, T("10:00:01"), f"line {i}") for i in range(1, 300_001)),
+    )
+    store.conn.execute("COMMIT")
+    store.end_session(sid, "client-quit", at=T("10:00:02"))
+    out = tmp_path / "big.cast"
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "export", str(sid), "-o", str(out), "--db", str(db_path)],
+                      env=dict(os.environ, NO_COLOR="1"), encoding="utf-8", timeout=30)
+    p.expect_exact("exporting")  # the progress bar: well under way
+    p.sendintr()
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 130 and "Traceback" not in p.before and "chatlog: interrupted" in p.before
+    assert not out.exists() and not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
+
+
+# -- rooms ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def room(store):
+    """A room: amy and bob join, talk over each other, bob leaves, the server shuts down."""
+    from storebuild import _ts
+
+    sid = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    rec = store.rec
+    amy = rec.add_participant(sid, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    rec.set_participant_handle(amy, "amy")
+    rec.add_event(sid, amy, "amy joined", _ts(T("12:00:01")))
+    bob = rec.add_participant(sid, "10.0.0.2", 4002, _ts(T("12:00:02")))
+    rec.set_participant_handle(bob, "bob")
+    rec.add_event(sid, bob, "bob joined", _ts(T("12:00:02")))
+    store.add_message(sid, "client", "amy", "hi all", at=T("12:00:03"), participant=amy)
+    store.add_message(sid, "client", "bob", "hey \x1b[31m", at=T("12:00:03"), participant=bob)
+    store.add_message(sid, "server", "SERVER", "welcome", at=T("12:00:04"))
+    rec.end_participant(bob, "client-quit", _ts(T("12:00:05")))
+    rec.add_event(sid, bob, "bob left", _ts(T("12:00:05")))
+    store.end_session(sid, "shutdown", at=T("12:00:06"))
+    return sid
+
+
+def test_a_room_reads_in_commit_order_with_joins_and_leaves(db_path, room):
+    listing = run(db_path, "sessions").output.splitlines()
+    assert "room :7000" in listing[1] and "2 participants" in listing[1]
+    rows = json.loads(run(db_path, "sessions", "--json").stdout)
+    assert rows[0]["kind"] == "room" and rows[0]["participants"] == 2
+    out = run(db_path, "show", str(room), "--utc", "-t").output
+    assert out.startswith("Session 1: a room on port 7000, 2 participants\n")
+    assert out.split("\n\n", 1)[1].splitlines() == [
+        "[12:00:00] room opened on port 7000",
+        "[12:00:01] amy joined",
+        "[12:00:02] bob joined",
+        "[12:00:03] amy>hi all",
+        "[12:00:03] bob>hey \\x1b[31m",
+        "[12:00:04] SERVER>welcome",
+        "[12:00:05] bob left",
+        "[12:00:06] room closed: shutdown (session 1, 3 messages)",
+    ]
+    body = [line[11:] for line in out.split("\n\n", 1)[1].splitlines()]  # without "[12:00:00] "
+    for fmt in ("txt", "md", "html", "cast"):
+        text = run(db_path, "export", "-f", fmt).stdout
+        for line in ("amy joined", "bob&gt;" if fmt == "html" else "bob>", "hey \\x1b[31m", "bob left", "room closed"):
+            assert line in text or line.replace("\\", "\\\\") in text, (fmt, line)
+        assert "\x1b[31m" not in text, fmt
+    assert run(db_path, "replay", str(room)).output.splitlines() == body
+    assert run(db_path, "tail", str(room)).output.splitlines()[1:] == body[1:]
+    assert json.loads(run(db_path, "search", "welcome", "--json").stdout)[0]["session_id"] == room
+    assert run(db_path, "search", "joined").stderr == "no messages match 'joined'\n"  # events are not searched
+
+
+def test_the_inline_common_message_makes_the_same_events_as_the_general_path():
+    """transcript.events takes a shortcut for the common message; it must agree with feeding
+    every message through Transcript.message, whatever the notes, senders and times."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatlog import transcript
+    from chatlog.records import Msg, Session
+
+    times = st.sampled_from([T("10:00:00"), T("10:00:01"), T("10:00:05"), "garbage", T("09:59:59")])
+    msg = st.tuples(st.sampled_from(["client", "server", "event"]), times, st.sampled_from([None, "", "cut"]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(msg, max_size=12), st.sampled_from([None, T("10:00:00"), T("10:00:03")]))
+    def check(rows, served):
+        s = Session(1, T("10:00:00"), served, T("10:00:09"), "h", 1, "h", 2, "amy", "client-quit", 0, 0)
+        msgs = [Msg(i, 1, i, at, sender, "amy", f"m{i}", None, note) for i, (sender, at, note) in enumerate(rows, 1)]
+        general = transcript.Transcript(s)
+        expected = [*general.start(), *(ev for m in msgs for ev in general.message(m)), *general.end()]
+        assert list(transcript.events(s, msgs)) == expected
+
+    check()
+
+
+@pytest.mark.browser
+def test_html_of_a_queued_chat_and_a_room_in_headless_chromium(db_path, store, tmp_path):
+    import re
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("chromium is not installed")
+    chat(store, handle="bob", port=5001, started=T("10:00:02"), served=T("10:00:05"), lines=[
+        ("client", "anyone? <b>", T("10:00:03")), ("server", "yes", T("10:00:06"))], end=("client-quit", T("10:00:07")))
+    from storebuild import _ts
+
+    sid = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    amy = store.rec.add_participant(sid, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    store.rec.set_participant_handle(amy, "amy")
+    store.rec.add_event(sid, amy, "amy joined", _ts(T("12:00:01")))
+    store.add_message(sid, "client", "amy", "\u202ehi", at=T("12:00:02"), participant=amy)
+    store.end_session(sid, "shutdown", at=T("12:00:03"))
+    page = tmp_path / "t.html"
+    assert run(db_path, "export", "-o", str(page)).exit_code == 0
+    r = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=2000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )
+    dom = r.stdout
+    assert "<title>chatlog transcript</title>" in dom and "<b>" not in dom.split("<body>")[1]
+    assert "chat began after 3s waiting" in dom and "anyone? &lt;b&gt;" in dom
+    assert "room opened on port 7000" in dom and "amy joined" in dom and "\\u202ehi" in dom
+    for section in dom.split("<section")[1:]:
+        times = re.findall(r'<time datetime="([^"]+)"', section)
+        assert times and times == sorted(times)
+
+
+def test_an_absurdly_slow_replay_waits_in_parts_not_a_traceback():
+    from chatlog.replay import play, schedule
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+        def sleep(self, seconds):
+            assert seconds <= 60
+            self.now += seconds
+            if self.now > 600:
+                raise KeyboardInterrupt  # the person gives up, as they would
+
+    clock, shown = Clock(), []
+    with pytest.raises(KeyboardInterrupt):
+        play(schedule([(T("10:00:00"), "a"), (T("10:00:01"), "b")], speed=1e-300), shown.append,
+             clock=clock, sleep=clock.sleep)
+    assert shown == ["a"]
