@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
@@ -393,9 +394,16 @@ static void end(int status, const char *fmt, ...)
 	exit(status);
 }
 
+static int wake[2] = {-1, -1}; /* the self-pipe: a signal wakes poll() even between two calls */
+
 static void on_signal(int sig)
 {
+	int saved = errno;
 	stop_signal = sig;
+	if (write(wake[1], "", 1) < 0) {
+		/* full already: poll() will wake anyway */
+	}
+	errno = saved;
 }
 
 static long long now_ms(void)
@@ -772,6 +780,8 @@ int main(int argc, char **argv)
 	if (!*port || *e || errno || p < 1 || p > 65535 || strspn(port, "0123456789") != strlen(port))
 		end(2, "port '%s' is not a number (1-65535)", port);
 
+	if (pipe(wake) < 0 || fcntl(wake[0], F_SETFL, O_NONBLOCK) < 0 || fcntl(wake[1], F_SETFL, O_NONBLOCK) < 0)
+		end(1, "cannot make a pipe: %s", strerror(errno));
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_signal; /* no SA_RESTART: poll() returns EINTR */
 	sigaction(SIGINT, &sa, NULL);
@@ -818,11 +828,12 @@ int main(int argc, char **argv)
 			long long left = deadline - now;
 			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
 		}
-		struct pollfd fds[2] = {
+		struct pollfd fds[3] = {
 			{sock, POLLIN, 0},
 			{accepting() && inpos == inlen && !in_eof ? STDIN_FILENO : -1, POLLIN, 0},
+			{wake[0], POLLIN, 0},
 		};
-		int n = poll(fds, 2, wait);
+		int n = poll(fds, 3, wait);
 		if (stop_signal)
 			end(0, "You left the chat.");
 		if (n < 0 && errno != EINTR)

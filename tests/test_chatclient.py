@@ -1041,3 +1041,38 @@ def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
         for msg in msgs[:-2]:
             text = msg.decode("utf-8")  # valid UTF-8, or this raises
             assert text.startswith("fuzz>") and 0 < len(text) - 5 <= 500 and "\0" not in text
+
+
+@pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
+def test_a_signal_while_busy_printing_is_not_lost(chatclient):
+    """SIGTERM arriving while the client is busy (here: blocked writing to a full stdout) and not
+    in poll() must still end it: a flag checked only after poll() returned was missed, and the
+    client then waited in poll() for ever."""
+    # one burst (one recv) whose escapes print four times its size: more than a pipe holds
+    flood = (b"SERVER>" + b"\x01" * 100 + b"\n") * 300
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(flood), peer.expect(b"\\quit\n\0")))
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"bob\nhi\n")
+    proc.stdin.flush()  # and left open: no end of input
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{proc.pid}/stack") as f:
+                if "pipe_write" in f.read():  # stdout is full and nobody reads it yet
+                    break
+            assert time.monotonic() < deadline, "the client never filled its stdout"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out = []
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+        reader.start()  # stdin stays open: only the signal may end the client
+        proc.wait(timeout=5)
+        reader.join(5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("SIGTERM was lost: the client still runs") from None
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert out[0].endswith(b"You left the chat.\n")
+    srv.join()
