@@ -736,8 +736,9 @@ static void take_input(void)
 	while (accepting() && inpos < inlen)
 		on_key(inbuf[inpos++]);
 	if (accepting() && inpos == inlen && in_eof) {
-		if (ui.len > 0 || ui.overflow)
-			submit(); /* a last line with no newline */
+		if (!ui.tty && (ui.len > 0 || ui.overflow))
+			submit(); /* from a pipe or file, a last line with no newline (a terminal that
+				   * hangs up sends nothing half typed) */
 		else
 			end(0, "You left the chat.");
 	}

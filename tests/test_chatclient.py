@@ -1076,3 +1076,31 @@ def test_a_signal_while_busy_printing_is_not_lost(chatclient):
     assert proc.returncode == 0
     assert out[0].endswith(b"You left the chat.\n")
     srv.join()
+
+
+def test_a_terminal_hangup_sends_nothing_half_typed(chatclient):
+    """The terminal goes away under the client (here one that is not its controlling terminal, so
+    no SIGHUP comes: only the end of input): what was half typed is not sent."""
+    import pty as ptymod
+
+    srv = FakeServer(lambda peer: (peer.expect(b"\\quit\n\0"), peer.wait_close()))
+    master, slave = ptymod.openpty()
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=slave, stdout=slave,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    for keys, want in ((b"", b"handle to be> "), (b"brandon\r", b"brandon>"), (b"half typ", b"half typ")):
+        os.write(master, keys)
+        while not seen.endswith(want):
+            seen += os.read(master, 4096)
+    os.close(master)  # hang up
+    assert proc.wait(timeout=10) == 0
+    srv.join()
+    assert srv.received == b"brandon>\\quit\n\0"
+
+
+def test_the_last_line_of_piped_input_needs_no_newline(chatclient):
+    srv = FakeServer(lambda peer: (peer.expect(b"bob>last words\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"bob>\\quit\n\0")))
+    r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nlast words", capture_output=True, timeout=20)
+    srv.join()
+    assert r.returncode == 0 and r.stdout.endswith(b"SERVER>ok\nYou left the chat.\n"), r.stdout
