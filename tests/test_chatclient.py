@@ -443,9 +443,10 @@ import pyte  # noqa: E402
 class Screen:
     """The client in a pty, its output through a terminal emulator: what a person sees."""
 
-    def __init__(self, chatclient, port, *args, cols=80, rows=24):
+    def __init__(self, chatclient, port, *args, cols=80, rows=24, wrapper=()):
+        command = [*wrapper, str(chatclient), *args, "127.0.0.1", str(port)]
         self.p = pexpect.spawn(
-            str(chatclient), [*args, "127.0.0.1", str(port)], env=dict(os.environ, TERM="xterm"),
+            command[0], command[1:], env=dict(os.environ, TERM="xterm"),
             encoding="utf-8", timeout=10, dimensions=(rows, cols),
         )
         self.screen = pyte.Screen(cols, rows)
@@ -1009,6 +1010,17 @@ KEYS = (
 def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
     """Random keys (editing keys, escape sequences, multibyte characters, Enter) typed into the
     line editor of the sanitizer build: no report, and every line the server gets is well formed."""
+    fuzz_keys(chatclient_asan)
+
+
+@pytest.mark.valgrind
+def test_fuzz_keystrokes_in_a_terminal_under_valgrind(chatclient, valgrind):
+    skip_sanitizer_build(chatclient)
+    fuzz_keys(chatclient, wrapper=(valgrind, "--error-exitcode=99", "--leak-check=full",
+                                   "--errors-for-leak-kinds=all", "-q"))
+
+
+def fuzz_keys(chatclient, wrapper=()):
     def script(peer):
         buf = b""
         while True:
@@ -1026,7 +1038,7 @@ def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
     r = random.Random(5)
     for run in range(int(os.environ.get("CHATCLIENT_KEY_FUZZ_RUNS", "1"))):
         srv = FakeServer(script)
-        s = Screen(chatclient_asan, srv.port, cols=50, rows=20)
+        s = Screen(chatclient, srv.port, cols=50, rows=20, wrapper=wrapper)
         s.type("fuzz\r")
         s.wait_last("fuzz>")
         for _ in range(40):
@@ -1035,7 +1047,7 @@ def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
         s.wait(lambda lines: bool(lines) and lines[-1] == "You left the chat.", timeout=30)
         assert s.finish() == 0, s.raw[-2000:]
         srv.join()
-        assert not any(m in s.raw for m in SANITIZER_MARKERS), s.raw[-3000:]
+        assert not any(m in s.raw for m in (*SANITIZER_MARKERS, "Invalid read", "uninitialised")), s.raw[-3000:]
         msgs = srv.received.split(b"\n\0")
         assert msgs[-2:] == [b"fuzz>\\quit", b""]
         for msg in msgs[:-2]:
