@@ -8,7 +8,9 @@
  * mode a turn flag says whether the user may send; in a room everybody types at any time. Every
  * way out goes through end(), which gives the terminal back and prints the one final line.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem */
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>

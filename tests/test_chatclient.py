@@ -1116,3 +1116,105 @@ def test_the_last_line_of_piped_input_needs_no_newline(chatclient):
     r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nlast words", capture_output=True, timeout=20)
     srv.join()
     assert r.returncode == 0 and r.stdout.endswith(b"SERVER>ok\nYou left the chat.\n"), r.stdout
+
+
+# -- the client's framer against the server's: one set of framing rules ------------------------
+
+import struct  # noqa: E402
+
+from chatlog.protocol import Framer  # noqa: E402
+
+TOKENS = [
+    b"SERVER>hello\n", b"SERVER> spaced\r\n", b"x\n\0", b"bare words", b"\r\n", b"\n", b"\r",
+    b"caf\xc3", b"\xa9\n", b"SERVER>no end", b"y" * 3000, b"z" * 8191 + b"\r\n", b"\x1b[2J\n",
+]
+JUNK = bytes(b for b in range(256) if b != ord(">"))
+GAPS = [0, 5, 60, 149, 151, 400]  # ms; never exactly the 150 ms quiet interval
+
+
+def random_script(r: random.Random):
+    """Bursts, quiet checks and our turns. While padding lasts (after a NUL, until the sender is
+    quiet or we speak) only junk with no line in it follows: the server now also ends padding at a
+    line that starts again with the same handle, a rule docs/protocol.md does not have yet."""
+    script, now, last, padding = [], 1000, 1000, False
+    for _ in range(r.randint(1, 12)):
+        op = r.random()
+        now += r.choice(GAPS)
+        if op < 0.15:
+            script.append(("Q", now))
+            continue
+        if op < 0.2:
+            script.append(("S",))
+            padding = False
+            continue
+        if padding and now - last < 150:
+            data = bytes(r.choice(JUNK) for _ in range(r.randint(1, 50)))  # more padding, no line
+        else:
+            data = b"".join(r.choice(TOKENS) for _ in range(r.randint(0, 4)))
+            padding = False
+            if r.random() < 0.3:  # NUL padding to the end of the burst
+                data += b"\0" + bytes(r.choice(JUNK) for _ in range(r.randint(0, 100)))
+                padding = True
+        if data:
+            script.append(("B", now, data))
+            last = now
+    script.append(("E",))
+    return script
+
+
+def server_framing(script):
+    f, out, now = Framer(quiet=0.15), [], 0
+    for op in script:
+        if op[0] == "B":
+            now = op[1]
+            frames = f.feed(op[2], now / 1000)
+        elif op[0] == "Q":
+            frames = f.flush_if_quiet(op[1] / 1000)
+        elif op[0] == "S":
+            frames = f.spoke()
+        else:
+            frames = f.flush(now / 1000)
+        out += [fr.payload for fr in frames if not fr.padding]
+    return out
+
+
+def encode_script(script):
+    out = b""
+    for op in script:
+        if op[0] == "B":
+            out += b"B" + struct.pack("<qI", op[1], len(op[2])) + op[2]
+        elif op[0] == "Q":
+            out += b"Q" + struct.pack("<q", op[1])
+        else:
+            out += op[0].encode()
+    return out
+
+
+def client_framing(binary, scripts):
+    """The messages framer-check makes of each script (one process, reset between scripts)."""
+    data = b"".join(encode_script(script) + b"R" for script in scripts)
+    r = subprocess.run([str(binary)], input=data, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode("utf-8", "replace")[-2000:]
+    out, current, data, i = [], [], r.stdout, 0
+    while i < len(data):
+        (n,) = struct.unpack_from("<I", data, i)
+        i += 4
+        if n == 0xFFFFFFFF:
+            out.append(current)
+            current = []
+            continue
+        current.append(data[i : i + n])
+        i += n
+    return out
+
+
+@pytest.mark.asan
+def test_client_and_server_frame_alike():
+    """The client's framer (alone, under ASan) and the server's Framer split the same bursts into
+    the same messages: NUL padding, quiet completion, CRLF, \\n\\0, overlong lines, split UTF-8."""
+    subprocess.run(["make", "-s", "-C", str(ROOT), "framer-check"], check=True)
+    binary = ROOT / "framer-check"
+    r = random.Random(11)
+    scripts = [random_script(r) for _ in range(int(os.environ.get("CHATCLIENT_FRAMER_RUNS", "2000")))]
+    for script, got in zip(scripts, client_framing(binary, scripts), strict=True):
+        assert got == server_framing(script), script
