@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1218,3 +1219,38 @@ def test_client_and_server_frame_alike():
     scripts = [random_script(r) for _ in range(int(os.environ.get("CHATCLIENT_FRAMER_RUNS", "2000")))]
     for script, got in zip(scripts, client_framing(binary, scripts), strict=True):
         assert got == server_framing(script), script
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_ctrl_z_gives_the_terminal_back_and_fg_resumes(chatclient, tmp_path):
+    """In an interactive shell: Ctrl-Z stops the client with the terminal back in the shell's mode;
+    `fg` brings the client back with the prompt and the half-typed text redrawn."""
+    srv = FakeServer(lambda peer: (peer.expect(b"brandon>abcdef\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
+    env = dict(os.environ, TERM="xterm", PS1="$ ", HOME=str(tmp_path))
+    p = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, encoding="utf-8", timeout=10,
+                      dimensions=(24, 80))
+    p.expect_exact("$ ")
+    p.sendline(f"{chatclient} 127.0.0.1 {srv.port}")
+    p.expect_exact("handle to be> ")
+    p.send("brandon\r")
+    p.expect_exact("brandon>")
+    p.send("abc")
+    p.expect_exact("abc")
+    p.send("\x1a")  # Ctrl-Z
+    p.expect("Stopped")
+    p.expect_exact("$ ")
+    p.sendline("stty -a")  # the shell's terminal is in canonical mode with echo again
+    p.expect(r"\sicanon\s")
+    p.expect_exact("$ ")
+    p.sendline("fg")
+    p.expect_exact("brandon>abc")
+    p.send("def\r")
+    p.expect_exact("SERVER>ok")
+    p.send("\\quit\r")
+    p.expect_exact("You left the chat.")
+    p.expect_exact("$ ")
+    p.sendline("echo status=$?")  # (a stopped job's command list is not carried on by the shell)
+    p.expect_exact("status=0")
+    p.sendline("exit")
+    p.expect(pexpect.EOF)
+    srv.join()
