@@ -430,7 +430,7 @@ def test_unsafe_header_is_generated_from_the_sanitiser():
     committed = (ROOT / "c_client" / "unsafe.h").read_text()
     assert r.stdout == committed, "c_client/unsafe.h is stale: run `make unsafe-header`"
     # the client's binary search needs sorted, disjoint ranges
-    for (lo, hi), (nlo, _) in zip(UNSAFE_RANGES, UNSAFE_RANGES[1:]):
+    for (lo, hi), (nlo, _) in zip(UNSAFE_RANGES, UNSAFE_RANGES[1:], strict=False):
         assert lo <= hi < nlo
 
 
@@ -464,7 +464,7 @@ class Screen:
         deadline = time.monotonic() + timeout
         while not cond(self.lines()):
             if time.monotonic() > deadline:
-                raise AssertionError(f"screen never matched; it shows:\n" + "\n".join(self.lines()))
+                raise AssertionError("screen never matched; it shows:\n" + "\n".join(self.lines()))
             try:
                 data = self.p.read_nonblocking(4096, timeout=0.05)
             except pexpect.TIMEOUT:
@@ -650,7 +650,7 @@ def test_room_mode(chatclient):
     typed.set()
     s.wait(lambda lines: lines[-5:] == ["alice>hi all", "alice>*** not a notice", "alice>\\quit", "[carol joined]", "bob>thr"])
     s.type("ee\r")
-    lines = s.wait_last("The operator removed you from the room.")
+    s.wait_last("The operator removed you from the room.")
     assert s.finish() == 0
     srv.join()
 
@@ -1037,7 +1037,7 @@ def fuzz_keys(chatclient, wrapper=()):
                 peer.send(b"SERVER>ok " + msg[-20:] + b"\n")
 
     r = random.Random(5)
-    for run in range(int(os.environ.get("CHATCLIENT_KEY_FUZZ_RUNS", "1"))):
+    for _ in range(int(os.environ.get("CHATCLIENT_KEY_FUZZ_RUNS", "1"))):
         srv = FakeServer(script)
         s = Screen(chatclient, srv.port, cols=50, rows=20, wrapper=wrapper)
         s.type("fuzz\r")
