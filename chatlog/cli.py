@@ -611,22 +611,11 @@ def stats(as_json, db):
     from chatlog import views
     from chatlog.render import Renderer
 
-    store = open_archive(db)
-    st = store.stats()
-    _said_and_answers(store, st)
+    st = open_archive(db).stats()
     if as_json:
         views.dump_json(st)
     else:
         views.stats_text(st, Renderer())
-
-
-def _said_and_answers(store, st: dict) -> None:
-    """Each busiest handle's messages split into what it said and the answers it got."""
-    for b in st.get("busiest_handles", []):
-        if "said" not in b:
-            rows = store.sessions(make_filters(handle=b["handle"]), 0)
-            b["said"] = sum(s.client_messages for s in rows)
-            b["answers"] = sum(s.server_messages for s in rows)
 
 
 @cli.command()
