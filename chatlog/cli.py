@@ -33,10 +33,9 @@ class Nothing(Exception):
 @contextlib.contextmanager
 def one_line_errors():
     """Whatever goes wrong below becomes a `Failed` (keeping click's exit status for usage
-    errors): store and export errors, bad dates, and click's own errors."""
-    from chatlog.db import StoreError
-    from chatlog.query import BadDate
-
+    errors): store and export errors, bad dates, and click's own errors. The modules that
+    define those errors are not imported here (`chatlog path` and `--help` stay fast): an error
+    of theirs can only come from a module already loaded."""
     try:
         yield
     except Failed:
@@ -47,14 +46,19 @@ def one_line_errors():
         raise err from None
     except click.exceptions.Abort:
         raise Failed("aborted") from None
-    except (StoreError, BadDate) as exc:
-        raise Failed(str(exc)) from None
     except Exception as exc:
-        from chatlog.export import ExportError
-
-        if isinstance(exc, ExportError):
+        if _worded_for_people(exc):
             raise Failed(str(exc)) from None
         raise
+
+
+def _worded_for_people(exc: Exception) -> bool:
+    """Whether `exc` is one of our errors whose message is already one clear line."""
+    for module, name in (("chatlog.db", "StoreError"), ("chatlog.query", "BadDate"), ("chatlog.export", "ExportError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 class Command(click.Command):

@@ -578,3 +578,15 @@ def test_an_absurdly_slow_replay_waits_in_parts_not_a_traceback():
         play(schedule([(T("10:00:00"), "a"), (T("10:00:01"), "b")], speed=1e-300), shown.append,
              clock=clock, sleep=clock.sleep)
     assert shown == ["a"]
+
+
+def test_path_and_help_import_no_database_code(tmp_path):
+    code = (
+        "import sys\nfrom chatlog.cli import cli\n"
+        "for args in (['path', '--db', sys.argv[1]], ['--help'], ['nosuch']):\n"
+        "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+        "print('loaded:', sorted(m for m in ('sqlite3', 'chatlog.db', 'chatlog.query', 'rich') if m in sys.modules),"
+        " file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True, cwd=ROOT)
+    assert "loaded: []" in r.stderr, r.stderr
