@@ -10,17 +10,21 @@ CFLAGS ?= -O2 -g
 WARN    = -std=gnu99 -Wall -Wextra -Werror
 PYTEST_ARGS ?=
 
-.PHONY: all venv serve test asan valgrind bench lint clean
+.PHONY: all venv serve test asan valgrind bench lint clean unsafe-header
 
 all: chatclient
 
 # Built to a temporary name and renamed, so a running client is never overwritten in place.
-chatclient: c_client/chatclient.c
+chatclient: c_client/chatclient.c c_client/unsafe.h
 	$(CC) $(WARN) $(CFLAGS) -o $@.tmp $< && mv -f $@.tmp $@
 
-chatclient-asan: c_client/chatclient.c
+chatclient-asan: c_client/chatclient.c c_client/unsafe.h
 	$(CC) $(WARN) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
 	    -fno-sanitize-recover=all -o $@.tmp $< && mv -f $@.tmp $@
+
+# The characters the client escapes, generated from chatlog/sanitize.py (a test checks it is current).
+unsafe-header: venv
+	$(PY) c_client/gen_unsafe.py > c_client/unsafe.h.tmp && mv -f c_client/unsafe.h.tmp c_client/unsafe.h
 
 venv: $(VENV)/.installed
 
@@ -43,7 +47,11 @@ asan: venv chatclient-asan
 valgrind: venv chatclient
 	$(PY) -m pytest -q -m valgrind tests
 
+# The room figures compare against `ncat --chat` (Debian's nmap ncat): installed here when missing
+# and running as root; otherwise those rows say n/a.
 bench: venv chatclient
+	@command -v ncat >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q ncat >/dev/null; } \
+	    || echo "ncat is missing and cannot be installed (not root): the room rows will say n/a"
 	$(PY) bench/run.py
 
 lint: venv

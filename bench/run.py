@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gen  # noqa: E402
 import logcost  # noqa: E402
+import roomload  # noqa: E402
 import turns  # noqa: E402
 from common import (  # noqa: E402
     CHATLOG, DATA, QUICK, VENV_BIN, Missing, has_command, median_spread, peak_rss_and_lines, run_timed,
@@ -99,6 +100,44 @@ def turn_cost():
     k = 500 if QUICK else 2000
     early = turns.answered_before_committed(k)
     row("turns answered before both committed", f"{early} of {k:,}", "", "", "0", early == 0)
+
+
+def fsync_cost():
+    """The turn with every commit fsynced (`serve --fsync`) against the default, same turns, runs
+    interleaved. Fewer turns than the main figure: an fsync is milliseconds on some disks."""
+    n = 500 if QUICK else 2_000
+    figure = f"turns/s with serve --fsync ({n:,} turns, 3 runs)"
+    if not turns.serve_has_option("--fsync"):
+        return missing(figure, "(the cost of fsync)", "no serve --fsync yet")
+    plain, synced, committed = [], [], []
+    for _ in range(3):
+        try:
+            s, _, c = turns.chatlog_turns(n, extra=("--fsync",))
+        except Missing as exc:
+            return missing(figure, "(the cost of fsync)", str(exc)[:70])
+        plain.append(turns.chatlog_turns(n)[0])
+        synced.append(s)
+        committed.append(c)
+    a, a_med = spread([r["turns_per_s"] for r in synced])
+    b, b_med = spread([r["turns_per_s"] for r in plain])
+    row(figure, a, f"{b} default", f"{a_med / b_med:.2f}", "(the cost of fsync)", "")
+    p99, _ = spread([r["p99_us"] for r in synced])
+    b99, _ = spread([r["p99_us"] for r in plain])
+    row("turn latency p99 with --fsync, us", p99, f"{b99} default", "", "", "")
+    row("messages committed with --fsync", f"{min(committed):,}", f"{2 * n:,} sent", "", "all", min(committed) == 2 * n)
+
+
+def stats(big, msgs):
+    figure = f"stats, {msgs:,} msgs"
+    target = "< 150 ms"
+    if not has_command("stats"):
+        return missing(figure, target)
+    try:
+        a = run_timed([*CHATLOG, "stats", "--db", str(big)])
+    except Missing as exc:
+        return missing(figure, target, str(exc)[:60])
+    b = run_timed(["sqlite3", str(big), "SELECT count(*) FROM messages"])
+    row(figure, ms(a), ms(b) + " sqlite3 count(*)", f"{a[0] / b[0]:.2f}", target, a[0] < 0.150)
 
 
 def logging_cost():
@@ -193,16 +232,196 @@ def memory():
         "growth < 5 MB", growth < 5)
 
 
+def room_run(scenario, server, **kw):
+    """One room scenario against one server: its result, or the reason it could not run."""
+    print(f"  room {scenario} against {server} ...", file=sys.stderr, flush=True)
+    try:
+        r = roomload.run(scenario, server, **kw)
+    except roomload.Unavailable as exc:
+        return str(exc)
+    except Exception as exc:  # a benchmark never fails: the row says what went wrong
+        return f"error: {type(exc).__name__}: {exc}"[:80]
+    print(f"    {r}", file=sys.stderr, flush=True)
+    return r
+
+
+def room():
+    """The multi-client room against `ncat --chat` (and the generator against a trivial C relay,
+    which is its own ceiling), each scenario once, in the same run."""
+    secs = 5 if QUICK else 20
+    scenarios = [
+        ("fanout", dict(clients=200, rate=2, seconds=secs), ("relay", "ncat", "chatlog")),
+        ("throughput", dict(listeners=100, lines=20_000), ("relay", "ncat", "chatlog")),
+        # 20 s even in a quick run: it takes that long to fill the buffers that hide a frozen room
+        ("slow", dict(clients=50, rate=10, size=450, seconds=20), ("ncat", "chatlog")),
+        ("crowd", dict(clients=2_000 if QUICK else 10_000), ("relay", "ncat", "chatlog")),
+        ("resets", dict(clients=20, resets=500), ("ncat", "chatlog")),
+    ]
+    res = {}
+    for scenario, kw, servers in scenarios:
+        for server in servers:
+            rs = [room_run(scenario, server, **kw)]
+            # a fraction of a second each against ncat: the median of 3 (once, if it was slow)
+            if scenario == "throughput" and isinstance(rs[0], dict) and rs[0]["wall_s"] < 20:
+                rs += [room_run(scenario, server, **kw) for _ in range(2)]
+            ok = [r for r in rs if isinstance(r, dict)]
+            if ok and scenario == "throughput":
+                ok.sort(key=lambda r: r.get("deliveries_per_s") or 0)
+            res[scenario, server] = ok[len(ok) // 2] if ok else rs[0]
+    room_rows(res, secs)
+
+
+def _na(r):
+    return None if isinstance(r, dict) else f"n/a ({r})"
+
+
+def busy(*results):
+    """How busy the generator was (its CPU time over the measured span) against the relay, ncat
+    and chatlog: near 100% it would be measuring itself."""
+    pct = [f"{r.get('generator_busy_pct')}%" if not _na(r) and r.get("generator_busy_pct") is not None else "-"
+           for r in results]
+    return "generator busy {} / {} / {} (relay / ncat / chatlog)".format(*pct)
+
+
+def _exited(r):
+    """'; it exited (its last words)' when the server did not survive the scenario."""
+    if r["server_alive"]:
+        return ""
+    said = " ".join(r.get("server_said") or []) or f"exit {r.get('server_exit')}"
+    return f"; it exited ({said[:40]})"
+
+
+def room_rows(res, secs):
+    def fan(r):
+        if _na(r):
+            return _na(r), None
+        missing = r["expected"] - r["delivered"]
+        state = "complete" if r["joined"] == r["clients"] and r["sent"] and not missing else (
+            f"{r['joined']} joined, {missing:,} of {r['expected']:,} missing")
+        state += _exited(r)
+        return f"{state}, p99 {r['p99_ms']} ms (p50 {r['p50_ms']})", state == "complete"
+
+    f_ours, f_base, f_relay = res["fanout", "chatlog"], res["fanout", "ncat"], res["fanout", "relay"]
+    (a, a_ok), (b, _) = fan(f_ours), fan(f_base)
+    figure = f"room: 200 clients x 2 lines/s, {secs} s"
+    target = "complete, p99 <= 25 ms, <= 0.5x ncat"
+    if _na(f_ours):
+        row(figure, a, f"{b} ncat", "", target, None)
+    else:
+        ratio = f_ours["p99_ms"] / f_base["p99_ms"] if not _na(f_base) and f_ours["p99_ms"] else None
+        row(figure, a, f"{b} ncat", f"{ratio:.2f}" if ratio else "", target,
+            bool(a_ok and ratio and f_ours["p99_ms"] <= 25 and ratio <= 0.5))
+    row("  generator ceiling: same load, C relay", fan(f_relay)[0], busy(f_relay, f_base, f_ours),
+        "", "(not the bottleneck)", "")
+
+    t_ours, t_base, t_relay = res["throughput", "chatlog"], res["throughput", "ncat"], res["throughput", "relay"]
+
+    def tput(r):
+        if _na(r):
+            return _na(r)
+        if "deliveries_per_s" not in r:
+            return f"{r['joined']} of {r['listeners']} joined"
+        lost = r["expected"] - r["delivered"]
+        text = f"{r['deliveries_per_s'] / 1e6:.1f} M/s" + (f", {lost:,} deliveries lost" if lost else "")
+        # ncat writes its "<userN> " prefix at the start of each read(), not each line, so a line
+        # that straddles two reads arrives cut in two: the checked listener sees it
+        cut = r["lines"] - r["intact_on_checked"]
+        return text + (f", {cut:,} of {r['lines']:,} lines cut on one listener" if cut else "") + _exited(r)
+
+    figure = "room: 1 sender, 100 listeners, 20,000 lines: deliveries/s"
+    target = ">= 0.5x ncat, all committed"
+    if _na(t_ours) or "deliveries_per_s" not in t_ours:
+        row(figure, tput(t_ours), f"{tput(t_base)} ncat", "", target, None if _na(t_ours) else False)
+    else:
+        ratio = t_ours["deliveries_per_s"] / t_base["deliveries_per_s"] if not _na(t_base) else None
+        stored = t_ours.get("stored")
+        row(figure, f"{tput(t_ours)}; {stored:,} committed", f"{tput(t_base)} ncat",
+            f"{ratio:.2f}" if ratio else "", target,
+            bool(ratio and ratio >= 0.5 and t_ours["complete"] and stored == t_ours["lines"]))
+    row("  generator ceiling: same load, C relay", tput(t_relay), busy(t_relay, t_base, t_ours),
+        "", "(not the bottleneck)", "")
+
+    def slow(r):
+        if _na(r):
+            return _na(r)
+        if r["undelivered_pct"] is None:
+            return f"{r['joined']} of {r['clients']} joined"
+        dropped = {True: "; the mute one dropped", False: "; the mute one kept", None: ""}[r["mute_dropped"]]
+        return f"{r['undelivered_pct']}% undelivered, p99 {r['p99_ms']} ms{dropped}{_exited(r)}"
+
+    s_ours, s_base = res["slow", "chatlog"], res["slow", "ncat"]
+    row("room: 50 clients x 10 lines/s of 450 B, one never reads, 20 s", slow(s_ours), f"{slow(s_base)} ncat",
+        "", "others get every line", None if _na(s_ours) else (s_ours["undelivered_pct"] == 0 and s_ours["server_alive"]))
+
+    def crowd(r):
+        if _na(r):
+            return _na(r)
+        text = f"{r['joined']:,} joined, {r['got_line']:,} of {r['of']:,} got the line"
+        if not r["alive_after"]:
+            said = " ".join(r.get("server_said") or [f"exit {r.get('server_exit')}"])
+            if "FD_SETSIZE" in said:
+                said = "FD_SETSIZE"
+            text = f"{r['joined']:,} joined, then it exited ({said[:40]})"
+        if r.get("open_error"):  # the generator's own limit, not the server's
+            text += f" (generator: {r['open_error']} at {r['stalled_at']:,})"
+        return text + f"; peak RSS {r['server_vmhwm_mb']} MB"
+
+    c_ours, c_base, c_relay = res["crowd", "chatlog"], res["crowd", "ncat"], res["crowd", "relay"]
+    n = c_ours["clients"] if not _na(c_ours) else c_base["clients"] if not _na(c_base) else 0
+    row(f"room: {n:,} concurrent clients, one line to all", crowd(c_ours), f"{crowd(c_base)} ncat", "",
+        "all get it, peak RSS < 200 MB",
+        None if _na(c_ours) else (c_ours["got_line"] == n - 1 and (c_ours["server_vmhwm_mb"] or 1e9) < 200))
+    row("  generator ceiling: same load, C relay", crowd(c_relay) + (
+        f"; connected in {c_relay['connect_s']} s" if not _na(c_relay) else ""), busy(c_relay, c_base, c_ours),
+        "", "(not the bottleneck)", "")
+
+    def reset(r):
+        if _na(r):
+            return _na(r)
+        if r["survived"]:
+            return f"survived {r['resets']} resets, line to {r['got_line']} of {r['of']}"
+        said = " ".join(r.get("server_said") or [])
+        return f"exited after {r['resets']} resets" + (" (getpeername: ENOTCONN)" if "getpeername" in said else "")
+
+    r_ours, r_base = res["resets", "chatlog"], res["resets", "ncat"]
+    row("room: 500 connections reset during accept", reset(r_ours), f"{reset(r_base)} ncat", "", "survives, all get it",
+        None if _na(r_ours) else (r_ours["survived"] and r_ours["got_line"] == r_ours["of"]))
+
+    pairs = [(k[0], r) for k, r in res.items() if k[1] == "chatlog" and not _na(r)]
+    figure = "room: lines relayed vs lines stored"
+    if not pairs:
+        return missing(figure, "equal, always", "no serve --room yet")
+    relayed = sum(r["relayed"] for _, r in pairs)
+    stored = sum(r.get("stored", 0) for _, r in pairs)
+    unequal = [name for name, r in pairs if r["relayed"] != r.get("stored")]
+    row(figure, f"{relayed:,} relayed, {stored:,} stored" + (f" (differ in: {', '.join(unequal)})" if unequal else ""),
+        "ncat stores nothing", "", "equal, always", not unequal)
+
+
+FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "startup", "memory", "room")
+
+
 def main():
+    only = set(FIGURES)
+    for arg in sys.argv[1:]:
+        if arg.startswith("--only="):
+            only = set(arg.split("=", 1)[1].split(","))
     t = time.perf_counter()
-    big_sessions = 5_000 if QUICK else 100_000
-    big, long_id, msgs = archive("big", big_sessions, 20)
-    small, small_long, small_msgs = archive("small", 1_000, 20)
-    for name, figure in (("turn cost", turn_cost), ("logging cost", logging_cost),
-                         ("archive queries", lambda: archive_queries(big, long_id, msgs, small, small_long, small_msgs)),
-                         ("export", lambda: exports(big, msgs)), ("start-up", startup), ("memory", memory)):
-        print(f"{name} ...", file=sys.stderr, flush=True)
-        figure()
+    if only & {"archive", "stats", "export"}:
+        big_sessions = 5_000 if QUICK else 100_000
+        big, long_id, msgs = archive("big", big_sessions, 20)
+        small, small_long, small_msgs = archive("small", 1_000, 20)
+    for key, name, figure in (
+        ("turns", "turn cost", turn_cost), ("fsync", "turn cost with --fsync", fsync_cost),
+        ("logging", "logging cost", logging_cost),
+        ("archive", "archive queries", lambda: archive_queries(big, long_id, msgs, small, small_long, small_msgs)),
+        ("stats", "stats", lambda: stats(big, msgs)),
+        ("export", "export", lambda: exports(big, msgs)), ("startup", "start-up", startup), ("memory", "memory", memory),
+        ("room", "room", room),
+    ):
+        if key in only:
+            print(f"{name} ...", file=sys.stderr, flush=True)
+            figure()
     print_table(time.perf_counter() - t)
 
 

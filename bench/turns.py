@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import VENV_BIN, rss_mb
+from common import VENV_BIN, Missing, rss_mb
 
 ECHO = r"""
 import socket, sys
@@ -93,7 +93,7 @@ def echo_turns(n, commit=False):
     return summary(lat, elapsed)
 
 
-def start_server(db, n_answers):
+def start_server(db, n_answers, extra=()):
     """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port).
 
     The replies come from a file through `cat` and the console goes to `cat >/dev/null` (after
@@ -103,19 +103,27 @@ def start_server(db, n_answers):
     replies = db.with_name("replies.txt")
     replies.write_bytes(b"".join(b"reply %d\n" % i for i in range(n_answers)))
     feeder = subprocess.Popen(["cat", str(replies)], stdout=subprocess.PIPE)
+    err = tempfile.TemporaryFile()
     console = subprocess.Popen(
         ["sh", "-c", 'IFS= read -r first; printf "%s\\n" "$first"; exec cat >/dev/null'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     p = subprocess.Popen(
-        [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600"],
-        stdin=feeder.stdout, stdout=console.stdin, env=dict(os.environ, NO_COLOR="1"),
+        [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600",
+         *extra],
+        stdin=feeder.stdout, stdout=console.stdin, stderr=err, env=dict(os.environ, NO_COLOR="1"),
     )
     feeder.stdout.close()
     console.stdin.close()
-    port = int(console.stdout.readline().decode().rsplit("port ", 1)[1])
     p.helpers = (feeder, console)
-    return p, port
+    banner = console.stdout.readline().decode()
+    if "port " not in banner:  # it did not start: say why in one line, not with a traceback
+        p.wait(10)
+        stop(p)
+        err.seek(0)
+        last = (err.read().decode(errors="replace").strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise Missing(f"serve {' '.join(extra)}: {last}")
+    return p, int(banner.rsplit("port ", 1)[1])
 
 
 def stop(p):
@@ -126,14 +134,21 @@ def stop(p):
         helper.wait(10)
 
 
-def chatlog_turns(n, checkpoints=()):
-    """Returns (summary, {turns: server RSS in MB}, messages committed)."""
+def chatlog_turns(n, checkpoints=(), extra=()):
+    """Returns (summary, {turns: server RSS in MB}, messages committed). extra: more options for
+    `chatlog serve` (e.g. --fsync)."""
     with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
-        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints)
+        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints, extra)
 
 
-def _chatlog_turns(db, n, checkpoints):
-    p, port = start_server(db, n)
+def serve_has_option(option):
+    """True if `chatlog serve` accepts this option yet (read from its --help)."""
+    r = subprocess.run([str(VENV_BIN / "chatlog"), "serve", "--help"], capture_output=True, text=True)
+    return option in r.stdout.split()
+
+
+def _chatlog_turns(db, n, checkpoints, extra=()):
+    p, port = start_server(db, n, extra)
     rss = {}
     marks = set(checkpoints)
 

@@ -1,10 +1,14 @@
-/* chatclient: a turn-based chat client for the CS372 chat protocol (see docs/protocol.md).
+/* chatclient: a chat client for the CS372 chat protocol and chatlog's notices (docs/protocol.md).
  *
- * One loop waits on the keyboard and the socket at once, so a server that goes away is noticed
- * while the user is typing. Received text is framed tolerantly (newline or NUL ends a message,
- * NUL padding is dropped, an unterminated burst completes after 150 ms of quiet) and made
- * visible before it reaches the terminal: control and invisible characters become escapes.
+ * Shaped like suckless sic: dial() connects, then one poll() loop watches the keyboard and the
+ * socket together. Bytes from the server go through a pure framer (tolerant framing: newline or
+ * NUL ends a message, NUL padding is dropped, an unterminated burst completes after 150 ms of
+ * quiet) and a pure parser; a printer shows each parsed line with every control or invisible
+ * character made visible (the table in unsafe.h is generated from chatlog/sanitize.py). In 1:1
+ * mode a turn flag says whether the user may send; in a room everybody types at any time. Every
+ * way out goes through end(), which gives the terminal back and prints the one final line.
  */
+#define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <netdb.h>
 #include <poll.h>
@@ -13,61 +17,29 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_HANDLE 10     /* characters */
-#define MAX_TEXT 500      /* characters */
+#include "unsafe.h"
+
+#define MAX_HANDLE 10     /* code points */
+#define MAX_TEXT 500      /* code points */
 #define MAX_LINE 8192     /* bytes: a longer received line is cut here */
 #define QUIET_MS 150      /* quiet time that completes an unterminated burst */
-#define INPUT_MAX 4096    /* bytes of one typed line we accept */
+#define GRACE_MS 100      /* wait this long for a busy refusal before asking for a handle */
+#define INPUT_MAX 4096    /* bytes of one typed line */
+#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
-static volatile sig_atomic_t stop_signal;
-static char handle[4 * MAX_HANDLE + 1];
-static int sock = -1;
+static const char usage_text[] =
+	"usage: chatclient [-t SECONDS] HOST PORT\n"
+	"Chat with a chatlog (CS372 chat) server at HOST:PORT. You speak first; type \\quit\n"
+	"or press Ctrl-D to leave. -t gives up if the server does not answer in time.\n";
 
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-	fputs("chatclient: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
-static void usage(FILE *f, int status)
-{
-	fputs("usage: chatclient [-t SECONDS] HOST PORT\n"
-	      "Chat with a chatlog (CS372 chat) server at HOST:PORT. You speak first; type \\quit\n"
-	      "or press Ctrl-D to leave. -t gives up if the server does not answer in time.\n", f);
-	exit(status);
-}
-
-static void on_signal(int sig)
-{
-	stop_signal = sig;
-}
-
-static long long now_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* Number of UTF-8 code points in s (bytes that are not continuation bytes). */
-static size_t utf8_len(const char *s, size_t n)
-{
-	size_t count = 0;
-	for (size_t i = 0; i < n; i++)
-		if (((unsigned char)s[i] & 0xC0) != 0x80)
-			count++;
-	return count;
-}
+/* -- text: UTF-8 and the one sanitiser rule ---------------------------------------------------- */
 
 /* Length of a valid UTF-8 sequence starting at s (1-4), or 0 if it is not valid. */
 static size_t utf8_seq(const unsigned char *s, size_t n, unsigned long *cp)
@@ -93,71 +65,95 @@ static size_t utf8_seq(const unsigned char *s, size_t n, unsigned long *cp)
 	return len;
 }
 
-/* Invisible or reordering characters that are shown as \uNNNN. */
-static int is_format_char(unsigned long c)
+/* Code points in s if it is valid UTF-8, else -1. */
+static long utf8_count(const unsigned char *s, size_t n)
 {
-	return c == 0x00AD || c == 0x061C || c == 0x180E || c == 0xFEFF ||
-	       (c >= 0x200B && c <= 0x200F) || (c >= 0x2028 && c <= 0x202E) ||
-	       (c >= 0x2060 && c <= 0x206F) || (c >= 0xFFF9 && c <= 0xFFFB) ||
-	       (c >= 0xE0000 && c <= 0xE007F);
+	long count = 0;
+	unsigned long cp;
+	for (size_t i = 0, len; i < n; i += len, count++)
+		if ((len = utf8_seq(s + i, n - i, &cp)) == 0)
+			return -1;
+	return count;
 }
 
-/* Copy untrusted bytes to out (at most outsize-1 bytes, NUL-terminated), every control or
- * invisible character made visible as an escape. Returns the length written. */
-static size_t visible(const unsigned char *in, size_t n, char *out, size_t outsize)
+/* Code points shown on screen for s (an invalid byte counts as one). */
+static size_t columns(const unsigned char *s, size_t n)
+{
+	size_t count = 0;
+	for (size_t i = 0; i < n; i++)
+		count += (s[i] & 0xC0) != 0x80;
+	return count;
+}
+
+/* The sanitiser's rule (chatlog/sanitize.py, UNSAFE_RANGES): is c shown as an escape? */
+static int unsafe(unsigned long c)
+{
+	size_t lo = 0, hi = NELEM(unsafe_ranges);
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (c < unsafe_ranges[mid].lo)
+			hi = mid;
+		else if (c > unsafe_ranges[mid].hi)
+			lo = mid + 1;
+		else
+			return 1;
+	}
+	return 0;
+}
+
+/* Unicode white space (Python's str.isspace()). */
+static int is_space(unsigned long c)
+{
+	return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 ||
+	       c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 ||
+	       c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
+/* Untrusted bytes as text a terminal shows literally: every unsafe character as the escape
+ * visible() gives it, bytes that are not UTF-8 as \xNN. out holds at least 4 * n + 1 bytes. */
+static size_t visible(const unsigned char *in, size_t n, char *out)
 {
 	size_t o = 0;
 	for (size_t i = 0; i < n;) {
-		char esc[16];
 		unsigned long cp;
 		size_t len = utf8_seq(in + i, n - i, &cp);
-		const char *piece;
-		size_t plen;
 		if (len == 0) {
-			snprintf(esc, sizeof esc, "\\x%02x", in[i]);
-			piece = esc, plen = strlen(esc), len = 1;
+			o += sprintf(out + o, "\\x%02x", in[i]);
+			len = 1;
+		} else if (!unsafe(cp)) {
+			memcpy(out + o, in + i, len);
+			o += len;
 		} else if (cp == '\t' || cp == '\n' || cp == '\r') {
-			esc[0] = '\\', esc[1] = cp == '\t' ? 't' : cp == '\n' ? 'n' : 'r', esc[2] = 0;
-			piece = esc, plen = 2;
-		} else if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F)) {
-			snprintf(esc, sizeof esc, "\\x%02lx", cp);
-			piece = esc, plen = strlen(esc);
-		} else if (is_format_char(cp)) {
-			snprintf(esc, sizeof esc, cp > 0xFFFF ? "\\U%08lx" : "\\u%04lx", cp);
-			piece = esc, plen = strlen(esc);
+			o += sprintf(out + o, "\\%c", cp == '\t' ? 't' : cp == '\n' ? 'n' : 'r');
 		} else {
-			piece = (const char *)in + i, plen = len;
+			o += sprintf(out + o, cp <= 0xFF ? "\\x%02lx" : cp <= 0xFFFF ? "\\u%04lx" : "\\U%08lx", cp);
 		}
-		if (o + plen >= outsize)
-			break;
-		memcpy(out + o, piece, plen);
-		o += plen;
 		i += len;
 	}
 	out[o] = 0;
 	return o;
 }
 
-/* -- the tolerant framer (docs/protocol.md, "Receiving") -------------------------------------- */
+/* -- the tolerant framer (docs/protocol.md, "Receiving"): bytes in, messages out, no I/O ------- */
 
 struct framer {
-	unsigned char buf[MAX_LINE];
+	unsigned char buf[MAX_LINE];  /* the message being collected */
 	size_t len;
-	int cutting;          /* dropping the rest of an overlong line */
-	int padding;          /* dropping padding after a NUL */
-	long long last;       /* when the last byte arrived */
+	int cutting;                  /* dropping the rest of an overlong line */
+	int padding;                  /* dropping padding after a NUL */
+	int complete;                 /* buf holds a finished message not yet handed out */
+	int handed;                   /* buf was handed out: clear it before going on */
+	long long last;               /* when the last burst arrived */
+	const unsigned char *in;      /* the unread rest of the current burst */
+	size_t inlen;
 };
 
-typedef void (*on_message)(const unsigned char *msg, size_t n);
-
-static void frame_complete(struct framer *f, on_message cb)
+static int pending(const struct framer *f)
 {
-	cb(f->buf, f->len);
-	f->len = 0;
-	f->cutting = 0;
+	return f->len > 0 || f->cutting;
 }
 
-static void frame_take(struct framer *f, const unsigned char *p, size_t n)
+static void take(struct framer *f, const unsigned char *p, size_t n)
 {
 	if (f->cutting)
 		return;
@@ -169,52 +165,247 @@ static void frame_take(struct framer *f, const unsigned char *p, size_t n)
 	f->len += n;
 }
 
-static void frame_feed(struct framer *f, const unsigned char *data, size_t n, long long now,
-		       on_message cb)
+/* A burst (what one recv() returned) arrives at time now. data must stay valid until
+ * frame_next() has returned 0. */
+static void frame_burst(struct framer *f, const unsigned char *data, size_t n, long long now)
 {
-	int pending = f->len > 0 || f->cutting;
 	if (f->padding && now - f->last >= QUIET_MS)
 		f->padding = 0;
-	if (pending && now - f->last >= QUIET_MS)
-		frame_complete(f, cb);
+	if (pending(f) && now - f->last >= QUIET_MS)
+		f->complete = 1; /* the sender went quiet: what came before is a message */
 	f->last = now;
-	for (size_t i = 0; i < n;) {
-		if (f->padding)
-			return; /* the rest of this burst is padding */
-		const unsigned char *nl = memchr(data + i, '\n', n - i);
-		const unsigned char *nul = memchr(data + i, '\0', n - i);
-		if (!nl && !nul) {
-			frame_take(f, data + i, n - i);
-			return;
-		}
-		if (!nl || (nul && nul < nl)) {
-			size_t k = nul - data;
-			if (k > i || f->len > 0 || f->cutting) {
-				frame_take(f, data + i, k - i);
-				frame_complete(f, cb);
-			}
-			f->padding = 1;
-			i = k + 1;
-			continue;
-		}
-		size_t k = nl - data;
-		frame_take(f, data + i, k - i);
-		if (!f->cutting && f->len > 0 && f->buf[f->len - 1] == '\r')
-			f->len--;
-		frame_complete(f, cb);
-		i = k + 1;
-		if (i < n && data[i] == '\0')
-			i++; /* "\n\0": the NUL belongs to the terminator */
-	}
+	f->in = data;
+	f->inlen = f->padding ? 0 : n; /* padding swallows a burst before the sender is quiet */
 }
 
-static void frame_flush(struct framer *f, long long now, int force, on_message cb)
+/* The sender has been quiet since the last burst (or, with force, the stream has ended). */
+static void frame_quiet(struct framer *f, long long now, int force)
 {
-	if ((f->len > 0 || f->cutting) && (force || now - f->last >= QUIET_MS))
-		frame_complete(f, cb);
+	if (pending(f) && (force || now - f->last >= QUIET_MS))
+		f->complete = 1;
 }
 
-/* -- talking to the server ------------------------------------------------------------------- */
+/* The next complete message: 1 with *msg and *n set (valid until the next call), or 0 when
+ * the burst is used up. */
+static int frame_next(struct framer *f, const unsigned char **msg, size_t *n)
+{
+	if (f->handed) { /* the message handed out last time is done with */
+		f->len = 0;
+		f->cutting = 0;
+		f->handed = 0;
+	}
+	while (!f->complete && f->inlen > 0) {
+		const unsigned char *d = f->in;
+		const unsigned char *nl = memchr(d, '\n', f->inlen);
+		const unsigned char *nul = memchr(d, '\0', nl ? (size_t)(nl - d) : f->inlen);
+		if (!nl && !nul) {
+			take(f, d, f->inlen);
+			f->inlen = 0;
+		} else if (nul) {
+			size_t k = (size_t)(nul - d);
+			f->complete = k > 0 || pending(f);
+			take(f, d, k);
+			f->padding = 1; /* the rest of this burst is padding */
+			f->inlen = 0;
+		} else {
+			size_t k = (size_t)(nl - d);
+			take(f, d, k);
+			if (!f->cutting && f->len > 0 && f->buf[f->len - 1] == '\r')
+				f->len--;
+			if (++k < f->inlen && d[k] == '\0')
+				k++; /* "\n\0": the NUL belongs to the terminator */
+			f->in += k;
+			f->inlen -= k;
+			f->complete = 1;
+		}
+	}
+	if (!f->complete)
+		return 0;
+	f->complete = 0;
+	f->handed = 1;
+	*msg = f->buf;
+	*n = f->len;
+	return 1;
+}
+
+/* -- the parser: one message to prefix, text and what it means, no I/O ------------------------- */
+
+struct line {
+	const unsigned char *prefix, *text;
+	size_t plen, tlen;
+	int quit;    /* \quit, alone or after the prefix */
+	int notice;  /* "*** ": chatlog telling the person what is happening */
+};
+
+static void parse(const unsigned char *m, size_t n, struct line *l)
+{
+	size_t i = 0, chars = 0, a, b;
+	memset(l, 0, sizeof *l);
+	while (i < n && chars <= MAX_HANDLE && m[i] != '>') {
+		unsigned long cp;
+		size_t len = utf8_seq(m + i, n - i, &cp);
+		if (len == 0)
+			len = 1, cp = 0xFFFD;
+		if (is_space(cp))
+			break;
+		i += len, chars++;
+	}
+	if (i > 0 && i < n && m[i] == '>' && chars <= MAX_HANDLE) {
+		l->prefix = m, l->plen = i;
+		i++;
+		if (i < n && m[i] == ' ')
+			i++;
+	} else {
+		i = 0;
+	}
+	l->text = m + i, l->tlen = n - i;
+	for (a = 0, b = l->tlen; a < b && l->text[a] < 0x80 && is_space(l->text[a]); a++)
+		;
+	while (b > a && l->text[b - 1] < 0x80 && is_space(l->text[b - 1]))
+		b--;
+	l->quit = b - a == 5 && memcmp(l->text + a, "\\quit", 5) == 0;
+	l->notice = l->tlen >= 4 && memcmp(l->text, "*** ", 4) == 0;
+}
+
+/* -- the screen: status lines above the line being typed ---------------------------------------- */
+
+static struct {
+	int tty;                  /* keyboard and screen are a terminal: raw input, redraws */
+	int raw;                  /* the terminal is in our mode; restore saved on the way out */
+	struct termios saved;
+	const char *prompt;       /* shown before the input, or NULL */
+	int shown;                /* prompt (and typed text) are on the screen's last line */
+	size_t cols;              /* how many columns they take */
+	unsigned char buf[INPUT_MAX];
+	size_t len;
+	int overflow;             /* more was typed than buf holds */
+	int esc;                  /* skipping an escape sequence (arrow keys, ...) */
+} ui;
+
+static void hide_input(void)
+{
+	if (!ui.shown)
+		return;
+	if (ui.tty) {
+		struct winsize ws;
+		size_t up = 0;
+		if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && ui.cols > 0)
+			up = (ui.cols - 1) / ws.ws_col; /* the rows the input wrapped onto */
+		fputc('\r', stdout);
+		if (up)
+			printf("\033[%zuA", up);
+		fputs("\033[J", stdout);
+	} else {
+		fputc('\n', stdout);
+	}
+	ui.shown = 0;
+}
+
+/* The prompt and, on a terminal, what has been typed so far (made visible like any text). */
+static void show_input(void)
+{
+	static char echo[4 * INPUT_MAX + 1];
+	if (ui.shown || !ui.prompt)
+		return;
+	fputs(ui.prompt, stdout);
+	ui.cols = columns((const unsigned char *)ui.prompt, strlen(ui.prompt));
+	if (ui.tty) {
+		size_t n = visible(ui.buf, ui.len, echo);
+		fputs(echo, stdout);
+		ui.cols += columns((const unsigned char *)echo, n);
+	}
+	ui.shown = 1;
+}
+
+/* Print one status line above the input. */
+static void say(const char *fmt, ...)
+{
+	va_list ap;
+	hide_input();
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	fputc('\n', stdout);
+}
+
+/* -- state and the one way out ------------------------------------------------------------------ */
+
+static volatile sig_atomic_t stop_signal;
+static int sock = -1;
+static int chatting;         /* connected: the final line goes to stdout */
+static char handle[4 * MAX_HANDLE + 1];
+static char prompt[sizeof handle + 1];
+static char server_handle[sizeof handle];
+static int room;             /* a room: no turns, lines from others at any time */
+static int my_turn = 1;      /* 1:1: the user may send */
+static int nlines;           /* lines received so far */
+static char queued[INPUT_MAX + 1];
+static int has_queued;
+static long timeout_s;       /* -t: how long to wait for an answer, or 0 */
+static long long deadline;   /* when to give up waiting for it, or 0 */
+static struct framer fr;
+
+/* Send all of buf; -1 if the connection is gone or a signal asks us to stop (a server that
+ * does not read would otherwise hold us here for ever). */
+static int send_all(const char *buf, size_t n, int flags)
+{
+	while (n > 0) {
+		ssize_t w = send(sock, buf, n, MSG_NOSIGNAL | flags);
+		if (w < 0 && errno == EINTR && !stop_signal)
+			continue;
+		if (w < 0)
+			return -1;
+		buf += w;
+		n -= (size_t)w;
+		if (n > 0 && stop_signal && !(flags & MSG_DONTWAIT))
+			return -1; /* a signal cut the send short after some bytes went */
+	}
+	return 0;
+}
+
+/* The one way out: say \quit if the chat is still up, give the terminal back, print the final
+ * line (before the chat, an error on stderr; status 2 adds the usage) and exit. */
+static void end(int status, const char *fmt, ...)
+{
+	FILE *out = chatting ? stdout : stderr;
+	va_list ap;
+	if (sock >= 0 && handle[0]) {
+		char bye[sizeof handle + 8];
+		int n = snprintf(bye, sizeof bye, "%s>\\quit\n", handle);
+		send_all(bye, (size_t)n + 1, MSG_DONTWAIT); /* best effort; with the NUL */
+	}
+	if (sock >= 0)
+		close(sock);
+	hide_input();
+	if (ui.raw)
+		tcsetattr(STDIN_FILENO, TCSAFLUSH, &ui.saved);
+	if (fmt) {
+		if (!chatting)
+			fputs("chatclient: ", out);
+		va_start(ap, fmt);
+		vfprintf(out, fmt, ap);
+		va_end(ap);
+		fputc('\n', out);
+	}
+	if (status == 2)
+		fputs(usage_text, stderr);
+	fflush(stdout);
+	exit(status);
+}
+
+static void on_signal(int sig)
+{
+	stop_signal = sig;
+}
+
+static long long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* -- talking to the server ---------------------------------------------------------------------- */
 
 static int dial(const char *host, const char *port)
 {
@@ -224,15 +415,19 @@ static int dial(const char *host, const char *port)
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
 	if ((err = getaddrinfo(host, port, &hints, &res)) != 0)
-		die("cannot resolve %s: %s", host, gai_strerror(err));
+		end(1, "cannot resolve %s: %s", host, gai_strerror(err));
 	for (ai = res; ai; ai = ai->ai_next) {
 		fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
 		if (fd < 0) {
 			saved = errno;
 			continue;
 		}
-		while ((err = connect(fd, ai->ai_addr, ai->ai_addrlen)) < 0 && errno == EINTR)
-			;
+		err = connect(fd, ai->ai_addr, ai->ai_addrlen);
+		if (err < 0 && errno == EINTR) { /* a signal: Ctrl-C while a server keeps us waiting */
+			close(fd);
+			freeaddrinfo(res);
+			end(1, "cannot connect to %s port %s: interrupted", host, port);
+		}
 		if (err == 0)
 			break;
 		saved = errno;
@@ -241,278 +436,409 @@ static int dial(const char *host, const char *port)
 	}
 	freeaddrinfo(res);
 	if (fd < 0)
-		die("cannot connect to %s port %s: %s", host, port, strerror(saved));
+		end(1, "cannot connect to %s port %s: %s", host, port, strerror(saved));
 	return fd;
 }
 
-/* Send all of buf; returns 0, or -1 if the connection is gone. */
-static int send_all(const char *buf, size_t n)
+static void lost(int err)
 {
-	while (n > 0) {
-		ssize_t w = send(sock, buf, n, MSG_NOSIGNAL);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -1;
-		}
-		buf += w;
-		n -= (size_t)w;
-	}
-	return 0;
-}
-
-static void send_message(const char *text)
-{
-	char out[4 * MAX_HANDLE + 1 + INPUT_MAX + 3];
-	int n = snprintf(out, sizeof out, "%s>%s\n", handle, text);
-	if (n < 0 || (size_t)n + 1 >= sizeof out)
-		return;
-	out[n] = '\0'; /* the NUL the original CS372 server expects after the newline */
-	if (send_all(out, (size_t)n + 1) < 0) {
-		printf("\nConnection to server lost: %s\n", strerror(errno));
-		exit(1);
-	}
-}
-
-static void leave(int status, const char *why)
-{
-	if (sock >= 0 && handle[0])
-		send_message("\\quit");
 	if (sock >= 0)
 		close(sock);
-	printf("%s\n", why);
-	fflush(stdout);
-	exit(status);
+	sock = -1;
+	end(1, "Connection to the server lost: %s.", strerror(err));
 }
 
-static int server_quit;
-static int got_message;
 
-/* Show one message from the server, prefix kept, text made visible. */
-static void show(const unsigned char *msg, size_t n)
+static void send_text(const char *text)
 {
-	static char out[MAX_LINE * 10 + 1];
-	size_t i = 0, start = 0, a, b;
-	while (i < n && i < 4 * MAX_HANDLE && msg[i] != '>' && msg[i] != ' ' && msg[i] != '\t')
-		i++;
-	if (i > 0 && i < n && msg[i] == '>' && utf8_len((const char *)msg, i) <= MAX_HANDLE)
-		start = i + 1 + (i + 1 < n && msg[i + 1] == ' ');
-	/* \quit, alone or after the prefix, surrounding white space ignored */
-	for (a = start, b = n; a < b && (msg[a] == ' ' || msg[a] == '\t'); a++)
-		;
-	while (b > a && (msg[b - 1] == ' ' || msg[b - 1] == '\t'))
-		b--;
-	if (b - a == 5 && memcmp(msg + a, "\\quit", 5) == 0) {
-		server_quit = 1;
-		return;
+	static char out[sizeof handle + INPUT_MAX + 4];
+	int n = snprintf(out, sizeof out, "%s>%s\n", handle, text);
+	if (send_all(out, (size_t)n + 1, 0) < 0) { /* with the NUL the original CS372 server expects */
+		if (stop_signal)
+			end(0, "You left the chat.");
+		lost(errno);
 	}
-	if (start > 0) {
-		visible(msg, i, out, sizeof out);
-		fputs(out, stdout);
-		fputc('>', stdout);
+	fr.padding = 0; /* we spoke: the server's turn, so any padding from it has ended */
+	if (!room) {
+		my_turn = 0;
+		deadline = timeout_s ? now_ms() + timeout_s * 1000 : 0;
 	}
-	visible(msg + start, n - start, out, sizeof out);
-	fputs(out, stdout);
-	fputc('\n', stdout);
-	fflush(stdout);
-	got_message = 1;
 }
 
-/* Read from the socket into the framer; returns 0 while connected. */
-static int receive(struct framer *f)
+/* -- the printer: parsed lines from the server on the screen ------------------------------------ */
+
+static char vis[4 * MAX_LINE + 1];
+static char notice[4 * MAX_LINE + 1]; /* the text of the last notice, made visible */
+static int held;                      /* that notice is not printed yet: it may explain a \quit */
+static int after_notice;              /* the line before this one was a notice */
+
+static void print_line(const struct line *l)
 {
-	unsigned char buf[65536];
-	ssize_t r = recv(sock, buf, sizeof buf, 0);
-	if (r < 0 && (errno == EINTR || errno == EAGAIN))
-		return 0;
-	if (r <= 0) {
-		frame_flush(f, now_ms(), 1, show);
-		if (server_quit)
-			leave(0, "Disconnected from server");
+	char pre[4 * sizeof handle + 1];
+	hide_input();
+	if (l->prefix) {
+		visible(l->prefix, l->plen, pre);
+		printf("%s>", pre);
+	}
+	visible(l->text, l->tlen, vis);
+	printf("%s\n", vis);
+}
+
+static void print_held(void)
+{
+	if (held)
+		say("[%s]", notice);
+	held = 0;
+}
+
+static int from_server(const struct line *l)
+{
+	return l->prefix && l->plen == strlen(server_handle) &&
+	       memcmp(l->prefix, server_handle, l->plen) == 0;
+}
+
+/* One message from the server. */
+static void on_message(const unsigned char *m, size_t n)
+{
+	struct line l;
+	parse(m, n, &l);
+	if (nlines++ == 0 && l.notice && memmem(l.text, l.tlen, "Welcome to the room", 19)) {
+		room = 1;
+		my_turn = 1;
+		deadline = 0;
+		if (l.prefix && l.plen < sizeof server_handle)
+			memcpy(server_handle, l.prefix, l.plen);
+	}
+	if (room && l.prefix && !from_server(&l))
+		l.notice = l.quit = 0; /* in a room only the server's own lines are notices */
+	if (l.quit) {
 		close(sock);
 		sock = -1;
-		printf("\n%s\n", r == 0 ? "Connection closed by server" : "Connection to server lost");
-		fflush(stdout);
-		exit(1);
+		if (after_notice)
+			end(0, "%s", notice);
+		end(0, "The server closed the chat.");
 	}
-	frame_feed(f, buf, (size_t)r, now_ms(), show);
-	return 0;
+	print_held();
+	after_notice = l.notice;
+	if (l.notice) {
+		visible(l.text + 4, l.tlen - 4, notice);
+		held = 1;
+	} else {
+		print_line(&l);
+	}
 }
 
+/* Everything the last burst (or the quiet) completed; in 1:1 mode, that was the answer. */
+static void drain(void)
+{
+	const unsigned char *m;
+	size_t n;
+	int got = 0;
+	while (frame_next(&fr, &m, &n)) {
+		on_message(m, n);
+		got = 1;
+	}
+	print_held();
+	if (!got || room || my_turn)
+		return;
+	my_turn = 1;
+	deadline = 0;
+	if (has_queued) {
+		has_queued = 0;
+		hide_input();
+		visible((const unsigned char *)queued, strlen(queued), vis);
+		printf("%s%s\n", prompt, vis);
+		send_text(queued);
+	}
+}
+
+static void receive(void)
+{
+	static unsigned char buf[65536];
+	ssize_t r = recv(sock, buf, sizeof buf, 0);
+	int err = errno;
+	if (r < 0 && (err == EINTR || err == EAGAIN))
+		return;
+	if (r <= 0) {
+		frame_quiet(&fr, 0, 1); /* the stream ended: an unterminated last line is complete */
+		drain();
+		if (r == 0) {
+			close(sock);
+			sock = -1;
+			end(1, "Connection closed by the server.");
+		}
+		lost(err);
+	}
+	frame_burst(&fr, buf, (size_t)r, now_ms());
+	drain();
+}
+
+/* -- the keyboard: a line editor on a terminal, plain lines from a pipe or file ------------------ */
+
+static const char ask_handle[] = "What would you like your chat handle to be> ";
+static unsigned char inbuf[4096];
+static size_t inpos, inlen;
+static int in_eof;
+static int asked;            /* the grace time is over: the user is asked for input */
+
+/* A handle: 1 to MAX_HANDLE valid UTF-8 code points, no white space, no '>', no control or
+ * format character, and short enough in bytes for the handle buffer. */
 static int valid_handle(const char *h, size_t n)
 {
-	size_t chars = utf8_len(h, n);
-	if (chars < 1 || chars > MAX_HANDLE)
+	size_t chars = 0;
+	if (n == 0 || n >= sizeof handle)
 		return 0;
-	for (size_t i = 0; i < n; i++)
-		if (h[i] == '>' || h[i] == ' ' || h[i] == '\t' || (unsigned char)h[i] < 0x20)
+	for (size_t i = 0; i < n; chars++) {
+		unsigned long cp;
+		size_t len = utf8_seq((const unsigned char *)h + i, n - i, &cp);
+		if (len == 0 || cp == '>' || is_space(cp) || unsafe(cp))
 			return 0;
-	return 1;
+		i += len;
+	}
+	return chars <= MAX_HANDLE;
 }
 
-/* Read one line from the terminal into line; 1 for a line, 0 for EOF, -1 for too long. */
-static int read_line(char *line, size_t size)
+static int is_quit(const char *s, size_t n)
 {
-	size_t n = 0;
-	int too_long = 0;
-	for (;;) {
-		char c;
-		ssize_t r = read(STDIN_FILENO, &c, 1);
-		if (r < 0 && errno == EINTR) {
-			if (stop_signal)
-				leave(0, "\nDisconnected from server");
-			continue;
+	while (n > 0 && (*s == ' ' || *s == '\t'))
+		s++, n--;
+	while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t'))
+		n--;
+	return n == 5 && memcmp(s, "\\quit", 5) == 0;
+}
+
+/* One line the user typed: the handle, \quit, or a message. */
+static void on_input(char *line, size_t n, int overflow)
+{
+	long chars;
+	if (!handle[0]) {
+		if (overflow || !valid_handle(line, n)) {
+			say("A handle is 1 to 10 characters, with no spaces, no '>' and no control characters.");
+			return;
 		}
-		if (r <= 0)
-			return n > 0 && !too_long ? (line[n] = 0, 1) : 0;
-		if (c == '\n')
-			break;
-		if (n + 1 < size)
-			line[n++] = c;
-		else
-			too_long = 1;
+		memcpy(handle, line, n + 1);
+		snprintf(prompt, sizeof prompt, "%s>", handle);
+		ui.prompt = prompt;
+		return;
 	}
+	if (!overflow && is_quit(line, n))
+		end(0, "You left the chat.");
+	if (overflow)
+		say("Message too long (more than %d bytes, at most %d characters); not sent.", INPUT_MAX, MAX_TEXT);
+	else if (n == 0)
+		return;
+	else if (memchr(line, 0, n))
+		say("Not sent: the message contains a NUL byte.");
+	else if ((chars = utf8_count((unsigned char *)line, n)) < 0)
+		say("Not sent: the message is not valid UTF-8.");
+	else if (chars > MAX_TEXT)
+		say("Message too long (%ld characters, at most %d); not sent.", chars, MAX_TEXT);
+	else if (!room && !my_turn && has_queued)
+		say("Not sent: a line is already queued; wait for the server's answer.");
+	else if (!room && !my_turn) {
+		memcpy(queued, line, n + 1);
+		has_queued = 1;
+		say("(queued: will be sent when the server answers)");
+	} else
+		send_text(line);
+}
+
+static void submit(void)
+{
+	char line[INPUT_MAX + 1];
+	size_t n = ui.len;
+	int overflow = ui.overflow;
+	memcpy(line, ui.buf, n);
 	if (n > 0 && line[n - 1] == '\r')
 		n--;
 	line[n] = 0;
-	return too_long ? -1 : 1;
+	if (ui.tty)
+		show_input(); /* typed ahead before the prompt was drawn */
+	ui.len = 0;
+	ui.overflow = 0;
+	if (ui.shown)
+		fputc('\n', stdout); /* what was typed stays on the screen as the user's line */
+	ui.shown = 0;
+	on_input(line, n, overflow);
+}
+
+static void redraw(void)
+{
+	hide_input();
+	show_input();
+}
+
+/* One byte from the keyboard. */
+static void on_key(unsigned char c)
+{
+	if (ui.esc == 2) { /* ESC [ or ESC O, parameters, then a final byte: a key we do not use */
+		ui.esc = c >= 0x20 && c < 0x40 ? 2 : 0;
+		return;
+	}
+	if (ui.esc == 1) {
+		ui.esc = c == '[' || c == 'O' ? 2 : 0;
+		if (ui.esc || c >= 0x20)
+			return; /* Alt and a key: dropped; ESC and a control key: the control key */
+	}
+	if (c == '\n' || (ui.tty && c == '\r')) {
+		submit();
+		return;
+	}
+	if (ui.tty && (c < 0x20 || c == 0x7F)) {
+		if (c == 0x7F || c == 0x08) { /* backspace: the last code point */
+			while (ui.len > 0 && (ui.buf[--ui.len] & 0xC0) == 0x80)
+				;
+			ui.overflow = 0;
+		} else if (c == 0x15) { /* Ctrl-U */
+			ui.len = ui.overflow = 0;
+		} else if (c == 0x17) { /* Ctrl-W */
+			while (ui.len > 0 && ui.buf[ui.len - 1] == ' ')
+				ui.len--;
+			while (ui.len > 0 && ui.buf[ui.len - 1] != ' ')
+				ui.len--;
+		} else if (c == 0x04 && ui.len == 0) { /* Ctrl-D on an empty line */
+			end(0, "You left the chat.");
+		} else if (c == 0x1B) {
+			ui.esc = 1;
+		}
+		redraw();
+		return;
+	}
+	if (ui.len == sizeof ui.buf) {
+		ui.overflow = 1; /* refused at Enter; the rest of the line never leaks into the next */
+		return;
+	}
+	ui.buf[ui.len++] = c;
+	if (ui.tty && ui.shown && c >= 0x20 && c < 0x7F) {
+		fputc(c, stdout);
+		ui.cols++;
+	} else if (ui.tty) {
+		redraw();
+	}
+}
+
+/* May typed input be taken now? From a pipe, lines wait there until it is the user's turn. */
+static int accepting(void)
+{
+	return asked && (ui.tty || room || my_turn || !handle[0]);
+}
+
+static void take_input(void)
+{
+	while (accepting() && inpos < inlen)
+		on_key(inbuf[inpos++]);
+	if (accepting() && inpos == inlen && in_eof) {
+		if (ui.len > 0 || ui.overflow)
+			submit(); /* a last line with no newline */
+		else
+			end(0, "You left the chat.");
+	}
 }
 
 int main(int argc, char **argv)
 {
-	long timeout_s = 0;
-	int opt;
 	struct sigaction sa;
-	static struct framer f;
-	char line[INPUT_MAX + 1];
+	char *e;
+	int opt;
 
-	for (int i = 1; i < argc; i++)
-		if (strcmp(argv[i], "--help") == 0)
-			usage(stdout, 0);
-	while ((opt = getopt(argc, argv, "ht:")) != -1) {
-		char *end;
-		switch (opt) {
-		case 'h':
-			usage(stdout, 0);
-			break;
-		case 't':
-			timeout_s = strtol(optarg, &end, 10);
-			if (*end || timeout_s <= 0)
-				usage(stderr, 2);
-			break;
-		default:
-			usage(stderr, 2);
+	for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
+		if (strcmp(argv[i], "--help") == 0) {
+			fputs(usage_text, stdout);
+			end(0, NULL);
+		}
+	opterr = 0;
+	while ((opt = getopt(argc, argv, "+ht:")) != -1) {
+		if (opt == 'h') {
+			fputs(usage_text, stdout);
+			end(0, NULL);
+		} else if (opt == 't') {
+			errno = 0;
+			timeout_s = strtol(optarg, &e, 10);
+			if (!*optarg || *e || errno || timeout_s < 1 || timeout_s > 1000000)
+				end(2, "-t '%s' is not a number of seconds (1-1000000)", optarg);
+		} else if (optopt == 't') {
+			end(2, "-t needs a number of seconds");
+		} else {
+			end(2, "unknown option '-%c'", optopt);
 		}
 	}
-	if (argc - optind != 2)
-		usage(stderr, 2);
+	if (argc - optind < 2)
+		end(2, argc == optind ? "missing HOST and PORT" : "missing PORT");
+	if (argc - optind > 2)
+		end(2, "too many arguments: expected HOST and PORT");
 	const char *host = argv[optind], *port = argv[optind + 1];
-	char *end;
-	long p = strtol(port, &end, 10);
-	if (!*port || *end || p < 1 || p > 65535 || strspn(port, "0123456789") != strlen(port))
-		usage(stderr, 2);
+	errno = 0;
+	long p = strtol(port, &e, 10);
+	if (!*port || *e || errno || p < 1 || p > 65535 || strspn(port, "0123456789") != strlen(port))
+		end(2, "port '%s' is not a number (1-65535)", port);
 
 	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = on_signal; /* no SA_RESTART: poll and read return EINTR */
+	sa.sa_handler = on_signal; /* no SA_RESTART: poll() returns EINTR */
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGHUP, &sa, NULL);
+	sigaction(SIGQUIT, &sa, NULL); /* Ctrl-\\ too: never leave the terminal in our mode */
 	signal(SIGPIPE, SIG_IGN);
+
+	ui.tty = isatty(STDIN_FILENO) && isatty(STDOUT_FILENO) && tcgetattr(STDIN_FILENO, &ui.saved) == 0;
+	if (ui.tty) { /* our own line editor: keys one by one, no echo; Ctrl-C still signals */
+		struct termios t = ui.saved;
+		t.c_lflag &= ~(tcflag_t)(ICANON | ECHO);
+		t.c_cc[VMIN] = 1;
+		t.c_cc[VTIME] = 0;
+		t.c_cc[VSUSP] = _POSIX_VDISABLE; /* no stopping with the terminal in this mode */
+		ui.raw = ui.tty = tcsetattr(STDIN_FILENO, TCSANOW, &t) == 0;
+	}
 
 	printf("Connecting to %s port %s\n", host, port);
 	fflush(stdout);
 	sock = dial(host, port);
+	chatting = 1;
+	long long grace_end = now_ms() + GRACE_MS; /* a busy refusal comes at once */
 
 	for (;;) {
-		fputs("What would you like your chat handle to be> ", stdout);
+		long long now = now_ms();
+		int wait = -1;
+		if (!asked && now >= grace_end) {
+			asked = 1;
+			ui.prompt = ask_handle;
+		}
+		take_input();
+		if (ui.prompt && (ui.tty || accepting()))
+			show_input();
 		fflush(stdout);
-		int r = read_line(line, sizeof line);
-		if (r == 0)
-			leave(0, "\nDisconnected from server");
-		if (r > 0 && valid_handle(line, strlen(line))) {
-			strcpy(handle, line);
-			break;
-		}
-		puts("A handle is 1 to 10 characters, with no spaces and no '>'.");
-	}
 
-	for (;;) {
-		/* The user's turn: watch the keyboard and the socket together. */
-		fputs(handle, stdout);
-		fputc('>', stdout);
-		fflush(stdout);
-		got_message = 0;
-		for (;;) {
-			struct pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {sock, POLLIN, 0}};
-			if (stop_signal)
-				leave(0, "\nDisconnected from server");
-			int n = poll(fds, 2, f.len ? QUIET_MS : -1);
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (fds[1].revents) {
-				receive(&f);
-				frame_flush(&f, now_ms(), 0, show);
-			} else if (f.len) {
-				frame_flush(&f, now_ms(), 0, show);
-			}
-			if (server_quit)
-				leave(0, "\nDisconnected from server");
-			if (got_message) { /* the server spoke out of turn: show its line, prompt again */
-				fputs(handle, stdout);
-				fputc('>', stdout);
-				fflush(stdout);
-				got_message = 0;
-			}
-			if (fds[0].revents)
-				break;
+		if (!asked)
+			wait = (int)(grace_end - now);
+		if (pending(&fr)) {
+			long long left = fr.last + QUIET_MS - now;
+			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
 		}
-		int r = read_line(line, sizeof line);
-		if (r == 0) {
-			fputc('\n', stdout);
-			leave(0, "Disconnected from server");
+		if (deadline) {
+			long long left = deadline - now;
+			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
 		}
-		size_t chars = r > 0 ? utf8_len(line, strlen(line)) : INPUT_MAX;
-		if (r < 0 || chars > MAX_TEXT) {
-			if (r < 0)
-				printf("Message too long (more than %d characters, at most %d); not sent.\n",
-				       INPUT_MAX, MAX_TEXT);
-			else
-				printf("Message too long (%zu characters, at most %d); not sent.\n", chars,
-				       MAX_TEXT);
-			continue;
-		}
-		if (line[0] == 0)
-			continue;
-		if (strcmp(line, "\\quit") == 0)
-			leave(0, "Disconnected from server");
-		send_message(line);
-
-		/* The server's turn: wait for its answer. */
-		long long deadline = timeout_s ? now_ms() + timeout_s * 1000 : 0;
-		got_message = 0;
-		while (!got_message) {
-			struct pollfd fds[1] = {{sock, POLLIN, 0}};
-			int wait = -1;
-			if (stop_signal)
-				leave(0, "\nDisconnected from server");
-			if (f.len)
-				wait = QUIET_MS;
-			if (deadline) {
-				long long left = deadline - now_ms();
-				if (left <= 0) {
-					printf("No answer from the server in %ld seconds; leaving.\n", timeout_s);
-					leave(1, "Disconnected from server");
-				}
-				if (wait < 0 || left < wait)
-					wait = (int)left;
-			}
-			int n = poll(fds, 1, wait);
-			if (n < 0 && errno == EINTR)
-				continue;
-			if (n > 0)
-				receive(&f);
-			frame_flush(&f, now_ms(), 0, show);
-			if (server_quit)
-				leave(0, "Disconnected from server");
+		struct pollfd fds[2] = {
+			{sock, POLLIN, 0},
+			{accepting() && inpos == inlen && !in_eof ? STDIN_FILENO : -1, POLLIN, 0},
+		};
+		int n = poll(fds, 2, wait);
+		if (stop_signal)
+			end(0, "You left the chat.");
+		if (n < 0 && errno != EINTR)
+			end(1, "poll: %s", strerror(errno));
+		if (n > 0 && fds[0].revents)
+			receive();
+		frame_quiet(&fr, now_ms(), 0);
+		drain();
+		if (deadline && now_ms() >= deadline)
+			end(1, "No answer from the server in %ld s: you left the chat.", timeout_s);
+		if (n > 0 && fds[1].revents) {
+			ssize_t r = read(STDIN_FILENO, inbuf, sizeof inbuf);
+			if (r > 0)
+				inpos = 0, inlen = (size_t)r;
+			else if (r == 0 || (errno != EINTR && errno != EAGAIN))
+				in_eof = 1;
 		}
 	}
 }

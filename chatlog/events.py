@@ -12,6 +12,10 @@ The loop carries out the decisions of one pass in two phases: first every store 
 `Serve`, `Handle`, `Commit`, `Join`, and the recording part of `End` and `Refuse`), in one
 transaction; then the console and socket ones in order. So nothing is shown or sent that is not
 committed, and a store that fails leaves nothing half-told.
+
+Events and decisions are plain slots dataclasses, not frozen ones: a room builds three per
+relayed line, and a frozen dataclass takes four times as long to build (about 0.9 us against
+0.2 us for a seven-field one on Python 3.11). Treat them as values all the same.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from chatlog.protocol import Message
 # -- events: what happened --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connected:
     conn: int
     host: str
@@ -31,7 +35,7 @@ class Connected:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Received:
     """One framed, parsed line from a client."""
 
@@ -40,7 +44,7 @@ class Received:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Disconnected:
     """The peer closed (or reset) its connection; what it sent before is already Received."""
 
@@ -48,7 +52,7 @@ class Disconnected:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stalled:
     """The client stopped reading: its unsent output passed the loop's bound."""
 
@@ -56,27 +60,27 @@ class Stalled:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OperatorLine:
     text: str
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OperatorEnd:
     """The operator's input ended (Ctrl-D, or the end of a piped script)."""
 
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tick:
     """Time passed: the policy's deadline() was reached."""
 
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stop:
     """A signal (INT, TERM, HUP) asks the server to stop; `why` is its name."""
 
@@ -87,7 +91,7 @@ class Stop:
 # -- decisions: what to do --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Open:
     """Record a new session for a connection (served at once, or waiting in the queue)."""
 
@@ -98,7 +102,7 @@ class Open:
     served: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Serve:
     """Record that a waiting connection's chat has begun."""
 
@@ -106,7 +110,7 @@ class Serve:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handle:
     """Record the handle a connection first used."""
 
@@ -114,11 +118,14 @@ class Handle:
     handle: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Commit:
-    """Record one message. sender is 'client' or 'server'; conn is whose session it belongs to."""
+    """Record one message. sender is 'client' or 'server' (or, in a room, 'event': a join or
+    leave, text 'joined' or 'left', the end reason in `note`); conn is whose session it belongs
+    to. In a room every line belongs to the room's one session: conn is the participant who said
+    it, None for the operator."""
 
-    conn: int
+    conn: int | None
     sender: str
     handle: str | None
     text: str
@@ -127,7 +134,7 @@ class Commit:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Show:
     """A console line. kind: client, server, operator (the operator's own words: the loop leaves
     them out where the terminal already shows what was typed), event, error or note."""
@@ -137,7 +144,7 @@ class Show:
     handle: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Bytes to a client (already formatted and made safe)."""
 
@@ -145,7 +152,7 @@ class Send:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class End:
     """End a connection's session: record `reason`, tell the client `notice` (if any) before
     `\\quit`, close the socket, and show the ending on the console. `waiting` says it ended while
@@ -158,7 +165,7 @@ class End:
     waiting: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refuse:
     """Turn a new connection away: record it (coalesced per address and minute), tell it
     `notice` and `\\quit`, close it."""
@@ -169,9 +176,10 @@ class Refuse:
     reason: str
     at: float
     notice: str
+    why: str = "the server is busy"  # for the console, e.g. "the room is full (10000 here)"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Join:
     """Room: record a participant (its address) joining the room's conversation."""
 
@@ -181,7 +189,7 @@ class Join:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Broadcast:
     """Room: the same bytes to every connection in the room but `exclude`."""
 
@@ -189,7 +197,7 @@ class Broadcast:
     exclude: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pause:
     """Room: stop reading from `conn` until `until` (its rate limit); nothing is dropped."""
 
@@ -197,14 +205,14 @@ class Pause:
     until: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prompt:
     """Whether an answer from the operator is wanted now."""
 
     on: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finish:
     """Stop serving; `why` is said on the console."""
 
@@ -226,6 +234,8 @@ NOTICES = {
     "overlong": "A line over 8192 bytes: disconnected.",
     "kicked": "The operator removed you from the room.",
     "store": "The server cannot record the chat right now; try again later.",
+    "slow": "You stopped reading what the room sends: disconnected.",
+    "per-address": "Too many connections from your address; try again later.",
 }
 
 

@@ -42,35 +42,81 @@ def _pollable(fd: int) -> bool:
 
 
 class Console:
-    """Writes whole lines to the operator's screen (or wherever stdout goes)."""
+    """Writes whole lines to the operator's screen (or wherever stdout goes).
+
+    Lines go through a bounded queue to a writer thread, so a console that stalls (a pipe nobody
+    reads, a terminal paused with Ctrl-S) never stalls the chat: past the bound, lines are
+    counted, not shown, and the count is said once the console catches up (every line is in the
+    store). The thread writes what has piled up in one write, which also keeps a busy room cheap.
+    """
+
+    MAX_QUEUED = 10_000
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self.operator: Operator | None = None  # set when a terminal prompt may be on screen
         self.failed = False
+        self._lines: deque[str] = deque()
+        self._skipped = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._thread.start()
 
     def write(self, line: str) -> None:
-        if self.failed:
-            return
+        with self._cv:
+            if self.failed:
+                return
+            if len(self._lines) >= self.MAX_QUEUED:
+                self._skipped += 1
+                return
+            self._lines.append(line)
+            self._cv.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (waiting at most `timeout` for a stalled console), then stop."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._lines and not self._skipped and not self._closing:
+                    self._cv.wait()
+                lines = list(self._lines)
+                self._lines.clear()
+                skipped, self._skipped = self._skipped, 0
+                closing = self._closing
+            if skipped:
+                lines.append(f"({skipped} console lines not shown: the console was not keeping up; all are recorded)")
+            if lines and not self.failed:
+                self._emit(lines)
+            if closing:
+                with self._cv:
+                    if not self._lines:
+                        return
+
+    def _emit(self, lines: list[str]) -> None:
         op = self.operator
         try:
             if op is not None and op.reading:
-                self.stream.write("\r\x1b[K" + line + "\n")
-                self.stream.write(op.prompt + op.typed())
+                self.stream.write("\r\x1b[K" + "\n".join(lines) + "\n" + op.prompt + op.typed())
             else:
-                self.stream.write(line + "\n")
+                self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except BrokenPipeError:
             self._silence()  # the reader of our output went away (`| head`): chat on, unprinted
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._silence()
             try:
                 sys.stderr.write(
-                    f"chatlog: cannot write to the console ({exc.strerror or exc}); "
+                    f"chatlog: cannot write to the console ({getattr(exc, 'strerror', None) or exc}); "
                     "the chat goes on and is still recorded\n"
                 )
                 sys.stderr.flush()
-            except OSError:
+            except (OSError, ValueError):
                 pass
 
     def _silence(self) -> None:

@@ -16,13 +16,22 @@ _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 # Unicode categories Cc (C0, DEL, C1), Cf (format: bidi embeddings, overrides and isolates,
 # zero-width spaces and joiners, soft hyphen, BOM, tags...), Zl and Zp (line and paragraph
-# separators) and Cs (lone surrogates, which surrogateescape produces). Generated from
-# unicodedata (Unicode 14) and kept as a literal so importing this module costs nothing.
+# separators) and Cs (lone surrogates, which surrogateescape produces), as inclusive code-point
+# ranges. Generated from unicodedata (Unicode 14) and kept as a literal so importing this module
+# costs nothing. c_client/unsafe.h is generated from this list (c_client/gen_unsafe.py), so the
+# client and the server escape exactly the same characters.
+UNSAFE_RANGES = [
+    (0x00, 0x1F), (0x7F, 0x9F), (0xAD, 0xAD), (0x600, 0x605), (0x61C, 0x61C), (0x6DD, 0x6DD),
+    (0x70F, 0x70F), (0x890, 0x891), (0x8E2, 0x8E2), (0x180E, 0x180E), (0x200B, 0x200F),
+    (0x2028, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F), (0xD800, 0xDFFF), (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x13438),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F),
+]
+
 _UNSAFE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e"
-    "\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb"
-    "\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
-    "\U000e0001\U000e0020-\U000e007f]"
+    "["
+    + "".join(chr(lo) if lo == hi else f"{chr(lo)}-{chr(hi)}" for lo, hi in UNSAFE_RANGES)
+    + "]"
 )
 
 

@@ -72,6 +72,7 @@ class Conn:
     outbuf: bytearray = field(default_factory=bytearray)
     closed: bool = False
     paused_until: float | None = None
+    member: bool = False  # in a room: joined, so it hears what is broadcast from now on
 
 
 def _plain_addr(host: str) -> str:
@@ -394,7 +395,7 @@ class Loop:
         rec = self.recorder
         room = self.room_session
         conns = self.conns
-        with _transaction(rec):
+        with rec.transaction():
             for i, d in enumerate(batch):
                 if isinstance(d, Commit):
                     conn = conns.get(d.conn) if d.conn is not None else None
@@ -434,8 +435,7 @@ class Loop:
                         else:
                             rec.set_handle(conn.session, d.handle)
                 elif isinstance(d, Refuse):
-                    add = getattr(rec, "add_refusal", None)
-                    results[i] = add(d.host, d.reason, d.at) if add else 1
+                    results[i] = rec.add_refusal(d.host, d.reason, d.at)
         return results
 
     def _act(self, d, result) -> None:
@@ -446,9 +446,15 @@ class Loop:
         if isinstance(d, Show):
             self._show(d)
             return
+        if isinstance(d, (Commit, Handle, Open, Serve)):
+            return  # recorded in phase one; nothing to send or show
         if self._bcast:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
-        if isinstance(d, Pause):
+        if isinstance(d, Join):
+            conn = self.conns.get(d.conn)
+            if conn is not None:
+                conn.member = True  # it hears what is said from now on, not before
+        elif isinstance(d, Pause):
             conn = self.conns.get(d.conn)
             if conn is not None:
                 conn.paused_until = d.until
@@ -467,9 +473,10 @@ class Loop:
             conn = self.conns.pop(d.conn, None)
             if conn is not None:
                 self._tell_and_close(conn, d.notice)
+            # Coalesced per address and minute: a flood of refusals cannot fill the console.
             if result == 1:
-                self.console.write(self.r.paint("event", f"refused {d.host} port {d.port}: the server is busy"))
-            elif result in (10, 100, 1000, 10000):
+                self.console.write(self.r.paint("event", visible(f"refused {d.host} port {d.port}: {d.why}")))
+            elif result in (10, 100, 1000, 10000, 100000):
                 self.console.write(self.r.paint("event", f"refused {result} connections from {d.host} this minute"))
         elif isinstance(d, Prompt):
             self.operator.want(d.on)
@@ -510,6 +517,8 @@ class Loop:
         everyone = b"".join(data for data, _ in lines)
         senders = {ex for _, ex in lines if ex is not None}
         for conn in list(self.conns.values()):
+            if not conn.member:
+                continue
             if conn.id in senders:
                 data = b"".join(data for data, ex in lines if ex != conn.id)
                 if data:
@@ -558,7 +567,7 @@ class Loop:
         that will not read; then close."""
         data = bytes(conn.outbuf)
         if notice is not None:
-            data += protocol.format_line(self.policy.handle, "*** " + notice) + QUIT_LINE
+            data += self.policy.notice(notice) + QUIT_LINE
         if data and not conn.closed:
             try:
                 conn.sock.send(data)
@@ -580,15 +589,25 @@ class Loop:
 
     # -- the store failing ---------------------------------------------------------------------
 
-    def on_store_wait(self, seconds: float | None) -> None:
-        """The recorder waits on a store another process holds (None: it is free again)."""
-        if seconds is None:
+    def on_store_wait(self, seconds: float, resumed: bool) -> None:
+        """The recorder waits on a store another process holds (said once, and when it frees)."""
+        if resumed:
             self.console.write(self.r.paint("event", "the database is free again; the chat goes on"))
         else:
             self.console.write(self.r.paint(
                 "error",
                 f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
             ))
+
+    def close_room(self) -> None:
+        """Record the room's end (its participants have been ended already)."""
+        reason = "shutdown" if self.stopping else "server-quit"
+        try:
+            self.recorder.end_session(self.room_session, reason, time.time())
+        except Exception as exc:  # noqa: BLE001  (the store's own error, worded)
+            if not _is_store_failure(exc):
+                raise
+            self.failure = str(exc)
 
     def _store_failed(self, why: str) -> None:
         """Nothing of the failed pass was shown or sent. Tell every client, and stop."""
@@ -598,15 +617,6 @@ class Loop:
             self._tell_and_close(conn, NOTICES["store"])
         self.conns.clear()
         self.finished = True
-
-
-def _transaction(rec):
-    tx = getattr(rec, "transaction", None)
-    if tx is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return tx()
 
 
 def _is_store_failure(exc: BaseException) -> bool:
@@ -764,14 +774,32 @@ def serve(
     """Run the server on listening `sockets` until it is stopped. Raises ServeError if the store
     fails for good (every client has been told by then)."""
     console = Console(renderer.stream)
+    try:
+        loop = _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf)
+        saved_tty = _save_tty(stdin)
+        try:
+            loop.run()
+        finally:
+            _restore_tty(stdin, saved_tty)
+            if loop.room_session is not None and not loop.failure:
+                loop.close_room()
+    finally:
+        console.close()
+    if loop.failure:
+        raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
+
+
+def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf) -> Loop:
+    """The banner, the server's record (and the room's), the operator: everything but the loop."""
     for line in banner(bind, sockets):
         console.write(line)
     local = sockets[0].getsockname()
     _, orphans = recorder.start(socket.gethostname(), local[1], time.time())
     if orphans:
-        word = "session" if orphans == 1 else "sessions"
-        console.write(renderer.paint("event", f"closed {orphans} {word} left open by a server that stopped unexpectedly, as interrupted"))
-    saved_tty = _save_tty(stdin)
+        what = "1 session" if orphans == 1 else f"{orphans} sessions"
+        console.write(renderer.paint(
+            "event", f"closed {what} left open by a server that stopped unexpectedly, as interrupted"
+        ))
     operator = Operator(
         stdin, console, prompt=f"{policy.handle}>", color_prompt=renderer.prompt(f"{policy.handle}>")
     )
@@ -787,23 +815,13 @@ def serve(
         echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf, room_session=room_session,
     )
     if room:
-        loop.greeting = f"The room is open (session {room_session}); awaiting clients. At the prompt: \\who, \\kick NAME, \\quit"
+        loop.greeting = (
+            f"The room is open (session {room_session}); awaiting clients. "
+            "At the prompt: \\who, \\kick NAME, \\quit"
+        )
     recorder.on_wait = loop.on_store_wait
     recorder.should_stop = lambda: loop.stopping is not None
-    try:
-        loop.run()
-    finally:
-        _restore_tty(stdin, saved_tty)
-        if room_session is not None and not loop.failure:
-            reason = "shutdown" if loop.stopping else "server-quit"
-            try:
-                recorder.end_session(room_session, reason, time.time())
-            except Exception as exc:  # noqa: BLE001  (the store's own error, worded)
-                if not _is_store_failure(exc):
-                    raise
-                loop.failure = str(exc)
-    if loop.failure:
-        raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
+    return loop
 
 
 def _save_tty(stdin):

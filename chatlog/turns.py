@@ -142,6 +142,10 @@ class Turns:
             limits.append((start + self.first_timeout, start + self.first_timeout - cur.turn_since))
         return min(limits) if limits else None
 
+    def notice(self, text: str) -> bytes:
+        """A server notice line, e.g. `SERVER>*** The server shut down.\\n`."""
+        return notice_line(self.handle, text)
+
     @property
     def waiting(self) -> int:
         return len(self.queue)
@@ -157,7 +161,11 @@ class Turns:
             return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
         same_host = sum(1 for p in self.queue if p.host == ev.host)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
-            return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, NOTICES["busy"])]
+            why = (
+                f"{len(self.queue)} already waiting" if len(self.queue) >= self.max_waiting
+                else f"{same_host} from {ev.host} already waiting"
+            )
+            return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, NOTICES["busy"], why)]
         self.peers[ev.conn] = peer
         self.queue.append(peer)
         return [

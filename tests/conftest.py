@@ -77,7 +77,7 @@ class ServerProc:
         self._reader.start()
         first = self.wait_for(r"Server started .* port (\d+)")
         self.port = int(re.search(r"port (\d+)", first).group(1))
-        self.wait_for("Awaiting client connections")
+        self.wait_for("Awaiting client connections|The room is open")
 
     def _read(self):
         for raw in self.proc.stdout:

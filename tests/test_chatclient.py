@@ -2,19 +2,29 @@
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pexpect
 import pytest
 from fakeserver import FakeServer
 
+from chatlog.sanitize import UNSAFE_RANGES, visible
+
 
 def spawn(chatclient, port, *args, host="127.0.0.1"):
     env = dict(os.environ, TERM="xterm")
     return pexpect.spawn(str(chatclient), [*args, host, str(port)], env=env, encoding="utf-8", timeout=10)
+
+
+# The only control sequences the client itself writes: clear to the end of the screen and move up
+# (to redraw the line being typed). Anything else with an ESC came from the server.
+OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+A")
 
 
 def login(p, handle="brandon"):
@@ -44,7 +54,7 @@ def test_exact_bytes_of_a_chat(chatclient):
     p.expect_exact("SERVER>why hello client")
     p.expect_exact("brandon>")
     p.sendline("\\quit")
-    p.expect_exact("Disconnected from server")
+    p.expect_exact("You left the chat.")
     finish(p, 0)
     srv.join()
     assert srv.received == b"brandon>hello server\n\0brandon>\\quit\n\0"
@@ -80,7 +90,7 @@ def test_server_close_is_noticed_before_enter(chatclient):
     p.expect_exact("SERVER>go")
     p.expect_exact("brandon>")
     p.send("half a sentence")
-    p.expect_exact("Connection closed by server")
+    p.expect_exact("Connection closed by the server.")
     finish(p, 1)
 
 
@@ -89,7 +99,7 @@ def test_server_quit(chatclient):
     p = spawn(chatclient, srv.port)
     login(p)
     p.sendline("hi")
-    p.expect_exact("Disconnected from server")
+    p.expect_exact("The server closed the chat.")
     finish(p, 0)
 
 
@@ -98,7 +108,7 @@ def test_ctrl_d_is_quit(chatclient):
     p = spawn(chatclient, srv.port)
     login(p)
     p.sendeof()
-    p.expect_exact("Disconnected from server")
+    p.expect_exact("You left the chat.")
     finish(p, 0)
     srv.join()
 
@@ -174,7 +184,7 @@ def test_ipv6_literal(chatclient):
     assert data == b"brandon>over six\n\0"
     c.close()
     srv6.close()
-    p.expect_exact("Connection closed by server")
+    p.expect_exact("Connection closed by the server.")
 
 
 @pytest.mark.parametrize(
@@ -234,8 +244,8 @@ def test_hostile_server_text_is_shown_inert(chatclient):
     p = spawn(chatclient, srv.port)
     login(p)
     p.sendline("hi")
-    p.expect_exact("brandon>")
-    shown = p.before
+    p.expect_exact("over\\rwrite\r\n")
+    shown = OWN_CONTROLS.sub("", p.before + p.after)
     for raw in ("\x1b", "\x07", "\x9b", "\u202e", "\u200b"):
         assert raw not in shown
     assert (
@@ -255,7 +265,7 @@ def test_sigint_while_waiting_for_the_reply(chatclient):
     p.expect_exact("hi\r\n")
     for _ in range(3):
         p.kill(signal.SIGINT)
-    p.expect_exact("Disconnected from server")
+    p.expect_exact("You left the chat.")
     finish(p, 0)
     srv.join()
     assert srv.received.count(b"\\quit") == 1  # repeated signals: one clean quit, nothing half-sent
@@ -290,8 +300,7 @@ def test_no_answer_timeout(chatclient):
     p = spawn(chatclient, srv.port, "-t", "1")
     login(p)
     p.sendline("hi")
-    p.expect_exact("No answer from the server in 1 seconds; leaving.")
-    p.expect_exact("Disconnected from server")
+    p.expect_exact("No answer from the server in 1 s: you left the chat.")
     finish(p, 1)
     srv.join()
 
@@ -308,6 +317,11 @@ HOSTILE_CASES = {
     "escapes": lambda peer: peer.send(HOSTILE * 50),
     "never-answers": lambda peer: peer.expect(b"\\quit\n\0"),
 }
+
+
+def skip_sanitizer_build(chatclient):
+    if "asan" in Path(chatclient).name:  # CHATCLIENT=./chatclient-asan: valgrind cannot run it
+        pytest.skip("valgrind does not run the sanitizer build")
 
 
 def run_hostile(command, case):
@@ -330,7 +344,12 @@ def run_hostile(command, case):
         assert marker not in err, err[-3000:]
     assert r.returncode in (0, 1), (r.returncode, err[-3000:])
     last = out.strip().splitlines()[-1]
-    assert last in ("Connection closed by server", "Connection to server lost", "Disconnected from server"), out[-500:]
+    assert last in (
+        "Connection closed by the server.",
+        "Connection to the server lost: Connection reset by peer.",
+        "No answer from the server in 1 s: you left the chat.",
+        "You left the chat.",  # the server answered, and the input had ended
+    ), out[-500:]
     assert "\x1b" not in out and "\x9b" not in out
 
 
@@ -343,7 +362,634 @@ def test_hostile_server_under_asan(chatclient_asan, case):
 @pytest.mark.valgrind
 @pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
 def test_hostile_server_under_valgrind(chatclient, valgrind, case):
+    skip_sanitizer_build(chatclient)
     run_hostile(
         [valgrind, "--leak-check=full", "--errors-for-leak-kinds=all", "--error-exitcode=99", "-q", str(chatclient)],
         case,
     )
+
+
+# -- the typed input paths: hostile handles and messages under the sanitizer build -------------
+
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer")
+
+
+def run_typed(command, stdin: bytes, script=None):
+    """The client with `stdin` piped in against a server that records what it receives."""
+
+    def default(peer):
+        peer.wait_close()
+
+    srv = FakeServer(script or default)
+    r = subprocess.run(
+        [*command, "127.0.0.1", str(srv.port)],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"),
+    )
+    srv.join()
+    err = r.stderr.decode("utf-8", "replace")
+    for marker in SANITIZER_MARKERS:
+        assert marker not in err, err[-3000:]
+    return r, srv.received
+
+
+@pytest.mark.asan
+@pytest.mark.parametrize(
+    "handle",
+    [
+        b"a" + b"\x80" * 300,  # one letter and continuation bytes: the old length check counted 1
+        b"\x80" * 5000,
+        b"ab\xc3",  # a truncated sequence
+        b"\xed\xa0\x80",  # an encoded surrogate
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+        b"\xc0\xaf",  # an overlong '/'
+        "a\u202eb".encode(),  # a format character
+        "a\u00a0b".encode(),  # no-break space is whitespace
+        "\U0001f600".encode() * 11,  # 11 code points, 44 bytes
+    ],
+)
+def test_hostile_handles_are_refused_without_overflow(chatclient_asan, handle):
+    r, received = run_typed([str(chatclient_asan)], handle + b"\nok\n\\quit\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert received == b"ok>\\quit\n\0"
+    assert r.stdout.count(b"A handle is 1 to 10 characters") == 1
+
+
+# -- one sanitiser rule: the client's table is generated from chatlog/sanitize.py ---------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_unsafe_header_is_generated_from_the_sanitiser():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "c_client" / "gen_unsafe.py")], capture_output=True, text=True, check=True
+    )
+    committed = (ROOT / "c_client" / "unsafe.h").read_text()
+    assert r.stdout == committed, "c_client/unsafe.h is stale: run `make unsafe-header`"
+    # the client's binary search needs sorted, disjoint ranges
+    for (lo, hi), (nlo, _) in zip(UNSAFE_RANGES, UNSAFE_RANGES[1:]):
+        assert lo <= hi < nlo
+
+
+# -- what the user sees: notices, why the chat ended, the prompt, turns, rooms -----------------
+
+import time  # noqa: E402
+
+import pyte  # noqa: E402
+
+
+class Screen:
+    """The client in a pty, its output through a terminal emulator: what a person sees."""
+
+    def __init__(self, chatclient, port, *args, cols=80, rows=24):
+        self.p = pexpect.spawn(
+            str(chatclient), [*args, "127.0.0.1", str(port)], env=dict(os.environ, TERM="xterm"),
+            encoding="utf-8", timeout=10, dimensions=(rows, cols),
+        )
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.Stream(self.screen)
+        self.raw = ""
+
+    def lines(self):
+        return [line.rstrip() for line in self.screen.display if line.strip()]
+
+    def wait(self, cond, timeout=10):
+        """Feed output to the emulator until cond(lines) holds; return the lines."""
+        deadline = time.monotonic() + timeout
+        while not cond(self.lines()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"screen never matched; it shows:\n" + "\n".join(self.lines()))
+            try:
+                data = self.p.read_nonblocking(4096, timeout=0.05)
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                if not cond(self.lines()):
+                    raise AssertionError("client exited; screen:\n" + "\n".join(self.lines())) from None
+                break
+            self.raw += data
+            self.stream.feed(data)
+        return self.lines()
+
+    def wait_last(self, text, timeout=10):
+        return self.wait(lambda lines: bool(lines) and lines[-1] == text, timeout)
+
+    def type(self, text):
+        self.p.send(text)
+
+    def finish(self):
+        self.p.expect(pexpect.EOF)
+        self.p.close()
+        return self.p.exitstatus
+
+
+@pytest.mark.parametrize(
+    "ending,final",
+    [
+        (b"SERVER>*** The server shut down.\n\\quit\n", "The server shut down."),
+        (b"SERVER>*** No message for 300 s: timed out.\n\\quit\n", "No message for 300 s: timed out."),
+        (b"HAL>*** Too many messages without an answer: disconnected.\nHAL>\\quit\n",
+         "Too many messages without an answer: disconnected."),
+        (b"SERVER>\\quit\n", "The server closed the chat."),
+        (b"SERVER>*** A line over 8192 bytes: disconnected.\n", "Connection closed by the server."),
+    ],
+)
+def test_the_last_line_says_why_the_chat_ended(chatclient, ending, final):
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(ending)))
+    s = Screen(chatclient, srv.port)
+    s.wait_last("What would you like your chat handle to be>")
+    s.type("brandon\rhi\r")
+    lines = s.wait_last(final)
+    assert s.finish() == (1 if final.startswith("Connection") else 0)
+    srv.join()
+    # the reason is said once, as the last line, and never as a server line
+    assert not any(">***" in line or ">\\quit" in line for line in lines)
+    if final.startswith("Connection"):  # a notice with no \quit after it is a status line
+        assert lines[-3:-1] == ["brandon>hi", "[A line over 8192 bytes: disconnected.]"]
+    else:
+        assert lines[-2] == "brandon>hi"
+
+
+def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(b"SERVER>*** The server shut down.\n")))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    lines = s.wait_last("Connection closed by the server.")
+    assert lines[-2] == "[The server shut down.]"
+    assert s.finish() == 1
+
+
+def test_busy_is_said_before_the_handle_is_asked(chatclient):
+    srv = FakeServer(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
+    p = spawn(chatclient, srv.port)
+    p.expect_exact("The server is busy; try again later.\r\n")
+    assert "handle" not in p.before
+    p.expect(pexpect.EOF)
+    assert "handle" not in p.before
+    p.close()
+    assert p.exitstatus == 0
+    srv.join()
+    assert srv.received == b""  # nothing sent: no handle was ever asked for
+
+
+def test_waiting_and_begun_notices_are_status_lines(chatclient):
+    def script(peer):
+        peer.expect(b"brandon>one\n\0")
+        peer.send(b"SERVER>*** Waiting: 2 ahead of you. Your chat begins when they are done.\n")
+        peer.expect(b"brandon>two\n\0")
+        peer.send(b"SERVER>*** Your chat has begun.\nSERVER>hello brandon\n")
+        peer.expect(b"brandon>three\n\0")
+        peer.send(b"SERVER>bye\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rone\r")
+    s.wait(lambda lines: "[Waiting: 2 ahead of you. Your chat begins when they are done.]" in lines)
+    s.type("two\r")
+    s.wait(lambda lines: "SERVER>hello brandon" in lines)
+    s.type("three\r")  # the notice and the answer together were one answer: it is our turn
+    lines = s.wait(lambda lines: "SERVER>bye" in lines)
+    assert lines[lines.index("brandon>two") + 1 :][:2] == ["[Your chat has begun.]", "SERVER>hello brandon"]
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>one\n\0brandon>two\n\0brandon>three\n\0brandon>\\quit\n\0"
+
+
+def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient):
+    answer = threading.Event()
+
+    def script(peer):
+        peer.expect(b"brandon>hi\n\0")
+        answer.wait(10)
+        peer.send(b"SERVER>why hello client\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    s.wait_last("brandon>")
+    s.type("half typed")
+    s.wait_last("brandon>half typed")
+    answer.set()
+    lines = s.wait(lambda lines: lines[-2:] == ["SERVER>why hello client", "brandon>half typed"])
+    assert not any("brandon>SERVER" in line or "typedSERVER" in line for line in lines)
+    s.type("\x15\\quit\r")  # Ctrl-U clears the typed text
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+
+
+def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient):
+    queued = threading.Event()
+    checked = threading.Event()
+
+    def script(peer):
+        peer.expect(b"brandon>hi\n\0")
+        queued.wait(10)
+        peer.conn.setblocking(False)
+        try:
+            early = peer.conn.recv(100)
+        except BlockingIOError:
+            early = b""
+        peer.conn.setblocking(True)
+        assert early == b"", f"sent out of turn: {early!r}"
+        checked.set()
+        peer.send(b"SERVER>answer\n")
+        peer.expect(b"brandon>second\n\0")
+        peer.send(b"SERVER>answer two\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\rsecond\r")
+    s.wait(lambda lines: "(queued: will be sent when the server answers)" in lines)
+    s.type("third\r")
+    s.wait(lambda lines: "Not sent: a line is already queued; wait for the server's answer." in lines)
+    queued.set()
+    assert checked.wait(10)
+    lines = s.wait(lambda lines: "SERVER>answer two" in lines)
+    i = lines.index("SERVER>answer")
+    assert lines[i + 1] == "brandon>second"  # sent now, shown as it goes
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>hi\n\0brandon>second\n\0brandon>\\quit\n\0"
+
+
+ROOM_WELCOME = b"ROOM>*** Welcome to the room: 2 here. Type at any time.\n"
+
+
+def test_room_mode(chatclient):
+    typed = threading.Event()
+
+    def script(peer):
+        peer.send(ROOM_WELCOME)
+        peer.expect(b"bob>one\n\0bob>two\n\0")  # no turns: both sent at once
+        typed.wait(10)
+        peer.send(b"alice>hi all\n")
+        peer.send(b"alice>*** not a notice\nalice>\\quit\nROOM>*** carol joined\n")
+        peer.expect(b"bob>three\n\0")
+        peer.send(b"ROOM>*** The operator removed you from the room.\n\\quit\n")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port)
+    s.wait(lambda lines: "[Welcome to the room: 2 here. Type at any time.]" in lines)
+    s.type("bob\rone\rtwo\r")
+    s.wait_last("bob>")
+    s.type("thr")
+    s.wait_last("bob>thr")
+    typed.set()
+    s.wait(lambda lines: lines[-5:] == ["alice>hi all", "alice>*** not a notice", "alice>\\quit", "[carol joined]", "bob>thr"])
+    s.type("ee\r")
+    lines = s.wait_last("The operator removed you from the room.")
+    assert s.finish() == 0
+    srv.join()
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["127.0.0.1", "abc"], "chatclient: port 'abc' is not a number (1-65535)"),
+        (["127.0.0.1", "0"], "chatclient: port '0' is not a number (1-65535)"),
+        (["127.0.0.1", "-5"], "chatclient: port '-5' is not a number (1-65535)"),
+        (["127.0.0.1", "99999999999999999999"], "is not a number (1-65535)"),
+        ([], "chatclient: missing HOST and PORT"),
+        (["localhost"], "chatclient: missing PORT"),
+        (["a", "1", "b"], "chatclient: too many arguments"),
+        (["-t", "x", "a", "1"], "chatclient: -t 'x' is not a number of seconds"),
+        (["-t", "0", "a", "1"], "chatclient: -t '0' is not a number of seconds"),
+        (["-t"], "chatclient: -t needs a number of seconds"),
+        (["a", "1", "-t", "5"], "chatclient: too many arguments"),
+        (["-q", "a", "1"], "chatclient: unknown option '-q'"),
+    ],
+)
+def test_usage_errors_say_why(chatclient, args, error):
+    r = subprocess.run([str(chatclient), *args], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2
+    first, rest = r.stderr.split("\n", 1)
+    assert error in first
+    assert rest.startswith("usage: chatclient")
+    assert r.stdout == ""
+
+
+def test_a_reset_says_the_connection_was_lost(chatclient):
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.reset()))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    s.wait_last("Connection to the server lost: Connection reset by peer.")
+    assert s.finish() == 1
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "ctrl-c", "ctrl-d"])
+def test_leaving_says_quit_and_gives_the_terminal_back(chatclient, how):
+    import termios
+
+    srv = FakeServer(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\r")
+    s.wait_last("brandon>")
+    s.type("typed but not sent")
+    s.wait_last("brandon>typed but not sent")
+    if how.startswith("SIG"):
+        s.p.kill(getattr(signal, how))
+    else:
+        s.type("\x03" if how == "ctrl-c" else "\x15\x04")
+    s.wait_last("You left the chat.")
+    s.p.expect(pexpect.EOF)
+    lflag = termios.tcgetattr(s.p.child_fd)[3]  # the pty's mode, as the client left it
+    assert lflag & termios.ICANON and lflag & termios.ECHO
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>\\quit\n\0"
+
+
+# -- fuzzing the typed input paths under ASan/UBSan, against an oracle of what must be sent ----
+
+from chatlog.sanitize import is_safe  # noqa: E402
+
+INPUT_MAX = 4096  # bytes of one typed line the client holds (c_client/chatclient.c)
+
+
+def expected_handle(raw: bytes) -> bool:
+    if len(raw) > INPUT_MAX:
+        return False
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    if not raw or len(raw) > 40:
+        return False
+    try:
+        h = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return 1 <= len(h) <= 10 and is_safe(h) and ">" not in h and not any(c.isspace() for c in h)
+
+
+def expected_message(raw: bytes):
+    """The text the client must send for this typed line, or None (refused or empty)."""
+    if len(raw) > INPUT_MAX:
+        return None
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    if not raw or b"\0" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return raw if len(text) <= 500 else None
+
+
+PIECES = [
+    lambda r: bytes(r.choice(b"abcXYZ 019>\\*\t") for _ in range(r.randint(1, 12))),
+    lambda r: bytes(r.choice([b for b in range(256) if b != 10]) for _ in range(r.randint(1, 20))),
+    lambda r: b"\x80" * r.choice([1, 3, 39, 40, 41, 300, 5000]),
+    lambda r: "".join(chr(r.choice([r.randint(0x20, 0x7E), r.randint(0xA0, 0xD7FF), r.randint(0x10000, 0x10FFFF)]))
+                      for _ in range(r.randint(1, 12))).encode(),
+    lambda r: "".join(chr(r.randint(lo, hi)) for lo, hi in r.sample(UNSAFE_RANGES, 3) if not 0xD800 <= lo <= 0xDFFF).encode("utf-8", "replace"),
+    lambda r: r.choice([b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\xff", b"\xf0\x9f\x98", b"\0", b"\r"]),
+    lambda r: "\u00e9".encode() * r.choice([250, 499, 500, 501, 2048, 2049]),
+    lambda r: b"x" * r.choice([499, 500, 501, 4095, 4096, 4097, 9000]),
+]
+
+
+def random_line(r: random.Random) -> bytes:
+    while True:
+        line = b"".join(r.choice(PIECES)(r) for _ in range(r.randint(0, 3))).replace(b"\n", b"")
+        if line.strip(b" \t") != b"\\quit":
+            return line
+
+
+def answering_server(room: bool):
+    def script(peer):
+        if room:
+            peer.send(ROOM_WELCOME)
+        buf = b""
+        while True:
+            chunk = peer.conn.recv(65536)
+            if not chunk:
+                return
+            peer.server.received += chunk
+            buf += chunk
+            while b"\n\0" in buf:
+                msg, buf = buf.split(b"\n\0", 1)
+                if msg.endswith(b">\\quit"):
+                    return
+                if not room:
+                    peer.send(b"SERVER>ok\n")
+
+    return script
+
+
+def fuzz_once(command, seed, room=False, lines=60):
+    r = random.Random(seed)
+    stdin, sent = [], []
+    handle = None
+    for _ in range(12):
+        h = random_line(r) if r.random() < 0.8 else r.choice([b"ok", b"\xc3\xa9l\xc3\xa8ve\r", b"a" * 10])
+        stdin.append(h)
+        if expected_handle(h):
+            handle = h.rstrip(b"\r")
+            break
+    else:
+        stdin.append(b"ok")
+        handle = b"ok"
+    for _ in range(lines):
+        line = random_line(r)
+        stdin.append(line)
+        if (text := expected_message(line)) is not None:
+            sent.append(text)
+    result, received = run_typed(command, b"\n".join(stdin) + b"\n", answering_server(room))
+    assert result.returncode == 0, (seed, result.stdout[-500:], result.stderr[-2000:])
+    want = b"".join(handle + b">" + t + b"\n\0" for t in sent) + handle + b">\\quit\n\0"
+    assert received == want, f"seed {seed}"
+    return len(stdin)
+
+
+@pytest.mark.asan
+@pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
+def test_fuzz_typed_input_under_asan(chatclient_asan, room):
+    """Random handles and messages, piped in: no sanitizer report, and the server receives exactly
+    the lines that should be sent (valid UTF-8, at most 500 code points, nothing leaking from an
+    overlong line into the next) and nothing else."""
+    start, total = time.monotonic(), 0
+    for seed in range(int(os.environ.get("CHATCLIENT_FUZZ_RUNS", "6"))):
+        total += fuzz_once([str(chatclient_asan)], seed * 2 + room, room)
+    print(f"fuzz: {total} typed lines in {time.monotonic() - start:.1f} s")
+
+
+def test_client_escapes_exactly_what_the_sanitiser_escapes(chatclient):
+    """Every code point of every unsafe range, and the neighbours of each range, from a scripted
+    server: the client shows each line as `visible()` would."""
+    cps = set()
+    for lo, hi in UNSAFE_RANGES:
+        if 0xD800 <= lo <= 0xDFFF:  # surrogates cannot be sent as UTF-8
+            continue
+        cps.update(range(lo, hi + 1))
+        cps.update(cp for cp in (lo - 1, hi + 1) if 0 <= cp <= 0x10FFFF)
+    cps -= {0x00, 0x0A} | set(range(0xD800, 0xE000))  # NUL and newline end a message
+    texts = [f"a{chr(cp)}b" for cp in sorted(cps)]
+    burst = b"".join(f"SERVER>{t}\n".encode() for t in texts)
+
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(burst + b"\\quit\n")))
+    r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nhi\n", capture_output=True, timeout=20)
+    srv.join()
+    assert r.returncode == 0, r.stderr
+    shown = [line for line in r.stdout.decode().split("\n") if line.startswith("SERVER>")]
+    assert shown == [f"SERVER>{visible(t)}" for t in texts]
+    assert sum("\\" in line for line in shown) > 200  # most of them are escapes
+
+
+@pytest.mark.valgrind
+@pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
+def test_typed_input_under_valgrind(chatclient, valgrind, room):
+    skip_sanitizer_build(chatclient)
+    fuzz_once(
+        [valgrind, "--leak-check=full", "--errors-for-leak-kinds=all", "--error-exitcode=99", "-q", str(chatclient)],
+        seed=1000 + room, room=room, lines=30,
+    )
+
+
+def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient):
+    """Typed at a terminal: a line longer than the input buffer is refused at Enter, and none of it
+    reaches the next message."""
+    srv = FakeServer(lambda peer: (peer.expect(b"brandon>short\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
+    s = Screen(chatclient, srv.port, cols=200, rows=60)
+    s.type("brandon\r")
+    s.wait_last("brandon>")
+    s.type("y" * 5000 + "\r")
+    s.wait(lambda lines: "Message too long (more than 4096 bytes, at most 500 characters); not sent." in lines)
+    s.type("short\r")
+    s.wait(lambda lines: "SERVER>ok" in lines)
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>short\n\0brandon>\\quit\n\0"
+
+
+def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient):
+    """A typed line wider than the terminal wraps; an incoming line still appears above all of it,
+    with no fragment left behind. Arrow keys are ignored, and typed invisible characters are shown
+    as escapes (but sent as typed)."""
+    typed = "0123456789" * 7
+    answer = threading.Event()
+    handle = "\u00e9l\u00e8ve"
+
+    def script(peer):
+        peer.expect(f"{handle}>hi\n\0".encode())
+        answer.wait(10)
+        peer.send(b"SERVER>answer\n")
+        peer.expect(f"{handle}>{typed}\u202e\n\0".encode())
+        peer.send(b"SERVER>got it\n")
+        peer.expect(b"\\quit\n\0")
+
+    srv = FakeServer(script)
+    s = Screen(chatclient, srv.port, cols=30, rows=20)
+    s.type(f"{handle}\rhi\r")
+    s.wait_last(f"{handle}>")
+    s.type(typed[:35] + "\x1b[A\x1b[D\x1bOB" + typed[35:] + "\u202e")
+    want = f"{handle}>{typed}\\u202e"
+    rows = [want[i : i + 30] for i in range(0, len(want), 30)]
+    s.wait(lambda lines: lines[-len(rows) :] == rows)
+    answer.set()
+    lines = s.wait(lambda lines: lines[-len(rows) - 1 :] == ["SERVER>answer", *rows])
+    assert not any("0123" in line for line in lines[: -len(rows)])  # nothing left of the old rows
+    s.type("\r")
+    s.wait(lambda lines: "SERVER>got it" in lines)
+    s.type("\\quit\r")
+    s.wait_last("You left the chat.")
+    assert s.finish() == 0
+    srv.join()
+
+
+def _blocked_in_send(pid):
+    try:
+        with open(f"/proc/{pid}/stack") as f:
+            return "sk_stream_wait_memory" in f.read()  # the socket buffer is full
+    except OSError:
+        return False
+
+
+def _can_read_stacks():
+    try:
+        with open(f"/proc/{os.getpid()}/stack") as f:
+            f.read()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
+def test_sigterm_ends_a_client_blocked_on_a_server_that_does_not_read(chatclient):
+    """In a room, lines are sent as they are typed; a server that stops reading fills the socket.
+    SIGTERM must still end the client (no retrying send() forever), with a final line."""
+    release = threading.Event()
+
+    def script(peer):
+        peer.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.send(ROOM_WELCOME)
+        release.wait(30)  # never reads until the test is over
+
+    srv = FakeServer(script)
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def feed():
+        try:
+            proc.stdin.write(b"bob\n" + (b"x" * 500 + b"\n") * 20000)
+        except (BrokenPipeError, ValueError):
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    deadline = time.monotonic() + 20
+    while not _blocked_in_send(proc.pid):
+        assert time.monotonic() < deadline and proc.poll() is None, "the client never filled the socket"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("SIGTERM did not end a client blocked in send()") from None
+    finally:
+        release.set()
+    assert proc.returncode == 0, err
+    assert out.decode().rstrip("\n").split("\n")[-1] == "You left the chat."
+
+
+@pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
+def test_ctrl_c_while_connecting_ends_at_once(chatclient):
+    """A listener whose backlog is full leaves connect() waiting: Ctrl-C ends it with one line."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the backlog (never accepted)
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{proc.pid}/stack") as f:
+                if "connect" in f.read():
+                    break
+            assert time.monotonic() < deadline, "the client was never left waiting in connect()"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+        for f in fillers:
+            f.close()
+        lst.close()
+    assert proc.returncode == 1
+    assert err.decode() == f"chatclient: cannot connect to 127.0.0.1 port {port}: interrupted\n"

@@ -31,7 +31,7 @@ def test_the_readme_chat(chatclient, server):
     p.expect_exact("SERVER>good")
     p.expect_exact("brandon>")
     p.sendline("\\quit")
-    p.expect_exact("Disconnected from server")
+    p.expect_exact("You left the chat.")
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 0
@@ -50,7 +50,8 @@ def test_server_quits(chatclient, server):
     p.sendline("bye?")
     server.wait_for("^brandon>bye\\?$")
     server.say("\\quit")
-    p.expect_exact("Disconnected from server")
+    # the current server sends a bare \quit; with the documented notices it reads the same
+    p.expect_exact("The server closed the chat.")
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus == 0
@@ -75,7 +76,7 @@ def test_server_gone_while_the_user_types(chatclient, server):
     p.expect_exact("brandon>")
     p.send("I am typing and hav")  # no Enter
     server.signal(signal.SIGTERM)
-    p.expect("Disconnected from server|Connection closed by server")
+    p.expect_exact("The server shut down.")  # the notice before \quit, as the last line
     p.expect(pexpect.EOF)
     p.close()
     assert p.exitstatus in (0, 1)
@@ -113,7 +114,7 @@ def test_hostile_operator_text_is_inert_in_the_client(chatclient, server):
     server.wait_for("^brandon>hi$")
     server.say("\x1b[2J\x1b]0;title\x07 %s%n%x \u202e")
     p.expect_exact("SERVER>")
-    p.expect_exact("brandon>")
+    p.expect_exact("\r\n")
     shown = p.before
     assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
     assert "\\x1b[2J\\x1b]0;title\\x07 %s%n%x \\u202e" in shown
@@ -146,3 +147,36 @@ def test_message_length_limit(chatclient, server, length, sent):
         p.sendline("short")
         server.wait_for("^brandon>short$")
         assert db_rows(server.db, "SELECT text FROM messages") == [("short",)]
+
+
+# -- the notices the server sends, as the client shows them ----------------------------------------
+
+
+def test_busy_is_said_before_a_handle_is_asked(chatclient, start_server):
+    server = start_server("--max-waiting", "0")
+    first = spawn_client(chatclient, server, "first")
+    first.sendline("one")
+    server.wait_for("^first>one$")
+    env = dict(os.environ, TERM="xterm")
+    second = pexpect.spawn(str(chatclient), [server.host, str(server.port)], env=env, encoding="utf-8", timeout=10)
+    second.expect_exact("The server is busy; try again later.")
+    second.expect(pexpect.EOF)
+    assert "handle" not in second.before
+    second.close()
+    assert second.exitstatus == 0
+    first.sendline("\\quit")
+    first.expect(pexpect.EOF)
+
+
+def test_another_server_handle_and_the_idle_timeout(chatclient, start_server):
+    server = start_server("--handle", "HAL", "--idle-timeout", "1")
+    p = spawn_client(chatclient, server)
+    p.sendline("open the pod bay doors")
+    server.wait_for("^brandon>open the pod bay doors$")
+    server.say("I'm afraid I can't do that")
+    p.expect_exact("HAL>I'm afraid I can't do that\r\n")
+    p.expect_exact("No message for 1 s: timed out.")
+    p.expect(pexpect.EOF)
+    assert "***" not in p.before
+    p.close()
+    assert p.exitstatus == 0

@@ -74,3 +74,49 @@ def test_ctrl_d_ends_the_chat_and_the_server(tty_server):
     assert p.exitstatus == 0
     assert recv_until(c, b"\\quit\n") == ending("The server closed the chat.")
     assert db_rows(p.db, "SELECT end_reason FROM sessions")[0][0] == "server-quit"
+
+
+def test_text_typed_before_the_prompt_never_answers_anyone(tty_server):
+    """At a terminal, a line the operator typed during the client's turn (or with nobody
+    connected) used to answer the next message, even from a different client: "it is hunter2"
+    reached mallory. Text typed before the prompt appears is discarded, and the operator told."""
+    p = tty_server
+    amy = socket.create_connection(("127.0.0.1", p.port))
+    amy.sendall(b"amy>what is the password?\n\0")
+    p.expect("SERVER>")
+    p.send("ask me later\r")
+    assert recv_until(amy, b"\n") == b"SERVER>ask me later\n"
+    p.send("it is hunter2\r")  # typed during amy's turn: no prompt is on screen
+    amy.sendall(b"amy>\\quit\n\0")
+    p.expect(r"client has quit")
+    mallory = socket.create_connection(("127.0.0.1", p.port))
+    mallory.sendall(b"mallory>hi\n\0")
+    p.expect("mallory>hi")
+    p.expect(r"discarded what was typed before the prompt appeared")
+    p.expect("SERVER>")
+    p.send("hello mallory\r")
+    assert recv_until(mallory, b"\n") == b"SERVER>hello mallory\n"
+    texts = [t for (t,) in db_rows(p.db, "SELECT text FROM messages ORDER BY id")]
+    assert "it is hunter2" not in texts
+
+
+def test_a_line_begun_at_a_stale_prompt_is_not_sent_to_the_next_client(tty_server):
+    """The prompt was up for amy, amy left while the operator was typing; mallory's message
+    arrives and the operator presses Enter: that line was begun before mallory's message."""
+    p = tty_server
+    amy = socket.create_connection(("127.0.0.1", p.port))
+    amy.sendall(b"amy>secret?\n\0")
+    p.expect("SERVER>")
+    p.send("amy, it is hun")
+    amy.close()
+    p.expect("client has disconnected")
+    mallory = socket.create_connection(("127.0.0.1", p.port))
+    mallory.sendall(b"mallory>hi\n\0")
+    p.expect("mallory>hi")
+    p.send("ter2\r")
+    p.expect("discarded a line begun before the message it would answer")
+    p.expect("SERVER>")
+    p.send("hello mallory\r")
+    assert recv_until(mallory, b"\n") == b"SERVER>hello mallory\n"
+    texts = [t for (t,) in db_rows(p.db, "SELECT text FROM messages ORDER BY id")]
+    assert not any("hun" in t for t in texts)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, db_rows, recv_until, wait_until
 
 
@@ -30,7 +32,7 @@ def test_silent_connections_from_one_address_do_not_lock_out_another(start_serve
     (30 s by default, 1 s here) runs out."""
     server = start_server("--first-timeout", "1")
     silent = [connect_from(server, "127.0.0.2") for _ in range(10)]
-    server.wait_for(r"refused 127\.0\.0\.2 port \d+: the server is busy")
+    server.wait_for(r"refused 127\.0\.0\.2 port \d+: 2 from 127\.0\.0\.2 already waiting")
     start = time.monotonic()
     real = connect_from(server, "127.0.0.3")
     real.sendall(b"amy>hello?\n\0")
@@ -188,3 +190,144 @@ def _listening_port(pid: int) -> int | None:
         if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
             return int(parts[1].split(":")[1], 16)
     return None
+
+
+def test_a_store_that_fails_for_good_tells_everyone_and_stops(tmp_path):
+    """The disk fills up mid-chat (a file-size limit makes it happen at once): the operator gets
+    one clear line, the client is told and gets \\quit, nothing is shown or answered that was
+    not committed, and the server exits non-zero."""
+    db = tmp_path / "full.db"
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"]
+    env = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=env, preexec_fn=small_disk)
+    try:
+        port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1].split()[0])
+        c = socket.create_connection(("127.0.0.1", port))
+        answered = 0
+        for i in range(200):
+            c.sendall(b"bob>" + b"x" * 480 + b"%d\n\0" % i)
+            proc.stdin.write(b"y" * 490 + b"%d\n" % i)
+            proc.stdin.flush()
+            reply = recv_until(c, b"\n")
+            if not reply.startswith(b"SERVER>y"):
+                break
+            answered += 1
+        assert reply + recv_until(c, b"\\quit\n") == (
+            b"SERVER>*** The server cannot record the chat right now; try again later.\n\\quit\n"
+        )
+        assert proc.wait(10) == 1
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err
+        assert err.count("\n") == 1 and err.startswith("chatlog: cannot write the database"), err
+        out = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = db_rows(db, "SELECT sender, text FROM messages ORDER BY seq")
+    # every answer the client got is recorded, and every line shown on the console too
+    assert [t for s, t in rows if s == "server"] == ["y" * 490 + str(i) for i in range(answered)]
+    shown = [line[4:] for line in out.splitlines() if line.startswith("bob>")]
+    assert shown == [t for s, t in rows if s == "client"]
+
+
+def test_a_busy_store_is_waited_on_and_nothing_is_lost(server):
+    """Another process holds the write lock for a while (a long rm, say): the chat waits, the
+    operator is told once, and when it frees nothing is lost."""
+    c = server.connect()
+    c.sendall(b"bob>hi\n\0")
+    server.wait_for("^bob>hi$")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(2.5); c.execute('COMMIT')",
+         str(server.db)],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout.readline() == b"locked\n"
+    server.say("this answer waits for the lock")
+    server.wait_for("the database is locked by another process; waiting")
+    assert recv_until(c, b"\n") == b"SERVER>this answer waits for the lock\n"
+    server.wait_for("the database is free again")
+    holder.wait(10)
+    c.sendall(b"bob>and on we go\n\0")
+    server.wait_for("^bob>and on we go$")
+    assert server.count("the database is locked") == 1
+    rows = db_rows(server.db, "SELECT text FROM messages ORDER BY seq")
+    assert [r[0] for r in rows] == ["hi", "this answer waits for the lock", "and on we go"]
+
+
+def test_thousands_of_refusals_neither_fill_the_store_nor_the_console(start_server):
+    """5,000 refused connections used to leave 5,000 session rows and 5,000 console lines."""
+    server = start_server("--max-waiting", "0")
+    keep = server.connect()
+    keep.sendall(b"k>hold the chat\n\0")
+    server.wait_for("^k>hold the chat$")
+    for _ in range(500):
+        s = server.connect()
+        recv_until(s, b"\\quit\n")
+        s.close()
+    server.wait_for("refused 100 connections from 127.0.0.1 this minute")
+    assert db_rows(server.db, "SELECT count(*) FROM sessions") == [(1,)]
+    (total,) = db_rows(server.db, "SELECT sum(count) FROM refusals")[0]
+    assert total == 500
+    assert server.count("refused") <= 4
+
+
+def test_raw_bytes_kept_per_message_are_bounded(server):
+    """64 padded sends of 65 KB used to store 4 MB of raw bytes from one connection."""
+    c = server.connect()
+    for i in range(64):
+        c.sendall(b"bob>hi %d\0" % i + b"\xee" * 65_000)
+        server.wait_for(rf"^bob>hi {i}$")
+        server.say("ok")
+        recv_until(c, b"ok\n")
+    (raw,) = db_rows(server.db, "SELECT sum(length(raw)) FROM messages")[0]
+    assert raw < 64 * 2048
+    notes = db_rows(server.db, "SELECT note FROM messages WHERE sender = 'client' AND note IS NOT NULL")
+    assert len(notes) == 64 and all(n.startswith("raw bytes cut at 1024; 6398") for (n,) in notes)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost"])
+def test_the_banner_never_suggests_an_address_other_hosts_cannot_use(bind):
+    from chatlog.server import banner, listen
+
+    try:
+        sockets = listen(bind, 0)
+    except Exception as exc:  # noqa: BLE001  (no IPv6 loopback on this machine)
+        pytest.skip(str(exc))
+    try:
+        text = "\n".join(banner(bind, sockets))
+    finally:
+        for s in sockets:
+            s.close()
+    assert "reachable from this host alone" in text
+    assert "another host" not in text
+
+
+def test_the_default_banner_names_only_reachable_addresses():
+    import ipaddress
+
+    from chatlog.server import banner, listen
+
+    sockets = listen(None, 0)
+    try:
+        lines = banner(None, sockets)
+    finally:
+        for s in sockets:
+            s.close()
+    suggested = [line.split()[1] for line in lines if line.startswith("  ./chatclient")]
+    if "Connect from another host with:" in lines:
+        for host in suggested:
+            try:
+                assert not ipaddress.ip_address(host).is_loopback
+            except ValueError:  # a hostname: it must not resolve to loopback only
+                infos = socket.getaddrinfo(host, None)
+                assert not all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+    else:
+        assert suggested == ["127.0.0.1"]

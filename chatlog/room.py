@@ -1,0 +1,444 @@
+"""The room policy: many clients and the operator in one conversation; socket-free.
+
+`Room.handle_event(event)` takes one event from the server loop (`chatlog/events.py`) and returns
+the decisions the loop must carry out, in order. No sockets, no store, no clock, no console: time
+comes in on the events and everything the loop needs is in the decisions.
+
+What a room does:
+
+- A client is greeted at once on connect (rooms have no turns; `N here` counts the clients in the
+  room, the newcomer included) and recorded (`Join`). Its handle becomes known from its first
+  line (`Handle`); only then is its arrival announced to the others (`*** alice joined`) and
+  recorded as an event, so a lurker who never speaks is never announced. Its leaving is announced
+  and recorded if its arrival was; everyone's leaving is recorded by its `End`.
+- Each client line is committed, then relayed to every other client as `handle>text\\n` (one
+  `Broadcast`) and shown on the console. Handle and text are made safe with `sanitize.visible`
+  exactly as the console makes them: old clients print what they get raw. A line over the
+  protocol's 500 characters is committed whole but relayed cut there, marked, and its sender told.
+- A line that cannot be relayed is still committed (nothing is lost) and its sender is told why:
+  a line claiming the server's handle (compared case-insensitively, after Unicode
+  compatibility folding) and a line from a client whose handle is not known yet.
+- The operator's lines go to everyone as `SERVER>text\\n` (the configured handle). At the console,
+  `\\who` lists who is here, `\\kick NAME` removes a client (by handle or `host:port`), `\\quit`
+  closes the room; the end of the operator's input closes it too. The operator's input is wanted
+  from the start (`deadline()` is 0 until the first event, answered with `Prompt(True)`).
+- A client that stops reading is dropped as `slow` (the loop reports it with `Stalled`), so nobody
+  else ever waits for it. A client over its rate limit (a token bucket: `rate` lines/s with a
+  `burst` allowance) is paused (`Pause`), never cut short: every line it sent is still committed
+  and relayed.
+- At most `max_clients` clients, and at most `per_address` from one address (0: no cap); beyond
+  either, a new connection is refused with a notice. There is no idle timeout.
+
+Store writes always come before what is sent or shown in the same decision list, and the loop
+commits every store write of a pass before it sends anything, so nobody is told what is not
+recorded.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from chatlog.events import (
+    NOTICES,
+    Broadcast,
+    Commit,
+    Connected,
+    Decision,
+    Disconnected,
+    End,
+    Finish,
+    Handle,
+    Join,
+    OperatorEnd,
+    OperatorLine,
+    Pause,
+    Prompt,
+    Received,
+    Refuse,
+    Send,
+    Show,
+    Stalled,
+    Stop,
+    Tick,
+)
+from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
+from chatlog.sanitize import visible
+
+MAX_CLIENTS = 10_000
+PER_ADDRESS = 256  # enough for a classroom behind one NAT, or a benchmark on loopback
+RATE = 20.0  # lines per second, sustained
+BURST = 100  # lines at once before the rate applies
+
+FULL_NOTICE = "The room is full; try again later."
+NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
+
+# How the console words a participant's leaving, by end reason.
+LEFT = {
+    "client-quit": "quit",
+    "disconnect": "disconnected",
+    "slow": "dropped, it stopped reading",
+    "kicked": "removed by the operator",
+    "overlong": "dropped for a line over 8192 bytes",
+}
+
+_COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
+
+
+def fold(handle: str) -> str:
+    """The form two handles are compared in: compatibility-normalised and case-folded, so
+    `server`, `ＳＥＲＶＥＲ` and `ſerver` all read as `SERVER`."""
+    return unicodedata.normalize("NFKC", handle).casefold()
+
+
+def address(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets, a v4-mapped one as plain IPv4."""
+    host = _plain(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _plain(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") else host
+
+
+def idle_text(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass(slots=True, eq=False)
+class Participant:
+    conn: int
+    host: str
+    port: int
+    addr: str  # the per-address key
+    last: float  # when it last sent a line (or connected)
+    handle: str | None = None  # as last used; None until its first line with a handle
+    shown: str = ""  # visible(handle)
+    prefix: bytes = b""  # b"shown>", what its relayed lines start with
+    announced: bool = False  # its join was announced (and recorded as an event)
+    tokens: float = 0.0  # rate limit bucket
+    stamp: float = 0.0  # when `tokens` was last brought up to date
+    noted_pause: bool = False  # the console was told it was paused (once)
+
+
+class Room:
+    __slots__ = (
+        "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
+        "finished", "prompted", "_server_fold", "_server_prefix",
+    )
+
+    def __init__(
+        self,
+        *,
+        handle: str = SERVER_HANDLE,
+        max_clients: int = MAX_CLIENTS,
+        per_address: int = PER_ADDRESS,
+        rate: float = RATE,
+        burst: int = BURST,
+    ):
+        if not valid_handle(handle):
+            raise ValueError(f"not a valid handle: {handle!r} (1 to 10 characters, no spaces or '>')")
+        if max_clients < 1:
+            raise ValueError("max_clients must be at least 1")
+        if per_address < 0 or rate < 0 or burst < 0:
+            raise ValueError("per_address, rate and burst cannot be negative")
+        self.handle = handle
+        self.max_clients = max_clients
+        self.per_address = per_address
+        self.rate = float(rate)
+        self.burst = float(max(1, burst))
+        self.people: dict[int, Participant] = {}
+        self.per_addr: dict[str, int] = {}
+        self.finished = False
+        self.prompted = False  # the operator's input is wanted from the first event on
+        self._server_fold = fold(handle)
+        self._server_prefix = (visible(handle) + ">").encode()
+
+    # -- the interface the loop uses ---------------------------------------------------------
+
+    def handle_event(self, event) -> list[Decision]:
+        """The decisions for one event, in the order the loop must carry them out."""
+        if type(event) is Received:  # the hot path first
+            return self._received(event)
+        if self.finished:
+            if type(event) is Connected:
+                return [Refuse(event.conn, event.host, event.port, "shutdown", event.at, NOTICES["shutdown"])]
+            return []
+        if not self.prompted:
+            self.prompted = True
+            return [Prompt(True)] + self.handle_event(event)
+        match event:
+            case Connected():
+                return self._connected(event)
+            case Disconnected():
+                return self._leave(event.conn, "disconnect", event.at)
+            case Stalled():
+                return self._leave(event.conn, "slow", event.at, NOTICES["slow"])
+            case OperatorLine():
+                return self._operator(event)
+            case OperatorEnd():
+                return self._close("server-quit", event.at, "Operator input ended; room closed")
+            case Stop():
+                return self._close("shutdown", event.at, f"Server stopped ({event.why})")
+            case Tick():
+                return []
+        raise TypeError(f"not a room event: {event!r}")
+
+    def deadline(self) -> float | None:
+        """A room keeps no timers (no idle timeout; a pause carries its own end). Until its first
+        event it asks for a Tick at once, to answer it with Prompt(True): in a room the
+        operator may speak at any time, even before anyone comes."""
+        return None if self.prompted or self.finished else 0.0
+
+    def notice(self, text: str) -> bytes:
+        """A server notice line, e.g. `SERVER>*** alice joined\\n`."""
+        return self._server_prefix + b"*** " + visible(text).encode() + b"\n"
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def _connected(self, ev: Connected) -> list[Decision]:
+        people = self.people
+        if ev.conn in people:
+            return []
+        # The loop shows refusals itself, coalesced per address and minute, so a flood of
+        # connections cannot flood the console.
+        if len(people) >= self.max_clients:
+            return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE, f"the room is full ({len(people)} here)")]
+        key = _plain(ev.host)
+        n = self.per_addr.get(key, 0)
+        if self.per_address and n >= self.per_address:
+            return [Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"],
+                           f"{n} connections from that address")]
+        self.per_addr[key] = n + 1
+        p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at)
+        people[ev.conn] = p
+        here = len(people)
+        return [
+            Join(ev.conn, ev.host, ev.port, ev.at),
+            Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),
+            Show("event", visible(f"{address(ev.host, ev.port)} entered the room ({here} here)")),
+        ]
+
+    def _received(self, ev: Received) -> list[Decision]:
+        p = self.people.get(ev.conn)
+        if p is None:  # ended already (what it sent after \quit, a kick, or the room closing)
+            return []
+        msg = ev.msg
+        if msg.padding:  # not a line: bytes that trailed one, recorded so nothing vanishes
+            note = f"{msg.padding} bytes of padding after the previous line"
+            return [Commit(p.conn, "event", p.handle, "padding", msg.raw, note, ev.at)]
+        handle = msg.handle
+        text = msg.text
+        if (
+            (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit
+            or msg.cut or len(text) > MAX_TEXT
+        ):
+            return self._received_slow(p, ev)
+        at = ev.at
+        p.last = at
+        shown = visible(text)
+        out: list[Decision] = [
+            Commit(ev.conn, "client", p.handle, text, msg.raw, None, at),
+            Show("client", shown, p.shown),
+            Broadcast(p.prefix + shown.encode() + b"\n", ev.conn),
+        ]
+        if self.rate:
+            self._limit(p, at, out)
+        return out
+
+    def _received_slow(self, p: Participant, ev: Received) -> list[Decision]:
+        """The first line, a new handle, a claimed server handle, no handle at all, `\\quit`, or a
+        line over the protocol's 500 characters (up to 8192 bytes, more when cut at that limit)."""
+        msg = ev.msg
+        at = ev.at
+        out: list[Decision] = []
+        if msg.is_quit:
+            return self._leave(p.conn, "client-quit", at)
+        p.last = at
+        handle = msg.handle
+        note = None
+        if msg.cut:
+            note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
+        elif len(msg.text) > MAX_TEXT:
+            note = f"longer than {MAX_TEXT} characters"
+        if handle is not None and fold(handle) == self._server_fold:
+            why = f"the handle {self.handle} is the server's: not relayed"
+            out += [
+                Commit(p.conn, "client", handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
+                # Not as a chat line: on the console it would read as the operator's own words.
+                Show("error", visible(f"{address(p.host, p.port)} used the server's handle (not relayed): {handle}>{msg.text}")),
+                Send(p.conn, self.notice(f"The handle {self.handle} is the server's; choose another, like: alice>hello (not relayed)")),
+            ]
+        elif handle is None and p.handle is None:
+            why = "no handle yet: not relayed"
+            out += [
+                Commit(p.conn, "client", None, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
+                Show("client", visible(msg.text)),
+                Send(p.conn, self.notice(NO_HANDLE_NOTICE)),
+            ]
+        else:
+            if handle is not None and handle != p.handle:
+                self._rename(p, handle, out)
+            text = msg.text
+            shown = visible(text)
+            out += [
+                Commit(p.conn, "client", p.handle, text, msg.raw, note, at),
+                Show("client", shown, p.shown),
+            ]
+            if len(text) > MAX_TEXT:
+                # Relayed as the protocol allows: at most 500 characters, marked as cut. Old
+                # clients have small buffers, and one long line sent to every listener is the
+                # cheapest way to flood a room. The store keeps it whole; the sender is told.
+                more = len(text) - MAX_TEXT
+                shown = visible(text[:MAX_TEXT]) + f" [{more} more characters not relayed]"
+                if not msg.cut:  # (a cut line ends its session, with its own notice)
+                    out.append(Send(p.conn, self.notice(
+                        f"Lines are at most {MAX_TEXT} characters: the others saw the first {MAX_TEXT} of yours."
+                    )))
+            out.append(Broadcast(p.prefix + shown.encode() + b"\n", p.conn))
+        if msg.cut:
+            return _stores_first(out + self._leave(p.conn, "overlong", at, NOTICES["overlong"]))
+        out = _stores_first(out)
+        if self.rate:
+            self._limit(p, at, out)
+        return out
+
+    def _rename(self, p: Participant, handle: str, out: list[Decision]) -> None:
+        old = p.shown
+        p.handle = handle
+        p.shown = visible(handle)
+        p.prefix = (p.shown + ">").encode()
+        if p.announced:
+            out.append(Show("event", f"{old} ({address(p.host, p.port)}) now calls itself {p.shown}"))
+            return
+        p.announced = True
+        out += [
+            Handle(p.conn, handle),
+            Commit(p.conn, "event", handle, "joined", None, None, p.last),
+            Show("event", f"{p.shown} joined ({address(p.host, p.port)}, {len(self.people)} here)"),
+            Broadcast(self.notice(f"{p.shown} joined"), p.conn),
+        ]
+
+    def _limit(self, p: Participant, at: float, out: list[Decision]) -> None:
+        """Token bucket: `burst` lines at once, then `rate` a second. Over it, reads pause until
+        the bucket holds a line again; the line in hand has been committed and relayed."""
+        rate = self.rate
+        elapsed = at - p.stamp
+        tokens = p.tokens + elapsed * rate if elapsed > 0 else p.tokens
+        if tokens > self.burst:
+            tokens = self.burst
+        tokens -= 1.0
+        p.tokens = tokens
+        if elapsed > 0:
+            p.stamp = at
+        if tokens < 1.0:
+            self._paused(p, at, tokens, out)
+
+    def _paused(self, p: Participant, at: float, tokens: float, out: list[Decision]) -> None:
+        out.append(Pause(p.conn, at + (1.0 - tokens) / self.rate))
+        if not p.noted_pause:
+            p.noted_pause = True
+            out.append(Show("note", f"{p.shown or address(p.host, p.port)} is sending over {self.rate:g} lines/s: reading paused to that rate"))
+
+    def _leave(self, conn: int, reason: str, at: float, notice: str | None = None) -> list[Decision]:
+        p = self.people.pop(conn, None)
+        if p is None:
+            return []
+        n = self.per_addr[p.addr] - 1
+        if n:
+            self.per_addr[p.addr] = n
+        else:
+            del self.per_addr[p.addr]
+        # The console hears of every leave from here: the loop shows no ending for a participant.
+        who = f"{p.shown} ({address(p.host, p.port)})" if p.announced else address(p.host, p.port)
+        shown = Show("event", f"{who} left: {LEFT.get(reason, reason)} ({len(self.people)} here)")
+        if not p.announced:
+            return [End(conn, reason, at, notice), shown]
+        return [
+            Commit(conn, "event", p.handle, "left", None, reason, at),
+            End(conn, reason, at, notice),
+            Broadcast(self.notice(f"{p.shown} left"), conn),
+            shown,
+        ]
+
+    # -- the operator --------------------------------------------------------------------------
+
+    def _operator(self, ev: OperatorLine) -> list[Decision]:
+        text = ev.text
+        stripped = text.strip()
+        if not stripped:
+            return []
+        if is_quit(stripped):
+            return self._close("server-quit", ev.at, "The operator closed the room")
+        m = _COMMAND.fullmatch(stripped)
+        if m:
+            name, arg = m.group(1), (m.group(2) or "").strip()
+            if name == "who" and not arg:
+                return self._who(ev.at)
+            if name == "kick":
+                return self._kick(arg, ev.at)
+            return [Show("error", f"unknown command \\{name}; commands: \\who, \\kick NAME, \\quit")]
+        if len(text) > MAX_TEXT:
+            return [Show("error", f"message too long ({len(text)} characters, at most {MAX_TEXT}); not sent")]
+        shown = visible(text)
+        return [
+            Commit(None, "server", self.handle, text, None, None, ev.at),
+            Show("operator", shown, visible(self.handle)),
+            Broadcast(self._server_prefix + shown.encode() + b"\n"),
+        ]
+
+    def _who(self, now: float) -> list[Decision]:
+        people = self.people
+        if not people:
+            return [Show("note", "Nobody is here.")]
+        out: list[Decision] = [Show("note", f"{len(people)} here:")]
+        for p in people.values():
+            name = p.shown if p.handle is not None else "(no handle yet)"
+            out.append(Show("note", f"  {name:<15}  {address(p.host, p.port):<21}  idle {idle_text(now - p.last)}"))
+        return out
+
+    def _kick(self, name: str, at: float) -> list[Decision]:
+        if not name:
+            return [Show("error", "usage: \\kick NAME (a handle, or host:port as \\who shows it)")]
+        found = [p for p in self.people.values() if address(p.host, p.port) == name]
+        if not found:
+            found = [p for p in self.people.values() if p.handle is not None and p.shown == name]
+        if not found:
+            key = fold(name)
+            found = [p for p in self.people.values() if p.handle is not None and fold(p.shown) == key]
+        if not found:
+            return [Show("error", visible(f"nobody here is called {name}; \\who lists who is here"))]
+        if len(found) > 1:
+            where = ", ".join(address(p.host, p.port) for p in found[:5])
+            more = ", ..." if len(found) > 5 else ""
+            return [Show("error", visible(f"{len(found)} clients are called {name} ({where}{more}): kick one by host:port"))]
+        return self._leave(found[0].conn, "kicked", at, NOTICES["kicked"])
+
+    def _close(self, reason: str, at: float, why: str) -> list[Decision]:
+        """Everyone is told (their own ending notice; nobody hears of the others leaving), then
+        the room stops."""
+        self.finished = True
+        notice = NOTICES[reason]
+        commits: list[Decision] = []
+        ends: list[Decision] = []
+        for conn, p in self.people.items():
+            if p.announced:
+                commits.append(Commit(conn, "event", p.handle, "left", None, reason, at))
+            ends.append(End(conn, reason, at, notice))
+        self.people.clear()
+        self.per_addr.clear()
+        return commits + ends + [Prompt(False), Show("event", why), Finish(why)]
+
+
+_STORE = (Handle, Commit, Join)
+
+
+def _stores_first(out: list[Decision]) -> list[Decision]:
+    """Store writes before console and socket output (a stable partition)."""
+    return [d for d in out if isinstance(d, _STORE)] + [d for d in out if not isinstance(d, _STORE)]

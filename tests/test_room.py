@@ -1,0 +1,274 @@
+"""`chatlog serve --room` end to end: a real server, real sockets, real SQLite files."""
+
+import signal
+import socket
+import time
+
+import pytest
+from conftest import db_rows, recv_until, wait_until
+
+WELCOME = b"SERVER>*** Welcome to the room: %d here. Type at any time.\n"
+
+
+@pytest.fixture
+def room(start_server):
+    return start_server("--room")
+
+
+def join(server, handle=None):
+    s = server.connect()
+    greeting = recv_until(s, b"\n")
+    assert greeting.startswith(b"SERVER>*** Welcome to the room: ")
+    if handle:
+        s.sendall(f"{handle}>hi\n".encode())
+    return s
+
+
+def lines_of(db):
+    return db_rows(db, "SELECT sender, handle, text, note FROM messages ORDER BY seq")
+
+
+def test_a_newcomer_is_greeted_first_and_hears_only_what_is_said_after_it_joined(start_server):
+    server = start_server("--room", "--rate", "0")
+    talker = join(server, "talker")
+    for _ in range(20):
+        talker.sendall(b"talker>" + b"x" * 100 + b"\n")
+        late = server.connect()
+        assert recv_until(late, b"\n").startswith(b"SERVER>*** Welcome to the room: ")
+        late.close()
+
+
+def test_lines_are_committed_then_relayed_to_everyone_else(room):
+    a = room.connect()
+    assert recv_until(a, b"\n") == WELCOME % 1
+    b = room.connect()
+    assert recv_until(b, b"\n") == WELCOME % 2
+    a.sendall(b"alice>hello\n")
+    assert recv_until(b, b"hello\n") == b"SERVER>*** alice joined\nalice>hello\n"
+    b.sendall(b"bob>hi alice\n\0")
+    assert recv_until(a, b"alice\n") == b"SERVER>*** bob joined\nbob>hi alice\n"
+    room.say("welcome both")
+    assert recv_until(a, b"both\n") == b"SERVER>welcome both\n"
+    assert recv_until(b, b"both\n") == b"SERVER>welcome both\n"
+    room.wait_for("^bob>hi alice$")
+    assert lines_of(room.db) == [
+        ("event", "alice", "joined", None),
+        ("client", "alice", "hello", None),
+        ("event", "bob", "joined", None),
+        ("client", "bob", "hi alice", None),
+        ("server", "SERVER", "welcome both", None),
+    ]
+    (kind,) = db_rows(room.db, "SELECT kind FROM sessions")[0]
+    assert kind == "room"
+
+
+def test_relayed_text_is_made_safe_as_the_console_makes_it(room):
+    a, b = join(room, "alice"), join(room, "bob")
+    recv_until(a, b"bob>hi\n")
+    b.sendall(b"bob>\x1b]0;pwned\x07\x1b[2J\xe2\x80\xae evil\r\n")
+    got = recv_until(a, b"evil\n")
+    assert b"\x1b" not in got and b"\x07" not in got and "\u202e".encode() not in got
+    assert got.endswith(b"bob>\\x1b]0;pwned\\x07\\x1b[2J\\u202e evil\n")
+    room.wait_for(r"bob>\\x1b\]0;pwned")
+    assert "\x1b]0;" not in room.output
+    assert lines_of(room.db)[-1][2] == "\x1b]0;pwned\x07\x1b[2J\u202e evil"  # the record is faithful
+
+
+def test_an_old_turn_based_client_sees_relayed_lines_when_it_next_reads(room):
+    """A CS372-style client sends a line, then reads once: it gets what was said meanwhile."""
+    old = join(room)
+    new = join(room, "amy")
+    for i in range(3):
+        new.sendall(b"amy>line %d\n" % i)
+    room.wait_for("^amy>line 2$")
+    old.sendall(b"oldie>hello\n\0")
+    got = recv_until(old, b"line 2\n")
+    assert got == b"SERVER>*** amy joined\namy>hi\namy>line 0\namy>line 1\namy>line 2\n"
+
+
+def test_a_client_that_never_reads_is_dropped_and_nobody_waits(start_server):
+    server = start_server("--room", "--rate", "0")
+    stuck = join(server, "stuck")
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    talker, listener = join(server, "talker"), join(server, "ear")
+    line = b"talker>" + b"x" * 440 + b"\n"
+    received = b""
+    listener.settimeout(10)
+    for i in range(4000):
+        talker.sendall(line)
+        if i % 50 == 0:
+            try:
+                while True:
+                    listener.setblocking(False)
+                    chunk = listener.recv(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+            except BlockingIOError:
+                pass
+            finally:
+                listener.setblocking(True)
+        if server.count(r"stuck \(.*\) left") and i > 2600:
+            break
+    server.wait_for(r"stuck \(.*\) left: dropped, it stopped reading")
+    talker.close()
+    server.wait_for(r"talker \(.*\) left")
+    assert db_rows(server.db, "SELECT end_reason FROM participants WHERE handle = 'stuck'") == [("slow",)]
+    total = db_rows(
+        server.db, "SELECT count(*) FROM messages WHERE handle = 'talker' AND sender = 'client' AND text != 'hi'"
+    )[0][0]
+    listener.settimeout(10)
+    try:
+        while received.count(b"talker>x") < total:
+            received += listener.recv(1 << 20)
+    except TimeoutError:
+        raise AssertionError(f"{received.count(b'talker>x')} of {total}; {server.output[-2000:]}") from None
+    assert received.count(b"talker>x") == total  # everyone else got every line
+
+
+def test_a_flooding_client_is_paused_not_cut_and_nothing_is_lost(start_server):
+    """Over its rate, a client's reads pause (what one read brought is still relayed): 300 lines
+    of 400 bytes at 100 lines/s with a burst of 10 take well over a second, and all arrive."""
+    server = start_server("--room", "--rate", "100", "--burst", "10")
+    flood, ear = join(server, "flood"), join(server, "ear")
+    recv_until(flood, b"ear joined\n")
+    start = time.monotonic()
+    flood.sendall(b"".join(b"flood>%03d " % i + b"y" * 390 + b"\n" for i in range(300)))
+    got = b""
+    ear.settimeout(10)
+    while b"flood>299 " not in got:
+        got += ear.recv(65536)
+    elapsed = time.monotonic() - start
+    numbered = [x[:9] for x in got.split(b"\n") if x.startswith(b"flood>") and x[6:9].isdigit()]
+    assert numbered == [b"flood>%03d" % i for i in range(300)]
+    assert elapsed > 1.0
+    server.wait_for("reading paused")
+
+
+def test_room_full_and_per_address_cap_refuse_clearly(start_server):
+    server = start_server("--room", "--max-clients", "2", "--per-address", "0")
+    a, b = join(server), join(server)
+    c = server.connect()
+    assert recv_until(c, b"\\quit\n") == b"SERVER>*** The room is full; try again later.\n\\quit\n"
+    a.close()
+    b.close()
+    capped = start_server("--room", "--per-address", "1")
+    join(capped)
+    d = capped.connect()
+    try:
+        assert recv_until(d, b"\\quit\n").endswith(b"\\quit\n")
+    except TimeoutError:
+        raise AssertionError(capped.output + "\n----\n" + server.output) from None
+
+
+def test_clients_resetting_mid_accept_harm_no_one(room):
+    import struct
+
+    a = join(room, "alice")
+    for _ in range(50):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.connect((room.host, room.port))
+        s.close()
+    join(room, "bob")
+    assert recv_until(a, b"bob>hi\n").endswith(b"bob>hi\n")
+    assert room.proc.poll() is None
+
+
+def test_who_kick_and_quit_at_the_console(room):
+    a, b = join(room, "alice"), join(room, "bob")
+    room.wait_for("^bob>hi$")
+    room.say("\\who")
+    room.wait_for(r"^  alice +127\.0\.0\.1:\d+ +idle")
+    room.say("\\kick bob")
+    assert recv_until(b, b"\\quit\n").endswith(b"SERVER>*** The operator removed you from the room.\n\\quit\n")
+    assert recv_until(a, b"bob left\n").endswith(b"SERVER>*** bob left\n")
+    room.say("\\quit")
+    assert recv_until(a, b"\\quit\n").endswith(b"SERVER>*** The server closed the chat.\n\\quit\n")
+    assert room.wait() == 0
+    ends = dict(db_rows(room.db, "SELECT handle, end_reason FROM participants"))
+    assert ends == {"alice": "server-quit", "bob": "kicked"}
+
+
+def test_no_client_may_take_the_server_handle(room):
+    a = join(room, "alice")
+    fake = join(room)
+    fake.sendall(b"SERVER>*** The server shut down.\n")
+    assert b"server's" in recv_until(fake, b"server's")
+    room.wait_for("used the server's handle")
+    a.sendall(b"alice>still here\n")
+    room.wait_for("^alice>still here$")
+    a.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        while True:
+            assert b"shut down" not in a.recv(1000)
+
+
+def test_kill_9_mid_room_loses_no_line_any_client_received(room):
+    a, b = join(room, "alice"), join(room, "bob")
+    recv_until(a, b"bob>hi\n")
+    for i in range(200):
+        a.sendall(b"alice>n%d\n" % i)
+    got = recv_until(b, b"alice>n100\n")
+    room.proc.send_signal(signal.SIGKILL)
+    room.proc.wait(10)
+    b.settimeout(2)
+    try:
+        while True:
+            chunk = b.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        pass
+    received = [line[len(b"alice>"):].decode() for line in got.split(b"\n") if line.startswith(b"alice>")]
+    stored = {t for s, h, t, _ in lines_of(room.db) if h == "alice" and s == "client"}
+    assert set(received) <= stored
+
+
+def test_relayed_and_stored_lines_are_equal(start_server):
+    server = start_server("--room", "--rate", "0")
+    clients = [join(server, f"c{i}") for i in range(5)]
+    for k in range(20):
+        for i, c in enumerate(clients):
+            c.sendall(b"c%d>m%d\n" % (i, k))
+    wait_until(lambda: server.count(r"^c\d>m\d+$") == 100)
+    # what c0 received: the other four clients' lines, in the order the store holds them
+    expected = [f"c{i}>{t}" for s, h, t, _ in lines_of(server.db) if s == "client"
+                for i in [int(h[1:])] if i != 0]
+    got = b""
+    clients[0].settimeout(10)
+    while got.count(b"\n") - got.count(b"SERVER>") < len(expected):
+        got += clients[0].recv(65536)
+    relayed = [x.decode() for x in got.split(b"\n") if x and not x.startswith(b"SERVER>")]
+    assert relayed == expected
+
+
+def test_a_console_nobody_reads_does_not_stall_the_room(tmp_path):
+    """The server's stdout is a pipe that nobody reads (or a terminal paused with Ctrl-S): the
+    room goes on, and the console says how many lines it could not show."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    db = tmp_path / "r.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlog", "serve", "0", "--room", "--rate", "0", "--db", str(db), "--bind", "127.0.0.1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1].split()[0])
+        a = socket.create_connection(("127.0.0.1", port))
+        b = socket.create_connection(("127.0.0.1", port))
+        recv_until(a, b"\n")
+        recv_until(b, b"\n")
+        b.sendall(b"bob>here\n")
+        n = 3000  # ~600 KB of console lines: far past a pipe's 64 KB
+        a.sendall(b"".join(b"alice>line %05d " % i + b"z" * 180 + b"\n" for i in range(n)))
+        got = recv_until(b, b"line %05d " % (n - 1), timeout=20)
+        assert got.count(b"alice>line ") == n
+    finally:
+        proc.kill()
+        proc.wait()
+    assert db_rows(db, "SELECT count(*) FROM messages WHERE sender = 'client'") == [(n + 1,)]
