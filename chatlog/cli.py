@@ -38,7 +38,7 @@ def one_line_errors():
     of theirs can only come from a module already loaded."""
     try:
         yield
-    except Failed:
+    except (Failed, click.exceptions.NoArgsIsHelpError):  # the latter shows the help, as it should
         raise
     except click.ClickException as exc:
         err = Failed(exc.format_message())

@@ -128,6 +128,11 @@ def test_usage_errors_are_one_chatlog_line(db_path, store, args, words):
     assert r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
 
 
+def test_chatlog_alone_shows_the_help():
+    r = subprocess.run([sys.executable, "-m", "chatlog"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and (r.stdout + r.stderr).startswith("Usage: chatlog [OPTIONS] COMMAND")
+
+
 def test_db_from_the_command_the_group_or_the_environment(tmp_path):
     first, second = tmp_path / "a.db", tmp_path / "b.db"
     runner = CliRunner(env={"CHATLOG_DB": str(first)})
