@@ -328,8 +328,8 @@ def paged(enabled: bool = True):
     env.setdefault("LV", "-c")
     sys.stdout.flush()
     try:
-        proc = subprocess.Popen(command if " " not in command else shlex.split(command), stdin=subprocess.PIPE, env=env)
-    except OSError:  # no such pager: print as if there were none
+        proc = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, env=env)
+    except (OSError, ValueError):  # no such pager, or unbalanced quotes: print as if there were none
         yield sys.stdout
         return
     stream = io.TextIOWrapper(proc.stdin, encoding="utf-8", errors="replace", write_through=False)

@@ -365,6 +365,18 @@ def test_long_output_at_a_terminal_goes_through_the_pager(db_path, queued, pager
     assert "PAGER" not in piped.stdout and "amy>" in piped.stdout
 
 
+@pytest.mark.parametrize("pager_command", ["no-such-pager-here", 'less "unbalanced', ""])
+def test_a_broken_pager_setting_prints_without_one(db_path, queued, pager_command):
+    import pexpect
+
+    env = dict(os.environ, PAGER=pager_command, TERM="xterm", NO_COLOR="1")
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", "2", "--db", str(db_path)], env=env, timeout=10,
+                      encoding="utf-8")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and "bob>anyone?" in p.before and "Traceback" not in p.before
+
+
 def test_quitting_the_pager_early_ends_the_command_quietly(db_path, store):
     import pexpect
 
