@@ -68,6 +68,8 @@ class Command(click.Command):
 
     def invoke(self, ctx):
         with one_line_errors():
+            if sys.stdout is None:  # started with stdout closed (>&-)
+                raise Failed("cannot write the output: standard output is closed")
             try:
                 return super().invoke(ctx)
             except Nothing as exc:
@@ -80,14 +82,22 @@ class Command(click.Command):
                 err = Failed("interrupted")
                 err.exit_code = 130
                 raise err from None
+            except OSError as exc:  # stdout on a full disk, a failed device...
+                if exc.filename is not None or _worded_for_people(exc):
+                    raise
+                _silence_stdout()  # and no second complaint when Python flushes it at exit
+                raise Failed(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 def _silence_stdout() -> None:
     import os
 
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class Group(click.Group):

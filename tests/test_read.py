@@ -612,3 +612,14 @@ def test_path_and_help_import_no_database_code(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True, cwd=ROOT)
     assert "loaded: []" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["show", "2"], ["sessions"], ["export"], ["export", "-f", "cast"], ["search", "yes"],
+                                  ["stats"], ["replay", "2"], ["path"]])
+def test_output_that_cannot_be_written_is_one_line(db_path, queued, args):
+    cmd = [sys.executable, "-m", "chatlog", *args, "--db", str(db_path)]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: No space left on device\n"
+    r = subprocess.run(["/bin/sh", "-c", '"$@" >&-', "sh", *cmd], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: standard output is closed\n"
