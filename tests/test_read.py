@@ -350,8 +350,8 @@ def test_long_output_at_a_terminal_goes_through_the_pager(db_path, queued, pager
 def test_quitting_the_pager_early_ends_the_command_quietly(db_path, store):
     import pexpect
 
-    sid = chat(store, handle="amy", started=T("10:00:00"),
-               lines=[("client", f"line {i}", T("10:00:01")) for i in range(20000)])
+    sid = chat(store, handle="amy", started=T("10:00:00"))
+    store.add_lines(sid, "client", "amy", 20000, at=T("10:00:01"))
     env = dict(os.environ, PAGER="head -n 3", TERM="xterm")
     p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", str(sid), "--db", str(db_path)], env=env,
                       timeout=20, encoding="utf-8")
@@ -426,13 +426,11 @@ def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
 def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(db_path, store, tmp_path):
     import pexpect
 
+    from chatlog.export import PROGRESS_MIN_MESSAGES
+
     sid = chat(store, handle="amy", started=T("10:00:00"))
-    store.conn.execute("BEGIN")
-    store.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'amy', ?)",
-        ((sid, i, T("10:00:01"), f"line {i}") for i in range(1, 300_001)),
-    )
-    store.conn.execute("COMMIT")
+    # enough for the bar, and for the export to be far from done when it shows (it shows at once)
+    store.add_lines(sid, "client", "amy", 3 * PROGRESS_MIN_MESSAGES, at=T("10:00:01"))
     store.end_session(sid, "client-quit", at=T("10:00:02"))
     out = tmp_path / "big.cast"
     p = pexpect.spawn(sys.executable, ["-m", "chatlog", "export", str(sid), "-o", str(out), "--db", str(db_path)],
