@@ -264,6 +264,30 @@ def server(start_server):
     return start_server()
 
 
+def spawn_client(chatclient, server, *args, host="127.0.0.1", handle=None, **options):
+    """The real ./chatclient in a pseudo-terminal (pexpect), connecting to `server` (a ServerProc,
+    or a port on `host`). With `handle`, it is logged in: connected, handle given, prompt shown."""
+    import pexpect
+
+    if isinstance(server, ServerProc):
+        host, port = server.host, server.port
+    else:
+        port = server
+    env = dict(os.environ, TERM="xterm")
+    p = pexpect.spawn(str(chatclient), [*args, host, str(port)], env=env, encoding="utf-8", timeout=10, **options)
+    if handle is not None:
+        p.expect_exact(f"Connecting to {host} port {port}")
+        login(p, handle)
+    return p
+
+
+def login(p, handle="brandon"):
+    """Answer the client's handle question and wait for its prompt."""
+    p.expect_exact("What would you like your chat handle to be> ")
+    p.sendline(handle)
+    p.expect_exact(f"{handle}>")
+
+
 def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
     """Read from a socket until `needle` has arrived (or the peer closed)."""
     sock.settimeout(timeout)
