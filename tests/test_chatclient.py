@@ -13,25 +13,15 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from conftest import login, spawn_client
 from fakeserver import FakeServer
 
 from chatlog.sanitize import UNSAFE_RANGES, visible
 
 
-def spawn(chatclient, port, *args, host="127.0.0.1"):
-    env = dict(os.environ, TERM="xterm")
-    return pexpect.spawn(str(chatclient), [*args, host, str(port)], env=env, encoding="utf-8", timeout=10)
-
-
 # The only control sequences the client itself writes: clear to the end of the screen and move up
 # (to redraw the line being typed). Anything else with an ESC came from the server.
 OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+A")
-
-
-def login(p, handle="brandon"):
-    p.expect_exact("What would you like your chat handle to be> ")
-    p.sendline(handle)
-    p.expect_exact(f"{handle}>")
 
 
 def finish(p, status):
@@ -48,7 +38,7 @@ def test_exact_bytes_of_a_chat(chatclient):
         peer.wait_close()
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     p.expect_exact(f"Connecting to 127.0.0.1 port {srv.port}")
     login(p)
     p.sendline("hello server")
@@ -64,7 +54,7 @@ def test_exact_bytes_of_a_chat(chatclient):
 @pytest.mark.parametrize("bad", ["", "elevenchars", "two words", "a>b"])
 def test_invalid_handles_are_asked_again(chatclient, bad):
     srv = FakeServer(lambda peer: peer.expect(b"ok>"))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     p.expect_exact("What would you like your chat handle to be> ")
     p.sendline(bad)
     p.expect_exact("A handle is 1 to 10 characters")
@@ -85,7 +75,7 @@ def test_server_close_is_noticed_before_enter(chatclient):
             pass
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("SERVER>go")
@@ -97,7 +87,7 @@ def test_server_close_is_noticed_before_enter(chatclient):
 
 def test_server_quit(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(b"\\quit\n")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("The server closed the chat.")
@@ -106,7 +96,7 @@ def test_server_quit(chatclient):
 
 def test_ctrl_d_is_quit(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendeof()
     p.expect_exact("You left the chat.")
@@ -116,7 +106,7 @@ def test_ctrl_d_is_quit(chatclient):
 
 def test_length_limit_and_empty_lines(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"brandon>" + b"x" * 500 + b"\n\0")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("")  # nothing is sent for an empty line
     p.expect_exact("brandon>")
@@ -175,7 +165,7 @@ def test_ipv6_literal(chatclient):
     srv6.bind(("::1", 0))
     srv6.listen(1)
     port = srv6.getsockname()[1]
-    p = spawn(chatclient, port, host="::1")
+    p = spawn_client(chatclient, port, host="::1")
     c, addr = srv6.accept()
     login(p)
     p.sendline("over six")
@@ -201,7 +191,7 @@ def test_ipv6_literal(chatclient):
 )
 def test_sloppy_servers(chatclient, reply, shown):
     srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(reply), peer.expect(b"again\n\0")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact(shown + "\r\n")
@@ -223,7 +213,7 @@ def test_multibyte_character_split_across_sends(chatclient):
         peer.expect(b"x\n\0")
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("SERVER>h\u00e9llo")
@@ -242,7 +232,7 @@ HOSTILE = (
 
 def test_hostile_server_text_is_shown_inert(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(HOSTILE), peer.expect(b"x\n\0")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("over\\rwrite\r\n")
@@ -260,7 +250,7 @@ def test_hostile_server_text_is_shown_inert(chatclient):
 
 def test_sigint_while_waiting_for_the_reply(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("hi\r\n")
@@ -282,7 +272,7 @@ def test_sigwinch_storm_is_harmless(chatclient):
         peer.expect(b"bye\n\0")
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("hi\r\n")
@@ -298,7 +288,7 @@ def test_sigwinch_storm_is_harmless(chatclient):
 
 def test_no_answer_timeout(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"\\quit\n\0")))
-    p = spawn(chatclient, srv.port, "-t", "1")
+    p = spawn_client(chatclient, srv.port, "-t", "1")
     login(p)
     p.sendline("hi")
     p.expect_exact("No answer from the server in 1 s: you left the chat.")
@@ -527,7 +517,7 @@ def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
 
 def test_busy_is_said_before_the_handle_is_asked(chatclient):
     srv = FakeServer(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     p.expect_exact("The server is busy; try again later.\r\n")
     assert "handle" not in p.before
     p.expect(pexpect.EOF)
