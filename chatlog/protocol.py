@@ -95,12 +95,11 @@ class Framer:
         if self._padding and now - self._last >= self.quiet:
             self._padding = False
             out += self._late_frame(now)
-        quiet_gap = now - self._last >= self.quiet
+        # An unterminated line is completed by flush_if_quiet() when the peer has been quiet, never
+        # here: bytes that arrive after the deadline may have waited in the kernel while the
+        # reader was busy (a room relaying thousands of lines), and the line they continue must
+        # not be cut in two.
         self._last = now
-        if (self._buf or self._cutting) and quiet_gap:
-            # The previous burst was already complete by the quiet rule; the caller just did not
-            # ask in time. Finish it before looking at the new bytes.
-            out.append(self._complete(now))
         i, n = 0, len(data)
         while i < n:
             if self._padding:

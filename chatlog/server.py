@@ -591,13 +591,7 @@ class Loop:
 
     def on_store_wait(self, seconds: float, resumed: bool) -> None:
         """The recorder waits on a store another process holds (said once, and when it frees)."""
-        if resumed:
-            self.console.write(self.r.paint("event", "the database is free again; the chat goes on"))
-        else:
-            self.console.write(self.r.paint(
-                "error",
-                f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
-            ))
+        self.console.write(store_wait_line(self.r, seconds, resumed))
 
     def close_room(self) -> None:
         """Record the room's end (its participants have been ended already)."""
@@ -617,6 +611,15 @@ class Loop:
             self._tell_and_close(conn, NOTICES["store"])
         self.conns.clear()
         self.finished = True
+
+
+def store_wait_line(r: Renderer, seconds: float, resumed: bool) -> str:
+    if resumed:
+        return r.paint("event", "the database is free again; the chat goes on")
+    return r.paint(
+        "error",
+        f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
+    )
 
 
 def _is_store_failure(exc: BaseException) -> bool:
@@ -794,6 +797,9 @@ def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, id
     for line in banner(bind, sockets):
         console.write(line)
     local = sockets[0].getsockname()
+    # Starting waits on a database another process holds locked, like any write: say so, or the
+    # banner stands there as if the server were up while nobody is accepted.
+    recorder.on_wait = lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed))
     _, orphans = recorder.start(socket.gethostname(), local[1], time.time())
     if orphans:
         what = "1 session" if orphans == 1 else f"{orphans} sessions"

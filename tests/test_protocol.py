@@ -247,3 +247,18 @@ def test_nothing_received_vanishes(data, cuts):
         now += 0.001
     out += f.flush(now)
     assert sum(fr.padding or len(fr.raw) for fr in out) == len(data)
+
+
+def test_a_line_is_never_cut_in_two_by_a_reader_that_was_busy():
+    """In a room relaying thousands of lines the loop may read a socket long after its bytes
+    arrived: the end of a line read late continues it (it used to complete the first half as a
+    message of its own, and the rest became another)."""
+    f = Framer()
+    assert f.feed(b"bob>the first ha", 1.0) == []
+    (fr,) = f.feed(b"lf and the rest\n", 3.0)
+    assert fr.payload == b"bob>the first half and the rest"
+    # A reader on time completes an unterminated line at its deadline, as before.
+    f = Framer()
+    f.feed(b"bob> no newline", 1.0)
+    (fr,) = f.flush_if_quiet(f.deadline() + 1e-6)
+    assert [parse(x).text for x in [fr] + f.feed(b"bob> next\n", 3.0)] == ["no newline", "next"]
