@@ -1158,7 +1158,11 @@ def server_framing(script):
     for op in script:
         if op[0] == "B":
             now = op[1]
-            frames = f.feed(op[2], now / 1000)
+            # the server's loop completes an unterminated line at its deadline when nothing more
+            # has arrived: a reader on time, as the client always is
+            deadline = f.deadline()
+            frames = f.flush_if_quiet(now / 1000) if deadline is not None and now / 1000 >= deadline else []
+            frames += f.feed(op[2], now / 1000)
         elif op[0] == "Q":
             frames = f.flush_if_quiet(op[1] / 1000)
         elif op[0] == "S":

@@ -1,5 +1,6 @@
 """The real ./chatclient in a pseudo-terminal against the real `chatlog serve`."""
 
+import os
 import signal
 
 import pexpect
