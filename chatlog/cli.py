@@ -33,13 +33,12 @@ class Nothing(Exception):
 @contextlib.contextmanager
 def one_line_errors():
     """Whatever goes wrong below becomes a `Failed` (keeping click's exit status for usage
-    errors): store and export errors, bad dates, and click's own errors."""
-    from chatlog.db import StoreError
-    from chatlog.query import BadDate
-
+    errors): store and export errors, bad dates, and click's own errors. The modules that
+    define those errors are not imported here (`chatlog path` and `--help` stay fast): an error
+    of theirs can only come from a module already loaded."""
     try:
         yield
-    except Failed:
+    except (Failed, click.exceptions.NoArgsIsHelpError):  # the latter shows the help, as it should
         raise
     except click.ClickException as exc:
         err = Failed(exc.format_message())
@@ -47,14 +46,19 @@ def one_line_errors():
         raise err from None
     except click.exceptions.Abort:
         raise Failed("aborted") from None
-    except (StoreError, BadDate) as exc:
-        raise Failed(str(exc)) from None
     except Exception as exc:
-        from chatlog.export import ExportError
-
-        if isinstance(exc, ExportError):
+        if _worded_for_people(exc):
             raise Failed(str(exc)) from None
         raise
+
+
+def _worded_for_people(exc: Exception) -> bool:
+    """Whether `exc` is one of our errors whose message is already one clear line."""
+    for module, name in (("chatlog.db", "StoreError"), ("chatlog.query", "BadDate"), ("chatlog.export", "ExportError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 class Command(click.Command):
@@ -78,6 +82,11 @@ class Command(click.Command):
                 err = Failed("interrupted")
                 err.exit_code = 130
                 raise err from None
+            except OSError as exc:  # stdout on a full disk, a failed device...
+                if exc.filename is not None or _worded_for_people(exc):
+                    raise
+                _silence_stdout()  # and no second complaint when Python flushes it at exit
+                raise Failed(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 def _utf8_arguments(ctx: click.Context) -> None:
@@ -110,15 +119,18 @@ def _closed_streams(ctx: click.Context) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
         if ctx.command.name not in quiet and ctx.params.get("output", "-") == "-":
-            raise Failed("standard output is closed: nowhere to write")
+            raise Failed("cannot write the output: standard output is closed")
 
 
 def _silence_stdout() -> None:
     import os
 
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class Group(click.Group):
@@ -665,22 +677,11 @@ def stats(as_json, db):
     from chatlog import views
     from chatlog.render import Renderer
 
-    store = open_archive(db)
-    st = store.stats()
-    _said_and_answers(store, st)
+    st = open_archive(db).stats()
     if as_json:
         views.dump_json(st)
     else:
         views.stats_text(st, Renderer())
-
-
-def _said_and_answers(store, st: dict) -> None:
-    """Each busiest handle's messages split into what it said and the answers it got."""
-    for b in st.get("busiest_handles", []):
-        if "said" not in b:
-            rows = store.sessions(make_filters(handle=b["handle"]), 0)
-            b["said"] = sum(s.client_messages for s in rows)
-            b["answers"] = sum(s.server_messages for s in rows)
 
 
 @cli.command()
@@ -691,7 +692,10 @@ def rm(session_ids, yes, db):
     """Delete sessions, with their messages and search entries."""
     store = open_archive(db)
     chosen = [get_session(store, i) for i in session_ids]
+    held = store.held([s.id for s in chosen])
     for s in chosen:
+        if s.id in held:
+            raise Failed(f"session {s.id} is being recorded by a running server ({held[s.id]}); it can be deleted once it has ended")
         if s.ended_at is None:
             raise Failed(f"session {s.id} is still in progress; it can be deleted once it has ended")
     _delete(store, sorted({s.id for s in chosen}), yes)
@@ -710,7 +714,9 @@ def prune(before, yes, db):
     ids = store.session_ids(filters)
     if len(ids) < len(everything):
         n = len(everything) - len(ids)
-        click.echo(f"leaving {plural(n, 'session')} still in progress", err=True)
+        live = len(store.held(sorted(set(everything) - set(ids))))
+        click.echo(f"leaving {plural(n, 'session')} still in progress"
+                   + (f" ({live} recorded by a running server)" if live else ""), err=True)
     if not ids:
         raise Nothing("nothing to prune: no ended sessions started before then")
     _delete(store, ids, yes)
@@ -735,13 +741,11 @@ def backup(dest, force, db):
     DEST may be a directory: the copy is DEST/<the database's file name>. An existing file is
     left alone unless --force is given.
     """
-    import os
-
     store = open_archive(db)
     if dest.is_dir():
         dest = dest / store.path.name
-    if dest.exists() and os.path.samefile(dest, store.path):
-        raise Failed("the backup must not overwrite the database itself")
+    if store.is_database_file(dest):
+        raise Failed(f"the backup must not overwrite the database or its files ({dest})")
     if dest.exists() and not force:
         raise Failed(f"{dest} already exists (use --force to overwrite it)")
     try:

@@ -6,7 +6,8 @@ groups several calls into one. Times come in as epoch seconds and are stored as 
 
 A busy database (another process writing: a delete, a backup, a migration) is waited for, in
 short steps so signals stay responsive: after WAIT_NOTICE seconds `on_wait(seconds, False)` is
-called once, and `on_wait(seconds, True)` when the write went through. Nothing is lost. While
+called once, and `on_wait(seconds, True)` when the write has gone through (seconds: the whole
+wait). Nothing is lost. While
 `should_stop()` is true the waiting ends with `StoreFailed`, as does any write that fails for
 good (disk full, read-only file, I/O error), with one line saying so.
 """
@@ -67,7 +68,6 @@ class Recorder:
     def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         """Run one statement, waiting out a busy database; a lasting failure is StoreFailed."""
         started = told = None
-        delay = 0.002
         while True:
             try:
                 cur = self.conn.execute(sql, args)
@@ -85,8 +85,9 @@ class Recorder:
                     told = now
                     if self.on_wait is not None:
                         self.on_wait(now - started, False)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                # SQLite's own wait (BUSY_TIMEOUT_MS) polls the lock densely; no backoff on top
+                # of it, or a writer would sleep through the gaps a batched delete leaves.
+                time.sleep(0.001)
                 continue
             if told is not None and self.on_wait is not None:
                 self.on_wait(time.monotonic() - started, True)

@@ -174,7 +174,7 @@ def test_a_reader_with_stdout_closed_says_so_in_one_line(one_chat, args):
     AttributeError traceback."""
     r = _run_closed(one_chat, args, 1)
     assert r.returncode == 1
-    assert r.stderr.decode() == "chatlog: standard output is closed: nowhere to write\n"
+    assert r.stderr.decode() == "chatlog: cannot write the output: standard output is closed\n"
 
 
 def test_export_to_a_file_and_rm_work_with_stdout_closed(one_chat, tmp_path):
@@ -348,6 +348,6 @@ def test_an_export_never_replaces_a_file_beside_the_database(server, suffix):
     before = os.stat(side).st_ino
     r = chatlog(server.db, "export", "-f", "txt", "-o", side)
     assert r.returncode == 1
-    assert r.stderr == f"chatlog: {side} is one of the files of the database {server.db}; choose another path\n"
+    assert r.stderr == f"chatlog: the export must not overwrite the database or its files ({side})\n"
     assert os.stat(side).st_ino == before  # the very same file, not a new one put in its place
     assert "remember me" in chatlog(server.db, "show", "last").stdout

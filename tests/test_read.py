@@ -49,6 +49,19 @@ def chat(store, *, handle, port=5000, started, served=None, lines=(), end=None):
     return sid
 
 
+def many(store, n):
+    """An ended session of `n` short client lines (`line 0`...), inserted in one transaction."""
+    sid = chat(store, handle="amy", started=T("10:00:00"))
+    store.conn.execute("BEGIN")
+    store.conn.executemany(
+        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'amy', ?)",
+        ((sid, i + 1, T("10:00:01"), f"line {i}") for i in range(n)),
+    )
+    store.conn.execute("COMMIT")
+    store.end_session(sid, "client-quit", at=T("10:00:02"))
+    return sid
+
+
 def run(db_path, *args, env=None):
     return CliRunner(env=env).invoke(cli, [*args, "--db", str(db_path)], catch_exceptions=False)
 
@@ -113,6 +126,11 @@ def test_usage_errors_are_one_chatlog_line(db_path, store, args, words):
                        env=dict(os.environ, CHATLOG_DB=str(db_path)))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_chatlog_alone_shows_the_help():
+    r = subprocess.run([sys.executable, "-m", "chatlog"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and (r.stdout + r.stderr).startswith("Usage: chatlog [OPTIONS] COMMAND")
 
 
 def test_db_from_the_command_the_group_or_the_environment(tmp_path):
@@ -246,7 +264,7 @@ def test_an_unknown_extension_is_an_error_not_plain_text(db_path, queued, tmp_pa
 
 def test_the_cast_is_as_wide_as_its_longest_line(db_path, queued):
     header = json.loads(run(db_path, "export", "1", "-f", "cast").stdout.splitlines()[0])
-    assert header["width"] == len("SERVER>hello " + "x" * 1000) or header["width"] == 400
+    assert len("SERVER>hello " + "x" * 1000) > 400 and header["width"] == 400  # as wide as allowed
     assert header["height"] == 24
     narrow = json.loads(run(db_path, "export", "2", "-f", "cast").stdout.splitlines()[0])
     assert narrow["width"] == 80
@@ -347,11 +365,23 @@ def test_long_output_at_a_terminal_goes_through_the_pager(db_path, queued, pager
     assert "PAGER" not in piped.stdout and "amy>" in piped.stdout
 
 
+@pytest.mark.parametrize("pager_command", ["no-such-pager-here", 'less "unbalanced', ""])
+def test_a_broken_pager_setting_prints_without_one(db_path, queued, pager_command):
+    import pexpect
+
+    env = dict(os.environ, PAGER=pager_command, TERM="xterm", NO_COLOR="1")
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", "2", "--db", str(db_path)], env=env, timeout=10,
+                      encoding="utf-8")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and "bob>anyone?" in p.before and "Traceback" not in p.before
+
+
 def test_quitting_the_pager_early_ends_the_command_quietly(db_path, store):
     import pexpect
 
-    sid = chat(store, handle="amy", started=T("10:00:00"),
-               lines=[("client", f"line {i}", T("10:00:01")) for i in range(20000)])
+    sid = chat(store, handle="amy", started=T("10:00:00"))
+    store.add_lines(sid, "client", "amy", 20000, at=T("10:00:01"))
     env = dict(os.environ, PAGER="head -n 3", TERM="xterm")
     p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", str(sid), "--db", str(db_path)], env=env,
                       timeout=20, encoding="utf-8")
@@ -413,7 +443,7 @@ def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
 
     conn = sqlite3.connect(db_path)
     conn.execute("UPDATE messages SET at = 'garbage' WHERE session_id = 2 AND seq = 1")
-    conn.execute("UPDATE sessions SET served_at = 'not a time', ended_at = '2026-13-45T99:00:00' WHERE id = 2")
+    conn.execute("UPDATE sessions SET served_at = 'not a time' WHERE id = 2")
     conn.commit()
     conn.close()
     for args in (["sessions"], ["sessions", "--json"], ["show", "2", "-t"], ["replay", "2"], ["tail", "2"],
@@ -426,13 +456,11 @@ def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
 def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(db_path, store, tmp_path):
     import pexpect
 
+    from chatlog.export import PROGRESS_MIN_MESSAGES
+
     sid = chat(store, handle="amy", started=T("10:00:00"))
-    store.conn.execute("BEGIN")
-    store.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'amy', ?)",
-        ((sid, i, T("10:00:01"), f"line {i}") for i in range(1, 300_001)),
-    )
-    store.conn.execute("COMMIT")
+    # enough for the bar, and for the export to be far from done when it shows (it shows at once)
+    store.add_lines(sid, "client", "amy", 3 * PROGRESS_MIN_MESSAGES, at=T("10:00:01"))
     store.end_session(sid, "client-quit", at=T("10:00:02"))
     out = tmp_path / "big.cast"
     p = pexpect.spawn(sys.executable, ["-m", "chatlog", "export", str(sid), "-o", str(out), "--db", str(db_path)],
@@ -578,3 +606,26 @@ def test_an_absurdly_slow_replay_waits_in_parts_not_a_traceback():
         play(schedule([(T("10:00:00"), "a"), (T("10:00:01"), "b")], speed=1e-300), shown.append,
              clock=clock, sleep=clock.sleep)
     assert shown == ["a"]
+
+
+def test_path_and_help_import_no_database_code(tmp_path):
+    code = (
+        "import sys\nfrom chatlog.cli import cli\n"
+        "for args in (['path', '--db', sys.argv[1]], ['--help'], ['nosuch']):\n"
+        "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+        "print('loaded:', sorted(m for m in ('sqlite3', 'chatlog.db', 'chatlog.query', 'rich') if m in sys.modules),"
+        " file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True, cwd=ROOT)
+    assert "loaded: []" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["show", "2"], ["sessions"], ["export"], ["export", "-f", "cast"], ["search", "yes"],
+                                  ["stats"], ["replay", "2"], ["path"]])
+def test_output_that_cannot_be_written_is_one_line(db_path, queued, args):
+    cmd = [sys.executable, "-m", "chatlog", *args, "--db", str(db_path)]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: No space left on device\n"
+    r = subprocess.run(["/bin/sh", "-c", '"$@" >&-', "sh", *cmd], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: standard output is closed\n"
