@@ -119,7 +119,9 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
         f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
     )
-    return lines
+    # Every field, not only the handle: an archive from elsewhere is untrusted as a whole (its
+    # hosts and end reasons reached the terminal raw). Escapes are left as they are.
+    return [visible(line) for line in lines]
 
 
 def show(
@@ -156,10 +158,10 @@ def session_row(s: Session, utc: bool) -> list[str]:
         str(s.id),
         fmt_time(s.started_at, utc),
         duration(session_duration(s)),
-        f"room :{s.server_port}" if room else address(s.client_host, s.client_port),
+        f"room :{s.server_port}" if room else visible(address(s.client_host, s.client_port)),
         plural(s.participants, "participant") if room else (visible(s.handle) if s.handle else ""),
         str(s.messages),
-        s.state,
+        visible(s.state),
     ]
 
 

@@ -401,3 +401,25 @@ def test_clients_that_never_read_do_not_multiply_the_rooms_memory(start_server):
     for s in silent:
         s.close()
     assert peak < 100e6, f"{peak / 1e6:.0f} MB for 300 clients that never read"
+
+
+# -- an archive from elsewhere ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["sessions"], ["show", "last"], ["export", "-f", "txt"], ["export", "-f", "md"]])
+def test_a_crafted_archive_cannot_drive_the_terminal_through_its_hosts_or_end_reasons(db_path, args):
+    """Handles and texts were made visible, but a session's client host and end reason went to
+    the screen raw: a database file handed over by someone else could clear the screen or set
+    the clipboard through `sessions` or `show`."""
+    from chatlog.recorder import open_recorder
+
+    r = open_recorder(db_path)
+    r.start("h", 1, 1.7e9)
+    for _ in range(2):  # two: an export of several gives each its header
+        sid = r.begin_session("10.0.0.1\x1b[2J", 5000, "h", 1, 1.7e9, served=True)
+        r.add_message(sid, "client", "amy", "hi", None, None, 1.7e9)
+        r.end_session(sid, "client-quit\x1b]52;c;AAAA\x07", 1.7e9 + 1)
+    r.close()
+    out = chatlog(db_path, *args).stdout
+    assert "10.0.0.1\\x1b[2J" in out
+    assert "\x1b" not in out and "\x07" not in out
