@@ -154,15 +154,18 @@ def address(host: str | None, port: int | None) -> str:
 
 def session_row(s: Session, utc: bool) -> list[str]:
     room = s.kind == "room"
-    return [
+    row = [
         str(s.id),
         fmt_time(s.started_at, utc),
         duration(session_duration(s)),
-        f"room :{s.server_port}" if room else visible(address(s.client_host, s.client_port)),
-        plural(s.participants, "participant") if room else (visible(s.handle) if s.handle else ""),
+        f"room :{s.server_port}" if room else address(s.client_host, s.client_port),
+        plural(s.participants, "participant") if room else (s.handle or ""),
         str(s.messages),
-        visible(s.state),
+        s.state,
     ]
+    # Every cell: in an archive from elsewhere any column may hold text (SQLite keeps what it
+    # is given, even in an integer column).
+    return [visible(cell) for cell in row]
 
 
 def table(columns: list[str], cells: list[list[str]], right: Iterable[str] = (), out=None) -> None:
