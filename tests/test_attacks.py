@@ -423,3 +423,17 @@ def test_a_crafted_archive_cannot_drive_the_terminal_through_its_hosts_or_end_re
     out = chatlog(db_path, *args).stdout
     assert "10.0.0.1\\x1b[2J" in out
     assert "\x1b" not in out and "\x07" not in out
+
+
+def test_a_crafted_rooms_port_is_made_visible_in_sessions(db_path):
+    from chatlog.recorder import open_recorder
+
+    r = open_recorder(db_path)
+    r.start("h", 1, 1.7e9)
+    sid = r.begin_session(None, None, "h", 1, 1.7e9, served=True, kind="room")
+    r.end_session(sid, "server-quit", 1.7e9 + 1)
+    r.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE sessions SET server_port = '7\x1b[2J'")  # SQLite keeps text anywhere
+    out = chatlog(db_path, "sessions").stdout
+    assert "room :7\\x1b[2J" in out and "\x1b" not in out
