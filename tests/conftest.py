@@ -288,6 +288,34 @@ def login(p, handle="brandon"):
     p.expect_exact(f"{handle}>")
 
 
+class Ran:
+    """What a chatlog command did: exit_code, stdout, stderr (and output: both)."""
+
+    def __init__(self, exit_code: int, stdout: str, stderr: str):
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_chatlog(db, *args, input=None, env=None, process=False):
+    """Run `chatlog ARGS --db DB` (no --db when db is None) and return exit_code, stdout, stderr
+    and output. In-process through the real click command by default (fast: a test suite runs
+    hundreds); process=True runs `python -m chatlog` for what only a process shows (the entry
+    point, exit codes from the top, environment, pipes)."""
+    argv = [*args, "--db", str(db)] if db is not None else list(args)
+    if not process:
+        from click.testing import CliRunner
+
+        from chatlog.cli import cli
+
+        return CliRunner(env=env).invoke(cli, argv, input=input, catch_exceptions=False)
+    r = subprocess.run([sys.executable, "-m", "chatlog", *argv], input=input, capture_output=True, text=True,
+                       cwd=ROOT, timeout=60, env=dict(os.environ, **(env or {})))
+    return Ran(r.returncode, r.stdout, r.stderr)
+
+
 def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
     """Read from a socket until `needle` has arrived (or the peer closed)."""
     sock.settimeout(timeout)

@@ -4,12 +4,10 @@ import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import ROOT, db_rows, ending, recv_until, wait_until
+from conftest import db_rows, ending, recv_until, run_chatlog, wait_until
 
 
 def messages(db, session=None):
@@ -346,35 +344,29 @@ def test_restart_on_the_same_port_at_once(start_server, tmp_path):
     assert again.port == first.port
 
 
-def run_cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT, timeout=20, **kw
-    )
-
-
 def test_port_in_use(tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen()
     port = s.getsockname()[1]
-    r = run_cli("serve", str(port), "--bind", "127.0.0.1", "--db", str(tmp_path / "x.db"), input="")
-    assert r.returncode == 1
+    r = run_chatlog(tmp_path / "x.db", "serve", str(port), "--bind", "127.0.0.1", input="", process=True)
+    assert r.exit_code == 1
     assert r.stderr.strip() == f"chatlog: cannot listen on port {port}: address already in use"
     s.close()
 
 
 @pytest.mark.parametrize("port", ["70000", "99999999", "http"])
 def test_bad_port(tmp_path, port):
-    r = run_cli("serve", port, "--db", str(tmp_path / "x.db"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_chatlog(tmp_path / "x.db", "serve", port, process=True)
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
     assert "Invalid value for 'PORT'" in r.stderr
 
 
 def test_unwritable_database(tmp_path):
     blocker = tmp_path / "f"
     blocker.write_text("")
-    r = run_cli("serve", "0", "--db", str(blocker / "chat.db"), input="")
-    assert r.returncode == 1
+    r = run_chatlog(blocker / "chat.db", "serve", "0", input="", process=True)
+    assert r.exit_code == 1
     assert r.stderr.startswith("chatlog: cannot create the database") and "Traceback" not in r.stderr
 
 
@@ -417,8 +409,8 @@ def _newer(path):
 def test_bad_database_files(tmp_path, make, message):
     bad = tmp_path / "bad.db"
     make(bad)
-    r = run_cli("serve", "0", "--db", str(bad), input="")
-    assert r.returncode == 1
+    r = run_chatlog(bad, "serve", "0", input="", process=True)
+    assert r.exit_code == 1
     assert r.stderr.startswith(f"chatlog: {bad}") and message in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 

@@ -12,10 +12,7 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
-from conftest import ROOT
-
-from chatlog.cli import cli
+from conftest import ROOT, run_chatlog
 from storebuild import open_store
 
 HOSTILE = [
@@ -61,9 +58,7 @@ def db(tmp_path):
     return path
 
 
-def run(db, *args, input=None):
-    result = CliRunner().invoke(cli, [*args, "--db", str(db)], input=input, catch_exceptions=False)
-    return result
+run = run_chatlog
 
 
 def no_raw_controls(text):
@@ -433,7 +428,7 @@ def test_prune(db):
 def test_path_and_env(db, monkeypatch):
     assert run(db, "path").output.strip() == str(db)
     monkeypatch.setenv("CHATLOG_DB", str(db))
-    assert CliRunner().invoke(cli, ["path"]).output.strip() == str(db)
+    assert run_chatlog(None, "path").output.strip() == str(db)
 
 
 def test_backup_is_a_consistent_copy_while_writing(db, tmp_path):
