@@ -345,6 +345,18 @@ def wait_until(predicate, timeout=10.0, interval=0.01):
         time.sleep(interval)
 
 
+def db_dicts(db, sql, args=()):
+    """Rows as dicts by column name, for assertions that name what they check."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
 def db_rows(db, sql, args=()):
     import sqlite3
 
