@@ -350,12 +350,7 @@ def test_large_export_streams_with_flat_memory(tmp_path):
     path = tmp_path / "big.db"
     s = open_store(path)
     sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
-    s.conn.execute("BEGIN")
-    s.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'bob', ?)",
-        ((sid, i, t(0), f"message {i} " + "x" * 200) for i in range(1, 200_001)),
-    )
-    s.conn.execute("COMMIT")
+    s.add_lines(sid, "client", "bob", 200_000, at=t(0), text="message %d " + "x" * 200)
     s.end_session(sid, "client-quit")
     s.close()
     code = (
@@ -681,12 +676,7 @@ def test_export_progress_bar_on_a_terminal_stderr(tmp_path):
     path = tmp_path / "long.db"
     s = open_store(path)
     sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
-    s.conn.execute("BEGIN")
-    s.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'bob', 'hi')",
-        ((sid, i, t(0)) for i in range(1, 30_001)),
-    )
-    s.conn.execute("COMMIT")
+    s.add_lines(sid, "client", "bob", 30_000, at=t(0), text="hi")
     s.end_session(sid, "client-quit")
     s.close()
     out = tmp_path / "long.csv"
