@@ -201,7 +201,7 @@ def test_replay_keeps_to_an_absolute_clock():
 
 def _wal_can_restart(path):
     """Whether a writer could start the WAL over now: not while a reader holds a snapshot."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)  # busy at once, not after 5 s
     try:
         conn.execute("INSERT INTO sessions (started_at) VALUES ('2026-01-01T00:00:00.000000+00:00')")
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
