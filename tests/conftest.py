@@ -1,4 +1,13 @@
-"""Shared fixtures: real binaries, real sockets, real SQLite files."""
+"""Shared fixtures: real binaries, real sockets, real SQLite files.
+
+The helpers every test file uses (add to these rather than writing another):
+  start_server / server / ServerProc  a real `chatlog serve`: operator input, console, limits
+  spawn_client, login                 the real ./chatclient in a pseudo-terminal
+  run_chatlog                         a chatlog command with --db: exit_code, stdout, stderr
+  storebuild.open_store               a database built through the recorder, with named rows
+  db_dicts / db_rows                  what was stored, by column name / as tuples
+  recv_until, ending, wait_until      sockets and conditions, never fixed sleeps
+"""
 import os
 import shutil
 import subprocess
