@@ -127,6 +127,12 @@ class ServerProc:
         elif ready:
             self.port = wait_until(self._listening_port)
 
+    def start_reading(self):
+        """Begin reading an "unread" console now (the console catching up), for wait_for."""
+        assert self._stdout_mode == "unread" and self._reader is None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
     def _listening_port(self) -> int | None:
         """The port the server listens on, from /proc (for when its banner cannot be read)."""
         assert self.proc.poll() is None, f"the server exited: {self.stderr_text()}"
