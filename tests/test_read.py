@@ -10,11 +10,8 @@ import sys
 from datetime import UTC, datetime
 
 import pytest
-from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, run_chatlog
 from storebuild import open_store
-
-from chatlog.cli import cli
 
 
 def T(hms: str) -> str:
@@ -62,8 +59,7 @@ def many(store, n):
     return sid
 
 
-def run(db_path, *args, env=None):
-    return CliRunner(env=env).invoke(cli, [*args, "--db", str(db_path)], catch_exceptions=False)
+run = run_chatlog
 
 
 @pytest.fixture
@@ -122,9 +118,8 @@ def test_bad_and_ambiguous_dates_list_the_forms(db_path, store, bad):
     (["export", "-f", "pdf"], "Invalid value for '-f' / '--format'"),
 ])
 def test_usage_errors_are_one_chatlog_line(db_path, store, args, words):
-    r = subprocess.run([sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, CHATLOG_DB=str(db_path)))
-    assert r.returncode == 2 and r.stdout == ""
+    r = run_chatlog(None, *args, env={"CHATLOG_DB": str(db_path)}, process=True)
+    assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
 
 
@@ -135,10 +130,10 @@ def test_chatlog_alone_shows_the_help():
 
 def test_db_from_the_command_the_group_or_the_environment(tmp_path):
     first, second = tmp_path / "a.db", tmp_path / "b.db"
-    runner = CliRunner(env={"CHATLOG_DB": str(first)})
-    assert runner.invoke(cli, ["path"]).output.strip() == str(first)
-    assert runner.invoke(cli, ["--db", str(second), "path"]).output.strip() == str(second)
-    assert runner.invoke(cli, ["path", "--db", str(second)]).output.strip() == str(second)
+    env = {"CHATLOG_DB": str(first)}
+    assert run_chatlog(None, "path", env=env).output.strip() == str(first)
+    assert run_chatlog(None, "--db", str(second), "path", env=env).output.strip() == str(second)
+    assert run_chatlog(second, "path", env=env).output.strip() == str(second)
     assert "CHATLOG_DB" not in os.environ  # nothing written into the environment
 
 
@@ -360,8 +355,7 @@ def test_long_output_at_a_terminal_goes_through_the_pager(db_path, queued, pager
     p.expect(pexpect.EOF)
     p.close()
     assert "PAGER" not in p.before and "amy>" in p.before
-    piped = subprocess.run([sys.executable, "-m", "chatlog", *args, "--db", str(db_path)], env=env,
-                           capture_output=True, text=True, cwd=ROOT)
+    piped = run_chatlog(db_path, *args, env=env, process=True)
     assert "PAGER" not in piped.stdout and "amy>" in piped.stdout
 
 
@@ -416,10 +410,10 @@ def test_a_read_only_archive_can_be_read(db_path, queued):
 
 def test_shell_completion_as_documented():
     env = dict(os.environ, _CHATLOG_COMPLETE="bash_complete", COMP_WORDS="chatlog exp", COMP_CWORD="1")
-    r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert r.stdout.split() == ["plain,export"], r.stdout + r.stderr
+    r = run_chatlog(None, env=env, process=True)
+    assert r.stdout.split() == ["plain,export"], r.output
     env.update(COMP_WORDS="chatlog export -f c", COMP_CWORD="3")
-    r = subprocess.run([sys.executable, "-m", "chatlog"], env=env, capture_output=True, text=True, cwd=ROOT)
+    r = run_chatlog(None, env=env, process=True)
     assert r.stdout.split() == ["plain,csv", "plain,cast"]
     assert "_CHATLOG_COMPLETE=bash_source chatlog" in (ROOT / "README.md").read_text()
 

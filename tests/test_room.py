@@ -252,10 +252,12 @@ def test_a_console_nobody_reads_does_not_stall_the_room(start_server):
     recv_until(a, b"\n")
     recv_until(b, b"\n")
     b.sendall(b"bob>here\n")
-    n = 3000  # ~600 KB of console lines: far past a pipe's 64 KB
-    a.sendall(b"".join(b"alice>line %05d " % i + b"z" * 180 + b"\n" for i in range(n)))
-    got = recv_until(b, b"line %05d " % (n - 1), timeout=20)
+    n = 16_000  # past a pipe's 64 KB and then past the console's queue of 10,000 lines
+    a.sendall(b"".join(b"alice>line %05d\n" % i for i in range(n)))
+    got = recv_until(b, b"line %05d\n" % (n - 1), timeout=20)
     assert got.count(b"alice>line ") == n
+    server.start_reading()  # the console catches up, and says what it left out
+    server.wait_for(r"^\(\d+ console lines not shown: the console was not keeping up; all are recorded\)$")
     server.proc.kill()
     server.proc.wait()
     assert db_rows(server.db, "SELECT count(*) FROM messages WHERE sender = 'client'") == [(n + 1,)]
