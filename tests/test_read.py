@@ -623,3 +623,20 @@ def test_output_that_cannot_be_written_is_one_line(db_path, queued, args):
     assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: No space left on device\n"
     r = subprocess.run(["/bin/sh", "-c", '"$@" >&-', "sh", *cmd], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: standard output is closed\n"
+
+
+def test_the_cast_draws_exactly_the_colored_console_lines(db_path, queued, room):
+    """The cast formats its lines itself (for speed): they must be the console's, colored."""
+    from chatlog import transcript
+    from chatlog.archive import open_archive
+    from chatlog.render import Renderer
+    from chatlog.views import console_lines
+
+    store = open_archive(db_path)
+    expected = []
+    for sid in sorted((queued["amy"], queued["bob"], room)):
+        s = store.session(sid)
+        expected += [line + "\r\n" for _, line in console_lines(transcript.events(s, store.messages(sid)),
+                                                               Renderer(None, color=True))]
+    drawn = [json.loads(x)[2] for x in run(db_path, "export", "-f", "cast").stdout.splitlines()[1:]]
+    assert drawn == expected and any("\\x1b[31m" in line for line in drawn)
