@@ -228,6 +228,11 @@ class Operator:
         while self.fd is None and not self.tty and not self.eof and len(self.lines) < BACKLOG:
             self.read_available()
 
+    def rearm(self) -> None:
+        """After a line was used: if answers are still wanted (a room), prompt for the next."""
+        if self.tty and self._wanted and not self.reading and not self.eof:
+            self._request.set()
+
     def take(self) -> str | None:
         """The next line, if an answer is wanted and one is there."""
         if self._wanted and self.lines:

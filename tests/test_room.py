@@ -153,12 +153,13 @@ def test_room_full_and_per_address_cap_refuse_clearly(start_server):
     a.close()
     b.close()
     capped = start_server("--room", "--per-address", "1")
-    join(capped)
+    first = join(capped)  # kept open: it holds the address's one place
     d = capped.connect()
     try:
         assert recv_until(d, b"\\quit\n").endswith(b"\\quit\n")
     except TimeoutError:
         raise AssertionError(capped.output + "\n----\n" + server.output) from None
+    first.close()
 
 
 def test_clients_resetting_mid_accept_harm_no_one(room):
