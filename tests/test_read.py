@@ -479,17 +479,30 @@ def room(store):
     rec = store.rec
     amy = rec.add_participant(sid, "10.0.0.1", 4001, _ts(T("12:00:01")))
     rec.set_participant_handle(amy, "amy")
-    rec.add_event(sid, amy, "amy joined", _ts(T("12:00:01")))
+    rec.add_event(sid, amy, "joined", _ts(T("12:00:01")))
     bob = rec.add_participant(sid, "10.0.0.2", 4002, _ts(T("12:00:02")))
     rec.set_participant_handle(bob, "bob")
-    rec.add_event(sid, bob, "bob joined", _ts(T("12:00:02")))
+    rec.add_event(sid, bob, "joined", _ts(T("12:00:02")))
     store.add_message(sid, "client", "amy", "hi all", at=T("12:00:03"), participant=amy)
     store.add_message(sid, "client", "bob", "hey \x1b[31m", at=T("12:00:03"), participant=bob)
     store.add_message(sid, "server", "SERVER", "welcome", at=T("12:00:04"))
     rec.end_participant(bob, "client-quit", _ts(T("12:00:05")))
-    rec.add_event(sid, bob, "bob left", _ts(T("12:00:05")))
+    store.add_message(sid, "event", "bob", "left", note="client-quit", at=T("12:00:05"), participant=bob)
     store.end_session(sid, "shutdown", at=T("12:00:06"))
     return sid
+
+
+def test_padding_recorded_in_a_chat_shows_as_a_note(db_path, store):
+    sid = chat(store, handle="amy", started=T("10:00:00"), lines=[("client", "hi", T("10:00:01"))])
+    store.add_message(sid, "event", "amy", "padding", raw=b"\0\0\0", note="3 bytes of padding after the previous line",
+                      at=T("10:00:02"))
+    store.add_message(sid, "server", "SERVER", "hello", at=T("10:00:03"))
+    store.end_session(sid, "client-quit", at=T("10:00:04"))
+    out = run(db_path, "show", str(sid)).output.split("\n\n", 1)[1].splitlines()
+    assert out[1:4] == ["amy>hi", "(3 bytes of padding after the previous line)", "SERVER>hello"]
+    assert out[4] == "client has quit (session 1, 1 message each way)"  # the trace is not a message
+    rows = list(csv.DictReader(io.StringIO(run(db_path, "export", "-f", "csv").stdout)))
+    assert [r["sender"] for r in rows] == ["client", "event", "server"] and rows[1]["raw_base64"] == "AAAA"
 
 
 def test_a_room_reads_in_commit_order_with_joins_and_leaves(db_path, room):
@@ -506,7 +519,7 @@ def test_a_room_reads_in_commit_order_with_joins_and_leaves(db_path, room):
         "[12:00:03] amy>hi all",
         "[12:00:03] bob>hey \\x1b[31m",
         "[12:00:04] SERVER>welcome",
-        "[12:00:05] bob left",
+        "[12:00:05] bob left (client-quit)",
         "[12:00:06] room closed: shutdown (session 1, 3 messages)",
     ]
     body = [line[11:] for line in out.split("\n\n", 1)[1].splitlines()]  # without "[12:00:00] "
@@ -560,7 +573,7 @@ def test_html_of_a_queued_chat_and_a_room_in_headless_chromium(db_path, store, t
     sid = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
     amy = store.rec.add_participant(sid, "10.0.0.1", 4001, _ts(T("12:00:01")))
     store.rec.set_participant_handle(amy, "amy")
-    store.rec.add_event(sid, amy, "amy joined", _ts(T("12:00:01")))
+    store.rec.add_event(sid, amy, "joined", _ts(T("12:00:01")))
     store.add_message(sid, "client", "amy", "\u202ehi", at=T("12:00:02"), participant=amy)
     store.end_session(sid, "shutdown", at=T("12:00:03"))
     page = tmp_path / "t.html"
