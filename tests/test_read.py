@@ -653,3 +653,34 @@ def test_the_cast_draws_exactly_the_colored_console_lines(db_path, queued, room)
                                                                Renderer(None, color=True))]
     drawn = [json.loads(x)[2] for x in run(db_path, "export", "-f", "cast").stdout.splitlines()[1:]]
     assert drawn == expected and any("\\x1b[31m" in line for line in drawn)
+
+
+def test_a_real_room_reads_back_as_it_happened(start_server):
+    """`chatlog serve --room` with two real clients, then the read commands on what it recorded."""
+    from conftest import recv_until
+
+    server = start_server("--room")
+    a = server.connect()
+    recv_until(a, b"\n")
+    b = server.connect()
+    recv_until(b, b"\n")
+    a.sendall(b"alice>hello\n")
+    recv_until(b, b"hello\n")
+    b.sendall(b"bob>hi \x1b[2J alice\n")
+    recv_until(a, b"alice\n")
+    server.say("welcome both")
+    server.wait_for("^SERVER>welcome both$")
+    b.sendall(b"bob>\\quit\n")
+    server.wait_for("bob")
+    a.close()
+    b.close()
+    server.stop()
+    out = run(server.db, "show", "last").output
+    body = out.split("\n\n", 1)[1].splitlines()
+    assert body[0].startswith("room opened on port ")
+    assert body[1:6] == ["alice joined", "alice>hello", "bob joined", "bob>hi \\x1b[2J alice", "SERVER>welcome both"]
+    assert body[6].startswith("bob left") and body[-1].startswith("room closed: ")
+    assert "alice left" in "\n".join(body[7:])
+    listing = run(server.db, "sessions").output.splitlines()[1]
+    assert "room :" in listing and "2 participants" in listing
+    assert run(server.db, "export", "-f", "cast").exit_code == 0
