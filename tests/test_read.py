@@ -671,7 +671,7 @@ def test_a_real_room_reads_back_as_it_happened(start_server):
     server.say("welcome both")
     server.wait_for("^SERVER>welcome both$")
     b.sendall(b"bob>\\quit\n")
-    server.wait_for("bob")
+    server.wait_for(r"^bob \(.*\) left: ")
     a.close()
     b.close()
     server.stop()
