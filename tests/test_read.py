@@ -684,3 +684,36 @@ def test_a_real_room_reads_back_as_it_happened(start_server):
     listing = run(server.db, "sessions").output.splitlines()[1]
     assert "room :" in listing and "2 participants" in listing
     assert run(server.db, "export", "-f", "cast").exit_code == 0
+
+
+def test_a_real_queued_client_reads_in_time_order(start_server):
+    """Through a real `chatlog serve`: bob waits behind alice, talks while he waits, is served."""
+    from conftest import recv_until
+
+    server = start_server()
+    a = server.connect()
+    a.sendall(b"alice>first\n\0")
+    server.wait_for("^alice>first$")
+    b = server.connect()
+    server.wait_for(r"is waiting \(1 in the queue\)")
+    b.sendall(b"bob>i was waiting\n\0")
+    recv_until(b, b"\n")  # its place in the queue
+    server.say("hi alice")
+    recv_until(a, b"\n")
+    a.sendall(b"alice>\\quit\n\0")
+    server.wait_for(r"client has quit \(session 1")
+    server.wait_for("^bob>i was waiting$")
+    b.sendall(b"bob>still there?\n\0")
+    server.wait_for("^bob>still there\\?$")
+    server.say("hi bob")
+    recv_until(b, b"hi bob\n")
+    b.sendall(b"bob>\\quit\n\0")
+    server.wait_for(r"client has quit \(session 2")
+    out = run(server.db, "show", "2", "-t", "--utc").output
+    body = out.split("\n\n", 1)[1].splitlines()
+    assert [line[11:] for line in body][1:] == [
+        "bob>i was waiting", body[2][11:], "bob>still there?", "SERVER>hi bob",
+        "client has quit (session 2, 2 from the client, 1 from the server)",
+    ] and body[2][11:].startswith("chat began after ")
+    assert [line[:10] for line in body] == sorted(line[:10] for line in body)
+    assert ", waited " in out and ", chat began " in out
