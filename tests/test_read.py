@@ -442,7 +442,7 @@ def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
 
     conn = sqlite3.connect(db_path)
     conn.execute("UPDATE messages SET at = 'garbage' WHERE session_id = 2 AND seq = 1")
-    conn.execute("UPDATE sessions SET served_at = 'not a time' WHERE id = 2")
+    conn.execute("UPDATE sessions SET served_at = 'not a time', ended_at = '2026-13-45T99:00:00' WHERE id = 2")
     conn.commit()
     conn.close()
     for args in (["sessions"], ["sessions", "--json"], ["show", "2", "-t"], ["replay", "2"], ["tail", "2"],
