@@ -160,6 +160,20 @@ class When(click.ParamType):
 WHEN = When()
 
 
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan (every comparison with it is false, so a range lets
+    it through) and, with its `max`, inf: a timeout of either crashed the server's loop."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail("not a number", param, ctx)
+        return value
+
+
+YEAR = 365 * 24 * 3600.0
+
+
 class SessionRef(click.ParamType):
     """A session id or `last`."""
 
@@ -278,7 +292,7 @@ def _handle_name(ctx, param, value):
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=YEAR),
     default=300.0,
     show_default=True,
     metavar="SECONDS",
@@ -286,7 +300,7 @@ def _handle_name(ctx, param, value):
 )
 @click.option(
     "--first-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=YEAR),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -312,7 +326,7 @@ def _handle_name(ctx, param, value):
     help="A room's size; more are told it is full.",
 )
 @click.option(
-    "--rate", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="LINES",
+    "--rate", type=Finite(min=0, max=1e9), default=20.0, show_default=True, metavar="LINES",
     help="A room's per-client rate limit, lines per second (0: none); over it, reading pauses.",
 )
 @click.option(

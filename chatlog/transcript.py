@@ -124,13 +124,19 @@ class Transcript:
 
 
 def event_of(m: Msg, at: str) -> Event:
-    """A recorded event row as a person reads it: a room's join (text `joined`) or leave (`left`,
-    why in the note), or a trace such as padding that trailed a line (its note says what)."""
+    """A stored event as a person reads it. The server records a join or a leave as the bare
+    word (`joined`, `left`, with the reason in the note) beside the participant's handle, and
+    padding that trailed a line as `padding` with a note that counts it."""
     who = m.handle if m.handle is not None else "someone"
     if m.text == "joined":
         return Event(JOINED, at, f"{who} joined", None, m.handle)
     if m.text == "left":
-        return Event(LEFT, at, f"{who} left" + (f" ({m.note})" if m.note else ""), None, m.handle)
+        why = ""
+        if m.note:
+            from chatlog.room import LEFT as LEFT_WORDS
+
+            why = f" ({LEFT_WORDS.get(m.note, m.note)})"
+        return Event(LEFT, at, f"{who} left{why}", None, m.handle)
     return Event(NOTE, at, f"({m.note or m.text})", None, m.handle)
 
 

@@ -105,28 +105,18 @@ def test_c1_controls_as_raw_bytes_and_as_utf8(server):
     assert raw == b"bob>raw \x9b2J utf8 \xc2\x9b2J\n\0"
 
 
-def test_sigpipe_on_the_console_does_not_stop_the_chat(tmp_path):
+def test_sigpipe_on_the_console_does_not_stop_the_chat(start_server):
     """`chatlog serve | head -3`: the console reader goes away, the server keeps recording."""
-    db = tmp_path / "h.db"
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE, cwd=ROOT,
-    )
-    os.close(w)
-    reader = os.fdopen(r, "rb")
-    port = int(reader.readline().decode().rsplit("port ", 1)[1])
-    reader.close()  # nobody reads the console any more
-    c = socket.create_connection(("127.0.0.1", port))
+    server = start_server(stdout="closed")
+    c = server.connect()
     for i in range(3):
         c.sendall(b"bob>msg %d\n\0" % i)
-        proc.stdin.write(b"answer %d\n" % i)
-        proc.stdin.flush()
+        server.say(f"answer {i}")
         assert recv_until(c, b"\n") == b"SERVER>answer %d\n" % i
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
-    assert db_rows(db, "SELECT count(*) FROM messages")[0][0] == 6
-    assert b"Traceback" not in proc.stderr.read()
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert db_rows(server.db, "SELECT count(*) FROM messages") == [(6,)]
+    assert "Traceback" not in server.stderr_text()
 
 
 # -- durability: SIGKILL at random moments ---------------------------------------------------

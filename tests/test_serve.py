@@ -1,6 +1,6 @@
 """`chatlog serve` end to end: real process, real loopback sockets, real SQLite file."""
 
-import os
+import re
 import signal
 import socket
 import struct
@@ -289,7 +289,7 @@ def test_signal_closes_the_session_cleanly(server, sig):
     assert recv_until(c, b"\\quit\n") == ending("The server shut down.")
     assert session(server.db, 1)[1] == "shutdown"
     assert f"Server stopped ({sig.name})" in server.output
-    assert "Traceback" not in server.proc.stderr.read().decode()
+    assert "Traceback" not in server.stderr_text()
 
 
 def test_sigint_while_idle(server):
@@ -307,26 +307,20 @@ def test_end_of_operator_input_quits_and_stops(server):
     assert session(server.db, 1)[1] == "server-quit"
 
 
-def test_piped_script_of_answers(tmp_path):
+def test_piped_script_of_answers(start_server):
     """printf 'hi\\nbye\\n' | chatlog serve PORT: one answer per turn, in order."""
-    db = tmp_path / "p.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-    )
-    proc.stdin.write(b"hi\nbye\n")
-    proc.stdin.close()
-    line = proc.stdout.readline().decode()
-    port = int(line.rsplit("port ", 1)[1])
-    c = socket.create_connection(("127.0.0.1", port))
+    server = start_server()
+    server.say("hi")
+    server.say("bye")
+    server.end_input()
+    c = server.connect()
     replies = []
     for text in (b"one", b"two", b"three"):
         c.sendall(b"bob>" + text + b"\n\0")
         replies.append(recv_until(c, b"\n" if text != b"three" else b"\\quit\n"))
     assert replies == [b"SERVER>hi\n", b"SERVER>bye\n", ending("The server closed the chat.")]
-    assert proc.wait(10) == 0
-    out = proc.stdout.read().decode()
-    assert "SERVER>hi\n" in out and "SERVER>bye\n" in out
+    assert server.wait() == 0
+    assert "SERVER>hi" in server.lines and "SERVER>bye" in server.lines
 
 
 def test_restart_closes_orphans_as_interrupted(start_server, tmp_path):
@@ -347,17 +341,9 @@ def test_restart_on_the_same_port_at_once(start_server, tmp_path):
     c = first.connect()
     c.sendall(b"bob>hi\n\0")
     first.wait_for("^bob>hi$")
-    port = first.port
     first.stop()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", str(port), "--db", str(tmp_path / "r.db"), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-    )
-    try:
-        assert f"port {port}" in proc.stdout.readline().decode()
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    again = start_server(port=first.port, db=tmp_path / "r.db")
+    assert again.port == first.port
 
 
 def run_cli(*args, **kw):
@@ -442,7 +428,7 @@ def test_console_colors(start_server):
     c = colored.connect()
     c.sendall(b"bob>hi\n\0")
     line = colored.wait_for("bob")
-    assert "\x1b[" in line and line.endswith(">\x1b[0mhi") or "\x1b[" in line
+    assert re.fullmatch(r"\x1b\[[0-9;]+mbob>\x1b\[0mhi", line), repr(line)  # the handle colored, not the text
 
 
 def test_plain_console_into_a_pipe(server):
@@ -487,40 +473,27 @@ def test_ipv6(start_server):
     assert session(server.db, 1)[5] == "::1"
 
 
-def test_operator_input_from_a_file(tmp_path):
+def test_operator_input_from_a_file(start_server, tmp_path):
     """`chatlog serve PORT < replies.txt` (epoll cannot watch a regular file)."""
     replies = tmp_path / "replies.txt"
     replies.write_text("why hello client\ngood\n")
-    with open(replies, "rb") as stdin:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        )
-    port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1])
-    c = socket.create_connection(("127.0.0.1", port))
+    server = start_server(stdin=replies)
+    c = server.connect()
     got = []
     for text in (b"one", b"two", b"three"):
         c.sendall(b"bob>" + text + b"\n\0")
         got.append(recv_until(c, b"\n" if text != b"three" else b"\\quit\n"))
     assert got == [b"SERVER>why hello client\n", b"SERVER>good\n", ending("The server closed the chat.")]
-    assert proc.wait(10) == 0
-    assert b"Traceback" not in proc.stderr.read()
-    out = proc.stdout.read().decode()
-    assert out.rstrip().endswith("Operator input ended; server stopped")
+    assert server.wait() == 0
+    assert "Traceback" not in server.stderr_text()
+    assert server.lines[-2:] == ["Operator input ended; server stopped", None]
 
 
-@pytest.mark.parametrize("source", ["devnull", "empty-pipe"])
-def test_operator_input_that_ends_with_no_client_stops_the_server_at_once(tmp_path, source):
+@pytest.mark.parametrize("source", ["devnull", "closed"])
+def test_operator_input_that_ends_with_no_client_stops_the_server_at_once(start_server, source):
     """The README says the server stops when its input ends: even with nobody connected (it
     used to keep listening and answer the next client with an immediate \\quit)."""
-    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"]
-    if source == "devnull":
-        with open(os.devnull, "rb") as stdin:
-            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    else:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-        proc.stdin.close()
-    assert proc.wait(10) == 0
-    out = proc.stdout.read().decode()
-    assert out.rstrip().endswith("Operator input ended; server stopped")
-    assert b"Traceback" not in proc.stderr.read()
+    server = start_server(stdin=source, ready=False)
+    assert server.wait() == 0
+    assert server.lines[-2:] == ["Operator input ended; server stopped", None]
+    assert "Traceback" not in server.stderr_text()
