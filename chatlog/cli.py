@@ -119,7 +119,7 @@ def _closed_streams(ctx: click.Context) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
         if ctx.command.name not in quiet and ctx.params.get("output", "-") == "-":
-            raise Failed("standard output is closed: nowhere to write")
+            raise Failed("cannot write the output: standard output is closed")
 
 
 def _silence_stdout() -> None:

@@ -174,7 +174,7 @@ def test_a_reader_with_stdout_closed_says_so_in_one_line(one_chat, args):
     AttributeError traceback."""
     r = _run_closed(one_chat, args, 1)
     assert r.returncode == 1
-    assert r.stderr.decode() == "chatlog: standard output is closed: nowhere to write\n"
+    assert r.stderr.decode() == "chatlog: cannot write the output: standard output is closed\n"
 
 
 def test_export_to_a_file_and_rm_work_with_stdout_closed(one_chat, tmp_path):
