@@ -775,6 +775,12 @@ int main(int argc, char **argv)
 	char *e;
 	int opt;
 
+	/* A standard descriptor left closed by whoever started us (`>&-`, `<&-`) would be taken
+	 * by the socket, and the screen's lines would go to the server. Hold each on /dev/null. */
+	for (int fd = 0; fd <= 2; fd++)
+		if (fcntl(fd, F_GETFD) < 0 && errno == EBADF && open("/dev/null", fd ? O_WRONLY : O_RDONLY) != fd)
+			return 1;
+
 	for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
 		if (strcmp(argv[i], "--help") == 0) {
 			fputs(usage_text, stdout);
