@@ -590,9 +590,9 @@ class Loop:
 
     # -- the store failing ---------------------------------------------------------------------
 
-    def on_store_wait(self, seconds: float | None) -> None:
-        """The recorder waits on a store another process holds (said once; None: it is free)."""
-        self.console.write(store_wait_line(self.r, seconds))
+    def on_store_wait(self, seconds: float, resumed: bool) -> None:
+        """The recorder waits on a store another process holds (said once, and when it frees)."""
+        self.console.write(store_wait_line(self.r, seconds, resumed))
 
     def close_room(self) -> None:
         """Record the room's end (its participants have been ended already)."""
@@ -614,8 +614,8 @@ class Loop:
         self.finished = True
 
 
-def store_wait_line(r: Renderer, seconds: float | None) -> str:
-    if seconds is None:
+def store_wait_line(r: Renderer, seconds: float, resumed: bool) -> str:
+    if resumed:
         return r.paint("event", "the database is free again; the chat goes on")
     return r.paint(
         "error",
@@ -800,7 +800,7 @@ def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, id
     local = sockets[0].getsockname()
     # Starting waits on a database another process holds locked, like any write: say so, or the
     # banner stands there as if the server were up while nobody is accepted.
-    recorder.on_wait = lambda seconds: console.write(store_wait_line(renderer, seconds))
+    recorder.on_wait = lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed))
     _, orphans = recorder.start(socket.gethostname(), local[1], time.time())
     if orphans:
         what = "1 session" if orphans == 1 else f"{orphans} sessions"

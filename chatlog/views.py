@@ -257,7 +257,10 @@ def search_csv(hits: list[tuple[Msg, str]], out=None) -> None:
 def stats_text(st: dict, r: Renderer) -> None:
     avg = st["average_session_seconds"]
     r.write(f"sessions          {st['sessions']}")
-    r.write(f"messages          {st['messages']}")
+    messages = f"messages          {st['messages']}"
+    if "client_messages" in st:
+        messages += f" ({st['client_messages']} from clients, {st['server_messages']} answers)"
+    r.write(messages)
     r.write(f"distinct handles  {st['handles']}")
     r.write(f"distinct hosts    {st['hosts']}")
     r.write(f"average session   {duration(avg) if avg is not None else '-'}")
@@ -272,6 +275,8 @@ def stats_text(st: dict, r: Renderer) -> None:
             else:
                 what = plural(b["messages"], "message")
             r.write(f"  {name:<12} {what} in {plural(b['sessions'], 'session')}")
+    if st.get("refused_connections"):
+        r.write(f"refused           {plural(st['refused_connections'], 'connection')}")
     if st["end_reasons"]:
         r.write("how sessions ended")
         for reason, n in st["end_reasons"].items():
@@ -323,8 +328,8 @@ def paged(enabled: bool = True):
     env.setdefault("LV", "-c")
     sys.stdout.flush()
     try:
-        proc = subprocess.Popen(command if " " not in command else shlex.split(command), stdin=subprocess.PIPE, env=env)
-    except OSError:  # no such pager: print as if there were none
+        proc = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, env=env)
+    except (OSError, ValueError):  # no such pager, or unbalanced quotes: print as if there were none
         yield sys.stdout
         return
     stream = io.TextIOWrapper(proc.stdin, encoding="utf-8", errors="replace", write_through=False)

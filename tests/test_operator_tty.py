@@ -149,3 +149,18 @@ def test_the_room_operator_can_type_line_after_line(tmp_path):
         p.expect(pexpect.EOF)
     finally:
         p.terminate(force=True)
+
+
+def test_a_line_refused_as_too_long_gives_the_operator_the_prompt_again(tty_server):
+    """An answer over 500 characters is refused ("message too long ... not sent"), and the
+    chat still waits for the operator's answer; but no prompt came back and what was typed
+    next went nowhere: the chat was stuck until the client gave up."""
+    p = tty_server
+    c = socket.create_connection(("127.0.0.1", p.port))
+    c.sendall(b"bob>hi\n\0")
+    p.expect("SERVER>")
+    p.send("y" * 600 + "\r")
+    p.expect("too long")
+    p.expect("SERVER>")
+    p.send("shorter\r")
+    assert recv_until(c, b"\n") == b"SERVER>shorter\n"

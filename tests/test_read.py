@@ -110,6 +110,11 @@ def test_usage_errors_are_one_chatlog_line(db_path, store, args, words):
     assert r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
 
 
+def test_chatlog_alone_shows_the_help():
+    r = run_chatlog(None, process=True)
+    assert r.exit_code == 2 and r.output.startswith("Usage: chatlog [OPTIONS] COMMAND")
+
+
 def test_db_from_the_command_the_group_or_the_environment(tmp_path):
     first, second = tmp_path / "a.db", tmp_path / "b.db"
     env = {"CHATLOG_DB": str(first)}
@@ -341,6 +346,18 @@ def test_long_output_at_a_terminal_goes_through_the_pager(db_path, queued, pager
     assert "PAGER" not in piped.stdout and "amy>" in piped.stdout
 
 
+@pytest.mark.parametrize("pager_command", ["no-such-pager-here", 'less "unbalanced', ""])
+def test_a_broken_pager_setting_prints_without_one(db_path, queued, pager_command):
+    import pexpect
+
+    env = dict(os.environ, PAGER=pager_command, TERM="xterm", NO_COLOR="1")
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "show", "2", "--db", str(db_path)], env=env, timeout=10,
+                      encoding="utf-8")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and "bob>anyone?" in p.before and "Traceback" not in p.before
+
+
 def test_quitting_the_pager_early_ends_the_command_quietly(db_path, store):
     import pexpect
 
@@ -407,7 +424,7 @@ def test_unreadable_stored_times_are_shown_not_a_traceback(db_path, queued):
 
     conn = sqlite3.connect(db_path)
     conn.execute("UPDATE messages SET at = 'garbage' WHERE session_id = 2 AND seq = 1")
-    conn.execute("UPDATE sessions SET served_at = 'not a time', ended_at = '2026-13-45T99:00:00' WHERE id = 2")
+    conn.execute("UPDATE sessions SET served_at = 'not a time' WHERE id = 2")
     conn.commit()
     conn.close()
     for args in (["sessions"], ["sessions", "--json"], ["show", "2", "-t"], ["replay", "2"], ["tail", "2"],
@@ -570,3 +587,26 @@ def test_an_absurdly_slow_replay_waits_in_parts_not_a_traceback():
         play(schedule([(T("10:00:00"), "a"), (T("10:00:01"), "b")], speed=1e-300), shown.append,
              clock=clock, sleep=clock.sleep)
     assert shown == ["a"]
+
+
+def test_path_and_help_import_no_database_code(tmp_path):
+    code = (
+        "import sys\nfrom chatlog.cli import cli\n"
+        "for args in (['path', '--db', sys.argv[1]], ['--help'], ['nosuch']):\n"
+        "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+        "print('loaded:', sorted(m for m in ('sqlite3', 'chatlog.db', 'chatlog.query', 'rich') if m in sys.modules),"
+        " file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.db")], capture_output=True, text=True, cwd=ROOT)
+    assert "loaded: []" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["show", "2"], ["sessions"], ["export"], ["export", "-f", "cast"], ["search", "yes"],
+                                  ["stats"], ["replay", "2"], ["path"]])
+def test_output_that_cannot_be_written_is_one_line(db_path, queued, args):
+    cmd = [sys.executable, "-m", "chatlog", *args, "--db", str(db_path)]
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: No space left on device\n"
+    r = subprocess.run(["/bin/sh", "-c", '"$@" >&-', "sh", *cmd], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr == "chatlog: cannot write the output: standard output is closed\n"
