@@ -168,8 +168,9 @@ def test_clients_resetting_mid_accept_harm_no_one(room):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.connect((room.host, room.port))
         s.close()
-    join(room, "bob")
-    assert recv_until(a, b"bob>hi\n").endswith(b"bob>hi\n")
+    bob = join(room, "bob")  # kept open until checked: a dropped socket leaves the room at once
+    assert recv_until(a, b"bob>hi\n") == b"SERVER>*** bob joined\nbob>hi\n"
+    bob.close()
     assert room.proc.poll() is None
 
 
