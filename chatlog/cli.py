@@ -68,8 +68,8 @@ class Command(click.Command):
 
     def invoke(self, ctx):
         with one_line_errors():
-            if sys.stdout is None:  # started with stdout closed (>&-)
-                raise Failed("cannot write the output: standard output is closed")
+            _utf8_arguments(ctx)
+            _closed_streams(ctx)
             try:
                 return super().invoke(ctx)
             except Nothing as exc:
@@ -87,6 +87,39 @@ class Command(click.Command):
                     raise
                 _silence_stdout()  # and no second complaint when Python flushes it at exit
                 raise Failed(f"cannot write the output: {exc.strerror or exc}") from None
+
+
+def _utf8_arguments(ctx: click.Context) -> None:
+    """An argument with bytes that are not UTF-8 reaches Python as lone surrogates, and a search
+    query, a --handle or --host filter or a --bind address made of them died with a
+    UnicodeEncodeError traceback. File names may be any bytes; everything else is text."""
+    for param in ctx.command.params:
+        if isinstance(param.type, (click.Path, click.File)):
+            continue
+        value = ctx.params.get(param.name)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    err = click.BadParameter("not valid UTF-8", ctx=ctx, param=param)
+                    raise err from None
+
+
+def _closed_streams(ctx: click.Context) -> None:
+    """Started with stdin or stdout closed (`<&-`, `>&-`; Python then has None for them), every
+    command died with an AttributeError traceback. A closed stdin is input that has ended, as
+    /dev/null is. A closed stdout is nowhere to write: the server goes on without a console (the
+    chat is still recorded); a command whose output goes there says so in one line."""
+    import os
+
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115  (for the life of the process)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
+        if ctx.command.name not in quiet and ctx.params.get("output", "-") == "-":
+            raise Failed("cannot write the output: standard output is closed")
 
 
 def _silence_stdout() -> None:
@@ -277,9 +310,14 @@ def cli(db):
 
 def _handle_name(ctx, param, value):
     from chatlog.protocol import valid_handle
+    from chatlog.sanitize import is_safe
 
     if not valid_handle(value):
         raise click.BadParameter("a handle is 1 to 10 characters, with no spaces and no '>'")
+    if not is_safe(value):
+        # A byte that is not UTF-8 (a surrogate here) crashed the server at its first answer;
+        # a control character would reach every old client's terminal raw.
+        raise click.BadParameter("a handle has no control characters and only valid UTF-8")
     return value
 
 
@@ -534,11 +572,11 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     said = False
     try:
         while True:
-            if db.exists() and db.stat().st_size > 0:
+            if db.exists() and (db.stat().st_size > 0 or not db.is_file()):
                 try:
                     return open_archive(db)
                 except StoreError:
-                    if db.stat().st_size >= 512:  # a whole header: a real error, not a file being made
+                    if db.stat().st_size >= 512 or not db.is_file():  # a real error, not a file being made
                         raise
             if not said:
                 r.event("Waiting for a session to start...")

@@ -344,8 +344,11 @@ def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
         head = header_lines(s, utc=True)
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
+        second = stamp = None
         for ev in transcript.events(s, msgs(messages)):
-            stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
+            if ev.at != second:  # many lines share a time
+                second = ev.at
+                stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
             if ev.kind == transcript.NOTE:
                 out.write(f'<div class="line note">{stamp}{e(ev.text)}</div>\n')
             elif not ev.is_message:
@@ -376,7 +379,8 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
     from rich.cells import cell_len
 
     color = Renderer(None, color=True)
-    plain = Renderer(None, color=False)
+    codes = {role: color._codes[role] for role in ("client", "server", "event", "dim")}
+    enc = _encode_str
     offset = 0.0
     first: Session | None = None
     width = CAST_MIN_WIDTH
@@ -384,14 +388,30 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
         for s, messages in sessions:
             first = first or s
             t = 0.0
+            start_at, seen = transcript.parse_time(s.started_at), None
+            batch: list[str] = []
             for ev in transcript.events(s, msgs(messages)):
-                t = max(t, transcript.seconds_between(s.started_at, ev.at) or 0.0)
-                line = color.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else (
-                    color.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
-                )
-                shown = plain.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else visible(ev.text)
-                width = max(width, cell_len(shown) if not shown.isascii() else len(shown))
-                spool.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
+                if ev.at != seen:  # many lines share a time: parse each time once
+                    seen, when = ev.at, transcript.parse_time(ev.at)
+                    if when is not None and start_at is not None:
+                        t = max(t, (when - start_at).total_seconds())
+                text = visible(ev.text)
+                if ev.is_message and ev.handle is not None:
+                    who = visible(ev.handle)
+                    start, end = codes["server" if ev.sender == "server" else "client"]
+                    line = f"{start}{who}>{end}{text}"
+                    shown = f"{who}>{text}"
+                elif ev.is_message:
+                    line = shown = text
+                else:
+                    start, end = codes["dim" if ev.kind == transcript.NOTE else "event"]
+                    line, shown = f"{start}{text}{end}", text
+                width = max(width, len(shown) if shown.isascii() else cell_len(shown))
+                batch.append(f"[{round(offset + t, 6)!r}, \"o\", {enc(line + chr(13) + chr(10))}]\n")
+                if len(batch) >= 2048:
+                    spool.write("".join(batch))
+                    batch.clear()
+            spool.write("".join(batch))
             offset += t + 1.0
         header = {"version": 2, "width": min(width, CAST_MAX_WIDTH), "height": CAST_HEIGHT}
         if first is not None:

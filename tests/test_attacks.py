@@ -140,3 +140,161 @@ def test_serve_refuses_a_timeout_or_rate_that_is_not_a_usable_number(db_path, op
     assert r.returncode == 2, r
     assert r.stderr.startswith(f"chatlog: Invalid value for '{option}'") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- started with a standard stream closed --------------------------------------------------------
+
+
+def _run_closed(db, args, close, stdin=subprocess.DEVNULL):
+    """chatlog ARGS with file descriptor `close` (0 or 1) closed, as `<&-` or `>&-` leave it."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatlog", *args, "--db", str(db)],
+        stdin=stdin if close != 0 else None, stdout=None if close == 1 else subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=ROOT, timeout=30, preexec_fn=lambda: os.close(close),
+        env=dict(os.environ, NO_COLOR="1"),
+    )
+
+
+@pytest.fixture
+def one_chat(db_path):
+    from chatlog.recorder import open_recorder
+
+    r = open_recorder(db_path)
+    r.start("h", 1, 1.7e9)
+    sid = r.begin_session("10.0.0.1", 5000, "h", 1, 1.7e9, served=True)
+    r.add_message(sid, "client", "amy", "hello", None, None, 1.7e9)
+    r.end_session(sid, "client-quit", 1.7e9 + 1)
+    r.close()
+    return db_path
+
+
+@pytest.mark.parametrize("args", [["sessions"], ["show", "1"], ["export"], ["stats"], ["search", "hello"]])
+def test_a_reader_with_stdout_closed_says_so_in_one_line(one_chat, args):
+    """With stdout closed Python has sys.stdout = None: every reader died with an
+    AttributeError traceback."""
+    r = _run_closed(one_chat, args, 1)
+    assert r.returncode == 1
+    assert r.stderr.decode() == "chatlog: cannot write the output: standard output is closed\n"
+
+
+def test_export_to_a_file_and_rm_work_with_stdout_closed(one_chat, tmp_path):
+    out = tmp_path / "out.txt"
+    r = _run_closed(one_chat, ["export", "-o", str(out)], 1)
+    assert r.returncode == 0, r.stderr
+    assert "amy>hello" in out.read_text()
+    r = _run_closed(one_chat, ["rm", "-y", "1"], 1)
+    assert r.returncode == 0 and r.stderr.decode() == "deleted 1 session\n"
+
+
+@pytest.mark.parametrize("room", [False, True])
+def test_serve_with_stdin_closed_is_a_server_whose_input_has_ended(db_path, room):
+    """`chatlog serve 9999 <&-` died with an AttributeError traceback; a closed stdin is input
+    that has ended, as /dev/null is."""
+    args = ["serve", "0", "--bind", "127.0.0.1"] + (["--room"] if room else [])
+    r = _run_closed(db_path, args, 0)
+    assert r.returncode == 0, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert b"Operator input ended" in r.stdout
+
+
+def test_serve_with_stdout_closed_runs_without_a_console(db_path):
+    """The console thread died with a traceback on stderr at its first line."""
+    r = _run_closed(db_path, ["serve", "0", "--bind", "127.0.0.1"], 1)
+    assert r.returncode == 0
+    assert r.stderr == b""
+
+
+# -- a database path that is not a regular file ---------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["sessions"], ["show", "last"], ["tail"], ["rm", "-y", "1"], ["backup", "copy.db"],
+    ["serve", "0", "--bind", "127.0.0.1"],
+])
+def test_a_fifo_as_the_database_is_refused_not_waited_on(tmp_path, args):
+    """Every command hung for ever on `--db` naming a FIFO: reading its header waits for a
+    writer that never comes."""
+    fifo = tmp_path / "chat.db"
+    os.mkfifo(fifo)
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlog", *args, "--db", str(fifo)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=20, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 1
+    assert r.stderr == f"chatlog: {fifo} is not a regular file (a pipe or a device?), not a database file\n"
+
+
+def test_a_device_as_the_database_is_refused_clearly():
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlog", "sessions", "--db", os.devnull],
+        capture_output=True, text=True, cwd=ROOT, timeout=20,
+    )
+    assert r.returncode == 1
+    assert "is not a regular file" in r.stderr and "I/O error" not in r.stderr
+
+
+# -- what the server sends stays within the protocol ----------------------------------------------
+
+
+def test_an_operator_line_with_a_nul_reaches_the_client_whole(server):
+    """A piped answer with a NUL in it was sent raw, though the protocol's text has none: every
+    tolerant receiver (chatclient included) ends the line at the NUL and drops the rest as
+    padding, so the client saw `SERVER>a` of `a<NUL>b and more`."""
+    c = server.connect()
+    c.sendall(b"amy>hi\n\0")
+    server.wait_for("amy>hi")
+    server.proc.stdin.write(b"a\0b and more\n")
+    server.proc.stdin.flush()
+    got = recv_until(c, b"\n")
+    assert got == b"SERVER>a\\x00b and more\n"
+    texts = [t for (t,) in sqlite3.connect(server.db).execute("SELECT text FROM messages WHERE sender = 'server'")]
+    assert texts == ["a\\x00b and more"]
+
+
+@pytest.mark.parametrize("handle", [b"\xffS", b"S\x1b[2J", b"SERVER\xe2\x80\xae"])
+def test_serve_refuses_an_operator_handle_that_is_not_clean_text(db_path, handle):
+    """`--handle $'\\xff'` started, then died with a UnicodeEncodeError traceback at the first
+    answer, with a client connected; a control character went to old clients raw."""
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"chatlog", b"serve", b"0", b"--bind", b"127.0.0.1",
+         b"--db", bytes(db_path), b"--handle", handle],
+        capture_output=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith(b"chatlog: Invalid value for '--handle'") and r.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("args, where", [
+    ([b"search", b"hel\xfflo"], b"'QUERY...'"),
+    ([b"sessions", b"--handle", b"\xff"], b"'--handle'"),
+    ([b"export", b"--host", b"\xff"], b"'--host'"),
+    ([b"serve", b"0", b"--bind", b"\xff"], b"'--bind'"),
+])
+def test_an_argument_that_is_not_utf8_is_one_clear_line(one_chat, args, where):
+    """Bytes that are not UTF-8 reach Python as lone surrogates: these died with a
+    UnicodeEncodeError (or idna UnicodeError) traceback."""
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"chatlog", *args, b"--db", bytes(one_chat)],
+        capture_output=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == b"chatlog: Invalid value for " + where + b": not valid UTF-8\n"
+
+
+def test_a_file_name_that_is_not_utf8_still_works(one_chat, tmp_path):
+    out = bytes(tmp_path) + b"/out\xff.txt"
+    r = subprocess.run(
+        [sys.executable.encode(), b"-m", b"chatlog", b"export", b"-o", out, b"--db", bytes(one_chat)],
+        capture_output=True, cwd=ROOT, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    assert b"amy>hello" in open(out, "rb").read()
+
+
+def test_a_relative_xdg_data_home_is_ignored(tmp_path):
+    """The XDG spec says a relative XDG_DATA_HOME is invalid and must be ignored; it was used,
+    so the database moved with the directory the command was run from."""
+    env = dict(os.environ, XDG_DATA_HOME="relative", HOME=str(tmp_path))
+    env.pop("CHATLOG_DB", None)
+    r = subprocess.run([sys.executable, "-m", "chatlog", "path"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.stdout == f"{tmp_path}/.local/share/chatlog/chatlog.db\n"
