@@ -46,19 +46,6 @@ def chat(store, *, handle, port=5000, started, served=None, lines=(), end=None):
     return sid
 
 
-def many(store, n):
-    """An ended session of `n` short client lines (`line 0`...), inserted in one transaction."""
-    sid = chat(store, handle="amy", started=T("10:00:00"))
-    store.conn.execute("BEGIN")
-    store.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'amy', ?)",
-        ((sid, i + 1, T("10:00:01"), f"line {i}") for i in range(n)),
-    )
-    store.conn.execute("COMMIT")
-    store.end_session(sid, "client-quit", at=T("10:00:02"))
-    return sid
-
-
 run = run_chatlog
 
 
@@ -124,8 +111,8 @@ def test_usage_errors_are_one_chatlog_line(db_path, store, args, words):
 
 
 def test_chatlog_alone_shows_the_help():
-    r = subprocess.run([sys.executable, "-m", "chatlog"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and (r.stdout + r.stderr).startswith("Usage: chatlog [OPTIONS] COMMAND")
+    r = run_chatlog(None, process=True)
+    assert r.exit_code == 2 and r.output.startswith("Usage: chatlog [OPTIONS] COMMAND")
 
 
 def test_db_from_the_command_the_group_or_the_environment(tmp_path):

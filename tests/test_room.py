@@ -169,7 +169,7 @@ def test_clients_resetting_mid_accept_harm_no_one(room):
         s.connect((room.host, room.port))
         s.close()
     bob = join(room, "bob")  # kept open until the end, or its leave could arrive with its line
-    assert recv_until(a, b"bob>hi\n").endswith(b"bob>hi\n")
+    assert recv_until(a, b"bob>hi\n") == b"SERVER>*** bob joined\nbob>hi\n"
     assert room.proc.poll() is None
     bob.close()
 
