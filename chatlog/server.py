@@ -17,6 +17,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from chatlog import protocol
@@ -69,7 +70,10 @@ class Conn:
     port: int
     framer: Framer = field(default_factory=Framer)
     session: int | None = None  # its session (1:1) or participant (room) in the store
-    outbuf: bytearray = field(default_factory=bytearray)
+    # What it has not taken yet: references to the bytes sent to everyone (a broadcast is held
+    # once, however many clients have yet to read it), and how many bytes that is.
+    outq: deque = field(default_factory=deque)
+    outlen: int = 0
     closed: bool = False
     paused_until: float | None = None
     member: bool = False  # in a room: joined, so it hears what is broadcast from now on
@@ -372,7 +376,7 @@ class Loop:
         if conn.closed:
             return
         events = 0 if conn.paused_until is not None else selectors.EVENT_READ
-        if conn.outbuf:
+        if conn.outlen:
             events |= selectors.EVENT_WRITE
         try:
             if events:
@@ -544,7 +548,7 @@ class Loop:
     def _send(self, conn: Conn, data: bytes) -> None:
         if conn.closed:
             return
-        if not conn.outbuf:
+        if not conn.outlen:
             try:
                 n = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -553,34 +557,46 @@ class Loop:
                 self._forget(conn)
                 self._feed(Disconnected(conn.id, time.time()))
                 return
-            data = data[n:]
-            if not data:
+            if n == len(data):
                 return
-            conn.outbuf += data
+            data = memoryview(data)[n:]  # a view: the shared bytes are not copied
+            conn.outq.append(data)
+            conn.outlen = len(data)
             self._interest(conn)
             return
-        conn.outbuf += data
-        if len(conn.outbuf) > self.max_outbuf:
-            conn.outbuf.clear()
+        conn.outq.append(data)
+        conn.outlen += len(data)
+        if conn.outlen > self.max_outbuf:
+            conn.outq.clear()
+            conn.outlen = 0
             self._feed(Stalled(conn.id, time.time()))
 
     def _flush_out(self, conn: Conn) -> None:
+        q = conn.outq
         try:
-            n = conn.sock.send(conn.outbuf)
+            n = conn.sock.sendmsg([q[i] for i in range(min(len(q), 64))])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._forget(conn)
             self._feed(Disconnected(conn.id, time.time()))
             return
-        del conn.outbuf[:n]
-        if not conn.outbuf:
+        conn.outlen -= n
+        while n:
+            first = q[0]
+            if len(first) <= n:
+                n -= len(first)
+                q.popleft()
+            else:
+                q[0] = memoryview(first)[n:]
+                n = 0
+        if not q:
             self._interest(conn)
 
     def _tell_and_close(self, conn: Conn, notice: str | None) -> None:
         """Best effort: what is queued, then the notice and `\\quit`, without waiting on a client
         that will not read; then close."""
-        data = bytes(conn.outbuf)
+        data = b"".join(conn.outq)
         if notice is not None:
             data += self.policy.notice(notice) + QUIT_LINE
         if data and not conn.closed:

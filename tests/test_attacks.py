@@ -357,12 +357,6 @@ def test_an_export_never_replaces_a_file_beside_the_database(server, suffix):
 # -- a room's memory with many clients that never read --------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "each connection's unsent output is its own copy of every broadcast (Conn.outbuf, up to "
-    "ROOM_OUTBUF = 1 MiB before it is dropped as slow), so N clients that never read cost N MiB: "
-    "measured 1.6 GB RSS with 1,500 of them, ~10 GB possible at the default --max-clients. Needs "
-    "broadcasts held once and shared (per-connection queues of references) or a global budget"
-))
 def test_clients_that_never_read_do_not_multiply_the_rooms_memory(start_server):
     room = start_server("--room", "--per-address", "0", "--rate", "0")
 
