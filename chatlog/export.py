@@ -43,6 +43,14 @@ class Options:
     timestamps: bool = False  # txt, md: `[20:09:14] ` before each line
     utc: bool = False  # times in UTC instead of local time
     headings: bool = False  # txt: a heading per session (several sessions)
+    # json, jsonl, csv: a room's lines by sequence number -> (host, port) of who said each
+    addresses: Callable[[int], dict[int, tuple[str, int]]] | None = None
+
+
+def _room_addresses(s, opts: Options) -> dict[int, tuple[str, int]] | None:
+    if s.kind != "room" or opts.addresses is None:
+        return None
+    return opts.addresses(s.id)
 
 
 WRITERS: dict[str, Callable[[Sessions, TextIO, Options], None]] = {}
@@ -91,6 +99,10 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     that fails halfway never leaves half a file (nor truncates the one it was replacing).
     On a terminal stderr, a long export shows a progress bar there."""
     chosen = WRITERS[fmt]
+    if options.addresses is None and hasattr(store, "room_addresses"):
+        import dataclasses
+
+        options = dataclasses.replace(options, addresses=store.room_addresses)
 
     def write(pairs, out):
         chosen(pairs, out, options)
@@ -215,8 +227,12 @@ def write_json(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
     for i, (s, messages) in enumerate(sessions):
         meta = json.dumps(session_dict(s))
         out.write(("," if i else "") + "\n  " + meta[:-1] + ', "messages": [')
+        where = _room_addresses(s, opts)
         for j, m in enumerate(msgs(messages)):
-            out.write(("," if j else "") + "\n    " + json.dumps(message_dict(m)))
+            d = message_dict(m)
+            if where is not None and m.seq in where:
+                d["host"], d["port"] = where[m.seq]
+            out.write(("," if j else "") + "\n    " + json.dumps(d))
         out.write("\n  ]}")
     out.write("\n]}\n")
 
@@ -241,6 +257,16 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         )[:-1]
         batch: list[str] = []
         add = batch.append
+        where = _room_addresses(s, opts)
+        if where is not None:  # a room: each line with the address of who said it
+            for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note)
+                if seq in where:
+                    host, port = where[seq]
+                    line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
+                add(line)
+            out.write("".join(batch))
+            continue
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
             if raw is None and note is None and handle is not None:
                 add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
@@ -268,7 +294,7 @@ def _json_str(value) -> str:
 
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
-    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note",
+    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port",
 ]
 
 
@@ -288,6 +314,13 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         handles: dict[str, str] = {}  # each handle's cell, checked once per session
         batch: list[str] = []
         add = batch.append
+        where = _room_addresses(s, opts)
+        if where is not None:  # a room: each line with the address of who said it
+            for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+                host, port = where.get(seq, (None, None))
+                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, host, port))
+            out.write("".join(batch))
+            continue
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
             if raw is not None or note is not None or handle is None or sender not in plain:
                 add(_csv_rare(head, seq, at, sender, handle, text, raw, note))
@@ -297,7 +330,7 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                     h = handles[handle] = cell(handle)
                 if not safe(text):
                     text = cell(text)
-                add(f"{head},{seq},{at},{sender},{h},{text},,\n")
+                add(f"{head},{seq},{at},{sender},{h},{text},,,,\n")
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -307,9 +340,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
 _PLAIN_SENDERS = frozenset(("client", "server"))
 
 
-def _csv_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
+def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, host=None, port=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
-    cells = (seq, at, sender, handle, text, raw64, note)
+    cells = (seq, at, sender, handle, text, raw64, note, host, port)
     return head + "," + ",".join(csv_cell(v) for v in cells) + "\n"
 
 

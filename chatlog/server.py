@@ -321,29 +321,43 @@ class Loop:
         """Read everything already received, from every client (before a timeout or a stop;
         at a stop, an unterminated line is the client's last message)."""
         for conn in list(self.conns.values()):
-            while not conn.closed and conn.id in self.conns:
-                try:
-                    data = conn.sock.recv(RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    for frame in conn.framer.flush(now):
-                        self._feed(Received(conn.id, protocol.parse(frame), frame.at))
-                    self._feed(Disconnected(conn.id, now))
-                    self._forget(conn)
-                    break
-                for frame in conn.framer.feed(data, now):
-                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+            if not conn.closed:
+                self._read_waiting(conn, now, limit=1000)
             if final and conn.id in self.conns:
                 for frame in conn.framer.flush(now):
                     self._feed(Received(conn.id, protocol.parse(frame), frame.at))
         self._quiet_frames(now)
 
     def _quiet_frames(self, now: float) -> None:
+        """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
+        more has arrived: after a long pass (a room relaying thousands of lines) the rest of a
+        line may be waiting in the socket, so it is read first. A paused client is not quiet."""
         for conn in list(self.conns.values()):
-            for frame in conn.framer.flush_if_quiet(now):
+            deadline = conn.framer.deadline()
+            if deadline is None or now < deadline or conn.paused_until is not None:
+                continue
+            if not conn.closed:
+                self._read_waiting(conn, now)
+            if conn.id in self.conns:
+                for frame in conn.framer.flush_if_quiet(now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+
+    def _read_waiting(self, conn: Conn, now: float, limit: int = 16) -> None:
+        """Read what one client has already sent (without waiting), as _readable does."""
+        for _ in range(limit):  # bounded: a flooding client cannot hold the loop here
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                for frame in conn.framer.flush(now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+                self._feed(Disconnected(conn.id, now))
+                self._forget(conn)
+                return
+            for frame in conn.framer.feed(data, now):
                 self._feed(Received(conn.id, protocol.parse(frame), frame.at))
 
     def _forget(self, conn: Conn) -> None:

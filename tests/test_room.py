@@ -261,3 +261,30 @@ def test_a_console_nobody_reads_does_not_stall_the_room(start_server):
     server.proc.kill()
     server.proc.wait()
     assert db_rows(server.db, "SELECT count(*) FROM messages WHERE sender = 'client'") == [(n + 1,)]
+
+
+def test_every_export_says_who_said_each_line_of_a_room(room):
+    import csv
+    import io
+    import json
+
+    from conftest import run_chatlog
+
+    a, b = join(room, "alice"), join(room, "bob")
+    recv_until(a, b"bob>hi\n")
+    room.say("hello both")
+    recv_until(a, b"both\n")
+    ports = {"alice": a.getsockname()[1], "bob": b.getsockname()[1]}
+    out = run_chatlog(room.db, "export", "1", "-f", "jsonl").output
+    for line in map(json.loads, out.splitlines()):
+        if line["sender"] == "server":
+            assert "port" not in line
+        else:
+            assert (line["host"], line["port"]) == ("127.0.0.1", ports[line["handle"]])
+    rows = list(csv.DictReader(io.StringIO(run_chatlog(room.db, "export", "1", "-f", "csv").output)))
+    assert {(r["handle"], r["port"]) for r in rows if r["sender"] == "client"} == {
+        ("alice", str(ports["alice"])), ("bob", str(ports["bob"]))
+    }
+    doc = json.loads(run_chatlog(room.db, "export", "1", "-f", "json").output)
+    said = [m for m in doc["sessions"][0]["messages"] if m["sender"] == "client"]
+    assert all(m["port"] == ports[m["handle"]] for m in said)
