@@ -250,6 +250,9 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for reader in (self._reader, self._err_reader):  # they end at EOF: never close under them
+            if reader is not None:
+                reader.join(10)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:
