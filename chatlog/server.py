@@ -649,7 +649,7 @@ def store_wait_line(r: Renderer, seconds: float, resumed: bool) -> str:
         return r.paint("event", "the database is free again; the chat goes on")
     return r.paint(
         "error",
-        f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
+        f"the database is locked by another process; waiting ({seconds:.0f}s so far, nothing is lost)",
     )
 
 
