@@ -106,7 +106,6 @@ class Loop:
         operator: Operator,
         *,
         echo_operator: bool = True,
-        idle_timeout: float | None = None,
         max_outbuf: int = MAX_OUTBUF,
         room_session: int | None = None,
     ):
@@ -119,7 +118,6 @@ class Loop:
         self.console = console
         self.operator = operator
         self.echo_operator = echo_operator
-        self.idle_timeout = idle_timeout
         self.max_outbuf = max_outbuf
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
@@ -520,9 +518,7 @@ class Loop:
         if result is None:
             return
         session, (client, server) = result
-        what = ended_text(d.reason, session, client, server, self.idle_timeout if d.reason == "timeout" else None)
-        if d.reason == "timeout" and d.notice:
-            what = ended_text(d.reason, session, client, server, _seconds(d.notice))
+        what = ended_text(d.reason, session, client, server, d.limit)
         if d.waiting:
             what = f"waiting client {conn.host} port {conn.port}: {what}"
         self.console.write(self.r.paint("event", visible(what)))
@@ -657,13 +653,6 @@ def _is_store_failure(exc: BaseException) -> bool:
     from chatlog.db import StoreError
 
     return isinstance(exc, StoreError)
-
-
-def _seconds(notice: str) -> float | None:
-    import re
-
-    m = re.search(r"(\d+(?:\.\d+)?) s", notice)
-    return float(m.group(1)) if m else None
 
 
 # -- listening and the banner ---------------------------------------------------------------------
@@ -802,14 +791,13 @@ def serve(
     *,
     bind: str | None = None,
     room: bool = False,
-    idle_timeout: float | None = None,
     max_outbuf: int = MAX_OUTBUF,
 ) -> None:
     """Run the server on listening `sockets` until it is stopped. Raises ServeError if the store
     fails for good (every client has been told by then)."""
     console = Console(renderer.stream)
     try:
-        loop = _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf)
+        loop = _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, max_outbuf)
         saved_tty = _save_tty(stdin)
         try:
             loop.run()
@@ -823,7 +811,7 @@ def serve(
         raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
 
 
-def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf) -> Loop:
+def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, max_outbuf) -> Loop:
     """The banner, the server's record (and the room's), the operator: everything but the loop."""
     for line in banner(bind, sockets):
         console.write(line)
@@ -849,7 +837,7 @@ def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, id
         room_session = recorder.begin_session(None, None, host, local[1], time.time(), served=True, kind="room")
     loop = Loop(
         policy, recorder, sockets, renderer, console, operator,
-        echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf, room_session=room_session,
+        echo_operator=echo, max_outbuf=max_outbuf, room_session=room_session,
     )
     if room:
         loop.greeting = (
