@@ -428,7 +428,7 @@ def serve(
             sockets = listen(bind, port)
         run_server(
             recorder, sockets, policy, Renderer(color=color), sys.stdin, bind=bind, room=room,
-            idle_timeout=None if room else idle_timeout, max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
+            max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
         )
     except (ServeError, StoreError) as exc:
         raise Failed(str(exc)) from None

@@ -94,7 +94,7 @@ class Transcript:
         if m.sender in self.counts:
             self.counts[m.sender] += 1
         at = self._at(m.at)
-        if m.sender == "event":  # a room's join or leave, recorded in place with the messages
+        if m.sender == "event":  # recorded in place with the messages
             yield event_of(m, at)
             return
         yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle)
@@ -127,17 +127,17 @@ def event_of(m: Msg, at: str) -> Event:
     """A stored event as a person reads it. The server records a join or a leave as the bare
     word (`joined`, `left`, with the reason in the note) beside the participant's handle, and
     padding that trailed a line as `padding` with a note that counts it."""
-    text = m.text
-    if text == "padding":
-        return Event(NOTE, at, f"({m.note})" if m.note else "(padding)", None, m.handle)
-    kind = LEFT if ("left" in text or "quit" in text or "dropped" in text) else JOINED
-    if m.handle is not None and text in ("joined", "left"):
-        text = f"{m.handle} {text}"
-        if kind == LEFT and m.note:
+    who = m.handle if m.handle is not None else "someone"
+    if m.text == "joined":
+        return Event(JOINED, at, f"{who} joined", None, m.handle)
+    if m.text == "left":
+        why = ""
+        if m.note:
             from chatlog.room import LEFT as LEFT_WORDS
 
-            text += f" ({LEFT_WORDS.get(m.note, m.note)})"
-    return Event(kind, at, text, None, m.handle)
+            why = f" ({LEFT_WORDS.get(m.note, m.note)})"
+        return Event(LEFT, at, f"{who} left{why}", None, m.handle)
+    return Event(NOTE, at, f"({m.note or m.text})", None, m.handle)
 
 
 def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:

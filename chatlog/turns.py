@@ -252,17 +252,20 @@ class Turns:
         limit = self._limit()
         if limit is None or now < limit[0]:
             return []
-        return self._end(self.current, "timeout", now, timeout_notice(round(limit[1], 1)))
+        seconds = round(limit[1], 1)
+        return self._end(self.current, "timeout", now, timeout_notice(seconds), limit=seconds)
 
     # -- endings -------------------------------------------------------------------------------
 
-    def _end(self, peer: Peer, reason: str, at: float, notice: str | None = None) -> list[Decision]:
+    def _end(
+        self, peer: Peer, reason: str, at: float, notice: str | None = None, limit: float | None = None
+    ) -> list[Decision]:
         if self.peers.pop(peer.conn, None) is None:
             return []
         if peer is not self.current:
             self.queue.remove(peer)
             return [End(peer.conn, reason, at, notice, waiting=True)]
-        out: list[Decision] = [End(peer.conn, reason, at, notice)]
+        out: list[Decision] = [End(peer.conn, reason, at, notice, limit=limit)]
         if self.operator_turn:
             out.append(Prompt(False))
         self.current = None

@@ -94,11 +94,15 @@ def console_lines(
     evs: Iterable[Event], r: Renderer, timestamps: bool = False, utc: bool = False
 ) -> Iterator[tuple[str, str]]:
     """(timestamp, console line) for each event; with `timestamps`, `[20:09:14] ` before each."""
+    if not timestamps:
+        for ev in evs:
+            yield ev.at, console_line(ev, r)
+        return
+    second = shown = None
     for ev in evs:
-        line = console_line(ev, r)
-        if timestamps:
-            line = r.paint("dim", stamp(ev.at, utc)) + line
-        yield ev.at, line
+        if ev.at[:19] != second:  # a stamp depends only on the second (many lines share one)
+            second, shown = ev.at[:19], r.paint("dim", stamp(ev.at, utc))
+        yield ev.at, shown + console_line(ev, r)
 
 
 def header_lines(s: Session, utc: bool = False) -> list[str]:

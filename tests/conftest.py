@@ -1,4 +1,13 @@
-"""Shared fixtures: real binaries, real sockets, real SQLite files."""
+"""Shared fixtures: real binaries, real sockets, real SQLite files.
+
+The helpers every test file uses (add to these rather than writing another):
+  start_server / server / ServerProc  a real `chatlog serve`: operator input, console, limits
+  spawn_client, login                 the real ./chatclient in a pseudo-terminal
+  run_chatlog                         a chatlog command with --db: exit_code, stdout, stderr
+  storebuild.open_store               a database built through the recorder, with named rows
+  db_dicts / db_rows                  what was stored, by column name / as tuples
+  recv_until, ending, wait_until      sockets and conditions, never fixed sleeps
+"""
 import os
 import shutil
 import subprocess
@@ -118,6 +127,12 @@ class ServerProc:
         elif ready:
             self.port = wait_until(self._listening_port)
 
+    def start_reading(self):
+        """Begin reading an "unread" console now (the console catching up), for wait_for."""
+        assert self._stdout_mode == "unread" and self._reader is None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
     def _listening_port(self) -> int | None:
         """The port the server listens on, from /proc (for when its banner cannot be read)."""
         assert self.proc.poll() is None, f"the server exited: {self.stderr_text()}"
@@ -235,6 +250,9 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for reader in (self._reader, self._err_reader):  # they end at EOF: never close under them
+            if reader is not None:
+                reader.join(10)
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 if f is not None:
@@ -288,6 +306,34 @@ def login(p, handle="brandon"):
     p.expect_exact(f"{handle}>")
 
 
+class Ran:
+    """What a chatlog command did: exit_code, stdout, stderr (and output: both)."""
+
+    def __init__(self, exit_code: int, stdout: str, stderr: str):
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_chatlog(db, *args, input=None, env=None, process=False):
+    """Run `chatlog ARGS --db DB` (no --db when db is None) and return exit_code, stdout, stderr
+    and output. In-process through the real click command by default (fast: a test suite runs
+    hundreds); process=True runs `python -m chatlog` for what only a process shows (the entry
+    point, exit codes from the top, environment, pipes)."""
+    argv = [*args, "--db", str(db)] if db is not None else list(args)
+    if not process:
+        from click.testing import CliRunner
+
+        from chatlog.cli import cli
+
+        return CliRunner(env=env).invoke(cli, argv, input=input, catch_exceptions=False)
+    r = subprocess.run([sys.executable, "-m", "chatlog", *argv], input=input, capture_output=True, text=True,
+                       cwd=ROOT, timeout=60, env=dict(os.environ, **(env or {})))
+    return Ran(r.returncode, r.stdout, r.stderr)
+
+
 def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
     """Read from a socket until `needle` has arrived (or the peer closed)."""
     sock.settimeout(timeout)
@@ -315,6 +361,18 @@ def wait_until(predicate, timeout=10.0, interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+def db_dicts(db, sql, args=()):
+    """Rows as dicts by column name, for assertions that name what they check."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute(sql, args)]
+    finally:
+        conn.close()
 
 
 def db_rows(db, sql, args=()):

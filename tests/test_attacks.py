@@ -10,15 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, recv_until, wait_until
-
-
-def chatlog(db, *args, timeout=30):
-    return subprocess.run(
-        [sys.executable, "-m", "chatlog", *args, "--db", str(db)],
-        capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-        env=dict(os.environ, NO_COLOR="1"),
-    )
+from conftest import ROOT, recv_until, run_chatlog, wait_until
 
 
 def join_room(server, handle):
@@ -44,11 +36,11 @@ def test_a_real_room_read_back_says_who_joined_and_who_left(start_server, db_pat
     room.wait_for(r"amy \(.*\) left")
     room.say("\\quit")
     room.wait()
-    shown = chatlog(db_path, "show", "last").stdout
+    shown = run_chatlog(db_path, "show", "last", process=True).stdout
     for line in ("amy joined", "bob joined", "bob left", "amy left"):
         assert line in shown, shown
     for fmt in ("txt", "md", "html"):
-        out = chatlog(db_path, "export", "last", "--format", fmt).stdout
+        out = run_chatlog(db_path, "export", "last", "--format", fmt, process=True).stdout
         assert "bob joined" in out and "bob left" in out, (fmt, out)
 
 
@@ -67,7 +59,7 @@ def test_late_padding_in_a_room_reads_as_a_note_not_as_a_join(start_server, db_p
     room.wait_for(r"amy \(.*\) left")
     room.say("\\quit")
     room.wait()
-    shown = chatlog(db_path, "show", "last").stdout
+    shown = run_chatlog(db_path, "show", "last", process=True).stdout
     assert "bytes of padding after the previous line" in shown, shown
     assert "\npadding\n" not in shown, shown
 
@@ -75,26 +67,7 @@ def test_late_padding_in_a_room_reads_as_a_note_not_as_a_join(start_server, db_p
 # -- the store locked by another process -------------------------------------------------------
 
 
-class Console:
-    """A server's console lines as they come (for a server that is not up yet)."""
-
-    def __init__(self, proc):
-        import threading
-
-        self.lines: list[str] = []
-        self.proc = proc
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace"))
-
-    def has(self, needle):
-        return any(needle in line for line in self.lines)
-
-
-def test_a_server_started_on_a_locked_database_says_it_is_waiting(tmp_path):
+def test_a_server_started_on_a_locked_database_says_it_is_waiting(start_server, tmp_path):
     """Starting records the server in the store. With another process holding the write lock
     the server printed its banner ("Connect with ...") and then nothing, accepting nobody, for as
     long as the lock was held: the operator could not tell it was waiting."""
@@ -104,23 +77,14 @@ def test_a_server_started_on_a_locked_database_says_it_is_waiting(tmp_path):
     open_recorder(db).close()  # the file exists, migrated
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        env=dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1"),
-    )
     try:
-        console = Console(proc)
-        wait_until(lambda: console.has("locked by another process"))
-        assert not console.has("Awaiting client connections")
+        server = start_server(db=db, ready=False)  # not up until the lock is free
+        server.wait_for("locked by another process")
+        assert server.count("Awaiting client connections") == 0
         holder.execute("ROLLBACK")
-        wait_until(lambda: console.has("Awaiting client connections"))
+        server.wait_for("Awaiting client connections")
     finally:
         holder.close()
-        proc.terminate()
-        proc.wait(10)
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            f.close()
 
 
 # -- options that are numbers but not usable ones ----------------------------------------------
@@ -134,11 +98,8 @@ def test_serve_refuses_a_timeout_or_rate_that_is_not_a_usable_number(db_path, op
     """`--idle-timeout inf` (or 1e308) passed the range check, and the loop's select() died
     with an OverflowError traceback the moment a client connected; `nan` passed it too and
     silently meant "never"."""
-    r = subprocess.run(
-        [sys.executable, "-m", "chatlog", "serve", "0", "--bind", "127.0.0.1", "--db", str(db_path), option, value],
-        capture_output=True, text=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL,
-    )
-    assert r.returncode == 2, r
+    r = run_chatlog(db_path, "serve", "0", "--bind", "127.0.0.1", option, value, input="", process=True)
+    assert r.exit_code == 2, r.output
     assert r.stderr.startswith(f"chatlog: Invalid value for '{option}'") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
 
@@ -357,12 +318,6 @@ def test_an_export_never_replaces_a_file_beside_the_database(server, suffix):
 # -- a room's memory with many clients that never read --------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "each connection's unsent output is its own copy of every broadcast (Conn.outbuf, up to "
-    "ROOM_OUTBUF = 1 MiB before it is dropped as slow), so N clients that never read cost N MiB: "
-    "measured 1.6 GB RSS with 1,500 of them, ~10 GB possible at the default --max-clients. Needs "
-    "broadcasts held once and shared (per-connection queues of references) or a global budget"
-))
 def test_clients_that_never_read_do_not_multiply_the_rooms_memory(start_server):
     room = start_server("--room", "--per-address", "0", "--rate", "0")
 

@@ -1,11 +1,10 @@
 """The real ./chatclient in a pseudo-terminal against the real `chatlog serve`."""
 
-import os
 import signal
 
 import pexpect
 import pytest
-from conftest import db_rows, spawn_client
+from conftest import db_rows, login, spawn_client
 
 
 def test_the_readme_chat(chatclient, server):
@@ -172,14 +171,11 @@ def test_another_server_handle_and_the_idle_timeout(chatclient, start_server):
 
 def test_a_room_through_the_real_server(chatclient, start_server):
     server = start_server("--room")
-    env = dict(os.environ, TERM="xterm")
 
     def join(handle, here):
-        p = pexpect.spawn(str(chatclient), [server.host, str(server.port)], env=env, encoding="utf-8", timeout=10)
+        p = spawn_client(chatclient, server)
         p.expect_exact(f"[Welcome to the room: {here} here. Type at any time.]")
-        p.expect_exact("What would you like your chat handle to be> ")
-        p.sendline(handle)
-        p.expect_exact(f"{handle}>")
+        login(p, handle)
         return p
 
     alice = join("alice", 1)

@@ -41,7 +41,7 @@ def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(start_server):
         server.wait_for(rf"\(session {ended}, ", start=len(server.lines) - 20)
         if before is None:
             before = fd_count(server.proc.pid)  # after the first cycles: steady state
-    assert db_rows(server.db, "SELECT count(*) FROM sessions WHERE end_reason = 'disconnect'")[0][0] == 1001
+    assert db_rows(server.db, "SELECT count(*) FROM sessions WHERE end_reason = 'disconnect'") == [(1001,)]
     assert fd_count(server.proc.pid) <= before
     assert server.proc.poll() is None
 
@@ -64,7 +64,7 @@ def test_client_that_stops_reading_is_dropped_not_waited_for(server):
     t = threading.Thread(target=talk, daemon=True)
     t.start()
     server.wait_for(r"client dropped: it stopped reading \(session 1", timeout=10)
-    assert db_rows(server.db, "SELECT end_reason FROM sessions WHERE id=1")[0][0] == "stalled"
+    assert db_rows(server.db, "SELECT end_reason FROM sessions WHERE id=1") == [("stalled",)]
     # and the server is still serving
     d = server.connect()
     d.sendall(b"d>still there?\n\0")
@@ -175,7 +175,7 @@ def test_sigkill_at_a_random_moment_loses_nothing_seen(tmp_path, trial):
     # the next start closes the orphaned session as interrupted
     again = ServerProc(db)
     try:
-        assert db_rows(db, "SELECT end_reason FROM sessions WHERE id=1")[0][0] == "interrupted"
+        assert db_rows(db, "SELECT end_reason FROM sessions WHERE id=1") == [("interrupted",)]
     finally:
         again.stop()
 
@@ -201,7 +201,7 @@ def test_reader_process_never_blocks_the_writer(start_server, tmp_path):
     out, err = reader.communicate(timeout=10)
     assert b"locked" not in err and b"Traceback" not in err, err
     assert int(out.split()[-1]) > 10  # the reader really read, many times
-    assert db_rows(server.db, "SELECT count(*) FROM messages")[0][0] == 2 * n
+    assert db_rows(server.db, "SELECT count(*) FROM messages") == [(2 * n,)]
     assert worst < 1.0  # never stalled behind a reader
 
 

@@ -168,9 +168,10 @@ def test_clients_resetting_mid_accept_harm_no_one(room):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.connect((room.host, room.port))
         s.close()
-    join(room, "bob")
-    assert recv_until(a, b"bob>hi\n").endswith(b"bob>hi\n")
+    bob = join(room, "bob")  # kept open until the end, or its leave could arrive with its line
+    assert recv_until(a, b"bob>hi\n") == b"SERVER>*** bob joined\nbob>hi\n"
     assert room.proc.poll() is None
+    bob.close()
 
 
 def test_who_kick_and_quit_at_the_console(room):
@@ -251,10 +252,39 @@ def test_a_console_nobody_reads_does_not_stall_the_room(start_server):
     recv_until(a, b"\n")
     recv_until(b, b"\n")
     b.sendall(b"bob>here\n")
-    n = 3000  # ~600 KB of console lines: far past a pipe's 64 KB
-    a.sendall(b"".join(b"alice>line %05d " % i + b"z" * 180 + b"\n" for i in range(n)))
-    got = recv_until(b, b"line %05d " % (n - 1), timeout=20)
+    n = 16_000  # past a pipe's 64 KB and then past the console's queue of 10,000 lines
+    a.sendall(b"".join(b"alice>line %05d\n" % i for i in range(n)))
+    got = recv_until(b, b"line %05d\n" % (n - 1), timeout=20)
     assert got.count(b"alice>line ") == n
+    server.start_reading()  # the console catches up, and says what it left out
+    server.wait_for(r"^\(\d+ console lines not shown: the console was not keeping up; all are recorded\)$")
     server.proc.kill()
     server.proc.wait()
     assert db_rows(server.db, "SELECT count(*) FROM messages WHERE sender = 'client'") == [(n + 1,)]
+
+
+def test_every_export_says_who_said_each_line_of_a_room(room):
+    import csv
+    import io
+    import json
+
+    from conftest import run_chatlog
+
+    a, b = join(room, "alice"), join(room, "bob")
+    recv_until(a, b"bob>hi\n")
+    room.say("hello both")
+    recv_until(a, b"both\n")
+    ports = {"alice": a.getsockname()[1], "bob": b.getsockname()[1]}
+    out = run_chatlog(room.db, "export", "1", "-f", "jsonl").output
+    for line in map(json.loads, out.splitlines()):
+        if line["sender"] == "server":
+            assert "port" not in line
+        else:
+            assert (line["host"], line["port"]) == ("127.0.0.1", ports[line["handle"]])
+    rows = list(csv.DictReader(io.StringIO(run_chatlog(room.db, "export", "1", "-f", "csv").output)))
+    assert {(r["handle"], r["port"]) for r in rows if r["sender"] == "client"} == {
+        ("alice", str(ports["alice"])), ("bob", str(ports["bob"]))
+    }
+    doc = json.loads(run_chatlog(room.db, "export", "1", "-f", "json").output)
+    said = [m for m in doc["sessions"][0]["messages"] if m["sender"] == "client"]
+    assert all(m["port"] == ports[m["handle"]] for m in said)

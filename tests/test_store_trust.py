@@ -133,7 +133,7 @@ def test_full_disk_in_the_server_is_one_line_not_a_traceback(tiny_fs, start_serv
             server.say("z" * 3000)
     except OSError:
         pass
-    server.proc.wait(20)
+    server.wait(20)
     err = server.stderr_text()
     assert "Traceback" not in err and "Traceback" not in server.output
     assert err.startswith(f"chatlog: cannot write the database {db}: disk is full") and err.count("\n") == 1

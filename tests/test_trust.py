@@ -181,20 +181,23 @@ def test_a_busy_store_is_waited_on_and_nothing_is_lost(server):
     c = server.connect()
     c.sendall(b"bob>hi\n\0")
     server.wait_for("^bob>hi$")
-    holder = subprocess.Popen(
+    holder = subprocess.Popen(  # holds the write lock until told to let go
         [sys.executable, "-c",
-         "import sqlite3, sys, time\n"
+         "import sqlite3, sys\n"
          "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-         "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(2.5); c.execute('COMMIT')",
+         "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); sys.stdin.readline(); c.execute('COMMIT')",
          str(server.db)],
-        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     assert holder.stdout.readline() == b"locked\n"
     server.say("this answer waits for the lock")
     server.wait_for("the database is locked by another process; waiting")
+    c.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        c.recv(1)  # not answered before the answer is recorded
+    holder.communicate(b"\n", timeout=10)  # let go
     assert recv_until(c, b"\n") == b"SERVER>this answer waits for the lock\n"
     server.wait_for("the database is free again")
-    holder.wait(10)
     c.sendall(b"bob>and on we go\n\0")
     server.wait_for("^bob>and on we go$")
     assert server.count("the database is locked") == 1
