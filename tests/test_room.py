@@ -120,7 +120,11 @@ def test_a_client_that_never_reads_is_dropped_and_nobody_waits(start_server):
     listener.settimeout(10)
     try:
         while received.count(b"talker>x") < total:
-            received += listener.recv(1 << 20)
+            chunk = listener.recv(1 << 20)
+            if not chunk:  # closed on us: say why, rather than spin on b"" until the suite times out
+                raise AssertionError(f"the listener was closed after {received.count(b'talker>x')} of {total}; "
+                                     f"{server.output[-2000:]}")
+            received += chunk
     except TimeoutError:
         raise AssertionError(f"{received.count(b'talker>x')} of {total}; {server.output[-2000:]}") from None
     assert received.count(b"talker>x") == total  # everyone else got every line
