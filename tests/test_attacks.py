@@ -308,11 +308,11 @@ def test_an_export_never_replaces_a_file_beside_the_database(server, suffix):
     server.wait_for("amy>remember me")
     side = f"{server.db}{suffix}"
     before = os.stat(side).st_ino
-    r = chatlog(server.db, "export", "-f", "txt", "-o", side)
-    assert r.returncode == 1
+    r = run_chatlog(server.db, "export", "-f", "txt", "-o", side, process=True)
+    assert r.exit_code == 1
     assert r.stderr == f"chatlog: the export must not overwrite the database or its files ({side})\n"
     assert os.stat(side).st_ino == before  # the very same file, not a new one put in its place
-    assert "remember me" in chatlog(server.db, "show", "last").stdout
+    assert "remember me" in run_chatlog(server.db, "show", "last", process=True).stdout
 
 
 # -- a room's memory with many clients that never read --------------------------------------------
@@ -375,7 +375,7 @@ def test_a_crafted_archive_cannot_drive_the_terminal_through_its_hosts_or_end_re
         r.add_message(sid, "client", "amy", "hi", None, None, 1.7e9)
         r.end_session(sid, "client-quit\x1b]52;c;AAAA\x07", 1.7e9 + 1)
     r.close()
-    out = chatlog(db_path, *args).stdout
+    out = run_chatlog(db_path, *args, process=True).stdout
     assert "10.0.0.1\\x1b[2J" in out
     assert "\x1b" not in out and "\x07" not in out
 
@@ -390,5 +390,5 @@ def test_a_crafted_rooms_port_is_made_visible_in_sessions(db_path):
     r.close()
     with sqlite3.connect(db_path) as conn:
         conn.execute("UPDATE sessions SET server_port = '7\x1b[2J'")  # SQLite keeps text anywhere
-    out = chatlog(db_path, "sessions").stdout
+    out = run_chatlog(db_path, "sessions", process=True).stdout
     assert "room :7\\x1b[2J" in out and "\x1b" not in out
