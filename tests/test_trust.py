@@ -106,13 +106,13 @@ def test_at_the_open_files_limit_the_server_backs_off_and_keeps_chatting(start_s
     assert spent < 0.5, f"the server spun: {spent:.2f} CPU seconds in 2 s"
     server.say("still here")
     assert recv_until(first, b"\n") == b"SERVER>still here\n"
+    assert server.count("cannot accept connections") == 1  # said once while at the limit
     for s in socks:
         s.close()
     first.close()
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    assert server.count("cannot accept connections") == 1
-    assert len(server.output) < 20_000
+    assert len(server.output) < 20_000  # (as the closed ones are accepted, it may be said again)
     assert "Traceback" not in server.stderr_text()
 
 
