@@ -310,12 +310,17 @@ class Room:
         return out
 
     def _rename(self, p: Participant, handle: str, out: list[Decision]) -> None:
-        old = p.shown
+        old, old_handle = p.shown, p.handle
         p.handle = handle
         p.shown = visible(handle)
         p.prefix = (p.shown + ">").encode()
         if p.announced:
-            out.append(Show("event", f"{old} ({address(p.host, p.port)}) now calls itself {p.shown}"))
+            # Everyone is told, or a participant could take another's name unnoticed.
+            out += [
+                Commit(p.conn, "event", handle, "renamed", None, f"{old_handle} is now {handle}", p.last),
+                Show("event", f"{old} ({address(p.host, p.port)}) now calls itself {p.shown}"),
+                Broadcast(self.notice(f"{old} is now {p.shown}"), p.conn),
+            ]
             return
         p.announced = True
         out += [

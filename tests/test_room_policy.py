@@ -250,8 +250,13 @@ def test_a_new_handle_relays_under_it_without_a_second_join():
     r = room(2, ["alice"])
     out = r.handle_event(line(1, "now bob", "bob", at=3.0))
     assert not of(Handle, out)
-    assert of(Commit, out) == [Commit(1, "client", "bob", "now bob", None, None, 3.0)]
-    assert of(Broadcast, out) == [Broadcast(b"bob>now bob\n", exclude=1)]
+    assert of(Commit, out) == [
+        Commit(1, "event", "bob", "renamed", None, "alice is now bob", 3.0),
+        Commit(1, "client", "bob", "now bob", None, None, 3.0),
+    ]
+    assert of(Broadcast, out) == [
+        Broadcast(b"SERVER>*** alice is now bob\n", exclude=1), Broadcast(b"bob>now bob\n", exclude=1),
+    ]
     assert any(s.kind == "event" and "now calls itself bob" in s.text for s in of(Show, out))
     out = r.handle_event(Disconnected(1, 4.0))
     assert of(Broadcast, out) == [Broadcast(b"SERVER>*** bob left\n", exclude=1)]
@@ -631,3 +636,14 @@ def test_kick_a_hostile_handle_by_the_form_who_shows_or_an_ipv6_address():
     assert of(End, out) == [End(1, "kicked", 4.0, NOTICES["kicked"])]
     assert of(Broadcast, out) == [Broadcast(b"SERVER>*** \\x1b[2J left\n", exclude=1)]
     assert of(End, r.handle_event(OperatorLine("\\kick [::1]:6000", 4.0))) == [End(3, "kicked", 4.0, NOTICES["kicked"])]
+
+
+def test_a_participant_who_changes_handle_is_announced_to_everyone():
+    """Otherwise a participant could take another's name mid-room with only the console told."""
+    r = room(3, ["alice", "bob"])
+    out = r.handle_event(line(2, "it is me, alice", "alice", at=5.0))
+    assert of(Commit, out)[0] == Commit(2, "event", "alice", "renamed", None, "bob is now alice", 5.0)
+    assert of(Broadcast, out) == [
+        Broadcast(b"SERVER>*** bob is now alice\n", exclude=2),
+        Broadcast(b"alice>it is me, alice\n", exclude=2),
+    ]
