@@ -19,6 +19,7 @@ from chatlog.db import (
     BadQuery,
     ServerLocks,
     StoreError,
+    checkpoint,
     connect,
     describe_error,
     is_busy,
@@ -26,6 +27,7 @@ from chatlog.db import (
     writable,
 )
 from chatlog.records import HL_END, HL_START, Msg, Session
+from chatlog.sanitize import visible
 from chatlog.schema import message_count
 
 if TYPE_CHECKING:
@@ -55,7 +57,8 @@ DELETING = "deleting != 0"
 MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
 
 
-DELETE_BATCH = 2000  # messages (with their search entries) deleted per transaction
+DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
+DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
 
 
 def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bool | None = None) -> "Archive":
@@ -159,10 +162,15 @@ class Archive:
         if until is not None:
             clauses.append("m.at < ?")
             args.append(until)
-        clauses.append(f"m.session_id NOT IN (SELECT id FROM sessions WHERE {DELETING})")
+        with self.db.guard:
+            hidden = self.conn.execute(f"SELECT 1 FROM sessions WHERE {DELETING} LIMIT 1").fetchone()
+        if hidden:
+            clauses.append(f"m.session_id NOT IN (SELECT id FROM sessions WHERE {DELETING})")
         where = " AND ".join(clauses)
         source = "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
-        if count:
+        if count and len(clauses) == 1:  # the index alone knows: no message row is read
+            sql = "SELECT count(*) FROM messages_fts WHERE messages_fts MATCH ?"
+        elif count:
             sql = f"SELECT count(*) {source} WHERE {where}"
         else:
             order = "messages_fts.rank" if best else "messages_fts.rowid DESC"
@@ -245,42 +253,57 @@ class Archive:
             yield Session(*row), rows
 
     def stats(self) -> dict:
-        """Totals, from the session rows (their stored counts; live counts for the few still in
-        progress), never by reading the messages."""
+        """Totals, from the tables the session-row triggers keep exact (schema m007), plus the
+        live counts of the few sessions still in progress: no scan of sessions or messages."""
         q = self.conn.execute
-        live_c, live_s = _live_count("client"), _live_count("server")
         with self.db.guard:
-            sessions, handles, hosts, said, answers, first, last = q(
-                f"SELECT count(*), count(DISTINCT handle), count(DISTINCT client_host), "
-                f"sum({live_c}), sum({live_s}), min(started_at), max(started_at) FROM sessions WHERE {VISIBLE}"
+            sessions, said, answers, ended, duration_us = q(
+                "SELECT sessions, client_messages, server_messages, ended, duration_us FROM totals"
             ).fetchone()
-            avg = q(
-                "SELECT avg((julianday(ended_at) - julianday(started_at)) * 86400) FROM sessions "
-                f"WHERE ended_at IS NOT NULL AND {VISIBLE}"
-            ).fetchone()[0]
-            busiest = q(
-                f"SELECT handle, count(*) AS n, sum({live_c}) AS c, sum({live_s}) AS s "
-                f"FROM sessions WHERE handle IS NOT NULL AND {VISIBLE} "
-                "GROUP BY handle ORDER BY c + s DESC, n DESC LIMIT 5"
+            # The row counts of a session in progress are written when it ends: count it live.
+            live = q(
+                f"SELECT handle, {message_count('client')}, {message_count('server')} FROM sessions "
+                f"WHERE ended_at IS NULL AND {VISIBLE}"
             ).fetchall()
-            reasons = q(
-                f"SELECT coalesce(end_reason, 'in progress'), count(*) FROM sessions WHERE {VISIBLE} "
-                "GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall()
+            handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
+            hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
+            by_handle = {
+                h: [n, c, a]
+                for h, n, c, a in q(
+                    "SELECT handle, sessions, client_messages, server_messages FROM handle_totals "
+                    "ORDER BY client_messages + server_messages DESC, sessions DESC LIMIT ?",
+                    (5 + len(live),),
+                )
+            }
+            for h, c, a in live:
+                said, answers = said + c, answers + a
+                if h is not None:
+                    if h not in by_handle:
+                        row = q(
+                            "SELECT sessions, client_messages, server_messages FROM handle_totals WHERE handle = ?",
+                            (h,),
+                        ).fetchone()
+                        by_handle[h] = list(row) if row else [1, 0, 0]
+                    by_handle[h][1] += c
+                    by_handle[h][2] += a
+            reasons = q("SELECT reason, sessions FROM reason_totals ORDER BY sessions DESC, reason").fetchall()
+            first = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
+            last = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
             refused = q("SELECT coalesce(sum(count), 0) FROM refusals").fetchone()[0]
+        busiest = sorted(by_handle.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), -kv[1][0]))[:5]
         return {
             "sessions": sessions,
-            "messages": (said or 0) + (answers or 0),
-            "client_messages": said or 0,
-            "server_messages": answers or 0,
+            "messages": said + answers,
+            "client_messages": said,
+            "server_messages": answers,
             "handles": handles,
             "hosts": hosts,
-            "average_session_seconds": round(avg, 3) if avg is not None else None,
-            "first_session": first,
-            "last_session": last,
+            "average_session_seconds": round(duration_us / ended / 1e6, 3) if ended else None,
+            "first_session": first[0] if first else None,
+            "last_session": last[0] if last else None,
             "busiest_handles": [
-                {"handle": h, "sessions": n, "messages": c + s, "said": c, "answers": s}
-                for h, n, c, s in busiest
+                {"handle": h, "sessions": n, "messages": c + a, "said": c, "answers": a}
+                for h, (n, c, a) in busiest
             ],
             "end_reasons": {r: n for r, n in reasons},
             "refused_connections": refused,
@@ -304,7 +327,10 @@ class Archive:
             return {}
         locks = ServerLocks(self.path, create=False)
         try:
-            return {sid: f"pid {pid} on {host}" for sid, server, pid, host in rows if locks.alive(server)}
+            # The host name comes from the file, which may have been made anywhere: made visible.
+            return {
+                sid: f"pid {pid} on {visible(str(host))}" for sid, server, pid, host in rows if locks.alive(server)
+            }
         finally:
             locks.close()
 
@@ -321,7 +347,7 @@ class Archive:
         A session still in progress is left alone (checked inside the write transaction, so it
         cannot start or resume between the check and the delete). The chosen sessions are first
         marked, which hides them from every read at once; then their messages go in batches of
-        `batch`, each its own short transaction, so the server's commits never wait long behind
+        about DELETE_HOLD seconds each, each its own transaction, so the server's commits never wait long behind
         a large delete. An interrupted delete (Ctrl-C, a crash) is finished by the next one."""
         batch = batch or DELETE_BATCH
         chosen: list[int] = []
@@ -344,7 +370,7 @@ class Archive:
 
     def _delete_one(self, session_id: int, batch: int) -> None:
         while True:
-            started = time.monotonic()
+            started = time.perf_counter()
             with self._write():
                 n = self.conn.execute(
                     "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE session_id = ? "
@@ -356,9 +382,16 @@ class Archive:
                     self.conn.execute("DELETE FROM participants WHERE session_id = ?", (session_id,))
                     self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
                     return
-            # Leave the lock free for a while, as long as the batch held it, so a writer that is
-            # waiting gets in before the next batch.
-            time.sleep(min(0.05, time.monotonic() - started))
+            # The next batch is sized to hold the lock about DELETE_HOLD, and the lock is left free
+            # as long as this one held it, so a writer that was waiting gets in first. Meanwhile
+            # what this delete wrote is copied from the WAL into the database (a passive
+            # checkpoint takes no lock a writer needs), so the WAL does not grow by the size of
+            # the whole delete and the server never has to catch up on it in one go.
+            held = max(time.perf_counter() - started, 1e-4)
+            batch = max(100, min(20_000, int(batch * DELETE_HOLD / held)))
+            paused = time.perf_counter()
+            checkpoint(self.conn)
+            time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
 
     def _write(self) -> "_WriteTx":
         return _WriteTx(self)

@@ -637,7 +637,10 @@ def rm(session_ids, yes, db):
     """Delete sessions, with their messages and search entries."""
     store = open_archive(db)
     chosen = [get_session(store, i) for i in session_ids]
+    held = store.held([s.id for s in chosen])
     for s in chosen:
+        if s.id in held:
+            raise Failed(f"session {s.id} is being recorded by a running server ({held[s.id]}); it can be deleted once it has ended")
         if s.ended_at is None:
             raise Failed(f"session {s.id} is still in progress; it can be deleted once it has ended")
     _delete(store, sorted({s.id for s in chosen}), yes)
@@ -656,7 +659,9 @@ def prune(before, yes, db):
     ids = store.session_ids(filters)
     if len(ids) < len(everything):
         n = len(everything) - len(ids)
-        click.echo(f"leaving {plural(n, 'session')} still in progress", err=True)
+        live = len(store.held(sorted(set(everything) - set(ids))))
+        click.echo(f"leaving {plural(n, 'session')} still in progress"
+                   + (f" ({live} recorded by a running server)" if live else ""), err=True)
     if not ids:
         raise Nothing("nothing to prune: no ended sessions started before then")
     _delete(store, ids, yes)
@@ -681,13 +686,11 @@ def backup(dest, force, db):
     DEST may be a directory: the copy is DEST/<the database's file name>. An existing file is
     left alone unless --force is given.
     """
-    import os
-
     store = open_archive(db)
     if dest.is_dir():
         dest = dest / store.path.name
-    if dest.exists() and os.path.samefile(dest, store.path):
-        raise Failed("the backup must not overwrite the database itself")
+    if store.is_database_file(dest):
+        raise Failed(f"the backup must not overwrite the database or its files ({dest})")
     if dest.exists() and not force:
         raise Failed(f"{dest} already exists (use --force to overwrite it)")
     try:

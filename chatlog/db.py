@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import sqlite3
 import struct
 import threading
 from pathlib import Path
-from urllib.parse import quote
 
 from chatlog import schema
 
@@ -104,10 +102,10 @@ def is_database_file(candidate: str | os.PathLike, db_path: str | os.PathLike) -
     """Whether writing to `candidate` would write over the database at `db_path` or one of the
     files SQLite keeps beside it (-wal, -shm, -journal) or our -lock, however the path is spelt:
     relative, with `..`, through symbolic links, or as a hard link to the same file."""
-    db = os.path.realpath(db_path)
-    targets = [db] + [db + suffix for suffix in SIDE_FILES]
-    given = os.path.realpath(candidate)
-    if given in targets:
+    targets = []
+    for db in {os.path.realpath(db_path), os.path.abspath(db_path)}:  # through a link, and not
+        targets += [db] + [db + suffix for suffix in SIDE_FILES]
+    if os.path.realpath(candidate) in targets or os.path.abspath(candidate) in targets:
         return True
     try:
         st = os.stat(candidate)
@@ -172,7 +170,12 @@ class ServerLocks:
 
 
 def hostname() -> str:
-    return socket.gethostname()
+    return os.uname().nodename  # what socket.gethostname() returns, without importing socket
+
+
+def _uri_path(path: Path) -> str:
+    """A file path as the path of an SQLite `file:` URI (only %, ? and # need escaping)."""
+    return str(path.absolute()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
 
 
 class DB:
@@ -282,6 +285,12 @@ def connect(
                 raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
     elif path.is_dir():
         raise StoreError(f"{path} is a directory, not a database file")
+    elif not os.access(path, os.W_OK):
+        raise StoreFailed(f"cannot write the database {path}: the file is read-only")
+    elif not writable(path):
+        raise StoreFailed(
+            f"cannot write the database {path}: its directory is read-only (SQLite keeps its -wal and -shm files there)"
+        )
     try:
         with open(path, "rb") as f:
             header = f.read(16)
@@ -338,7 +347,7 @@ def _connect_read_only(path: Path) -> DB:
         raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
     parent = path.parent if str(path.parent) else Path(".")
     immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")
-    uri = f"file:{quote(str(path.absolute()))}?mode=ro" + ("&immutable=1" if immutable else "")
+    uri = f"file:{_uri_path(path)}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")

@@ -105,8 +105,8 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
         _to_stdout(write, pairs)
         return
     dest = Path(output)
-    if dest.exists() and dest.is_file() and os.path.samefile(dest, store.path):
-        raise ExportError("the export must not overwrite the database itself")
+    if store.is_database_file(dest):
+        raise ExportError(f"the export must not overwrite the database or its files ({output})")
     if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO, >(gzip): write straight in
         try:
             with open(dest, "w", encoding="utf-8", newline="") as out:

@@ -188,6 +188,121 @@ def m006_search_symbols_no_events(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m007_stats_totals(conn: sqlite3.Connection) -> None:
+    # What `stats` reports, kept exact by triggers on the session rows (never per message, so the
+    # chat turn does not pay for it): totals, per handle (what it said apart from the answers it
+    # got), per client host and per end reason. A session being deleted no longer counts.
+    # Durations are summed in whole microseconds, so removing a session restores the sum exactly.
+    # Rows that reach zero are removed, so a table's row count is the number of distinct values.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "totals" (
+           "id" INTEGER PRIMARY KEY CHECK (id = 1),
+           "sessions" INTEGER NOT NULL, "client_messages" INTEGER NOT NULL,
+           "server_messages" INTEGER NOT NULL, "ended" INTEGER NOT NULL, "duration_us" INTEGER NOT NULL
+        );
+        INSERT INTO "totals" VALUES (1, 0, 0, 0, 0, 0);
+        CREATE TABLE "handle_totals" (
+           "handle" TEXT PRIMARY KEY, "sessions" INTEGER NOT NULL,
+           "client_messages" INTEGER NOT NULL, "server_messages" INTEGER NOT NULL
+        );
+        CREATE TABLE "host_totals" ("host" TEXT PRIMARY KEY, "sessions" INTEGER NOT NULL);
+        CREATE TABLE "reason_totals" ("reason" TEXT PRIMARY KEY, "sessions" INTEGER NOT NULL);
+        CREATE TRIGGER "sessions_totals_ai" AFTER INSERT ON "sessions" WHEN new.deleting = 0 BEGIN
+          UPDATE "totals" SET sessions = sessions + 1, client_messages = client_messages + new.client_messages,
+            server_messages = server_messages + new.server_messages,
+            ended = ended + (new.ended_at IS NOT NULL), duration_us = duration_us + CASE WHEN new.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400000000) AS INTEGER) END;
+          INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
+            SELECT new.handle, 1, +new.client_messages, +new.server_messages WHERE new.handle IS NOT NULL
+            ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
+              client_messages = client_messages + excluded.client_messages,
+              server_messages = server_messages + excluded.server_messages;
+          INSERT INTO "host_totals" (host, sessions) SELECT new.client_host, 1 WHERE new.client_host IS NOT NULL
+            ON CONFLICT (host) DO UPDATE SET sessions = sessions + excluded.sessions;
+          INSERT INTO "reason_totals" (reason, sessions) SELECT coalesce(new.end_reason, 'in progress'), 1
+            ON CONFLICT (reason) DO UPDATE SET sessions = sessions + excluded.sessions;
+        END;
+        CREATE TRIGGER "sessions_totals_ad" AFTER DELETE ON "sessions" WHEN old.deleting = 0 BEGIN
+          UPDATE "totals" SET sessions = sessions - 1, client_messages = client_messages - old.client_messages,
+            server_messages = server_messages - old.server_messages,
+            ended = ended - (old.ended_at IS NOT NULL), duration_us = duration_us - CASE WHEN old.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(old.ended_at) - julianday(old.started_at)) * 86400000000) AS INTEGER) END;
+          INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
+            SELECT old.handle, -1, -old.client_messages, -old.server_messages WHERE old.handle IS NOT NULL
+            ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
+              client_messages = client_messages + excluded.client_messages,
+              server_messages = server_messages + excluded.server_messages;
+          INSERT INTO "host_totals" (host, sessions) SELECT old.client_host, -1 WHERE old.client_host IS NOT NULL
+            ON CONFLICT (host) DO UPDATE SET sessions = sessions + excluded.sessions;
+          INSERT INTO "reason_totals" (reason, sessions) SELECT coalesce(old.end_reason, 'in progress'), -1
+            ON CONFLICT (reason) DO UPDATE SET sessions = sessions + excluded.sessions;
+          DELETE FROM "handle_totals" WHERE sessions = 0;
+          DELETE FROM "host_totals" WHERE sessions = 0;
+          DELETE FROM "reason_totals" WHERE sessions = 0;
+        END;
+        CREATE TRIGGER "sessions_totals_au_old" BEFORE UPDATE OF handle, client_host, started_at, ended_at,
+          end_reason, client_messages, server_messages, deleting ON "sessions" WHEN old.deleting = 0 BEGIN
+          UPDATE "totals" SET sessions = sessions - 1, client_messages = client_messages - old.client_messages,
+            server_messages = server_messages - old.server_messages,
+            ended = ended - (old.ended_at IS NOT NULL), duration_us = duration_us - CASE WHEN old.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(old.ended_at) - julianday(old.started_at)) * 86400000000) AS INTEGER) END;
+          INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
+            SELECT old.handle, -1, -old.client_messages, -old.server_messages WHERE old.handle IS NOT NULL
+            ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
+              client_messages = client_messages + excluded.client_messages,
+              server_messages = server_messages + excluded.server_messages;
+          INSERT INTO "host_totals" (host, sessions) SELECT old.client_host, -1 WHERE old.client_host IS NOT NULL
+            ON CONFLICT (host) DO UPDATE SET sessions = sessions + excluded.sessions;
+          INSERT INTO "reason_totals" (reason, sessions) SELECT coalesce(old.end_reason, 'in progress'), -1
+            ON CONFLICT (reason) DO UPDATE SET sessions = sessions + excluded.sessions;
+        END;
+        CREATE TRIGGER "sessions_totals_au_new" AFTER UPDATE OF handle, client_host, started_at, ended_at,
+          end_reason, client_messages, server_messages, deleting ON "sessions" WHEN new.deleting = 0 BEGIN
+          UPDATE "totals" SET sessions = sessions + 1, client_messages = client_messages + new.client_messages,
+            server_messages = server_messages + new.server_messages,
+            ended = ended + (new.ended_at IS NOT NULL), duration_us = duration_us + CASE WHEN new.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400000000) AS INTEGER) END;
+          INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
+            SELECT new.handle, 1, +new.client_messages, +new.server_messages WHERE new.handle IS NOT NULL
+            ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
+              client_messages = client_messages + excluded.client_messages,
+              server_messages = server_messages + excluded.server_messages;
+          INSERT INTO "host_totals" (host, sessions) SELECT new.client_host, 1 WHERE new.client_host IS NOT NULL
+            ON CONFLICT (host) DO UPDATE SET sessions = sessions + excluded.sessions;
+          INSERT INTO "reason_totals" (reason, sessions) SELECT coalesce(new.end_reason, 'in progress'), 1
+            ON CONFLICT (reason) DO UPDATE SET sessions = sessions + excluded.sessions;
+          DELETE FROM "handle_totals" WHERE sessions = 0;
+          DELETE FROM "host_totals" WHERE sessions = 0;
+          DELETE FROM "reason_totals" WHERE sessions = 0;
+        END;
+        CREATE TRIGGER "sessions_totals_au_prune" AFTER UPDATE OF deleting ON "sessions"
+          WHEN new.deleting != 0 BEGIN
+          DELETE FROM "handle_totals" WHERE sessions = 0;
+          DELETE FROM "host_totals" WHERE sessions = 0;
+          DELETE FROM "reason_totals" WHERE sessions = 0;
+        END;
+        """,
+    )
+    # The existing sessions, counted once.
+    run_script(
+        conn,
+        """
+        UPDATE "totals" SET
+          sessions = (SELECT count(*) FROM sessions WHERE deleting = 0),
+          client_messages = (SELECT coalesce(sum(client_messages), 0) FROM sessions WHERE deleting = 0),
+          server_messages = (SELECT coalesce(sum(server_messages), 0) FROM sessions WHERE deleting = 0),
+          ended = (SELECT count(*) FROM sessions WHERE deleting = 0 AND ended_at IS NOT NULL),
+          duration_us = (SELECT coalesce(sum(CAST(round((julianday(ended_at) - julianday(started_at)) * 86400000000)
+            AS INTEGER)), 0) FROM sessions WHERE deleting = 0 AND ended_at IS NOT NULL);
+        INSERT INTO "handle_totals" SELECT handle, count(*), sum(client_messages), sum(server_messages)
+          FROM sessions WHERE deleting = 0 AND handle IS NOT NULL GROUP BY handle;
+        INSERT INTO "host_totals" SELECT client_host, count(*) FROM sessions
+          WHERE deleting = 0 AND client_host IS NOT NULL GROUP BY client_host;
+        INSERT INTO "reason_totals" SELECT coalesce(end_reason, 'in progress'), count(*) FROM sessions
+          WHERE deleting = 0 GROUP BY 1;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 
