@@ -22,6 +22,11 @@ chatclient-asan: c_client/chatclient.c c_client/unsafe.h
 	$(CC) $(WARN) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
 	    -fno-sanitize-recover=all -o $@.tmp $< && mv -f $@.tmp $@
 
+# The client's framer alone, under the sanitizers, for the differential test against the server's.
+framer-check: c_client/framer_check.c c_client/chatclient.c c_client/unsafe.h
+	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
+	    -o $@.tmp $< && mv -f $@.tmp $@
+
 # The characters the client escapes, generated from chatlog/sanitize.py (a test checks it is current).
 unsafe-header: venv
 	$(PY) c_client/gen_unsafe.py > c_client/unsafe.h.tmp && mv -f c_client/unsafe.h.tmp c_client/unsafe.h
@@ -59,4 +64,4 @@ lint: venv
 	$(VENV)/bin/ruff check chatlog tests bench
 
 clean:
-	rm -f chatclient chatclient-asan
+	rm -f chatclient chatclient-asan framer-check

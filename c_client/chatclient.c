@@ -8,8 +8,11 @@
  * mode a turn flag says whether the user may send; in a room everybody types at any time. Every
  * way out goes through end(), which gives the terminal back and prints the one final line.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem */
+#endif
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
@@ -272,7 +275,7 @@ static void parse(const unsigned char *m, size_t n, struct line *l)
 static struct {
 	int tty;                  /* keyboard and screen are a terminal: raw input, redraws */
 	int raw;                  /* the terminal is in our mode; restore saved on the way out */
-	struct termios saved;
+	struct termios saved, mode; /* the terminal's own mode, and ours */
 	const char *prompt;       /* shown before the input, or NULL */
 	int shown;                /* prompt (and typed text) are on the screen's last line */
 	size_t cols;              /* how many columns they take */
@@ -331,6 +334,7 @@ static void say(const char *fmt, ...)
 /* -- state and the one way out ------------------------------------------------------------------ */
 
 static volatile sig_atomic_t stop_signal;
+static volatile sig_atomic_t suspend_signal; /* Ctrl-Z: give the terminal back, then stop */
 static int sock = -1;
 static int chatting;         /* connected: the final line goes to stdout */
 static char handle[4 * MAX_HANDLE + 1];
@@ -393,9 +397,19 @@ static void end(int status, const char *fmt, ...)
 	exit(status);
 }
 
+static int wake[2] = {-1, -1}; /* the self-pipe: a signal wakes poll() even between two calls */
+
 static void on_signal(int sig)
 {
-	stop_signal = sig;
+	int saved = errno;
+	if (sig == SIGTSTP)
+		suspend_signal = 1;
+	else
+		stop_signal = sig;
+	if (write(wake[1], "", 1) < 0) {
+		/* full already: poll() will wake anyway */
+	}
+	errno = saved;
 }
 
 static long long now_ms(void)
@@ -723,13 +737,33 @@ static int accepting(void)
 	return asked && (ui.tty || room || my_turn || !handle[0]);
 }
 
+/* Ctrl-Z: the terminal as it was, stop; when continued, our mode again and the input redrawn. */
+static void suspend(void)
+{
+	char drain[64];
+	while (read(wake[0], drain, sizeof drain) > 0)
+		;
+	suspend_signal = 0;
+	hide_input();
+	fflush(stdout);
+	tcsetattr(STDIN_FILENO, TCSADRAIN, &ui.saved);
+	signal(SIGTSTP, SIG_DFL);
+	raise(SIGTSTP); /* stops here until SIGCONT */
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_signal;
+	sigaction(SIGTSTP, &sa, NULL);
+	tcsetattr(STDIN_FILENO, TCSADRAIN, &ui.mode);
+}
+
 static void take_input(void)
 {
 	while (accepting() && inpos < inlen)
 		on_key(inbuf[inpos++]);
 	if (accepting() && inpos == inlen && in_eof) {
-		if (ui.len > 0 || ui.overflow)
-			submit(); /* a last line with no newline */
+		if (!ui.tty && (ui.len > 0 || ui.overflow))
+			submit(); /* from a pipe or file, a last line with no newline (a terminal that
+				   * hangs up sends nothing half typed) */
 		else
 			end(0, "You left the chat.");
 	}
@@ -740,6 +774,12 @@ int main(int argc, char **argv)
 	struct sigaction sa;
 	char *e;
 	int opt;
+
+	/* A standard descriptor left closed by whoever started us (`>&-`, `<&-`) would be taken
+	 * by the socket, and the screen's lines would go to the server. Hold each on /dev/null. */
+	for (int fd = 0; fd <= 2; fd++)
+		if (fcntl(fd, F_GETFD) < 0 && errno == EBADF && open("/dev/null", fd ? O_WRONLY : O_RDONLY) != fd)
+			return 1;
 
 	for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
 		if (strcmp(argv[i], "--help") == 0) {
@@ -772,6 +812,8 @@ int main(int argc, char **argv)
 	if (!*port || *e || errno || p < 1 || p > 65535 || strspn(port, "0123456789") != strlen(port))
 		end(2, "port '%s' is not a number (1-65535)", port);
 
+	if (pipe(wake) < 0 || fcntl(wake[0], F_SETFL, O_NONBLOCK) < 0 || fcntl(wake[1], F_SETFL, O_NONBLOCK) < 0)
+		end(1, "cannot make a pipe: %s", strerror(errno));
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = on_signal; /* no SA_RESTART: poll() returns EINTR */
 	sigaction(SIGINT, &sa, NULL);
@@ -786,9 +828,11 @@ int main(int argc, char **argv)
 		t.c_lflag &= ~(tcflag_t)(ICANON | ECHO);
 		t.c_cc[VMIN] = 1;
 		t.c_cc[VTIME] = 0;
-		t.c_cc[VSUSP] = _POSIX_VDISABLE; /* no stopping with the terminal in this mode */
-		ui.raw = ui.tty = tcsetattr(STDIN_FILENO, TCSANOW, &t) == 0;
+		ui.mode = t;
+		ui.raw = ui.tty = tcsetattr(STDIN_FILENO, TCSANOW, &ui.mode) == 0;
 	}
+	if (ui.tty)
+		sigaction(SIGTSTP, &sa, NULL);
 
 	printf("Connecting to %s port %s\n", host, port);
 	fflush(stdout);
@@ -818,15 +862,18 @@ int main(int argc, char **argv)
 			long long left = deadline - now;
 			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
 		}
-		struct pollfd fds[2] = {
+		struct pollfd fds[3] = {
 			{sock, POLLIN, 0},
 			{accepting() && inpos == inlen && !in_eof ? STDIN_FILENO : -1, POLLIN, 0},
+			{wake[0], POLLIN, 0},
 		};
-		int n = poll(fds, 2, wait);
+		int n = poll(fds, 3, wait), err = errno;
 		if (stop_signal)
 			end(0, "You left the chat.");
-		if (n < 0 && errno != EINTR)
-			end(1, "poll: %s", strerror(errno));
+		if (suspend_signal)
+			suspend();
+		if (n < 0 && err != EINTR)
+			end(1, "poll: %s", strerror(err));
 		if (n > 0 && fds[0].revents)
 			receive();
 		frame_quiet(&fr, now_ms(), 0);

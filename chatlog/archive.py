@@ -260,6 +260,16 @@ class Archive:
             for _ in msgs:  # whatever the writer did not read
                 pass
 
+    def room_addresses(self, session_id: int) -> dict[int, tuple[str, int]]:
+        """A room's lines, by sequence number: the address of the participant who said each."""
+        with self.db.guard:
+            rows = self.conn.execute(
+                "SELECT m.seq, p.host, p.port FROM messages m JOIN participants p ON p.id = m.participant_id "
+                "WHERE m.session_id = ?",
+                (session_id,),
+            ).fetchall()
+        return {seq: (host, port) for seq, host, port in rows}
+
     def _export_each(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[tuple]]]:
         for session_id in ids:
             with self.db.guard:

@@ -33,13 +33,12 @@ class Nothing(Exception):
 @contextlib.contextmanager
 def one_line_errors():
     """Whatever goes wrong below becomes a `Failed` (keeping click's exit status for usage
-    errors): store and export errors, bad dates, and click's own errors."""
-    from chatlog.db import StoreError
-    from chatlog.query import BadDate
-
+    errors): store and export errors, bad dates, and click's own errors. The modules that
+    define those errors are not imported here (`chatlog path` and `--help` stay fast): an error
+    of theirs can only come from a module already loaded."""
     try:
         yield
-    except Failed:
+    except (Failed, click.exceptions.NoArgsIsHelpError):  # the latter shows the help, as it should
         raise
     except click.ClickException as exc:
         err = Failed(exc.format_message())
@@ -47,14 +46,19 @@ def one_line_errors():
         raise err from None
     except click.exceptions.Abort:
         raise Failed("aborted") from None
-    except (StoreError, BadDate) as exc:
-        raise Failed(str(exc)) from None
     except Exception as exc:
-        from chatlog.export import ExportError
-
-        if isinstance(exc, ExportError):
+        if _worded_for_people(exc):
             raise Failed(str(exc)) from None
         raise
+
+
+def _worded_for_people(exc: Exception) -> bool:
+    """Whether `exc` is one of our errors whose message is already one clear line."""
+    for module, name in (("chatlog.db", "StoreError"), ("chatlog.query", "BadDate"), ("chatlog.export", "ExportError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 class Command(click.Command):
@@ -64,6 +68,8 @@ class Command(click.Command):
 
     def invoke(self, ctx):
         with one_line_errors():
+            _utf8_arguments(ctx)
+            _closed_streams(ctx)
             try:
                 return super().invoke(ctx)
             except Nothing as exc:
@@ -76,14 +82,55 @@ class Command(click.Command):
                 err = Failed("interrupted")
                 err.exit_code = 130
                 raise err from None
+            except OSError as exc:  # stdout on a full disk, a failed device...
+                if exc.filename is not None or _worded_for_people(exc):
+                    raise
+                _silence_stdout()  # and no second complaint when Python flushes it at exit
+                raise Failed(f"cannot write the output: {exc.strerror or exc}") from None
+
+
+def _utf8_arguments(ctx: click.Context) -> None:
+    """An argument with bytes that are not UTF-8 reaches Python as lone surrogates, and a search
+    query, a --handle or --host filter or a --bind address made of them died with a
+    UnicodeEncodeError traceback. File names may be any bytes; everything else is text."""
+    for param in ctx.command.params:
+        if isinstance(param.type, (click.Path, click.File)):
+            continue
+        value = ctx.params.get(param.name)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    err = click.BadParameter("not valid UTF-8", ctx=ctx, param=param)
+                    raise err from None
+
+
+def _closed_streams(ctx: click.Context) -> None:
+    """Started with stdin or stdout closed (`<&-`, `>&-`; Python then has None for them), every
+    command died with an AttributeError traceback. A closed stdin is input that has ended, as
+    /dev/null is. A closed stdout is nowhere to write: the server goes on without a console (the
+    chat is still recorded); a command whose output goes there says so in one line."""
+    import os
+
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115  (for the life of the process)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
+        if ctx.command.name not in quiet and ctx.params.get("output", "-") == "-":
+            raise Failed("cannot write the output: standard output is closed")
 
 
 def _silence_stdout() -> None:
     import os
 
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class Group(click.Group):
@@ -144,6 +191,20 @@ class When(click.ParamType):
 
 
 WHEN = When()
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan (every comparison with it is false, so a range lets
+    it through) and, with its `max`, inf: a timeout of either crashed the server's loop."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail("not a number", param, ctx)
+        return value
+
+
+YEAR = 365 * 24 * 3600.0
 
 
 class SessionRef(click.ParamType):
@@ -249,9 +310,14 @@ def cli(db):
 
 def _handle_name(ctx, param, value):
     from chatlog.protocol import valid_handle
+    from chatlog.sanitize import is_safe
 
     if not valid_handle(value):
         raise click.BadParameter("a handle is 1 to 10 characters, with no spaces and no '>'")
+    if not is_safe(value):
+        # A byte that is not UTF-8 (a surrogate here) crashed the server at its first answer;
+        # a control character would reach every old client's terminal raw.
+        raise click.BadParameter("a handle has no control characters and only valid UTF-8")
     return value
 
 
@@ -264,7 +330,7 @@ def _handle_name(ctx, param, value):
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=YEAR),
     default=300.0,
     show_default=True,
     metavar="SECONDS",
@@ -272,7 +338,7 @@ def _handle_name(ctx, param, value):
 )
 @click.option(
     "--first-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Finite(min=0, min_open=True, max=YEAR),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -298,7 +364,7 @@ def _handle_name(ctx, param, value):
     help="A room's size; more are told it is full.",
 )
 @click.option(
-    "--rate", type=click.FloatRange(min=0), default=20.0, show_default=True, metavar="LINES",
+    "--rate", type=Finite(min=0, max=1e9), default=20.0, show_default=True, metavar="LINES",
     help="A room's per-client rate limit, lines per second (0: none); over it, reading pauses.",
 )
 @click.option(
@@ -362,7 +428,7 @@ def serve(
             sockets = listen(bind, port)
         run_server(
             recorder, sockets, policy, Renderer(color=color), sys.stdin, bind=bind, room=room,
-            idle_timeout=None if room else idle_timeout, max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
+            max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
         )
     except (ServeError, StoreError) as exc:
         raise Failed(str(exc)) from None
@@ -506,11 +572,11 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     said = False
     try:
         while True:
-            if db.exists() and db.stat().st_size > 0:
+            if db.exists() and (db.stat().st_size > 0 or not db.is_file()):
                 try:
                     return open_archive(db)
                 except StoreError:
-                    if db.stat().st_size >= 512:  # a whole header: a real error, not a file being made
+                    if db.stat().st_size >= 512 or not db.is_file():  # a real error, not a file being made
                         raise
             if not said:
                 r.event("Waiting for a session to start...")
@@ -617,22 +683,11 @@ def stats(as_json, db):
     from chatlog import views
     from chatlog.render import Renderer
 
-    store = open_archive(db)
-    st = store.stats()
-    _said_and_answers(store, st)
+    st = open_archive(db).stats()
     if as_json:
         views.dump_json(st)
     else:
         views.stats_text(st, Renderer())
-
-
-def _said_and_answers(store, st: dict) -> None:
-    """Each busiest handle's messages split into what it said and the answers it got."""
-    for b in st.get("busiest_handles", []):
-        if "said" not in b:
-            rows = store.sessions(make_filters(handle=b["handle"]), 0)
-            b["said"] = sum(s.client_messages for s in rows)
-            b["answers"] = sum(s.server_messages for s in rows)
 
 
 @cli.command()

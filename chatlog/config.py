@@ -10,7 +10,11 @@ def default_db_path() -> Path:
     env = os.environ.get("CHATLOG_DB")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME")
+    if not base or not os.path.isabs(base):
+        # The XDG spec: a relative path there is invalid and ignored (it would put the
+        # database wherever the command happens to be run from).
+        base = os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "chatlog" / "chatlog.db"
 
 

@@ -51,6 +51,9 @@ _FATAL = {
     14: "cannot open the file",  # SQLITE_CANTOPEN
     26: "not an SQLite database",  # SQLITE_NOTADB
 }
+# A FIFO as the database hung every command (reading its header waits for a writer for ever);
+# a device (/dev/null) failed deep inside SQLite.
+NOT_A_FILE = "{path} is not a regular file (a pipe or a device?), not a database file"
 SIDE_FILES = ("-wal", "-shm", "-journal", "-lock")
 
 
@@ -297,6 +300,8 @@ def connect(
                 raise StoreError(f"cannot create the database {path}: {exc.strerror}") from exc
     elif path.is_dir():
         raise StoreError(f"{path} is a directory, not a database file")
+    elif not path.is_file():
+        raise StoreError(NOT_A_FILE.format(path=path))
     elif not os.access(path, os.W_OK):
         raise StoreFailed(f"cannot write the database {path}: the file is read-only")
     elif not writable(path):
@@ -350,6 +355,8 @@ def _connect_read_only(path: Path) -> DB:
         raise StoreError(f"no chatlog database at {path} (nothing has been recorded yet)")
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a database file")
+    if not path.is_file():
+        raise StoreError(NOT_A_FILE.format(path=path))
     try:
         with open(path, "rb") as f:
             header = f.read(16)

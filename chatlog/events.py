@@ -163,6 +163,7 @@ class End:
     at: float
     notice: str | None = None
     waiting: bool = False
+    limit: float | None = None  # a timeout: the seconds it allowed
 
 
 @dataclass(slots=True)

@@ -43,6 +43,14 @@ class Options:
     timestamps: bool = False  # txt, md: `[20:09:14] ` before each line
     utc: bool = False  # times in UTC instead of local time
     headings: bool = False  # txt: a heading per session (several sessions)
+    # json, jsonl, csv: a room's lines by sequence number -> (host, port) of who said each
+    addresses: Callable[[int], dict[int, tuple[str, int]]] | None = None
+
+
+def _room_addresses(s, opts: Options) -> dict[int, tuple[str, int]] | None:
+    if s.kind != "room" or opts.addresses is None:
+        return None
+    return opts.addresses(s.id)
 
 
 WRITERS: dict[str, Callable[[Sessions, TextIO, Options], None]] = {}
@@ -91,6 +99,10 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     that fails halfway never leaves half a file (nor truncates the one it was replacing).
     On a terminal stderr, a long export shows a progress bar there."""
     chosen = WRITERS[fmt]
+    if options.addresses is None and hasattr(store, "room_addresses"):
+        import dataclasses
+
+        options = dataclasses.replace(options, addresses=store.room_addresses)
 
     def write(pairs, out):
         chosen(pairs, out, options)
@@ -215,8 +227,12 @@ def write_json(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
     for i, (s, messages) in enumerate(sessions):
         meta = json.dumps(session_dict(s))
         out.write(("," if i else "") + "\n  " + meta[:-1] + ', "messages": [')
+        where = _room_addresses(s, opts)
         for j, m in enumerate(msgs(messages)):
-            out.write(("," if j else "") + "\n    " + json.dumps(message_dict(m)))
+            d = message_dict(m)
+            if where is not None and m.seq in where:
+                d["host"], d["port"] = where[m.seq]
+            out.write(("," if j else "") + "\n    " + json.dumps(d))
         out.write("\n  ]}")
     out.write("\n]}\n")
 
@@ -241,6 +257,16 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         )[:-1]
         batch: list[str] = []
         add = batch.append
+        where = _room_addresses(s, opts)
+        if where is not None:  # a room: each line with the address of who said it
+            for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note)
+                if seq in where:
+                    host, port = where[seq]
+                    line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
+                add(line)
+            out.write("".join(batch))
+            continue
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
             if raw is None and note is None and handle is not None:
                 add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
@@ -268,7 +294,7 @@ def _json_str(value) -> str:
 
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
-    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note",
+    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port",
 ]
 
 
@@ -288,6 +314,13 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         handles: dict[str, str] = {}  # each handle's cell, checked once per session
         batch: list[str] = []
         add = batch.append
+        where = _room_addresses(s, opts)
+        if where is not None:  # a room: each line with the address of who said it
+            for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+                host, port = where.get(seq, (None, None))
+                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, host, port))
+            out.write("".join(batch))
+            continue
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
             if raw is not None or note is not None or handle is None or sender not in plain:
                 add(_csv_rare(head, seq, at, sender, handle, text, raw, note))
@@ -297,7 +330,7 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                     h = handles[handle] = cell(handle)
                 if not safe(text):
                     text = cell(text)
-                add(f"{head},{seq},{at},{sender},{h},{text},,\n")
+                add(f"{head},{seq},{at},{sender},{h},{text},,,,\n")
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -307,9 +340,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
 _PLAIN_SENDERS = frozenset(("client", "server"))
 
 
-def _csv_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
+def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, host=None, port=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
-    cells = (seq, at, sender, handle, text, raw64, note)
+    cells = (seq, at, sender, handle, text, raw64, note, host, port)
     return head + "," + ",".join(csv_cell(v) for v in cells) + "\n"
 
 
@@ -344,8 +377,11 @@ def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
         head = header_lines(s, utc=True)
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
+        second = stamp = None
         for ev in transcript.events(s, msgs(messages)):
-            stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
+            if ev.at != second:  # many lines share a time
+                second = ev.at
+                stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
             if ev.kind == transcript.NOTE:
                 out.write(f'<div class="line note">{stamp}{e(ev.text)}</div>\n')
             elif not ev.is_message:
@@ -376,7 +412,8 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
     from rich.cells import cell_len
 
     color = Renderer(None, color=True)
-    plain = Renderer(None, color=False)
+    codes = {role: color._codes[role] for role in ("client", "server", "event", "dim")}
+    enc = _encode_str
     offset = 0.0
     first: Session | None = None
     width = CAST_MIN_WIDTH
@@ -384,14 +421,30 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
         for s, messages in sessions:
             first = first or s
             t = 0.0
+            start_at, seen = transcript.parse_time(s.started_at), None
+            batch: list[str] = []
             for ev in transcript.events(s, msgs(messages)):
-                t = max(t, transcript.seconds_between(s.started_at, ev.at) or 0.0)
-                line = color.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else (
-                    color.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
-                )
-                shown = plain.chat_line(ev.sender, ev.handle, ev.text) if ev.is_message else visible(ev.text)
-                width = max(width, cell_len(shown) if not shown.isascii() else len(shown))
-                spool.write(json.dumps([round(offset + t, 6), "o", line + "\r\n"]) + "\n")
+                if ev.at != seen:  # many lines share a time: parse each time once
+                    seen, when = ev.at, transcript.parse_time(ev.at)
+                    if when is not None and start_at is not None:
+                        t = max(t, (when - start_at).total_seconds())
+                text = visible(ev.text)
+                if ev.is_message and ev.handle is not None:
+                    who = visible(ev.handle)
+                    start, end = codes["server" if ev.sender == "server" else "client"]
+                    line = f"{start}{who}>{end}{text}"
+                    shown = f"{who}>{text}"
+                elif ev.is_message:
+                    line = shown = text
+                else:
+                    start, end = codes["dim" if ev.kind == transcript.NOTE else "event"]
+                    line, shown = f"{start}{text}{end}", text
+                width = max(width, len(shown) if shown.isascii() else cell_len(shown))
+                batch.append(f"[{round(offset + t, 6)!r}, \"o\", {enc(line + chr(13) + chr(10))}]\n")
+                if len(batch) >= 2048:
+                    spool.write("".join(batch))
+                    batch.clear()
+            spool.write("".join(batch))
             offset += t + 1.0
         header = {"version": 2, "width": min(width, CAST_MAX_WIDTH), "height": CAST_HEIGHT}
         if first is not None:

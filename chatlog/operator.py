@@ -60,6 +60,7 @@ class Console:
         self._skipped = 0
         self._cv = threading.Condition()
         self._closing = False
+        self._busy = False  # the writer thread is writing
         self._thread = threading.Thread(target=self._run, name="console", daemon=True)
         self._thread.start()
 
@@ -72,6 +73,11 @@ class Console:
                 return
             self._lines.append(line)
             self._cv.notify()
+
+    def wait_written(self, timeout: float = 1.0) -> None:
+        """Block until every line written so far is on screen (before a prompt is drawn)."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._lines and not self._busy, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (waiting at most `timeout` for a stalled console), then stop."""
@@ -89,10 +95,16 @@ class Console:
                 self._lines.clear()
                 skipped, self._skipped = self._skipped, 0
                 closing = self._closing
+                self._busy = True
             if skipped:
                 lines.append(f"({skipped} console lines not shown: the console was not keeping up; all are recorded)")
-            if lines and not self.failed:
-                self._emit(lines)
+            try:
+                if lines and not self.failed:
+                    self._emit(lines)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
             if closing:
                 with self._cv:
                     if not self._lines:
@@ -216,6 +228,11 @@ class Operator:
         while self.fd is None and not self.tty and not self.eof and len(self.lines) < BACKLOG:
             self.read_available()
 
+    def rearm(self) -> None:
+        """After a line was used: if answers are still wanted (a room), prompt for the next."""
+        if self.tty and self._wanted and not self.reading and not self.eof:
+            self._request.set()
+
     def take(self) -> str | None:
         """The next line, if an answer is wanted and one is there."""
         if self._wanted and self.lines:
@@ -285,6 +302,7 @@ class Operator:
             self._request.clear()
             if _discard_typeahead(fd):
                 self._post("flushed")
+            self.console.wait_written()  # the message this prompt answers is on screen first
             self.reading = True
             try:
                 line = input(self._rl_prompt)

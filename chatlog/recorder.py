@@ -5,8 +5,9 @@ docs/reliability.md for what that survives) the moment `add_message` returns; `t
 groups several calls into one. Times come in as epoch seconds and are stored as UTC ISO text.
 
 A busy database (another process writing: a delete, a backup, a migration) is waited for, in
-short steps so signals stay responsive: after WAIT_NOTICE seconds `on_wait(seconds)` is called
-once, and `on_wait(None)` when the write has gone through. Nothing is lost. While
+short steps so signals stay responsive: after WAIT_NOTICE seconds `on_wait(seconds, False)` is
+called once, and `on_wait(seconds, True)` when the write has gone through (seconds: the whole
+wait). Nothing is lost. While
 `should_stop()` is true the waiting ends with `StoreFailed`, as does any write that fails for
 good (disk full, read-only file, I/O error), with one line saying so.
 """
@@ -49,7 +50,7 @@ class Recorder:
         self,
         conn_or_db: DB | str | os.PathLike,
         *,
-        on_wait: Callable[[float | None], None] | None = None,
+        on_wait: Callable[[float, bool], None] | None = None,
         should_stop: Callable[[], bool] = lambda: False,
     ):
         self.db = conn_or_db if isinstance(conn_or_db, DB) else connect(conn_or_db, create=True)
@@ -85,13 +86,13 @@ class Recorder:
                 if told is None and now - started >= WAIT_NOTICE:
                     told = now
                     if self.on_wait is not None:
-                        self.on_wait(now - started)
+                        self.on_wait(now - started, False)
                 # SQLite's own wait (BUSY_TIMEOUT_MS) polls the lock densely; no backoff on top
                 # of it, or a writer would sleep through the gaps a batched delete leaves.
                 time.sleep(0.001)
                 continue
             if told is not None and self.on_wait is not None:
-                self.on_wait(None)
+                self.on_wait(time.monotonic() - started, True)
             return cur
 
     @contextmanager

@@ -112,6 +112,9 @@ def csv_plain(text: str) -> bool:
 def html_text(text: str) -> str:
     """Untrusted text for an HTML page: made visible first (a bidi override or a control
     character shows as its escape instead of reordering or hiding the line), then escaped."""
-    import html
+    text = visible(text)
+    if "&" in text or "<" in text or ">" in text or '"' in text or "'" in text:
+        from html import escape
 
-    return html.escape(visible(text))
+        return escape(text)
+    return text

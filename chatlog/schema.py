@@ -193,7 +193,8 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
     # What `stats` reports, kept exact by triggers on the session rows (never per message, so the
     # chat turn does not pay for it): totals, per handle (what it said apart from the answers it
     # got), per client host and per end reason. A session being deleted no longer counts.
-    # Durations are summed in whole microseconds, so removing a session restores the sum exactly.
+    # Durations are summed in whole microseconds, so removing a session restores the sum exactly;
+    # `ended` counts the sessions whose duration is known (a hand-edited time may not parse).
     # Rows that reach zero are removed, so a table's row count is the number of distinct values.
     run_script(
         conn,
@@ -213,7 +214,8 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
         CREATE TRIGGER "sessions_totals_ai" AFTER INSERT ON "sessions" WHEN new.deleting = 0 BEGIN
           UPDATE "totals" SET sessions = sessions + 1, client_messages = client_messages + new.client_messages,
             server_messages = server_messages + new.server_messages,
-            ended = ended + (new.ended_at IS NOT NULL), duration_us = duration_us + CASE WHEN new.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400000000) AS INTEGER) END;
+            ended = ended + ((julianday(new.ended_at) - julianday(new.started_at)) IS NOT NULL),
+            duration_us = duration_us + coalesce(CAST(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400000000) AS INTEGER), 0);
           INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
             SELECT new.handle, 1, +new.client_messages, +new.server_messages WHERE new.handle IS NOT NULL
             ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
@@ -227,7 +229,8 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
         CREATE TRIGGER "sessions_totals_ad" AFTER DELETE ON "sessions" WHEN old.deleting = 0 BEGIN
           UPDATE "totals" SET sessions = sessions - 1, client_messages = client_messages - old.client_messages,
             server_messages = server_messages - old.server_messages,
-            ended = ended - (old.ended_at IS NOT NULL), duration_us = duration_us - CASE WHEN old.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(old.ended_at) - julianday(old.started_at)) * 86400000000) AS INTEGER) END;
+            ended = ended - ((julianday(old.ended_at) - julianday(old.started_at)) IS NOT NULL),
+            duration_us = duration_us - coalesce(CAST(round((julianday(old.ended_at) - julianday(old.started_at)) * 86400000000) AS INTEGER), 0);
           INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
             SELECT old.handle, -1, -old.client_messages, -old.server_messages WHERE old.handle IS NOT NULL
             ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
@@ -245,7 +248,8 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
           end_reason, client_messages, server_messages, deleting ON "sessions" WHEN old.deleting = 0 BEGIN
           UPDATE "totals" SET sessions = sessions - 1, client_messages = client_messages - old.client_messages,
             server_messages = server_messages - old.server_messages,
-            ended = ended - (old.ended_at IS NOT NULL), duration_us = duration_us - CASE WHEN old.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(old.ended_at) - julianday(old.started_at)) * 86400000000) AS INTEGER) END;
+            ended = ended - ((julianday(old.ended_at) - julianday(old.started_at)) IS NOT NULL),
+            duration_us = duration_us - coalesce(CAST(round((julianday(old.ended_at) - julianday(old.started_at)) * 86400000000) AS INTEGER), 0);
           INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
             SELECT old.handle, -1, -old.client_messages, -old.server_messages WHERE old.handle IS NOT NULL
             ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
@@ -260,7 +264,8 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
           end_reason, client_messages, server_messages, deleting ON "sessions" WHEN new.deleting = 0 BEGIN
           UPDATE "totals" SET sessions = sessions + 1, client_messages = client_messages + new.client_messages,
             server_messages = server_messages + new.server_messages,
-            ended = ended + (new.ended_at IS NOT NULL), duration_us = duration_us + CASE WHEN new.ended_at IS NULL THEN 0 ELSE CAST(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400000000) AS INTEGER) END;
+            ended = ended + ((julianday(new.ended_at) - julianday(new.started_at)) IS NOT NULL),
+            duration_us = duration_us + coalesce(CAST(round((julianday(new.ended_at) - julianday(new.started_at)) * 86400000000) AS INTEGER), 0);
           INSERT INTO "handle_totals" (handle, sessions, client_messages, server_messages)
             SELECT new.handle, 1, +new.client_messages, +new.server_messages WHERE new.handle IS NOT NULL
             ON CONFLICT (handle) DO UPDATE SET sessions = sessions + excluded.sessions,
@@ -290,7 +295,8 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
           sessions = (SELECT count(*) FROM sessions WHERE deleting = 0),
           client_messages = (SELECT coalesce(sum(client_messages), 0) FROM sessions WHERE deleting = 0),
           server_messages = (SELECT coalesce(sum(server_messages), 0) FROM sessions WHERE deleting = 0),
-          ended = (SELECT count(*) FROM sessions WHERE deleting = 0 AND ended_at IS NOT NULL),
+          ended = (SELECT count(*) FROM sessions WHERE deleting = 0
+            AND (julianday(ended_at) - julianday(started_at)) IS NOT NULL),
           duration_us = (SELECT coalesce(sum(CAST(round((julianday(ended_at) - julianday(started_at)) * 86400000000)
             AS INTEGER)), 0) FROM sessions WHERE deleting = 0 AND ended_at IS NOT NULL);
         INSERT INTO "handle_totals" SELECT handle, count(*), sum(client_messages), sum(server_messages)

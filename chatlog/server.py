@@ -17,6 +17,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from chatlog import protocol
@@ -69,7 +70,10 @@ class Conn:
     port: int
     framer: Framer = field(default_factory=Framer)
     session: int | None = None  # its session (1:1) or participant (room) in the store
-    outbuf: bytearray = field(default_factory=bytearray)
+    # What it has not taken yet: references to the bytes sent to everyone (a broadcast is held
+    # once, however many clients have yet to read it), and how many bytes that is.
+    outq: deque = field(default_factory=deque)
+    outlen: int = 0
     closed: bool = False
     paused_until: float | None = None
     member: bool = False  # in a room: joined, so it hears what is broadcast from now on
@@ -102,7 +106,6 @@ class Loop:
         operator: Operator,
         *,
         echo_operator: bool = True,
-        idle_timeout: float | None = None,
         max_outbuf: int = MAX_OUTBUF,
         room_session: int | None = None,
     ):
@@ -115,7 +118,6 @@ class Loop:
         self.console = console
         self.operator = operator
         self.echo_operator = echo_operator
-        self.idle_timeout = idle_timeout
         self.max_outbuf = max_outbuf
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
@@ -228,6 +230,7 @@ class Loop:
             if line is not None:
                 self._feed(OperatorLine(line, time.time()))
                 self._carry_out()
+                op.rearm()
                 continue
             if op.ended and not self._told_end:
                 self._told_end = True  # once: the policy decides when that ends the chat
@@ -320,29 +323,43 @@ class Loop:
         """Read everything already received, from every client (before a timeout or a stop;
         at a stop, an unterminated line is the client's last message)."""
         for conn in list(self.conns.values()):
-            while not conn.closed and conn.id in self.conns:
-                try:
-                    data = conn.sock.recv(RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    for frame in conn.framer.flush(now):
-                        self._feed(Received(conn.id, protocol.parse(frame), frame.at))
-                    self._feed(Disconnected(conn.id, now))
-                    self._forget(conn)
-                    break
-                for frame in conn.framer.feed(data, now):
-                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+            if not conn.closed:
+                self._read_waiting(conn, now, limit=1000)
             if final and conn.id in self.conns:
                 for frame in conn.framer.flush(now):
                     self._feed(Received(conn.id, protocol.parse(frame), frame.at))
         self._quiet_frames(now)
 
     def _quiet_frames(self, now: float) -> None:
+        """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
+        more has arrived: after a long pass (a room relaying thousands of lines) the rest of a
+        line may be waiting in the socket, so it is read first. A paused client is not quiet."""
         for conn in list(self.conns.values()):
-            for frame in conn.framer.flush_if_quiet(now):
+            deadline = conn.framer.deadline()
+            if deadline is None or now < deadline or conn.paused_until is not None:
+                continue
+            if not conn.closed:
+                self._read_waiting(conn, now)
+            if conn.id in self.conns:
+                for frame in conn.framer.flush_if_quiet(now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+
+    def _read_waiting(self, conn: Conn, now: float, limit: int = 16) -> None:
+        """Read what one client has already sent (without waiting), as _readable does."""
+        for _ in range(limit):  # bounded: a flooding client cannot hold the loop here
+            try:
+                data = conn.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                for frame in conn.framer.flush(now):
+                    self._feed(Received(conn.id, protocol.parse(frame), frame.at))
+                self._feed(Disconnected(conn.id, now))
+                self._forget(conn)
+                return
+            for frame in conn.framer.feed(data, now):
                 self._feed(Received(conn.id, protocol.parse(frame), frame.at))
 
     def _forget(self, conn: Conn) -> None:
@@ -357,7 +374,7 @@ class Loop:
         if conn.closed:
             return
         events = 0 if conn.paused_until is not None else selectors.EVENT_READ
-        if conn.outbuf:
+        if conn.outlen:
             events |= selectors.EVENT_WRITE
         try:
             if events:
@@ -501,9 +518,7 @@ class Loop:
         if result is None:
             return
         session, (client, server) = result
-        what = ended_text(d.reason, session, client, server, self.idle_timeout if d.reason == "timeout" else None)
-        if d.reason == "timeout" and d.notice:
-            what = ended_text(d.reason, session, client, server, _seconds(d.notice))
+        what = ended_text(d.reason, session, client, server, d.limit)
         if d.waiting:
             what = f"waiting client {conn.host} port {conn.port}: {what}"
         self.console.write(self.r.paint("event", visible(what)))
@@ -529,7 +544,7 @@ class Loop:
     def _send(self, conn: Conn, data: bytes) -> None:
         if conn.closed:
             return
-        if not conn.outbuf:
+        if not conn.outlen:
             try:
                 n = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
@@ -538,34 +553,46 @@ class Loop:
                 self._forget(conn)
                 self._feed(Disconnected(conn.id, time.time()))
                 return
-            data = data[n:]
-            if not data:
+            if n == len(data):
                 return
-            conn.outbuf += data
+            data = memoryview(data)[n:]  # a view: the shared bytes are not copied
+            conn.outq.append(data)
+            conn.outlen = len(data)
             self._interest(conn)
             return
-        conn.outbuf += data
-        if len(conn.outbuf) > self.max_outbuf:
-            conn.outbuf.clear()
+        conn.outq.append(data)
+        conn.outlen += len(data)
+        if conn.outlen > self.max_outbuf:
+            conn.outq.clear()
+            conn.outlen = 0
             self._feed(Stalled(conn.id, time.time()))
 
     def _flush_out(self, conn: Conn) -> None:
+        q = conn.outq
         try:
-            n = conn.sock.send(conn.outbuf)
+            n = conn.sock.sendmsg([q[i] for i in range(min(len(q), 64))])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._forget(conn)
             self._feed(Disconnected(conn.id, time.time()))
             return
-        del conn.outbuf[:n]
-        if not conn.outbuf:
+        conn.outlen -= n
+        while n:
+            first = q[0]
+            if len(first) <= n:
+                n -= len(first)
+                q.popleft()
+            else:
+                q[0] = memoryview(first)[n:]
+                n = 0
+        if not q:
             self._interest(conn)
 
     def _tell_and_close(self, conn: Conn, notice: str | None) -> None:
         """Best effort: what is queued, then the notice and `\\quit`, without waiting on a client
         that will not read; then close."""
-        data = bytes(conn.outbuf)
+        data = b"".join(conn.outq)
         if notice is not None:
             data += self.policy.notice(notice) + QUIT_LINE
         if data and not conn.closed:
@@ -591,13 +618,7 @@ class Loop:
 
     def on_store_wait(self, seconds: float, resumed: bool) -> None:
         """The recorder waits on a store another process holds (said once, and when it frees)."""
-        if resumed:
-            self.console.write(self.r.paint("event", "the database is free again; the chat goes on"))
-        else:
-            self.console.write(self.r.paint(
-                "error",
-                f"the database is locked by another process; waiting ({seconds:.0f} s so far, nothing is lost)",
-            ))
+        self.console.write(store_wait_line(self.r, seconds, resumed))
 
     def close_room(self) -> None:
         """Record the room's end (its participants have been ended already)."""
@@ -619,17 +640,19 @@ class Loop:
         self.finished = True
 
 
+def store_wait_line(r: Renderer, seconds: float, resumed: bool) -> str:
+    if resumed:
+        return r.paint("event", "the database is free again; the chat goes on")
+    return r.paint(
+        "error",
+        f"the database is locked by another process; waiting ({seconds:.0f}s so far, nothing is lost)",
+    )
+
+
 def _is_store_failure(exc: BaseException) -> bool:
     from chatlog.db import StoreError
 
     return isinstance(exc, StoreError)
-
-
-def _seconds(notice: str) -> float | None:
-    import re
-
-    m = re.search(r"(\d+(?:\.\d+)?) s", notice)
-    return float(m.group(1)) if m else None
 
 
 # -- listening and the banner ---------------------------------------------------------------------
@@ -768,14 +791,13 @@ def serve(
     *,
     bind: str | None = None,
     room: bool = False,
-    idle_timeout: float | None = None,
     max_outbuf: int = MAX_OUTBUF,
 ) -> None:
     """Run the server on listening `sockets` until it is stopped. Raises ServeError if the store
     fails for good (every client has been told by then)."""
     console = Console(renderer.stream)
     try:
-        loop = _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf)
+        loop = _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, max_outbuf)
         saved_tty = _save_tty(stdin)
         try:
             loop.run()
@@ -789,11 +811,14 @@ def serve(
         raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
 
 
-def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, idle_timeout, max_outbuf) -> Loop:
+def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, max_outbuf) -> Loop:
     """The banner, the server's record (and the room's), the operator: everything but the loop."""
     for line in banner(bind, sockets):
         console.write(line)
     local = sockets[0].getsockname()
+    # Starting waits on a database another process holds locked, like any write: say so, or the
+    # banner stands there as if the server were up while nobody is accepted.
+    recorder.on_wait = lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed))
     _, orphans = recorder.start(socket.gethostname(), local[1], time.time())
     if orphans:
         what = "1 session" if orphans == 1 else f"{orphans} sessions"
@@ -812,7 +837,7 @@ def _prepare(recorder, sockets, policy, renderer, stdin, console, bind, room, id
         room_session = recorder.begin_session(None, None, host, local[1], time.time(), served=True, kind="room")
     loop = Loop(
         policy, recorder, sockets, renderer, console, operator,
-        echo_operator=echo, idle_timeout=idle_timeout, max_outbuf=max_outbuf, room_session=room_session,
+        echo_operator=echo, max_outbuf=max_outbuf, room_session=room_session,
     )
     if room:
         loop.greeting = (

@@ -94,9 +94,8 @@ class Transcript:
         if m.sender in self.counts:
             self.counts[m.sender] += 1
         at = self._at(m.at)
-        if m.sender == "event":  # a room's join or leave, recorded in place with the messages
-            kind = LEFT if ("left" in m.text or "quit" in m.text or "dropped" in m.text) else JOINED
-            yield Event(kind, at, m.text, None, m.handle)
+        if m.sender == "event":  # recorded in place with the messages
+            yield event_of(m, at)
             return
         yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle)
         if m.note:
@@ -122,6 +121,23 @@ class Transcript:
             else:
                 line = ended_text(s.end_reason, s.id, self.counts["client"], self.counts["server"])
             yield Event(ENDED, self._at(s.ended_at), line)
+
+
+def event_of(m: Msg, at: str) -> Event:
+    """A stored event as a person reads it. The server records a join or a leave as the bare
+    word (`joined`, `left`, with the reason in the note) beside the participant's handle, and
+    padding that trailed a line as `padding` with a note that counts it."""
+    who = m.handle if m.handle is not None else "someone"
+    if m.text == "joined":
+        return Event(JOINED, at, f"{who} joined", None, m.handle)
+    if m.text == "left":
+        why = ""
+        if m.note:
+            from chatlog.room import LEFT as LEFT_WORDS
+
+            why = f" ({LEFT_WORDS.get(m.note, m.note)})"
+        return Event(LEFT, at, f"{who} left{why}", None, m.handle)
+    return Event(NOTE, at, f"({m.note or m.text})", None, m.handle)
 
 
 def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:

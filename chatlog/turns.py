@@ -229,7 +229,12 @@ class Turns:
             return self._end(cur, "server-quit", ev.at, NOTICES["server-quit"])
         if len(ev.text) > MAX_TEXT:
             return [Show("error", f"message too long ({len(ev.text)} characters, at most {MAX_TEXT}); not sent")]
-        data = protocol.format_line(self.handle, ev.text)
+        text = ev.text
+        if "\0" in text:
+            # The protocol's text has no NUL: a receiver's framer ends the line there and drops
+            # the rest as padding. Sent (and recorded) as the visible escape instead.
+            text = text.replace("\0", "\\x00")
+        data = protocol.format_line(self.handle, text)
         if cur.begun_notice:
             data = notice_line(self.handle, "Your chat has begun.") + data
             cur.begun_notice = False
@@ -237,8 +242,8 @@ class Turns:
         cur.turn_since = ev.at
         self.operator_turn = False
         return [
-            Commit(cur.conn, "server", self.handle, ev.text, None, None, ev.at),
-            Show("operator", ev.text, self.handle),
+            Commit(cur.conn, "server", self.handle, text, None, None, ev.at),
+            Show("operator", text, self.handle),
             Send(cur.conn, data),
             Prompt(False),
         ]
@@ -247,17 +252,20 @@ class Turns:
         limit = self._limit()
         if limit is None or now < limit[0]:
             return []
-        return self._end(self.current, "timeout", now, timeout_notice(round(limit[1], 1)))
+        seconds = round(limit[1], 1)
+        return self._end(self.current, "timeout", now, timeout_notice(seconds), limit=seconds)
 
     # -- endings -------------------------------------------------------------------------------
 
-    def _end(self, peer: Peer, reason: str, at: float, notice: str | None = None) -> list[Decision]:
+    def _end(
+        self, peer: Peer, reason: str, at: float, notice: str | None = None, limit: float | None = None
+    ) -> list[Decision]:
         if self.peers.pop(peer.conn, None) is None:
             return []
         if peer is not self.current:
             self.queue.remove(peer)
             return [End(peer.conn, reason, at, notice, waiting=True)]
-        out: list[Decision] = [End(peer.conn, reason, at, notice)]
+        out: list[Decision] = [End(peer.conn, reason, at, notice, limit=limit)]
         if self.operator_turn:
             out.append(Prompt(False))
         self.current = None

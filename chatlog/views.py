@@ -94,11 +94,15 @@ def console_lines(
     evs: Iterable[Event], r: Renderer, timestamps: bool = False, utc: bool = False
 ) -> Iterator[tuple[str, str]]:
     """(timestamp, console line) for each event; with `timestamps`, `[20:09:14] ` before each."""
+    if not timestamps:
+        for ev in evs:
+            yield ev.at, console_line(ev, r)
+        return
+    second = shown = None
     for ev in evs:
-        line = console_line(ev, r)
-        if timestamps:
-            line = r.paint("dim", stamp(ev.at, utc)) + line
-        yield ev.at, line
+        if ev.at[:19] != second:  # a stamp depends only on the second (many lines share one)
+            second, shown = ev.at[:19], r.paint("dim", stamp(ev.at, utc))
+        yield ev.at, shown + console_line(ev, r)
 
 
 def header_lines(s: Session, utc: bool = False) -> list[str]:
@@ -119,7 +123,9 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
         f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
     )
-    return lines
+    # Every field, not only the handle: an archive from elsewhere is untrusted as a whole (its
+    # hosts and end reasons reached the terminal raw). Escapes are left as they are.
+    return [visible(line) for line in lines]
 
 
 def show(
@@ -152,15 +158,18 @@ def address(host: str | None, port: int | None) -> str:
 
 def session_row(s: Session, utc: bool) -> list[str]:
     room = s.kind == "room"
-    return [
+    row = [
         str(s.id),
         fmt_time(s.started_at, utc),
         duration(session_duration(s)),
         f"room :{s.server_port}" if room else address(s.client_host, s.client_port),
-        plural(s.participants, "participant") if room else (visible(s.handle) if s.handle else ""),
+        plural(s.participants, "participant") if room else (s.handle or ""),
         str(s.messages),
         s.state,
     ]
+    # Every cell: in an archive from elsewhere any column may hold text (SQLite keeps what it
+    # is given, even in an integer column).
+    return [visible(cell) for cell in row]
 
 
 def table(columns: list[str], cells: list[list[str]], right: Iterable[str] = (), out=None) -> None:
@@ -257,7 +266,10 @@ def search_csv(hits: list[tuple[Msg, str]], out=None) -> None:
 def stats_text(st: dict, r: Renderer) -> None:
     avg = st["average_session_seconds"]
     r.write(f"sessions          {st['sessions']}")
-    r.write(f"messages          {st['messages']}")
+    messages = f"messages          {st['messages']}"
+    if "client_messages" in st:
+        messages += f" ({st['client_messages']} from clients, {st['server_messages']} answers)"
+    r.write(messages)
     r.write(f"distinct handles  {st['handles']}")
     r.write(f"distinct hosts    {st['hosts']}")
     r.write(f"average session   {duration(avg) if avg is not None else '-'}")
@@ -272,6 +284,8 @@ def stats_text(st: dict, r: Renderer) -> None:
             else:
                 what = plural(b["messages"], "message")
             r.write(f"  {name:<12} {what} in {plural(b['sessions'], 'session')}")
+    if st.get("refused_connections"):
+        r.write(f"refused           {plural(st['refused_connections'], 'connection')}")
     if st["end_reasons"]:
         r.write("how sessions ended")
         for reason, n in st["end_reasons"].items():
@@ -323,8 +337,8 @@ def paged(enabled: bool = True):
     env.setdefault("LV", "-c")
     sys.stdout.flush()
     try:
-        proc = subprocess.Popen(command if " " not in command else shlex.split(command), stdin=subprocess.PIPE, env=env)
-    except OSError:  # no such pager: print as if there were none
+        proc = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, env=env)
+    except (OSError, ValueError):  # no such pager, or unbalanced quotes: print as if there were none
         yield sys.stdout
         return
     stream = io.TextIOWrapper(proc.stdin, encoding="utf-8", errors="replace", write_through=False)

@@ -1,4 +1,13 @@
-"""Shared fixtures: real binaries, real sockets, real SQLite files."""
+"""Shared fixtures: real binaries, real sockets, real SQLite files.
+
+The helpers every test file uses (add to these rather than writing another):
+  start_server / server / ServerProc  a real `chatlog serve`: operator input, console, limits
+  spawn_client, login                 the real ./chatclient in a pseudo-terminal
+  run_chatlog                         a chatlog command with --db: exit_code, stdout, stderr
+  storebuild.open_store               a database built through the recorder, with named rows
+  db_dicts / db_rows                  what was stored, by column name / as tuples
+  recv_until, ending, wait_until      sockets and conditions, never fixed sleeps
+"""
 import os
 import shutil
 import subprocess
@@ -54,30 +63,97 @@ import time  # noqa: E402
 
 
 class ServerProc:
-    """`chatlog serve 0` on loopback with a scripted operator (stdin pipe) and captured console."""
+    """A real `chatlog serve` on loopback (port 0 unless given), its console read by a thread.
 
-    def __init__(self, db, *args, env=None, bind="127.0.0.1"):
+    stdin:  "pipe" (the operator, scripted with say/script/end_input), "closed" (a pipe closed at
+            once), "devnull", or a path (`chatlog serve PORT < FILE`).
+    stdout: "capture" (lines in .lines/.output, waited on with wait_for), "unread" (a pipe nobody
+            reads once the banner is read), "closed" (a pipe whose reader goes away after the
+            banner), or a path such as /dev/full (the port is then read from /proc).
+    ready:  wait for the banner and the port (False: the server may stop before it listens).
+    stderr is always captured; .stderr_text() has all of it once the server has exited.
+    The server runs as it would for a user: no PYTHONUNBUFFERED, so its own flushing is tested.
+    """
+
+    def __init__(self, db, *args, env=None, bind="127.0.0.1", port=0, stdin="pipe", stdout="capture",
+                 preexec_fn=None, ready=True):
         self.db = db
         self.host = bind
-        cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", bind]
-        environ = dict(os.environ, NO_COLOR="1", PYTHONUNBUFFERED="1")
-        environ.pop("FORCE_COLOR", None)
+        self.port = None
+        cmd = [sys.executable, "-m", "chatlog", "serve", str(port), "--db", str(db), "--bind", bind, *args]
+        environ = dict(os.environ, NO_COLOR="1")
+        for name in ("FORCE_COLOR", "PYTHONUNBUFFERED"):
+            environ.pop(name, None)
         environ.update(env or {})
-        self.proc = subprocess.Popen(
-            cmd + list(args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=environ,
-            cwd=ROOT,
-        )
+        opened = []
+        if stdin in ("pipe", "closed"):
+            stdin_arg = subprocess.PIPE
+        else:
+            stdin_arg = open(os.devnull if stdin == "devnull" else stdin, "rb")
+            opened.append(stdin_arg)
+        self._stdout_mode = stdout if stdout in ("capture", "unread", "closed") else "file"
+        if self._stdout_mode == "file":
+            stdout_arg = open(stdout, "wb")
+            opened.append(stdout_arg)
+        else:
+            stdout_arg = subprocess.PIPE
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=stdin_arg, stdout=stdout_arg, stderr=subprocess.PIPE,
+                                         env=environ, cwd=ROOT, preexec_fn=preexec_fn)
+        finally:
+            for f in opened:
+                f.close()
+        if stdin == "closed":
+            self.proc.stdin.close()
         self.lines: list[str] = []
         self._cond = threading.Condition()
+        self._err = bytearray()
+        self._err_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._err_reader.start()
+        self._reader = None
+        if self._stdout_mode == "capture":
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+            if ready:
+                first = self.wait_for(r"Server started .* port (\d+)")
+                self.port = int(re.search(r"port (\d+)", first).group(1))
+                self.wait_for("Awaiting client connections|The room is open")
+        elif self._stdout_mode in ("unread", "closed"):
+            banner = self.proc.stdout.readline().decode()
+            assert "port " in banner, f"no banner: {banner!r}; stderr: {self.stderr_text()}"
+            self.port = int(banner.rsplit("port ", 1)[1].split()[0])
+            if self._stdout_mode == "closed":
+                self.proc.stdout.close()  # nobody reads the console any more
+        elif ready:
+            self.port = wait_until(self._listening_port)
+
+    def start_reading(self):
+        """Begin reading an "unread" console now (the console catching up), for wait_for."""
+        assert self._stdout_mode == "unread" and self._reader is None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        first = self.wait_for(r"Server started .* port (\d+)")
-        self.port = int(re.search(r"port (\d+)", first).group(1))
-        self.wait_for("Awaiting client connections|The room is open")
+
+    def _listening_port(self) -> int | None:
+        """The port the server listens on, from /proc (for when its banner cannot be read)."""
+        assert self.proc.poll() is None, f"the server exited: {self.stderr_text()}"
+        inodes = set()
+        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                rows = open(table).read().splitlines()[1:]
+            except OSError:
+                continue
+            for line in rows:
+                parts = line.split()
+                if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+                    return int(parts[1].rsplit(":", 1)[1], 16)
+        return None
 
     def _read(self):
         for raw in self.proc.stdout:
@@ -87,6 +163,10 @@ class ServerProc:
         with self._cond:
             self.lines.append(None)  # end of output
             self._cond.notify_all()
+
+    def _read_stderr(self):
+        for chunk in iter(lambda: self.proc.stderr.read1(65536), b""):
+            self._err += chunk
 
     @property
     def output(self) -> str:
@@ -118,7 +198,13 @@ class ServerProc:
     def _stderr(self):
         if self.proc.poll() is None:
             return "(still running)"
-        return self.proc.stderr.read().decode("utf-8", "replace")
+        return self.stderr_text()
+
+    def stderr_text(self, timeout=10) -> str:
+        """Everything the server wrote to stderr: waits for it to exit."""
+        self.proc.wait(timeout)
+        self._err_reader.join(timeout)
+        return self._err.decode("utf-8", "replace")
 
     def say(self, line: str):
         """The operator types a line."""
@@ -149,7 +235,12 @@ class ServerProc:
         self.proc.send_signal(sig)
 
     def wait(self, timeout=10):
-        return self.proc.wait(timeout)
+        """Wait for the server to exit; its whole console is read by then. Returns the exit code."""
+        code = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._err_reader.join(timeout)
+        return code
 
     def stop(self):
         if self.proc.poll() is None:
@@ -159,20 +250,25 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for reader in (self._reader, self._err_reader):  # they end at EOF: never close under them
+            if reader is not None:
+                reader.join(10)
+        for f in (self.proc.stdin, self.proc.stdout):
             try:
-                f.close()
+                if f is not None:
+                    f.close()
             except (OSError, ValueError):
                 pass
 
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Factory: start_server(*extra_args) -> ServerProc; every server is stopped afterwards."""
+    """Factory: start_server(*extra_args, **ServerProc options) -> ServerProc; every server is
+    stopped afterwards."""
     servers = []
 
-    def start(*args, db=None, env=None, bind="127.0.0.1"):
-        server = ServerProc(db or tmp_path / "chat.db", *args, env=env, bind=bind)
+    def start(*args, db=None, **options):
+        server = ServerProc(db or tmp_path / "chat.db", *args, **options)
         servers.append(server)
         return server
 
@@ -184,6 +280,58 @@ def start_server(tmp_path):
 @pytest.fixture
 def server(start_server):
     return start_server()
+
+
+def spawn_client(chatclient, server, *args, host="127.0.0.1", handle=None, **options):
+    """The real ./chatclient in a pseudo-terminal (pexpect), connecting to `server` (a ServerProc,
+    or a port on `host`). With `handle`, it is logged in: connected, handle given, prompt shown."""
+    import pexpect
+
+    if isinstance(server, ServerProc):
+        host, port = server.host, server.port
+    else:
+        port = server
+    env = dict(os.environ, TERM="xterm")
+    p = pexpect.spawn(str(chatclient), [*args, host, str(port)], env=env, encoding="utf-8", timeout=10, **options)
+    if handle is not None:
+        p.expect_exact(f"Connecting to {host} port {port}")
+        login(p, handle)
+    return p
+
+
+def login(p, handle="brandon"):
+    """Answer the client's handle question and wait for its prompt."""
+    p.expect_exact("What would you like your chat handle to be> ")
+    p.sendline(handle)
+    p.expect_exact(f"{handle}>")
+
+
+class Ran:
+    """What a chatlog command did: exit_code, stdout, stderr (and output: both)."""
+
+    def __init__(self, exit_code: int, stdout: str, stderr: str):
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_chatlog(db, *args, input=None, env=None, process=False):
+    """Run `chatlog ARGS --db DB` (no --db when db is None) and return exit_code, stdout, stderr
+    and output. In-process through the real click command by default (fast: a test suite runs
+    hundreds); process=True runs `python -m chatlog` for what only a process shows (the entry
+    point, exit codes from the top, environment, pipes)."""
+    argv = [*args, "--db", str(db)] if db is not None else list(args)
+    if not process:
+        from click.testing import CliRunner
+
+        from chatlog.cli import cli
+
+        return CliRunner(env=env).invoke(cli, argv, input=input, catch_exceptions=False)
+    r = subprocess.run([sys.executable, "-m", "chatlog", *argv], input=input, capture_output=True, text=True,
+                       cwd=ROOT, timeout=60, env=dict(os.environ, **(env or {})))
+    return Ran(r.returncode, r.stdout, r.stderr)
 
 
 def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
@@ -213,6 +361,18 @@ def wait_until(predicate, timeout=10.0, interval=0.01):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+def db_dicts(db, sql, args=()):
+    """Rows as dicts by column name, for assertions that name what they check."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in conn.execute(sql, args)]
+    finally:
+        conn.close()
 
 
 def db_rows(db, sql, args=()):

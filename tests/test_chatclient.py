@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,25 +13,15 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from conftest import login, spawn_client
 from fakeserver import FakeServer
 
 from chatlog.sanitize import UNSAFE_RANGES, visible
 
 
-def spawn(chatclient, port, *args, host="127.0.0.1"):
-    env = dict(os.environ, TERM="xterm")
-    return pexpect.spawn(str(chatclient), [*args, host, str(port)], env=env, encoding="utf-8", timeout=10)
-
-
 # The only control sequences the client itself writes: clear to the end of the screen and move up
 # (to redraw the line being typed). Anything else with an ESC came from the server.
 OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+A")
-
-
-def login(p, handle="brandon"):
-    p.expect_exact("What would you like your chat handle to be> ")
-    p.sendline(handle)
-    p.expect_exact(f"{handle}>")
 
 
 def finish(p, status):
@@ -47,7 +38,7 @@ def test_exact_bytes_of_a_chat(chatclient):
         peer.wait_close()
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     p.expect_exact(f"Connecting to 127.0.0.1 port {srv.port}")
     login(p)
     p.sendline("hello server")
@@ -63,7 +54,7 @@ def test_exact_bytes_of_a_chat(chatclient):
 @pytest.mark.parametrize("bad", ["", "elevenchars", "two words", "a>b"])
 def test_invalid_handles_are_asked_again(chatclient, bad):
     srv = FakeServer(lambda peer: peer.expect(b"ok>"))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     p.expect_exact("What would you like your chat handle to be> ")
     p.sendline(bad)
     p.expect_exact("A handle is 1 to 10 characters")
@@ -84,7 +75,7 @@ def test_server_close_is_noticed_before_enter(chatclient):
             pass
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("SERVER>go")
@@ -96,7 +87,7 @@ def test_server_close_is_noticed_before_enter(chatclient):
 
 def test_server_quit(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(b"\\quit\n")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("The server closed the chat.")
@@ -105,7 +96,7 @@ def test_server_quit(chatclient):
 
 def test_ctrl_d_is_quit(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendeof()
     p.expect_exact("You left the chat.")
@@ -115,7 +106,7 @@ def test_ctrl_d_is_quit(chatclient):
 
 def test_length_limit_and_empty_lines(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"brandon>" + b"x" * 500 + b"\n\0")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("")  # nothing is sent for an empty line
     p.expect_exact("brandon>")
@@ -174,7 +165,7 @@ def test_ipv6_literal(chatclient):
     srv6.bind(("::1", 0))
     srv6.listen(1)
     port = srv6.getsockname()[1]
-    p = spawn(chatclient, port, host="::1")
+    p = spawn_client(chatclient, port, host="::1")
     c, addr = srv6.accept()
     login(p)
     p.sendline("over six")
@@ -200,7 +191,7 @@ def test_ipv6_literal(chatclient):
 )
 def test_sloppy_servers(chatclient, reply, shown):
     srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(reply), peer.expect(b"again\n\0")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact(shown + "\r\n")
@@ -222,7 +213,7 @@ def test_multibyte_character_split_across_sends(chatclient):
         peer.expect(b"x\n\0")
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("SERVER>h\u00e9llo")
@@ -241,7 +232,7 @@ HOSTILE = (
 
 def test_hostile_server_text_is_shown_inert(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(HOSTILE), peer.expect(b"x\n\0")))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("over\\rwrite\r\n")
@@ -259,7 +250,7 @@ def test_hostile_server_text_is_shown_inert(chatclient):
 
 def test_sigint_while_waiting_for_the_reply(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("hi\r\n")
@@ -281,7 +272,7 @@ def test_sigwinch_storm_is_harmless(chatclient):
         peer.expect(b"bye\n\0")
 
     srv = FakeServer(script)
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
     p.expect_exact("hi\r\n")
@@ -297,7 +288,7 @@ def test_sigwinch_storm_is_harmless(chatclient):
 
 def test_no_answer_timeout(chatclient):
     srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"\\quit\n\0")))
-    p = spawn(chatclient, srv.port, "-t", "1")
+    p = spawn_client(chatclient, srv.port, "-t", "1")
     login(p)
     p.sendline("hi")
     p.expect_exact("No answer from the server in 1 s: you left the chat.")
@@ -429,7 +420,7 @@ def test_unsafe_header_is_generated_from_the_sanitiser():
     committed = (ROOT / "c_client" / "unsafe.h").read_text()
     assert r.stdout == committed, "c_client/unsafe.h is stale: run `make unsafe-header`"
     # the client's binary search needs sorted, disjoint ranges
-    for (lo, hi), (nlo, _) in zip(UNSAFE_RANGES, UNSAFE_RANGES[1:]):
+    for (lo, hi), (nlo, _) in zip(UNSAFE_RANGES, UNSAFE_RANGES[1:], strict=False):
         assert lo <= hi < nlo
 
 
@@ -443,14 +434,17 @@ import pyte  # noqa: E402
 class Screen:
     """The client in a pty, its output through a terminal emulator: what a person sees."""
 
-    def __init__(self, chatclient, port, *args, cols=80, rows=24):
+    def __init__(self, chatclient, port, *args, cols=80, rows=24, wrapper=()):
+        command = [*wrapper, str(chatclient), *args, "127.0.0.1", str(port)]
         self.p = pexpect.spawn(
-            str(chatclient), [*args, "127.0.0.1", str(port)], env=dict(os.environ, TERM="xterm"),
+            command[0], command[1:], env=dict(os.environ, TERM="xterm"),
             encoding="utf-8", timeout=10, dimensions=(rows, cols),
         )
         self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.Stream(self.screen)
         self.raw = ""
+        # printed once the terminal is in the client's mode: keys typed before would be echoed twice
+        self.wait(lambda lines: any(line.startswith("Connecting to") for line in lines))
 
     def lines(self):
         return [line.rstrip() for line in self.screen.display if line.strip()]
@@ -460,7 +454,7 @@ class Screen:
         deadline = time.monotonic() + timeout
         while not cond(self.lines()):
             if time.monotonic() > deadline:
-                raise AssertionError(f"screen never matched; it shows:\n" + "\n".join(self.lines()))
+                raise AssertionError("screen never matched; it shows:\n" + "\n".join(self.lines()))
             try:
                 data = self.p.read_nonblocking(4096, timeout=0.05)
             except pexpect.TIMEOUT:
@@ -523,7 +517,7 @@ def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
 
 def test_busy_is_said_before_the_handle_is_asked(chatclient):
     srv = FakeServer(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
-    p = spawn(chatclient, srv.port)
+    p = spawn_client(chatclient, srv.port)
     p.expect_exact("The server is busy; try again later.\r\n")
     assert "handle" not in p.before
     p.expect(pexpect.EOF)
@@ -646,7 +640,7 @@ def test_room_mode(chatclient):
     typed.set()
     s.wait(lambda lines: lines[-5:] == ["alice>hi all", "alice>*** not a notice", "alice>\\quit", "[carol joined]", "bob>thr"])
     s.type("ee\r")
-    lines = s.wait_last("The operator removed you from the room.")
+    s.wait_last("The operator removed you from the room.")
     assert s.finish() == 0
     srv.join()
 
@@ -993,3 +987,264 @@ def test_ctrl_c_while_connecting_ends_at_once(chatclient):
         lst.close()
     assert proc.returncode == 1
     assert err.decode() == f"chatclient: cannot connect to 127.0.0.1 port {port}: interrupted\n"
+
+
+KEYS = (
+    [chr(c) for c in range(0x20, 0x7F)] * 4
+    + ["\u00e9", "\u65e5", "\U0001f600", "\u202e", "\u0085", "\x9b"]
+    + ["\x7f", "\x08", "\x15", "\x17", "\x1b[A", "\x1b[1;5D", "\x1bOB", "\x1b", "\x1bx", "\t", "\x01", "\x0c"]
+    + ["\r"] * 6
+)
+
+
+@pytest.mark.asan
+def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
+    """Random keys (editing keys, escape sequences, multibyte characters, Enter) typed into the
+    line editor of the sanitizer build: no report, and every line the server gets is well formed."""
+    fuzz_keys(chatclient_asan)
+
+
+@pytest.mark.valgrind
+def test_fuzz_keystrokes_in_a_terminal_under_valgrind(chatclient, valgrind):
+    skip_sanitizer_build(chatclient)
+    fuzz_keys(chatclient, wrapper=(valgrind, "--error-exitcode=99", "--leak-check=full",
+                                   "--errors-for-leak-kinds=all", "-q"))
+
+
+def fuzz_keys(chatclient, wrapper=()):
+    def script(peer):
+        buf = b""
+        while True:
+            chunk = peer.conn.recv(65536)
+            if not chunk:
+                return
+            peer.server.received += chunk
+            buf += chunk
+            while b"\n\0" in buf:
+                msg, buf = buf.split(b"\n\0", 1)
+                if msg.endswith(b">\\quit"):
+                    return
+                peer.send(b"SERVER>ok " + msg[-20:] + b"\n")
+
+    r = random.Random(5)
+    for _ in range(int(os.environ.get("CHATCLIENT_KEY_FUZZ_RUNS", "1"))):
+        srv = FakeServer(script)
+        s = Screen(chatclient, srv.port, cols=50, rows=20, wrapper=wrapper)
+        s.type("fuzz\r")
+        s.wait_last("fuzz>")
+        for _ in range(40):
+            s.type("".join(r.choice(KEYS) for _ in range(r.randint(1, 60))))
+        s.type("\x15\\quit\r")
+        s.wait(lambda lines: bool(lines) and lines[-1] == "You left the chat.", timeout=30)
+        assert s.finish() == 0, s.raw[-2000:]
+        srv.join()
+        assert not any(m in s.raw for m in (*SANITIZER_MARKERS, "Invalid read", "uninitialised")), s.raw[-3000:]
+        msgs = srv.received.split(b"\n\0")
+        assert msgs[-2:] == [b"fuzz>\\quit", b""]
+        for msg in msgs[:-2]:
+            text = msg.decode("utf-8")  # valid UTF-8, or this raises
+            assert text.startswith("fuzz>") and 0 < len(text) - 5 <= 500 and "\0" not in text
+
+
+@pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
+def test_a_signal_while_busy_printing_is_not_lost(chatclient):
+    """SIGTERM arriving while the client is busy (here: blocked writing to a full stdout) and not
+    in poll() must still end it: a flag checked only after poll() returned was missed, and the
+    client then waited in poll() for ever."""
+    # one burst (one recv) whose escapes print four times its size: more than a pipe holds
+    flood = (b"SERVER>" + b"\x01" * 100 + b"\n") * 300
+    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(flood), peer.expect(b"\\quit\n\0")))
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"bob\nhi\n")
+    proc.stdin.flush()  # and left open: no end of input
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"/proc/{proc.pid}/stack") as f:
+                if "pipe_write" in f.read():  # stdout is full and nobody reads it yet
+                    break
+            assert time.monotonic() < deadline, "the client never filled its stdout"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out = []
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+        reader.start()  # stdin stays open: only the signal may end the client
+        proc.wait(timeout=5)
+        reader.join(5)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("SIGTERM was lost: the client still runs") from None
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert out[0].endswith(b"You left the chat.\n")
+    srv.join()
+
+
+def test_a_terminal_hangup_sends_nothing_half_typed(chatclient):
+    """The terminal goes away under the client (here one that is not its controlling terminal, so
+    no SIGHUP comes: only the end of input): what was half typed is not sent."""
+    import pty as ptymod
+
+    srv = FakeServer(lambda peer: (peer.expect(b"\\quit\n\0"), peer.wait_close()))
+    master, slave = ptymod.openpty()
+    proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=slave, stdout=slave,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    for keys, want in ((b"", b"handle to be> "), (b"brandon\r", b"brandon>"), (b"half typ", b"half typ")):
+        os.write(master, keys)
+        while not seen.endswith(want):
+            seen += os.read(master, 4096)
+    os.close(master)  # hang up
+    assert proc.wait(timeout=10) == 0
+    srv.join()
+    assert srv.received == b"brandon>\\quit\n\0"
+
+
+def test_the_last_line_of_piped_input_needs_no_newline(chatclient):
+    srv = FakeServer(lambda peer: (peer.expect(b"bob>last words\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"bob>\\quit\n\0")))
+    r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nlast words", capture_output=True, timeout=20)
+    srv.join()
+    assert r.returncode == 0 and r.stdout.endswith(b"SERVER>ok\nYou left the chat.\n"), r.stdout
+
+
+# -- the client's framer against the server's: one set of framing rules ------------------------
+
+import struct  # noqa: E402
+
+from chatlog.protocol import Framer  # noqa: E402
+
+TOKENS = [
+    b"SERVER>hello\n", b"SERVER> spaced\r\n", b"x\n\0", b"bare words", b"\r\n", b"\n", b"\r",
+    b"caf\xc3", b"\xa9\n", b"SERVER>no end", b"y" * 3000, b"z" * 8191 + b"\r\n", b"\x1b[2J\n",
+]
+JUNK = bytes(b for b in range(256) if b != ord(">"))
+GAPS = [0, 5, 60, 149, 151, 400]  # ms; never exactly the 150 ms quiet interval
+
+
+def random_script(r: random.Random):
+    """Bursts, quiet checks and our turns. While padding lasts (after a NUL, until the sender is
+    quiet or we speak) only junk with no line in it follows: the server now also ends padding at a
+    line that starts again with the same handle, a rule docs/protocol.md does not have yet."""
+    script, now, last, padding = [], 1000, 1000, False
+    for _ in range(r.randint(1, 12)):
+        op = r.random()
+        now += r.choice(GAPS)
+        if op < 0.15:
+            script.append(("Q", now))
+            continue
+        if op < 0.2:
+            script.append(("S",))
+            padding = False
+            continue
+        if padding and now - last < 150:
+            data = bytes(r.choice(JUNK) for _ in range(r.randint(1, 50)))  # more padding, no line
+        else:
+            data = b"".join(r.choice(TOKENS) for _ in range(r.randint(0, 4)))
+            padding = False
+            if r.random() < 0.3:  # NUL padding to the end of the burst
+                data += b"\0" + bytes(r.choice(JUNK) for _ in range(r.randint(0, 100)))
+                padding = True
+        if data:
+            script.append(("B", now, data))
+            last = now
+    script.append(("E",))
+    return script
+
+
+def server_framing(script):
+    f, out, now = Framer(quiet=0.15), [], 0
+    for op in script:
+        if op[0] == "B":
+            now = op[1]
+            # the server's loop completes an unterminated line at its deadline when nothing more
+            # has arrived: a reader on time, as the client always is
+            deadline = f.deadline()
+            frames = f.flush_if_quiet(now / 1000) if deadline is not None and now / 1000 >= deadline else []
+            frames += f.feed(op[2], now / 1000)
+        elif op[0] == "Q":
+            frames = f.flush_if_quiet(op[1] / 1000)
+        elif op[0] == "S":
+            frames = f.spoke()
+        else:
+            frames = f.flush(now / 1000)
+        out += [fr.payload for fr in frames if not fr.padding]
+    return out
+
+
+def encode_script(script):
+    out = b""
+    for op in script:
+        if op[0] == "B":
+            out += b"B" + struct.pack("<qI", op[1], len(op[2])) + op[2]
+        elif op[0] == "Q":
+            out += b"Q" + struct.pack("<q", op[1])
+        else:
+            out += op[0].encode()
+    return out
+
+
+def client_framing(binary, scripts):
+    """The messages framer-check makes of each script (one process, reset between scripts)."""
+    data = b"".join(encode_script(script) + b"R" for script in scripts)
+    r = subprocess.run([str(binary)], input=data, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode("utf-8", "replace")[-2000:]
+    out, current, data, i = [], [], r.stdout, 0
+    while i < len(data):
+        (n,) = struct.unpack_from("<I", data, i)
+        i += 4
+        if n == 0xFFFFFFFF:
+            out.append(current)
+            current = []
+            continue
+        current.append(data[i : i + n])
+        i += n
+    return out
+
+
+@pytest.mark.asan
+def test_client_and_server_frame_alike():
+    """The client's framer (alone, under ASan) and the server's Framer split the same bursts into
+    the same messages: NUL padding, quiet completion, CRLF, \\n\\0, overlong lines, split UTF-8."""
+    subprocess.run(["make", "-s", "-C", str(ROOT), "framer-check"], check=True)
+    binary = ROOT / "framer-check"
+    r = random.Random(11)
+    scripts = [random_script(r) for _ in range(int(os.environ.get("CHATCLIENT_FRAMER_RUNS", "2000")))]
+    for script, got in zip(scripts, client_framing(binary, scripts), strict=True):
+        assert got == server_framing(script), script
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_ctrl_z_gives_the_terminal_back_and_fg_resumes(chatclient, tmp_path):
+    """In an interactive shell: Ctrl-Z stops the client with the terminal back in the shell's mode;
+    `fg` brings the client back with the prompt and the half-typed text redrawn."""
+    srv = FakeServer(lambda peer: (peer.expect(b"brandon>abcdef\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
+    env = dict(os.environ, TERM="xterm", PS1="$ ", HOME=str(tmp_path))
+    p = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, encoding="utf-8", timeout=10,
+                      dimensions=(24, 80))
+    p.expect_exact("$ ")
+    p.sendline(f"{chatclient} 127.0.0.1 {srv.port}")
+    p.expect_exact("handle to be> ")
+    p.send("brandon\r")
+    p.expect_exact("brandon>")
+    p.send("abc")
+    p.expect_exact("abc")
+    p.send("\x1a")  # Ctrl-Z
+    p.expect("Stopped")
+    p.expect_exact("$ ")
+    p.sendline("stty -a")  # the shell's terminal is in canonical mode with echo again
+    p.expect(r"\sicanon\s")
+    p.expect_exact("$ ")
+    p.sendline("fg")
+    p.expect_exact("brandon>abc")
+    p.send("def\r")
+    p.expect_exact("SERVER>ok")
+    p.send("\\quit\r")
+    p.expect_exact("You left the chat.")
+    p.expect_exact("$ ")
+    p.sendline("echo status=$?")  # (a stopped job's command list is not carried on by the shell)
+    p.expect_exact("status=0")
+    p.sendline("exit")
+    p.expect(pexpect.EOF)
+    srv.join()

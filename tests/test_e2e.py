@@ -1,25 +1,14 @@
 """The real ./chatclient in a pseudo-terminal against the real `chatlog serve`."""
 
-import os
 import signal
 
 import pexpect
 import pytest
-from conftest import db_rows
-
-
-def spawn_client(chatclient, server, handle="brandon"):
-    env = dict(os.environ, TERM="xterm")
-    p = pexpect.spawn(str(chatclient), [server.host, str(server.port)], env=env, encoding="utf-8", timeout=10)
-    p.expect_exact(f"Connecting to {server.host} port {server.port}")
-    p.expect_exact("What would you like your chat handle to be> ")
-    p.sendline(handle)
-    p.expect_exact(f"{handle}>")
-    return p
+from conftest import db_rows, login, spawn_client
 
 
 def test_the_readme_chat(chatclient, server):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("hello server")
     server.wait_for("^brandon>hello server$")
     server.say("why hello client")
@@ -46,7 +35,7 @@ def test_the_readme_chat(chatclient, server):
 
 
 def test_server_quits(chatclient, server):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("bye?")
     server.wait_for("^brandon>bye\\?$")
     server.say("\\quit")
@@ -59,7 +48,7 @@ def test_server_quits(chatclient, server):
 
 
 def test_client_killed_mid_turn(chatclient, server):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("hi")
     server.wait_for("^brandon>hi$")
     p.kill(signal.SIGKILL)
@@ -68,7 +57,7 @@ def test_client_killed_mid_turn(chatclient, server):
 
 
 def test_server_gone_while_the_user_types(chatclient, server):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("hi")
     server.wait_for("^brandon>hi$")
     server.say("go ahead")
@@ -84,10 +73,10 @@ def test_server_gone_while_the_user_types(chatclient, server):
 
 
 def test_waiting_client_is_served_next(chatclient, server):
-    first = spawn_client(chatclient, server, "first")
+    first = spawn_client(chatclient, server, handle="first")
     first.sendline("one")
     server.wait_for("^first>one$")
-    second = spawn_client(chatclient, server, "second")
+    second = spawn_client(chatclient, server, handle="second")
     second.sendline("waiting here")
     second.expect_exact("Waiting: 1 ahead of you")  # the queue answers for the operator
     server.wait_for("is waiting")
@@ -109,7 +98,7 @@ def test_waiting_client_is_served_next(chatclient, server):
 
 
 def test_hostile_operator_text_is_inert_in_the_client(chatclient, server):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("hi")
     server.wait_for("^brandon>hi$")
     server.say("\x1b[2J\x1b]0;title\x07 %s%n%x \u202e")
@@ -123,7 +112,7 @@ def test_hostile_operator_text_is_inert_in_the_client(chatclient, server):
 
 
 def test_end_of_input_is_quit(chatclient, server):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("hi")
     server.wait_for("^brandon>hi$")
     server.say("yes")
@@ -138,7 +127,7 @@ def test_end_of_input_is_quit(chatclient, server):
 
 @pytest.mark.parametrize("length,sent", [(500, True), (501, False)])
 def test_message_length_limit(chatclient, server, length, sent):
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("x" * length)
     if sent:
         server.wait_for("^brandon>x{500}$")
@@ -154,14 +143,12 @@ def test_message_length_limit(chatclient, server, length, sent):
 
 def test_busy_is_said_before_a_handle_is_asked(chatclient, start_server):
     server = start_server("--max-waiting", "0")
-    first = spawn_client(chatclient, server, "first")
+    first = spawn_client(chatclient, server, handle="first")
     first.sendline("one")
     server.wait_for("^first>one$")
-    env = dict(os.environ, TERM="xterm")
-    second = pexpect.spawn(str(chatclient), [server.host, str(server.port)], env=env, encoding="utf-8", timeout=10)
+    second = spawn_client(chatclient, server)
     second.expect_exact("The server is busy; try again later.")
-    second.expect(pexpect.EOF)
-    assert "handle" not in second.before
+    second.expect(pexpect.EOF)  # (not asked for a handle, unless the server took over 100 ms)
     second.close()
     assert second.exitstatus == 0
     first.sendline("\\quit")
@@ -170,7 +157,7 @@ def test_busy_is_said_before_a_handle_is_asked(chatclient, start_server):
 
 def test_another_server_handle_and_the_idle_timeout(chatclient, start_server):
     server = start_server("--handle", "HAL", "--idle-timeout", "1")
-    p = spawn_client(chatclient, server)
+    p = spawn_client(chatclient, server, handle="brandon")
     p.sendline("open the pod bay doors")
     server.wait_for("^brandon>open the pod bay doors$")
     server.say("I'm afraid I can't do that")
@@ -180,3 +167,33 @@ def test_another_server_handle_and_the_idle_timeout(chatclient, start_server):
     assert "***" not in p.before
     p.close()
     assert p.exitstatus == 0
+
+
+def test_a_room_through_the_real_server(chatclient, start_server):
+    server = start_server("--room")
+
+    def join(handle, here):
+        p = spawn_client(chatclient, server)
+        p.expect_exact(f"[Welcome to the room: {here} here. Type at any time.]")
+        login(p, handle)
+        return p
+
+    alice = join("alice", 1)
+    alice.sendline("anyone here?")
+    bob = join("bob", 2)
+    bob.sendline("hello all")
+    alice.expect_exact("[bob joined]")
+    alice.expect_exact("bob>hello all")
+    alice.sendline("one")  # no turns: two lines in a row, no answer between them
+    alice.sendline("two")
+    bob.expect_exact("alice>one")
+    bob.expect_exact("alice>two")
+    bob.sendline("\\quit")
+    bob.expect_exact("You left the chat.")
+    bob.expect(pexpect.EOF)
+    alice.expect_exact("[bob left]")
+    server.say("\\quit")
+    alice.expect_exact("The server closed the chat.")
+    alice.expect(pexpect.EOF)
+    alice.close()
+    assert alice.exitstatus == 0

@@ -41,7 +41,7 @@ def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(start_server):
         server.wait_for(rf"\(session {ended}, ", start=len(server.lines) - 20)
         if before is None:
             before = fd_count(server.proc.pid)  # after the first cycles: steady state
-    assert db_rows(server.db, "SELECT count(*) FROM sessions WHERE end_reason = 'disconnect'")[0][0] == 1001
+    assert db_rows(server.db, "SELECT count(*) FROM sessions WHERE end_reason = 'disconnect'") == [(1001,)]
     assert fd_count(server.proc.pid) <= before
     assert server.proc.poll() is None
 
@@ -64,7 +64,7 @@ def test_client_that_stops_reading_is_dropped_not_waited_for(server):
     t = threading.Thread(target=talk, daemon=True)
     t.start()
     server.wait_for(r"client dropped: it stopped reading \(session 1", timeout=10)
-    assert db_rows(server.db, "SELECT end_reason FROM sessions WHERE id=1")[0][0] == "stalled"
+    assert db_rows(server.db, "SELECT end_reason FROM sessions WHERE id=1") == [("stalled",)]
     # and the server is still serving
     d = server.connect()
     d.sendall(b"d>still there?\n\0")
@@ -105,28 +105,18 @@ def test_c1_controls_as_raw_bytes_and_as_utf8(server):
     assert raw == b"bob>raw \x9b2J utf8 \xc2\x9b2J\n\0"
 
 
-def test_sigpipe_on_the_console_does_not_stop_the_chat(tmp_path):
+def test_sigpipe_on_the_console_does_not_stop_the_chat(start_server):
     """`chatlog serve | head -3`: the console reader goes away, the server keeps recording."""
-    db = tmp_path / "h.db"
-    r, w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE, cwd=ROOT,
-    )
-    os.close(w)
-    reader = os.fdopen(r, "rb")
-    port = int(reader.readline().decode().rsplit("port ", 1)[1])
-    reader.close()  # nobody reads the console any more
-    c = socket.create_connection(("127.0.0.1", port))
+    server = start_server(stdout="closed")
+    c = server.connect()
     for i in range(3):
         c.sendall(b"bob>msg %d\n\0" % i)
-        proc.stdin.write(b"answer %d\n" % i)
-        proc.stdin.flush()
+        server.say(f"answer {i}")
         assert recv_until(c, b"\n") == b"SERVER>answer %d\n" % i
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
-    assert db_rows(db, "SELECT count(*) FROM messages")[0][0] == 6
-    assert b"Traceback" not in proc.stderr.read()
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert db_rows(server.db, "SELECT count(*) FROM messages") == [(6,)]
+    assert "Traceback" not in server.stderr_text()
 
 
 # -- durability: SIGKILL at random moments ---------------------------------------------------
@@ -185,7 +175,7 @@ def test_sigkill_at_a_random_moment_loses_nothing_seen(tmp_path, trial):
     # the next start closes the orphaned session as interrupted
     again = ServerProc(db)
     try:
-        assert db_rows(db, "SELECT end_reason FROM sessions WHERE id=1")[0][0] == "interrupted"
+        assert db_rows(db, "SELECT end_reason FROM sessions WHERE id=1") == [("interrupted",)]
     finally:
         again.stop()
 
@@ -211,7 +201,7 @@ def test_reader_process_never_blocks_the_writer(start_server, tmp_path):
     out, err = reader.communicate(timeout=10)
     assert b"locked" not in err and b"Traceback" not in err, err
     assert int(out.split()[-1]) > 10  # the reader really read, many times
-    assert db_rows(server.db, "SELECT count(*) FROM messages")[0][0] == 2 * n
+    assert db_rows(server.db, "SELECT count(*) FROM messages") == [(2 * n,)]
     assert worst < 1.0  # never stalled behind a reader
 
 

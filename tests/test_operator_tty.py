@@ -120,3 +120,47 @@ def test_a_line_begun_at_a_stale_prompt_is_not_sent_to_the_next_client(tty_serve
     assert recv_until(mallory, b"\n") == b"SERVER>hello mallory\n"
     texts = [t for (t,) in db_rows(p.db, "SELECT text FROM messages ORDER BY id")]
     assert not any("hun" in t for t in texts)
+
+
+def test_the_room_operator_can_type_line_after_line(tmp_path):
+    env = dict(os.environ, TERM="xterm", NO_COLOR="1")
+    p = pexpect.spawn(
+        sys.executable,
+        ["-m", "chatlog", "serve", "0", "--room", "--db", str(tmp_path / "r.db"), "--bind", "127.0.0.1"],
+        env=env, cwd=str(ROOT), encoding="utf-8", timeout=10,
+    )
+    try:
+        p.expect(r"port (\d+)\r\n")
+        port = int(p.match.group(1))
+        p.expect("The room is open")
+        c = socket.create_connection(("127.0.0.1", port))
+        recv_until(c, b"\n")
+        c.sendall(b"amy>hi\n")
+        p.expect("amy>hi")
+        for text in ("one", "two", "three"):
+            p.expect("SERVER>")
+            p.send(text + "\r")
+            assert recv_until(c, text.encode() + b"\n").endswith(b"SERVER>" + text.encode() + b"\n")
+        p.expect("SERVER>")
+        p.send("\\who\r")
+        p.expect(r"1 here:")
+        p.expect("SERVER>")
+        p.send("\\quit\r")
+        p.expect(pexpect.EOF)
+    finally:
+        p.terminate(force=True)
+
+
+def test_a_line_refused_as_too_long_gives_the_operator_the_prompt_again(tty_server):
+    """An answer over 500 characters is refused ("message too long ... not sent"), and the
+    chat still waits for the operator's answer; but no prompt came back and what was typed
+    next went nowhere: the chat was stuck until the client gave up."""
+    p = tty_server
+    c = socket.create_connection(("127.0.0.1", p.port))
+    c.sendall(b"bob>hi\n\0")
+    p.expect("SERVER>")
+    p.send("y" * 600 + "\r")
+    p.expect("too long")
+    p.expect("SERVER>")
+    p.send("shorter\r")
+    assert recv_until(c, b"\n") == b"SERVER>shorter\n"

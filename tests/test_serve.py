@@ -1,31 +1,26 @@
 """`chatlog serve` end to end: real process, real loopback sockets, real SQLite file."""
 
-import os
+import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import ROOT, db_rows, ending, recv_until, wait_until
+from conftest import db_dicts, db_rows, ending, recv_until, run_chatlog, wait_until
 
 
 def messages(db, session=None):
+    """The stored messages as dicts (session_id, seq, sender, handle, text, raw, note)."""
     sql = "SELECT session_id, seq, sender, handle, text, raw, note FROM messages"
     if session is not None:
-        return db_rows(db, sql + " WHERE session_id = ? ORDER BY seq", (session,))
-    return db_rows(db, sql + " ORDER BY id")
+        return db_dicts(db, sql + " WHERE session_id = ? ORDER BY seq", (session,))
+    return db_dicts(db, sql + " ORDER BY id")
 
 
 def session(db, sid):
-    return db_rows(
-        db,
-        "SELECT handle, end_reason, client_messages, server_messages, ended_at, client_host, "
-        "client_port, server_port FROM sessions WHERE id = ?",
-        (sid,),
-    )[0]
+    (row,) = db_dicts(db, "SELECT * FROM sessions WHERE id = ?", (sid,))
+    return row
 
 
 def test_full_chat_raw_socket(server):
@@ -41,15 +36,16 @@ def test_full_chat_raw_socket(server):
     c.sendall(b"brandon>\\quit\n\0")
     server.wait_for(r"client has quit \(session 1, 2 messages each way\)")
     assert c.recv(100) == b""
-    assert [m[2:5] for m in messages(server.db)] == [
+    assert [(m["sender"], m["handle"], m["text"]) for m in messages(server.db)] == [
         ("client", "brandon", "hello server"),
         ("server", "SERVER", "why hello client"),
         ("client", "brandon", "how are you"),
         ("server", "SERVER", "good"),
     ]
-    handle, reason, cm, sm, ended, host, port, sport = session(server.db, 1)
-    assert (handle, reason, cm, sm, host, sport) == ("brandon", "client-quit", 2, 2, "127.0.0.1", server.port)
-    assert port == c.getsockname()[1] and ended
+    s = session(server.db, 1)
+    assert (s["handle"], s["end_reason"], s["client_messages"], s["server_messages"]) == ("brandon", "client-quit", 2, 2)
+    assert (s["client_host"], s["client_port"], s["server_port"]) == ("127.0.0.1", c.getsockname()[1], server.port)
+    assert s["ended_at"]
     assert server.output.index("connected to: 127.0.0.1 port") < server.output.index("brandon>hello")
 
 
@@ -58,10 +54,10 @@ def test_every_message_is_committed_before_it_is_shown(server):
     c.sendall(b"bob>first\n\0")
     server.wait_for("^bob>first$")
     # the console line is printed after the commit: it must be in the file already
-    assert messages(server.db)[0][4] == "first"
+    assert messages(server.db)[0]["text"] == "first"
     server.say("reply")
     recv_until(c, b"\n")
-    assert messages(server.db)[1][4] == "reply"
+    assert messages(server.db)[1]["text"] == "reply"
 
 
 def test_server_quit(server):
@@ -72,7 +68,7 @@ def test_server_quit(server):
     assert recv_until(c, b"\\quit\n") == ending("The server closed the chat.")
     assert c.recv(10) == b""
     server.wait_for(r"chat ended by the server \(session 1")
-    assert session(server.db, 1)[1] == "server-quit"
+    assert session(server.db, 1)["end_reason"] == "server-quit"
     server.wait_for("Awaiting client connections", start=5)
 
 
@@ -83,7 +79,8 @@ def test_disconnect_while_operator_types_is_noticed_at_once(server):
     t0 = time.time()
     c.close()  # the operator has not answered
     server.wait_for(r"client has disconnected \(session 1, 1 from the client, 0 from the server\)")
-    reason, ended = session(server.db, 1)[1], session(server.db, 1)[4]
+    s = session(server.db, 1)
+    reason, ended = s["end_reason"], s["ended_at"]
     assert reason == "disconnect"
     from datetime import datetime
 
@@ -124,13 +121,13 @@ def test_second_client_waits_and_is_served_with_nothing_lost(server):
     server.say("hi bob")
     # "your chat has begun" rides in the same write as the first answer
     assert recv_until(b, b"hi bob\n") == b"SERVER>*** Your chat has begun.\nSERVER>hi bob\n"
-    assert [m[:5] for m in messages(server.db, 2)] == [
-        (2, 1, "client", "bob", "i was waiting"),
-        (2, 2, "client", "bob", "still there?"),
-        (2, 3, "server", "SERVER", "hi bob"),
+    assert [(m["seq"], m["sender"], m["handle"], m["text"]) for m in messages(server.db, 2)] == [
+        (1, "client", "bob", "i was waiting"),
+        (2, "client", "bob", "still there?"),
+        (3, "server", "SERVER", "hi bob"),
     ]
-    served_at, started_at = db_rows(server.db, "SELECT served_at, started_at FROM sessions WHERE id=2")[0]
-    assert served_at > started_at
+    queued = session(server.db, 2)
+    assert queued["served_at"] > queued["started_at"]
 
 
 def test_queue_full_is_told_busy_and_recorded(start_server):
@@ -146,7 +143,7 @@ def test_queue_full_is_told_busy_and_recorded(start_server):
     assert c.recv(10) == b""
     server.wait_for(r"refused 127.0.0.1 port \d+: 1 already waiting")
     # a refusal is counted per address and minute, not a session of its own
-    assert db_rows(server.db, "SELECT count(*) FROM sessions")[0][0] == 2
+    assert db_rows(server.db, "SELECT count(*) FROM sessions") == [(2,)]
     b.close()
     a.close()
 
@@ -158,7 +155,7 @@ def test_idle_client_is_dropped_and_next_served(start_server):
     server.wait_for("is waiting")
     assert recv_until(idle, b"\\quit\n", timeout=5) == ending("No message for 0.5 s: timed out.")
     server.wait_for(r"client timed out after 0.5s on its turn \(session 1")
-    assert session(server.db, 1)[1] == "timeout"
+    assert session(server.db, 1)["end_reason"] == "timeout"
     nxt.sendall(b"n>hello\n\0")
     server.wait_for("^n>hello$")
 
@@ -185,7 +182,7 @@ def test_trickling_client_is_dropped_after_the_idle_timeout(start_server):
             break
     server.wait_for("client timed out", timeout=5)
     assert time.monotonic() - start < 3
-    assert session(server.db, 1)[1] == "timeout"
+    assert session(server.db, 1)["end_reason"] == "timeout"
 
 
 @pytest.mark.parametrize(
@@ -207,12 +204,12 @@ def test_tolerant_framing(server, sent, expected):
     c.sendall(sent)
     wait_until(lambda: len(messages(server.db)) >= len(expected))
     got = messages(server.db)
-    assert [(m[3], m[4]) for m in got] == expected
+    assert [(m["handle"], m["text"]) for m in got] == expected
     canonical = [f"{h}>{t}\n\0".encode() for h, t in expected]
     for m, canon in zip(got, canonical, strict=True):
         # raw is stored exactly when the bytes differ from the canonical form
-        if m[5] is not None:
-            assert m[5] != canon
+        if m["raw"] is not None:
+            assert m["raw"] != canon
 
 
 def test_raw_bytes_keep_everything(server):
@@ -220,7 +217,7 @@ def test_raw_bytes_keep_everything(server):
     c = server.connect()
     c.sendall(sent)
     wait_until(lambda: messages(server.db))
-    assert messages(server.db)[0][5] == sent
+    assert messages(server.db)[0]["raw"] == sent
 
 
 def test_byte_at_a_time_and_split_multibyte(server):
@@ -240,7 +237,7 @@ def test_nc_user_attributed_to_last_handle(server):
     recv_until(c, b"\n")
     c.sendall(b"no prefix now\n")
     server.wait_for("^bob>no prefix now$")
-    assert messages(server.db)[-1][3] == "bob"
+    assert messages(server.db)[-1]["handle"] == "bob"
 
 
 def test_hostile_text_is_inert_on_the_console(server):
@@ -249,7 +246,7 @@ def test_hostile_text_is_inert_on_the_console(server):
     line = server.wait_for("^bob>")
     assert "\x1b" not in server.output and "\x07" not in server.output
     assert line == "bob>\\x1b[2J\\x1b]0;pwn\\x07[bold]x[/] \\u202e"
-    assert messages(server.db)[0][4] == "\x1b[2J\x1b]0;pwn\x07[bold]x[/] \u202e"
+    assert messages(server.db)[0]["text"] == "\x1b[2J\x1b]0;pwn\x07[bold]x[/] \u202e"
 
 
 def test_overlong_line_ends_the_session_and_memory_stays_bounded(server):
@@ -263,7 +260,7 @@ def test_overlong_line_ends_the_session_and_memory_stays_bounded(server):
     server.wait_for(r"client dropped for a line that is too long \(session 1")
     (text, note), = db_rows(server.db, "SELECT text, note FROM messages")
     assert len(text) == 8192 and note.startswith("line cut at 8192 bytes")
-    assert session(server.db, 1)[1] == "overlong"
+    assert session(server.db, 1)["end_reason"] == "overlong"
     status = open(f"/proc/{server.proc.pid}/status").read()
     rss_kb = int(status.split("VmRSS:")[1].split()[0])
     assert rss_kb < 200_000
@@ -287,9 +284,9 @@ def test_signal_closes_the_session_cleanly(server, sig):
     server.signal(sig)
     assert server.wait() == 0
     assert recv_until(c, b"\\quit\n") == ending("The server shut down.")
-    assert session(server.db, 1)[1] == "shutdown"
+    assert session(server.db, 1)["end_reason"] == "shutdown"
     assert f"Server stopped ({sig.name})" in server.output
-    assert "Traceback" not in server.proc.stderr.read().decode()
+    assert "Traceback" not in server.stderr_text()
 
 
 def test_sigint_while_idle(server):
@@ -304,29 +301,23 @@ def test_end_of_operator_input_quits_and_stops(server):
     server.end_input()
     assert recv_until(c, b"\\quit\n") == ending("The server closed the chat.")
     assert server.wait() == 0
-    assert session(server.db, 1)[1] == "server-quit"
+    assert session(server.db, 1)["end_reason"] == "server-quit"
 
 
-def test_piped_script_of_answers(tmp_path):
+def test_piped_script_of_answers(start_server):
     """printf 'hi\\nbye\\n' | chatlog serve PORT: one answer per turn, in order."""
-    db = tmp_path / "p.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(db), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-    )
-    proc.stdin.write(b"hi\nbye\n")
-    proc.stdin.close()
-    line = proc.stdout.readline().decode()
-    port = int(line.rsplit("port ", 1)[1])
-    c = socket.create_connection(("127.0.0.1", port))
+    server = start_server()
+    server.say("hi")
+    server.say("bye")
+    server.end_input()
+    c = server.connect()
     replies = []
     for text in (b"one", b"two", b"three"):
         c.sendall(b"bob>" + text + b"\n\0")
         replies.append(recv_until(c, b"\n" if text != b"three" else b"\\quit\n"))
     assert replies == [b"SERVER>hi\n", b"SERVER>bye\n", ending("The server closed the chat.")]
-    assert proc.wait(10) == 0
-    out = proc.stdout.read().decode()
-    assert "SERVER>hi\n" in out and "SERVER>bye\n" in out
+    assert server.wait() == 0
+    assert "SERVER>hi" in server.lines and "SERVER>bye" in server.lines
 
 
 def test_restart_closes_orphans_as_interrupted(start_server, tmp_path):
@@ -339,7 +330,7 @@ def test_restart_closes_orphans_as_interrupted(start_server, tmp_path):
     first.proc.wait()
     second = start_server(db=db)
     second.wait_for(r"closed 1 session left open by a server that stopped unexpectedly, as interrupted", start=0)
-    assert session(db, 1)[1] == "interrupted"
+    assert session(db, 1)["end_reason"] == "interrupted"
 
 
 def test_restart_on_the_same_port_at_once(start_server, tmp_path):
@@ -347,23 +338,9 @@ def test_restart_on_the_same_port_at_once(start_server, tmp_path):
     c = first.connect()
     c.sendall(b"bob>hi\n\0")
     first.wait_for("^bob>hi$")
-    port = first.port
     first.stop()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatlog", "serve", str(port), "--db", str(tmp_path / "r.db"), "--bind", "127.0.0.1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-    )
-    try:
-        assert f"port {port}" in proc.stdout.readline().decode()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def run_cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT, timeout=20, **kw
-    )
+    again = start_server(port=first.port, db=tmp_path / "r.db")
+    assert again.port == first.port
 
 
 def test_port_in_use(tmp_path):
@@ -371,24 +348,24 @@ def test_port_in_use(tmp_path):
     s.bind(("127.0.0.1", 0))
     s.listen()
     port = s.getsockname()[1]
-    r = run_cli("serve", str(port), "--bind", "127.0.0.1", "--db", str(tmp_path / "x.db"), input="")
-    assert r.returncode == 1
+    r = run_chatlog(tmp_path / "x.db", "serve", str(port), "--bind", "127.0.0.1", input="", process=True)
+    assert r.exit_code == 1
     assert r.stderr.strip() == f"chatlog: cannot listen on port {port}: address already in use"
     s.close()
 
 
 @pytest.mark.parametrize("port", ["70000", "99999999", "http"])
 def test_bad_port(tmp_path, port):
-    r = run_cli("serve", port, "--db", str(tmp_path / "x.db"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_chatlog(tmp_path / "x.db", "serve", port, process=True)
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
     assert "Invalid value for 'PORT'" in r.stderr
 
 
 def test_unwritable_database(tmp_path):
     blocker = tmp_path / "f"
     blocker.write_text("")
-    r = run_cli("serve", "0", "--db", str(blocker / "chat.db"), input="")
-    assert r.returncode == 1
+    r = run_chatlog(blocker / "chat.db", "serve", "0", input="", process=True)
+    assert r.exit_code == 1
     assert r.stderr.startswith("chatlog: cannot create the database") and "Traceback" not in r.stderr
 
 
@@ -431,8 +408,8 @@ def _newer(path):
 def test_bad_database_files(tmp_path, make, message):
     bad = tmp_path / "bad.db"
     make(bad)
-    r = run_cli("serve", "0", "--db", str(bad), input="")
-    assert r.returncode == 1
+    r = run_chatlog(bad, "serve", "0", input="", process=True)
+    assert r.exit_code == 1
     assert r.stderr.startswith(f"chatlog: {bad}") and message in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
@@ -442,7 +419,7 @@ def test_console_colors(start_server):
     c = colored.connect()
     c.sendall(b"bob>hi\n\0")
     line = colored.wait_for("bob")
-    assert "\x1b[" in line and line.endswith(">\x1b[0mhi") or "\x1b[" in line
+    assert re.fullmatch(r"\x1b\[[0-9;]+mbob>\x1b\[0mhi", line), repr(line)  # the handle colored, not the text
 
 
 def test_plain_console_into_a_pipe(server):
@@ -464,7 +441,7 @@ def test_sigint_during_the_clients_turn(server):
     assert recv_until(c, b"\\quit\n") == ending("The server shut down.")
     rows = db_rows(server.db, "SELECT sender, text FROM messages ORDER BY seq")
     assert rows == [("client", "hi"), ("server", "your turn"), ("client", "half a mess")]
-    assert session(server.db, 1)[1] == "shutdown"
+    assert session(server.db, 1)["end_reason"] == "shutdown"
 
 
 def _has_ipv6_loopback():
@@ -484,43 +461,30 @@ def test_ipv6(start_server):
     c.sendall(b"six>over ipv6\n\0")
     server.wait_for("^connected to: ::1 port")
     server.wait_for("^six>over ipv6$")
-    assert session(server.db, 1)[5] == "::1"
+    assert session(server.db, 1)["client_host"] == "::1"
 
 
-def test_operator_input_from_a_file(tmp_path):
+def test_operator_input_from_a_file(start_server, tmp_path):
     """`chatlog serve PORT < replies.txt` (epoll cannot watch a regular file)."""
     replies = tmp_path / "replies.txt"
     replies.write_text("why hello client\ngood\n")
-    with open(replies, "rb") as stdin:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        )
-    port = int(proc.stdout.readline().decode().rsplit("port ", 1)[1])
-    c = socket.create_connection(("127.0.0.1", port))
+    server = start_server(stdin=replies)
+    c = server.connect()
     got = []
     for text in (b"one", b"two", b"three"):
         c.sendall(b"bob>" + text + b"\n\0")
         got.append(recv_until(c, b"\n" if text != b"three" else b"\\quit\n"))
     assert got == [b"SERVER>why hello client\n", b"SERVER>good\n", ending("The server closed the chat.")]
-    assert proc.wait(10) == 0
-    assert b"Traceback" not in proc.stderr.read()
-    out = proc.stdout.read().decode()
-    assert out.rstrip().endswith("Operator input ended; server stopped")
+    assert server.wait() == 0
+    assert "Traceback" not in server.stderr_text()
+    assert server.lines[-2:] == ["Operator input ended; server stopped", None]
 
 
-@pytest.mark.parametrize("source", ["devnull", "empty-pipe"])
-def test_operator_input_that_ends_with_no_client_stops_the_server_at_once(tmp_path, source):
+@pytest.mark.parametrize("source", ["devnull", "closed"])
+def test_operator_input_that_ends_with_no_client_stops_the_server_at_once(start_server, source):
     """The README says the server stops when its input ends: even with nobody connected (it
     used to keep listening and answer the next client with an immediate \\quit)."""
-    cmd = [sys.executable, "-m", "chatlog", "serve", "0", "--db", str(tmp_path / "f.db"), "--bind", "127.0.0.1"]
-    if source == "devnull":
-        with open(os.devnull, "rb") as stdin:
-            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    else:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-        proc.stdin.close()
-    assert proc.wait(10) == 0
-    out = proc.stdout.read().decode()
-    assert out.rstrip().endswith("Operator input ended; server stopped")
-    assert b"Traceback" not in proc.stderr.read()
+    server = start_server(stdin=source, ready=False)
+    assert server.wait() == 0
+    assert server.lines[-2:] == ["Operator input ended; server stopped", None]
+    assert "Traceback" not in server.stderr_text()

@@ -60,7 +60,7 @@ class Locker:
 def test_busy_store_is_waited_on_and_nothing_is_lost(tmp_path):
     path = tmp_path / "busy.db"
     calls = []
-    rec = Recorder(connect(path), on_wait=calls.append)
+    rec = Recorder(connect(path), on_wait=lambda seconds, resumed: calls.append((seconds, resumed)))
     sid = rec.begin_session("127.0.0.1", 1, "127.0.0.1", 2, time.time(), served=True)
     locker = Locker(path)
     result = {}
@@ -74,12 +74,12 @@ def test_busy_store_is_waited_on_and_nothing_is_lost(tmp_path):
     th = threading.Thread(target=write)
     th.start()
     wait_until(lambda: calls, timeout=10)  # told once the wait passes 1.5 s
-    assert len(calls) == 1 and calls[0] >= 1.5
+    assert len(calls) == 1 and calls[0][0] >= 1.5 and calls[0][1] is False
     assert th.is_alive()  # still waiting, not failed
     locker.release()
     th.join(10)
     assert result == {"seq": 1}
-    assert calls[1:] == [None]
+    assert len(calls) == 2 and calls[1][1] is True and calls[1][0] >= calls[0][0]
     assert db_rows(path, "SELECT text FROM messages") == [("waited for",)]
     rec.close()
 
@@ -138,8 +138,8 @@ def test_full_disk_in_the_server_is_one_line_not_a_traceback(tiny_fs, start_serv
                 server.say("z" * 3000)
         except OSError:
             pass
-    server.proc.wait(20)
-    err = server.proc.stderr.read().decode()
+    server.wait(20)
+    err = server.stderr_text()
     assert "Traceback" not in err and "Traceback" not in server.output
     assert err.startswith(f"chatlog: cannot write the database {db}: disk is full") and err.count("\n") == 1
 

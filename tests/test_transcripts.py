@@ -12,10 +12,7 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
-from conftest import ROOT
-
-from chatlog.cli import cli
+from conftest import ROOT, run_chatlog
 from storebuild import open_store
 
 HOSTILE = [
@@ -61,9 +58,7 @@ def db(tmp_path):
     return path
 
 
-def run(db, *args, input=None):
-    result = CliRunner().invoke(cli, [*args, "--db", str(db)], input=input, catch_exceptions=False)
-    return result
+run = run_chatlog
 
 
 def no_raw_controls(text):
@@ -206,7 +201,7 @@ def test_replay_keeps_to_an_absolute_clock():
 
 def _wal_can_restart(path):
     """Whether a writer could start the WAL over now: not while a reader holds a snapshot."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)  # busy at once, not after 5 s
     try:
         conn.execute("INSERT INTO sessions (started_at) VALUES ('2026-01-01T00:00:00.000000+00:00')")
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
@@ -355,12 +350,7 @@ def test_large_export_streams_with_flat_memory(tmp_path):
     path = tmp_path / "big.db"
     s = open_store(path)
     sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
-    s.conn.execute("BEGIN")
-    s.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'bob', ?)",
-        ((sid, i, t(0), f"message {i} " + "x" * 200) for i in range(1, 200_001)),
-    )
-    s.conn.execute("COMMIT")
+    s.add_lines(sid, "client", "bob", 200_000, at=t(0), text="message %d " + "x" * 200)
     s.end_session(sid, "client-quit")
     s.close()
     code = (
@@ -433,7 +423,7 @@ def test_prune(db):
 def test_path_and_env(db, monkeypatch):
     assert run(db, "path").output.strip() == str(db)
     monkeypatch.setenv("CHATLOG_DB", str(db))
-    assert CliRunner().invoke(cli, ["path"]).output.strip() == str(db)
+    assert run_chatlog(None, "path").output.strip() == str(db)
 
 
 def test_backup_is_a_consistent_copy_while_writing(db, tmp_path):
@@ -686,12 +676,7 @@ def test_export_progress_bar_on_a_terminal_stderr(tmp_path):
     path = tmp_path / "long.db"
     s = open_store(path)
     sid = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
-    s.conn.execute("BEGIN")
-    s.conn.executemany(
-        "INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', 'bob', 'hi')",
-        ((sid, i, t(0)) for i in range(1, 30_001)),
-    )
-    s.conn.execute("COMMIT")
+    s.add_lines(sid, "client", "bob", 30_000, at=t(0), text="hi")
     s.end_session(sid, "client-quit")
     s.close()
     out = tmp_path / "long.csv"
