@@ -80,6 +80,7 @@ def generate(path, sessions, per_session, seed=1):
             conn.execute("BEGIN")
     conn.execute("COMMIT")
     conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('rebuild')")
+    conn.execute("UPDATE fts_progress SET upto = (SELECT coalesce(max(id), 0) FROM messages)")  # all indexed
     for (sql,) in triggers:
         conn.execute(sql)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

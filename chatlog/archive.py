@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from chatlog import indexer
 from chatlog.db import (
     _FILE_TROUBLE,
     DB,
@@ -57,6 +58,7 @@ DELETING = "deleting != 0"
 MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
 
 
+SEARCH_CATCH_UP = 2.0  # seconds a search spends at most indexing new messages (normally < 1 s of them)
 DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
 DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
 
@@ -75,6 +77,7 @@ class Archive:
         self.db = db
         self.conn = db.conn
         self.path: Path = db.path
+        self.unindexed = 0  # messages the last search could not see: not indexed yet
 
     def close(self) -> None:
         self.db.close()
@@ -148,10 +151,15 @@ class Archive:
 
         `query` is what a person types (see `fts_query`): words, "an exact phrase", prefix*;
         with `raw` it is SQLite FTS5 syntax (AND, OR, NOT, NEAR). `since`/`until` are stored-
-        format times (`until` excluded). A query that cannot run is one BadQuery line."""
+        format times (`until` excluded). A query that cannot run is one BadQuery line.
+
+        The newest messages are indexed first (a running server indexes them in the background,
+        about every half second); in an archive that cannot be written they are not, and
+        `self.unindexed` says how many messages the search could not see."""
         fts = query if raw else fts_query(query)
         if not fts.strip():
             raise BadQuery("empty search query")
+        self.unindexed = self.catch_up_index()
         clauses, args = ["messages_fts MATCH ?"], [fts]
         if handle is not None:
             clauses.append("m.handle = ?")
@@ -195,6 +203,20 @@ class Archive:
         if count:
             return rows[0][0]
         return [(Msg(*row[:-1]), row[-1]) for row in rows]
+
+    def catch_up_index(self, seconds: float = SEARCH_CATCH_UP) -> int:
+        """Index the messages the search index does not reach yet (for at most `seconds`, and
+        only when the archive can be written); returns how many searchable ones are still left."""
+        try:
+            if not self.db.read_only:
+                indexer.catch_up(self.conn, seconds)
+            return indexer.pending(self.conn, searchable=True)
+        except sqlite3.Error:
+            # Cannot be written after all (a full disk, a read-only mount): search what is indexed.
+            try:
+                return indexer.pending(self.conn, searchable=True)
+            except sqlite3.Error as exc:
+                raise StoreError(describe_error(self.path, exc)) from exc
 
     def export_rows(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[tuple]]]:
         """Each chosen session with its messages as plain tuples (in `Msg` field order), streamed

@@ -655,6 +655,12 @@ def search(query, raw, handle, since, until, limit, best, count, utc, as_json, a
                             count=count)
     except BadQuery as exc:
         raise Failed(str(exc)) from None
+    if store.unindexed:
+        n = store.unindexed
+        what = "the newest message is" if n == 1 else f"the {n} newest messages are"
+        why = " (the archive is read-only here)" if store.db.read_only else ""
+        click.echo(f"chatlog: {what} not indexed yet{why}, so this search did not see {'it' if n == 1 else 'them'}",
+                   err=True)
     if count:
         click.echo(str(hits))
         return

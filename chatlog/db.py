@@ -13,7 +13,7 @@ import struct
 import threading
 from pathlib import Path
 
-from chatlog import schema
+from chatlog import indexer, schema
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # The WAL size at which the writer makes it start over (see DB.restart_wal): only a flood of
@@ -208,7 +208,8 @@ class DB:
         With SQLite's automatic checkpoints, every ~1000 pages one commit pays for copying the
         WAL into the database and an fsync: milliseconds, on the chat turn. Here the writer only
         appends to the WAL, and a second connection checkpoints passively (never blocking the
-        writer) twice a second.
+        writer) twice a second. Before each checkpoint it adds the new messages to the search
+        index (chatlog.indexer), in chunks of a few milliseconds each.
         """
         if self._checkpointer is not None:
             return
@@ -226,9 +227,10 @@ class DB:
                 return
             try:
                 while True:
+                    left = index_some(conn, interval)
                     checkpoint(conn)
                     self.checkpoints += 1
-                    if stop.wait(interval):
+                    if stop.wait(0 if left else interval):
                         break
             finally:
                 conn.close()
@@ -249,6 +251,16 @@ class DB:
                 self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         except (OSError, sqlite3.Error):
             pass
+
+
+def index_some(conn: sqlite3.Connection, seconds: float) -> int:
+    """The background checkpointer's indexing: what is pending, for at most `seconds`, each chunk
+    its own short transaction followed by a pause as long, so the server's commits go first.
+    Returns how many messages are left to index (0 too when it could not: the next pass tries)."""
+    try:
+        return indexer.catch_up(conn, seconds, pause=True)
+    except sqlite3.Error:
+        return 0  # a store that cannot be written: the server's own writes report it
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:

@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from chatlog import indexer
 from chatlog.db import DB, ServerLocks, StoreFailed, connect, failure_line, hostname, is_busy
 from chatlog.records import iso
 from chatlog.schema import message_count
@@ -27,6 +28,7 @@ from chatlog.schema import message_count
 WAL_CHECK_EVERY = 1000  # commits between looks at the WAL's size (see DB.restart_wal)
 WAIT_NOTICE = 1.5  # seconds of waiting on a busy database before the operator is told
 BUSY_TIMEOUT_MS = 50  # SQLite's own wait per attempt: short, so a signal is handled promptly
+CLOSE_INDEX_SECONDS = 10.0  # at most this long indexing what is pending when the server stops
 RAW_KEEP = 1024  # bytes of a message's raw form kept; the rest is counted in its note
 
 _FINAL_COUNTS = (
@@ -129,7 +131,8 @@ class Recorder:
     def start(self, host: str, port: int, at: float) -> tuple[int, int]:
         """Called once the server listens: records this server and takes its liveness lock,
         closes the sessions left open by servers no longer alive (as `interrupted`; a live
-        server's sessions are left alone), and starts the background checkpointer.
+        server's sessions are left alone), and starts the background checkpointer (which also
+        indexes for search what a server killed before it could left unindexed).
         Returns (server id, orphans closed)."""
         self._locks = ServerLocks(self.path, create=True)
         if self._locks.fd is None:
@@ -180,6 +183,12 @@ class Recorder:
             return self._close_orphans()
 
     def close(self) -> None:
+        """Index every message still pending (see chatlog.indexer), so a server that stops leaves
+        a complete search index; record the stop; close."""
+        try:
+            indexer.catch_up(self.conn, CLOSE_INDEX_SECONDS)
+        except sqlite3.Error:
+            pass  # a store that cannot be written: the next start, or a search, catches up
         if self.server_id is not None:
             try:
                 self._run("UPDATE servers SET stopped_at = ? WHERE id = ?", (iso(time.time()), self.server_id))

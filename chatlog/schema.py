@@ -309,6 +309,42 @@ def m007_stats_totals(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m008_fts_in_background(conn: sqlite3.Connection) -> None:
+    # The search index is no longer kept by an insert trigger, which tripled the cost of every
+    # commit on the chat path: chatlog.indexer adds new rows in small chunks in the background, and
+    # fts_progress.upto says how far it has come (every non-event row with id <= upto is indexed,
+    # none above it). The rows there now were indexed by the old trigger.
+    # Deleting or changing a row must touch the index only for a row that is in it: an external-
+    # content FTS5 'delete' for a row never indexed corrupts the index. And ids must never be
+    # reused below `upto` (INTEGER PRIMARY KEY gives max(id) + 1): when deleting the newest rows
+    # leaves `upto` above max(id), it comes down to max(id).
+    run_script(
+        conn,
+        """
+        DROP TRIGGER IF EXISTS "messages_ai";
+        DROP TRIGGER IF EXISTS "messages_ad";
+        DROP TRIGGER IF EXISTS "messages_au";
+        CREATE TABLE "fts_progress" ("upto" INTEGER NOT NULL);
+        INSERT INTO "fts_progress" ("upto") SELECT coalesce(max(id), 0) FROM "messages";
+        CREATE TRIGGER "messages_ad" AFTER DELETE ON "messages" BEGIN
+          INSERT INTO "messages_fts" ("messages_fts", rowid, "text")
+            SELECT 'delete', old.rowid, old."text"
+            WHERE old.sender != 'event' AND old.id <= (SELECT upto FROM "fts_progress");
+          UPDATE "fts_progress" SET upto = (SELECT coalesce(max(id), 0) FROM "messages")
+            WHERE upto > (SELECT coalesce(max(id), 0) FROM "messages");
+        END;
+        CREATE TRIGGER "messages_au" AFTER UPDATE ON "messages" BEGIN
+          INSERT INTO "messages_fts" ("messages_fts", rowid, "text")
+            SELECT 'delete', old.rowid, old."text"
+            WHERE old.sender != 'event' AND old.id <= (SELECT upto FROM "fts_progress");
+          INSERT INTO "messages_fts" (rowid, "text") SELECT new.rowid, new."text"
+            WHERE new.sender != 'event' AND new.id <= (SELECT upto FROM "fts_progress");
+        END;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from chatlog import indexer
 from chatlog.archive import Archive
 from chatlog.db import connect
 from chatlog.records import iso, parse_iso
@@ -58,6 +59,11 @@ class Built(Archive):
 
     def close_orphans(self, at=None):
         return self.rec.close_orphans(_ts(at))
+
+    def close(self):
+        """Index what is pending, as a server does when it stops (`self.db.close()` does not)."""
+        indexer.catch_up(self.conn, 10)
+        super().close()
 
 
 def open_store(path, **kwargs) -> Built:
