@@ -85,7 +85,7 @@ def turn_cost():
     ratio = tps_med / etps_med
     row(f"turns/s ({n:,} turns, {runs} runs)", tps, f"{etps} bare echo", f"{ratio:.2f}", ">= 0.33", ratio >= 1 / 3)
     ftps, ftps_med = spread([r["turns_per_s"] for r in floor])
-    row("turns/s, bare echo + 2 Store commits a turn", ftps, f"{etps} bare echo", f"{ftps_med / etps_med:.2f}",
+    row("turns/s, bare echo + 2 recorder commits a turn", ftps, f"{etps} bare echo", f"{ftps_med / etps_med:.2f}",
         "(the floor)", "")
     p50, _ = spread([r["p50_us"] for r in ours])
     p99, p99_med = spread([r["p99_us"] for r in ours])
@@ -148,7 +148,7 @@ def logging_cost():
         plain.append(logcost.sqlite_rate(n))
     s, s_med = spread(store)
     p, p_med = spread(plain)
-    row("commits/s, Store.add_message", s, f"{p} plain sqlite3", f"{p_med / s_med:.2f}x", "<= 1.3x",
+    row("commits/s, Recorder.add_message", s, f"{p} plain sqlite3", f"{p_med / s_med:.2f}x", "<= 1.3x",
         p_med / s_med <= 1.3)
 
 
