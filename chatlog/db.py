@@ -11,6 +11,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from pathlib import Path
 
 from chatlog import indexer, schema
@@ -20,6 +21,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 # messages with no pause for the background checkpointer reaches it.
 WAL_RESTART_BYTES = 64 * 1024 * 1024
 WAL_SIZE_LIMIT = 8 * 1024 * 1024  # and truncate the file back to this after a restart
+INDEX_WHEN_IDLE = 0.05  # seconds without a commit before the search index is caught up in full
 
 
 class StoreError(Exception):
@@ -192,6 +194,11 @@ class DB:
         self.checkpoints = 0  # passes the background checkpointer has made
         self.restart_bytes = WAL_RESTART_BYTES
         self._checkpointer: threading.Event | None = None
+        self.last_write = 0.0  # when the writer last committed (time.monotonic)
+
+    def wrote(self) -> None:
+        """The writer committed (the checkpointer indexes at full speed only when it pauses)."""
+        self.last_write = time.monotonic()
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -227,10 +234,14 @@ class DB:
                 return
             try:
                 while True:
-                    left = index_some(conn, interval)
+                    # While the chat is busy (a commit in the last INDEX_WHEN_IDLE seconds), one
+                    # chunk a pass: the backlog moves, and the chat's commits almost never wait
+                    # on it. When it pauses, as people do, the rest.
+                    busy = time.monotonic() - self.last_write < INDEX_WHEN_IDLE
+                    left = index_some(conn, 0.0 if busy else interval)
                     checkpoint(conn)
                     self.checkpoints += 1
-                    if stop.wait(0 if left else interval):
+                    if stop.wait(interval if busy or not left else 0):
                         break
             finally:
                 conn.close()

@@ -122,6 +122,7 @@ class Recorder:
         self._committed()
 
     def _committed(self) -> None:
+        self.db.wrote()
         self._commits += 1
         if self._commits % WAL_CHECK_EVERY == 0 and self.db.checkpointing:
             self.db.restart_wal()
