@@ -162,7 +162,7 @@ class Turns:
         same_host = sum(1 for p in self.queue if p.host == ev.host)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
-                f"{len(self.queue)} already waiting" if len(self.queue) >= self.max_waiting
+                f"the queue is full ({self.max_waiting} may wait)" if len(self.queue) >= self.max_waiting
                 else f"{same_host} from {ev.host} already waiting"
             )
             return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, NOTICES["busy"], why)]

@@ -141,7 +141,7 @@ def test_queue_full_is_told_busy_and_recorded(start_server):
     data = recv_until(c, b"\\quit\n")
     assert data == ending("The server is busy; try again later.")
     assert c.recv(10) == b""
-    server.wait_for(r"refused 127.0.0.1 port \d+: 1 already waiting")
+    server.wait_for(r"refused 127.0.0.1 port \d+: the queue is full \(1 may wait\)")
     # a refusal is counted per address and minute, not a session of its own
     assert db_rows(server.db, "SELECT count(*) FROM sessions") == [(2,)]
     b.close()
