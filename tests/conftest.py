@@ -383,3 +383,23 @@ def db_rows(db, sql, args=()):
         return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Factory: tmpfs(size) mounts a real, small tmpfs and returns its path (needs root; skipped
+    otherwise). Unmounted afterwards."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"mnt{len(mounts)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

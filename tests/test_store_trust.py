@@ -100,15 +100,9 @@ def test_busy_store_gives_up_when_told_to_stop(tmp_path):
 
 
 @pytest.fixture
-def tiny_fs(tmp_path):
+def tiny_fs(tmpfs):
     """A real, small tmpfs (needs root; skipped otherwise)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    return tmpfs("400k")
 
 
 def test_full_disk_is_one_clear_line(tiny_fs):
