@@ -397,12 +397,13 @@ def serve(
     PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP closes the current chat
     cleanly. Every message is committed before it is shown or answered.
     """
+    from chatlog import modes
     from chatlog.config import db_path
     from chatlog.db import StoreError
     from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
-    from chatlog.server import MAX_OUTBUF, ROOM_OUTBUF, ServeError, listen, raise_open_files_limit
     from chatlog.server import serve as run_server
+    from chatlog.transport import ServeError, listen, raise_open_files_limit
 
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
@@ -411,25 +412,16 @@ def serve(
     try:
         raise_open_files_limit()
         if room:
-            from chatlog.room import Room
-
-            policy = Room(
-                handle=handle, max_clients=max_clients, rate=rate, burst=burst,
-                **({} if per_address is None else {"per_address": per_address}),
+            mode = modes.room_mode(
+                recorder, handle=handle, max_clients=max_clients, per_address=per_address, rate=rate, burst=burst,
             )
-            sockets = listen(bind, port, backlog=4096)
         else:
-            from chatlog.turns import Turns
-
-            policy = Turns(
-                handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
-                max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
+            mode = modes.chat_mode(
+                recorder, handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
+                max_waiting=max_waiting, per_address=per_address,
             )
-            sockets = listen(bind, port)
-        run_server(
-            recorder, sockets, policy, Renderer(color=color), sys.stdin, bind=bind, room=room,
-            max_outbuf=ROOM_OUTBUF if room else MAX_OUTBUF,
-        )
+        sockets = listen(bind, port, backlog=mode.backlog)
+        run_server(mode, sockets, Renderer(color=color), sys.stdin, bind=bind)
     except (ServeError, StoreError) as exc:
         raise Failed(str(exc)) from None
     finally:

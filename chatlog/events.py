@@ -21,14 +21,42 @@ relayed line, and a frozen dataclass takes four times as long to build (about 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from chatlog.protocol import Message
+
+
+class Event:
+    """What happened: the loop reports it, a policy decides what it means."""
+
+    __slots__ = ()
+
+
+class Decision:
+    """What to do: a policy says it, the loop (and the mode's store) carries it out."""
+
+    __slots__ = ()
+
+
+class StoreWrite(Decision):
+    """A decision with a part the store records; every one of a pass is committed, in one
+    transaction, before anything of that pass is shown or sent."""
+
+    __slots__ = ()
+
 
 # -- events: what happened --------------------------------------------------------------------
 
 
 @dataclass(slots=True)
-class Connected:
+class Started(Event):
+    """The server is listening and its signals are handled: the conversation may begin."""
+
+    at: float
+
+
+@dataclass(slots=True)
+class Connected(Event):
     conn: int
     host: str
     port: int
@@ -36,7 +64,7 @@ class Connected:
 
 
 @dataclass(slots=True)
-class Received:
+class Received(Event):
     """One framed, parsed line from a client."""
 
     conn: int
@@ -45,7 +73,7 @@ class Received:
 
 
 @dataclass(slots=True)
-class Disconnected:
+class Disconnected(Event):
     """The peer closed (or reset) its connection; what it sent before is already Received."""
 
     conn: int
@@ -53,35 +81,37 @@ class Disconnected:
 
 
 @dataclass(slots=True)
-class Stalled:
-    """The client stopped reading: its unsent output passed the loop's bound."""
+class Stalled(Event):
+    """The client stopped reading: its unsent output passed the policy's `sendq` bound (what
+    was queued for it is dropped; it gets nothing more)."""
 
     conn: int
     at: float
+    backlog: int = 0
 
 
 @dataclass(slots=True)
-class OperatorLine:
+class OperatorLine(Event):
     text: str
     at: float
 
 
 @dataclass(slots=True)
-class OperatorEnd:
+class OperatorEnd(Event):
     """The operator's input ended (Ctrl-D, or the end of a piped script)."""
 
     at: float
 
 
 @dataclass(slots=True)
-class Tick:
+class Tick(Event):
     """Time passed: the policy's deadline() was reached."""
 
     at: float
 
 
 @dataclass(slots=True)
-class Stop:
+class Stop(Event):
     """A signal (INT, TERM, HUP) asks the server to stop; `why` is its name."""
 
     why: str
@@ -92,7 +122,7 @@ class Stop:
 
 
 @dataclass(slots=True)
-class Open:
+class Open(StoreWrite):
     """Record a new session for a connection (served at once, or waiting in the queue)."""
 
     conn: int
@@ -103,7 +133,7 @@ class Open:
 
 
 @dataclass(slots=True)
-class Serve:
+class Serve(StoreWrite):
     """Record that a waiting connection's chat has begun."""
 
     conn: int
@@ -111,7 +141,7 @@ class Serve:
 
 
 @dataclass(slots=True)
-class Handle:
+class Handle(StoreWrite):
     """Record the handle a connection first used."""
 
     conn: int
@@ -119,7 +149,7 @@ class Handle:
 
 
 @dataclass(slots=True)
-class Commit:
+class Commit(StoreWrite):
     """Record one message. sender is 'client' or 'server' (or, in a room, 'event': a join or
     leave, text 'joined' or 'left', the end reason in `note`); conn is whose session it belongs
     to. In a room every line belongs to the room's one session: conn is the participant who said
@@ -135,7 +165,7 @@ class Commit:
 
 
 @dataclass(slots=True)
-class Show:
+class Show(Decision):
     """A console line. kind: client, server, operator (the operator's own words: the loop leaves
     them out where the terminal already shows what was typed), event, error or note."""
 
@@ -145,7 +175,7 @@ class Show:
 
 
 @dataclass(slots=True)
-class Send:
+class Send(Decision):
     """Bytes to a client (already formatted and made safe)."""
 
     conn: int
@@ -153,7 +183,7 @@ class Send:
 
 
 @dataclass(slots=True)
-class End:
+class End(StoreWrite):
     """End a connection's session: record `reason`, tell the client `notice` (if any) before
     `\\quit`, close the socket, and show the ending on the console. `waiting` says it ended while
     it waited in the queue."""
@@ -167,7 +197,7 @@ class End:
 
 
 @dataclass(slots=True)
-class Refuse:
+class Refuse(StoreWrite):
     """Turn a new connection away: record it (coalesced per address and minute), tell it
     `notice` and `\\quit`, close it."""
 
@@ -181,7 +211,7 @@ class Refuse:
 
 
 @dataclass(slots=True)
-class Join:
+class Join(StoreWrite):
     """Room: record a participant (its address) joining the room's conversation."""
 
     conn: int
@@ -191,7 +221,7 @@ class Join:
 
 
 @dataclass(slots=True)
-class Broadcast:
+class Broadcast(Decision):
     """Room: the same bytes to every connection in the room but `exclude`."""
 
     data: bytes
@@ -199,7 +229,7 @@ class Broadcast:
 
 
 @dataclass(slots=True)
-class Pause:
+class Pause(Decision):
     """Room: stop reading from `conn` until `until` (its rate limit); nothing is dropped."""
 
     conn: int
@@ -207,24 +237,50 @@ class Pause:
 
 
 @dataclass(slots=True)
-class Prompt:
+class Prompt(Decision):
     """Whether an answer from the operator is wanted now."""
 
     on: bool
 
 
 @dataclass(slots=True)
-class Finish:
+class Finish(Decision):
     """Stop serving; `why` is said on the console."""
 
     why: str
 
 
-Event = Connected | Received | Disconnected | Stalled | OperatorLine | OperatorEnd | Tick | Stop
-Decision = (
-    Open | Serve | Handle | Commit | Show | Send | End | Refuse | Join | Broadcast | Pause | Prompt
-    | Finish
-)
+@dataclass(slots=True)
+class OpenRoom(StoreWrite):
+    """Room: record the room's one session (every line of the run belongs to it)."""
+
+    at: float
+
+
+@dataclass(slots=True)
+class CloseRoom(StoreWrite):
+    """Room: record the end of the room's session."""
+
+    reason: str
+    at: float
+
+
+class Policy(Protocol):
+    """A conversation policy (`turns.Turns`, `room.Room`): events in, decisions out; no I/O."""
+
+    handle: str  # the operator's handle
+    sendq: int  # bytes of unsent output a client may let pile up before it is reported Stalled
+
+    def handle_event(self, event: Event) -> list[Decision]: ...
+
+    def deadline(self) -> float | None:
+        """When the policy next wants a Tick (None: no timer)."""
+
+    def allowance(self, conn: int, now: float) -> int:
+        """How many more lines the policy takes from `conn` now; the rest stays unread."""
+
+    def notice(self, text: str) -> bytes:
+        """A notice line for a client, in the policy's words and handle."""
 
 # The words a client is told before `\quit`, by end reason (docs/protocol.md, "Notices").
 NOTICES = {

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from chatlog.events import (
     NOTICES,
     Broadcast,
+    CloseRoom,
     Commit,
     Connected,
     Decision,
@@ -51,6 +52,7 @@ from chatlog.events import (
     Finish,
     Handle,
     Join,
+    OpenRoom,
     OperatorEnd,
     OperatorLine,
     Pause,
@@ -60,6 +62,7 @@ from chatlog.events import (
     Send,
     Show,
     Stalled,
+    Started,
     Stop,
     Tick,
 )
@@ -70,6 +73,10 @@ MAX_CLIENTS = 10_000
 PER_ADDRESS = 256  # enough for a classroom behind one NAT, or a benchmark on loopback
 RATE = 20.0  # lines per second, sustained
 BURST = 100  # lines at once before the rate applies
+# The slow-reader rule (ergo's sendq, redis's client-output-buffer-limit): a client that lets
+# this much of the room's output pile up unread is dropped as `slow`, so nobody waits for it.
+SENDQ = 1024 * 1024
+UNLIMITED = 1 << 30
 
 FULL_NOTICE = "The room is full; try again later."
 NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
@@ -130,7 +137,7 @@ class Participant:
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "prompted", "_server_fold", "_server_prefix",
+        "finished", "prompted", "sendq", "_server_fold", "_server_prefix",
     )
 
     def __init__(
@@ -141,6 +148,7 @@ class Room:
         per_address: int = PER_ADDRESS,
         rate: float = RATE,
         burst: int = BURST,
+        sendq: int = SENDQ,
     ):
         if not valid_handle(handle):
             raise ValueError(f"not a valid handle: {handle!r} (1 to 10 characters, no spaces or '>')")
@@ -157,6 +165,7 @@ class Room:
         self.per_addr: dict[str, int] = {}
         self.finished = False
         self.prompted = False  # the operator's input is wanted from the first event on
+        self.sendq = sendq
         self._server_fold = fold(handle)
         self._server_prefix = (visible(handle) + ">").encode()
 
@@ -170,6 +179,10 @@ class Room:
             if type(event) is Connected:
                 return [Refuse(event.conn, event.host, event.port, "shutdown", event.at, NOTICES["shutdown"])]
             return []
+        if type(event) is Started:
+            # The room's one session begins with the run; the operator may speak at once.
+            self.prompted = True
+            return [OpenRoom(event.at), Prompt(True)]
         if not self.prompted:
             self.prompted = True
             return [Prompt(True)] + self.handle_event(event)
@@ -195,6 +208,18 @@ class Room:
         event it asks for a Tick at once, to answer it with Prompt(True): in a room the
         operator may speak at any time, even before anyone comes."""
         return None if self.prompted or self.finished else 0.0
+
+    def allowance(self, conn: int, now: float) -> int:
+        """How many lines `conn` may send now: what its bucket holds (at least one once a pause
+        has run out). The loop leaves the rest unread in the socket, so a flood costs one pass
+        no more than this."""
+        if not self.rate:
+            return UNLIMITED
+        p = self.people.get(conn)
+        if p is None:
+            return UNLIMITED
+        tokens = p.tokens + (now - p.stamp) * self.rate if now > p.stamp else p.tokens
+        return max(1, int(min(tokens, self.burst)))
 
     def notice(self, text: str) -> bytes:
         """A server notice line, e.g. `SERVER>*** alice joined\\n`."""
@@ -438,12 +463,13 @@ class Room:
             ends.append(End(conn, reason, at, notice))
         self.people.clear()
         self.per_addr.clear()
-        return commits + ends + [Prompt(False), Show("event", why), Finish(why)]
+        return commits + ends + [CloseRoom(reason, at), Prompt(False), Show("event", why), Finish(why)]
 
 
-_STORE = (Handle, Commit, Join)
+_RECORD_ONLY = (Handle, Commit, Join)  # store writes that send and show nothing themselves
 
 
 def _stores_first(out: list[Decision]) -> list[Decision]:
-    """Store writes before console and socket output (a stable partition)."""
-    return [d for d in out if isinstance(d, _STORE)] + [d for d in out if not isinstance(d, _STORE)]
+    """Records before console and socket output (a stable partition; an End keeps its place,
+    as it also closes)."""
+    return [d for d in out if isinstance(d, _RECORD_ONLY)] + [d for d in out if not isinstance(d, _RECORD_ONLY)]

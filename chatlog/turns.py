@@ -39,6 +39,7 @@ from chatlog.events import (
     Serve,
     Show,
     Stalled,
+    Started,
     Stop,
     Tick,
     timeout_notice,
@@ -47,6 +48,11 @@ from chatlog.protocol import MAX_LINE, MAX_TEXT
 
 INPUT_ENDED = "Operator input ended; server stopped"
 MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dropped as flooding
+# The slow-reader rule: a client that lets this much of our output pile up unread is dropped as
+# `stalled` (1:1 lines are small and answered one by one, so this is far beyond any real client).
+SENDQ = 64 * 1024
+UNLIMITED = 1 << 30
+GREETING = "Awaiting client connections"
 
 
 @dataclass(slots=True, eq=False)
@@ -79,8 +85,10 @@ class Turns:
         max_waiting: int = 5,
         per_address: int = 2,
         max_unanswered: int = MAX_UNANSWERED,
+        sendq: int = SENDQ,
     ):
         self.handle = handle
+        self.sendq = sendq
         self.idle_timeout = idle_timeout
         self.first_timeout = first_timeout
         self.max_waiting = max_waiting
@@ -121,6 +129,8 @@ class Turns:
                 return []  # the chat ends when the client next speaks and no answer is left
             case Stop():
                 return self._finish(f"Server stopped ({event.why})", event.at, "shutdown")
+            case Started():
+                return [Show("event", GREETING)]
         raise TypeError(f"not an event: {event!r}")
 
     def deadline(self) -> float | None:
@@ -141,6 +151,10 @@ class Turns:
             start = max(cur.turn_since, waited_since)
             limits.append((start + self.first_timeout, start + self.first_timeout - cur.turn_since))
         return min(limits) if limits else None
+
+    def allowance(self, conn: int, now: float) -> int:
+        """Lines are taken as they come (the flood rule bounds what goes unanswered)."""
+        return UNLIMITED
 
     def notice(self, text: str) -> bytes:
         """A server notice line, e.g. `SERVER>*** The server shut down.\\n`."""

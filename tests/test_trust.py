@@ -239,7 +239,7 @@ def test_raw_bytes_kept_per_message_are_bounded(server):
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "::1", "localhost"])
 def test_the_banner_never_suggests_an_address_other_hosts_cannot_use(bind):
-    from chatlog.server import banner, listen
+    from chatlog.transport import banner, listen
 
     try:
         sockets = listen(bind, 0)
@@ -257,7 +257,7 @@ def test_the_banner_never_suggests_an_address_other_hosts_cannot_use(bind):
 def test_the_default_banner_names_only_reachable_addresses():
     import ipaddress
 
-    from chatlog.server import banner, listen
+    from chatlog.transport import banner, listen
 
     sockets = listen(None, 0)
     try:

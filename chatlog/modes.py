@@ -1,0 +1,200 @@
+"""The two ways to serve, each built in one place: its policy, how its decisions are recorded,
+and what the console says of what was recorded.
+
+- `chat_mode(...)`: 1:1 chats (`turns.Turns`): a session per client.
+- `room_mode(...)`: a room (`room.Room`): one session for the run, a participant per client.
+
+A mode's store (`ChatStore`, `RoomStore`) is the one mapping from decisions to the recorder:
+`record(batch)` writes every store decision of a pass (`events.StoreWrite`) in one transaction
+and returns a result for each decision; `describe(decision, result)` is the console line for a
+result, if any. The server loop imports neither this module nor the store: `cli.py` builds a
+mode and hands it to `server.serve`.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from chatlog.events import (
+    CloseRoom,
+    Commit,
+    End,
+    Handle,
+    Join,
+    Open,
+    OpenRoom,
+    Policy,
+    Refuse,
+    Serve,
+    StoreWrite,
+)
+from chatlog.render import ended_text
+from chatlog.sanitize import visible
+from chatlog.transport import plain_addr
+
+ROOM_COMMANDS = "At the prompt: \\who, \\kick NAME, \\quit"
+REFUSALS_SAID = (10, 100, 1000, 10000, 100000)  # per address and minute, past the first
+
+
+class _Store:
+    """What both modes share: the recorder, the server's own record, refusals."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self.local: tuple[str, int] = ("", 0)
+
+    def start(self, local_addr, at: float) -> int:
+        """Record this server (once it listens); returns how many sessions a server that stopped
+        unexpectedly had left open (now closed as interrupted)."""
+        self.local = (plain_addr(local_addr[0]), local_addr[1])
+        _, orphans = self.recorder.start(socket.gethostname(), local_addr[1], at)
+        return orphans
+
+    def set_hooks(self, on_wait, should_stop) -> None:
+        """How the recorder reports waiting on a busy store, and asks whether to give up."""
+        self.recorder.on_wait = on_wait
+        if should_stop is not None:
+            self.recorder.should_stop = should_stop
+
+    def record(self, batch: list) -> list:
+        results: list = [None] * len(batch)
+        for d in batch:
+            if isinstance(d, StoreWrite):
+                break
+        else:
+            return results
+        with self.recorder.transaction():
+            for i, d in enumerate(batch):
+                if isinstance(d, StoreWrite):
+                    results[i] = self._write(d)
+        return results
+
+    def describe(self, d, result) -> str | None:
+        if isinstance(d, Refuse):
+            # Coalesced per address and minute: a flood of refusals cannot fill the console.
+            if result == 1:
+                return visible(f"refused {d.host} port {d.port}: {d.why}")
+            if result in REFUSALS_SAID:
+                return f"refused {result} connections from {d.host} this minute"
+        return None
+
+    def _write(self, d):
+        if isinstance(d, Refuse):
+            return self.recorder.add_refusal(d.host, d.reason, d.at)
+        return None
+
+
+class ChatStore(_Store):
+    """1:1: a session for every client, from its connection (or its wait) to its end."""
+
+    def __init__(self, recorder):
+        super().__init__(recorder)
+        self.sessions: dict[int, tuple[int, str, int]] = {}  # conn -> (session, host, port)
+
+    def _write(self, d):
+        rec = self.recorder
+        t = type(d)
+        if t is Commit:
+            s = self.sessions.get(d.conn) if d.conn is not None else None
+            if s is not None:
+                rec.add_message(s[0], d.sender, d.handle, d.text, d.raw, d.note, d.at)
+        elif t is Open:
+            sid = rec.begin_session(d.host, d.port, self.local[0], self.local[1], d.at, served=d.served)
+            self.sessions[d.conn] = (sid, d.host, d.port)
+        elif t is End:
+            s = self.sessions.pop(d.conn, None)
+            if s is not None:
+                return s, rec.end_session(s[0], d.reason, d.at)
+        elif t is Serve:
+            s = self.sessions.get(d.conn)
+            if s is not None:
+                rec.serve_session(s[0], d.at)
+        elif t is Handle:
+            s = self.sessions.get(d.conn)
+            if s is not None:
+                rec.set_handle(s[0], d.handle)
+        else:
+            return super()._write(d)
+        return None
+
+    def describe(self, d, result) -> str | None:
+        if isinstance(d, End):
+            if result is None:
+                return None
+            (session, host, port), (client, server) = result
+            what = ended_text(d.reason, session, client, server, d.limit)
+            if d.waiting:
+                what = f"waiting client {host} port {port}: {what}"
+            return visible(what)
+        return super().describe(d, result)
+
+
+class RoomStore(_Store):
+    """A room: one session for the run, a participant for every client, every line in order."""
+
+    def __init__(self, recorder):
+        super().__init__(recorder)
+        self.session: int | None = None
+        self.participants: dict[int, int] = {}  # conn -> participant
+
+    def _write(self, d):
+        rec = self.recorder
+        t = type(d)
+        if t is Commit:
+            pid = self.participants.get(d.conn) if d.conn is not None else None
+            rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid)
+        elif t is Join:
+            self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
+        elif t is End:
+            pid = self.participants.pop(d.conn, None)
+            if pid is not None:
+                rec.end_participant(pid, d.reason, d.at)
+        elif t is Handle:
+            pid = self.participants.get(d.conn)
+            if pid is not None:
+                rec.set_participant_handle(pid, d.handle)
+        elif t is OpenRoom:
+            self.session = rec.begin_session(None, None, self.local[0], self.local[1], d.at, served=True, kind="room")
+            return self.session
+        elif t is CloseRoom:
+            if self.session is not None:
+                rec.end_session(self.session, d.reason, d.at)
+        else:
+            return super()._write(d)
+        return None
+
+    def describe(self, d, result) -> str | None:
+        if isinstance(d, OpenRoom):
+            return f"The room is open (session {result}); awaiting clients. {ROOM_COMMANDS}"
+        return super().describe(d, result)
+
+
+@dataclass
+class Mode:
+    """What `server.serve` runs: a policy, its store mapping, and how to listen."""
+
+    name: str
+    policy: Policy
+    store: _Store
+    backlog: int  # the listening queue
+
+
+def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per_address) -> Mode:
+    from chatlog.turns import Turns
+
+    policy = Turns(
+        handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
+        max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
+    )
+    return Mode("chat", policy, ChatStore(recorder), backlog=128)
+
+
+def room_mode(recorder, *, handle, max_clients, per_address, rate, burst) -> Mode:
+    from chatlog.room import Room
+
+    policy = Room(
+        handle=handle, max_clients=max_clients, rate=rate, burst=burst,
+        **({} if per_address is None else {"per_address": per_address}),
+    )
+    return Mode("room", policy, RoomStore(recorder), backlog=4096)

@@ -1,0 +1,401 @@
+"""Connections: the one place bytes move between a socket and the server loop.
+
+The loop (`server.Loop`) never calls a socket method. It asks a `Listener` for new connections
+and a connection (`TcpConn`, with TLS and a broker link beside it later) to read, write and
+close, and gets back plain outcomes:
+
+- `read(limit)`: bytes (data), `b""` (the peer closed, or the connection failed), or `None`
+  (nothing to read now). At most `limit` line endings are taken: what is past them stays where it
+  is (`unread`, then the kernel's socket buffer), so a client can never hand one pass more than
+  the pass asked for.
+- `write(data)`: queued and sent as far as the kernel takes it now; the rest waits for
+  `flush()` when the socket is writable. `backlog` is how much is unsent. A failed write closes
+  the connection (`failed` is set); the loop reports it as a disconnection.
+- `close(last)`: best effort, never waiting on a peer that does not read: `last` (a notice) is
+  sent only if everything queued before it went out whole, so a peer never sees a line cut in
+  two with another glued to it; then the connection is shut down and closed.
+
+Like redis's `connection.h` or ergo's `IRCConn`: one interface, a type per transport.
+"""
+
+from __future__ import annotations
+
+import errno
+import resource
+import socket
+from collections import deque
+
+RECV_SIZE = 65536  # one read; a room's burst arrives in these
+SEND_BUFFER = 64 * 1024  # kernel send buffer per client: chat lines are small
+SENDMSG_PARTS = 64  # buffers handed to one sendmsg()
+
+
+class ServeError(Exception):
+    """A fatal problem, worded for the operator."""
+
+
+def plain_addr(host: str) -> str:
+    """An IPv4-mapped IPv6 address (`::ffff:1.2.3.4`) as plain IPv4."""
+    return host[7:] if host.startswith("::ffff:") else host
+
+
+def cut_after(data: bytes, limit: int) -> int:
+    """The length of the prefix of `data` that holds at most `limit` line endings (`\\n`, or
+    `\\0` for clients that end lines with a NUL); len(data) when it holds no more than that. A
+    `\\0` right after a cut `\\n` stays with it (it is part of the CS372 terminator)."""
+    n = data.count(b"\n") + data.count(b"\0")
+    if n <= limit:
+        return len(data)
+    if limit <= 0:
+        return 0
+    lo, hi = 0, len(data)  # the shortest prefix that holds `limit` endings
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if data.count(b"\n", 0, mid) + data.count(b"\0", 0, mid) >= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo < len(data) and data[lo] == 0 and data[lo - 1] == 10:
+        lo += 1
+    return lo
+
+
+class TcpConn:
+    """A plain TCP connection to a client."""
+
+    kind = "tcp"
+    __slots__ = (
+        "sock", "host", "port", "failed", "closed", "stalled", "_q", "backlog", "_held", "_ends_line",
+    )
+
+    def __init__(self, sock: socket.socket, host: str, port: int):
+        self.sock = sock
+        self.host = host
+        self.port = port
+        self.failed = False  # a read or write failed: the peer is gone
+        self.closed = False
+        self.stalled = False  # it stopped reading: nothing more is queued for it
+        self._q: deque = deque()  # unsent output: bytes shared by every reader, and views of them
+        self.backlog = 0  # bytes in _q
+        self._held = b""  # read but not yet taken (past a read's limit)
+        self._ends_line = True  # everything handed to the kernel so far ends with a newline
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def buffered(self) -> bool:
+        """Input is held here that the socket will not signal again (read it without waiting)."""
+        return bool(self._held)
+
+    @property
+    def wants_write(self) -> bool:
+        return self.backlog > 0
+
+    def read(self, limit: int) -> bytes | None:
+        if self._held:
+            data, self._held = self._held, b""
+        else:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                self.failed = True
+                return b""  # a reset: what was held is its last message
+            if not data:
+                return b""
+        n = cut_after(data, limit)
+        if n < len(data):
+            self._held = data[n:]
+            data = data[:n]
+        return data if data else None
+
+    def write(self, data: bytes) -> None:
+        if self.failed or self.closed or self.stalled:
+            return
+        if self.backlog:
+            self._q.append(data)
+            self.backlog += len(data)
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.failed = True
+            return
+        if n:
+            self._ends_line = data[n - 1] == 10
+        if n < len(data):
+            rest = memoryview(data)[n:]  # a view: bytes shared by a broadcast are not copied
+            self._q.append(rest)
+            self.backlog = len(rest)
+
+    def flush(self) -> None:
+        """Send what is queued, as far as the kernel takes it now."""
+        q = self._q
+        if not q or self.failed:
+            return
+        try:
+            n = self.sock.sendmsg([q[i] for i in range(min(len(q), SENDMSG_PARTS))])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.failed = True
+            return
+        self.backlog -= n
+        while n:
+            first = q[0]
+            if len(first) <= n:
+                n -= len(first)
+                last = first
+                q.popleft()
+                if not n:
+                    self._ends_line = last[-1] == 10
+            else:
+                self._ends_line = first[n - 1] == 10
+                q[0] = memoryview(first)[n:]
+                n = 0
+
+    def stall(self) -> None:
+        """The peer stopped reading: forget what is queued but the rest of the line the kernel
+        holds the start of, and queue nothing more. So what it last gets ends a line."""
+        self.stalled = True
+        rest = b""
+        if not self._ends_line and self._q:
+            first = bytes(self._q[0])
+            end = first.find(b"\n")
+            rest = first[: end + 1] if end >= 0 else first
+        self._q.clear()
+        self.backlog = 0
+        if rest:
+            self._q.append(rest)
+            self.backlog = len(rest)
+
+    def close(self, last: bytes | None = None) -> None:
+        """Send what is queued and then `last`, in one try that never waits, and close. `last`
+        goes only where the stream stands at the end of a whole line; a peer that cannot take
+        even that gets nothing more."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.failed:
+            data = b"".join(self._q)
+            if last and (data.endswith(b"\n") if data else self._ends_line):
+                data += last
+            if data:
+                try:
+                    self.sock.send(data)
+                except OSError:
+                    pass
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._q.clear()
+        self.backlog = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Listener:
+    """A listening socket; `accept()` gives a connection, None (nobody waiting), or raises
+    `AtLimit` when the process or system is out of descriptors or memory."""
+
+    __slots__ = ("sock", "kind")
+
+    def __init__(self, sock: socket.socket, kind: str = "tcp"):
+        self.sock = sock
+        self.kind = kind
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def getsockname(self):
+        return self.sock.getsockname()
+
+    def accept(self) -> TcpConn | None:
+        while True:
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise AtLimit(exc.strerror or str(exc)) from None
+                continue  # ECONNABORTED and the like: that client is gone, nobody else is harmed
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass
+            return TcpConn(sock, plain_addr(addr[0]), addr[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class AtLimit(Exception):
+    """accept() failed for want of descriptors or memory; the message is the system's words."""
+
+
+def raise_open_files_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard limit; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def open_files_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def wakeup_pair() -> tuple[socket.socket, socket.socket]:
+    """A non-blocking socket pair: signals write to one end to wake the loop."""
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    return r, w
+
+
+def drain_wakeups(sock: socket.socket) -> None:
+    try:
+        sock.recv(512)
+    except OSError:
+        pass
+
+
+# -- listening and the banner ---------------------------------------------------------------------
+
+
+def listen(bind: str | None, port: int, backlog: int = 128) -> list[socket.socket]:
+    """Listen on `bind` (default: every interface, IPv6 and IPv4) and return the sockets."""
+    if bind is None:
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError:
+            s = None
+        if s is not None:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", port))
+                s.listen(backlog)
+                s.setblocking(False)
+                return [s]
+            except OSError as exc:
+                s.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise ServeError(f"cannot listen on port {port}: address already in use") from None
+        bind = "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot listen on {bind}: {exc.strerror}") from None
+    errors = []
+    for family, type_, proto, _, addr in infos:
+        s = socket.socket(family, type_, proto)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+            s.listen(backlog)
+            s.setblocking(False)
+            return [s]
+        except OSError as exc:
+            s.close()
+            errors.append(exc)
+    exc = errors[0]
+    if exc.errno == errno.EADDRINUSE:
+        raise ServeError(f"cannot listen on port {port}: address already in use") from None
+    raise ServeError(f"cannot listen on {bind} port {port}: {exc.strerror}")
+
+
+def is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(plain_addr(addr.split("%")[0]))
+    except ValueError:
+        return False
+    return ip.is_loopback
+
+
+def banner(bind: str | None, sockets: list[socket.socket]) -> list[str]:
+    """The start-up lines: where the server listens and how to connect to it."""
+    hostname = socket.gethostname()
+    local = sockets[0].getsockname()
+    port = local[1]
+    if is_loopback(local[0]):
+        return [
+            f"Server started on host {hostname} ({plain_addr(local[0])}), port {port}",
+            f"Listening on {bind} only: reachable from this host alone "
+            "(--bind 0.0.0.0, or no --bind, to let other hosts connect).",
+            f"Connect with:\n  ./chatclient {plain_addr(local[0])} {port}",
+        ]
+    if bind not in (None, "", "0.0.0.0", "::"):
+        return [
+            f"Server started on host {hostname} ({plain_addr(local[0])}), port {port}",
+            "Connect from another host with:",
+            f"  ./chatclient {plain_addr(local[0])} {port}",
+        ]
+    ip = reachable_address()
+    lines = [f"Server started on host {hostname} ({ip or 'no network address'}), port {port}"]
+    if ip is None:
+        lines.append("This host has no address other hosts can reach; connect from here with:")
+        lines.append(f"  ./chatclient 127.0.0.1 {port}")
+        return lines
+    lines.append("Connect from another host with:")
+    lines.append(f"  ./chatclient {ip} {port}")
+    if not resolves_to_loopback(hostname):
+        lines.append(f"  ./chatclient {hostname} {port}")
+    return lines
+
+
+def resolves_to_loopback(hostname: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return True
+    return all(is_loopback(info[4][0]) for info in infos)
+
+
+def reachable_address() -> str | None:
+    """An address of this host that other hosts can use (None if there is none)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
+        infos = []
+    for addr in [info[4][0] for info in infos] + interface_addresses():
+        if not is_loopback(addr):
+            return addr
+    return None
+
+
+def interface_addresses() -> list[str]:
+    """IPv4 addresses of this host's interfaces (Linux), for when the hostname resolves only to
+    loopback, as it often does."""
+    try:
+        import fcntl
+        import struct
+
+        found = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    req = struct.pack("256s", name.encode()[:15])
+                    res = fcntl.ioctl(s.fileno(), 0x8915, req)  # SIOCGIFADDR
+                except OSError:
+                    continue
+                found.append(socket.inet_ntoa(res[20:24]))
+        return found
+    except (ImportError, OSError, AttributeError):
+        return []
