@@ -22,6 +22,7 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from typing import TextIO
 
@@ -159,6 +160,7 @@ class Operator:
         self._partial = b""
         self._wanted = False
         self._stale = False  # the line being typed was begun before the message it would answer
+        self._told_end = False  # the end of the input was handed on
         if self.tty:
             self._rsock, self._wsock = socket.socketpair()
             self._rsock.setblocking(False)
@@ -179,6 +181,23 @@ class Operator:
             self._ifd = fd
 
     # -- what the loop calls -------------------------------------------------------------------
+
+    def events(self):
+        """The operator's lines while answers are wanted (the loop carries out each before the
+        next is taken), then, once, the end of the input: OperatorLine and OperatorEnd events."""
+        from chatlog.events import OperatorEnd, OperatorLine
+
+        while True:
+            self.fill()
+            line = self.take()
+            if line is not None:
+                yield OperatorLine(line, time.time())
+                self.rearm()
+                continue
+            if self.ended and not self._told_end:
+                self._told_end = True  # once: the policy decides when that ends the chat
+                yield OperatorEnd(time.time())
+            return
 
     def want(self, on: bool) -> None:
         """An answer is (or is no longer) wanted."""

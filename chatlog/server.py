@@ -17,23 +17,26 @@ from __future__ import annotations
 import selectors
 import signal
 import time
+from contextlib import contextmanager
 
 from chatlog import protocol
 from chatlog.events import (
     NOTICES,
     Broadcast,
+    Commit,
     Connected,
     Disconnected,
     End,
     Finish,
+    Handle,
     Join,
-    OperatorEnd,
-    OperatorLine,
+    Open,
     Pause,
     Prompt,
     Received,
     Refuse,
     Send,
+    Serve,
     Show,
     Stalled,
     Started,
@@ -46,7 +49,7 @@ from chatlog.protocol import QUIT_LINE, Framer
 from chatlog.render import Renderer
 from chatlog.sanitize import visible
 from chatlog.transport import (
-    AtLimit,
+    Acceptor,
     Listener,
     ServeError,
     banner,
@@ -55,10 +58,8 @@ from chatlog.transport import (
     wakeup_pair,
 )
 
-ACCEPT_BACKOFF = (0.05, 2.0)  # at the open-files limit, stop accepting for this long (doubling)
-ACCEPTS_PER_PASS = 64
-PASS_LINES = 2048  # lines taken from all clients in one pass, shared among those with input
-MIN_LINES = 16  # ... but at least this many from each (still within its allowance)
+PASS_LINES = 512  # lines taken from all clients in one pass, shared among those with input
+MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
 
 
@@ -77,17 +78,48 @@ class Client:
         self.gone = False  # the peer is gone; the policy's End will close it
 
 
+class Watcher:
+    """The selector's bookkeeping: what is watched, for what. Tolerant of what is already
+    (un)registered, so the loop says what it wants, not how to get there."""
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+
+    def set(self, obj, events: int, data) -> None:
+        try:
+            if events:
+                self.sel.modify(obj, events, data)
+            else:
+                self.sel.unregister(obj)
+        except KeyError:
+            if events:
+                self.sel.register(obj, events, data)
+        except ValueError:
+            pass  # closed already
+
+    def client(self, c: "Client") -> None:
+        if not c.gone:
+            reading = 0 if c.paused_until is not None else selectors.EVENT_READ
+            self.set(c.io, reading | (selectors.EVENT_WRITE if c.io.wants_write else 0), ("client", c))
+
+    def select(self, timeout):
+        return self.sel.select(timeout)
+
+    def close(self) -> None:
+        self.sel.close()
+
+
 class Loop:
     def __init__(self, policy, store, listeners: list, renderer: Renderer, console: Console,
                  operator: Operator, *, echo_operator: bool = True):
         self.policy = policy
         self.store = store
-        self.listeners = listeners
+        self.acceptor = Acceptor(listeners)
         self.r = renderer
         self.console = console
         self.operator = operator
         self.echo_operator = echo_operator
-        self.sel = selectors.DefaultSelector()
+        self.watch = Watcher()
         self.clients: dict[int, Client] = {}
         self._next_id = 1
         self.pending: list = []
@@ -97,46 +129,33 @@ class Loop:
         self.failure: str | None = None  # why the store failed for good
         self.stopping: str | None = None
         self._operator_watched = False
-        self._accept_paused_until: float | None = None
-        self._accept_backoff = ACCEPT_BACKOFF[0]
-        self._told_busy = False
-        self._told_end = False
+        self._carrying = False
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        for lst in self.listeners:
-            self.sel.register(lst, selectors.EVENT_READ, ("listen", lst))
-        wake_r, wake_w = wakeup_pair()
-        self.sel.register(wake_r, selectors.EVENT_READ, ("wake", wake_r))
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        stops = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
-        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in stops}
-        try:
-            # Only now that the signals are ours: from here on Ctrl-C closes cleanly.
-            self._feed(Started(time.time()))
-            self._carry_out()
-            self._operator_input()
-            while not self.finished:
-                self._pass()
-        finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
-            for c in list(self.clients.values()):
-                c.io.close()
-            wake_r.close()
-            wake_w.close()
-            for lst in self.listeners:
-                lst.close()
-            self.sel.close()
+        self._watch_listeners(True)
+        with stop_signals(self._on_signal) as wake:
+            self.watch.set(wake, selectors.EVENT_READ, ("wake", wake))
+            try:
+                # Only now that the signals are ours: from here on Ctrl-C closes cleanly.
+                self._feed(Started(time.time()))
+                self._carry_out()
+                self._operator_input()
+                while not self.finished:
+                    self._pass()
+            finally:
+                for c in list(self.clients.values()):
+                    c.io.close()
+                self.acceptor.close()
+                self.watch.close()
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = signal.Signals(signum).name
 
     def _pass(self) -> None:
         readable: list[Client] = []
-        for key, mask in self.sel.select(self._timeout()):
+        for key, mask in self.watch.select(self._timeout()):
             kind, obj = key.data
             if kind == "client":
                 if mask & selectors.EVENT_WRITE and not obj.gone:
@@ -178,22 +197,14 @@ class Loop:
 
     def _timeout(self) -> float | None:
         if any(c.paused_until is None for c in self._held):
-            return 0.0
-        deadlines = [d for d in (self.policy.deadline(), self._accept_paused_until) if d is not None]
-        for c in self.clients.values():
-            d = c.framer.deadline()
-            if d is not None:
-                deadlines.append(d)
-            if c.paused_until is not None:
-                deadlines.append(c.paused_until)
-        if not deadlines:
-            return None
-        return max(0.0, min(deadlines) - time.time())
+            return 0.0  # input is held that the kernel will not signal again
+        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values())
+        return None if when is None else max(0.0, when - time.time())
 
     def _feed(self, event) -> None:
         self.pending.extend(self.policy.handle_event(event))
-        if len(self.pending) >= PENDING_CHUNK:
-            self._carry_out()
+        if len(self.pending) >= PENDING_CHUNK and not self._carrying:
+            self._carry_out()  # commits in bounded chunks
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -241,107 +252,60 @@ class Loop:
             return
         c.gone = True
         self._held.discard(c)
-        try:
-            self.sel.unregister(c.io)
-        except (KeyError, ValueError):
-            pass
+        self.watch.set(c.io, 0, None)
         self._feed(Disconnected(c.id, now))
-
-    # -- the operator --------------------------------------------------------------------------
 
     def _operator_input(self) -> None:
         """Hand the policy the operator's lines while it wants them, and the end of input."""
+        for event in self.operator.events():
+            if self.finished:
+                break
+            self._feed(event)
+            self._carry_out()
         op = self.operator
-        while not self.finished:
-            op.fill()
-            line = op.take()
-            if line is not None:
-                self._feed(OperatorLine(line, time.time()))
-                self._carry_out()
-                op.rearm()
-                continue
-            if op.ended and not self._told_end:
-                self._told_end = True  # once: the policy decides when that ends the chat
-                self._feed(OperatorEnd(time.time()))
-                self._carry_out()
-            break
         on = op.watch()
         if on != self._operator_watched and op.fd is not None:
-            if on:
-                self.sel.register(op.fd, selectors.EVENT_READ, ("operator", None))
-            else:
-                self.sel.unregister(op.fd)
+            self.watch.set(op.fd, selectors.EVENT_READ if on else 0, ("operator", None))
             self._operator_watched = on
 
     # -- connections ---------------------------------------------------------------------------
 
     def _accept(self, listener: Listener) -> None:
-        for _ in range(ACCEPTS_PER_PASS):  # bounded, so one pass cannot starve the chat
-            try:
-                io = listener.accept()
-            except AtLimit as exc:
-                self._pause_accepting(str(exc))
-                return
-            if io is None:
-                return
-            if self._told_busy:
-                self._told_busy = False
-                self.console.write(self.r.paint("event", "accepting connections again"))
-            self._accept_backoff = ACCEPT_BACKOFF[0]
+        acc = self.acceptor
+        told = acc.at_limit
+        for io in acc.accept(listener, time.time()):
             c = Client(self._next_id, io)
             self._next_id += 1
             self.clients[c.id] = c
-            self.sel.register(io, selectors.EVENT_READ, ("client", c))
+            self.watch.set(io, selectors.EVENT_READ, ("client", c))
             self._feed(Connected(c.id, io.host, io.port, time.time()))
+        if acc.paused_until is not None:
+            self._watch_listeners(False)
+        if bool(acc.at_limit) != bool(told):  # said once as it starts, once as it ends
+            self.console.write(accept_line(self.r, acc.at_limit))
 
-    def _pause_accepting(self, why: str) -> None:
-        """At the open-files limit the listening socket stays readable: stop watching it for a
-        while instead of spinning, and say so once."""
-        for lst in self.listeners:
-            try:
-                self.sel.unregister(lst)
-            except (KeyError, ValueError):
-                pass
-        self._accept_paused_until = time.time() + self._accept_backoff
-        self._accept_backoff = min(self._accept_backoff * 2, ACCEPT_BACKOFF[1])
-        if not self._told_busy:
-            self._told_busy = True
-            self.console.write(self.r.paint(
-                "error",
-                f"cannot accept connections: {why} (limit {open_files_limit()}); "
-                "new clients wait in the kernel's queue until some leave",
-            ))
+    def _watch_listeners(self, on: bool) -> None:
+        for lst in self.acceptor.listeners:
+            self.watch.set(lst, selectors.EVENT_READ if on else 0, ("listen", lst))
 
     def _resume(self, now: float) -> None:
-        if self._accept_paused_until is not None and now >= self._accept_paused_until:
-            self._accept_paused_until = None
-            for lst in self.listeners:
-                self.sel.register(lst, selectors.EVENT_READ, ("listen", lst))
+        if self.acceptor.resume(now):
+            self._watch_listeners(True)
         for c in self.clients.values():
             if c.paused_until is not None and now >= c.paused_until:
                 c.paused_until = None
-                self._interest(c)
-
-    def _interest(self, c: Client) -> None:
-        if c.gone:
-            return
-        events = 0 if c.paused_until is not None else selectors.EVENT_READ
-        if c.io.wants_write:
-            events |= selectors.EVENT_WRITE
-        try:
-            if events:
-                self.sel.modify(c.io, events, ("client", c))
-            else:
-                self.sel.unregister(c.io)
-        except KeyError:
-            if events:
-                self.sel.register(c.io, events, ("client", c))
-        except ValueError:
-            pass
+                self.watch.client(c)
 
     # -- carrying out decisions ----------------------------------------------------------------
 
     def _carry_out(self) -> None:
+        self._carrying = True
+        try:
+            self._carry_out_pending()
+        finally:
+            self._carrying = False
+
+    def _carry_out_pending(self) -> None:
         while self.pending and not self.finished:
             batch, self.pending = self.pending, []
             try:
@@ -363,8 +327,11 @@ class Loop:
             self._bcast.append((d.data, d.exclude))
             return
         if t is Show:
-            self._show(d)
+            if d.kind != "operator" or self.echo_operator:
+                self.console.write(show_line(self.r, d))
             return
+        if t is Commit or t is Handle or t is Open or t is Serve:
+            return  # recorded in phase one; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
         if t is Send:
@@ -380,7 +347,7 @@ class Loop:
             c = self.clients.get(d.conn)
             if c is not None:
                 c.paused_until = d.until
-                self._interest(c)
+                self.watch.client(c)
         elif t is Prompt:
             self.operator.want(d.on)
         elif t is Finish:
@@ -394,36 +361,13 @@ class Loop:
             if line is not None:
                 self.console.write(self.r.paint("event", line))
 
-    def _show(self, d: Show) -> None:
-        if d.kind in ("client", "server", "operator"):
-            if d.kind == "operator" and not self.echo_operator:
-                return
-            role = "client" if d.kind == "client" else "server"
-            self.console.write(self.r.chat_line(role, d.handle, d.text))
-        elif d.kind == "error":
-            self.console.write(self.r.paint("error", visible(d.text)))
-        elif d.kind == "note":
-            self.console.write(self.r.paint("dim", visible(d.text)))
-        else:
-            self.console.write(self.r.paint("event", visible(d.text)))
-
     # -- sending and closing -------------------------------------------------------------------
 
     def _flush_broadcasts(self) -> None:
-        """Every line broadcast since the last flush, in one write per connection: the same
-        joined bytes for everyone who said none of them, and its own selection for each sender."""
+        """Every line broadcast since the last flush, in one write per connection."""
         lines, self._bcast = self._bcast, []
-        everyone = b"".join(data for data, _ in lines)
-        senders = {ex for _, ex in lines if ex is not None}
-        for c in list(self.clients.values()):
-            if not c.member:
-                continue
-            if c.id in senders:
-                data = b"".join(data for data, ex in lines if ex != c.id)
-                if data:
-                    self._send(c, data)
-            else:
-                self._send(c, everyone)
+        for c, data in fan_out(lines, list(self.clients.values())):
+            self._send(c, data)
 
     def _send(self, c: Client, data: bytes) -> None:
         io = c.io
@@ -443,25 +387,16 @@ class Loop:
             backlog = io.backlog
             io.stall()
             self._feed(Stalled(c.id, time.time(), backlog))
-        self._interest(c)
+        self.watch.client(c)
 
     def _close(self, c: Client, notice: str | None) -> None:
         """Best effort, never waiting on a client that does not read: what is queued, the notice
         and `\\quit`, then close."""
         self._held.discard(c)
         if not c.gone:
-            try:
-                self.sel.unregister(c.io)
-            except (KeyError, ValueError):
-                pass
+            self.watch.set(c.io, 0, None)
         c.gone = True
         c.io.close(self.policy.notice(notice) + QUIT_LINE if notice is not None else None)
-
-    # -- the store failing ---------------------------------------------------------------------
-
-    def on_store_wait(self, seconds: float, resumed: bool) -> None:
-        """The recorder waits on a store another process holds (said once, and when it frees)."""
-        self.console.write(store_wait_line(self.r, seconds, resumed))
 
     def _store_failed(self, why: str) -> None:
         """Nothing of the failed pass was shown or sent. Tell every client, and stop."""
@@ -471,6 +406,66 @@ class Loop:
             self._close(c, NOTICES["store"])
         self.clients.clear()
         self.finished = True
+
+
+def accept_line(r: Renderer, at_limit: str | None) -> str:
+    if at_limit is None:
+        return r.paint("event", "accepting connections again")
+    return r.paint("error", f"cannot accept connections: {at_limit} (limit {open_files_limit()}); "
+                   "new clients wait in the kernel's queue until some leave")
+
+
+def next_deadline(policy_deadline, accept_paused_until, clients) -> float | None:
+    """The earliest of the policy's timer, the end of an accept pause, the quiet deadlines of
+    unterminated lines and the ends of clients' pauses (None: nothing is timed)."""
+    deadlines = [d for d in (policy_deadline, accept_paused_until) if d is not None]
+    for c in clients:
+        d = c.framer.deadline()
+        if d is not None:
+            deadlines.append(d)
+        if c.paused_until is not None:
+            deadlines.append(c.paused_until)
+    return min(deadlines) if deadlines else None
+
+
+def fan_out(lines: list[tuple[bytes, int | None]], clients: list[Client]):
+    """(client, bytes) for every member: the same joined bytes for everyone who said none of
+    `lines`, and its own selection for each one who said some (a sender does not hear itself)."""
+    everyone = b"".join(data for data, _ in lines)
+    senders = {ex for _, ex in lines if ex is not None}
+    for c in clients:
+        if not c.member:
+            continue
+        if c.id in senders:
+            data = b"".join(data for data, ex in lines if ex != c.id)
+            if data:
+                yield c, data
+        else:
+            yield c, everyone
+
+
+@contextmanager
+def stop_signals(handler):
+    """INT, TERM and HUP go to `handler` while inside; each also wakes the loop through the
+    socket yielded (watch it for reading)."""
+    wake_r, wake_w = wakeup_pair()
+    old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield wake_r
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        wake_r.close()
+        wake_w.close()
+
+
+def show_line(r: Renderer, d: Show) -> str:
+    """A Show decision as the console prints it."""
+    if d.kind in ("client", "server", "operator"):
+        return r.chat_line("client" if d.kind == "client" else "server", d.handle, d.text)
+    return r.paint({"error": "error", "note": "dim"}.get(d.kind, "event"), visible(d.text))
 
 
 def store_wait_line(r: Renderer, seconds: float, resumed: bool) -> str:
@@ -515,7 +510,9 @@ def _prepare(mode, sockets, renderer, stdin, console, bind) -> Loop:
     store, policy = mode.store, mode.policy
     # Starting waits on a database another process holds locked, like any write: say so, or the
     # banner stands there as if the server were up while nobody is accepted.
-    store.set_hooks(lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed)), None)
+    # (said once, and when it frees)
+    on_wait = lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed))  # noqa: E731
+    store.set_hooks(on_wait, None)
     orphans = store.start(sockets[0].getsockname(), time.time())
     if orphans:
         what = "1 session" if orphans == 1 else f"{orphans} sessions"
@@ -530,7 +527,7 @@ def _prepare(mode, sockets, renderer, stdin, console, bind) -> Loop:
     echo = not (operator.tty and console.stream.isatty())
     listeners = [Listener(s) for s in sockets]
     loop = Loop(policy, store, listeners, renderer, console, operator, echo_operator=echo)
-    store.set_hooks(loop.on_store_wait, lambda: loop.stopping is not None)
+    store.set_hooks(on_wait, lambda: loop.stopping is not None)
     return loop
 
 

@@ -243,6 +243,51 @@ class AtLimit(Exception):
     """accept() failed for want of descriptors or memory; the message is the system's words."""
 
 
+class Acceptor:
+    """Every listener, accepted from in bounded turns. At the open-files limit a listening
+    socket stays readable while accept() fails: the listeners are then left alone for a
+    back-off that doubles (`paused_until`), instead of spinning."""
+
+    BACKOFF = (0.05, 2.0)
+    PER_TURN = 64  # connections accepted from one listener in one pass
+
+    def __init__(self, listeners: list[Listener]):
+        self.listeners = listeners
+        self.paused_until: float | None = None
+        self.at_limit: str | None = None  # why accepting stopped (the system's words), until it works again
+        self._backoff = self.BACKOFF[0]
+
+    def accept(self, listener: Listener, now: float) -> list:
+        """The connections waiting on `listener` (at most PER_TURN). Sets `paused_until` and
+        `at_limit` when out of descriptors; clears `at_limit` once a connection is accepted."""
+        out = []
+        for _ in range(self.PER_TURN):
+            try:
+                conn = listener.accept()
+            except AtLimit as exc:
+                self.paused_until = now + self._backoff
+                self._backoff = min(self._backoff * 2, self.BACKOFF[1])
+                self.at_limit = str(exc)
+                break
+            if conn is None:
+                break
+            self._backoff = self.BACKOFF[0]
+            self.at_limit = None
+            out.append(conn)
+        return out
+
+    def resume(self, now: float) -> bool:
+        """True when a pause has just run out (watch the listeners again)."""
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+            return True
+        return False
+
+    def close(self) -> None:
+        for lst in self.listeners:
+            lst.close()
+
+
 def raise_open_files_limit() -> int:
     """The soft RLIMIT_NOFILE raised to the hard limit; returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
