@@ -375,11 +375,25 @@ def _handle_name(ctx, param, value):
     "--fsync", is_flag=True,
     help="Sync every message to disk before it is shown or answered (survives a power loss; slower).",
 )
+@click.option(
+    "--tls-port", type=click.IntRange(0, 65535), metavar="TLSPORT",
+    help="Also listen for TLS on TLSPORT, into the same conversation (0 picks a free port).",
+)
+@click.option("--tls-only", is_flag=True, help="PORT itself speaks TLS; no plain listener.")
+@click.option(
+    "--tls-cert", type=click.Path(dir_okay=False), metavar="FILE",
+    help="The server's certificate (PEM, with its chain). Without it, a self-signed one is made once and kept beside the database.",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False), metavar="FILE", help="The key of --tls-cert (PEM).")
+@click.option(
+    "--tls-handshake-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, metavar="SECONDS",
+    help="Close a TLS connection whose handshake is not done by then.",
+)
 @click.option("--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR].")
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
-    burst, fsync, color, db,
+    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -403,6 +417,7 @@ def serve(
     from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
     from chatlog.server import serve as run_server
+    from chatlog.tls import TlsSetupError
     from chatlog.transport import ServeError, listen, raise_open_files_limit
 
     try:
@@ -420,9 +435,23 @@ def serve(
                 recorder, handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
                 max_waiting=max_waiting, per_address=per_address,
             )
-        sockets = listen(bind, port, backlog=mode.backlog)
-        run_server(mode, sockets, Renderer(color=color), sys.stdin, bind=bind)
-    except (ServeError, StoreError) as exc:
+        tls = None
+        if tls_only or tls_port is not None or tls_cert or tls_key:
+            from chatlog.tls import server_cert
+
+            if tls_only and tls_port is not None:
+                raise Failed("--tls-only makes PORT speak TLS: leave out --tls-port")
+            if not (tls_only or tls_port is not None):
+                raise Failed("--tls-cert and --tls-key need --tls-port TLSPORT or --tls-only")
+            tls = server_cert(db_path(db), tls_cert, tls_key, tls_handshake_timeout)
+        sockets = [] if tls_only else listen(bind, port, backlog=mode.backlog)
+        tls_sockets = []
+        if tls_only:
+            tls_sockets = listen(bind, port, backlog=mode.backlog)
+        elif tls_port is not None:
+            tls_sockets = listen(bind, tls_port, backlog=mode.backlog)
+        run_server(mode, sockets, Renderer(color=color), sys.stdin, bind=bind, tls_sockets=tls_sockets, tls=tls)
+    except (ServeError, StoreError, TlsSetupError) as exc:
         raise Failed(str(exc)) from None
     finally:
         recorder.close()

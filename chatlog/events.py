@@ -45,6 +45,16 @@ class StoreWrite(Decision):
     __slots__ = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """How a client is connected, when it is not plain TCP."""
+
+    transport: str  # "tls"
+    version: str | None = None  # e.g. "TLSv1.3"
+    cipher: str | None = None
+    fingerprint: str | None = None  # the client certificate's ("SHA256:hex"), if it gave one
+
+
 # -- events: what happened --------------------------------------------------------------------
 
 
@@ -61,6 +71,7 @@ class Connected(Event):
     host: str
     port: int
     at: float
+    link: Link | None = None  # None: plain TCP
 
 
 @dataclass(slots=True)
@@ -130,6 +141,7 @@ class Open(StoreWrite):
     port: int
     at: float
     served: bool
+    link: Link | None = None
 
 
 @dataclass(slots=True)
@@ -218,6 +230,7 @@ class Join(StoreWrite):
     host: str
     port: int
     at: float
+    link: Link | None = None
 
 
 @dataclass(slots=True)

@@ -101,6 +101,8 @@ class ChatStore(_Store):
                 rec.add_message(s[0], d.sender, d.handle, d.text, d.raw, d.note, d.at)
         elif t is Open:
             sid = rec.begin_session(d.host, d.port, self.local[0], self.local[1], d.at, served=d.served)
+            if d.link is not None:
+                rec.set_link("sessions", sid, d.link)
             self.sessions[d.conn] = (sid, d.host, d.port)
         elif t is End:
             s = self.sessions.pop(d.conn, None)
@@ -145,7 +147,9 @@ class RoomStore(_Store):
             pid = self.participants.get(d.conn) if d.conn is not None else None
             rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid)
         elif t is Join:
-            self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
+            pid = self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
+            if d.link is not None:
+                rec.set_link("participants", pid, d.link)
         elif t is End:
             pid = self.participants.pop(d.conn, None)
             if pid is not None:

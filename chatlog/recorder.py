@@ -224,6 +224,37 @@ class Recorder:
         self._seq[session_id] = 0
         return session_id
 
+    def set_link(self, table: str, row_id: int, link) -> None:
+        """How a session's client (table 'sessions') or a participant ('participants') is
+        connected, when not by plain TCP (an `events.Link`)."""
+        assert table in ("sessions", "participants")
+        self._run(
+            f"UPDATE {table} SET transport = ?, tls_version = ?, tls_cipher = ?, cert_fingerprint = ? WHERE id = ?",
+            (link.transport, link.version, link.cipher, link.fingerprint, row_id),
+        )
+
+    def set_verified(self, table: str, row_id: int) -> None:
+        """Its handle is bound to the certificate it presented."""
+        assert table in ("sessions", "participants")
+        self._run(f"UPDATE {table} SET verified = 1 WHERE id = ?", (row_id,))
+
+    def bindings(self) -> dict[str, tuple[str, str]]:
+        """Every handle bound to a certificate: skeleton -> (handle, fingerprint)."""
+        return {r[0]: (r[1], r[2]) for r in self._run("SELECT skeleton, handle, fingerprint FROM identities")}
+
+    def bind(self, skeleton: str, handle: str, fingerprint: str, at: float) -> None:
+        """Bind a handle to a certificate (or note that the bound certificate used it again)."""
+        when = iso(at)
+        self._run(
+            "INSERT INTO identities (handle, skeleton, fingerprint, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (skeleton) DO UPDATE SET last_seen = excluded.last_seen, sessions = sessions + 1 "
+            "WHERE fingerprint = excluded.fingerprint",
+            (handle, skeleton, fingerprint, when, when),
+        )
+
+    def forget(self, skeleton: str) -> int:
+        return self._run("DELETE FROM identities WHERE skeleton = ?", (skeleton,)).rowcount
+
     def serve_session(self, session_id: int, at: float) -> None:
         self._run("UPDATE sessions SET served_at = ? WHERE id = ?", (iso(at), session_id))
 

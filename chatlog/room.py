@@ -245,7 +245,7 @@ class Room:
         people[ev.conn] = p
         here = len(people)
         return [
-            Join(ev.conn, ev.host, ev.port, ev.at),
+            Join(ev.conn, ev.host, ev.port, ev.at, ev.link),
             Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),
             Show("event", visible(f"{address(ev.host, ev.port)} entered the room ({here} here)")),
         ]

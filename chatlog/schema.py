@@ -345,6 +345,35 @@ def m008_fts_in_background(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m009_transport_and_identities(conn: sqlite3.Connection) -> None:
+    # How each client was connected (plain TCP or TLS, its version and cipher, the client
+    # certificate's fingerprint) and whether its handle was verified (bound to that certificate),
+    # for 1:1 sessions and room participants alike; old rows read as plain, unverified. And the
+    # bindings: a handle first used over TLS with a client certificate belongs to it.
+    cols = (
+        """ADD COLUMN "transport" TEXT NOT NULL DEFAULT 'tcp';""",
+        """ADD COLUMN "tls_version" TEXT;""",
+        """ADD COLUMN "tls_cipher" TEXT;""",
+        """ADD COLUMN "cert_fingerprint" TEXT;""",
+        """ADD COLUMN "verified" INTEGER NOT NULL DEFAULT 0;""",
+    )
+    run_script(
+        conn,
+        "\n".join(f'ALTER TABLE "{t}" {c}' for t in ("sessions", "participants") for c in cols)
+        + """
+        CREATE TABLE "identities" (
+          "handle" TEXT NOT NULL,
+          "skeleton" TEXT NOT NULL PRIMARY KEY,
+          "fingerprint" TEXT NOT NULL,
+          "first_seen" TEXT NOT NULL,
+          "last_seen" TEXT NOT NULL,
+          "sessions" INTEGER NOT NULL DEFAULT 1
+        );
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

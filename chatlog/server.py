@@ -30,6 +30,7 @@ from chatlog.events import (
     Finish,
     Handle,
     Join,
+    Link,
     Open,
     Pause,
     Prompt,
@@ -121,6 +122,8 @@ class Loop:
         self.echo_operator = echo_operator
         self.watch = Watcher()
         self.clients: dict[int, Client] = {}
+        self.handshakes: dict[int, Client] = {}  # TLS clients the policy has not heard of yet
+        self._tls_failures: dict[tuple[str, str], int] = {}
         self._next_id = 1
         self.pending: list = []
         self._bcast: list[tuple[bytes, int | None]] = []
@@ -145,7 +148,7 @@ class Loop:
                 while not self.finished:
                     self._pass()
             finally:
-                for c in list(self.clients.values()):
+                for c in [*self.clients.values(), *self.handshakes.values()]:
                     c.io.close()
                 self.acceptor.close()
                 self.watch.close()
@@ -163,6 +166,8 @@ class Loop:
                     self._after_write(obj)
                 if mask & selectors.EVENT_READ:
                     readable.append(obj)
+            elif kind == "hs":
+                self._handshake(obj, time.time())
             elif kind == "listen":
                 self._accept(obj)
             elif kind == "operator":
@@ -191,6 +196,8 @@ class Loop:
             # lock wait) a message sent in time may be waiting in the socket.
             self._read(list(self.clients.values()), now)
             self._feed(Tick(now))
+        for c in [c for c in self.handshakes.values() if now >= c.io.deadline]:
+            self._handshake(c, now)  # timed out
         self._resume(now)
         self._carry_out()
         self._operator_input()
@@ -198,7 +205,8 @@ class Loop:
     def _timeout(self) -> float | None:
         if any(c.paused_until is None for c in self._held):
             return 0.0  # input is held that the kernel will not signal again
-        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values())
+        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(),
+                             [c.io.deadline for c in self.handshakes.values()])
         return None if when is None else max(0.0, when - time.time())
 
     def _feed(self, event) -> None:
@@ -276,6 +284,10 @@ class Loop:
         for io in acc.accept(listener, time.time()):
             c = Client(self._next_id, io)
             self._next_id += 1
+            if io.kind == "tls":
+                self.handshakes[c.id] = c
+                self.watch.set(io, selectors.EVENT_READ, ("hs", c))
+                continue
             self.clients[c.id] = c
             self.watch.set(io, selectors.EVENT_READ, ("client", c))
             self._feed(Connected(c.id, io.host, io.port, time.time()))
@@ -283,6 +295,32 @@ class Loop:
             self._watch_listeners(False)
         if bool(acc.at_limit) != bool(told):  # said once as it starts, once as it ends
             self.console.write(accept_line(self.r, acc.at_limit))
+
+    def _handshake(self, c: Client, now: float) -> None:
+        """Go on with a TLS handshake; once done, the policy hears of the client."""
+        io = c.io
+        if io.handshake():
+            del self.handshakes[c.id]
+            self.acceptor.handshake_over(io)
+            self.clients[c.id] = c
+            self.watch.client(c)
+            self._feed(Connected(c.id, io.host, io.port, now, Link("tls", io.version, io.cipher, io.peer_fingerprint)))
+            if io.buffered:
+                self._held.add(c)
+        elif io.failed or (io.deadline is not None and now >= io.deadline):
+            del self.handshakes[c.id]
+            self.acceptor.handshake_over(io)
+            self.watch.set(io, 0, None)
+            io.error = io.error or f"no handshake within {io.timeout:g} s"
+            io.failed = True
+            io.close()
+            key = (io.host, io.error)
+            n = self._tls_failures[key] = self._tls_failures.get(key, 0) + 1
+            line = handshake_line(io, n)
+            if line:
+                self.console.write(self.r.paint("event", line))
+        else:
+            self.watch.set(io, selectors.EVENT_READ | (selectors.EVENT_WRITE if io.wants_write else 0), ("hs", c))
 
     def _watch_listeners(self, on: bool) -> None:
         for lst in self.acceptor.listeners:
@@ -408,6 +446,15 @@ class Loop:
         self.finished = True
 
 
+def handshake_line(io, n: int) -> str | None:
+    """A failed TLS handshake, said once per address and reason, then at 10, 100, ... of them."""
+    if n == 1:
+        return visible(f"TLS handshake with {io.host} port {io.port} failed: {io.error}")
+    if n in (10, 100, 1000, 10000, 100000):
+        return visible(f"{n} failed TLS handshakes from {io.host} ({io.error})")
+    return None
+
+
 def accept_line(r: Renderer, at_limit: str | None) -> str:
     if at_limit is None:
         return r.paint("event", "accepting connections again")
@@ -415,10 +462,10 @@ def accept_line(r: Renderer, at_limit: str | None) -> str:
                    "new clients wait in the kernel's queue until some leave")
 
 
-def next_deadline(policy_deadline, accept_paused_until, clients) -> float | None:
+def next_deadline(policy_deadline, accept_paused_until, clients, more=()) -> float | None:
     """The earliest of the policy's timer, the end of an accept pause, the quiet deadlines of
-    unterminated lines and the ends of clients' pauses (None: nothing is timed)."""
-    deadlines = [d for d in (policy_deadline, accept_paused_until) if d is not None]
+    unterminated lines, the ends of clients' pauses and `more` (None: nothing is timed)."""
+    deadlines = [d for d in (policy_deadline, accept_paused_until, *more) if d is not None]
     for c in clients:
         d = c.framer.deadline()
         if d is not None:
@@ -486,12 +533,14 @@ def _is_store_failure(exc: BaseException) -> bool:
 # -- running it ----------------------------------------------------------------------------------
 
 
-def serve(mode, sockets: list, renderer: Renderer, stdin, *, bind: str | None = None) -> None:
-    """Run `mode` (a policy and its store, see `chatlog.modes`) on listening `sockets` until it
-    is stopped. Raises ServeError if the store fails for good (every client has been told)."""
+def serve(mode, sockets: list, renderer: Renderer, stdin, *, bind: str | None = None,
+          tls_sockets: list = (), tls=None) -> None:
+    """Run `mode` (a policy and its store, see `chatlog.modes`) on listening `sockets` (plain)
+    and `tls_sockets` (TLS, with `tls`, a `chatlog.tls.ServerCert`) until it is stopped. Raises
+    ServeError if the store fails for good (every client has been told)."""
     console = Console(renderer.stream)
     try:
-        loop = _prepare(mode, sockets, renderer, stdin, console, bind)
+        loop = _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets, tls)
         saved_tty = _save_tty(stdin)
         try:
             loop.run()
@@ -503,9 +552,20 @@ def serve(mode, sockets: list, renderer: Renderer, stdin, *, bind: str | None = 
         raise ServeError(f"{loop.failure}; the server stopped (every client was told)")
 
 
-def _prepare(mode, sockets, renderer, stdin, console, bind) -> Loop:
+def _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets=(), tls=None) -> Loop:
     """The banner, the server's record, the operator: everything but the loop."""
-    for line in banner(bind, sockets):
+    context = None
+    note = pin = None
+    if tls_sockets:
+        from chatlog.tls import server_context
+
+        context = server_context(tls)
+        if tls.made or tls.cert.name == "chatlog-tls-cert.pem":
+            pin = tls.fingerprint
+            note = f"TLS certificate (self-signed, {'made now and ' if tls.made else ''}kept in {tls.cert.parent}): {pin}"
+        else:
+            note = f"TLS certificate {tls.cert}: {tls.fingerprint}"
+    for line in banner(bind, sockets, tls_sockets, pin, note):
         console.write(line)
     store, policy = mode.store, mode.policy
     # Starting waits on a database another process holds locked, like any write: say so, or the
@@ -513,7 +573,7 @@ def _prepare(mode, sockets, renderer, stdin, console, bind) -> Loop:
     # (said once, and when it frees)
     on_wait = lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed))  # noqa: E731
     store.set_hooks(on_wait, None)
-    orphans = store.start(sockets[0].getsockname(), time.time())
+    orphans = store.start((sockets or tls_sockets)[0].getsockname(), time.time())
     if orphans:
         what = "1 session" if orphans == 1 else f"{orphans} sessions"
         console.write(renderer.paint(
@@ -525,7 +585,7 @@ def _prepare(mode, sockets, renderer, stdin, console, bind) -> Loop:
     if operator.tty and renderer.color:
         operator.prompt = renderer.paint("server", f"{policy.handle}>")
     echo = not (operator.tty and console.stream.isatty())
-    listeners = [Listener(s) for s in sockets]
+    listeners = [Listener(s) for s in sockets] + [Listener(s, context, tls.handshake_timeout) for s in tls_sockets]
     loop = Loop(policy, store, listeners, renderer, console, operator, echo_operator=echo)
     store.set_hooks(on_wait, lambda: loop.stopping is not None)
     return loop

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import resource
 import socket
+import time
 from collections import deque
 
 RECV_SIZE = 65536  # one read; a room's burst arrives in these
@@ -92,19 +93,46 @@ class TcpConn:
     def wants_write(self) -> bool:
         return self.backlog > 0
 
+    # -- the raw operations a transport type provides ----------------------------------------
+
+    def _recv(self) -> bytes | None:
+        """Bytes, b"" (closed or failed: `failed` says which), or None (nothing now)."""
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            self.failed = True
+            return b""  # a reset: what was held is its last message
+
+    def _send(self, data) -> int:
+        """How much the kernel took now (0: none); raises OSError when the peer is gone."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def _sendv(self, parts: list) -> int:
+        try:
+            return self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def _finish(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    # -- the interface the loop uses -------------------------------------------------------------
+
     def read(self, limit: int) -> bytes | None:
         if self._held:
             data, self._held = self._held, b""
         else:
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError:
-                self.failed = True
-                return b""  # a reset: what was held is its last message
+            data = self._recv()
             if not data:
-                return b""
+                return data
         n = cut_after(data, limit)
         if n < len(data):
             self._held = data[n:]
@@ -119,9 +147,7 @@ class TcpConn:
             self.backlog += len(data)
             return
         try:
-            n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            n = 0
+            n = self._send(data)
         except OSError:
             self.failed = True
             return
@@ -138,9 +164,7 @@ class TcpConn:
         if not q or self.failed:
             return
         try:
-            n = self.sock.sendmsg([q[i] for i in range(min(len(q), SENDMSG_PARTS))])
-        except (BlockingIOError, InterruptedError):
-            return
+            n = self._sendv([q[i] for i in range(min(len(q), SENDMSG_PARTS))])
         except OSError:
             self.failed = True
             return
@@ -186,13 +210,10 @@ class TcpConn:
                 data += last
             if data:
                 try:
-                    self.sock.send(data)
+                    self._send(data)
                 except OSError:
                     pass
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            self._finish()
         self._q.clear()
         self.backlog = 0
         try:
@@ -201,15 +222,116 @@ class TcpConn:
             pass
 
 
+class TlsConn(TcpConn):
+    """A TLS connection (pyOpenSSL, non-blocking): the handshake runs inside the loop, with a
+    deadline; then it reads and writes as TcpConn does. Bytes OpenSSL has decrypted but not
+    handed over do not wake the selector: `buffered` says so, and the loop reads again."""
+
+    kind = "tls"
+    __slots__ = ("ssl", "handshaking", "deadline", "error", "version", "cipher", "peer_fingerprint", "timeout")
+
+    def __init__(self, sock: socket.socket, host: str, port: int, context, timeout: float):
+        from OpenSSL import SSL
+
+        super().__init__(sock, host, port)
+        self.ssl = SSL.Connection(context, sock)
+        self.ssl.set_accept_state()
+        self.handshaking = True
+        self.timeout = timeout
+        self.deadline: float | None = time.time() + timeout  # the handshake must be done by then
+        self.error: str | None = None  # why the handshake failed
+        self.version: str | None = None
+        self.cipher: str | None = None
+        self.peer_fingerprint: str | None = None  # the client certificate's, if it gave one
+
+    def handshake(self) -> bool:
+        """Go on with the handshake: True once done; False while it waits on the peer (or
+        failed: `error` says why, and `failed` is set)."""
+        from OpenSSL import SSL
+
+        from chatlog.tls import fingerprint_der, ssl_words
+
+        try:
+            self.ssl.do_handshake()
+        except (SSL.WantReadError, SSL.WantWriteError):
+            return False
+        except SSL.SysCallError as exc:
+            self.failed = True
+            self.error = "the client closed the connection" if exc.args and exc.args[0] in (-1, 0) else (
+                exc.args[1] if len(exc.args) > 1 else "connection error")
+            return False
+        except SSL.Error as exc:
+            self.failed = True
+            words = ssl_words(exc)
+            self.error = "not TLS (plain text on the TLS port?)" if any(
+                w in words for w in ("wrong version number", "http request", "unknown protocol", "packet length too long")
+            ) else words
+            return False
+        self.handshaking = False
+        self.deadline = None
+        self.version = self.ssl.get_protocol_version_name()
+        self.cipher = self.ssl.get_cipher_name()
+        cert = self.ssl.get_peer_certificate(as_cryptography=True)
+        if cert is not None:
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            self.peer_fingerprint = fingerprint_der(cert.public_bytes(Encoding.DER))
+        return True
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._held) or (not self.handshaking and not self.failed and self.ssl.pending() > 0)
+
+    @property
+    def wants_write(self) -> bool:
+        return self.backlog > 0 or (self.handshaking and self.ssl.want_write())
+
+    def _recv(self) -> bytes | None:
+        from OpenSSL import SSL
+
+        try:
+            return self.ssl.recv(RECV_SIZE)
+        except (SSL.WantReadError, SSL.WantWriteError):
+            return None
+        except SSL.ZeroReturnError:
+            return b""
+        except (SSL.Error, OSError):
+            self.failed = True
+            return b""
+
+    def _send(self, data) -> int:
+        from OpenSSL import SSL
+
+        try:
+            return self.ssl.send(data)
+        except (SSL.WantReadError, SSL.WantWriteError):
+            return 0
+        except SSL.Error as exc:
+            raise OSError(str(exc)) from None
+
+    def _sendv(self, parts: list) -> int:
+        data = parts[0] if len(parts) == 1 else b"".join(parts[:16])
+        return self._send(data)
+
+    def _finish(self) -> None:
+        try:
+            self.ssl.shutdown()
+        except Exception:  # noqa: BLE001  (best effort: a peer that is gone or mid-handshake)
+            pass
+        super()._finish()
+
+
 class Listener:
     """A listening socket; `accept()` gives a connection, None (nobody waiting), or raises
     `AtLimit` when the process or system is out of descriptors or memory."""
 
-    __slots__ = ("sock", "kind")
+    __slots__ = ("sock", "kind", "context", "handshake_timeout")
 
-    def __init__(self, sock: socket.socket, kind: str = "tcp"):
+    def __init__(self, sock: socket.socket, context=None, handshake_timeout: float = 10.0):
         self.sock = sock
-        self.kind = kind
+        self.context = context  # an OpenSSL context: this listener speaks TLS
+        self.kind = "tls" if context is not None else "tcp"
+        self.handshake_timeout = handshake_timeout
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -233,6 +355,8 @@ class Listener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             except OSError:
                 pass
+            if self.context is not None:
+                return TlsConn(sock, plain_addr(addr[0]), addr[1], self.context, self.handshake_timeout)
             return TcpConn(sock, plain_addr(addr[0]), addr[1])
 
     def close(self) -> None:
@@ -250,9 +374,11 @@ class Acceptor:
 
     BACKOFF = (0.05, 2.0)
     PER_TURN = 64  # connections accepted from one listener in one pass
+    HANDSHAKES_PER_ADDRESS = 16  # TLS handshakes under way from one address; more are closed at once
 
     def __init__(self, listeners: list[Listener]):
         self.listeners = listeners
+        self.handshaking: dict[str, int] = {}  # address -> TLS handshakes under way
         self.paused_until: float | None = None
         self.at_limit: str | None = None  # why accepting stopped (the system's words), until it works again
         self._backoff = self.BACKOFF[0]
@@ -273,8 +399,22 @@ class Acceptor:
                 break
             self._backoff = self.BACKOFF[0]
             self.at_limit = None
+            if conn.kind == "tls":
+                n = self.handshaking.get(conn.host, 0)
+                if n >= self.HANDSHAKES_PER_ADDRESS:
+                    conn.failed = True  # a handshake flood from one address costs nobody else
+                    conn.close()
+                    continue
+                self.handshaking[conn.host] = n + 1
             out.append(conn)
         return out
+
+    def handshake_over(self, conn) -> None:
+        n = self.handshaking.get(conn.host, 1) - 1
+        if n > 0:
+            self.handshaking[conn.host] = n
+        else:
+            self.handshaking.pop(conn.host, None)
 
     def resume(self, now: float) -> bool:
         """True when a pause has just run out (watch the listeners again)."""
@@ -374,34 +514,50 @@ def is_loopback(addr: str) -> bool:
     return ip.is_loopback
 
 
-def banner(bind: str | None, sockets: list[socket.socket]) -> list[str]:
-    """The start-up lines: where the server listens and how to connect to it."""
+def banner(bind: str | None, sockets: list[socket.socket], tls_sockets: list[socket.socket] = (),
+           pin: str | None = None, cert_note: str | None = None) -> list[str]:
+    """The start-up lines: where the server listens and how to connect to it. `sockets` are
+    plain, `tls_sockets` speak TLS; `pin` is the fingerprint a client must pin (a self-signed
+    certificate), `cert_note` says where the certificate is."""
     hostname = socket.gethostname()
-    local = sockets[0].getsockname()
-    port = local[1]
-    if is_loopback(local[0]):
-        return [
-            f"Server started on host {hostname} ({plain_addr(local[0])}), port {port}",
+    first = (sockets or tls_sockets)[0].getsockname()
+    port = first[1]
+    tls_port = tls_sockets[0].getsockname()[1] if tls_sockets else None
+    only = " (TLS only)" if tls_sockets and not sockets else ""
+
+    def commands(host: str) -> list[str]:
+        out = [f"  ./chatclient {host} {port}"] if sockets else []
+        if tls_port is not None:
+            out.append(f"  ./chatclient --tls {f'--pin {pin} ' if pin else ''}{host} {tls_port}")
+        return out
+
+    if is_loopback(first[0]):
+        host = plain_addr(first[0])
+        lines = [
+            f"Server started on host {hostname} ({host}), port {port}{only}",
             f"Listening on {bind} only: reachable from this host alone "
             "(--bind 0.0.0.0, or no --bind, to let other hosts connect).",
-            f"Connect with:\n  ./chatclient {plain_addr(local[0])} {port}",
+            "Connect with:\n" + "\n".join(commands(host)),
         ]
-    if bind not in (None, "", "0.0.0.0", "::"):
-        return [
-            f"Server started on host {hostname} ({plain_addr(local[0])}), port {port}",
-            "Connect from another host with:",
-            f"  ./chatclient {plain_addr(local[0])} {port}",
-        ]
-    ip = reachable_address()
-    lines = [f"Server started on host {hostname} ({ip or 'no network address'}), port {port}"]
-    if ip is None:
-        lines.append("This host has no address other hosts can reach; connect from here with:")
-        lines.append(f"  ./chatclient 127.0.0.1 {port}")
-        return lines
-    lines.append("Connect from another host with:")
-    lines.append(f"  ./chatclient {ip} {port}")
-    if not resolves_to_loopback(hostname):
-        lines.append(f"  ./chatclient {hostname} {port}")
+    elif bind not in (None, "", "0.0.0.0", "::"):
+        host = plain_addr(first[0])
+        lines = [f"Server started on host {hostname} ({host}), port {port}{only}", "Connect from another host with:",
+                 *commands(host)]
+    else:
+        ip = reachable_address()
+        lines = [f"Server started on host {hostname} ({ip or 'no network address'}), port {port}{only}"]
+        if ip is None:
+            lines.append("This host has no address other hosts can reach; connect from here with:")
+            lines += commands("127.0.0.1")
+        else:
+            lines.append("Connect from another host with:")
+            lines += commands(ip)
+            if not resolves_to_loopback(hostname):
+                lines += commands(hostname)
+    if tls_port is not None and sockets:
+        lines.insert(1, f"TLS on port {tls_port}")
+    if cert_note:
+        lines.append(cert_note)
     return lines
 
 

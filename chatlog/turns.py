@@ -172,7 +172,7 @@ class Turns:
             self.peers[ev.conn] = peer
             self.current = peer
             self.last_served[peer.host] = ev.at
-            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
+            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True, link=ev.link), Show("event", connected_text(peer))]
         same_host = sum(1 for p in self.queue if p.host == ev.host)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
@@ -183,7 +183,7 @@ class Turns:
         self.peers[ev.conn] = peer
         self.queue.append(peer)
         return [
-            Open(ev.conn, ev.host, ev.port, ev.at, served=False),
+            Open(ev.conn, ev.host, ev.port, ev.at, served=False, link=ev.link),
             Show("event", f"{ev.host} port {ev.port} is waiting ({len(self.queue)} in the queue)"),
         ]
 
