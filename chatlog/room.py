@@ -26,8 +26,8 @@ What a room does:
   else ever waits for it. A client over its rate limit (a token bucket: `rate` lines/s with a
   `burst` allowance) is paused (`Pause`), never cut short: every line it sent is still committed
   and relayed.
-- At most `max_clients` clients, and at most `per_address` from one address (0: no cap); beyond
-  either, a new connection is refused with a notice. There is no idle timeout.
+- At most `max_clients` clients, and at most `per_address` from one address (0: no cap; an IPv6
+  address counts by its /64, `words.address_key`); beyond either, a new connection is refused with a notice. There is no idle timeout.
 
 Store writes always come before what is sent or shown in the same decision list, and the loop
 commits every store write of a pass before it sends anything, so nobody is told what is not
@@ -65,6 +65,7 @@ from chatlog.events import (
 )
 from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
 from chatlog.sanitize import visible
+from chatlog.words import address_key
 
 MAX_CLIENTS = 10_000
 PER_ADDRESS = 256  # enough for a classroom behind one NAT, or a benchmark on loopback
@@ -210,7 +211,7 @@ class Room:
         # connections cannot flood the console.
         if len(people) >= self.max_clients:
             return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE, f"the room is full ({len(people)} here)")]
-        key = _plain(ev.host)
+        key = address_key(ev.host)
         n = self.per_addr.get(key, 0)
         if self.per_address and n >= self.per_address:
             return [Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"],

@@ -4,8 +4,8 @@ session and what each side is told. Socket-free: fed events, it returns decision
 
 The rules, in short:
 - One client is served at a time; the client speaks first, then the operator answers.
-- Others wait in a queue, at most `max_waiting` of them and `per_address` from one address;
-  more are refused as busy. The next one served is the one whose address was served longest
+- Others wait in a queue, at most `max_waiting` of them and `per_address` from one address (an
+  IPv6 address counts by its /64); more are refused as busy. The next one served is the one whose address was served longest
   ago (never served first), so one address cannot hold the chat with many connections.
 - A served client that has not said anything yet while others wait has `first_timeout` seconds
   to speak; after that (and always) `idle_timeout` seconds on its turn.
@@ -44,6 +44,7 @@ from chatlog.events import (
     timeout_notice,
 )
 from chatlog.protocol import MAX_LINE, MAX_TEXT
+from chatlog.words import address_key
 
 INPUT_ENDED = "Operator input ended; server stopped"
 MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dropped as flooding
@@ -63,6 +64,10 @@ class Peer:
     told_waiting: bool = False
     held: list[tuple[str | None, str]] = field(default_factory=list)  # said while waiting
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
+    key: str = ""  # what the per-address cap and fairness count it as (an IPv6 host by its /64)
+
+    def __post_init__(self):
+        self.key = address_key(self.host)
 
 
 def notice_line(handle: str, text: str) -> bytes:
@@ -157,13 +162,13 @@ class Turns:
         if self.current is None:
             self.peers[ev.conn] = peer
             self.current = peer
-            self.last_served[peer.host] = ev.at
+            self.last_served[peer.key] = ev.at
             return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
-        same_host = sum(1 for p in self.queue if p.host == ev.host)
+        same_host = sum(1 for p in self.queue if p.key == peer.key)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
                 f"the queue is full ({self.max_waiting} may wait)" if len(self.queue) >= self.max_waiting
-                else f"{same_host} from {ev.host} already waiting"
+                else f"{same_host} from {peer.key} already waiting"
             )
             return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, NOTICES["busy"], why)]
         self.peers[ev.conn] = peer
@@ -282,7 +287,7 @@ class Turns:
         peer = self._order()[0]
         self.queue.remove(peer)
         self.current = peer
-        self.last_served[peer.host] = at
+        self.last_served[peer.key] = at
         peer.turn_since = at
         waiting = f" ({len(self.queue)} waiting)" if self.queue else ""
         out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer) + waiting)]
@@ -297,7 +302,7 @@ class Turns:
 
     def _order(self) -> list[Peer]:
         """The queue in serving order: the address served longest ago first, then arrival."""
-        return sorted(self.queue, key=lambda p: (self.last_served.get(p.host, float("-inf")), p.connected))
+        return sorted(self.queue, key=lambda p: (self.last_served.get(p.key, float("-inf")), p.connected))
 
     def _finish(self, why: str, at: float, reason: str) -> list[Decision]:
         out: list[Decision] = []

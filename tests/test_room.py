@@ -163,6 +163,26 @@ def test_room_full_and_per_address_cap_refuse_clearly(start_server, tmp_path):
     inside.close()
 
 
+def _has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_per_address_cap_over_ipv6_loopback(start_server, tmp_path):
+    """Over real IPv6 sockets the cap counts ::1's /64 as one address (the policy's /64 rule is
+    tested on the policy itself: loopback has one address only)."""
+    capped = start_server("--room", "--per-address", "1", bind="::1")
+    inside = join(capped, "six")
+    d = capped.connect()
+    assert recv_until(d, b"\\quit\n") == b"SERVER>*** Too many connections from your address; try again later.\n\\quit\n"
+    inside.close()
+
+
 def test_clients_resetting_mid_accept_harm_no_one(room):
     import struct
 

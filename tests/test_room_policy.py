@@ -647,3 +647,16 @@ def test_a_participant_who_changes_handle_is_announced_to_everyone():
         Broadcast(b"SERVER>*** bob is now alice\n", exclude=2),
         Broadcast(b"alice>it is me, alice\n", exclude=2),
     ]
+
+
+def test_per_address_cap_counts_an_ipv6_64_as_one_address():
+    """A host with IPv6 picks source addresses from a whole /64: three of one /64 are one address."""
+    r = opened(per_address=2)
+    assert of(Join, r.handle_event(Connected(1, "2001:db8:1:2::a", 1, 1.0)))
+    assert of(Join, r.handle_event(Connected(2, "2001:db8:1:2:ffff:1:2:3", 2, 1.0)))
+    out = r.handle_event(Connected(3, "2001:db8:1:2::b", 3, 1.0))
+    assert of(Refuse, out) and of(Refuse, out)[0].reason == "per-address"
+    assert of(Join, r.handle_event(Connected(4, "2001:db8:1:3::a", 4, 1.0)))  # the next /64 is another
+    assert of(Join, r.handle_event(Connected(5, "fe80::1%eth0", 5, 1.0)))  # a scoped address parses
+    r.handle_event(Disconnected(1, 2.0))
+    assert of(Join, r.handle_event(Connected(6, "2001:db8:1:2::c", 6, 2.0)))

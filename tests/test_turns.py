@@ -248,3 +248,26 @@ def test_invariants(seq, stop_at_end):
         assert set(t.peers) == live
     if stop_at_end:
         assert not live and t.finished
+
+
+def test_the_per_address_cap_counts_an_ipv6_64_as_one_address():
+    t = Turns(max_waiting=9, per_address=2)
+    t.handle_event(Connected(1, "10.0.0.1", 1, 0.0))
+    assert kinds(t.handle_event(Connected(2, "2001:db8::1", 2, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(3, "2001:db8::2:2", 3, 0.0)), Open)
+    out = t.handle_event(Connected(4, "2001:db8:0:0:1::3", 4, 0.0))
+    assert kinds(out, Refuse) and "2001:db8::/64" in kinds(out, Refuse)[0].why
+    assert kinds(t.handle_event(Connected(5, "2001:db8:0:1::1", 5, 0.0)), Open)  # another /64
+    # IPv4-mapped forms stay one IPv4 address.
+    assert kinds(t.handle_event(Connected(6, "::ffff:10.0.0.9", 6, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(7, "10.0.0.9", 7, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(8, "::ffff:10.0.0.9", 8, 0.0)), Refuse)
+
+
+def test_fairness_serves_another_64_before_a_second_address_of_the_one_just_served():
+    t = Turns(max_waiting=5, per_address=5)
+    t.handle_event(Connected(1, "2001:db8::1", 1, 0.0))
+    t.handle_event(Connected(2, "2001:db8::2", 2, 1.0))  # same /64 as the one being served
+    t.handle_event(Connected(3, "2001:db8:0:9::1", 3, 2.0))
+    out = t.handle_event(Disconnected(1, 3.0))
+    assert kinds(out, Serve) == [Serve(3, 3.0)]
