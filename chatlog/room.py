@@ -16,8 +16,10 @@ What a room does:
   exactly as the console makes them: old clients print what they get raw. A line over the
   protocol's 500 characters is committed whole but relayed cut there, marked, and its sender told.
 - A line that cannot be relayed is still committed (nothing is lost) and its sender is told why:
-  a line claiming the server's handle (compared case-insensitively, after Unicode
-  compatibility folding) and a line from a client whose handle is not known yet.
+  a line under a handle it may not take (`handles.handle_problem`: one that would not show as
+  itself, the server's, one in use by someone present, or a look-alike of either; a rename onto
+  such a handle is refused the same way and the old handle kept) and a line from a client whose
+  handle is not known yet.
 - The operator's lines go to everyone as `SERVER>text\\n` (the configured handle). At the console,
   `\\who` lists who is here, `\\kick NAME` removes a client (by handle or `host:port`), `\\quit`
   closes the room; the end of the operator's input closes it too. The operator's input is wanted
@@ -37,7 +39,6 @@ recorded.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from chatlog.events import (
@@ -63,6 +64,7 @@ from chatlog.events import (
     Stop,
     Tick,
 )
+from chatlog.handles import Names, example, fold, handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
 from chatlog.sanitize import visible
 from chatlog.words import address_key
@@ -85,12 +87,6 @@ LEFT = {
 }
 
 _COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
-
-
-def fold(handle: str) -> str:
-    """The form two handles are compared in: compatibility-normalised and case-folded, so
-    `server`, `ＳＥＲＶＥＲ` and `ſerver` all read as `SERVER`."""
-    return unicodedata.normalize("NFKC", handle).casefold()
 
 
 def address(host: str, port: int) -> str:
@@ -131,7 +127,7 @@ class Participant:
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "prompted", "_server_fold", "_server_prefix",
+        "finished", "prompted", "names", "_server_prefix",
     )
 
     def __init__(
@@ -158,7 +154,7 @@ class Room:
         self.per_addr: dict[str, int] = {}
         self.finished = False
         self.prompted = False  # the operator's input is wanted from the first event on
-        self._server_fold = fold(handle)
+        self.names = Names()  # the handles of those present
         self._server_prefix = (visible(handle) + ">").encode()
 
     # -- the interface the loop uses ---------------------------------------------------------
@@ -268,13 +264,18 @@ class Room:
             note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
         elif len(msg.text) > MAX_TEXT:
             note = f"longer than {MAX_TEXT} characters"
-        if handle is not None and fold(handle) == self._server_fold:
-            why = f"the handle {self.handle} is the server's: not relayed"
+        problem = None
+        if handle is not None and handle != p.handle:
+            problem = handle_problem(handle, self.names, self.handle, own=p.handle)
+        if problem is not None:
+            why = f"{problem}: not relayed"
+            like = example(self.names, self.handle)
             out += [
                 Commit(p.conn, "client", handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
-                # Not as a chat line: on the console it would read as the operator's own words.
-                Show("error", visible(f"{address(p.host, p.port)} used the server's handle (not relayed): {handle}>{msg.text}")),
-                Send(p.conn, self.notice(f"The handle {self.handle} is the server's; choose another, like: alice>hello (not relayed)")),
+                # Not as a chat line: on the console it would read as the operator's (or the
+                # other's) own words.
+                Show("error", visible(f"{address(p.host, p.port)}: {problem} (not relayed): {handle}>{msg.text}")),
+                Send(p.conn, self.notice(f"T{problem[1:]}; choose another, like: {like}>hello (not relayed)")),
             ]
         elif handle is None and p.handle is None:
             why = "no handle yet: not relayed"
@@ -312,6 +313,9 @@ class Room:
 
     def _rename(self, p: Participant, handle: str, out: list[Decision]) -> None:
         old, old_handle = p.shown, p.handle
+        if old_handle is not None:
+            self.names.remove(old_handle)
+        self.names.add(handle)
         p.handle = handle
         p.shown = visible(handle)
         p.prefix = (p.shown + ">").encode()
@@ -356,6 +360,8 @@ class Room:
         p = self.people.pop(conn, None)
         if p is None:
             return []
+        if p.handle is not None:
+            self.names.remove(p.handle)
         n = self.per_addr[p.addr] - 1
         if n:
             self.per_addr[p.addr] = n
@@ -439,6 +445,7 @@ class Room:
             ends.append(End(conn, reason, at, notice))
         self.people.clear()
         self.per_addr.clear()
+        self.names.clear()
         return commits + ends + [Prompt(False), Show("event", why), Finish(why)]
 
 

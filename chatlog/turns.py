@@ -9,6 +9,9 @@ The rules, in short:
   ago (never served first), so one address cannot hold the chat with many connections.
 - A served client that has not said anything yet while others wait has `first_timeout` seconds
   to speak; after that (and always) `idle_timeout` seconds on its turn.
+- A line under the server's handle, a look-alike of it, or a handle that would not show as itself
+  (`handles.handle_problem`) is recorded with a note saying so and shown on the console as such,
+  never as a chat line; the session keeps the handle it had.
 - Notices (docs/protocol.md) never shift a turn-based client's turns: a queued client is told it
   waits as the answer to its first line, "your chat has begun" rides with the operator's first
   answer, and the reason a chat ended comes right before `\\quit`.
@@ -43,6 +46,7 @@ from chatlog.events import (
     Tick,
     timeout_notice,
 )
+from chatlog.handles import handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT
 from chatlog.words import address_key
 
@@ -62,7 +66,7 @@ class Peer:
     unanswered: int = 0  # lines since the operator last answered (the flood rule)
     owed: int = 0  # lines it is blocked on, waiting for an answer
     told_waiting: bool = False
-    held: list[tuple[str | None, str]] = field(default_factory=list)  # said while waiting
+    held: list[Show] = field(default_factory=list)  # what it said while waiting, for the console
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
     key: str = ""  # what the per-address cap and fairness count it as (an IPv6 host by its /64)
 
@@ -187,11 +191,17 @@ class Turns:
             note = f"{msg.padding} bytes of padding after the previous line"
             return [Commit(peer.conn, "event", peer.handle, "padding", msg.raw, note, ev.at)]
         out: list[Decision] = []
-        if msg.handle is not None:
-            if peer.handle is None:
-                out.append(Handle(peer.conn, msg.handle))
-            peer.handle = msg.handle
-        handle = peer.handle
+        problem = None
+        if msg.handle is not None and msg.handle != peer.handle:
+            # The server's handle, a look-alike of it, or one that would not show as itself: the
+            # line is recorded under it and marked, never taken as the session's handle. Nothing
+            # is sent: an answer out of turn would shift an old client's turns.
+            problem = handle_problem(msg.handle, (), self.handle)
+            if problem is None:
+                if peer.handle is None:
+                    out.append(Handle(peer.conn, msg.handle))
+                peer.handle = msg.handle
+        handle = msg.handle if problem is not None else peer.handle
         if msg.is_quit:
             return out + self._end(peer, "client-quit", ev.at)
         note = None
@@ -199,11 +209,17 @@ class Turns:
             note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
         elif len(msg.text) > MAX_TEXT:
             note = f"longer than {MAX_TEXT} characters"
+        if problem is not None:
+            note = problem if note is None else f"{note}; {problem}"
+            # Not as a chat line: on the console it would read as the operator's own words.
+            shown = Show("error", f"{peer.host} port {peer.port}: {problem}: {handle}>{msg.text}")
+        else:
+            shown = Show("client", msg.text, handle)
         out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, note, ev.at))
         peer.said += 1
         peer.unanswered += 1
         if peer is self.current:
-            out.append(Show("client", msg.text, handle))
+            out.append(shown)
             peer.owed += 1
             if not self.operator_turn:
                 self.operator_turn = True
@@ -211,7 +227,7 @@ class Turns:
             if self.input_ended:
                 return out + self._finish(INPUT_ENDED, ev.at, "server-quit")
         else:
-            peer.held.append((handle, msg.text))
+            peer.held.append(shown)
             if not peer.told_waiting:
                 peer.told_waiting = True
                 ahead = 1 + self._order().index(peer)
@@ -291,8 +307,7 @@ class Turns:
         peer.turn_since = at
         waiting = f" ({len(self.queue)} waiting)" if self.queue else ""
         out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer) + waiting)]
-        for handle, text in peer.held:
-            out.append(Show("client", text, handle))
+        out += peer.held
         peer.held = []
         peer.begun_notice = peer.told_waiting
         if peer.owed:
