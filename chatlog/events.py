@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chatlog.protocol import Message
+from chatlog.words import NOTICES, timeout_notice  # noqa: F401 (server.py still imports them from here)
 
 # -- events: what happened --------------------------------------------------------------------
 
@@ -225,20 +226,3 @@ Decision = (
     Open | Serve | Handle | Commit | Show | Send | End | Refuse | Join | Broadcast | Pause | Prompt
     | Finish
 )
-
-# The words a client is told before `\quit`, by end reason (docs/protocol.md, "Notices").
-NOTICES = {
-    "server-quit": "The server closed the chat.",
-    "shutdown": "The server shut down.",
-    "busy": "The server is busy; try again later.",
-    "flood": "Too many messages without an answer: disconnected.",
-    "overlong": "A line over 8192 bytes: disconnected.",
-    "kicked": "The operator removed you from the room.",
-    "store": "The server cannot record the chat right now; try again later.",
-    "slow": "You stopped reading what the room sends: disconnected.",
-    "per-address": "Too many connections from your address; try again later.",
-}
-
-
-def timeout_notice(seconds: float) -> str:
-    return f"No message for {seconds:g} s: timed out."

@@ -42,7 +42,6 @@ import re
 from dataclasses import dataclass
 
 from chatlog.events import (
-    NOTICES,
     Broadcast,
     Commit,
     Connected,
@@ -67,7 +66,7 @@ from chatlog.events import (
 from chatlog.handles import Names, example, fold, handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
 from chatlog.sanitize import visible
-from chatlog.words import address_key
+from chatlog.words import LEFT, NOTICES, address, address_key, idle_text
 
 MAX_CLIENTS = 10_000
 PER_ADDRESS = 256  # enough for a classroom behind one NAT, or a benchmark on loopback
@@ -77,35 +76,7 @@ BURST = 100  # lines at once before the rate applies
 FULL_NOTICE = "The room is full; try again later."
 NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
 
-# How the console words a participant's leaving, by end reason.
-LEFT = {
-    "client-quit": "quit",
-    "disconnect": "disconnected",
-    "slow": "dropped, it stopped reading",
-    "kicked": "removed by the operator",
-    "overlong": "dropped for a line over 8192 bytes",
-}
-
 _COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
-
-
-def address(host: str, port: int) -> str:
-    """`host:port`, an IPv6 host in brackets, a v4-mapped one as plain IPv4."""
-    host = _plain(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _plain(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") else host
-
-
-def idle_text(seconds: float) -> str:
-    s = int(max(0.0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @dataclass(slots=True, eq=False)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from chatlog import protocol
 from chatlog.events import (
-    NOTICES,
     Commit,
     Connected,
     Decision,
@@ -44,11 +43,10 @@ from chatlog.events import (
     Stalled,
     Stop,
     Tick,
-    timeout_notice,
 )
 from chatlog.handles import handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT
-from chatlog.words import address_key
+from chatlog.words import NOTICES, address_key, connected_text, timeout_notice
 
 INPUT_ENDED = "Operator input ended; server stopped"
 MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dropped as flooding
@@ -167,7 +165,7 @@ class Turns:
             self.peers[ev.conn] = peer
             self.current = peer
             self.last_served[peer.key] = ev.at
-            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
+            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer.host, peer.port))]
         same_host = sum(1 for p in self.queue if p.key == peer.key)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
@@ -306,7 +304,7 @@ class Turns:
         self.last_served[peer.key] = at
         peer.turn_since = at
         waiting = f" ({len(self.queue)} waiting)" if self.queue else ""
-        out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer) + waiting)]
+        out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer.host, peer.port) + waiting)]
         out += peer.held
         peer.held = []
         peer.begun_notice = peer.told_waiting
@@ -332,10 +330,6 @@ class Turns:
         self.operator_turn = False
         self.finished = True
         return out + [Prompt(False), Show("event", why), Finish(why)]
-
-
-def connected_text(peer: Peer) -> str:
-    return f"connected to: {peer.host} port {peer.port}"
 
 
 def waiting_notice(ahead: int) -> str:

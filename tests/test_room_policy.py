@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatlog.events import (
-    NOTICES,
     Broadcast,
     Commit,
     Connected,
@@ -34,6 +33,7 @@ from chatlog.protocol import Message
 from chatlog.room import FULL_NOTICE, Room, fold
 from chatlog.handles import keys
 from chatlog.sanitize import is_safe, visible
+from chatlog.words import NOTICES
 
 HOST = "127.0.0.1"
 STORE = (Commit, Join, Handle)
