@@ -485,6 +485,8 @@ static char vis[4 * MAX_LINE + 1];
 static char notice[4 * MAX_LINE + 1]; /* the text of the last notice, made visible */
 static int held;                      /* that notice is not printed yet: it may explain a \quit */
 static int after_notice;              /* the line before this one was a notice */
+static int closed_mid_line;           /* the stream ended inside a line: the last one is cut */
+static const char cut_mark[] = " [cut: connection closed mid-line]";
 
 static void print_line(const struct line *l)
 {
@@ -495,13 +497,13 @@ static void print_line(const struct line *l)
 		printf("%s>", pre);
 	}
 	visible(l->text, l->tlen, vis);
-	printf("%s\n", vis);
+	printf("%s%s\n", vis, closed_mid_line ? cut_mark : "");
 }
 
 static void print_held(void)
 {
 	if (held)
-		say("[%s]", notice);
+		say("[%s]%s", notice, closed_mid_line ? cut_mark : "");
 	held = 0;
 }
 
@@ -574,7 +576,11 @@ static void receive(void)
 	if (r < 0 && (err == EINTR || err == EAGAIN))
 		return;
 	if (r <= 0) {
-		frame_quiet(&fr, 0, 1); /* the stream ended: an unterminated last line is complete */
+		/* The stream ended: an unterminated last line is all there will be of it, but not
+		 * necessarily all of it (a reader dropped as slow may be cut mid-line): it is shown
+		 * marked as cut, never as if it had been said that way. */
+		closed_mid_line = pending(&fr);
+		frame_quiet(&fr, 0, 1);
 		drain();
 		if (r == 0) {
 			close(sock);

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from chatlog import __version__
+from chatlog.words import plural
 
 # -- one error style --------------------------------------------------------------------------
 
@@ -288,12 +289,6 @@ def make_filters(handle=None, host=None, since=None, until=None, ids=()):
     from chatlog.query import Filters
 
     return Filters(handle=handle, host=host, since=since, until=until, ids=tuple(ids))
-
-
-def plural(n: int, word: str) -> str:
-    from chatlog.render import plural as p
-
-    return p(n, word)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from chatlog.protocol import Message
+from chatlog.words import NOTICES, timeout_notice  # noqa: F401 (server.py still imports them from here)
 
 
 class Event:
@@ -294,20 +295,3 @@ class Policy(Protocol):
 
     def notice(self, text: str) -> bytes:
         """A notice line for a client, in the policy's words and handle."""
-
-# The words a client is told before `\quit`, by end reason (docs/protocol.md, "Notices").
-NOTICES = {
-    "server-quit": "The server closed the chat.",
-    "shutdown": "The server shut down.",
-    "busy": "The server is busy; try again later.",
-    "flood": "Too many messages without an answer: disconnected.",
-    "overlong": "A line over 8192 bytes: disconnected.",
-    "kicked": "The operator removed you from the room.",
-    "store": "The server cannot record the chat right now; try again later.",
-    "slow": "You stopped reading what the room sends: disconnected.",
-    "per-address": "Too many connections from your address; try again later.",
-}
-
-
-def timeout_notice(seconds: float) -> str:
-    return f"No message for {seconds:g} s: timed out."

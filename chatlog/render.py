@@ -14,6 +14,10 @@ from typing import TextIO
 
 from chatlog.sanitize import visible
 
+# The words live in chatlog/words.py; these names are still imported from here by server.py,
+# views.py and tests/test_read.py.
+from chatlog.words import duration, ended_text, plural  # noqa: F401
+
 STYLES = {
     "client": "bold cyan",
     "server": "bold magenta",
@@ -29,55 +33,6 @@ def chat_text(handle: str | None, text: str) -> str:
     if handle is None:
         return visible(text)
     return f"{visible(handle)}>{visible(text)}"
-
-
-ENDINGS = {
-    "client-quit": "client has quit",
-    "server-quit": "chat ended by the server",
-    "disconnect": "client has disconnected",
-    "timeout": "client timed out on its turn",
-    "shutdown": "chat closed by server shutdown",
-    "interrupted": "session interrupted (the server stopped unexpectedly)",
-    "overlong": "client dropped for a line that is too long",
-    "stalled": "client dropped: it stopped reading",
-    "flood": "client dropped for flooding",
-    "busy": "client refused: the server was busy",
-}
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """`1 message`, `2 messages`."""
-    return f"{n} {word if n == 1 else (many or word + 's')}"
-
-
-def duration(seconds: float | None) -> str:
-    """A duration in the one style used everywhere: `0.5s`, `41s`, `1m 02s`, `2h 05m`."""
-    if seconds is None:
-        return ""
-    if seconds < 10 and seconds != int(seconds):
-        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {s % 3600 // 60:02d}m"
-
-
-def ended_text(reason: str, session_id: int, client: int, server: int, idle: float | None = None) -> str:
-    """The console line for the end of a session, e.g. `client has quit (session 1, 2 messages
-    each way)`: the same words in serve, show, replay, tail and the text export."""
-    counts = f"{plural(client, 'message')} each way" if client == server else (
-        f"{client} from the client, {server} from the server"
-    )
-    what = ENDINGS.get(reason, f"session ended ({reason})")
-    if reason == "timeout" and idle:
-        what = f"client timed out after {duration(idle)} on its turn"
-    return f"{what} (session {session_id}, {counts})"
-
-
-def connected_text(host: str | None, port: int | None) -> str:
-    return f"connected to: {host} port {port}"
 
 
 def want_color(stream: TextIO, force: bool | None = None) -> bool:

@@ -16,8 +16,10 @@ What a room does:
   exactly as the console makes them: old clients print what they get raw. A line over the
   protocol's 500 characters is committed whole but relayed cut there, marked, and its sender told.
 - A line that cannot be relayed is still committed (nothing is lost) and its sender is told why:
-  a line claiming the server's handle (compared case-insensitively, after Unicode
-  compatibility folding) and a line from a client whose handle is not known yet.
+  a line under a handle it may not take (`handles.handle_problem`: one that would not show as
+  itself, the server's, one in use by someone present, or a look-alike of either; a rename onto
+  such a handle is refused the same way and the old handle kept) and a line from a client whose
+  handle is not known yet.
 - The operator's lines go to everyone as `SERVER>text\\n` (the configured handle). At the console,
   `\\who` lists who is here, `\\kick NAME` removes a client (by handle or `host:port`), `\\quit`
   closes the room; the end of the operator's input closes it too. The operator's input is wanted
@@ -26,8 +28,8 @@ What a room does:
   else ever waits for it. A client over its rate limit (a token bucket: `rate` lines/s with a
   `burst` allowance) is paused (`Pause`), never cut short: every line it sent is still committed
   and relayed.
-- At most `max_clients` clients, and at most `per_address` from one address (0: no cap); beyond
-  either, a new connection is refused with a notice. There is no idle timeout.
+- At most `max_clients` clients, and at most `per_address` from one address (0: no cap; an IPv6
+  address counts by its /64, `words.address_key`); beyond either, a new connection is refused with a notice. There is no idle timeout.
 
 Store writes always come before what is sent or shown in the same decision list, and the loop
 commits every store write of a pass before it sends anything, so nobody is told what is not
@@ -37,11 +39,9 @@ recorded.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from chatlog.events import (
-    NOTICES,
     Broadcast,
     CloseRoom,
     Commit,
@@ -66,8 +66,10 @@ from chatlog.events import (
     Stop,
     Tick,
 )
+from chatlog.handles import Names, example, fold, handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
 from chatlog.sanitize import visible
+from chatlog.words import LEFT, NOTICES, address, address_key, idle_text
 
 MAX_CLIENTS = 10_000
 PER_ADDRESS = 256  # enough for a classroom behind one NAT, or a benchmark on loopback
@@ -81,41 +83,7 @@ UNLIMITED = 1 << 30
 FULL_NOTICE = "The room is full; try again later."
 NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
 
-# How the console words a participant's leaving, by end reason.
-LEFT = {
-    "client-quit": "quit",
-    "disconnect": "disconnected",
-    "slow": "dropped, it stopped reading",
-    "kicked": "removed by the operator",
-    "overlong": "dropped for a line over 8192 bytes",
-}
-
 _COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
-
-
-def fold(handle: str) -> str:
-    """The form two handles are compared in: compatibility-normalised and case-folded, so
-    `server`, `ＳＥＲＶＥＲ` and `ſerver` all read as `SERVER`."""
-    return unicodedata.normalize("NFKC", handle).casefold()
-
-
-def address(host: str, port: int) -> str:
-    """`host:port`, an IPv6 host in brackets, a v4-mapped one as plain IPv4."""
-    host = _plain(host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _plain(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") else host
-
-
-def idle_text(seconds: float) -> str:
-    s = int(max(0.0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @dataclass(slots=True, eq=False)
@@ -137,7 +105,7 @@ class Participant:
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "prompted", "sendq", "_server_fold", "_server_prefix",
+        "finished", "prompted", "sendq", "names", "_server_prefix",
     )
 
     def __init__(
@@ -166,7 +134,7 @@ class Room:
         self.finished = False
         self.prompted = False  # the operator's input is wanted from the first event on
         self.sendq = sendq
-        self._server_fold = fold(handle)
+        self.names = Names()  # the handles of those present
         self._server_prefix = (visible(handle) + ">").encode()
 
     # -- the interface the loop uses ---------------------------------------------------------
@@ -235,7 +203,7 @@ class Room:
         # connections cannot flood the console.
         if len(people) >= self.max_clients:
             return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, FULL_NOTICE, f"the room is full ({len(people)} here)")]
-        key = _plain(ev.host)
+        key = address_key(ev.host)
         n = self.per_addr.get(key, 0)
         if self.per_address and n >= self.per_address:
             return [Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"],
@@ -292,13 +260,18 @@ class Room:
             note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
         elif len(msg.text) > MAX_TEXT:
             note = f"longer than {MAX_TEXT} characters"
-        if handle is not None and fold(handle) == self._server_fold:
-            why = f"the handle {self.handle} is the server's: not relayed"
+        problem = None
+        if handle is not None and handle != p.handle:
+            problem = handle_problem(handle, self.names, self.handle, own=p.handle)
+        if problem is not None:
+            why = f"{problem}: not relayed"
+            like = example(self.names, self.handle)
             out += [
                 Commit(p.conn, "client", handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
-                # Not as a chat line: on the console it would read as the operator's own words.
-                Show("error", visible(f"{address(p.host, p.port)} used the server's handle (not relayed): {handle}>{msg.text}")),
-                Send(p.conn, self.notice(f"The handle {self.handle} is the server's; choose another, like: alice>hello (not relayed)")),
+                # Not as a chat line: on the console it would read as the operator's (or the
+                # other's) own words.
+                Show("error", visible(f"{address(p.host, p.port)}: {problem} (not relayed): {handle}>{msg.text}")),
+                Send(p.conn, self.notice(f"T{problem[1:]}; choose another, like: {like}>hello (not relayed)")),
             ]
         elif handle is None and p.handle is None:
             why = "no handle yet: not relayed"
@@ -336,6 +309,9 @@ class Room:
 
     def _rename(self, p: Participant, handle: str, out: list[Decision]) -> None:
         old, old_handle = p.shown, p.handle
+        if old_handle is not None:
+            self.names.remove(old_handle)
+        self.names.add(handle)
         p.handle = handle
         p.shown = visible(handle)
         p.prefix = (p.shown + ">").encode()
@@ -380,6 +356,8 @@ class Room:
         p = self.people.pop(conn, None)
         if p is None:
             return []
+        if p.handle is not None:
+            self.names.remove(p.handle)
         n = self.per_addr[p.addr] - 1
         if n:
             self.per_addr[p.addr] = n
@@ -463,6 +441,7 @@ class Room:
             ends.append(End(conn, reason, at, notice))
         self.people.clear()
         self.per_addr.clear()
+        self.names.clear()
         return commits + ends + [CloseRoom(reason, at), Prompt(False), Show("event", why), Finish(why)]
 
 

@@ -1,11 +1,13 @@
 """Make untrusted text inert for a terminal. The only place that knows which characters are dangerous.
 
 Every renderer (server console, show, replay, tail, txt export) passes client text through
-`visible()`. Control characters and invisible formatting characters become backslash escapes that
-a person can read: ESC is shown as `\\x1b`, a right-to-left override as `\\u202e`. Newline, carriage
-return and tab are shown as `\\n`, `\\r` and `\\t`, so a message can never forge a line or overwrite
-one. Everything else, including backslashes and rich markup such as `[bold]`, is left alone: it is
-harmless once it is printed as plain text (never as markup).
+`visible()`. Control characters, invisible formatting characters and every other character that
+draws as nothing (Unicode's default-ignorable code points) become backslash escapes that a person
+can read: ESC is shown as `\\x1b`, a right-to-left override as `\\u202e`, a combining grapheme
+joiner as `\\u034f`. Newline, carriage return and tab are shown as `\\n`, `\\r` and `\\t`, so a
+message can never forge a line or overwrite one. Everything else, including backslashes and rich
+markup such as `[bold]`, is left alone: it is harmless once it is printed as plain text (never as
+markup).
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 # Unicode categories Cc (C0, DEL, C1), Cf (format: bidi embeddings, overrides and isolates,
 # zero-width spaces and joiners, soft hyphen, BOM, tags...), Zl and Zp (line and paragraph
-# separators) and Cs (lone surrogates, which surrogateescape produces), as inclusive code-point
-# ranges. Generated from unicodedata (Unicode 14) and kept as a literal so importing this module
-# costs nothing. c_client/unsafe.h is generated from this list (c_client/gen_unsafe.py), so the
-# client and the server escape exactly the same characters.
+# separators) and Cs (lone surrogates, which surrogateescape produces), and every
+# Default_Ignorable_Code_Point (drawn as nothing: the combining grapheme joiner, variation
+# selectors, Hangul fillers, U+17B4/U+17B5, and the code points reserved as such), as inclusive
+# code-point ranges. Generated from ICU's Unicode 16.0 data (Cs is the fixed block U+D800-U+DFFF;
+# tests/test_sanitize.py fails when the list is stale, and prints the new one) and kept as a
+# literal so importing this module costs nothing. c_client/unsafe.h is generated from this list
+# (c_client/gen_unsafe.py), so the client and the server escape exactly the same characters.
 UNSAFE_RANGES = [
-    (0x00, 0x1F), (0x7F, 0x9F), (0xAD, 0xAD), (0x600, 0x605), (0x61C, 0x61C), (0x6DD, 0x6DD),
-    (0x70F, 0x70F), (0x890, 0x891), (0x8E2, 0x8E2), (0x180E, 0x180E), (0x200B, 0x200F),
-    (0x2028, 0x202E), (0x2060, 0x2064), (0x2066, 0x206F), (0xD800, 0xDFFF), (0xFEFF, 0xFEFF),
-    (0xFFF9, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x13438),
-    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F),
+    (0x0, 0x1F), (0x7F, 0x9F), (0xAD, 0xAD), (0x34F, 0x34F), (0x600, 0x605), (0x61C, 0x61C),
+    (0x6DD, 0x6DD), (0x70F, 0x70F), (0x890, 0x891), (0x8E2, 0x8E2), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x2028, 0x202E), (0x2060, 0x206F),
+    (0x3164, 0x3164), (0xD800, 0xDFFF), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFFB), (0x110BD, 0x110BD), (0x110CD, 0x110CD), (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
 ]
 
 _UNSAFE = re.compile(

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING
 
-from chatlog.render import connected_text, duration, ended_text, plural
+from chatlog.words import LEFT as LEFT_WORDS
+from chatlog.words import connected_text, duration, ended_text, plural
 
 from chatlog.records import Msg, Session, parse_iso
 
@@ -133,8 +134,6 @@ def event_of(m: Msg, at: str) -> Event:
     if m.text == "left":
         why = ""
         if m.note:
-            from chatlog.room import LEFT as LEFT_WORDS
-
             why = f" ({LEFT_WORDS.get(m.note, m.note)})"
         return Event(LEFT, at, f"{who} left{why}", None, m.handle)
     return Event(NOTE, at, f"({m.note or m.text})", None, m.handle)

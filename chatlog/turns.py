@@ -4,11 +4,14 @@ session and what each side is told. Socket-free: fed events, it returns decision
 
 The rules, in short:
 - One client is served at a time; the client speaks first, then the operator answers.
-- Others wait in a queue, at most `max_waiting` of them and `per_address` from one address;
-  more are refused as busy. The next one served is the one whose address was served longest
+- Others wait in a queue, at most `max_waiting` of them and `per_address` from one address (an
+  IPv6 address counts by its /64); more are refused as busy. The next one served is the one whose address was served longest
   ago (never served first), so one address cannot hold the chat with many connections.
 - A served client that has not said anything yet while others wait has `first_timeout` seconds
   to speak; after that (and always) `idle_timeout` seconds on its turn.
+- A line under the server's handle, a look-alike of it, or a handle that would not show as itself
+  (`handles.handle_problem`) is recorded with a note saying so and shown on the console as such,
+  never as a chat line; the session keeps the handle it had.
 - Notices (docs/protocol.md) never shift a turn-based client's turns: a queued client is told it
   waits as the answer to its first line, "your chat has begun" rides with the operator's first
   answer, and the reason a chat ended comes right before `\\quit`.
@@ -20,7 +23,6 @@ from dataclasses import dataclass, field
 
 from chatlog import protocol
 from chatlog.events import (
-    NOTICES,
     Commit,
     Connected,
     Decision,
@@ -42,9 +44,10 @@ from chatlog.events import (
     Started,
     Stop,
     Tick,
-    timeout_notice,
 )
+from chatlog.handles import handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT
+from chatlog.words import NOTICES, address_key, connected_text, timeout_notice
 
 INPUT_ENDED = "Operator input ended; server stopped"
 MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dropped as flooding
@@ -67,8 +70,12 @@ class Peer:
     unanswered: int = 0  # lines since the operator last answered (the flood rule)
     owed: int = 0  # lines it is blocked on, waiting for an answer
     told_waiting: bool = False
-    held: list[tuple[str | None, str]] = field(default_factory=list)  # said while waiting
+    held: list[Show] = field(default_factory=list)  # what it said while waiting, for the console
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
+    key: str = ""  # what the per-address cap and fairness count it as (an IPv6 host by its /64)
+
+    def __post_init__(self):
+        self.key = address_key(self.host)
 
 
 def notice_line(handle: str, text: str) -> bytes:
@@ -171,13 +178,13 @@ class Turns:
         if self.current is None:
             self.peers[ev.conn] = peer
             self.current = peer
-            self.last_served[peer.host] = ev.at
-            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True, link=ev.link), Show("event", connected_text(peer))]
-        same_host = sum(1 for p in self.queue if p.host == ev.host)
+            self.last_served[peer.key] = ev.at
+            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True, link=ev.link), Show("event", connected_text(peer.host, peer.port))]
+        same_host = sum(1 for p in self.queue if p.key == peer.key)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
                 f"the queue is full ({self.max_waiting} may wait)" if len(self.queue) >= self.max_waiting
-                else f"{same_host} from {ev.host} already waiting"
+                else f"{same_host} from {peer.key} already waiting"
             )
             return [Refuse(ev.conn, ev.host, ev.port, "busy", ev.at, NOTICES["busy"], why)]
         self.peers[ev.conn] = peer
@@ -196,11 +203,17 @@ class Turns:
             note = f"{msg.padding} bytes of padding after the previous line"
             return [Commit(peer.conn, "event", peer.handle, "padding", msg.raw, note, ev.at)]
         out: list[Decision] = []
-        if msg.handle is not None:
-            if peer.handle is None:
-                out.append(Handle(peer.conn, msg.handle))
-            peer.handle = msg.handle
-        handle = peer.handle
+        problem = None
+        if msg.handle is not None and msg.handle != peer.handle:
+            # The server's handle, a look-alike of it, or one that would not show as itself: the
+            # line is recorded under it and marked, never taken as the session's handle. Nothing
+            # is sent: an answer out of turn would shift an old client's turns.
+            problem = handle_problem(msg.handle, (), self.handle)
+            if problem is None:
+                if peer.handle is None:
+                    out.append(Handle(peer.conn, msg.handle))
+                peer.handle = msg.handle
+        handle = msg.handle if problem is not None else peer.handle
         if msg.is_quit:
             return out + self._end(peer, "client-quit", ev.at)
         note = None
@@ -208,11 +221,17 @@ class Turns:
             note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
         elif len(msg.text) > MAX_TEXT:
             note = f"longer than {MAX_TEXT} characters"
+        if problem is not None:
+            note = problem if note is None else f"{note}; {problem}"
+            # Not as a chat line: on the console it would read as the operator's own words.
+            shown = Show("error", f"{peer.host} port {peer.port}: {problem}: {handle}>{msg.text}")
+        else:
+            shown = Show("client", msg.text, handle)
         out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, note, ev.at))
         peer.said += 1
         peer.unanswered += 1
         if peer is self.current:
-            out.append(Show("client", msg.text, handle))
+            out.append(shown)
             peer.owed += 1
             if not self.operator_turn:
                 self.operator_turn = True
@@ -220,7 +239,7 @@ class Turns:
             if self.input_ended:
                 return out + self._finish(INPUT_ENDED, ev.at, "server-quit")
         else:
-            peer.held.append((handle, msg.text))
+            peer.held.append(shown)
             if not peer.told_waiting:
                 peer.told_waiting = True
                 ahead = 1 + self._order().index(peer)
@@ -296,12 +315,11 @@ class Turns:
         peer = self._order()[0]
         self.queue.remove(peer)
         self.current = peer
-        self.last_served[peer.host] = at
+        self.last_served[peer.key] = at
         peer.turn_since = at
         waiting = f" ({len(self.queue)} waiting)" if self.queue else ""
-        out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer) + waiting)]
-        for handle, text in peer.held:
-            out.append(Show("client", text, handle))
+        out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer.host, peer.port) + waiting)]
+        out += peer.held
         peer.held = []
         peer.begun_notice = peer.told_waiting
         if peer.owed:
@@ -311,7 +329,7 @@ class Turns:
 
     def _order(self) -> list[Peer]:
         """The queue in serving order: the address served longest ago first, then arrival."""
-        return sorted(self.queue, key=lambda p: (self.last_served.get(p.host, float("-inf")), p.connected))
+        return sorted(self.queue, key=lambda p: (self.last_served.get(p.key, float("-inf")), p.connected))
 
     def _finish(self, why: str, at: float, reason: str) -> list[Decision]:
         out: list[Decision] = []
@@ -326,10 +344,6 @@ class Turns:
         self.operator_turn = False
         self.finished = True
         return out + [Prompt(False), Show("event", why), Finish(why)]
-
-
-def connected_text(peer: Peer) -> str:
-    return f"connected to: {peer.host} port {peer.port}"
 
 
 def waiting_notice(ahead: int) -> str:

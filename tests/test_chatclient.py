@@ -515,6 +515,25 @@ def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
     assert s.finish() == 1
 
 
+@pytest.mark.parametrize("client", ["chatclient", "chatclient_asan"])
+@pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
+def test_an_unterminated_last_line_at_the_close_is_shown_as_cut(request, client, room):
+    """A reader dropped mid-line (a room's slow reader) gets `bob>I will` and the close: shown as
+    cut, never as if bob had said it. A line the server finished is shown as it is."""
+    chatclient = request.getfixturevalue(client)
+    greeting = b"SERVER>*** Welcome to the room: 2 here. Type at any time.\n" if room else b""
+    srv = FakeServer(lambda peer: (peer.send(greeting), peer.expect(b"hi\n\0"),
+                                   peer.send(b"bob>I will not\nbob>I will")))
+    s = Screen(chatclient, srv.port)
+    s.type("brandon\rhi\r")
+    lines = s.wait_last("Connection closed by the server.")
+    assert s.finish() == 1
+    srv.join()
+    assert "bob>I will not" in lines
+    assert lines[-2] == "bob>I will [cut: connection closed mid-line]"
+    assert "bob>I will" not in lines
+
+
 def test_busy_is_said_before_the_handle_is_asked(chatclient):
     srv = FakeServer(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
     p = spawn_client(chatclient, srv.port)

@@ -229,10 +229,12 @@ def test_hostile_handle_is_escaped_on_the_console_and_kept_in_the_store(server):
     c = server.connect()
     c.sendall(b"\x1b[31mX\x07>hi [bold]\n\0")
     line = server.wait_for("hi \\[bold\\]$")
-    assert line == "\\x1b[31mX\\x07>hi [bold]"
+    # Refused as a handle (it would not show as itself), marked, and kept as sent.
+    assert line.endswith(": the handle \\x1b[31mX\\x07 has an invisible or control character (\\x1b): "
+                         "\\x1b[31mX\\x07>hi [bold]")
     assert "\x1b" not in server.output and "\x07" not in server.output
     assert db_rows(server.db, "SELECT handle, text FROM messages") == [("\x1b[31mX\x07", "hi [bold]")]
-    assert db_rows(server.db, "SELECT handle FROM sessions") == [("\x1b[31mX\x07",)]
+    assert db_rows(server.db, "SELECT handle FROM sessions") == [(None,)]
 
 
 def test_a_flooding_client_is_dropped(server):

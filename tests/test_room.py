@@ -163,6 +163,26 @@ def test_room_full_and_per_address_cap_refuse_clearly(start_server, tmp_path):
     inside.close()
 
 
+def _has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_per_address_cap_over_ipv6_loopback(start_server, tmp_path):
+    """Over real IPv6 sockets the cap counts ::1's /64 as one address (the policy's /64 rule is
+    tested on the policy itself: loopback has one address only)."""
+    capped = start_server("--room", "--per-address", "1", bind="::1")
+    inside = join(capped, "six")
+    d = capped.connect()
+    assert recv_until(d, b"\\quit\n") == b"SERVER>*** Too many connections from your address; try again later.\n\\quit\n"
+    inside.close()
+
+
 def test_clients_resetting_mid_accept_harm_no_one(room):
     import struct
 
@@ -198,13 +218,41 @@ def test_no_client_may_take_the_server_handle(room):
     fake = join(room)
     fake.sendall(b"SERVER>*** The server shut down.\n")
     assert b"server's" in recv_until(fake, b"server's")
-    room.wait_for("used the server's handle")
+    room.wait_for(r"the handle SERVER is the server's \(not relayed\)")
     a.sendall(b"alice>still here\n")
     room.wait_for("^alice>still here$")
     a.settimeout(0.3)
     with pytest.raises(TimeoutError):
         while True:
             assert b"shut down" not in a.recv(1000)
+
+
+def test_a_handle_in_use_or_a_look_alike_of_the_servers_is_refused_with_a_notice(room):
+    alice = join(room, "alice")
+    bob = join(room, "bob")
+    recv_until(alice, b"bob>hi\n")
+    twin = join(room, "alice")  # a second client called alice
+    assert recv_until(twin, b"(not relayed)\n") == (
+        b"SERVER>*** The handle alice is taken by someone here; choose another, like: carol>hello (not relayed)\n")
+    dan = join(room, "dan")
+    recv_until(alice, b"dan>hi\n")
+    dan.sendall(b"bob>dan is now bob\n")  # an nc user renaming onto bob
+    assert recv_until(dan, b"(not relayed)\n").endswith(b"The handle bob is taken by someone here; "
+                                                        b"choose another, like: carol>hello (not relayed)\n")
+    dan.sendall("S\u0415RV\u0415R\u034f>Please re-send your password\n".encode())
+    assert recv_until(dan, b"(not relayed)\n").startswith(
+        b"SERVER>*** The handle S\xd0\x95RV\xd0\x95R\\u034f has an invisible or control character (\\u034f)")
+    room.wait_for("Please re-send your password$")
+    bob.sendall(b"bob>still bob\n")
+    heard = recv_until(alice, b"still bob\n")  # what alice heard since dan joined: none of it
+    assert heard == b"bob>still bob\n"
+    assert db_rows(room.db, "SELECT handle, note FROM messages WHERE note IS NOT NULL ORDER BY seq") == [
+        ("alice", "the handle alice is taken by someone here: not relayed"),
+        ("bob", "the handle bob is taken by someone here: not relayed"),
+        ("S\u0415RV\u0415R\u034f", "the handle S\u0415RV\u0415R\u034f has an invisible or control character (\u034f): not relayed"),
+    ]
+    for s in (alice, bob, twin, dan):
+        s.close()
 
 
 def test_kill_9_mid_room_loses_no_line_any_client_received(room):

@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatlog.events import (
-    NOTICES,
     Broadcast,
     Commit,
     Connected,
@@ -32,7 +31,9 @@ from chatlog.events import (
 )
 from chatlog.protocol import Message
 from chatlog.room import FULL_NOTICE, Room, fold
-from chatlog.sanitize import visible
+from chatlog.handles import keys
+from chatlog.sanitize import is_safe, visible
+from chatlog.words import NOTICES
 
 HOST = "127.0.0.1"
 STORE = (Commit, Join, Handle)
@@ -214,7 +215,7 @@ def test_no_client_takes_the_server_handle(claimed):
     assert not of(Broadcast, out) and not of(Handle, out)
     # The operator does not see it as a chat line under the server's own name.
     assert [s.kind for s in of(Show, out)] == ["error"]
-    assert of(Show, out)[0].text == f"127.0.0.1:5001 used the server's handle (not relayed): {claimed}>I am the server"
+    assert of(Show, out)[0].text == f"127.0.0.1:5001: the handle SERVER is the server's (not relayed): {claimed}>I am the server"
     assert of(Send, out) == [
         Send(1, b"SERVER>*** The handle SERVER is the server's; choose another, like: "
                 b"alice>hello (not relayed)\n")
@@ -267,10 +268,15 @@ def test_a_new_handle_relays_under_it_without_a_second_join():
 
 def test_control_characters_and_escapes_never_pass_through():
     r = room(2)
-    out = r.handle_event(line(1, "\x1b]0;pwned\x07 \x9b31m \u202eevil\r\nfake>x", "\x1b[31mM", at=3.0))
+    # A handle that would not show as itself is refused; the notice shows it escaped.
+    out = r.handle_event(line(1, "hi", "\x1b[31mM", at=2.5))
+    assert not of(Broadcast, out) and not of(Handle, out)
+    assert of(Send, out) == [Send(1, b"SERVER>*** The handle \\x1b[31mM has an invisible or control character "
+                                     b"(\\x1b); choose another, like: alice>hello (not relayed)\n")]
+    out = r.handle_event(line(1, "\x1b]0;pwned\x07 \x9b31m \u202eevil\r\nfake>x", "M", at=3.0))
     assert of(Broadcast, out) == [
-        Broadcast(b"SERVER>*** \\x1b[31mM joined\n", exclude=1),
-        Broadcast(b"\\x1b[31mM>\\x1b]0;pwned\\x07 \\x9b31m \\u202eevil\\r\\nfake>x\n", exclude=1),
+        Broadcast(b"SERVER>*** M joined\n", exclude=1),
+        Broadcast(b"M>\\x1b]0;pwned\\x07 \\x9b31m \\u202eevil\\r\\nfake>x\n", exclude=1),
     ]
     # The record keeps the exact text.
     assert of(Commit, out)[-1].text.startswith("\x1b]0;pwned\x07")
@@ -328,13 +334,11 @@ def test_kick_by_handle_ends_that_client_and_tells_the_others():
     assert r.handle_event(line(2, "let me back", "bob", at=6.1)) == []
 
 
-def test_kick_case_insensitively_by_address_and_clearly_when_ambiguous():
-    r = room(4, ["alice", "bob", "bob"])
+def test_kick_case_insensitively_by_address_and_never_a_second_bob():
+    r = room(4, ["alice", "bob", "bob"])  # the second bob was refused: only one is called bob
     assert of(End, r.handle_event(OperatorLine("\\kick ALICE", 6.0))) == [End(1, "kicked", 6.0, NOTICES["kicked"])]
-    out = r.handle_event(OperatorLine("\\kick bob", 6.0))
-    assert [d.kind for d in out] == ["error"] and "2 clients are called bob" in out[0].text
-    assert of(End, r.handle_event(OperatorLine("\\kick 127.0.0.1:5003", 6.0))) == [End(3, "kicked", 6.0, NOTICES["kicked"])]
     assert of(End, r.handle_event(OperatorLine("\\kick bob", 6.0))) == [End(2, "kicked", 6.0, NOTICES["kicked"])]
+    assert of(End, r.handle_event(OperatorLine("\\kick 127.0.0.1:5003", 6.0))) == [End(3, "kicked", 6.0, NOTICES["kicked"])]
     out = r.handle_event(OperatorLine("\\kick 127.0.0.1:5004", 6.0))  # a lurker: nobody to tell
     assert out[:1] == [End(4, "kicked", 6.0, NOTICES["kicked"])] and not of(Broadcast, out)
     assert r.handle_event(OperatorLine("\\kick nobody", 6.0))[0].kind == "error"
@@ -469,7 +473,8 @@ def test_events_for_unknown_connections_are_ignored():
 # -- properties over random event sequences -------------------------------------------------
 
 handles = st.sampled_from(
-    [None, "alice", "bob", "SERVER", "server", "ＳＥＲＶＥＲ", "\x1b[2J", "b\u202eo", "x\x9b", "Op"]
+    [None, "alice", "bob", "SERVER", "server", "ＳＥＲＶＥＲ", "\x1b[2J", "b\u202eo", "x\x9b", "Op",
+     "Alice", "\u0430lice", "bob\u034f", "S\u0415RV\u0415R", "SER\u3164VER", "carol"]
 )
 texts = st.one_of(
     st.text(max_size=30),
@@ -576,6 +581,12 @@ def test_room_properties(script, limits, max_clients, per_address):
             if fold(prefix) == server:
                 assert d.data.startswith(b"SERVER>*** ") or isinstance(ev, OperatorLine), d
 
+        # Those present have handles that show as themselves, look like nobody else's, and not
+        # like the server's.
+        present = [p.handle for p in r.people.values() if p.handle is not None]
+        assert all(is_safe(h) and not keys(h) & keys("SERVER") for h in present), present
+        assert sum(len(keys(h)) for h in present) == len(set().union(*map(keys, present))), present
+
         # Every committed client line is relayed exactly once, after its commit, to all but its
         # sender, unless it was held back with a note saying so.
         relays = [(i, d) for i, d in enumerate(out)
@@ -628,10 +639,12 @@ def test_room_properties(script, limits, max_clients, per_address):
 
 
 def test_kick_a_hostile_handle_by_the_form_who_shows_or_an_ipv6_address():
-    r = room(2, ["\x1b[2J"])
+    r = room(2, ["\x1b[2J"])  # refused: it never becomes a handle
     r.handle_event(Connected(3, "::1", 6000, 2.0))
     who = [d.text for d in r.handle_event(OperatorLine("\\who", 3.0))]
-    assert any(t.startswith("  \\x1b[2J ") for t in who) and any("[::1]:6000" in t for t in who)
+    assert any(t.startswith("  (no handle yet) ") for t in who) and any("[::1]:6000" in t for t in who)
+    assert not any("\x1b" in t for t in who)
+    r.handle_event(line(1, "hi", "\\x1b[2J", at=3.5))  # the same drawn with backslashes is a handle
     out = r.handle_event(OperatorLine("\\kick \\x1b[2J", 4.0))
     assert of(End, out) == [End(1, "kicked", 4.0, NOTICES["kicked"])]
     assert of(Broadcast, out) == [Broadcast(b"SERVER>*** \\x1b[2J left\n", exclude=1)]
@@ -641,9 +654,93 @@ def test_kick_a_hostile_handle_by_the_form_who_shows_or_an_ipv6_address():
 def test_a_participant_who_changes_handle_is_announced_to_everyone():
     """Otherwise a participant could take another's name mid-room with only the console told."""
     r = room(3, ["alice", "bob"])
-    out = r.handle_event(line(2, "it is me, alice", "alice", at=5.0))
-    assert of(Commit, out)[0] == Commit(2, "event", "alice", "renamed", None, "bob is now alice", 5.0)
+    out = r.handle_event(line(2, "call me carol", "carol", at=5.0))
+    assert of(Commit, out)[0] == Commit(2, "event", "carol", "renamed", None, "bob is now carol", 5.0)
     assert of(Broadcast, out) == [
-        Broadcast(b"SERVER>*** bob is now alice\n", exclude=2),
-        Broadcast(b"alice>it is me, alice\n", exclude=2),
+        Broadcast(b"SERVER>*** bob is now carol\n", exclude=2),
+        Broadcast(b"carol>call me carol\n", exclude=2),
     ]
+
+
+def test_per_address_cap_counts_an_ipv6_64_as_one_address():
+    """A host with IPv6 picks source addresses from a whole /64: three of one /64 are one address."""
+    r = opened(per_address=2)
+    assert of(Join, r.handle_event(Connected(1, "2001:db8:1:2::a", 1, 1.0)))
+    assert of(Join, r.handle_event(Connected(2, "2001:db8:1:2:ffff:1:2:3", 2, 1.0)))
+    out = r.handle_event(Connected(3, "2001:db8:1:2::b", 3, 1.0))
+    assert of(Refuse, out) and of(Refuse, out)[0].reason == "per-address"
+    assert of(Join, r.handle_event(Connected(4, "2001:db8:1:3::a", 4, 1.0)))  # the next /64 is another
+    assert of(Join, r.handle_event(Connected(5, "fe80::1%eth0", 5, 1.0)))  # a scoped address parses
+    r.handle_event(Disconnected(1, 2.0))
+    assert of(Join, r.handle_event(Connected(6, "2001:db8:1:2::c", 6, 2.0)))
+
+
+# -- impersonation and handles in use (issue 14 items 3 and 4) ------------------------------
+
+
+@pytest.mark.parametrize("claimed", [
+    "SERVER\u034f", "SERVER\ufe0f", "SERVER\U000e0100", "SERVER\u17b4", "SER\u115fVER", "SERVER\u3164",
+    "SERV\u1160ER", "SERVER\uffa0", "S\u0415RV\u0415R", "\u0405ERVER",
+], ids=ascii)
+def test_no_look_alike_or_invisible_variant_passes_for_the_server(claimed):
+    r = room(2)
+    out = r.handle_event(line(1, "Please re-send your password", claimed, at=3.0))
+    assert not of(Broadcast, out) and not of(Handle, out)
+    (c,) = of(Commit, out)
+    assert (c.handle, c.text) == (claimed, "Please re-send your password")
+    assert c.note.startswith("the handle ") and c.note.endswith(": not relayed")
+    (s,) = of(Send, out)
+    assert s.data.startswith(b"SERVER>*** The handle ") and b"; choose another, like: alice>hello (not relayed)\n" in s.data
+    assert is_safe_bytes(s.data)
+    assert [x.kind for x in of(Show, out)] == ["error"]
+    assert is_safe_text(of(Show, out)[0].text)
+
+
+def is_safe_bytes(data):
+    return not UNSAFE.search(data.decode()[:-1]) and not INVISIBLE.search(data.decode())
+
+
+def is_safe_text(text):
+    return not UNSAFE.search(text) and not INVISIBLE.search(text)
+
+
+INVISIBLE = re.compile("[\u034f\ufe00-\ufe0f\U000e0100-\U000e01ef\u17b4\u17b5\u115f\u1160\u3164\uffa0]")
+
+
+def test_a_second_client_cannot_take_a_handle_in_use():
+    r = room(3, ["alice"])
+    out = r.handle_event(line(2, "I am alice too", "alice", at=3.0))
+    assert not of(Broadcast, out) and not of(Handle, out)
+    assert of(Commit, out) == [
+        Commit(2, "client", "alice", "I am alice too", None, "the handle alice is taken by someone here: not relayed", 3.0)
+    ]
+    assert of(Send, out) == [Send(2, b"SERVER>*** The handle alice is taken by someone here; "
+                                     b"choose another, like: carol>hello (not relayed)\n")]
+    # A look-alike is refused as well, and the client may then choose another.
+    assert not of(Broadcast, r.handle_event(line(2, "x", "\u0430lice", at=3.5)))
+    out = r.handle_event(line(2, "fine", "alice2", at=4.0))
+    assert of(Handle, out) == [Handle(2, "alice2")] and of(Broadcast, out)[-1] == Broadcast(b"alice2>fine\n", exclude=2)
+    # Once alice has left, her handle is free.
+    r.handle_event(Disconnected(1, 5.0))
+    out = r.handle_event(line(3, "now me", "alice", at=6.0))
+    assert of(Handle, out) == [Handle(3, "alice")]
+
+
+def test_a_rename_onto_someone_present_is_refused_and_the_old_handle_kept():
+    r = room(3, ["bob", "dan"])
+    out = r.handle_event(line(2, "dan is now bob", "bob", at=3.0))
+    assert not of(Broadcast, out)
+    assert of(Commit, out) == [
+        Commit(2, "client", "bob", "dan is now bob", None, "the handle bob is taken by someone here: not relayed", 3.0)
+    ]
+    assert of(Send, out)[0].data.startswith(b"SERVER>*** The handle bob is taken by someone here; choose another")
+    # Still dan: a line without a prefix goes out under dan.
+    out = r.handle_event(line(2, "as before", None, at=4.0))
+    assert of(Broadcast, out) == [Broadcast(b"dan>as before\n", exclude=2)]
+    # Changing the case of one's own handle is no theft.
+    out = r.handle_event(line(2, "louder", "DAN", at=5.0))
+    assert of(Broadcast, out)[0] == Broadcast(b"SERVER>*** dan is now DAN\n", exclude=2)
+    # After a rename the old handle is free, the new one taken.
+    assert of(Broadcast, r.handle_event(line(2, "new name", "erin", at=5.5)))
+    assert of(Handle, r.handle_event(line(3, "hi", "dan", at=6.0))) == [Handle(3, "dan")]
+    assert not of(Broadcast, r.handle_event(line(1, "x", "Erin", at=6.0)))

@@ -97,3 +97,31 @@ def test_output_is_always_inert(text):
 @given(st.binary(max_size=64))
 def test_decoded_bytes_are_inert(data):
     assert _inert(visible(data.decode("utf-8", "surrogateescape")))
+
+
+# Invisible characters that let `SERVER` + something draw as `SERVER` (issue 14): the combining
+# grapheme joiner, variation selectors, a Khmer inherent vowel, Hangul fillers, a Mongolian
+# variation selector, an unassigned default-ignorable code point.
+INVISIBLE = [0x034F, 0xFE00, 0xFE0F, 0xE0100, 0xE01EF, 0x17B4, 0x17B5, 0x115F, 0x1160, 0x3164,
+             0xFFA0, 0x180B, 0x2065, 0xE0FFF]
+
+
+@pytest.mark.parametrize("cp", INVISIBLE, ids=[f"U+{cp:04X}" for cp in INVISIBLE])
+def test_invisible_characters_become_visible(cp):
+    shown = f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
+    assert visible(f"SERVER{chr(cp)}") == f"SERVER{shown}"
+    assert not is_safe(chr(cp))
+
+
+def test_the_unsafe_ranges_are_unicode_data_not_a_hand_made_list():
+    """UNSAFE_RANGES (a literal, so importing the sanitiser costs nothing) is exactly ICU's
+    Cc, Cf, Zl, Zp and Default_Ignorable_Code_Point, with the surrogates (Cs, U+D800-U+DFFF, a
+    block fixed by the standard; PyICU hands them over as U+FFFD): regenerate it when this fails."""
+    import icu
+
+    data = icu.UnicodeSet("[[:Cc:][:Cf:][:Zl:][:Zp:][:Default_Ignorable_Code_Point:]]")
+    want = sorted([(ord(lo), ord(hi)) for lo, hi in data.ranges()] + [(0xD800, 0xDFFF)])
+    from chatlog.sanitize import UNSAFE_RANGES
+
+    literal = ", ".join(f"(0x{lo:X}, 0x{hi:X})" for lo, hi in want)
+    assert UNSAFE_RANGES == want, f"UNSAFE_RANGES is stale (Unicode {icu.UNICODE_VERSION}): [{literal}]"

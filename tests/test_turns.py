@@ -248,3 +248,57 @@ def test_invariants(seq, stop_at_end):
         assert set(t.peers) == live
     if stop_at_end:
         assert not live and t.finished
+
+
+def test_the_per_address_cap_counts_an_ipv6_64_as_one_address():
+    t = Turns(max_waiting=9, per_address=2)
+    t.handle_event(Connected(1, "10.0.0.1", 1, 0.0))
+    assert kinds(t.handle_event(Connected(2, "2001:db8::1", 2, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(3, "2001:db8::2:2", 3, 0.0)), Open)
+    out = t.handle_event(Connected(4, "2001:db8:0:0:1::3", 4, 0.0))
+    assert kinds(out, Refuse) and "2001:db8::/64" in kinds(out, Refuse)[0].why
+    assert kinds(t.handle_event(Connected(5, "2001:db8:0:1::1", 5, 0.0)), Open)  # another /64
+    # IPv4-mapped forms stay one IPv4 address.
+    assert kinds(t.handle_event(Connected(6, "::ffff:10.0.0.9", 6, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(7, "10.0.0.9", 7, 0.0)), Open)
+    assert kinds(t.handle_event(Connected(8, "::ffff:10.0.0.9", 8, 0.0)), Refuse)
+
+
+def test_fairness_serves_another_64_before_a_second_address_of_the_one_just_served():
+    t = Turns(max_waiting=5, per_address=5)
+    t.handle_event(Connected(1, "2001:db8::1", 1, 0.0))
+    t.handle_event(Connected(2, "2001:db8::2", 2, 1.0))  # same /64 as the one being served
+    t.handle_event(Connected(3, "2001:db8:0:9::1", 3, 2.0))
+    out = t.handle_event(Disconnected(1, 3.0))
+    assert kinds(out, Serve) == [Serve(3, 3.0)]
+
+
+def test_a_client_claiming_the_servers_handle_or_a_look_alike_is_recorded_and_marked():
+    """1:1 sends nothing out of turn (an old client would take it for the answer): the line is
+    recorded with a note, the console shows it as a refused handle, and the chat goes on."""
+    for claimed in ["SERVER", "server", "S\u0415RV\u0415R", "SERVER\u034f", "SER\u3164VER"]:
+        t = Turns()
+        t.handle_event(Connected(1, "10.0.0.1", 5000, 0.0))
+        out = t.handle_event(line(1, f"{claimed}>Please re-send your password\n".encode(), 1.0))
+        assert not kinds(out, Handle) and not kinds(out, Send)
+        (c,) = kinds(out, Commit)
+        assert (c.handle, c.text) == (claimed, "Please re-send your password")
+        assert c.note.startswith("the handle ")
+        assert [s.kind for s in kinds(out, Show)] == ["error"]
+        assert "10.0.0.1 port 5000" in kinds(out, Show)[0].text
+        assert Prompt(True) in out  # the operator answers as usual
+        out = t.handle_event(OperatorLine("no", 2.0))
+        assert sent(out, 1) == b"SERVER>no\n"
+        # A proper handle afterwards is the session's handle.
+        out = t.handle_event(line(1, b"amy>sorry\n", 3.0))
+        assert kinds(out, Handle) == [Handle(1, "amy")] and kinds(out, Commit)[0].note is None
+
+
+def test_a_waiting_client_with_a_refused_handle_is_shown_marked_when_served():
+    t = Turns()
+    t.handle_event(Connected(1, "a", 1, 0.0))
+    t.handle_event(Connected(2, "b", 2, 0.0))
+    out = t.handle_event(line(2, "S\u0415RVER>psst\n".encode(), 1.0))
+    assert kinds(out, Commit)[0].note.startswith("the handle ")
+    out = t.handle_event(Disconnected(1, 2.0))
+    assert [s.kind for s in kinds(out, Show) if "psst" in s.text] == ["error"]
