@@ -775,3 +775,51 @@ def backup(dest, force, db):
     except OSError as exc:
         raise Failed(f"cannot write {dest}: {exc.strerror}") from None
     click.echo(f"backed up {store.path} to {dest}", err=True)
+
+
+@cli.command()
+@click.option("--forget", "forget", metavar="NAME", help="Release NAME's binding: anyone may take the handle again.")
+@json_option
+@db_option
+def identities(forget, as_json, db):
+    """List handles bound to a client certificate (first used over TLS with one), or --forget one.
+
+    A bound handle may be used only with its certificate; a plain client, another certificate,
+    or a look-alike handle is refused (and recorded, not relayed)."""
+    import sqlite3
+
+    from chatlog.db import StoreError, connect
+    from chatlog.sanitize import visible
+
+    try:
+        store = connect(db, create=False, read_only=forget is None)
+    except StoreError as exc:
+        raise Failed(str(exc)) from None
+    conn = store.conn
+    try:
+        rows = conn.execute(
+            "SELECT handle, fingerprint, first_seen, last_seen, sessions FROM identities ORDER BY handle"
+        ).fetchall()
+    except sqlite3.OperationalError:
+        rows = []  # an archive from before identities: nothing is bound
+    if forget is not None:
+        from chatlog.handles import keys
+
+        wanted = keys(forget)
+        gone = [r[0] for r in rows if isinstance(r[0], str) and keys(r[0]) & wanted]
+        if not gone:
+            raise Failed(visible(f"no handle like {forget} is bound to a certificate"))
+        with conn:
+            conn.executemany("DELETE FROM identities WHERE handle = ?", [(h,) for h in gone])
+        click.echo(visible(f"released {', '.join(gone)} (a running server keeps its own list until it restarts)"), err=True)
+        return
+    if as_json:
+        import json
+
+        click.echo(json.dumps([dict(zip(("handle", "fingerprint", "first_seen", "last_seen", "sessions"), r))
+                               for r in rows], indent=1, default=str))
+        return
+    if not rows:
+        raise Nothing("no handle is bound to a certificate yet")
+    for handle, fp, first, last, n in rows:
+        click.echo(visible(f"{handle!s:<12} {fp!s}  first {first!s}  last {last!s}  sessions {n!s}"))

@@ -265,6 +265,24 @@ class Finish(Decision):
 
 
 @dataclass(slots=True)
+class Bind(StoreWrite):
+    """Bind `handle` to the certificate `fingerprint` (or note its owner used it again), and
+    mark `conn`'s session or participant as verified."""
+
+    conn: int
+    handle: str
+    fingerprint: str
+    at: float
+
+
+@dataclass(slots=True)
+class Forget(StoreWrite):
+    """Release the binding of `handle` (the operator's `\\forget`)."""
+
+    handle: str
+
+
+@dataclass(slots=True)
 class OpenRoom(StoreWrite):
     """Room: record the room's one session (every line of the run belongs to it)."""
 

@@ -105,3 +105,55 @@ def example(taken: Names | Iterable[str] = (), server: str = "SERVER") -> str:
         if handle_problem(h, names, server) is None:
             return h
     return "alice"
+
+
+def key_of(handle: str) -> str:
+    """One key a binding is stored under (any of `keys` finds it, once loaded)."""
+    return min(keys(handle))
+
+
+class Bindings:
+    """Handles bound to a client certificate's fingerprint (the archive's `identities`),
+    indexed by their keys: a look-alike of a bound handle finds its owner too."""
+
+    __slots__ = ("_by_key",)
+
+    def __init__(self, pairs: dict[str, str] | None = None):
+        self._by_key: dict[str, tuple[str, str]] = {}
+        for handle, fingerprint in (pairs or {}).items():
+            self.add(handle, fingerprint)
+
+    def add(self, handle: str, fingerprint: str) -> None:
+        for k in keys(handle):
+            self._by_key[k] = (handle, fingerprint)
+
+    def owner(self, handle: str) -> tuple[str, str] | None:
+        """(the bound handle `handle` is or looks like, its fingerprint), or None."""
+        for k in keys(handle):
+            found = self._by_key.get(k)
+            if found is not None:
+                return found
+        return None
+
+    def remove(self, handle: str) -> list[str]:
+        """Release the binding `handle` is or looks like; returns the handles released."""
+        found = self.owner(handle)
+        if found is None:
+            return []
+        for k in [k for k, v in self._by_key.items() if v[0] == found[0]]:
+            del self._by_key[k]
+        return [found[0]]
+
+
+def bound_problem(handle: str, fingerprint: str | None, bindings: Bindings) -> str | None:
+    """Why `handle` may not be used by a client presenting `fingerprint` (None: no
+    certificate), given the bindings; None when it may (unbound, or bound to that certificate)."""
+    found = bindings.owner(handle)
+    if found is None or found[1] == fingerprint:
+        return None
+    owner, _ = found
+    if owner != handle:
+        return f"the handle {handle} looks like {owner}, which belongs to a verified user"
+    if fingerprint is None:
+        return f"the handle {handle} belongs to a verified user (connect over TLS with their identity)"
+    return f"the handle {handle} belongs to another certificate"

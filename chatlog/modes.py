@@ -17,9 +17,11 @@ import socket
 from dataclasses import dataclass
 
 from chatlog.events import (
+    Bind,
     CloseRoom,
     Commit,
     End,
+    Forget,
     Handle,
     Join,
     Open,
@@ -29,11 +31,12 @@ from chatlog.events import (
     Serve,
     StoreWrite,
 )
+from chatlog.handles import key_of
 from chatlog.render import ended_text
 from chatlog.sanitize import visible
 from chatlog.transport import plain_addr
 
-ROOM_COMMANDS = "At the prompt: \\who, \\kick NAME, \\quit"
+ROOM_COMMANDS = "At the prompt: \\who, \\kick NAME, \\forget NAME, \\quit"
 REFUSALS_SAID = (10, 100, 1000, 10000, 100000)  # per address and minute, past the first
 
 
@@ -82,7 +85,14 @@ class _Store:
     def _write(self, d):
         if isinstance(d, Refuse):
             return self.recorder.add_refusal(d.host, d.reason, d.at)
+        if isinstance(d, Forget):
+            self.recorder.forget_handle(d.handle)
         return None
+
+    def _bind(self, d: Bind, table: str, row: int | None) -> None:
+        self.recorder.bind(key_of(d.handle), d.handle, d.fingerprint, d.at)
+        if row is not None:
+            self.recorder.set_verified(table, row)
 
 
 class ChatStore(_Store):
@@ -108,6 +118,9 @@ class ChatStore(_Store):
             s = self.sessions.pop(d.conn, None)
             if s is not None:
                 return s, rec.end_session(s[0], d.reason, d.at)
+        elif t is Bind:
+            s = self.sessions.get(d.conn)
+            self._bind(d, "sessions", s[0] if s else None)
         elif t is Serve:
             s = self.sessions.get(d.conn)
             if s is not None:
@@ -158,6 +171,8 @@ class RoomStore(_Store):
             pid = self.participants.get(d.conn)
             if pid is not None:
                 rec.set_participant_handle(pid, d.handle)
+        elif t is Bind:
+            self._bind(d, "participants", self.participants.get(d.conn))
         elif t is OpenRoom:
             self.session = rec.begin_session(None, None, self.local[0], self.local[1], d.at, served=True, kind="room")
             return self.session
@@ -188,7 +203,7 @@ def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per
     from chatlog.turns import Turns
 
     policy = Turns(
-        handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
+        bindings=recorder.bindings(), handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
         max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
     )
     return Mode("chat", policy, ChatStore(recorder), backlog=128)
@@ -198,7 +213,7 @@ def room_mode(recorder, *, handle, max_clients, per_address, rate, burst) -> Mod
     from chatlog.room import Room
 
     policy = Room(
-        handle=handle, max_clients=max_clients, rate=rate, burst=burst,
+        bindings=recorder.bindings(), handle=handle, max_clients=max_clients, rate=rate, burst=burst,
         **({} if per_address is None else {"per_address": per_address}),
     )
     return Mode("room", policy, RoomStore(recorder), backlog=4096)

@@ -238,9 +238,9 @@ class Recorder:
         assert table in ("sessions", "participants")
         self._run(f"UPDATE {table} SET verified = 1 WHERE id = ?", (row_id,))
 
-    def bindings(self) -> dict[str, tuple[str, str]]:
-        """Every handle bound to a certificate: skeleton -> (handle, fingerprint)."""
-        return {r[0]: (r[1], r[2]) for r in self._run("SELECT skeleton, handle, fingerprint FROM identities")}
+    def bindings(self) -> dict[str, str]:
+        """Every handle bound to a certificate: handle -> fingerprint."""
+        return dict(self._run("SELECT handle, fingerprint FROM identities").fetchall())
 
     def bind(self, skeleton: str, handle: str, fingerprint: str, at: float) -> None:
         """Bind a handle to a certificate (or note that the bound certificate used it again)."""
@@ -252,8 +252,8 @@ class Recorder:
             (handle, skeleton, fingerprint, when, when),
         )
 
-    def forget(self, skeleton: str) -> int:
-        return self._run("DELETE FROM identities WHERE skeleton = ?", (skeleton,)).rowcount
+    def forget_handle(self, handle: str) -> int:
+        return self._run("DELETE FROM identities WHERE handle = ?", (handle,)).rowcount
 
     def serve_session(self, session_id: int, at: float) -> None:
         self._run("UPDATE sessions SET served_at = ? WHERE id = ?", (iso(at), session_id))

@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass
 
 from chatlog.events import (
+    Bind,
     Broadcast,
     CloseRoom,
     Commit,
@@ -50,6 +51,7 @@ from chatlog.events import (
     Disconnected,
     End,
     Finish,
+    Forget,
     Handle,
     Join,
     OpenRoom,
@@ -66,7 +68,7 @@ from chatlog.events import (
     Stop,
     Tick,
 )
-from chatlog.handles import Names, example, fold, handle_problem
+from chatlog.handles import Bindings, Names, bound_problem, example, fold, handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
 from chatlog.sanitize import visible
 from chatlog.words import LEFT, NOTICES, address, address_key, idle_text
@@ -100,12 +102,13 @@ class Participant:
     tokens: float = 0.0  # rate limit bucket
     stamp: float = 0.0  # when `tokens` was last brought up to date
     noted_pause: bool = False  # the console was told it was paused (once)
+    fingerprint: str | None = None  # its TLS client certificate's, if it presented one
 
 
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "prompted", "sendq", "names", "_server_prefix",
+        "finished", "prompted", "sendq", "names", "bindings", "_server_prefix",
     )
 
     def __init__(
@@ -117,6 +120,7 @@ class Room:
         rate: float = RATE,
         burst: int = BURST,
         sendq: int = SENDQ,
+        bindings: dict[str, str] | None = None,
     ):
         if not valid_handle(handle):
             raise ValueError(f"not a valid handle: {handle!r} (1 to 10 characters, no spaces or '>')")
@@ -135,6 +139,7 @@ class Room:
         self.prompted = False  # the operator's input is wanted from the first event on
         self.sendq = sendq
         self.names = Names()  # the handles of those present
+        self.bindings = Bindings(bindings)  # handles that belong to a certificate
         self._server_prefix = (visible(handle) + ">").encode()
 
     # -- the interface the loop uses ---------------------------------------------------------
@@ -209,7 +214,8 @@ class Room:
             return [Refuse(ev.conn, ev.host, ev.port, "per-address", ev.at, NOTICES["per-address"],
                            f"{n} connections from that address")]
         self.per_addr[key] = n + 1
-        p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at)
+        p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at,
+                        fingerprint=ev.link.fingerprint if ev.link is not None else None)
         people[ev.conn] = p
         here = len(people)
         return [
@@ -262,7 +268,8 @@ class Room:
             note = f"longer than {MAX_TEXT} characters"
         problem = None
         if handle is not None and handle != p.handle:
-            problem = handle_problem(handle, self.names, self.handle, own=p.handle)
+            problem = handle_problem(handle, self.names, self.handle, own=p.handle) or bound_problem(
+                handle, p.fingerprint, self.bindings)
         if problem is not None:
             why = f"{problem}: not relayed"
             like = example(self.names, self.handle)
@@ -308,6 +315,10 @@ class Room:
         return out
 
     def _rename(self, p: Participant, handle: str, out: list[Decision]) -> None:
+        if p.fingerprint is not None:
+            # Over TLS with a certificate: the handle is its owner's (bound the first time).
+            self.bindings.add(handle, p.fingerprint)
+            out.append(Bind(p.conn, handle, p.fingerprint, p.last))
         old, old_handle = p.shown, p.handle
         if old_handle is not None:
             self.names.remove(old_handle)
@@ -391,7 +402,9 @@ class Room:
                 return self._who(ev.at)
             if name == "kick":
                 return self._kick(arg, ev.at)
-            return [Show("error", f"unknown command \\{name}; commands: \\who, \\kick NAME, \\quit")]
+            if name == "forget":
+                return self._forget(arg)
+            return [Show("error", f"unknown command \\{name}; commands: \\who, \\kick NAME, \\forget NAME, \\quit")]
         if len(text) > MAX_TEXT:
             return [Show("error", f"message too long ({len(text)} characters, at most {MAX_TEXT}); not sent")]
         shown = visible(text)
@@ -410,6 +423,15 @@ class Room:
             name = p.shown if p.handle is not None else "(no handle yet)"
             out.append(Show("note", f"  {name:<15}  {address(p.host, p.port):<21}  idle {idle_text(now - p.last)}"))
         return out
+
+    def _forget(self, name: str) -> list[Decision]:
+        """Release a handle's binding to a certificate: anyone may take it again."""
+        if not name:
+            return [Show("error", "usage: \\forget NAME (a handle bound to a certificate)")]
+        released = self.bindings.remove(name)
+        if not released:
+            return [Show("error", visible(f"no handle like {name} is bound to a certificate"))]
+        return [Forget(released[0]), Show("event", visible(f"{released[0]} is no longer bound to a certificate"))]
 
     def _kick(self, name: str, at: float) -> list[Decision]:
         if not name:
@@ -445,7 +467,7 @@ class Room:
         return commits + ends + [CloseRoom(reason, at), Prompt(False), Show("event", why), Finish(why)]
 
 
-_RECORD_ONLY = (Handle, Commit, Join)  # store writes that send and show nothing themselves
+_RECORD_ONLY = (Handle, Commit, Join, Bind)  # store writes that send and show nothing themselves
 
 
 def _stores_first(out: list[Decision]) -> list[Decision]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from chatlog import protocol
 from chatlog.events import (
+    Bind,
     Commit,
     Connected,
     Decision,
@@ -45,7 +46,7 @@ from chatlog.events import (
     Stop,
     Tick,
 )
-from chatlog.handles import handle_problem
+from chatlog.handles import Bindings, bound_problem, handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT
 from chatlog.words import NOTICES, address_key, connected_text, timeout_notice
 
@@ -73,6 +74,7 @@ class Peer:
     held: list[Show] = field(default_factory=list)  # what it said while waiting, for the console
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
     key: str = ""  # what the per-address cap and fairness count it as (an IPv6 host by its /64)
+    fingerprint: str | None = None  # its TLS client certificate's, if it presented one
 
     def __post_init__(self):
         self.key = address_key(self.host)
@@ -93,8 +95,10 @@ class Turns:
         per_address: int = 2,
         max_unanswered: int = MAX_UNANSWERED,
         sendq: int = SENDQ,
+        bindings: dict[str, str] | None = None,
     ):
         self.handle = handle
+        self.bindings = Bindings(bindings)  # handles that belong to a certificate
         self.sendq = sendq
         self.idle_timeout = idle_timeout
         self.first_timeout = first_timeout
@@ -174,7 +178,8 @@ class Turns:
     # -- events ------------------------------------------------------------------------------------
 
     def _connected(self, ev: Connected) -> list[Decision]:
-        peer = Peer(ev.conn, ev.host, ev.port, ev.at, turn_since=ev.at)
+        peer = Peer(ev.conn, ev.host, ev.port, ev.at, turn_since=ev.at,
+                    fingerprint=ev.link.fingerprint if ev.link is not None else None)
         if self.current is None:
             self.peers[ev.conn] = peer
             self.current = peer
@@ -208,10 +213,14 @@ class Turns:
             # The server's handle, a look-alike of it, or one that would not show as itself: the
             # line is recorded under it and marked, never taken as the session's handle. Nothing
             # is sent: an answer out of turn would shift an old client's turns.
-            problem = handle_problem(msg.handle, (), self.handle)
+            problem = handle_problem(msg.handle, (), self.handle) or bound_problem(
+                msg.handle, peer.fingerprint, self.bindings)
             if problem is None:
                 if peer.handle is None:
                     out.append(Handle(peer.conn, msg.handle))
+                if peer.fingerprint is not None:  # over TLS with a certificate: the handle is its owner's
+                    self.bindings.add(msg.handle, peer.fingerprint)
+                    out.append(Bind(peer.conn, msg.handle, peer.fingerprint, ev.at))
                 peer.handle = msg.handle
         handle = msg.handle if problem is not None else peer.handle
         if msg.is_quit:
