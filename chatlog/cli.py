@@ -816,7 +816,7 @@ def identities(forget, as_json, db):
     if as_json:
         import json
 
-        click.echo(json.dumps([dict(zip(("handle", "fingerprint", "first_seen", "last_seen", "sessions"), r))
+        click.echo(json.dumps([dict(zip(("handle", "fingerprint", "first_seen", "last_seen", "sessions"), r, strict=True))
                                for r in rows], indent=1, default=str))
         return
     if not rows:
