@@ -262,3 +262,19 @@ def test_a_line_is_never_cut_in_two_by_a_reader_that_was_busy():
     f.feed(b"bob> no newline", 1.0)
     (fr,) = f.flush_if_quiet(f.deadline() + 1e-6)
     assert [parse(x).text for x in [fr] + f.feed(b"bob> next\n", 3.0)] == ["no newline", "next"]
+
+
+def test_cut_after_takes_at_most_the_limit_of_line_endings_and_keeps_cs372_terminators_whole():
+    from chatlog.transport import cut_after
+
+    assert cut_after(b"a\nb\nc\n", 2) == 4
+    assert cut_after(b"a\n\0b\n\0c\n\0", 1) == 3  # "\n\0" stays together
+    assert cut_after(b"\n" * 65536, 100) == 100
+    assert cut_after(b"abc", 0) == 3  # no ending at all: nothing to cut
+    assert cut_after(b"x\0y\0", 1) == 2
+    for data in (b"", b"a", b"a\nb", b"\n\n\0\n"):
+        for limit in range(0, 6):
+            n = cut_after(data, limit)
+            head = data[:n]
+            assert head.count(b"\n") + head.count(b"\0") <= max(limit, 0) + (1 if head.endswith(b"\n\0") else 0)
+            assert n == len(data) or data[:n].count(b"\n") + data[:n].count(b"\0") >= limit
