@@ -61,16 +61,16 @@ class _Store:
             self.recorder.should_stop = should_stop
 
     def record(self, batch: list) -> list:
+        """Every store write of `batch` in one transaction (a lone Commit, one INSERT, commits on
+        its own, as atomically, without BEGIN and COMMIT around it: the 1:1 turn's case)."""
         results: list = [None] * len(batch)
-        for d in batch:
-            if isinstance(d, StoreWrite):
-                break
-        else:
-            return results
-        with self.recorder.transaction():
-            for i, d in enumerate(batch):
-                if isinstance(d, StoreWrite):
-                    results[i] = self._write(d)
+        writes = [i for i, d in enumerate(batch) if isinstance(d, StoreWrite)]
+        if len(writes) == 1 and type(batch[writes[0]]) is Commit:
+            results[writes[0]] = self._write(batch[writes[0]])
+        elif writes:
+            with self.recorder.transaction():
+                for i in writes:
+                    results[i] = self._write(batch[i])
         return results
 
     def describe(self, d, result) -> str | None:

@@ -45,18 +45,31 @@ def _pollable(fd: int) -> bool:
 class Console:
     """Writes whole lines to the operator's screen (or wherever stdout goes).
 
-    Lines go through a bounded queue to a writer thread, so a console that stalls (a pipe nobody
-    reads, a terminal paused with Ctrl-S) never stalls the chat: past the bound, lines are
-    counted, not shown, and the count is said once the console catches up (every line is in the
-    store). The thread writes what has piled up in one write, which also keeps a busy room cheap.
+    The loop's lines of one pass are written once, at the end of the pass (`flush`), by the loop
+    itself when the console can take them at once: a few bytes that a pipe, a file or a terminal
+    accepts without blocking (poll says writable, and at most PIPE_BUF). Otherwise they go
+    through a bounded queue to a writer thread, so a console that stalls (a pipe nobody reads, a
+    terminal paused with Ctrl-S) never stalls the chat: past the bound, lines are counted, not
+    shown, and the count is said once the console catches up (every line is in the store). Once
+    the thread has lines, every line goes through it, in order, until it is idle again.
     """
 
     MAX_QUEUED = 10_000
+    DIRECT_MAX = 4096  # bytes written by the loop itself (PIPE_BUF: a pipe takes them whole)
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stdout
         self.operator: Operator | None = None  # set when a terminal prompt may be on screen
         self.failed = False
+        self._batch: list[str] = []  # this pass's lines (the loop's thread only)
+        self._poll = None
+        try:
+            import select
+
+            self._poll = select.poll()
+            self._poll.register(self.stream.fileno(), select.POLLOUT)
+        except (AttributeError, OSError, ValueError):
+            self._poll = None  # not a real file: always through the thread
         self._lines: deque[str] = deque()
         self._skipped = 0
         self._cv = threading.Condition()
@@ -66,23 +79,54 @@ class Console:
         self._thread.start()
 
     def write(self, line: str) -> None:
+        """A line, written at the end of the pass (`flush`)."""
+        self._batch.append(line)
+
+    def flush(self) -> None:
+        """Write this pass's lines: at once if the console takes them without blocking and the
+        thread has nothing queued, else through the thread."""
+        if not self._batch:
+            return
+        lines, self._batch = self._batch, []
         with self._cv:
             if self.failed:
                 return
-            if len(self._lines) >= self.MAX_QUEUED:
-                self._skipped += 1
+            direct = not (self._lines or self._busy or self._skipped) and self._takes_now(lines)
+            if direct:
+                self._busy = True
+            else:
+                room = self.MAX_QUEUED - len(self._lines)
+                if room < len(lines):
+                    self._skipped += len(lines) - max(room, 0)
+                    lines = lines[:max(room, 0)]
+                self._lines.extend(lines)
+                self._cv.notify()
                 return
-            self._lines.append(line)
-            self._cv.notify()
+        try:
+            self._emit(lines)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+    def _takes_now(self, lines: list[str]) -> bool:
+        if self._poll is None or sum(len(x) for x in lines) * 4 + 256 > self.DIRECT_MAX:
+            return False
+        try:
+            return bool(self._poll.poll(0))
+        except OSError:
+            return False
 
     def wait_written(self, timeout: float = 1.0) -> None:
-        """Block until every line written so far is on screen (before a prompt is drawn)."""
+        """Block until every line flushed so far is on screen (before a prompt is drawn)."""
         with self._cv:
             self._cv.wait_for(lambda: not self._lines and not self._busy, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (waiting at most `timeout` for a stalled console), then stop."""
+        lines, self._batch = self._batch, []
         with self._cv:
+            self._lines.extend(lines)
             self._closing = True
             self._cv.notify()
         self._thread.join(timeout)

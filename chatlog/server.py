@@ -146,6 +146,7 @@ class Loop:
                 self._carry_out()
                 self._operator_input()
                 while not self.finished:
+                    self.console.flush()  # this pass's console lines, before waiting again
                     self._pass()
             finally:
                 for c in [*self.clients.values(), *self.handshakes.values()]:
@@ -387,6 +388,7 @@ class Loop:
                 c.paused_until = d.until
                 self.watch.client(c)
         elif t is Prompt:
+            self.console.flush()  # what the answer answers is on screen before the prompt
             self.operator.want(d.on)
         elif t is Finish:
             self.finished = True
@@ -571,7 +573,10 @@ def _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets=(), tls=
     # Starting waits on a database another process holds locked, like any write: say so, or the
     # banner stands there as if the server were up while nobody is accepted.
     # (said once, and when it frees)
-    on_wait = lambda seconds, resumed: console.write(store_wait_line(renderer, seconds, resumed))  # noqa: E731
+    def on_wait(seconds, resumed):  # said at once: the loop is waiting, not passing
+        console.write(store_wait_line(renderer, seconds, resumed))
+        console.flush()
+
     store.set_hooks(on_wait, None)
     orphans = store.start((sockets or tls_sockets)[0].getsockname(), time.time())
     if orphans:

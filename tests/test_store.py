@@ -140,3 +140,23 @@ def test_wal_stays_bounded_under_continuous_writes(tmp_path, monkeypatch):
             biggest = max(biggest, os.path.getsize(str(path) + "-wal"))
     store.close()
     assert biggest < 40_000_000  # without the restart: ~125 MB by the end
+
+
+def test_iso_is_exactly_datetimes_isoformat():
+    """The cached form of a stored time equals datetime's own, for any moment (hypothesis)."""
+    from datetime import datetime, timezone
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatlog.records import iso
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False) | st.integers(0, 4_000_000_000).map(
+        lambda s: s + 0.9999995) | st.integers(0, 4_000_000_000).map(lambda s: s + 0.0000005))
+    def check(ts):
+        assert iso(ts) == datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+
+    check()
+    for ts in (0.0, 1.5, 1764871533.123456, 1764871533.9999999, -1.25):
+        assert iso(ts) == datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
