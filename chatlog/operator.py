@@ -63,13 +63,18 @@ class Console:
         self.failed = False
         self._batch: list[str] = []  # this pass's lines (the loop's thread only)
         self._poll = None
+        self._fd: int | None = None  # written with os.write, past the text layer's buffer
+        self._encoding = getattr(self.stream, "encoding", None) or "utf-8"
         try:
             import select
 
+            self.stream.flush()
+            self._fd = self.stream.fileno()
             self._poll = select.poll()
-            self._poll.register(self.stream.fileno(), select.POLLOUT)
+            self._poll.register(self._fd, select.POLLOUT)
         except (AttributeError, OSError, ValueError):
-            self._poll = None  # not a real file: always through the thread
+            self._poll = None  # not a real file: always through the thread, with the stream
+            self._fd = None
         self._lines: deque[str] = deque()
         self._skipped = 0
         self._cv = threading.Condition()
@@ -85,29 +90,23 @@ class Console:
     def flush(self) -> None:
         """Write this pass's lines: at once if the console takes them without blocking and the
         thread has nothing queued, else through the thread."""
-        if not self._batch:
+        if not self._batch or self.failed:
+            self._batch.clear()
             return
         lines, self._batch = self._batch, []
-        with self._cv:
-            if self.failed:
-                return
-            direct = not (self._lines or self._busy or self._skipped) and self._takes_now(lines)
-            if direct:
-                self._busy = True
-            else:
-                room = self.MAX_QUEUED - len(self._lines)
-                if room < len(lines):
-                    self._skipped += len(lines) - max(room, 0)
-                    lines = lines[:max(room, 0)]
-                self._lines.extend(lines)
-                self._cv.notify()
-                return
-        try:
+        # Read without the lock: only this thread adds lines, and a thread finishing just now
+        # at worst sends these through it too. Written here, they are on screen before the loop
+        # goes on (so before any prompt it asks for).
+        if not (self._lines or self._busy or self._skipped) and self._takes_now(lines):
             self._emit(lines)
-        finally:
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
+            return
+        with self._cv:
+            room = self.MAX_QUEUED - len(self._lines)
+            if room < len(lines):
+                self._skipped += len(lines) - max(room, 0)
+                lines = lines[:max(room, 0)]
+            self._lines.extend(lines)
+            self._cv.notify()
 
     def _takes_now(self, lines: list[str]) -> bool:
         if self._poll is None or sum(len(x) for x in lines) * 4 + 256 > self.DIRECT_MAX:
@@ -159,10 +158,16 @@ class Console:
         op = self.operator
         try:
             if op is not None and op.reading:
-                self.stream.write("\r\x1b[K" + "\n".join(lines) + "\n" + op.prompt + op.typed())
+                text = "\r\x1b[K" + "\n".join(lines) + "\n" + op.prompt + op.typed()
             else:
-                self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+                text = "\n".join(lines) + "\n"
+            if self._fd is None:
+                self.stream.write(text)
+                self.stream.flush()
+            else:
+                data = memoryview(text.encode(self._encoding, "replace"))
+                while data:
+                    data = data[os.write(self._fd, data):]
         except BrokenPipeError:
             self._silence()  # the reader of our output went away (`| head`): chat on, unprinted
         except (OSError, ValueError) as exc:
