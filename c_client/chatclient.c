@@ -955,7 +955,7 @@ static int known_lookup(const char *fp, int *line, char old[65])
 		n++;
 		if (!(name = strtok_r(buf, " \t\r\n", &save)) || name[0] == '#' || !(key = strtok_r(NULL, " \t\r\n", &save)))
 			continue;
-		if (strcmp(name, hostport) != 0 || !parse_fp(key, k))
+		if (strcasecmp(name, hostport) != 0 || !parse_fp(key, k)) /* host names ignore case */
 			continue;
 		if (strcmp(k, fp) == 0) {
 			fclose(f);
