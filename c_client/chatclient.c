@@ -61,6 +61,7 @@ static const char usage_text[] =
 	"  --identity FILE   present this key and certificate (PEM; made if missing) instead of\n"
 	"                    ~/.config/chatlog/identity.pem (made on the first --tls use)\n"
 	"  --no-identity     present no client certificate\n"
+	"  -t SECONDS        with --tls, also how long the handshake may take (default 10)\n"
 	"A server no CA vouches for (self-signed) is shown with its fingerprint and asked about once\n"
 	"at a terminal, then remembered in ~/.config/chatlog/known_hosts (under $XDG_CONFIG_HOME if\n"
 	"set); elsewhere it is refused unless pinned or remembered, and a remembered server whose\n"
