@@ -10,11 +10,13 @@ import datetime
 import hashlib
 import os
 import random
+import signal
 import socket
 import ssl
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pexpect
@@ -237,6 +239,78 @@ def test_many_lines_held_by_openssl_are_all_shown(chatclient, ca_file, good_ctx,
     p.sendline("\\quit")
     p.expect(pexpect.EOF)
     srv.join()
+
+
+def _unread(conn):
+    import fcntl
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+def test_sigterm_ends_a_client_blocked_writing_to_a_tls_server_that_does_not_read(chatclient, ca_file,
+                                                                                   good_ctx, cfg):
+    """In a room lines go out as typed; a TLS server that stops reading leaves SSL_write wanting
+    to write. SIGTERM must still end the client at once, with its final line."""
+    release, full = threading.Event(), threading.Event()
+
+    def script(peer):
+        peer.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.send(b"ROOM>*** Welcome to the room: 2 here. Type at any time.\n")
+        last, stable_since = -1, time.monotonic()
+        while not release.is_set():  # never reads; says when the client can send no more
+            n = _unread(peer.conn)
+            if n != last:
+                last, stable_since = n, time.monotonic()
+            elif n > 0 and time.monotonic() - stable_since > 0.3:
+                full.set()
+            release.wait(0.02)
+
+    srv = TLSServer(good_ctx, script)
+    proc = subprocess.Popen([str(chatclient), "--tls", "--ca", ca_file, "--no-identity", "localhost",
+                             str(srv.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cfg)
+
+    def feed():
+        try:
+            proc.stdin.write(b"bob\n" + (b"x" * 500 + b"\n") * 20000)
+        except (BrokenPipeError, ValueError):
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        assert full.wait(20), "the client never filled the socket"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        release.set()
+        proc.kill()
+    srv.join()
+    assert proc.returncode == 0, err
+    assert out.decode().rstrip("\n").split("\n")[-1] == "You left the chat."
+
+
+def test_ctrl_c_during_the_handshake_ends_at_once(chatclient, ca_file, cfg):
+    got_hello, release = threading.Event(), threading.Event()
+
+    def raw(conn):
+        conn.recv(4096)
+        got_hello.set()
+        release.wait(20)
+
+    srv = TLSServer(raw=raw)
+    p = spawn(chatclient, srv.port, "--ca", ca_file, "--no-identity", env=cfg)
+    try:
+        assert got_hello.wait(10)
+        p.sendintr()
+        p.expect_exact("You left the chat.")
+        p.expect(pexpect.EOF)
+        p.close()
+    finally:
+        release.set()
+    srv.join()
+    assert p.exitstatus == 0
 
 
 # -- refusals: one clear line, exit 1 ------------------------------------------------------------
