@@ -1425,7 +1425,7 @@ int main(int argc, char **argv)
 		if (n < 0 && err != EINTR)
 			end(1, "poll: %s", strerror(err));
 		if (securing == 1 && now_ms() >= hs_deadline)
-			end(1, "TLS handshake with %s port %s timed out after %ld s", host, port,
+			end(1, "TLS handshake with %s port %s timed out after %ld s (is it a TLS port?)", host, port,
 			    timeout_s ? timeout_s : HANDSHAKE_S);
 		if (!securing && ((n > 0 && fds[0].revents) || held_back))
 			receive();

@@ -405,7 +405,7 @@ def test_a_handshake_that_never_comes_times_out(chatclient, ca_file, cfg):
     r = run_piped(chatclient, srv.port, "-t", "1", "--ca", ca_file, env=cfg, timeout=15)
     done.set()
     srv.join()
-    one_line_refusal(r, f"TLS handshake with localhost port {srv.port} timed out after 1 s")
+    one_line_refusal(r, f"TLS handshake with localhost port {srv.port} timed out after 1 s (is it a TLS port?)")
 
 
 # -- known_hosts: asked once at a terminal, then remembered --------------------------------------
@@ -611,11 +611,28 @@ class MemoryTLS:
         self.obj.write(data)
         return self.out.read()
 
+    def ends_with_close_notify(self):
+        """Reads to the end: True if the client said close_notify, False if it just closed."""
+        while True:
+            try:
+                if self.obj.read(65536) == b"":  # an SSLObject's read says close_notify so
+                    return True
+            except ssl.SSLZeroReturnError:
+                return True
+            except ssl.SSLWantReadError:
+                data = self.conn.recv(65536)
+                if not data:
+                    return False
+                self.inc.write(data)
+
     def expect(self, data):
         got = b""
         while data not in got:
             try:
-                got += self.obj.read(65536)
+                chunk = self.obj.read(65536)
+                if not chunk:
+                    raise ConnectionError(f"client said close_notify; received {got!r}, wanted {data!r}")
+                got += chunk
             except ssl.SSLWantReadError:
                 self.feed()
 
@@ -649,6 +666,24 @@ def _alert(tls):
         pass
     tls.flush()
     tls.conn.sendall(b"\x15\x03\x03\x00\x02\x02\x28")
+
+
+def test_quit_ends_with_close_notify(chatclient, ca, ca_file, cfg):
+    ctx = server_ctx(ca.issue_cert("localhost"))
+    result = {}
+
+    def raw(conn):
+        tls = MemoryTLS(conn, ctx)
+        tls.expect(b"hello\n\0")
+        tls.conn.sendall(tls.records(b"SERVER>bye then\n"))
+        tls.expect(b"\\quit\n\0")
+        result["clean"] = tls.ends_with_close_notify()
+
+    srv = TLSServer(raw=raw)
+    r = run_piped(chatclient, srv.port, "--ca", ca_file, "--no-identity", env=cfg)
+    srv.join()
+    assert r.returncode == 0, r.stderr
+    assert result == {"clean": True}
 
 
 HOSTILE_TLS = {
