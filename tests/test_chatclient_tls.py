@@ -698,7 +698,6 @@ HOSTILE_TLS = {
 HOSTILE_ENDINGS = (
     "Connection closed by the server.",
     "Connection to the server lost: Connection reset by peer.",
-    "No answer from the server in 1 s: you left the chat.",
     "You left the chat.",
 )
 
@@ -709,11 +708,15 @@ def run_hostile_tls(command, case, ca, ca_file, env, identity=True):
     def raw(conn):
         tls = MemoryTLS(conn, ctx)
         tls.expect(b"hello\n\0")
-        HOSTILE_TLS[case](tls)
+        try:
+            HOSTILE_TLS[case](tls)
+        except (ConnectionError, ssl.SSLError):
+            pass  # the client may give up on garbage before it has all been sent
 
     srv = TLSServer(raw=raw)
+    # -t bounds the handshake too: generous, as valgrind on a busy machine is slow at it
     r = subprocess.run(
-        [*command, "-t", "1", "--tls", "--ca", ca_file, *([] if identity else ["--no-identity"]),
+        [*command, "-t", "20", "--tls", "--ca", ca_file, *([] if identity else ["--no-identity"]),
          "localhost", str(srv.port)],
         input=b"bob\nhello\n", capture_output=True, timeout=120,
         env=dict(env, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"),
@@ -749,7 +752,7 @@ def test_hostile_tls_server_under_valgrind(chatclient, valgrind, case, ca, ca_fi
 @pytest.mark.parametrize("how", ["handshake-timeout", "plaintext", "refused-pin", "changed-known-host"])
 def test_tls_refusals_under_asan(chatclient_asan, how, ca_file, tmp_path, cfg):
     cert = SelfSigned(tmp_path)
-    args = ["-t", "1"]
+    args = ["-t", "1" if how == "handshake-timeout" else "20"]
     if how == "handshake-timeout":
         srv = TLSServer(raw=lambda conn: (conn.recv(4096), conn.recv(4096)))
     elif how == "plaintext":
@@ -768,3 +771,5 @@ def test_tls_refusals_under_asan(chatclient_asan, how, ca_file, tmp_path, cfg):
     assert r.returncode == 1, err
     for marker in ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer"):
         assert marker not in err, err[-3000:]
+    assert {"handshake-timeout": "timed out after 1 s", "plaintext": "does not speak TLS",
+            "refused-pin": "not the pinned", "changed-known-host": "has changed"}[how] in err, err
