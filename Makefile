@@ -8,6 +8,8 @@ CC      = gcc
 endif
 CFLAGS ?= -O2 -g
 WARN    = -std=gnu99 -Wall -Wextra -Werror
+# OpenSSL, for --tls (Debian's libssl-dev; .ci/run installs it).
+LDLIBS  = -lssl -lcrypto
 PYTEST_ARGS ?=
 
 .PHONY: all venv serve test asan valgrind bench lint clean unsafe-header
@@ -16,16 +18,16 @@ all: chatclient
 
 # Built to a temporary name and renamed, so a running client is never overwritten in place.
 chatclient: c_client/chatclient.c c_client/unsafe.h
-	$(CC) $(WARN) $(CFLAGS) -o $@.tmp $< && mv -f $@.tmp $@
+	$(CC) $(WARN) $(CFLAGS) -o $@.tmp $< $(LDLIBS) && mv -f $@.tmp $@
 
 chatclient-asan: c_client/chatclient.c c_client/unsafe.h
 	$(CC) $(WARN) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
-	    -fno-sanitize-recover=all -o $@.tmp $< && mv -f $@.tmp $@
+	    -fno-sanitize-recover=all -o $@.tmp $< $(LDLIBS) && mv -f $@.tmp $@
 
 # The client's framer alone, under the sanitizers, for the differential test against the server's.
 framer-check: c_client/framer_check.c c_client/chatclient.c c_client/unsafe.h
 	$(CC) $(WARN) -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all \
-	    -o $@.tmp $< && mv -f $@.tmp $@
+	    -o $@.tmp $< $(LDLIBS) && mv -f $@.tmp $@
 
 # The characters the client escapes, generated from chatlog/sanitize.py (a test checks it is current).
 unsafe-header: venv

@@ -11,8 +11,12 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem */
 #endif
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
 #include <netdb.h>
 #include <poll.h>
 #include <signal.h>
@@ -22,10 +26,17 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "unsafe.h"
 
@@ -35,12 +46,26 @@
 #define QUIET_MS 150      /* quiet time that completes an unterminated burst */
 #define GRACE_MS 100      /* wait this long for a busy refusal before asking for a handle */
 #define INPUT_MAX 4096    /* bytes of one typed line */
+#define HANDSHAKE_S 10    /* TLS: seconds a handshake may take unless -t says otherwise */
 #define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
 static const char usage_text[] =
-	"usage: chatclient [-t SECONDS] HOST PORT\n"
+	"usage: chatclient [-t SECONDS] [--tls [--ca FILE | --pin SHA256:HEX]\n"
+	"                  [--identity FILE | --no-identity]] HOST PORT\n"
 	"Chat with a chatlog (CS372 chat) server at HOST:PORT. You speak first; type \\quit\n"
-	"or press Ctrl-D to leave. -t gives up if the server does not answer in time.\n";
+	"or press Ctrl-D to leave. -t gives up if the server does not answer in time.\n"
+	"  --tls             speak TLS (1.2 or later); the server must prove it is HOST with a\n"
+	"                    certificate from a CA this system trusts\n"
+	"  --ca FILE         trust the CA certificates in FILE (PEM) instead of the system's\n"
+	"  --pin SHA256:HEX  trust only the server certificate with this SHA-256 fingerprint\n"
+	"  --identity FILE   present this key and certificate (PEM; made if missing) instead of\n"
+	"                    ~/.config/chatlog/identity.pem (made on the first --tls use)\n"
+	"  --no-identity     present no client certificate\n"
+	"  -t SECONDS        with --tls, also how long the handshake may take (default 10)\n"
+	"A server no CA vouches for (self-signed) is shown with its fingerprint and asked about once\n"
+	"at a terminal, then remembered in ~/.config/chatlog/known_hosts (under $XDG_CONFIG_HOME if\n"
+	"set); elsewhere it is refused unless pinned or remembered, and a remembered server whose\n"
+	"certificate has changed is always refused.\n";
 
 /* -- text: UTF-8 and the one sanitiser rule ---------------------------------------------------- */
 
@@ -348,13 +373,142 @@ static int has_queued;
 static long timeout_s;       /* -t: how long to wait for an answer, or 0 */
 static long long deadline;   /* when to give up waiting for it, or 0 */
 static struct framer fr;
+static int securing;         /* TLS: 1 during the handshake, 2 while the user is asked to trust */
+static long long grace_end;  /* until then, wait for a busy refusal before asking for a handle */
+static int wake[2] = {-1, -1}; /* the self-pipe: a signal wakes poll() even between two calls */
+
+/* -- the transport: plain TCP or TLS behind one small interface ----------------------------------
+ * The loop, the sender and the way out call these alone, so the plain client is exactly the
+ * socket calls it always made, and TLS is one more implementation of the same calls. */
+
+struct transport {
+	ssize_t (*recv)(void *buf, size_t n);                  /* as recv(): -1 and EAGAIN if nothing yet */
+	ssize_t (*send)(const void *buf, size_t n, int flags); /* as send(MSG_NOSIGNAL | flags) */
+	int (*pending)(void);       /* received bytes held where poll() cannot see them */
+	short (*events)(void);      /* what the socket is polled for */
+	const char *(*why)(int err); /* a failure, for the last line */
+	void (*close)(void);        /* closes sock and sets it to -1 */
+};
+
+static ssize_t plain_recv(void *buf, size_t n) { return recv(sock, buf, n, 0); }
+static ssize_t plain_send(const void *buf, size_t n, int flags) { return send(sock, buf, n, MSG_NOSIGNAL | flags); }
+static int plain_pending(void) { return 0; }
+static short plain_events(void) { return POLLIN; }
+static const char *plain_why(int err) { return strerror(err); }
+static void plain_close(void) { close(sock); sock = -1; }
+
+static const struct transport plain = {plain_recv, plain_send, plain_pending, plain_events, plain_why, plain_close};
+static const struct transport *xp = &plain;
+
+/* TLS over the same socket, made non-blocking: OpenSSL may need to write while we read (a key
+ * update) or read while we write, so each call says which way it waits (tls_want), and it reads
+ * ahead: records it already holds do not wake poll(), so after each successful read the loop
+ * reads again at once (tls_more) until OpenSSL says it wants the socket. */
+static SSL_CTX *tls_ctx;
+static SSL *tls;
+static short tls_want = POLLIN;
+static int tls_more;          /* the last read returned data: OpenSSL may hold more */
+static int tls_broken;        /* a fatal error: no close_notify may be sent */
+static char tls_error[300];   /* the last fatal error, for the last line */
+
+static void tls_note_error(const char *what)
+{
+	unsigned long e = ERR_peek_last_error();
+	const char *r = e ? ERR_reason_error_string(e) : NULL;
+	tls_broken = 1;
+	snprintf(tls_error, sizeof tls_error, "%s: %s", what, r ? r : "unknown error");
+}
+
+static ssize_t tls_recv(void *buf, size_t n)
+{
+	int r, e;
+	ERR_clear_error();
+	r = SSL_read(tls, buf, n > INT_MAX ? INT_MAX : (int)n);
+	tls_more = r > 0;
+	if (r > 0) {
+		tls_want = POLLIN;
+		return r;
+	}
+	e = SSL_get_error(tls, r);
+	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+		tls_want = e == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN;
+		errno = EAGAIN;
+		return -1;
+	}
+	if (e == SSL_ERROR_ZERO_RETURN) /* close_notify, or (SSL_OP_IGNORE_UNEXPECTED_EOF) a bare close */
+		return 0;
+	tls_broken = 1;
+	if (e == SSL_ERROR_SYSCALL)
+		return errno ? -1 : 0;
+	tls_note_error("TLS error");
+	errno = EPROTO;
+	return -1;
+}
+
+/* Blocks like send() on a blocking socket, but wakes for a signal (the self-pipe). */
+static ssize_t tls_send(const void *buf, size_t n, int flags)
+{
+	int watch_wake = 1;
+	for (;;) {
+		int w, e;
+		ERR_clear_error();
+		w = SSL_write(tls, buf, n > INT_MAX ? INT_MAX : (int)n);
+		if (w > 0)
+			return w;
+		e = SSL_get_error(tls, w);
+		if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+			tls_broken = 1;
+			if (e == SSL_ERROR_SSL)
+				tls_note_error("TLS error");
+			errno = e == SSL_ERROR_SYSCALL && errno ? errno : e == SSL_ERROR_SSL ? EPROTO : EPIPE;
+			return -1;
+		}
+		if (flags & MSG_DONTWAIT) {
+			errno = EAGAIN;
+			return -1;
+		}
+		struct pollfd p[2] = {{sock, e == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN, 0},
+				      {watch_wake ? wake[0] : -1, POLLIN, 0}};
+		if (poll(p, 2, -1) < 0 && errno != EINTR)
+			return -1;
+		if (stop_signal) {
+			errno = EINTR;
+			return -1;
+		}
+		if (p[1].revents)
+			watch_wake = 0; /* Ctrl-Z: the loop stops us once this line is out */
+	}
+}
+
+static int tls_pending(void) { return tls_more; }
+static short tls_events(void) { return tls_want; }
+static const char *tls_why(int err) { return err == EPROTO && tls_error[0] ? tls_error : strerror(err); }
+
+/* Says goodbye properly (close_notify, without waiting for the server's), then lets go of
+ * everything OpenSSL holds for the connection. */
+static void tls_close(void)
+{
+	if (tls) {
+		if (!tls_broken && SSL_is_init_finished(tls)) {
+			ERR_clear_error();
+			SSL_shutdown(tls);
+		}
+		SSL_free(tls);
+		tls = NULL;
+	}
+	if (sock >= 0)
+		close(sock);
+	sock = -1;
+}
+
+static const struct transport tls_transport = {tls_recv, tls_send, tls_pending, tls_events, tls_why, tls_close};
 
 /* Send all of buf; -1 if the connection is gone or a signal asks us to stop (a server that
  * does not read would otherwise hold us here for ever). */
 static int send_all(const char *buf, size_t n, int flags)
 {
 	while (n > 0) {
-		ssize_t w = send(sock, buf, n, MSG_NOSIGNAL | flags);
+		ssize_t w = xp->send(buf, n, flags);
 		if (w < 0 && errno == EINTR && !stop_signal)
 			continue;
 		if (w < 0)
@@ -379,7 +533,9 @@ static void end(int status, const char *fmt, ...)
 		send_all(bye, (size_t)n + 1, MSG_DONTWAIT); /* best effort; with the NUL */
 	}
 	if (sock >= 0)
-		close(sock);
+		xp->close();
+	SSL_CTX_free(tls_ctx);
+	tls_ctx = NULL;
 	hide_input();
 	if (ui.raw)
 		tcsetattr(STDIN_FILENO, TCSAFLUSH, &ui.saved);
@@ -396,8 +552,6 @@ static void end(int status, const char *fmt, ...)
 	fflush(stdout);
 	exit(status);
 }
-
-static int wake[2] = {-1, -1}; /* the self-pipe: a signal wakes poll() even between two calls */
 
 static void on_signal(int sig)
 {
@@ -456,10 +610,12 @@ static int dial(const char *host, const char *port)
 
 static void lost(int err)
 {
+	const char *why = xp->why(err);
+	char saved[sizeof tls_error];
+	snprintf(saved, sizeof saved, "%s", why); /* the reason outlives the connection */
 	if (sock >= 0)
-		close(sock);
-	sock = -1;
-	end(1, "Connection to the server lost: %s.", strerror(err));
+		xp->close();
+	end(1, "Connection to the server lost: %s.", saved);
 }
 
 
@@ -528,8 +684,7 @@ static void on_message(const unsigned char *m, size_t n)
 	if (room && l.prefix && !from_server(&l))
 		l.notice = l.quit = 0; /* in a room only the server's own lines are notices */
 	if (l.quit) {
-		close(sock);
-		sock = -1;
+		xp->close();
 		if (after_notice)
 			end(0, "%s", notice);
 		end(0, "The server closed the chat.");
@@ -571,7 +726,7 @@ static void drain(void)
 static void receive(void)
 {
 	static unsigned char buf[65536];
-	ssize_t r = recv(sock, buf, sizeof buf, 0);
+	ssize_t r = xp->recv(buf, sizeof buf);
 	int err = errno;
 	if (r < 0 && (err == EINTR || err == EAGAIN))
 		return;
@@ -583,14 +738,363 @@ static void receive(void)
 		frame_quiet(&fr, 0, 1);
 		drain();
 		if (r == 0) {
-			close(sock);
-			sock = -1;
+			xp->close();
 			end(1, "Connection closed by the server.");
 		}
 		lost(err);
 	}
 	frame_burst(&fr, buf, (size_t)r, now_ms());
 	drain();
+}
+
+/* -- TLS: who the server is, and who we are ------------------------------------------------------
+ * The handshake runs in the loop like everything else (securing == 1: the socket is polled for
+ * what OpenSSL wants, until hs_deadline). Verification never aborts the handshake: the callback
+ * notes what is wrong and the decision is made once the certificate is in hand, because a
+ * self-signed server is judged by its fingerprint (--pin, known_hosts, or the user at a
+ * terminal: securing == 2), not by a CA. */
+
+static int use_tls, no_identity;
+static const char *ca_file, *identity_file;
+static char pin[65];            /* --pin, as 64 lower-case hex digits */
+static const char *peer_host, *peer_port;
+static char hostport[NI_MAXHOST + 16]; /* host:port, [v6]:port: the known_hosts name */
+static char known_file[PATH_MAX];
+static char server_fp[65];
+static long long hs_deadline;
+static short hs_want = POLLOUT;
+static int v_untrusted, v_other, v_hostname; /* what the verify callback saw */
+
+/* "SHA256:AB:cd..." or bare hex, colons optional, any case: 64 lower-case hex digits, or 0. */
+static int parse_fp(const char *s, char out[65])
+{
+	size_t n = 0;
+	if (strncasecmp(s, "SHA256:", 7) == 0)
+		s += 7;
+	for (; *s; s++) {
+		if (*s == ':')
+			continue;
+		if (!isxdigit((unsigned char)*s) || n == 64)
+			return 0;
+		out[n++] = (char)tolower((unsigned char)*s);
+	}
+	out[n] = 0;
+	return n == 64;
+}
+
+static void fingerprint(X509 *x, char out[65])
+{
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int n = 0;
+	X509_digest(x, EVP_sha256(), md, &n);
+	for (unsigned int i = 0; i < n && i < 32; i++)
+		sprintf(out + 2 * i, "%02x", md[i]);
+}
+
+/* $XDG_CONFIG_HOME/chatlog/NAME, else ~/.config/chatlog/NAME. */
+static void config_path(const char *name, char *out, size_t size)
+{
+	const char *xdg = getenv("XDG_CONFIG_HOME"), *home = getenv("HOME");
+	if (xdg && xdg[0] == '/')
+		snprintf(out, size, "%s/chatlog/%s", xdg, name);
+	else if (home && home[0])
+		snprintf(out, size, "%s/.config/chatlog/%s", home, name);
+	else
+		end(1, "cannot find a place for %s: neither HOME nor XDG_CONFIG_HOME is set", name);
+}
+
+/* The directories above path, made 0700 where missing (they hold a private key). */
+static void make_parents(const char *path)
+{
+	char dir[PATH_MAX];
+	snprintf(dir, sizeof dir, "%s", path);
+	for (char *p = strchr(dir + 1, '/'); p; p = strchr(p + 1, '/')) {
+		*p = 0;
+		if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+			end(1, "cannot make %s: %s", dir, strerror(errno));
+		*p = '/';
+	}
+}
+
+/* A new key (EC P-256) and a self-signed certificate for it, in one PEM file made 0600. */
+static void make_identity(const char *path)
+{
+	EVP_PKEY *key = EVP_EC_gen("P-256");
+	X509 *x = X509_new();
+	X509_NAME *name = x ? X509_get_subject_name(x) : NULL;
+	BIGNUM *serial = BN_new();
+	char tmp[PATH_MAX + 8], fp[65];
+	int ok = key && x && name && serial && BN_rand(serial, 63, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ANY) &&
+		 BN_to_ASN1_INTEGER(serial, X509_get_serialNumber(x)) && X509_set_version(x, 2) &&
+		 X509_gmtime_adj(X509_getm_notBefore(x), -3600) &&
+		 X509_time_adj_ex(X509_getm_notAfter(x), 3650, 0, NULL) && X509_set_pubkey(x, key) &&
+		 X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)"chatclient", -1, -1, 0) &&
+		 X509_set_issuer_name(x, name) && X509_sign(x, key, EVP_sha256());
+	BN_free(serial);
+	if (!ok) {
+		EVP_PKEY_free(key);
+		X509_free(x);
+		end(1, "cannot make a key for %s: %s", path, ERR_reason_error_string(ERR_peek_last_error()));
+	}
+	make_parents(path);
+	snprintf(tmp, sizeof tmp, "%s.XXXXXX", path);
+	int fd = mkstemp(tmp); /* 0600 */
+	FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+	int saved = errno;
+	ok = f && PEM_write_PrivateKey(f, key, NULL, NULL, 0, NULL, NULL) && PEM_write_X509(f, x) &&
+	     fflush(f) == 0 && fsync(fd) == 0;
+	saved = ok ? 0 : errno ? errno : saved;
+	if (f)
+		fclose(f);
+	else if (fd >= 0)
+		close(fd);
+	/* link, not rename: a client starting at the same moment may have made one; keep that */
+	if (ok && link(tmp, path) < 0 && errno != EEXIST)
+		ok = 0, saved = errno;
+	if (fd >= 0)
+		unlink(tmp);
+	fingerprint(x, fp);
+	EVP_PKEY_free(key);
+	X509_free(x);
+	if (!ok)
+		end(1, "cannot write %s: %s", path, strerror(saved));
+	printf("Made your TLS identity %s (SHA256:%s).\n", path, fp);
+}
+
+static int note_verify(int ok, X509_STORE_CTX *store)
+{
+	int e = X509_STORE_CTX_get_error(store);
+	if (ok)
+		return 1;
+	switch (e) {
+	case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
+	case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
+	case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
+	case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
+	case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+	case X509_V_ERR_CERT_UNTRUSTED:
+		if (!v_untrusted)
+			v_untrusted = e;
+		break;
+	case X509_V_ERR_HOSTNAME_MISMATCH:
+	case X509_V_ERR_IP_ADDRESS_MISMATCH:
+		v_hostname = e;
+		break;
+	default:
+		if (!v_other)
+			v_other = e;
+	}
+	return 1; /* decided in check_server(), with the whole picture */
+}
+
+/* The context for --tls: made before connecting, so a new identity is said before anything. */
+static void tls_setup(void)
+{
+	char path[PATH_MAX];
+	tls_ctx = SSL_CTX_new(TLS_client_method());
+	if (!tls_ctx || !SSL_CTX_set_min_proto_version(tls_ctx, TLS1_2_VERSION))
+		end(1, "cannot set up TLS: %s", ERR_reason_error_string(ERR_peek_last_error()));
+	/* A bare close is an end like any other: the chat says \quit in the stream itself. */
+	SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_RENEGOTIATION);
+	SSL_CTX_set_read_ahead(tls_ctx, 1);
+	if (ca_file ? SSL_CTX_load_verify_locations(tls_ctx, ca_file, NULL) != 1
+		    : SSL_CTX_set_default_verify_paths(tls_ctx) != 1)
+		end(1, "cannot read CA certificates%s%s: %s", ca_file ? " from " : "", ca_file ? ca_file : "",
+		    ERR_reason_error_string(ERR_peek_last_error()));
+	SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_PEER, note_verify);
+	if (no_identity)
+		return;
+	if (identity_file)
+		snprintf(path, sizeof path, "%s", identity_file);
+	else
+		config_path("identity.pem", path, sizeof path);
+	if (access(path, F_OK) < 0 && errno == ENOENT)
+		make_identity(path);
+	ERR_clear_error();
+	if (SSL_CTX_use_certificate_chain_file(tls_ctx, path) != 1 ||
+	    SSL_CTX_use_PrivateKey_file(tls_ctx, path, SSL_FILETYPE_PEM) != 1 ||
+	    SSL_CTX_check_private_key(tls_ctx) != 1) {
+		unsigned long e = ERR_peek_last_error();
+		end(1, "cannot use the identity %s: %s", path,
+		    errno && !e ? strerror(errno) : ERR_reason_error_string(e));
+	}
+}
+
+static void tls_start(const char *host, const char *port)
+{
+	unsigned char addr[16];
+	int ip = inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
+	peer_host = host, peer_port = port;
+	snprintf(hostport, sizeof hostport, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+	for (char *p = hostport; *p; p++)
+		*p = (char)tolower((unsigned char)*p);
+	if (!(tls = SSL_new(tls_ctx)) || !SSL_set_fd(tls, sock))
+		end(1, "cannot set up TLS: %s", ERR_reason_error_string(ERR_peek_last_error()));
+	if (ip) /* an address is checked against the certificate's IP names; SNI carries names only */
+		X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(tls), host);
+	else if (!SSL_set1_host(tls, host) || !SSL_set_tlsext_host_name(tls, host))
+		end(1, "cannot set up TLS for %s: %s", host, ERR_reason_error_string(ERR_peek_last_error()));
+	fcntl(sock, F_SETFL, fcntl(sock, F_GETFL) | O_NONBLOCK);
+	xp = &tls_transport;
+	securing = 1;
+	hs_deadline = now_ms() + (timeout_s ? timeout_s : HANDSHAKE_S) * 1000;
+}
+
+static void secured(void)
+{
+	securing = 0;
+	chatting = 1;
+	tls_want = POLLIN;
+	tls_more = 1; /* the server's first lines may have come with the handshake */
+	grace_end = now_ms() + GRACE_MS;
+}
+
+/* Where a remembered certificate for hostport is: 1 it is fp, 0 none, -1 another (*line, old). */
+static int known_lookup(const char *fp, int *line, char old[65])
+{
+	char buf[1024];
+	int n = 0, found = 0;
+	FILE *f = fopen(known_file, "r");
+	if (!f)
+		return 0;
+	while (fgets(buf, sizeof buf, f)) {
+		char *name, *key, *save, k[65];
+		n++;
+		if (!(name = strtok_r(buf, " \t\r\n", &save)) || name[0] == '#' || !(key = strtok_r(NULL, " \t\r\n", &save)))
+			continue;
+		if (strcasecmp(name, hostport) != 0 || !parse_fp(key, k)) /* host names ignore case */
+			continue;
+		if (strcmp(k, fp) == 0) {
+			fclose(f);
+			return 1;
+		}
+		if (!found) {
+			found = n;
+			memcpy(old, k, sizeof k);
+		}
+	}
+	fclose(f);
+	*line = found;
+	return found ? -1 : 0;
+}
+
+static void known_add(void)
+{
+	int fd;
+	make_parents(known_file);
+	fd = open(known_file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	if (fd < 0 || dprintf(fd, "%s SHA256:%s\n", hostport, server_fp) < 0)
+		say("(could not remember it in %s: %s)", known_file, strerror(errno));
+	else
+		say("Remembered %s as SHA256:%s in %s.", hostport, server_fp, known_file);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* The handshake is done: is this the server we meant? */
+static void check_server(void)
+{
+	X509 *cert = SSL_get0_peer_certificate(tls);
+	char old[65];
+	int line = 0, k;
+	const char *what;
+	if (!cert)
+		end(1, "%s port %s presented no certificate", peer_host, peer_port);
+	fingerprint(cert, server_fp);
+	if (pin[0]) {
+		if (strcmp(server_fp, pin) != 0)
+			end(1, "%s port %s presented certificate SHA256:%s, not the pinned SHA256:%s: refusing to connect",
+			    peer_host, peer_port, server_fp, pin);
+		secured();
+		return;
+	}
+	if (!v_untrusted) { /* a CA we trust vouches for it: then every check must pass */
+		if (v_hostname)
+			end(1, "cannot verify %s port %s: its certificate is not for the name %s (hostname mismatch)",
+			    peer_host, peer_port, peer_host);
+		if (v_other)
+			end(1, "cannot verify %s port %s: %s", peer_host, peer_port, X509_verify_cert_error_string(v_other));
+		secured();
+		return;
+	}
+	/* No CA vouches for it: it is known by its fingerprint, as SSH knows hosts. */
+	config_path("known_hosts", known_file, sizeof known_file);
+	k = known_lookup(server_fp, &line, old);
+	if (k > 0) {
+		secured();
+		return;
+	}
+	if (k < 0) {
+		fprintf(stderr,
+			"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+			"@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n"
+			"@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n"
+			"IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n"
+			"Someone could be listening to you right now (a man-in-the-middle attack),\n"
+			"or the server's certificate has just been changed.\n"
+			"The certificate remembered for %s is\n  SHA256:%s\n"
+			"and the server presented\n  SHA256:%s\n"
+			"If you know why it changed, delete line %d of %s (or pass --pin).\n",
+			hostport, old, server_fp, line, known_file);
+		end(1, "the certificate of %s has changed (%s:%d): refusing to connect", hostport, known_file, line);
+	}
+	what = v_untrusted == X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT ? "a self-signed certificate"
+									 : "a certificate from an unknown CA";
+	if (!ui.tty)
+		end(1, "cannot verify %s port %s: %s (%s), SHA256:%s; not at a terminal to ask: "
+		    "pass --pin SHA256:%s if that is the server's, or --ca FILE",
+		    peer_host, peer_port, what, X509_verify_cert_error_string(v_untrusted), server_fp, server_fp);
+	say("The authenticity of %s can't be established: it presented %s.", hostport, what);
+	say("Its fingerprint is SHA256:%s", server_fp);
+	ui.prompt = "Are you sure you want to trust it and remember it (yes/no)? ";
+	securing = 2;
+}
+
+/* One step of the handshake, when the socket is ready for it. */
+static void handshake(void)
+{
+	int r, e, reason;
+	unsigned long err;
+	ERR_clear_error();
+	errno = 0;
+	r = SSL_connect(tls);
+	if (r == 1) {
+		check_server();
+		return;
+	}
+	e = SSL_get_error(tls, r);
+	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+		hs_want = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
+		return;
+	}
+	tls_broken = 1;
+	err = ERR_peek_last_error();
+	reason = ERR_GET_REASON(err);
+	if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0) ||
+	    reason == SSL_R_UNEXPECTED_EOF_WHILE_READING)
+		end(1, "%s port %s closed the connection during the TLS handshake", peer_host, peer_port);
+	if (e == SSL_ERROR_SYSCALL)
+		end(1, "TLS handshake with %s port %s failed: %s", peer_host, peer_port, strerror(errno));
+	if (reason == SSL_R_WRONG_VERSION_NUMBER || reason == SSL_R_PACKET_LENGTH_TOO_LONG ||
+	    reason == SSL_R_RECORD_LENGTH_MISMATCH || reason == SSL_R_HTTP_REQUEST ||
+	    reason == SSL_R_UNKNOWN_PROTOCOL || reason == SSL_R_WRONG_SSL_VERSION)
+		end(1, "%s port %s does not speak TLS (is it a plain chat port?)", peer_host, peer_port);
+	end(1, "TLS handshake with %s port %s failed: %s", peer_host, peer_port,
+	    err ? ERR_reason_error_string(err) : "unknown error");
+}
+
+/* The answer to the trust question. */
+static void confirm(const char *line)
+{
+	if (strcasecmp(line, "yes") == 0) {
+		ui.prompt = NULL;
+		known_add();
+		secured();
+	} else if (strcasecmp(line, "no") == 0) {
+		end(1, "%s not trusted: not connecting", hostport);
+	} else {
+		ui.prompt = "Please type 'yes' or 'no': ";
+	}
 }
 
 /* -- the keyboard: a line editor on a terminal, plain lines from a pipe or file ------------------ */
@@ -631,6 +1135,10 @@ static int is_quit(const char *s, size_t n)
 static void on_input(char *line, size_t n, int overflow)
 {
 	long chars;
+	if (securing) {
+		confirm(line);
+		return;
+	}
 	if (!handle[0]) {
 		if (overflow || !valid_handle(line, n)) {
 			say("A handle is 1 to 10 characters, with no spaces, no '>' and no control characters.");
@@ -740,7 +1248,7 @@ static void on_key(unsigned char c)
 /* May typed input be taken now? From a pipe, lines wait there until it is the user's turn. */
 static int accepting(void)
 {
-	return asked && (ui.tty || room || my_turn || !handle[0]);
+	return (asked || securing == 2) && (ui.tty || room || my_turn || !handle[0]);
 }
 
 /* Ctrl-Z: the terminal as it was, stop; when continued, our mode again and the input redrawn. */
@@ -792,9 +1300,29 @@ int main(int argc, char **argv)
 			fputs(usage_text, stdout);
 			end(0, NULL);
 		}
+	enum { TLS = 256, CA, PIN, IDENTITY, NO_IDENTITY };
+	static const struct option longs[] = {
+		{"tls", no_argument, NULL, TLS},
+		{"ca", required_argument, NULL, CA},
+		{"pin", required_argument, NULL, PIN},
+		{"identity", required_argument, NULL, IDENTITY},
+		{"no-identity", no_argument, NULL, NO_IDENTITY},
+		{NULL, 0, NULL, 0},
+	};
 	opterr = 0;
-	while ((opt = getopt(argc, argv, "+ht:")) != -1) {
-		if (opt == 'h') {
+	while ((opt = getopt_long(argc, argv, "+ht:", longs, NULL)) != -1) {
+		if (opt == TLS) {
+			use_tls = 1;
+		} else if (opt == CA) {
+			ca_file = optarg;
+		} else if (opt == PIN) {
+			if (!parse_fp(optarg, pin))
+				end(2, "--pin '%s' is not SHA256: and 64 hex digits", optarg);
+		} else if (opt == IDENTITY) {
+			identity_file = optarg;
+		} else if (opt == NO_IDENTITY) {
+			no_identity = 1;
+		} else if (opt == 'h') {
 			fputs(usage_text, stdout);
 			end(0, NULL);
 		} else if (opt == 't') {
@@ -804,10 +1332,18 @@ int main(int argc, char **argv)
 				end(2, "-t '%s' is not a number of seconds (1-1000000)", optarg);
 		} else if (optopt == 't') {
 			end(2, "-t needs a number of seconds");
+		} else if (optopt >= CA && optopt <= IDENTITY) {
+			end(2, "%s needs %s", argv[optind - 1], optopt == PIN ? "SHA256:HEX" : "a FILE");
+		} else if (optopt == 0) {
+			end(2, "unknown option '%s'", argv[optind - 1]);
 		} else {
 			end(2, "unknown option '-%c'", optopt);
 		}
 	}
+	if (!use_tls && (ca_file || pin[0] || identity_file || no_identity))
+		end(2, "--ca, --pin, --identity and --no-identity go with --tls");
+	if (identity_file && no_identity)
+		end(2, "--identity and --no-identity contradict each other");
 	if (argc - optind < 2)
 		end(2, argc == optind ? "missing HOST and PORT" : "missing PORT");
 	if (argc - optind > 2)
@@ -840,16 +1376,23 @@ int main(int argc, char **argv)
 	if (ui.tty)
 		sigaction(SIGTSTP, &sa, NULL);
 
+	if (use_tls)
+		tls_setup();
 	printf("Connecting to %s port %s\n", host, port);
 	fflush(stdout);
 	sock = dial(host, port);
-	chatting = 1;
-	long long grace_end = now_ms() + GRACE_MS; /* a busy refusal comes at once */
+	if (use_tls)
+		tls_start(host, port); /* chatting once the server is verified */
+	else
+		chatting = 1;
+	grace_end = now_ms() + GRACE_MS; /* a busy refusal comes at once */
 
 	for (;;) {
 		long long now = now_ms();
-		int wait = -1;
-		if (!asked && now >= grace_end) {
+		int wait = -1, held_back;
+		if (securing == 1) /* each step as soon as the socket allows, first the ClientHello */
+			handshake();
+		if (!asked && !securing && now >= grace_end) {
 			asked = 1;
 			ui.prompt = ask_handle;
 		}
@@ -858,8 +1401,15 @@ int main(int argc, char **argv)
 			show_input();
 		fflush(stdout);
 
-		if (!asked)
+		if (!asked && !securing)
 			wait = (int)(grace_end - now);
+		if (securing == 1) {
+			long long left = hs_deadline - now;
+			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
+		}
+		held_back = !securing && xp->pending();
+		if (held_back)
+			wait = 0; /* received already, but poll() will not say so */
 		if (pending(&fr)) {
 			long long left = fr.last + QUIET_MS - now;
 			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
@@ -869,7 +1419,7 @@ int main(int argc, char **argv)
 			wait = left < 0 ? 0 : wait < 0 || left < wait ? (int)left : wait;
 		}
 		struct pollfd fds[3] = {
-			{sock, POLLIN, 0},
+			{securing == 2 ? -1 : sock, securing ? hs_want : xp->events(), 0},
 			{accepting() && inpos == inlen && !in_eof ? STDIN_FILENO : -1, POLLIN, 0},
 			{wake[0], POLLIN, 0},
 		};
@@ -880,7 +1430,10 @@ int main(int argc, char **argv)
 			suspend();
 		if (n < 0 && err != EINTR)
 			end(1, "poll: %s", strerror(err));
-		if (n > 0 && fds[0].revents)
+		if (securing == 1 && now_ms() >= hs_deadline)
+			end(1, "TLS handshake with %s port %s timed out after %ld s (is it a TLS port?)", host, port,
+			    timeout_s ? timeout_s : HANDSHAKE_S);
+		if (!securing && ((n > 0 && fds[0].revents) || held_back))
 			receive();
 		frame_quiet(&fr, now_ms(), 0);
 		drain();
