@@ -77,3 +77,39 @@ def test_in_1to1_a_bound_handle_from_a_plain_client_is_recorded_and_marked(start
     assert [(r["handle"], r["verified"], r["transport"]) for r in rows] == [("bob", 1, "tls"), (None, 0, "tcp")]
     note = db_dicts(server.db, "SELECT note FROM messages WHERE text = 'I am bob too'")[0]["note"]
     assert "belongs to a verified user" in note
+
+
+def test_chatclient_over_tls_to_the_real_server_pins_it_and_owns_its_handle(start_server, chatclient, tmp_path):
+    """The real client: --tls --pin as the banner prints it; its own identity (made on first
+    use) binds its handle; a second identity cannot take it."""
+    import os
+
+    import pexpect
+
+    server = start_server("--room", "--tls-port", "0")
+    port = tls_port(server)
+    command = re.search(r"\./chatclient --tls --pin (SHA256:[0-9a-f]+) 127\.0\.0\.1 (\d+)", server.output)
+    assert command and int(command.group(2)) == port
+
+    def client(home, handle):
+        env = dict(os.environ, TERM="xterm", HOME=str(home), XDG_CONFIG_HOME=str(home / "config"))
+        p = pexpect.spawn(str(chatclient), ["--tls", "--pin", command.group(1), "127.0.0.1", str(port)],
+                          env=env, encoding="utf-8", timeout=10)
+        p.expect_exact("What would you like your chat handle to be> ")
+        p.sendline(handle)
+        return p
+
+    owner = client(tmp_path / "owner", "alice")
+    owner.sendline("hello from alice")
+    server.wait_for("alice>hello from alice")
+    rows = db_dicts(server.db, "SELECT transport, verified, cert_fingerprint FROM participants WHERE handle = 'alice'")
+    assert rows and rows[0]["transport"] == "tls" and rows[0]["verified"] == 1 and rows[0]["cert_fingerprint"]
+    owner.sendline("\\quit")
+    owner.expect(pexpect.EOF)
+    server.wait_for(r"alice \(.*\) left")
+    other = client(tmp_path / "other", "alice")
+    other.sendline("I am alice too")
+    other.expect("belongs to another certificate")
+    server.wait_for("belongs to another certificate")
+    other.sendline("\\quit")
+    other.expect(pexpect.EOF)
