@@ -21,6 +21,11 @@ Usage (one scenario alone):
   python bench/roomload.py slow       --server ncat [--clients 50 --rate 10 --size 450 --seconds 20]
   python bench/roomload.py crowd      --server relay [--clients 10000]
   python bench/roomload.py resets     --server ncat [--clients 20 --resets 500]
+  python bench/roomload.py idle       --server chatlog [--clients 1000]   (server RSS per idle client)
+
+--tls (chatlog only): the server gets `--tls-port 0` and every client speaks TLS to that port
+(Python's ssl, non-blocking, verifying the server's self-signed certificate as the only CA; full
+handshakes, no resumption). The plain path is the same code as without it.
 """
 
 import argparse
@@ -35,6 +40,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import ssl
 import socket
 import sqlite3
 import struct
@@ -187,13 +193,18 @@ def chatlog_has_room():
     return "--room" in r.stdout
 
 
-def start_chatlog(_max_conns, db, extra=()):
+def start_chatlog(_max_conns, db, extra=(), tls=False):
+    """tls: a TLS listener beside the plain one (`--tls-port 0`); the server's port is then the
+    TLS one, and its self-signed certificate is made beside the database."""
     if not chatlog_has_room():
         raise Unavailable("no serve --room yet")
+    if tls:
+        extra = (*extra, "--tls-port", "0")
     # The console goes to a pipe read by its own process: the banner line is passed on, the rest
     # discarded, so the generator's process spends nothing on it.
+    pattern = "TLS on port " if tls else "port "
     console = subprocess.Popen(
-        ["sh", "-c", 'while IFS= read -r l; do case $l in *"port "*) printf "%s\\n" "$l"; '
+        ["sh", "-c", f'while IFS= read -r l; do case $l in *"{pattern}"*) printf "%s\\n" "$l"; '
          'exec cat >/dev/null;; esac; done'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
@@ -230,9 +241,17 @@ def stored_lines(db, run):
 class Target:
     """Starts and stops one kind of server for a scenario (chatlog gets a fresh database)."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, tls=False):
+        if tls and kind != "chatlog":
+            raise Unavailable("--tls: chatlog only")
         self.kind = kind
+        self.tls = tls
         self.tmp = None
+        self.tls_context = None  # the clients' ssl context once a TLS server started
+
+    def load(self, server, timing=False):
+        """The scenario's clients: TLS ones against a TLS server."""
+        return Load(server.port, timing=timing, tls=self.tls_context)
 
     def __enter__(self):
         return self
@@ -245,14 +264,84 @@ class Target:
         if self.kind == "relay":
             return start_relay(max_conns)
         self.tmp = tempfile.TemporaryDirectory(prefix="chatlog-bench-")
-        return start_chatlog(max_conns, Path(self.tmp.name) / "room.db", ("--rate", "0") if unlimited else ())
+        db = Path(self.tmp.name) / "room.db"
+        server = start_chatlog(max_conns, db, ("--rate", "0") if unlimited else (), tls=self.tls)
+        if self.tls:
+            self.tls_context = client_context(db.with_name("chatlog-tls-cert.pem"))
+        return server
 
     def __exit__(self, *exc):
         if self.tmp:
             self.tmp.cleanup()
 
 
+def client_context(cafile):
+    """A verifying client context with the server's self-signed certificate as the only CA."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    return ctx
+
+
 # --------------------------------------------------------------------------------------- clients
+
+class TlsSock:
+    """A non-blocking TLS client socket that reads and writes as a plain one does for Load:
+    want-read/want-write come out as BlockingIOError, and a read takes what OpenSSL already holds
+    (`pending()`: it does not wake the selector) and every record the kernel has, up to `size`."""
+
+    __slots__ = ("s", "handshaking")
+
+    def __init__(self, s):
+        self.s = s
+        self.handshaking = True
+
+    def fileno(self):
+        return self.s.fileno()
+
+    def handshake(self):
+        """One step: None (done), or the selector events it waits on."""
+        try:
+            self.s.do_handshake()
+        except ssl.SSLWantReadError:
+            return EVENT_READ
+        except ssl.SSLWantWriteError:
+            return EVENT_READ | EVENT_WRITE
+        self.handshaking = False
+        return None
+
+    def recv(self, size):
+        s = self.s
+        try:
+            data = s.recv(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+        if not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < size:
+            try:
+                more = s.recv(min(size - got, max(s.pending(), 16384)))
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError:
+                break  # seen again at the next read
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts) if len(parts) > 1 else data
+
+    def send(self, data):
+        if self.handshaking:
+            raise BlockingIOError
+        try:
+            return self.s.send(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+
+    def close(self):
+        self.s.close()
+
 
 class Client:
     __slots__ = ("id", "sock", "buf", "out", "greeted", "count", "closed", "reader", "mask", "strict", "intact")
@@ -272,8 +361,11 @@ class Client:
 class Load:
     """The clients of one scenario and the event loop that drives them."""
 
-    def __init__(self, port, timing=False):
+    def __init__(self, port, timing=False, tls=None):
         self.port = port
+        self.tls = tls  # an ssl.SSLContext: every client speaks TLS
+        if tls is not None:  # the plain path's methods stay as they are
+            self._read, self._flush = self._tls_read, self._tls_flush
         self.sel = selectors.EpollSelector()
         self.clients = []
         self.run = secrets.token_hex(4)
@@ -315,6 +407,10 @@ class Load:
             if err not in (0, errno.EINPROGRESS):
                 c.closed = True
                 s.close()
+            elif self.tls is not None:
+                c.sock = TlsSock(self.tls.wrap_socket(s, server_hostname="127.0.0.1", do_handshake_on_connect=False))
+                c.mask = EVENT_READ | EVENT_WRITE  # writable: connected, the ClientHello goes out
+                self.sel.register(c.sock, c.mask, c)
             elif reader:
                 c.mask = EVENT_READ
                 self.sel.register(s, EVENT_READ, c)
@@ -374,6 +470,31 @@ class Load:
         del c.out[:n]
         if not c.out:
             self._want(c, EVENT_READ if c.reader else 0)
+
+    def _tls_step(self, c):
+        """Go on with a TLS client's handshake: True once it is done."""
+        try:
+            wait = c.sock.handshake()
+        except (ssl.SSLError, OSError):
+            self.close(c)
+            return False
+        if wait is None:
+            self._want(c, (EVENT_READ if c.reader else 0) | (EVENT_WRITE if c.out else 0))
+            return True
+        self._want(c, wait)
+        return False
+
+    def _tls_flush(self, c):
+        if c.sock.handshaking:
+            if self._tls_step(c) and c.out:
+                Load._flush(self, c)
+            return
+        Load._flush(self, c)
+
+    def _tls_read(self, c):
+        if c.sock.handshaking and not self._tls_step(c):
+            return
+        Load._read(self, c)
 
     def _read(self, c):
         try:
@@ -520,7 +641,7 @@ def _drain(load, expected, quiet=3.0, limit=15.0):
 def fanout(target, clients=200, rate=2.0, seconds=20.0, size=0):
     """N clients each sending `rate` lines a second; every other client times every line."""
     server = target.start(clients + 10)
-    load = Load(server.port, timing=True)
+    load = target.load(server, timing=True)
     load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     cs = []
@@ -551,7 +672,7 @@ def throughput(target, listeners=100, lines=20000, size=0):
     (a line counts once its run tag arrives: bytes.count, C speed). The first listener also checks
     every line whole, to its newline, and reports how many were: `intact_on_checked`."""
     server = target.start(listeners + 10, unlimited=True)
-    load = Load(server.port)
+    load = target.load(server)
     load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     ls = []
@@ -585,7 +706,7 @@ def slow(target, clients=50, rate=10.0, size=450, seconds=20.0):
     seconds rather than minutes); the others send `rate` lines a second of `size` bytes and time
     them. Returns what the others did not get."""
     server = target.start(clients + 10)
-    load = Load(server.port, timing=True)
+    load = target.load(server, timing=True)
     load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     mute = load.open(1, reader=False, rcvbuf=4096)[0]
@@ -624,7 +745,7 @@ def crowd(target, clients=10000, batch=None, per_addr=100, connect_limit=180.0):
     """`clients` concurrent clients, connected in batches of `batch` (each batch waits for its
     greetings), source addresses spread over 127.0.0.2+ (`per_addr` each); then one line to all."""
     server = target.start(clients + 10)
-    load = Load(server.port)
+    load = target.load(server)
     load.server = server
     load.coalesce = 0.005
     t0, cpu0 = time.monotonic(), cpu_seconds()
@@ -669,7 +790,7 @@ def resets(target, clients=20, resets=500):
     once, back to back, as a port scanner or a crashing client does; then one line to all.
     `ncat --chat` exits when a reset lands between its accept() and its getpeername()."""
     server = target.start(clients + resets + 10)
-    load = Load(server.port)
+    load = target.load(server)
     load.server = server
     t0, cpu0 = time.monotonic(), cpu_seconds()
     cs = []
@@ -701,13 +822,43 @@ def resets(target, clients=20, resets=500):
     return _finish(load, server, res, cpu0, t0)
 
 
-SCENARIOS = {"fanout": fanout, "throughput": throughput, "slow": slow, "crowd": crowd, "resets": resets}
+def idle(target, clients=1000, per_addr=100, warm=BATCH):
+    """The server's resident memory per idle client: `warm` clients first (the first connections
+    load libraries and grow the heap), its VmRSS, then `clients` more that join and stay silent,
+    its VmRSS again once the join notices have drained: (after - before) / clients."""
+    server = target.start(clients + warm + 10)
+    load = target.load(server)
+    load.server = server
+    t0, cpu0 = time.monotonic(), cpu_seconds()
+    first = load.open(warm, per_addr=per_addr)
+    load.join(first, 15)
+    load.loop(lambda: False, time.monotonic() + 1)
+    before = server.status("VmRSS")
+    cs = []
+    while len(cs) < clients:
+        b = load.open(min(BATCH, clients - len(cs)), per_addr=per_addr)
+        cs += b
+        if not b or load.join(b, 15) < len(b):
+            break
+    load.loop(lambda: False, time.monotonic() + 2)  # the last join notices read, queues empty
+    after = server.status("VmRSS")
+    joined = sum(c.greeted and not c.closed for c in cs)
+    res = {"clients": clients, "joined": joined, "rss_before_mb": before and round(before, 1),
+           "rss_after_mb": after and round(after, 1),
+           "kb_per_client": round((after - before) * 1024 / joined, 1) if before and after and joined else None,
+           "relayed": 0}
+    return _finish(load, server, res, cpu0, t0)
 
 
-def run(scenario, server, **kw):
-    """Run one scenario against one server kind; raises Unavailable when it cannot run."""
+SCENARIOS = {"fanout": fanout, "throughput": throughput, "slow": slow, "crowd": crowd, "resets": resets,
+             "idle": idle}
+
+
+def run(scenario, server, tls=False, **kw):
+    """Run one scenario against one server kind (tls: chatlog's TLS port, TLS clients); raises
+    Unavailable when it cannot run."""
     raise_fd_limit()
-    with Target(server) as t:
+    with Target(server, tls=tls) as t:
         return SCENARIOS[scenario](t, **kw)
 
 
@@ -716,6 +867,7 @@ def main():
     ap.add_argument("scenario", choices=SCENARIOS)
     ap.add_argument("--server", choices=("chatlog", "ncat", "relay"), default="ncat")
     ap.add_argument("--chatlog", metavar="PATH", help="the chatlog command to run [default: this venv's]")
+    ap.add_argument("--tls", action="store_true", help="TLS clients against chatlog's --tls-port")
     for name, typ in (("clients", int), ("listeners", int), ("lines", int), ("rate", float), ("size", int),
                       ("seconds", float), ("batch", int), ("per-addr", int), ("resets", int)):
         ap.add_argument(f"--{name}", type=typ)
@@ -723,9 +875,9 @@ def main():
     if a.chatlog:
         CHATLOG[0] = a.chatlog
     kw = {k.replace("-", "_"): v for k, v in vars(a).items()
-          if v is not None and k not in ("scenario", "server", "chatlog")}
+          if v is not None and k not in ("scenario", "server", "chatlog", "tls")}
     try:
-        print(json.dumps(run(a.scenario, a.server, **kw), indent=1))
+        print(json.dumps(run(a.scenario, a.server, tls=a.tls, **kw), indent=1))
     except Unavailable as exc:
         print(f"n/a: {exc}", file=sys.stderr)
         sys.exit(2)

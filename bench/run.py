@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gen  # noqa: E402
 import logcost  # noqa: E402
 import roomload  # noqa: E402
+import tlscost  # noqa: E402
 import turns  # noqa: E402
 from common import (  # noqa: E402
     CHATLOG, DATA, QUICK, VENV_BIN, Missing, has_command, median_spread, peak_rss_and_lines, run_timed,
@@ -234,7 +235,7 @@ def memory():
 
 def room_run(scenario, server, **kw):
     """One room scenario against one server: its result, or the reason it could not run."""
-    print(f"  room {scenario} against {server} ...", file=sys.stderr, flush=True)
+    print(f"  room {scenario} against {server}{' over TLS' if kw.get('tls') else ''} ...", file=sys.stderr, flush=True)
     try:
         r = roomload.run(scenario, server, **kw)
     except roomload.Unavailable as exc:
@@ -398,7 +399,92 @@ def room_rows(res, secs):
         "ncat stores nothing", "", "equal, always", not unequal)
 
 
-FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "startup", "memory", "room")
+def tls():
+    """What TLS costs, each figure against plain in the same run: connections (a full handshake
+    each) per second, the 1:1 turn, the room's paced fan-out, memory per idle client, and the room
+    holding a crowd of TLS clients (target: all get the line, peak RSS < 500 MB)."""
+    if not turns.serve_has_option("--tls-port"):
+        return missing("TLS", "(the cost of TLS)", "no serve --tls-port yet")
+    n = 200 if QUICK else 500
+    for parallel in (1, 4):
+        plain, secure = [], []
+        for _ in range(3):  # interleaved
+            plain.append(tlscost.connections(n, parallel, tls=False))
+            secure.append(tlscost.connections(n, parallel, tls=True))
+        a, a_med = spread([r["per_s"] for r in secure])
+        b, b_med = spread([r["per_s"] for r in plain])
+        failed = sum(r["failed"] for r in secure + plain)
+        cpu = spread([r["server_cpu_ms_each"] or 0 for r in secure], "{:.2f}")[0]
+        pcpu = spread([r["server_cpu_ms_each"] or 0 for r in plain], "{:.2f}")[0]
+        row(f"TLS: connections/s to the room's greeting, {n} x 3 runs, {parallel} at a time",
+            f"{a}; server {cpu} ms CPU each", f"{b} plain; server {pcpu} ms CPU each", f"{a_med / b_med:.2f}",
+            "(the cost of a handshake)" + (f"; {failed} failed" if failed else ""), "")
+
+    k = 2000 if QUICK else 20_000
+    plain, secure = [], []
+    for _ in range(3):
+        plain.append(turns.chatlog_turns(k)[0])
+        secure.append(turns.chatlog_turns(k, tls=True)[0])
+    a, a_med = spread([r["turns_per_s"] for r in secure])
+    b, b_med = spread([r["turns_per_s"] for r in plain])
+    row(f"TLS: 1:1 turns/s ({k:,} turns, 3 runs)", a, f"{b} plain", f"{a_med / b_med:.2f}", "(the cost of TLS)", "")
+    a, a_med = spread([r["p99_us"] for r in secure])
+    b, b_med = spread([r["p99_us"] for r in plain])
+    row("TLS: 1:1 turn latency p99, us", a, f"{b} plain", f"{a_med / b_med:.2f}", "", "")
+
+    secs = 5 if QUICK else 20
+    res = {}
+    for _ in range(3 if not QUICK else 1):
+        for flag in (False, True):
+            r = room_run("fanout", "chatlog", tls=flag, clients=200, rate=2, seconds=secs)
+            res.setdefault(flag, []).append(r)
+
+    def fan(rs):
+        ok = [r for r in rs if isinstance(r, dict)]
+        if not ok:
+            return f"n/a ({rs[0]})", None
+        bad = [r for r in ok if r["delivered"] != r["expected"] or r["joined"] != r["clients"] or not r["sent"]]
+        text, med = spread([r["p99_ms"] for r in ok], "{:.1f}")
+        p50 = spread([r["p50_ms"] for r in ok], "{:.1f}")[0]
+        return f"p99 {text} ms, p50 {p50}" + (f"; {len(bad)} of {len(ok)} runs incomplete" if bad else ", complete"), med
+
+    (a, a_med), (b, b_med) = fan(res[True]), fan(res[False])
+    row(f"TLS: room 200 clients x 2 lines/s, {secs} s, {len(res[True])} runs", a, f"{b} plain",
+        f"{a_med / b_med:.2f}" if a_med and b_med else "", "(the cost of TLS)", "")
+
+    m = 300 if QUICK else 1000
+    idle = {False: [], True: []}
+    for _ in range(1 if QUICK else 3):
+        for flag in (False, True):
+            idle[flag].append(room_run("idle", "chatlog", tls=flag, clients=m))
+
+    def per(rs):
+        ok = [r["kb_per_client"] for r in rs if isinstance(r, dict) and r["kb_per_client"] is not None]
+        if not ok:
+            return f"n/a ({rs[0]})", None
+        text, med = spread(ok, "{:.1f}")
+        return f"{text} KB", med
+
+    (a, a_med), (b, b_med) = per(idle[True]), per(idle[False])
+    row(f"TLS: server RSS per idle client, {m:,} clients, {len(idle[True])} runs", a, f"{b} plain",
+        f"+{a_med - b_med:.1f} KB" if a_med is not None and b_med is not None else "", "(the cost of TLS)", "")
+
+    c = 2_000 if QUICK else 10_000
+    crowd = {flag: room_run("crowd", "chatlog", tls=flag, clients=c) for flag in (False, True)}
+
+    def held(r):
+        if _na(r):
+            return _na(r)
+        return (f"{r['joined']:,} joined, {r['got_line']:,} of {r['of']:,} got the line; peak RSS "
+                f"{r['server_vmhwm_mb']} MB; connected in {r['connect_s']} s")
+
+    r = crowd[True]
+    row(f"TLS: room, {c:,} concurrent TLS clients, one line to all", held(r), f"{held(crowd[False])} plain", "",
+        "all get it, peak RSS < 500 MB",
+        None if _na(r) else (r["got_line"] == c - 1 and (r["server_vmhwm_mb"] or 1e9) < 500))
+
+
+FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "startup", "memory", "room", "tls")
 
 
 def main():
@@ -417,7 +503,7 @@ def main():
         ("archive", "archive queries", lambda: archive_queries(big, long_id, msgs, small, small_long, small_msgs)),
         ("stats", "stats", lambda: stats(big, msgs)),
         ("export", "export", lambda: exports(big, msgs)), ("startup", "start-up", startup), ("memory", "memory", memory),
-        ("room", "room", room),
+        ("room", "room", room), ("tls", "TLS", tls),
     ):
         if key in only:
             print(f"{name} ...", file=sys.stderr, flush=True)

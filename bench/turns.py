@@ -5,10 +5,13 @@ blocks) and the console read from a pipe by another thread.
 Baseline: a bare Python echo server in its own process (recv a line, send a line; no store, no
 console), the same loop shape.
 The client measures every turn (send to full reply) with perf_counter_ns.
+With tls=True the server also listens with `--tls-port 0` and the client speaks TLS to that port
+(Python's ssl, the server's self-signed certificate as the only CA).
 """
 
 import os
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -51,10 +54,13 @@ while True:
 """
 
 
-def drive(port, n, after_turn=None):
-    """Chat n turns; return the per-turn latencies in ns. after_turn(i) runs outside the timing."""
+def drive(port, n, after_turn=None, tls=None):
+    """Chat n turns; return the per-turn latencies in ns. after_turn(i) runs outside the timing.
+    tls: an ssl.SSLContext to speak TLS with (the handshake is done before the first turn)."""
     c = socket.create_connection(("127.0.0.1", port))
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        c = tls.wrap_socket(c, server_hostname="127.0.0.1")
     lat = []
     for i in range(n):
         t0 = time.perf_counter_ns()
@@ -93,8 +99,9 @@ def echo_turns(n, commit=False):
     return summary(lat, elapsed)
 
 
-def start_server(db, n_answers, extra=()):
-    """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port).
+def start_server(db, n_answers, extra=(), tls=False):
+    """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port);
+    with tls, `--tls-port 0` too, and the port is the TLS one.
 
     The replies come from a file through `cat` and the console goes to `cat >/dev/null` (after
     its first line, which gives the port): both in processes of their own, so the client's
@@ -104,8 +111,13 @@ def start_server(db, n_answers, extra=()):
     replies.write_bytes(b"".join(b"reply %d\n" % i for i in range(n_answers)))
     feeder = subprocess.Popen(["cat", str(replies)], stdout=subprocess.PIPE)
     err = tempfile.TemporaryFile()
+    if tls:
+        extra = (*extra, "--tls-port", "0")
+    # the banner's first line gives the port; the second, with TLS, the TLS port
+    keep = 2 if tls else 1
     console = subprocess.Popen(
-        ["sh", "-c", 'IFS= read -r first; printf "%s\\n" "$first"; exec cat >/dev/null'],
+        ["sh", "-c", f'for i in {" ".join(["x"] * keep)}; do IFS= read -r l; printf "%s\\n" "$l"; done; '
+         "exec cat >/dev/null"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     p = subprocess.Popen(
@@ -117,6 +129,8 @@ def start_server(db, n_answers, extra=()):
     console.stdin.close()
     p.helpers = (feeder, console)
     banner = console.stdout.readline().decode()
+    if tls:
+        banner = console.stdout.readline().decode()
     if "port " not in banner:  # it did not start: say why in one line, not with a traceback
         p.wait(10)
         stop(p)
@@ -134,11 +148,16 @@ def stop(p):
         helper.wait(10)
 
 
-def chatlog_turns(n, checkpoints=(), extra=()):
+def chatlog_turns(n, checkpoints=(), extra=(), tls=False):
     """Returns (summary, {turns: server RSS in MB}, messages committed). extra: more options for
-    `chatlog serve` (e.g. --fsync)."""
+    `chatlog serve` (e.g. --fsync); tls: the client speaks TLS to `--tls-port`."""
     with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
-        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints, extra)
+        return _chatlog_turns(Path(tmp) / "turns.db", n, checkpoints, extra, tls)
+
+
+def client_context(db):
+    """A verifying client context: the certificate `serve` made beside `db` is the only CA."""
+    return ssl.create_default_context(cafile=str(db.with_name("chatlog-tls-cert.pem")))
 
 
 def serve_has_option(option):
@@ -147,8 +166,8 @@ def serve_has_option(option):
     return option in r.stdout.split()
 
 
-def _chatlog_turns(db, n, checkpoints, extra=()):
-    p, port = start_server(db, n, extra)
+def _chatlog_turns(db, n, checkpoints, extra=(), tls=False):
+    p, port = start_server(db, n, extra, tls)
     rss = {}
     marks = set(checkpoints)
 
@@ -157,7 +176,7 @@ def _chatlog_turns(db, n, checkpoints, extra=()):
             rss[done] = rss_mb(p.pid)
 
     t = time.perf_counter()
-    lat = drive(port, n, sample if marks else None)
+    lat = drive(port, n, sample if marks else None, client_context(db) if tls else None)
     elapsed = time.perf_counter() - t
     stop(p)
     conn = sqlite3.connect(db)

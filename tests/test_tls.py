@@ -212,3 +212,81 @@ def test_openssl_s_client_can_chat_in_the_room(start_server):
     finally:
         p.kill()
         p.wait()
+
+
+class Ncat:
+    """`ncat --ssl 127.0.0.1 PORT` (nmap's ncat) as a user runs it: lines typed on its standard
+    input, what it prints read from its standard output. It does not verify the server unless
+    told to (--ssl-verify), as a user of a self-signed server would run it."""
+
+    def __init__(self, port):
+        self.proc = subprocess.Popen(["ncat", "--ssl", "127.0.0.1", str(port)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = b""
+
+    def type(self, line: bytes):
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+
+    def read_until(self, needle: bytes, timeout=10.0) -> bytes:
+        import select
+
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while needle not in self.out and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self.out += chunk
+        return self.out
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+needs_ncat = pytest.mark.skipif(shutil.which("ncat") is None,
+                                reason="ncat (nmap's, Debian package ncat) is not installed: .ci/run installs it")
+
+
+@needs_ncat
+def test_ncat_ssl_can_chat_in_the_room_with_a_plain_client(start_server):
+    server = start_server("--room", "--tls-port", "0")
+    port = tls_port(server)
+    plain = server.connect()
+    assert recv_until(plain, b"\n").startswith(WELCOME)
+    n = Ncat(port)
+    try:
+        assert WELCOME in n.read_until(WELCOME)  # the handshake went through: the room greets it
+        n.type(b"nora>hello from ncat\n")
+        assert recv_until(plain, b"from ncat\n").endswith(b"nora>hello from ncat\n")
+        plain.sendall(b"paul>hi nora\n")
+        assert b"paul>hi nora\n" in n.read_until(b"paul>hi nora\n")
+        row = db_dicts(server.db, "SELECT transport FROM participants WHERE handle = 'nora'")
+        assert [r["transport"] for r in row] == ["tls"]
+    finally:
+        n.stop()
+
+
+@needs_ncat
+def test_ncat_ssl_can_chat_one_to_one(start_server):
+    server = start_server("--tls-port", "0")
+    port = tls_port(server)
+    n = Ncat(port)
+    try:
+        n.type(b"nick>hello over ncat --ssl\n")
+        server.wait_for("nick>hello over ncat --ssl")
+        server.say("hi nick")
+        assert b"SERVER>hi nick\n" in n.read_until(b"SERVER>hi nick\n")
+        n.type(b"nick>and back again\n")
+        server.wait_for("nick>and back again")
+        wait_until(lambda: db_dicts(server.db, "SELECT count(*) AS n FROM messages")[0]["n"] >= 3)
+        row = db_dicts(server.db, "SELECT transport FROM sessions")[0]
+        assert row["transport"] == "tls"
+    finally:
+        n.stop()
