@@ -110,6 +110,87 @@ class Watcher:
         self.sel.close()
 
 
+class Intake:
+    """Bounded input: one read from each client with input, each taking its share of the pass's
+    lines and never more than the policy allows it (what is left stays in the kernel, or, past a
+    read's share, `held` here for the next pass), framed and reported as events."""
+
+    def __init__(self, loop: "Loop"):
+        self.loop = loop
+        self.held: set[Client] = set()  # input read but not yet taken (past a pass's share)
+
+    def read(self, clients: list[Client], now: float) -> None:
+        if not clients:
+            return
+        share = max(MIN_LINES, PASS_LINES // len(clients))
+        allowance, held = self.loop.policy.allowance, self.held
+        for c in clients:
+            if c.gone or c.paused_until is not None:
+                continue  # (at a stop too: what a paused client was refused was never taken)
+            data = c.io.read(min(share, allowance(c.id, now)))
+            if c.io.buffered:
+                held.add(c)
+            else:
+                held.discard(c)
+            if data is None:
+                if c.io.wants_write:  # (a TLS read that must write first)
+                    self.loop.watch.client(c)
+            elif data:
+                self.frames(c, c.framer.feed(data, now))
+            else:
+                self.frames(c, c.framer.flush(now))
+                self.loop._gone(c, now)
+
+    def frames(self, c: Client, frames) -> None:
+        feed = self.loop._feed
+        for frame in frames:
+            feed(Received(c.id, protocol.parse(frame), frame.at))
+
+    def quiet(self, now: float) -> None:
+        """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
+        more has arrived: after a long pass the rest of a line may be waiting in the socket, so
+        it is read first. A paused client is not quiet."""
+        clients = self.loop.clients
+        quiet = [c for c in clients.values()
+                 if c.paused_until is None and (d := c.framer.deadline()) is not None and now >= d]
+        self.read(quiet, now)
+        for c in quiet:
+            if c.id in clients:
+                self.frames(c, c.framer.flush_if_quiet(now))
+
+
+class Handshakes:
+    """TLS connections whose handshake is under way: stepped when their socket is ready or
+    their deadline passes; a failed one is said on the console (once per address and reason,
+    then counted) and closed."""
+
+    def __init__(self, loop: "Loop"):
+        self.loop = loop
+        self.clients: dict[int, Client] = {}
+
+    def add(self, c: Client) -> None:
+        self.clients[c.id] = c
+        self.loop.watch.set(c.io, selectors.EVENT_READ, ("hs", c))
+
+    def expired(self, now: float) -> list[Client]:
+        return [c for c in self.clients.values() if now >= c.io.deadline]
+
+    def step(self, c: Client, now: float):
+        """Go on with `c`'s handshake: its connection once done, else None."""
+        io, loop = c.io, self.loop
+        if not io.handshake(now):
+            loop.watch.set(io, selectors.EVENT_READ | (selectors.EVENT_WRITE if io.wants_write else 0), ("hs", c))
+            return None
+        del self.clients[c.id]
+        failures = loop.acceptor.handshake_over(io)
+        if not io.failed:
+            return io
+        loop.watch.set(io, 0, None)
+        if line := handshake_line(io, failures):
+            loop.console.write(loop.r.paint("event", line))
+        return None
+
+
 class Loop:
     def __init__(self, policy, store, listeners: list, renderer: Renderer, console: Console,
                  operator: Operator, *, echo_operator: bool = True):
@@ -122,12 +203,11 @@ class Loop:
         self.echo_operator = echo_operator
         self.watch = Watcher()
         self.clients: dict[int, Client] = {}
-        self.handshakes: dict[int, Client] = {}  # TLS clients the policy has not heard of yet
-        self._tls_failures: dict[tuple[str, str], int] = {}
+        self.tls = Handshakes(self)  # TLS clients the policy has not heard of yet
         self._next_id = 1
         self.pending: list = []
         self._bcast: list[tuple[bytes, int | None]] = []
-        self._held: set[Client] = set()  # input read but not yet taken (past a pass's share)
+        self.intake = Intake(self)
         self.finished = False
         self.failure: str | None = None  # why the store failed for good
         self.stopping: str | None = None
@@ -149,7 +229,7 @@ class Loop:
                     self.console.flush()  # this pass's console lines, before waiting again
                     self._pass()
             finally:
-                for c in [*self.clients.values(), *self.handshakes.values()]:
+                for c in [*self.clients.values(), *self.tls.clients.values()]:
                     c.io.close()
                 self.acceptor.close()
                 self.watch.close()
@@ -165,6 +245,8 @@ class Loop:
                 if mask & selectors.EVENT_WRITE and not obj.gone:
                     obj.io.flush()
                     self._after_write(obj)
+                    if obj.io.buffered:  # (a TLS read that waited for the socket to be writable)
+                        self.intake.held.add(obj)
                 if mask & selectors.EVENT_READ:
                     readable.append(obj)
             elif kind == "hs":
@@ -180,34 +262,34 @@ class Loop:
         if self.stopping is not None:
             # What was already taken is the clients' last word; what a paused client has yet to
             # send was never accepted (it is told the server shut down). One bounded read each.
-            self._read(readable + [c for c in self._held if c not in readable], now)
+            self.intake.read(readable + [c for c in self.intake.held if c not in readable], now)
             for c in list(self.clients.values()):
-                self._frames(c, c.framer.flush(now))
+                self.intake.frames(c, c.framer.flush(now))
             self._feed(Stop(self.stopping, now))
             self._carry_out()
             return
-        for c in self._held:
+        for c in self.intake.held:
             if c not in readable and c.paused_until is None:
                 readable.append(c)
-        self._read(readable, now)
-        self._quiet_frames(now)
+        self.intake.read(readable, now)
+        self.intake.quiet(now)
         deadline = self.policy.deadline()
         if deadline is not None and now >= deadline:
             # Read what has arrived before timing anyone out: after a stall (SIGSTOP, a long
             # lock wait) a message sent in time may be waiting in the socket.
-            self._read(list(self.clients.values()), now)
+            self.intake.read(list(self.clients.values()), now)
             self._feed(Tick(now))
-        for c in [c for c in self.handshakes.values() if now >= c.io.deadline]:
-            self._handshake(c, now)  # timed out
+        for c in self.tls.expired(now):
+            self._handshake(c, now)
         self._resume(now)
         self._carry_out()
         self._operator_input()
 
     def _timeout(self) -> float | None:
-        if any(c.paused_until is None for c in self._held):
+        if any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
         when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(),
-                             [c.io.deadline for c in self.handshakes.values()])
+                             [c.io.deadline for c in self.tls.clients.values()])
         return None if when is None else max(0.0, when - time.time())
 
     def _feed(self, event) -> None:
@@ -215,52 +297,12 @@ class Loop:
         if len(self.pending) >= PENDING_CHUNK and not self._carrying:
             self._carry_out()  # commits in bounded chunks
 
-    # -- reading -------------------------------------------------------------------------------
-
-    def _read(self, clients: list[Client], now: float) -> None:
-        """One read from each of `clients`, each taking its share of the pass's lines, never more
-        than the policy allows it (a paused client is not read, but at a stop)."""
-        if not clients:
-            return
-        share = max(MIN_LINES, PASS_LINES // len(clients))
-        allowance = self.policy.allowance
-        for c in clients:
-            if c.gone or c.paused_until is not None:
-                continue  # (at a stop too: what a paused client was refused was never taken)
-            data = c.io.read(min(share, allowance(c.id, now)))
-            if c.io.buffered:
-                self._held.add(c)
-            else:
-                self._held.discard(c)
-            if data is None:
-                continue
-            if data:
-                self._frames(c, c.framer.feed(data, now))
-            else:
-                self._frames(c, c.framer.flush(now))
-                self._gone(c, now)
-
-    def _frames(self, c: Client, frames) -> None:
-        for frame in frames:
-            self._feed(Received(c.id, protocol.parse(frame), frame.at))
-
-    def _quiet_frames(self, now: float) -> None:
-        """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
-        more has arrived: after a long pass the rest of a line may be waiting in the socket, so
-        it is read first. A paused client is not quiet."""
-        quiet = [c for c in self.clients.values()
-                 if c.paused_until is None and (d := c.framer.deadline()) is not None and now >= d]
-        self._read(quiet, now)
-        for c in quiet:
-            if c.id in self.clients:
-                self._frames(c, c.framer.flush_if_quiet(now))
-
     def _gone(self, c: Client, now: float) -> None:
         """The peer closed or failed: stop watching it and say so (the policy's End closes it)."""
         if c.gone:
             return
         c.gone = True
-        self._held.discard(c)
+        self.intake.held.discard(c)
         self.watch.set(c.io, 0, None)
         self._feed(Disconnected(c.id, now))
 
@@ -286,8 +328,7 @@ class Loop:
             c = Client(self._next_id, io)
             self._next_id += 1
             if io.kind == "tls":
-                self.handshakes[c.id] = c
-                self.watch.set(io, selectors.EVENT_READ, ("hs", c))
+                self.tls.add(c)
                 continue
             self.clients[c.id] = c
             self.watch.set(io, selectors.EVENT_READ, ("client", c))
@@ -298,30 +339,13 @@ class Loop:
             self.console.write(accept_line(self.r, acc.at_limit))
 
     def _handshake(self, c: Client, now: float) -> None:
-        """Go on with a TLS handshake; once done, the policy hears of the client."""
-        io = c.io
-        if io.handshake():
-            del self.handshakes[c.id]
-            self.acceptor.handshake_over(io)
+        io = self.tls.step(c, now)
+        if io is not None:  # done: the policy hears of the client
             self.clients[c.id] = c
             self.watch.client(c)
             self._feed(Connected(c.id, io.host, io.port, now, Link("tls", io.version, io.cipher, io.peer_fingerprint)))
             if io.buffered:
-                self._held.add(c)
-        elif io.failed or (io.deadline is not None and now >= io.deadline):
-            del self.handshakes[c.id]
-            self.acceptor.handshake_over(io)
-            self.watch.set(io, 0, None)
-            io.error = io.error or f"no handshake within {io.timeout:g} s"
-            io.failed = True
-            io.close()
-            key = (io.host, io.error)
-            n = self._tls_failures[key] = self._tls_failures.get(key, 0) + 1
-            line = handshake_line(io, n)
-            if line:
-                self.console.write(self.r.paint("event", line))
-        else:
-            self.watch.set(io, selectors.EVENT_READ | (selectors.EVENT_WRITE if io.wants_write else 0), ("hs", c))
+                self.intake.held.add(c)
 
     def _watch_listeners(self, on: bool) -> None:
         for lst in self.acceptor.listeners:
@@ -377,7 +401,7 @@ class Loop:
             c = self.clients.get(d.conn)
             if c is not None:
                 self._send(c, d.data)
-                self._frames(c, c.framer.spoke())  # our answer ends any padding it was sending
+                self.intake.frames(c, c.framer.spoke())  # our answer ends any padding it was sending
         elif t is End or t is Refuse:
             c = self.clients.pop(d.conn, None)
             if c is not None:
@@ -432,7 +456,7 @@ class Loop:
     def _close(self, c: Client, notice: str | None) -> None:
         """Best effort, never waiting on a client that does not read: what is queued, the notice
         and `\\quit`, then close."""
-        self._held.discard(c)
+        self.intake.held.discard(c)
         if not c.gone:
             self.watch.set(c.io, 0, None)
         c.gone = True

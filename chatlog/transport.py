@@ -228,7 +228,8 @@ class TlsConn(TcpConn):
     handed over do not wake the selector: `buffered` says so, and the loop reads again."""
 
     kind = "tls"
-    __slots__ = ("ssl", "handshaking", "deadline", "error", "version", "cipher", "peer_fingerprint", "timeout")
+    __slots__ = ("ssl", "handshaking", "deadline", "error", "version", "cipher", "peer_fingerprint", "timeout",
+                 "_read_blocked_on_write", "_retry_read")
 
     def __init__(self, sock: socket.socket, host: str, port: int, context, timeout: float):
         from OpenSSL import SSL
@@ -243,10 +244,12 @@ class TlsConn(TcpConn):
         self.version: str | None = None
         self.cipher: str | None = None
         self.peer_fingerprint: str | None = None  # the client certificate's, if it gave one
+        self._read_blocked_on_write = False  # a read needs the socket writable first (a key update)
+        self._retry_read = False
 
-    def handshake(self) -> bool:
-        """Go on with the handshake: True once done; False while it waits on the peer (or
-        failed: `error` says why, and `failed` is set)."""
+    def handshake(self, now: float) -> bool:
+        """Go on with the handshake: True once it is over, done or failed (then `failed` is set
+        and `error` says why, the deadline passing included); False while it waits on the peer."""
         from OpenSSL import SSL
 
         from chatlog.tls import fingerprint_der, ssl_words
@@ -254,19 +257,23 @@ class TlsConn(TcpConn):
         try:
             self.ssl.do_handshake()
         except (SSL.WantReadError, SSL.WantWriteError):
+            if self.deadline is not None and now >= self.deadline:
+                self.failed = True
+                self.error = f"no handshake within {self.timeout:g} s"
+                return True
             return False
         except SSL.SysCallError as exc:
             self.failed = True
             self.error = "the client closed the connection" if exc.args and exc.args[0] in (-1, 0) else (
                 exc.args[1] if len(exc.args) > 1 else "connection error")
-            return False
+            return True
         except SSL.Error as exc:
             self.failed = True
             words = ssl_words(exc)
             self.error = "not TLS (plain text on the TLS port?)" if any(
                 w in words for w in ("wrong version number", "http request", "unknown protocol", "packet length too long")
             ) else words
-            return False
+            return True
         self.handshaking = False
         self.deadline = None
         self.version = self.ssl.get_protocol_version_name()
@@ -280,18 +287,29 @@ class TlsConn(TcpConn):
 
     @property
     def buffered(self) -> bool:
-        return bool(self._held) or (not self.handshaking and not self.failed and self.ssl.pending() > 0)
+        return bool(self._held) or self._retry_read or (
+            not self.handshaking and not self.failed and self.ssl.pending() > 0)
 
     @property
     def wants_write(self) -> bool:
-        return self.backlog > 0 or (self.handshaking and self.ssl.want_write())
+        return self.backlog > 0 or self._read_blocked_on_write or (self.handshaking and self.ssl.want_write())
+
+    def flush(self) -> None:
+        if self._read_blocked_on_write:  # writable again: the read that needed it can go on
+            self._read_blocked_on_write = False
+            self._retry_read = True
+        super().flush()
 
     def _recv(self) -> bytes | None:
         from OpenSSL import SSL
 
+        self._retry_read = False
         try:
             return self.ssl.recv(RECV_SIZE)
-        except (SSL.WantReadError, SSL.WantWriteError):
+        except SSL.WantReadError:
+            return None
+        except SSL.WantWriteError:
+            self._read_blocked_on_write = True
             return None
         except SSL.ZeroReturnError:
             return b""
@@ -310,8 +328,15 @@ class TlsConn(TcpConn):
             raise OSError(str(exc)) from None
 
     def _sendv(self, parts: list) -> int:
-        data = parts[0] if len(parts) == 1 else b"".join(parts[:16])
-        return self._send(data)
+        if len(parts) == 1:
+            return self._send(parts[0])
+        data, size = [], 0
+        for part in parts:  # up to a few TLS records' worth in one write
+            data.append(part)
+            size += len(part)
+            if size >= RECV_SIZE:
+                break
+        return self._send(b"".join(data))
 
     def _finish(self) -> None:
         try:
@@ -379,6 +404,7 @@ class Acceptor:
     def __init__(self, listeners: list[Listener]):
         self.listeners = listeners
         self.handshaking: dict[str, int] = {}  # address -> TLS handshakes under way
+        self.failures: dict[tuple[str, str], int] = {}  # (address, why) -> failed handshakes
         self.paused_until: float | None = None
         self.at_limit: str | None = None  # why accepting stopped (the system's words), until it works again
         self._backoff = self.BACKOFF[0]
@@ -409,12 +435,20 @@ class Acceptor:
             out.append(conn)
         return out
 
-    def handshake_over(self, conn) -> None:
+    def handshake_over(self, conn) -> int:
+        """A handshake ended; a failed one is closed and counted. Returns how many have failed
+        from that address for that reason (0 when this one succeeded)."""
         n = self.handshaking.get(conn.host, 1) - 1
         if n > 0:
             self.handshaking[conn.host] = n
         else:
             self.handshaking.pop(conn.host, None)
+        if not conn.failed:
+            return 0
+        conn.close()
+        key = (conn.host, conn.error or "")
+        self.failures[key] = failed = self.failures.get(key, 0) + 1
+        return failed
 
     def resume(self, now: float) -> bool:
         """True when a pause has just run out (watch the listeners again)."""
