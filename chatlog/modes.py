@@ -69,9 +69,12 @@ class _Store:
             results[writes[0]] = self._write(batch[writes[0]])
         elif writes:
             with self.recorder.transaction():
-                for i in writes:
-                    results[i] = self._write(batch[i])
+                self._write_all(batch, writes, results)
         return results
+
+    def _write_all(self, batch: list, writes: list[int], results: list) -> None:
+        for i in writes:
+            results[i] = self._write(batch[i])
 
     def describe(self, d, result) -> str | None:
         if isinstance(d, Refuse):
@@ -152,6 +155,24 @@ class RoomStore(_Store):
         super().__init__(recorder)
         self.session: int | None = None
         self.participants: dict[int, int] = {}  # conn -> participant
+
+    def _write_all(self, batch: list, writes: list[int], results: list) -> None:
+        """Runs of lines go in one executemany each (a burst is most of a pass); anything else
+        in between is written in its place, so the order of the record is the order decided."""
+        rows: list[tuple] = []
+        participants = self.participants
+        for i in writes:
+            d = batch[i]
+            if type(d) is Commit:
+                pid = participants.get(d.conn) if d.conn is not None else None
+                rows.append((d.sender, d.handle, d.text, d.raw, d.note, d.at, pid))
+                continue
+            if rows:
+                self.recorder.add_messages(self.session, rows)
+                rows = []
+            results[i] = self._write(d)
+        if rows:
+            self.recorder.add_messages(self.session, rows)
 
     def _write(self, d):
         rec = self.recorder

@@ -286,6 +286,30 @@ class Recorder:
             self._committed()
         return seq
 
+    def add_messages(self, session_id: int, rows: list[tuple]) -> None:
+        """Many messages of one session in one statement (inside a transaction): rows of
+        (sender, handle, text, raw, note, at, participant), in order. A room's busy pass."""
+        seq = self._seq.get(session_id)
+        seq = self._last_seq(session_id) if seq is None else seq
+        params = []
+        for sender, handle, text, raw, note, at, participant in rows:
+            if raw is not None and len(raw) > RAW_KEEP:
+                cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
+                note = f"{note}; {cut}" if note else cut
+                raw = raw[:RAW_KEEP]
+            seq += 1
+            params.append((session_id, seq, iso(at), sender, handle, text, raw, note, participant))
+        self._run_many(_INSERT_MESSAGE, params)
+        self._seq[session_id] = seq
+
+    def _run_many(self, sql: str, params: list[tuple]) -> None:
+        """executemany inside a transaction (which holds the write lock: never busy)."""
+        assert self._in_tx, "add_messages runs inside transaction()"
+        try:
+            self.conn.executemany(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreFailed(failure_line(self.path, exc)) from None
+
     def end_session(self, session_id: int, reason: str, at: float) -> tuple[int, int]:
         """Record the end and the final counts (unless it had ended already); returns the counts."""
         row = self._run(
