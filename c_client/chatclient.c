@@ -635,6 +635,19 @@ static void send_text(const char *text)
 	}
 }
 
+/* In a room, the handle is announced as soon as it is chosen (`handle>\join`), so the others
+ * see who came in before that person says anything. Old servers never greet as a room, so
+ * they never get it. */
+static int announced;
+
+static void announce(void)
+{
+	if (room && handle[0] && !announced) {
+		announced = 1;
+		send_text("\\join");
+	}
+}
+
 /* -- the printer: parsed lines from the server on the screen ------------------------------------ */
 
 static char vis[4 * MAX_LINE + 1];
@@ -680,6 +693,7 @@ static void on_message(const unsigned char *m, size_t n)
 		deadline = 0;
 		if (l.prefix && l.plen < sizeof server_handle)
 			memcpy(server_handle, l.prefix, l.plen);
+		announce();
 	}
 	if (room && l.prefix && !from_server(&l))
 		l.notice = l.quit = 0; /* in a room only the server's own lines are notices */
@@ -1147,6 +1161,7 @@ static void on_input(char *line, size_t n, int overflow)
 		memcpy(handle, line, n + 1);
 		snprintf(prompt, sizeof prompt, "%s>", handle);
 		ui.prompt = prompt;
+		announce();
 		return;
 	}
 	if (!overflow && is_quit(line, n))
