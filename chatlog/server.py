@@ -349,7 +349,7 @@ class Loop:
                 c.paused_until = d.until
                 self.watch.client(c)
         elif t is Prompt:
-            self.operator.want(d.on)
+            self.operator.want(d.on, d.commands)
         elif t is Finish:
             self.finished = True
         elif t is Join:

@@ -45,6 +45,7 @@ from chatlog.events import (
     timeout_notice,
 )
 from chatlog.protocol import MAX_LINE, MAX_TEXT
+from chatlog.room import fold
 
 INPUT_ENDED = "Operator input ended; server stopped"
 MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dropped as flooding
@@ -53,6 +54,11 @@ MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dr
 SENDQ = 64 * 1024
 UNLIMITED = 1 << 30
 GREETING = "Awaiting client connections"
+# Said to each client as the answer to its first line when nobody is at the console (the server
+# then answers nothing: it records, like an answering machine).
+NOBODY_NOTICE = "Nobody is at the console; your words are recorded."
+UNATTENDED = " (nobody is at the console: clients are recorded, not answered)"
+QUIT_IDLE = "The operator quit; server stopped"
 
 
 @dataclass(slots=True, eq=False)
@@ -67,7 +73,7 @@ class Peer:
     unanswered: int = 0  # lines since the operator last answered (the flood rule)
     owed: int = 0  # lines it is blocked on, waiting for an answer
     told_waiting: bool = False
-    held: list[tuple[str | None, str]] = field(default_factory=list)  # said while waiting
+    held: list[Show] = field(default_factory=list)  # what it said while waiting, as shown then
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
 
 
@@ -86,8 +92,10 @@ class Turns:
         per_address: int = 2,
         max_unanswered: int = MAX_UNANSWERED,
         sendq: int = SENDQ,
+        attended: bool = True,
     ):
         self.handle = handle
+        self.attended = attended  # False: nobody is at the console; nothing is answered
         self.sendq = sendq
         self.idle_timeout = idle_timeout
         self.first_timeout = first_timeout
@@ -130,7 +138,9 @@ class Turns:
             case Stop():
                 return self._finish(f"Server stopped ({event.why})", event.at, "shutdown")
             case Started():
-                return [Show("event", GREETING)]
+                if not self.attended:
+                    return [Show("event", GREETING + UNATTENDED)]
+                return [Show("event", GREETING), Prompt(True, commands=True)]
         raise TypeError(f"not an event: {event!r}")
 
     def deadline(self) -> float | None:
@@ -172,7 +182,10 @@ class Turns:
             self.peers[ev.conn] = peer
             self.current = peer
             self.last_served[peer.host] = ev.at
-            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
+            out: list[Decision] = [Open(ev.conn, ev.host, ev.port, ev.at, served=True), Show("event", connected_text(peer))]
+            if self.attended:
+                out.append(Prompt(False))  # the client speaks first: no command prompt meanwhile
+            return out
         same_host = sum(1 for p in self.queue if p.host == ev.host)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
@@ -196,23 +209,35 @@ class Turns:
             note = f"{msg.padding} bytes of padding after the previous line"
             return [Commit(peer.conn, "event", peer.handle, "padding", msg.raw, note, ev.at)]
         out: list[Decision] = []
-        if msg.handle is not None:
+        # A line in the server's own handle is the client's: recorded under the handle it
+        # claimed with a note, shown as an error, and never made the session's handle, so no
+        # reader takes it for the operator's words.
+        claimed = msg.handle is not None and fold(msg.handle) == fold(self.handle)
+        if msg.handle is not None and not claimed:
             if peer.handle is None:
                 out.append(Handle(peer.conn, msg.handle))
             peer.handle = msg.handle
-        handle = peer.handle
+        handle = msg.handle if claimed else peer.handle
         if msg.is_quit:
             return out + self._end(peer, "client-quit", ev.at)
-        note = None
+        notes = []
         if msg.cut:
-            note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
+            notes.append(f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped")
         elif len(msg.text) > MAX_TEXT:
-            note = f"longer than {MAX_TEXT} characters"
-        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, note, ev.at))
+            notes.append(f"longer than {MAX_TEXT} characters")
+        if claimed:
+            notes.append(f"the handle {self.handle} is the server's")
+        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, "; ".join(notes) or None, ev.at))
         peer.said += 1
         peer.unanswered += 1
-        if peer is self.current:
-            out.append(Show("client", msg.text, handle))
+        if claimed:
+            shown = Show("error", f"{peer.host} port {peer.port} used the server's handle: {handle}>{msg.text}")
+        else:
+            shown = Show("client", msg.text, handle)
+        if not self.attended:
+            out += self._unanswered(peer, shown, ev.at)
+        elif peer is self.current:
+            out.append(shown)
             peer.owed += 1
             if not self.operator_turn:
                 self.operator_turn = True
@@ -220,7 +245,7 @@ class Turns:
             if self.input_ended:
                 return out + self._finish(INPUT_ENDED, ev.at, "server-quit")
         else:
-            peer.held.append((handle, msg.text))
+            peer.held.append(shown)
             if not peer.told_waiting:
                 peer.told_waiting = True
                 ahead = 1 + self._order().index(peer)
@@ -235,8 +260,24 @@ class Turns:
             out += self._end(peer, "overlong", ev.at, NOTICES["overlong"])
         return out
 
+    def _unanswered(self, peer: Peer, shown: Show, at: float) -> list[Decision]:
+        """Nobody is at the console: a line is recorded and shown, never answered; the answer
+        to a client's first line (served or waiting) says so, so no notice shifts its turns."""
+        out: list[Decision] = []
+        if peer is self.current:
+            out.append(shown)
+            peer.turn_since = at  # its idle timeout runs from its last line
+        else:
+            peer.held.append(shown)
+        if not peer.told_waiting:
+            peer.told_waiting = True
+            out.append(Send(peer.conn, notice_line(self.handle, NOBODY_NOTICE)))
+        return out
+
     def _operator_line(self, ev: OperatorLine) -> list[Decision]:
         cur = self.current
+        if cur is None and protocol.is_quit(ev.text):
+            return self._finish(QUIT_IDLE, ev.at, "server-quit")
         if cur is None or not self.operator_turn:
             return [Show("event", "(no client is waiting for an answer; line not sent)")]
         if protocol.is_quit(ev.text):
@@ -289,7 +330,9 @@ class Turns:
         if self.queue:
             out += self._serve_next(at)
         else:
-            out.append(Show("event", "Awaiting client connections"))
+            out.append(Show("event", GREETING))
+            if self.attended:
+                out.append(Prompt(True, commands=True))
         return out
 
     def _serve_next(self, at: float) -> list[Decision]:
@@ -300,9 +343,10 @@ class Turns:
         peer.turn_since = at
         waiting = f" ({len(self.queue)} waiting)" if self.queue else ""
         out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer) + waiting)]
-        for handle, text in peer.held:
-            out.append(Show("client", text, handle))
+        out += peer.held
         peer.held = []
+        if not self.attended:
+            return out
         peer.begun_notice = peer.told_waiting
         if peer.owed:
             self.operator_turn = True
