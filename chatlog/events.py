@@ -252,9 +252,13 @@ class Pause(Decision):
 
 @dataclass(slots=True)
 class Prompt(Decision):
-    """Whether an answer from the operator is wanted now."""
+    """Whether an answer from the operator is wanted now. `commands`: no answer is wanted, only
+    a command (a line starting with a backslash, such as `\\quit`); the operator's input decides
+    how it offers that (a terminal shows the prompt; a script's next line is taken only if it is
+    a command, so scripted answers still wait for their client)."""
 
     on: bool
+    commands: bool = False
 
 
 @dataclass(slots=True)
@@ -294,6 +298,18 @@ class CloseRoom(StoreWrite):
     """Room: record the end of the room's session."""
 
     reason: str
+    at: float
+
+
+@dataclass(slots=True)
+class History(StoreWrite):
+    """Room: read the last `n` lines said in the room (this run and earlier runs of the same
+    name) from the record, and send them to `conn` marked as history (None: show them on the
+    console). A read, carried out in the store's phase in order with the writes, so it holds
+    exactly what was committed before it: what a joining client was not a member for."""
+
+    conn: int | None
+    n: int
     at: float
 
 

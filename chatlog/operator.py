@@ -80,6 +80,7 @@ class Console:
         self._cv = threading.Condition()
         self._closing = False
         self._busy = False  # the writer thread is writing
+        self._redraw = False  # draw the prompt again, with or without lines
         self._thread = threading.Thread(target=self._run, name="console", daemon=True)
         self._thread.start()
 
@@ -116,6 +117,12 @@ class Console:
         except OSError:
             return False
 
+    def redraw(self) -> None:
+        """Draw the operator's prompt again (it is wanted again while input() is waiting)."""
+        with self._cv:
+            self._redraw = True
+            self._cv.notify()
+
     def wait_written(self, timeout: float = 1.0) -> None:
         """Block until every line flushed so far is on screen (before a prompt is drawn)."""
         with self._cv:
@@ -133,8 +140,9 @@ class Console:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._lines and not self._skipped and not self._closing:
+                while not self._lines and not self._skipped and not self._closing and not self._redraw:
                     self._cv.wait()
+                redraw, self._redraw = self._redraw, False
                 lines = list(self._lines)
                 self._lines.clear()
                 skipped, self._skipped = self._skipped, 0
@@ -143,7 +151,7 @@ class Console:
             if skipped:
                 lines.append(f"({skipped} console lines not shown: the console was not keeping up; all are recorded)")
             try:
-                if lines and not self.failed:
+                if (lines or redraw) and not self.failed:
                     self._emit(lines)
             finally:
                 with self._cv:
@@ -158,9 +166,15 @@ class Console:
         op = self.operator
         try:
             if op is not None and op.reading:
-                text = "\r\x1b[K" + "\n".join(lines) + "\n" + op.prompt + op.typed()
-            else:
+                # The prompt is drawn again below the lines only while input is wanted: never
+                # after the last line (a stray prompt before the shell's), nor while the
+                # client has the turn (what was typed is drawn again with the prompt).
+                text = "\r\x1b[K" + "".join(line + "\n" for line in lines)
+                text += op.prompt + op.typed() if op._wanted else ""
+            elif lines:
                 text = "\n".join(lines) + "\n"
+            else:
+                return
             if self._fd is None:
                 self.stream.write(text)
                 self.stream.flush()
@@ -208,6 +222,7 @@ class Operator:
         self.discarded = 0  # lines thrown away because they were typed before their prompt
         self._partial = b""
         self._wanted = False
+        self._commands = False  # only a command is wanted (nobody is being served)
         self._stale = False  # the line being typed was begun before the message it would answer
         self._told_end = False  # the end of the input was handed on
         if self.tty:
@@ -248,15 +263,20 @@ class Operator:
                 yield OperatorEnd(time.time())
             return
 
-    def want(self, on: bool) -> None:
-        """An answer is (or is no longer) wanted."""
+    def want(self, on: bool, commands: bool = False) -> None:
+        """An answer is (or is no longer) wanted; `commands`: only a command is (nobody is
+        being served): a terminal shows the prompt, a script's next line is taken only if it is
+        a command, so its answers still wait for their client."""
         self._wanted = on
+        self._commands = on and commands
         if not (on and self.tty):
             return
         if self.reading:
             # A prompt is already on screen from before the message was shown: whatever is
             # typed there now was typed before the operator saw what it would answer.
-            self._stale = bool(self.typed())
+            if not commands:
+                self._stale = bool(self.typed())
+            self.console.redraw()
         else:
             self._request.set()
 
@@ -304,6 +324,8 @@ class Operator:
     def take(self) -> str | None:
         """The next line, if an answer is wanted and one is there."""
         if self._wanted and self.lines:
+            if self._commands and not self.tty and not self.lines[0].lstrip().startswith("\\"):
+                return None  # a scripted answer: it waits for its client
             return self.lines.popleft()
         return None
 
@@ -341,7 +363,12 @@ class Operator:
                 elif kind == "eof":
                     self.eof = True
                 elif kind == "line" and value is not None:
-                    if self._stale:
+                    if not self._wanted:
+                        # Entered at a prompt that was withdrawn (a client came, or left): it
+                        # answers nobody's message the operator has seen.
+                        self.discarded += 1
+                        notes.append("(discarded a line entered while no answer was wanted; wait for the prompt)")
+                    elif self._stale:
                         self._stale = False
                         self.discarded += 1
                         notes.append("(discarded a line begun before the message it would answer; type it again)")

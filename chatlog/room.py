@@ -86,6 +86,12 @@ FULL_NOTICE = "The room is full; try again later."
 NO_HANDLE_NOTICE = "Start your first line with a handle, like: alice>hello (not relayed)"
 
 _COMMAND = re.compile(r"\\([A-Za-z]+)(?:\s+(.*))?")
+# A client's command: `\who`, or irssi's habit `/who`: a backslash or slash, letters, then
+# nothing or whitespace and arguments. `/usr/bin`, `\o/` and `//who` are chat.
+_CLIENT_COMMAND = re.compile(r"\s*[\\/]([A-Za-z]+)(?:\s+(.*?))?\s*", re.S)
+CLIENT_HELP = ("Commands: \\who (who is here), \\help (this), \\quit (leave); /who works too. "
+               "Commands are answered to you alone, never sent to the room.")
+COMMAND_NOTE = "a command, answered to its sender: not relayed"
 
 
 @dataclass(slots=True, eq=False)
@@ -236,7 +242,7 @@ class Room:
         text = msg.text
         if (
             (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit
-            or msg.cut or len(text) > MAX_TEXT
+            or msg.cut or len(text) > MAX_TEXT or (text and text.lstrip()[:1] in ("\\", "/"))
         ):
             return self._received_slow(p, ev)
         at = ev.at
@@ -260,6 +266,8 @@ class Room:
         if msg.is_quit:
             return self._leave(p.conn, "client-quit", at)
         p.last = at
+        if not msg.cut and (m := _CLIENT_COMMAND.fullmatch(msg.text)):
+            return self._client_command(p, ev, m.group(1), m.group(2) or "")
         handle = msg.handle
         note = None
         if msg.cut:
@@ -312,6 +320,38 @@ class Room:
         out = _stores_first(out)
         if self.rate:
             self._limit(p, at, out)
+        return out
+
+    def _client_command(self, p: Participant, ev: Received, name: str, arg: str) -> list[Decision]:
+        """A client's `\\who`, `\\help` or unknown command: recorded as its line with a note
+        (nothing is silently dropped), answered to it alone, never relayed."""
+        msg = ev.msg
+        name = name.lower()
+        if name == "who" and not arg:
+            reply = self._who_line()
+        elif name == "help" and not arg:
+            reply = CLIENT_HELP
+        else:
+            reply = f"Unknown command {msg.text.strip()[:40]} (not sent to the room). {CLIENT_HELP}"
+        who = p.shown if p.handle is not None else address(p.host, p.port)
+        return [
+            Commit(p.conn, "client", msg.handle or p.handle, msg.text, msg.raw, COMMAND_NOTE, ev.at),
+            Show("note", visible(f"{who} asked: {msg.text.strip()}")),
+            Send(p.conn, self.notice(_fit(reply))),
+        ]
+
+    def _who_line(self) -> str:
+        """Who is here, by handle, in one protocol line (the rest counted)."""
+        people = list(self.people.values())
+        head = f"{len(people)} here: "
+        names = [p.shown if p.handle is not None else "(no handle yet)" for p in people]
+        out = head
+        for i, name in enumerate(names):
+            more = len(names) - i
+            piece = name if i == 0 else ", " + name
+            if len(out) + len(piece) + len(f", and {more} more") > MAX_TEXT - 4:
+                return out + f", and {more} more"
+            out += piece
         return out
 
     def _rename(self, p: Participant, handle: str, out: list[Decision]) -> None:
@@ -465,6 +505,11 @@ class Room:
         self.per_addr.clear()
         self.names.clear()
         return commits + ends + [CloseRoom(reason, at), Prompt(False), Show("event", why), Finish(why)]
+
+
+def _fit(text: str) -> str:
+    """A notice's text within the protocol's line (the `*** ` prefix included)."""
+    return text if len(text) <= MAX_TEXT - 4 else text[: MAX_TEXT - 5] + "…"
 
 
 _RECORD_ONLY = (Handle, Commit, Join, Bind)  # store writes that send and show nothing themselves

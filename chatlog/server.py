@@ -413,7 +413,7 @@ class Loop:
                 self.watch.client(c)
         elif t is Prompt:
             self.console.flush()  # what the answer answers is on screen before the prompt
-            self.operator.want(d.on)
+            self.operator.want(d.on, d.commands)
         elif t is Finish:
             self.finished = True
         elif t is Join:

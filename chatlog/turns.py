@@ -57,6 +57,11 @@ MAX_UNANSWERED = 64  # lines a client may send without an answer before it is dr
 SENDQ = 64 * 1024
 UNLIMITED = 1 << 30
 GREETING = "Awaiting client connections"
+# Said to each client as the answer to its first line when nobody is at the console (the server
+# then answers nothing: it records, like an answering machine).
+NOBODY_NOTICE = "Nobody is at the console; your words are recorded."
+UNATTENDED = " (nobody is at the console: clients are recorded, not answered)"
+QUIT_IDLE = "The operator quit; server stopped"
 
 
 @dataclass(slots=True, eq=False)
@@ -71,7 +76,7 @@ class Peer:
     unanswered: int = 0  # lines since the operator last answered (the flood rule)
     owed: int = 0  # lines it is blocked on, waiting for an answer
     told_waiting: bool = False
-    held: list[Show] = field(default_factory=list)  # what it said while waiting, for the console
+    held: list[Show] = field(default_factory=list)  # what it said while waiting, as shown then
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
     key: str = ""  # what the per-address cap and fairness count it as (an IPv6 host by its /64)
     fingerprint: str | None = None  # its TLS client certificate's, if it presented one
@@ -96,9 +101,11 @@ class Turns:
         max_unanswered: int = MAX_UNANSWERED,
         sendq: int = SENDQ,
         bindings: dict[str, str] | None = None,
+        attended: bool = True,
     ):
         self.handle = handle
         self.bindings = Bindings(bindings)  # handles that belong to a certificate
+        self.attended = attended  # False: nobody is at the console; nothing is answered
         self.sendq = sendq
         self.idle_timeout = idle_timeout
         self.first_timeout = first_timeout
@@ -141,7 +148,9 @@ class Turns:
             case Stop():
                 return self._finish(f"Server stopped ({event.why})", event.at, "shutdown")
             case Started():
-                return [Show("event", GREETING)]
+                if not self.attended:
+                    return [Show("event", GREETING + UNATTENDED)]
+                return [Show("event", GREETING), Prompt(True, commands=True)]
         raise TypeError(f"not an event: {event!r}")
 
     def deadline(self) -> float | None:
@@ -184,7 +193,11 @@ class Turns:
             self.peers[ev.conn] = peer
             self.current = peer
             self.last_served[peer.key] = ev.at
-            return [Open(ev.conn, ev.host, ev.port, ev.at, served=True, link=ev.link), Show("event", connected_text(peer.host, peer.port))]
+            out: list[Decision] = [Open(ev.conn, ev.host, ev.port, ev.at, served=True, link=ev.link),
+                                   Show("event", connected_text(peer.host, peer.port))]
+            if self.attended:
+                out.append(Prompt(False))  # the client speaks first: no command prompt meanwhile
+            return out
         same_host = sum(1 for p in self.queue if p.key == peer.key)
         if len(self.queue) >= self.max_waiting or same_host >= self.per_address:
             why = (
@@ -225,21 +238,23 @@ class Turns:
         handle = msg.handle if problem is not None else peer.handle
         if msg.is_quit:
             return out + self._end(peer, "client-quit", ev.at)
-        note = None
+        notes = []
         if msg.cut:
-            note = f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped"
+            notes.append(f"line cut at {MAX_LINE} bytes; {msg.cut} more bytes dropped")
         elif len(msg.text) > MAX_TEXT:
-            note = f"longer than {MAX_TEXT} characters"
+            notes.append(f"longer than {MAX_TEXT} characters")
         if problem is not None:
-            note = problem if note is None else f"{note}; {problem}"
+            notes.append(problem)
             # Not as a chat line: on the console it would read as the operator's own words.
             shown = Show("error", f"{peer.host} port {peer.port}: {problem}: {handle}>{msg.text}")
         else:
             shown = Show("client", msg.text, handle)
-        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, note, ev.at))
+        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, "; ".join(notes) or None, ev.at))
         peer.said += 1
         peer.unanswered += 1
-        if peer is self.current:
+        if not self.attended:
+            out += self._unanswered(peer, shown, ev.at)
+        elif peer is self.current:
             out.append(shown)
             peer.owed += 1
             if not self.operator_turn:
@@ -263,8 +278,24 @@ class Turns:
             out += self._end(peer, "overlong", ev.at, NOTICES["overlong"])
         return out
 
+    def _unanswered(self, peer: Peer, shown: Show, at: float) -> list[Decision]:
+        """Nobody is at the console: a line is recorded and shown, never answered; the answer
+        to a client's first line (served or waiting) says so, so no notice shifts its turns."""
+        out: list[Decision] = []
+        if peer is self.current:
+            out.append(shown)
+            peer.turn_since = at  # its idle timeout runs from its last line
+        else:
+            peer.held.append(shown)
+        if not peer.told_waiting:
+            peer.told_waiting = True
+            out.append(Send(peer.conn, notice_line(self.handle, NOBODY_NOTICE)))
+        return out
+
     def _operator_line(self, ev: OperatorLine) -> list[Decision]:
         cur = self.current
+        if cur is None and protocol.is_quit(ev.text):
+            return self._finish(QUIT_IDLE, ev.at, "server-quit")
         if cur is None or not self.operator_turn:
             return [Show("event", "(no client is waiting for an answer; line not sent)")]
         if protocol.is_quit(ev.text):
@@ -317,7 +348,9 @@ class Turns:
         if self.queue:
             out += self._serve_next(at)
         else:
-            out.append(Show("event", "Awaiting client connections"))
+            out.append(Show("event", GREETING))
+            if self.attended:
+                out.append(Prompt(True, commands=True))
         return out
 
     def _serve_next(self, at: float) -> list[Decision]:
@@ -330,6 +363,8 @@ class Turns:
         out: list[Decision] = [Serve(peer.conn, at), Show("event", connected_text(peer.host, peer.port) + waiting)]
         out += peer.held
         peer.held = []
+        if not self.attended:
+            return out
         peer.begun_notice = peer.told_waiting
         if peer.owed:
             self.operator_turn = True

@@ -1,6 +1,7 @@
 """The operator at a real terminal (a pseudo-terminal): readline editing, prompts, Ctrl-C."""
 
 import os
+import re
 import socket
 import sys
 
@@ -89,10 +90,10 @@ def test_text_typed_before_the_prompt_never_answers_anyone(tty_server):
     p.send("it is hunter2\r")  # typed during amy's turn: no prompt is on screen
     amy.sendall(b"amy>\\quit\n\0")
     p.expect(r"client has quit")
+    p.expect(r"discarded what was typed before the prompt appeared")  # as the next prompt comes
     mallory = socket.create_connection(("127.0.0.1", p.port))
     mallory.sendall(b"mallory>hi\n\0")
     p.expect("mallory>hi")
-    p.expect(r"discarded what was typed before the prompt appeared")
     p.expect("SERVER>")
     p.send("hello mallory\r")
     assert recv_until(mallory, b"\n") == b"SERVER>hello mallory\n"
@@ -164,3 +165,51 @@ def test_a_line_refused_as_too_long_gives_the_operator_the_prompt_again(tty_serv
     p.expect("SERVER>")
     p.send("shorter\r")
     assert recv_until(c, b"\n") == b"SERVER>shorter\n"
+
+
+def _last_screen_line(output: str) -> str:
+    """What the terminal's last line shows once `output` is written: after its last newline,
+    what follows the last carriage return or erase-line."""
+    last = output.rsplit("\n", 1)[-1]
+    return re.split(r"\r|\x1b\[K", last)[-1]
+
+
+def test_quit_with_nobody_connected_stops_the_server(tty_server):
+    """With nobody connected no prompt was up and `\\quit` sat unread in the terminal."""
+    p = tty_server
+    p.expect_exact("SERVER>")
+    p.send("hello?\r")
+    p.expect_exact("(no client is waiting for an answer; line not sent)")
+    p.expect_exact("SERVER>")
+    p.send("\\quit\r")
+    p.expect_exact("The operator quit; server stopped")
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+
+
+@pytest.mark.parametrize("room", [False, True])
+def test_no_stray_prompt_is_left_after_ctrl_c(tmp_path, room):
+    """Ctrl-C at the prompt left `SERVER>` drawn after the last line, before the shell's prompt."""
+    env = dict(os.environ, TERM="xterm", NO_COLOR="1")
+    p = pexpect.spawn(
+        sys.executable,
+        ["-m", "chatlog", "serve", "0", "--db", str(tmp_path / "t.db"), "--bind", "127.0.0.1"]
+        + (["--room"] if room else []),
+        env=env, cwd=str(ROOT), encoding="utf-8", timeout=10,
+    )
+    p.expect(r"port (\d+)\r\n")
+    port = int(p.match.group(1))
+    if not room:
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"bob>hi\n\0")
+        p.expect_exact("bob>hi")
+    p.expect_exact("SERVER>")
+    p.send("half typed")
+    p.sendcontrol("c")
+    p.expect_exact("Server stopped (SIGINT)")
+    p.expect(pexpect.EOF)
+    rest = p.before
+    p.close()
+    assert p.exitstatus == 0
+    assert _last_screen_line("Server stopped (SIGINT)" + rest) == "", repr(rest)

@@ -479,7 +479,8 @@ handles = st.sampled_from(
 texts = st.one_of(
     st.text(max_size=30),
     st.text(min_size=495, max_size=520),
-    st.sampled_from(["\\quit", " \\quit ", "\x1b]0;t\x07", "*** fake notice", "\u2028", "a\rb"]),
+    st.sampled_from(["\\quit", " \\quit ", "\x1b]0;t\x07", "*** fake notice", "\u2028", "a\rb",
+                     "\\who", "/who", "\\help", "/shrug x", "/usr/bin", "\\o/"]),
 )
 op_texts = st.one_of(
     st.text(max_size=20),
@@ -744,3 +745,54 @@ def test_a_rename_onto_someone_present_is_refused_and_the_old_handle_kept():
     assert of(Broadcast, r.handle_event(line(2, "new name", "erin", at=5.5)))
     assert of(Handle, r.handle_event(line(3, "hi", "dan", at=6.0))) == [Handle(3, "dan")]
     assert not of(Broadcast, r.handle_event(line(1, "x", "Erin", at=6.0)))
+
+
+# -- a client's commands ------------------------------------------------------------------------
+
+
+def test_a_clients_who_and_help_answer_it_alone_recorded_with_a_note_never_relayed():
+    """A client's `\\who` (and irssi's `/who`) was relayed to everyone as a chat line."""
+    r = room(3, handles=("alice", "bob"))
+    for text in ("\\who", "/who", " \\who "):
+        out = r.handle_event(line(1, text, "alice", at=5.0))
+        assert not of(Broadcast, out), out
+        assert of(Send, out) == [Send(1, b"SERVER>*** 3 here: alice, bob, (no handle yet)\n")]
+        assert [(c.text, c.sender, c.handle) for c in of(Commit, out)] == [(text, "client", "alice")]
+        assert "not relayed" in of(Commit, out)[0].note
+        assert out.index(of(Commit, out)[0]) < out.index(of(Send, out)[0])
+    out = r.handle_event(line(2, "\\help", "bob"))
+    assert not of(Broadcast, out)
+    [help_] = of(Send, out)
+    assert help_.conn == 2 and b"\\who" in help_.data and b"\\quit" in help_.data
+
+
+@pytest.mark.parametrize("text", ["\\nope", "/shrug", "/join #chatlog", "\\WHO x"])
+def test_an_unknown_client_command_is_answered_to_its_sender_alone(text):
+    r = room(2, handles=("alice", "bob"))
+    out = r.handle_event(line(1, text, "alice"))
+    assert not of(Broadcast, out)
+    [reply] = of(Send, out)
+    assert reply.conn == 1 and reply.data.startswith(b"SERVER>*** Unknown command") and b"not sent to the room" in reply.data
+    assert [c.text for c in of(Commit, out)] == [text] and "not relayed" in of(Commit, out)[0].note
+
+
+@pytest.mark.parametrize("text", ["/usr/bin is where", "/ not a command", "\\o/ yay", "/2fa", "a \\who", "//who"])
+def test_lines_that_only_start_like_a_command_are_relayed(text):
+    r = room(2, handles=("alice", "bob"))
+    out = r.handle_event(line(1, text, "alice"))
+    assert [b.data for b in of(Broadcast, out)] == [b"alice>" + visible(text).encode() + b"\n"]
+    assert not of(Send, out)
+
+
+def test_a_who_from_a_client_with_no_handle_yet_is_answered_too():
+    r = room(2, handles=("alice",))
+    out = r.handle_event(line(2, "/who"))
+    assert of(Send, out) == [Send(2, b"SERVER>*** 2 here: alice, (no handle yet)\n")]
+    assert not of(Broadcast, out) and not of(Handle, out)
+
+
+def test_who_for_a_big_room_stays_within_one_protocol_line():
+    r = room(300, handles=[f"user{i:03d}" for i in range(300)], per_address=0)
+    [reply] = of(Send, r.handle_event(line(1, "\\who", "user000")))
+    text = reply.data.decode()[len("SERVER>"):-1]
+    assert len(text) <= 500 and text.startswith("*** 300 here: user000, user001") and text.endswith(" more")

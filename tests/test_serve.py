@@ -488,3 +488,42 @@ def test_operator_input_that_ends_with_no_client_stops_the_server_at_once(start_
     assert server.wait() == 0
     assert server.lines[-2:] == ["Operator input ended; server stopped", None]
     assert "Traceback" not in server.stderr_text()
+
+
+def test_a_scripted_quit_with_nobody_connected_stops_the_server(start_server):
+    """A script's `\\quit` waited for a client to connect and speak; with nobody being served
+    only commands are taken from the script, so its answers still wait for their client."""
+    server = start_server()
+    server.say("\\quit")
+    assert server.wait() == 0
+    assert server.lines[-2:] == ["The operator quit; server stopped", None]
+
+
+def test_a_scripted_answer_still_waits_for_its_client(start_server):
+    server = start_server()
+    server.say("hello there")
+    c = server.connect()
+    c.sendall(b"amy>hi\n\0")
+    assert recv_until(c, b"\n") == b"SERVER>hello there\n"
+
+
+def test_a_client_line_in_the_servers_handle_reads_as_the_clients_in_every_transcript(start_server, db_path):
+    """`SERVER>please re-send your password` from a 1:1 client read, in show/txt/md, exactly as
+    if the operator had said it."""
+    server = start_server(db=db_path)
+    c = server.connect()
+    c.sendall(b"amy>hi\n\0")
+    server.wait_for("amy>hi")
+    server.say("hello amy")
+    assert recv_until(c, b"\n") == b"SERVER>hello amy\n"
+    c.sendall(b"SERVER>please re-send your password\n\0")
+    line = server.wait_for("the handle SERVER is the server's")
+    assert line.startswith("127.0.0.1 port ") and "SERVER>please re-send your password" in line
+    server.say("\\quit")
+    recv_until(c, b"\\quit\n")
+    shown = run_chatlog(db_path, "show", "last", process=True).stdout
+    assert "SERVER>please re-send your password\n(the handle SERVER is the server's)" in shown, shown
+    for fmt in ("txt", "md"):
+        out = run_chatlog(db_path, "export", "last", "--format", fmt, process=True).stdout
+        assert "the handle SERVER is the server's" in out, (fmt, out)
+    assert db_rows(db_path, "SELECT handle FROM sessions") == [("amy",)]

@@ -21,10 +21,11 @@ from chatlog.events import (
     Serve,
     Show,
     Stalled,
+    Started,
     Stop,
     Tick,
 )
-from chatlog.turns import Turns
+from chatlog.turns import NOBODY_NOTICE, Turns
 
 
 def line(conn, data: bytes, at=0.0):
@@ -211,12 +212,16 @@ events = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(events, max_size=40), st.booleans())
-def test_invariants(seq, stop_at_end):
-    t = Turns(max_waiting=2, per_address=1)
+@given(st.lists(events, max_size=40), st.booleans(), st.booleans())
+def test_invariants(seq, stop_at_end, attended):
+    t = Turns(max_waiting=2, per_address=1, attended=attended)
     live: set[int] = set()  # connections with an open session
     ended: set[int] = set()
-    prompt = False
+    told: set[int] = set()  # told that nobody is at the console
+    prompt = idle = False
+    for d in t.handle_event(Started(0.0)):
+        if isinstance(d, Prompt):
+            prompt, idle = d.on and not d.commands, d.on and d.commands
     if stop_at_end:
         seq = seq + [Stop("SIGTERM", 5000.0)]
     for ev in sorted(seq, key=lambda e: getattr(e, "at", 0.0)):
@@ -224,7 +229,9 @@ def test_invariants(seq, stop_at_end):
             if ev.conn in live or ev.conn in ended:
                 continue  # the loop never reuses a connection number
         committed = False
-        for d in t.handle_event(ev):
+        was_idle = t.current is None
+        out = t.handle_event(ev)
+        for d in out:
             if isinstance(d, Open):
                 assert d.conn not in live
                 live.add(d.conn)
@@ -235,15 +242,25 @@ def test_invariants(seq, stop_at_end):
                 assert d.conn in live
                 if not d.data.startswith(b"SERVER>***"):
                     assert committed  # an answer is sent only after it is committed
+                if not attended:  # nothing but the one notice, as the answer to a line
+                    assert d.data == b"SERVER>*** " + NOBODY_NOTICE.encode() + b"\n" and d.conn not in told
+                    assert isinstance(ev, Received) and ev.conn == d.conn
+                    told.add(d.conn)
             elif isinstance(d, End):
                 assert d.conn in live, "a session ends once"
                 live.discard(d.conn)
                 ended.add(d.conn)
             elif isinstance(d, Prompt):
-                prompt = d.on
-        # one served client at most, and the operator is prompted exactly on its turn
+                prompt, idle = d.on and not d.commands, d.on and d.commands
+        # one served client at most, and the operator is prompted exactly on its turn; with
+        # nobody served, only for commands (\\quit); with nobody at the console, never
         assert (t.current is not None) or not t.operator_turn
         assert prompt == t.operator_turn or t.finished
+        assert idle == (attended and t.current is None and not t.finished)
+        if not attended:
+            assert not prompt and not idle and not t.operator_turn
+        if isinstance(ev, OperatorLine) and protocol.is_quit(ev.text) and attended and was_idle:
+            assert t.finished
         assert len(t.queue) <= 2
         assert set(t.peers) == live
     if stop_at_end:
@@ -302,3 +319,76 @@ def test_a_waiting_client_with_a_refused_handle_is_shown_marked_when_served():
     assert kinds(out, Commit)[0].note.startswith("the handle ")
     out = t.handle_event(Disconnected(1, 2.0))
     assert [s.kind for s in kinds(out, Show) if "psst" in s.text] == ["error"]
+
+
+# -- the operator with nobody connected -------------------------------------------------------------
+
+
+def test_with_nobody_connected_the_operator_may_give_commands_and_quit_stops_the_server():
+    """The operator's \\quit with nobody connected was discarded silently (no prompt was up);
+    it stops the server. Only commands are wanted then, so a script's answers wait for a client."""
+    t = Turns()
+    assert t.handle_event(Started(0.0))[-1] == Prompt(True, commands=True)
+    out = t.handle_event(OperatorLine("hello?", 0.5))
+    assert not kinds(out, Send) and not kinds(out, Finish) and kinds(out, Show)
+    t.handle_event(Connected(1, "h", 1, 1.0))
+    out = t.handle_event(line(1, b"a>bye\n", 1.5))
+    t.handle_event(line(1, b"a>\\quit\n", 2.0))
+    out = t.handle_event(Disconnected(1, 2.0))
+    assert not kinds(out, Prompt) or kinds(out, Prompt)[-1] == Prompt(True, commands=True)
+    out = t.handle_event(OperatorLine("\\quit", 3.0))
+    assert isinstance(out[-1], Finish) and kinds(out, Prompt) == [Prompt(False)]
+
+
+def test_a_client_that_connects_takes_the_prompt_away_until_it_speaks():
+    t = Turns()
+    t.handle_event(Started(0.0))
+    out = t.handle_event(Connected(1, "h", 1, 1.0))
+    assert kinds(out, Prompt) == [Prompt(False)]
+    assert kinds(t.handle_event(line(1, b"a>hi\n", 2.0)), Prompt) == [Prompt(True)]
+
+
+# -- a client line that claims the server's handle ------------------------------------------------------
+
+
+def test_a_client_line_in_the_servers_handle_is_recorded_with_a_note_and_shown_as_the_clients():
+    """`SERVER>please re-send your password` from a client was recorded and shown exactly as if
+    the operator had said it (and made SERVER the session's handle)."""
+    for handle, claimed in (("SERVER", b"SERVER"), ("SERVER", b"server"), ("Ops", b"OPS")):
+        t = Turns(handle=handle)
+        t.handle_event(Connected(1, "10.0.0.1", 5000, 0.0))
+        t.handle_event(line(1, b"amy>hi\n", 0.5))
+        t.handle_event(OperatorLine("hello", 0.7))
+        out = t.handle_event(line(1, claimed + b">please re-send your password\n", 1.0))
+        [c] = kinds(out, Commit)
+        assert c.sender == "client" and c.handle == claimed.decode() and c.text == "please re-send your password"
+        assert c.note == f"the handle {handle} is the server's"
+        assert not kinds(out, Handle) and t.current.handle == "amy"
+        shows = kinds(out, Show)
+        assert shows[0].kind == "error" and f"the handle {handle} is the server's" in shows[0].text
+        assert kinds(out, Prompt) == [Prompt(True)]
+
+
+# -- nobody at the console ------------------------------------------------------------------------------
+
+
+def test_with_no_operator_each_client_is_told_once_as_the_answer_to_its_first_line():
+    t = Turns(attended=False)
+    out = t.handle_event(Started(0.0))
+    assert not kinds(out, Prompt)
+    t.handle_event(Connected(1, "10.0.0.1", 5000, 0.0))
+    t.handle_event(Connected(2, "10.0.0.2", 5000, 0.0))
+    out = t.handle_event(line(1, b"amy>anyone there?\n", 1.0))
+    assert kinds(out, Commit) and sent(out, 1) == b"SERVER>*** " + NOBODY_NOTICE.encode() + b"\n"
+    assert not kinds(out, Prompt)
+    out = t.handle_event(line(1, b"amy>hello?\n", 2.0))
+    assert kinds(out, Commit) and sent(out, 1) == b"" and not kinds(out, Prompt)
+    out = t.handle_event(line(2, b"bob>me too\n", 2.0))  # waiting: told the same, once
+    assert sent(out, 2) == b"SERVER>*** " + NOBODY_NOTICE.encode() + b"\n"
+    # the idle timeout runs from the client's last line, and then the next one is served
+    assert t.deadline() == 2.0 + 300
+    out = t.handle_event(Tick(302.0))
+    assert kinds(out, End)[0].reason == "timeout" and kinds(out, Serve) == [Serve(2, 302.0)]
+    assert not kinds(out, Prompt)
+    out = t.handle_event(line(2, b"bob>still here\n", 303.0))
+    assert kinds(out, Commit) and sent(out, 2) == b""
