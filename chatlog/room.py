@@ -267,6 +267,8 @@ class Room:
             return self._leave(p.conn, "client-quit", at)
         p.last = at
         if not msg.cut and (m := _CLIENT_COMMAND.fullmatch(msg.text)):
+            if m.group(1) == "join" and not m.group(2) and msg.handle is not None and msg.text.strip() == "\\join":
+                return self._join(p, ev)
             return self._client_command(p, ev, m.group(1), m.group(2) or "")
         handle = msg.handle
         note = None
@@ -276,18 +278,9 @@ class Room:
             note = f"longer than {MAX_TEXT} characters"
         problem = None
         if handle is not None and handle != p.handle:
-            problem = handle_problem(handle, self.names, self.handle, own=p.handle) or bound_problem(
-                handle, p.fingerprint, self.bindings)
+            problem = self._problem(p, handle)
         if problem is not None:
-            why = f"{problem}: not relayed"
-            like = example(self.names, self.handle)
-            out += [
-                Commit(p.conn, "client", handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", at),
-                # Not as a chat line: on the console it would read as the operator's (or the
-                # other's) own words.
-                Show("error", visible(f"{address(p.host, p.port)}: {problem} (not relayed): {handle}>{msg.text}")),
-                Send(p.conn, self.notice(f"T{problem[1:]}; choose another, like: {like}>hello (not relayed)")),
-            ]
+            out += self._refused(p, ev, problem, note)
         elif handle is None and p.handle is None:
             why = "no handle yet: not relayed"
             out += [
@@ -320,6 +313,41 @@ class Room:
         out = _stores_first(out)
         if self.rate:
             self._limit(p, at, out)
+        return out
+
+    def _problem(self, p: Participant, handle: str) -> str | None:
+        """Why `p` may not take `handle` (in use, the server's, a look-alike, bound to another
+        certificate, not shown as itself), or None."""
+        return handle_problem(handle, self.names, self.handle, own=p.handle) or bound_problem(
+            handle, p.fingerprint, self.bindings)
+
+    def _refused(self, p: Participant, ev: Received, problem: str, note: str | None = None) -> list[Decision]:
+        """A line under a handle `p` may not take: recorded with why, not relayed, its sender told."""
+        msg = ev.msg
+        why = f"{problem}: not relayed"
+        like = example(self.names, self.handle)
+        return [
+            Commit(p.conn, "client", msg.handle, msg.text, msg.raw, why if note is None else f"{note}; {why}", ev.at),
+            # Not as a chat line: on the console it would read as the operator's (or the
+            # other's) own words.
+            Show("error", visible(f"{address(p.host, p.port)}: {problem} (not relayed): {msg.handle}>{msg.text}")),
+            Send(p.conn, self.notice(f"T{problem[1:]}; choose another, like: {like}>hello (not relayed)")),
+        ]
+
+    def _join(self, p: Participant, ev: Received) -> list[Decision]:
+        """`handle>\\join`: the client announces its handle as soon as it is chosen (our
+        chatclient does, in a room), so its arrival is announced before it says anything."""
+        handle = ev.msg.handle
+        if handle == p.handle:
+            return []  # (already announced under it)
+        problem = self._problem(p, handle)
+        if problem is not None:
+            return _stores_first(self._refused(p, ev, problem))
+        out: list[Decision] = []
+        self._rename(p, handle, out)
+        out = _stores_first(out)
+        if self.rate:
+            self._limit(p, ev.at, out)
         return out
 
     def _client_command(self, p: Participant, ev: Received, name: str, arg: str) -> list[Decision]:

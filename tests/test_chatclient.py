@@ -817,6 +817,8 @@ def fuzz_once(command, seed, room=False, lines=60):
     result, received = run_typed(command, b"\n".join(stdin) + b"\n", answering_server(room))
     assert result.returncode == 0, (seed, result.stdout[-500:], result.stderr[-2000:])
     want = b"".join(handle + b">" + t + b"\n\0" for t in sent) + handle + b">\\quit\n\0"
+    if room:  # in a room the handle is announced as soon as it is chosen
+        want = handle + b">\\join\n\0" + want
     assert received == want, f"seed {seed}"
     return len(stdin)
 

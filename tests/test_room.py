@@ -340,3 +340,17 @@ def test_every_export_says_who_said_each_line_of_a_room(room):
     doc = json.loads(run_chatlog(room.db, "export", "1", "-f", "json").output)
     said = [m for m in doc["sessions"][0]["messages"] if m["sender"] == "client"]
     assert all(m["port"] == ports[m["handle"]] for m in said)
+
+
+def test_chatclient_is_announced_when_its_handle_is_chosen(start_server, chatclient):
+    """The real client in a room: the others hear `alice joined` as soon as alice has chosen
+    her handle, before she says anything (issue: a join announced at the first message)."""
+    from conftest import spawn_client
+
+    server = start_server("--room")
+    ear = join(server, "ear")
+    p = spawn_client(chatclient, server, handle="alice")
+    assert b"SERVER>*** alice joined\n" in recv_until(ear, b"alice joined\n")
+    assert lines_of(server.db)[-1] == ("event", "alice", "joined", None)
+    p.sendline("\\quit")
+    p.expect("You left the chat")

@@ -796,3 +796,30 @@ def test_who_for_a_big_room_stays_within_one_protocol_line():
     [reply] = of(Send, r.handle_event(line(1, "\\who", "user000")))
     text = reply.data.decode()[len("SERVER>"):-1]
     assert len(text) <= 500 and text.startswith("*** 300 here: user000, user001") and text.endswith(" more")
+
+
+# -- a join announced when the handle is chosen (handle>\join) -------------------------------
+
+
+def test_a_join_line_announces_the_handle_before_anything_is_said():
+    """chatclient sends `alice>\\join` as soon as its user has chosen a handle: the others hear
+    `alice joined` then, nothing is relayed as a line, and the join is recorded as the event."""
+    r = room(2, handles=("bob",))
+    out = r.handle_event(line(2, "\\join", "alice", at=3.0))
+    assert of(Handle, out) == [Handle(2, "alice")]
+    assert [(c.sender, c.text) for c in of(Commit, out)] == [("event", "joined")]
+    assert [b.data for b in of(Broadcast, out)] == [b"SERVER>*** alice joined\n"]
+    assert not of(Send, out)
+    assert r.handle_event(line(2, "\\join", "alice", at=3.5)) == []  # said twice: nothing more
+    out = r.handle_event(line(2, "hello", "alice", at=4.0))
+    assert [b.data for b in of(Broadcast, out)] == [b"alice>hello\n"]  # no second "joined"
+
+
+def test_a_join_under_a_handle_in_use_is_refused_like_any_line():
+    r = room(2, handles=("alice",))
+    out = r.handle_event(line(2, "\\join", "alice", at=3.0))
+    assert not of(Broadcast, out) and not of(Handle, out)
+    [c] = of(Commit, out)
+    assert c.text == "\\join" and "not relayed" in c.note
+    [s] = of(Send, out)
+    assert b"taken by someone here" in s.data
