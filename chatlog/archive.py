@@ -10,10 +10,11 @@ import os
 import re
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from chatlog import indexer
+from chatlog import indexer, txn
 from chatlog.db import (
     _FILE_TROUBLE,
     DB,
@@ -23,7 +24,6 @@ from chatlog.db import (
     checkpoint,
     connect,
     describe_error,
-    is_busy,
     is_database_file,
     writable,
 )
@@ -425,8 +425,11 @@ class Archive:
             checkpoint(self.conn)
             time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
 
-    def _write(self) -> "_WriteTx":
-        return _WriteTx(self)
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction, waiting out a busy database; any failure is one StoreError."""
+        with self.db.guard, txn.write_transaction(self.conn, pause=0.002, max_pause=0.05):
+            yield
 
     # -- backing up ------------------------------------------------------------------------------
 
@@ -447,35 +450,6 @@ class Archive:
                 self.conn.backup(target)
             finally:
                 target.close()
-
-
-class _WriteTx:
-    """BEGIN IMMEDIATE ... COMMIT on the archive's connection, waiting out a busy database."""
-
-    def __init__(self, archive: Archive):
-        self.a = archive
-
-    def __enter__(self):
-        delay = 0.002
-        while True:
-            try:
-                self.a.conn.execute("BEGIN IMMEDIATE")
-                return self
-            except sqlite3.Error as exc:
-                if not is_busy(exc):
-                    raise StoreError(describe_error(self.a.path, exc)) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            self.a.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        except sqlite3.Error as err:
-            if exc_type is None:
-                raise StoreError(describe_error(self.a.path, err)) from err
-        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
-            raise StoreError(describe_error(self.a.path, exc)) from exc
-        return False
 
 
 _WORD = re.compile(r'"([^"]*)"?|(\S+)')

@@ -59,14 +59,6 @@ NOT_A_FILE = "{path} is not a regular file (a pipe or a device?), not a database
 SIDE_FILES = ("-wal", "-shm", "-journal", "-lock")
 
 
-def is_busy(exc: BaseException) -> bool:
-    """Another connection holds the lock: worth waiting for."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
 def failure_line(path: Path, exc: BaseException) -> str:
     """`cannot write the database X: disk is full`: one line for a write that failed for good."""
     code = getattr(exc, "sqlite_errorcode", None)
