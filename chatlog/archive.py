@@ -127,13 +127,6 @@ class Archive:
             ).fetchone()
         return row[0] or 0
 
-    def last_seq(self, session_id: int) -> int:
-        with self.db.guard:
-            row = self.conn.execute(
-                "SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)
-            ).fetchone()
-        return row[0] or 0
-
     def search(
         self,
         query: str,
@@ -365,10 +358,6 @@ class Archive:
             }
         finally:
             locks.close()
-
-    def held_by_live_server(self, session_id: int) -> str | None:
-        """Who is recording this session (`pid P on HOST`), or None."""
-        return self.held([session_id]).get(session_id)
 
     # -- deleting --------------------------------------------------------------------------------
 

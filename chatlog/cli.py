@@ -226,6 +226,26 @@ class SessionRef(click.ParamType):
 SESSION = SessionRef()
 
 
+class ExportFormat(click.Choice):
+    """The export formats: the names in chatlog.export's writer registry, looked up only when
+    the option is used (or its help shown), so `chatlog --help` and `chatlog path` stay fast."""
+
+    name = "format"
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from chatlog.export import WRITERS
+
+        return tuple(WRITERS)
+
+    @choices.setter
+    def choices(self, value):
+        pass  # click sets it in __init__; the registry is the one list
+
+
 def filter_options(fn):
     """--handle, --host, --since, --until: the filters shared by sessions, export and prune."""
     fn = click.option("--until", type=WHEN, metavar="WHEN", help="Sessions started before WHEN.")(fn)
@@ -591,7 +611,7 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
 @filter_options
 @click.option("--all", "everything", is_flag=True, help="Export every session (the default when no ID or filter is given).")
 @click.option(
-    "-f", "--format", "fmt", type=click.Choice(["txt", "md", "json", "jsonl", "csv", "html", "cast"]),
+    "-f", "--format", "fmt", type=ExportFormat(),
     default=None, help="Output format [default: from the -o extension, else txt].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", help="Output file [default: stdout].")

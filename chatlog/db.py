@@ -32,10 +32,6 @@ class StoreFailed(StoreError):
     """The database cannot be written, for good (disk full, read-only, I/O error)."""
 
 
-class StoreBusy(StoreError):
-    """Another process holds the write lock (kept inside the recorder, which waits)."""
-
-
 class BadQuery(StoreError):
     """A search query that cannot be run, with what was wrong with it."""
 

@@ -47,12 +47,6 @@ class Session:
         return self.client_messages + self.server_messages
 
     @property
-    def duration(self) -> float | None:
-        if not self.ended_at:
-            return None
-        return (parse_iso(self.ended_at) - parse_iso(self.started_at)).total_seconds()
-
-    @property
     def state(self) -> str:
         """How it ended (the end reason), or `in progress` / `waiting`."""
         if self.end_reason is None:
