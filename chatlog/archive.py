@@ -1,7 +1,9 @@
-"""Reading the archive: sessions, messages, search, stats, filters; deleting and backing up.
+"""Reading the archive: sessions, messages, search, filters, who is recording what.
 
 Read commands open the file with `open_archive`; nothing here is imported by the server's chat
-path. Every query returns the small records of `chatlog.records`.
+path, and nothing here writes except the search index catching up. Every query returns the small
+records of `chatlog.records`. The totals are in chatlog.stats; deleting and backing up in
+chatlog.upkeep.
 """
 
 from __future__ import annotations
@@ -9,19 +11,16 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from chatlog import indexer, txn
+from chatlog import indexer
 from chatlog.db import (
     _FILE_TROUBLE,
     DB,
     BadQuery,
     ServerLocks,
     StoreError,
-    checkpoint,
     connect,
     describe_error,
     is_database_file,
@@ -59,8 +58,6 @@ MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
 
 
 SEARCH_CATCH_UP = 2.0  # seconds a search spends at most indexing new messages (normally < 1 s of them)
-DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
-DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
 
 
 def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bool | None = None) -> "Archive":
@@ -277,63 +274,6 @@ class Archive:
                 )
             yield Session(*row), rows
 
-    def stats(self) -> dict:
-        """Totals, from the tables the session-row triggers keep exact (schema m007), plus the
-        live counts of the few sessions still in progress: no scan of sessions or messages."""
-        q = self.conn.execute
-        with self.db.guard:
-            sessions, said, answers, ended, duration_us = q(
-                "SELECT sessions, client_messages, server_messages, ended, duration_us FROM totals"
-            ).fetchone()
-            # The row counts of a session in progress are written when it ends: count it live.
-            live = q(
-                f"SELECT handle, {message_count('client')}, {message_count('server')} FROM sessions "
-                f"WHERE ended_at IS NULL AND {VISIBLE}"
-            ).fetchall()
-            handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
-            hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
-            by_handle = {
-                h: [n, c, a]
-                for h, n, c, a in q(
-                    "SELECT handle, sessions, client_messages, server_messages FROM handle_totals "
-                    "ORDER BY client_messages + server_messages DESC, sessions DESC LIMIT ?",
-                    (5 + len(live),),
-                )
-            }
-            for h, c, a in live:
-                said, answers = said + c, answers + a
-                if h is not None:
-                    if h not in by_handle:
-                        row = q(
-                            "SELECT sessions, client_messages, server_messages FROM handle_totals WHERE handle = ?",
-                            (h,),
-                        ).fetchone()
-                        by_handle[h] = list(row) if row else [1, 0, 0]
-                    by_handle[h][1] += c
-                    by_handle[h][2] += a
-            reasons = q("SELECT reason, sessions FROM reason_totals ORDER BY sessions DESC, reason").fetchall()
-            first = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
-            last = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
-            refused = q("SELECT coalesce(sum(count), 0) FROM refusals").fetchone()[0]
-        busiest = sorted(by_handle.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), -kv[1][0]))[:5]
-        return {
-            "sessions": sessions,
-            "messages": said + answers,
-            "client_messages": said,
-            "server_messages": answers,
-            "handles": handles,
-            "hosts": hosts,
-            "average_session_seconds": round(duration_us / ended / 1e6, 3) if ended else None,
-            "first_session": first[0] if first else None,
-            "last_session": last[0] if last else None,
-            "busiest_handles": [
-                {"handle": h, "sessions": n, "messages": c + a, "said": c, "answers": a}
-                for h, (n, c, a) in busiest
-            ],
-            "end_reasons": {r: n for r, n in reasons},
-            "refused_connections": refused,
-        }
-
     # -- liveness --------------------------------------------------------------------------------
 
     def held(self, ids: list[int]) -> dict[int, str]:
@@ -359,87 +299,12 @@ class Archive:
         finally:
             locks.close()
 
-    # -- deleting --------------------------------------------------------------------------------
-
-    def delete_sessions(self, ids: list[int], *, batch: int | None = None) -> int:
-        """Delete ended sessions with their messages, participants and search entries; returns
-        how many of `ids` were deleted.
-
-        A session still in progress is left alone (checked inside the write transaction, so it
-        cannot start or resume between the check and the delete). The chosen sessions are first
-        marked, which hides them from every read at once; then their messages go in batches of
-        about DELETE_HOLD seconds each, each its own transaction, so the server's commits never wait long behind
-        a large delete. An interrupted delete (Ctrl-C, a crash) is finished by the next one."""
-        batch = batch or DELETE_BATCH
-        chosen: list[int] = []
-        if ids:
-            marks = ", ".join("?" * len(ids))
-            with self._write():
-                chosen = [
-                    r[0]
-                    for r in self.conn.execute(
-                        f"UPDATE sessions SET deleting = 1 WHERE id IN ({marks}) AND ended_at IS NOT NULL "
-                        "RETURNING id",
-                        ids,
-                    )
-                ]
-        with self.db.guard:
-            pending = [r[0] for r in self.conn.execute(f"SELECT id FROM sessions WHERE {DELETING} ORDER BY id")]
-        for session_id in pending:
-            self._delete_one(session_id, batch)
-        return len(chosen)
-
-    def _delete_one(self, session_id: int, batch: int) -> None:
-        while True:
-            started = time.perf_counter()
-            with self._write():
-                n = self.conn.execute(
-                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE session_id = ? "
-                    "ORDER BY session_id, seq LIMIT ?)",
-                    (session_id, batch),
-                ).rowcount
-                if n < batch:
-                    self.conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-                    self.conn.execute("DELETE FROM participants WHERE session_id = ?", (session_id,))
-                    self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-                    return
-            # The next batch is sized to hold the lock about DELETE_HOLD, and the lock is left free
-            # as long as this one held it, so a writer that was waiting gets in first. Meanwhile
-            # what this delete wrote is copied from the WAL into the database (a passive
-            # checkpoint takes no lock a writer needs), so the WAL does not grow by the size of
-            # the whole delete and the server never has to catch up on it in one go.
-            held = max(time.perf_counter() - started, 1e-4)
-            batch = max(100, min(20_000, int(batch * DELETE_HOLD / held)))
-            paused = time.perf_counter()
-            checkpoint(self.conn)
-            time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
-
-    @contextmanager
-    def _write(self) -> Iterator[None]:
-        """A write transaction, waiting out a busy database; any failure is one StoreError."""
-        with self.db.guard, txn.write_transaction(self.conn, pause=0.002, max_pause=0.05):
-            yield
-
     # -- backing up ------------------------------------------------------------------------------
 
     def is_database_file(self, path: str | os.PathLike) -> bool:
         """Whether `path` is this database or one of the files beside it (-wal, -shm, -journal,
         -lock), however spelt: writing there would destroy the archive."""
         return is_database_file(path, self.path)
-
-    def backup(self, dest: str | os.PathLike) -> None:
-        """A consistent copy through SQLite's online backup API (safe while the server writes)."""
-        if self.is_database_file(dest):
-            raise StoreError(f"{dest} is the database {self.path} or one of its files; choose another path")
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        with self.db.guard:
-            target = sqlite3.connect(dest)
-            try:
-                self.conn.backup(target)
-            finally:
-                target.close()
-
 
 _WORD = re.compile(r'"([^"]*)"?|(\S+)')
 

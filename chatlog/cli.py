@@ -703,7 +703,9 @@ def stats(as_json, db):
     from chatlog import views
     from chatlog.render import Renderer
 
-    st = open_archive(db).stats()
+    from chatlog.stats import totals
+
+    st = totals(open_archive(db))
     if as_json:
         views.dump_json(st)
     else:
@@ -753,7 +755,9 @@ def _delete(store, ids, yes):
     what = f"session {ids[0]} and its" if n == 1 else f"{n} sessions and their"
     if not yes:
         click.confirm(f"Delete {what} messages?", abort=True)
-    deleted = store.delete_sessions(ids)
+    from chatlog.upkeep import Upkeep
+
+    deleted = Upkeep(store).delete_sessions(ids)
     click.echo(f"deleted {plural(deleted, 'session')}", err=True)
 
 
@@ -767,6 +771,8 @@ def backup(dest, force, db):
     DEST may be a directory: the copy is DEST/<the database's file name>. An existing file is
     left alone unless --force is given.
     """
+    from chatlog.upkeep import Upkeep
+
     store = open_archive(db)
     if dest.is_dir():
         dest = dest / store.path.name
@@ -775,7 +781,7 @@ def backup(dest, force, db):
     if dest.exists() and not force:
         raise Failed(f"{dest} already exists (use --force to overwrite it)")
     try:
-        store.backup(dest)
+        Upkeep(store).backup(dest)
     except OSError as exc:
         raise Failed(f"cannot write {dest}: {exc.strerror}") from None
     click.echo(f"backed up {store.path} to {dest}", err=True)

@@ -21,6 +21,7 @@ from chatlog import indexer, schema
 from chatlog.archive import open_archive
 from chatlog.db import connect
 from chatlog.recorder import Recorder
+from chatlog.upkeep import Upkeep
 
 
 def run_cli(*args, **kwargs):
@@ -269,7 +270,7 @@ def test_deleting_in_small_batches_across_the_indexed_edge(tmp_path):
         s.add_message(sid, "client", "bob", f"edge {i}")
     indexer.index_pending(s.conn, chunk=25)
     s.end_session(sid, "client-quit")
-    s.delete_sessions([sid], batch=7)
+    Upkeep(s).delete_sessions([sid], batch=7)
     assert_index_exact(s.conn)
     s.close()
 
@@ -285,12 +286,12 @@ def test_an_id_freed_by_deleting_the_newest_rows_is_not_reused_below_the_index(t
         s.add_message(gone, "client", "bob", f"gone {i}")
     indexer.catch_up(s.conn, 10)
     s.end_session(gone, "client-quit")
-    s.delete_sessions([gone])
+    Upkeep(s).delete_sessions([gone])
     assert s.conn.execute("SELECT upto FROM fts_progress").fetchone() == (1,)
     s.add_message(keep, "client", "bob", "reuses id two")  # id 2 again
     assert [m.text for m, _ in s.search("reuses")] == ["reuses id two"]
     s.end_session(keep, "client-quit")
-    s.delete_sessions([keep])
+    Upkeep(s).delete_sessions([keep])
     assert_index_exact(s.conn)
     s.close()
 
@@ -337,7 +338,7 @@ def test_an_old_archive_upgrades_and_keeps_working(tmp_path):
     s.add_message(sid, "client", "bob", "new line")
     s.end_session(sid, "client-quit")
     assert [m.text for m, _ in s.search("new")] == ["new line"]
-    s.delete_sessions([1])
+    Upkeep(s).delete_sessions([1])
     assert_index_exact(s.conn)
     s.close()
     r = run_cli("search", "line", "--count", "--db", str(path))
@@ -373,7 +374,7 @@ def test_random_inserts_index_chunks_and_deletes_keep_the_index_exact(ops):
             elif op[0] == "rm" and slots[op[1]] is not None:
                 sid, slots[op[1]] = slots[op[1]], None
                 s.end_session(sid, "client-quit")
-                s.delete_sessions([sid], batch=op[2])
+                Upkeep(s).delete_sessions([sid], batch=op[2])
             elif op[0] == "edit":
                 s.conn.execute("UPDATE messages SET text = ? WHERE id = ?", (op[2], op[1]))
             assert_index_exact(s.conn)

@@ -18,6 +18,8 @@ from conftest import ROOT, db_rows, wait_until
 from storebuild import open_store
 
 from chatlog.archive import open_archive
+from chatlog.stats import totals
+from chatlog.upkeep import Upkeep
 from chatlog.db import BadQuery, StoreError, StoreFailed, connect, is_database_file
 from chatlog.recorder import RAW_KEEP, Recorder
 
@@ -262,7 +264,8 @@ def test_an_interrupted_delete_is_hidden_and_finished_by_the_next(tmp_path):
     code = (
         "import sys, os, signal\n"
         "import chatlog.archive as a\n"
-        "arc = a.open_archive(sys.argv[1])\n"
+        "from chatlog.upkeep import Upkeep\n"
+        "arc = Upkeep(a.open_archive(sys.argv[1]))\n"
         "orig = arc._delete_one\n"
         "def one(sid, batch):\n"
         "    arc.conn.execute('BEGIN IMMEDIATE')\n"
@@ -392,7 +395,7 @@ def test_read_only_opening_writes_nothing_and_never_migrates(tmp_path):
     a = open_archive(path, read_only=True)
     assert [m.text for m in a.messages(1)] == ["kept on a read-only disk 👍"]
     with pytest.raises(StoreError):
-        a.delete_sessions([1])
+        Upkeep(a).delete_sessions([1])
     a.close()
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before}
     assert after == before
@@ -477,7 +480,7 @@ def test_existing_archive_upgrades_and_reads_as_before(tmp_path):
     s = a.session(1)
     assert (s.kind, s.participants, s.handle, s.messages, s.state) == ("chat", 0, "old", 1, "client-quit")
     assert [m.text for m, _ in a.search("☕")] == ["vintage words ☕"]
-    st = a.stats()
+    st = totals(a)
     assert (st["sessions"], st["messages"], st["handles"], st["average_session_seconds"]) == (1, 1, 1, 60.0)
 
 
@@ -548,7 +551,7 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
         if i < 9:
             rec.end_session(sid, ["client-quit", "timeout", "disconnect"][i % 3], t + i + 7.25)
     a = open_archive(path)
-    a.delete_sessions([ids[1], ids[4], ids[10]])  # the last one is in progress: left alone
+    Upkeep(a).delete_sessions([ids[1], ids[4], ids[10]])  # the last one is in progress: left alone
 
     def recount():
         q = a.conn.execute
@@ -575,7 +578,7 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
             "by_handle": by_handle,
         }
 
-    st, want = a.stats(), recount()
+    st, want = totals(a), recount()
     assert st["sessions"] == want["sessions"] == 10
     assert (st["messages"], st["client_messages"], st["handles"], st["hosts"]) == (
         want["messages"], want["client_messages"], want["handles"], want["hosts"])
@@ -590,7 +593,7 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
     rec2 = Recorder(connect(path))
     rec2.start("127.0.0.1", 1, t + 100)
     a = open_archive(path)
-    st, want = a.stats(), recount()
+    st, want = totals(a), recount()
     assert st["end_reasons"].get("interrupted") == 3 and "in progress" not in st["end_reasons"]
     assert st["messages"] == want["messages"]
     a.close()
@@ -610,7 +613,7 @@ def test_stats_reads_no_table_whole(tmp_path):
             s.end_session(sid, "client-quit")
     statements = []
     s.conn.set_trace_callback(statements.append)
-    s.stats()
+    totals(s)
     s.conn.set_trace_callback(None)
     assert statements
     for sql in statements:
