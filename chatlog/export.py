@@ -122,7 +122,9 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO, >(gzip): write straight in
         try:
             with open(dest, "w", encoding="utf-8", newline="") as out:
-                write(pairs, out)
+                # A terminal (/dev/tty, or /dev/stdout at one) gets the terminal rule, as stdout
+                # does: what is written is made visible. A pipe or a FIFO gets the exact text.
+                write(pairs, TerminalSafe(out) if out.isatty() else out)
         except OSError as exc:
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
         return
