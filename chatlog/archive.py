@@ -110,6 +110,33 @@ class Archive:
         with self.db.guard:
             return [Session(*row) for row in self.conn.execute(sql, args)]
 
+    def sessions_after(self, after: int, limit: int = 100) -> list[Session]:
+        """The sessions with an id above `after`, oldest first (what `tail` has not seen yet)."""
+        with self.db.guard:
+            return [
+                Session(*row)
+                for row in self.conn.execute(
+                    f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id > ? AND {VISIBLE} ORDER BY id LIMIT ?",
+                    (after, limit),
+                )
+            ]
+
+    def before_last(self, session_id: int, lines: int) -> tuple[int, dict[str, int]]:
+        """Where a session's last `lines` messages begin: the sequence number before them, and
+        how many of the messages up to it each sender said (so an ending still counts them all)."""
+        with self.db.guard:
+            row = self.conn.execute(
+                "SELECT seq FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                (session_id, lines),
+            ).fetchone()
+            if row is None:
+                return 0, {}
+            counts = dict(self.conn.execute(
+                "SELECT sender, count(*) FROM messages WHERE session_id = ? AND seq <= ? GROUP BY sender",
+                (session_id, row[0]),
+            ).fetchall())
+        return row[0], counts
+
     def session_ids(self, filters: "Filters") -> list[int]:
         where, args = filter_sql(filters)
         with self.db.guard:

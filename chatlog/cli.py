@@ -547,30 +547,35 @@ def replay(session_id, speed, idle_limit, instant, follow, timestamps, utc, db):
         sys.exit(130)
 
 
-def _follow(store, r, session=None, timestamps=False, utc=False):
+def _follow(store, r, session=None, timestamps=False, utc=False, last=None):
     from chatlog.replay import Follower
 
     follower = Follower(store, r, timestamps=timestamps, utc=utc)
     try:
         if session is not None:
-            follower.session(session)
+            follower.session(session, last)
         else:
-            follower.run()
+            follower.run(last)
     except KeyboardInterrupt:
         sys.exit(0)
 
 
 @cli.command()
 @click.argument("session_id", metavar="[ID]", type=SESSION, required=False)
+@click.option(
+    "-n", "--lines", "last", type=click.IntRange(min=0), default=None, metavar="N",
+    help="Start from the last N lines of the session in progress [default: all of it].",
+)
 @timestamps_option
 @utc_option
 @db_option
-def tail(session_id, timestamps, utc, db):
+def tail(session_id, last, timestamps, utc, db):
     """Watch conversations live, from another terminal, as the server records them.
 
-    With no ID it follows the chat in progress (or waits for the next one to begin) and each one
-    after it; with an ID it stops when that session ends. Before anything is recorded (even
-    before the database exists) it waits for the first session. Ctrl-C stops.
+    With no ID it follows the chat in progress (or waits for the next one to begin) and every one
+    that begins after it, in order, however short; with an ID it stops when that session ends.
+    Before anything is recorded (even before the database exists) it waits for the first
+    session. Ctrl-C stops.
     """
     from chatlog.render import Renderer
 
@@ -579,8 +584,9 @@ def tail(session_id, timestamps, utc, db):
         store = _wait_for_archive(db, r)
         if store is None:
             sys.exit(0)
-        return _follow(store, r, None, timestamps, utc)
-    _follow(open_archive(db), r, get_session(open_archive(db), session_id), timestamps, utc)
+        return _follow(store, r, None, timestamps, utc, last)
+    store = open_archive(db)
+    _follow(store, r, get_session(store, session_id), timestamps, utc, last)
 
 
 def _wait_for_archive(db: Path, r, poll: float = 0.2):
