@@ -65,3 +65,32 @@ class Msg:
     text: str
     raw: bytes | None
     note: str | None
+
+
+
+def _text(value, default: str | None = None) -> str | None:
+    if value is None:
+        return default
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def _int(value) -> int:
+    if type(value) is int:
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def clean_msg(row: tuple) -> tuple:
+    """A messages row (in `Msg` field order) read as stored, each value made the type its column
+    promises, as chatlog.archive's SQL does for every other reader: for the export writers that
+    read rows untyped (the fast way) and take this way for a row of another type (a crafted file)."""
+    id_, session_id, seq, at, sender, handle, text, raw, note = row
+    if raw is not None and not isinstance(raw, bytes):
+        raw = str(raw).encode("utf-8", "surrogatepass")
+    return (id_, _int(session_id), _int(seq), _text(at, ""), _text(sender, ""), _text(handle), _text(text, ""),
+            raw, _text(note))

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from chatlog.archive import VISIBLE, Archive
+from chatlog.archive import VISIBLE, Archive, sql_int, sql_text
 from chatlog.schema import message_count
 
 
 def totals(archive: Archive) -> dict:
     """Totals, from the tables the session-row triggers keep exact (schema m007), plus the
     live counts of the few sessions still in progress: no scan of sessions or messages."""
+    return archive.tolerant(lambda: _totals(archive))
+
+
+def _totals(archive: Archive) -> dict:
     q = archive.conn.execute
     with archive.db.guard:
         sessions, said, answers, ended, duration_us = q(
-            "SELECT sessions, client_messages, server_messages, ended, duration_us FROM totals"
+            "SELECT " + ", ".join(sql_int(c, "0") for c in ("sessions", "client_messages", "server_messages", "ended", "duration_us"))
+            + " FROM totals"
         ).fetchone()
         # The row counts of a session in progress are written when it ends: count it live.
         live = q(
-            f"SELECT handle, {message_count('client')}, {message_count('server')} FROM sessions "
+            f"SELECT {sql_text('handle')}, {message_count('client')}, {message_count('server')} FROM sessions "
             f"WHERE ended_at IS NULL AND {VISIBLE}"
         ).fetchall()
         handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
@@ -24,7 +29,8 @@ def totals(archive: Archive) -> dict:
         by_handle = {
             h: [n, c, a]
             for h, n, c, a in q(
-                "SELECT handle, sessions, client_messages, server_messages FROM handle_totals "
+                f"SELECT {sql_text('handle')}, {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
+                f"{sql_int('server_messages', '0')} FROM handle_totals "
                 "ORDER BY client_messages + server_messages DESC, sessions DESC LIMIT ?",
                 (5 + len(live),),
             )
@@ -34,16 +40,19 @@ def totals(archive: Archive) -> dict:
             if h is not None:
                 if h not in by_handle:
                     row = q(
-                        "SELECT sessions, client_messages, server_messages FROM handle_totals WHERE handle = ?",
+                        f"SELECT {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
+                        f"{sql_int('server_messages', '0')} FROM handle_totals WHERE handle = ?",
                         (h,),
                     ).fetchone()
                     by_handle[h] = list(row) if row else [1, 0, 0]
                 by_handle[h][1] += c
                 by_handle[h][2] += a
-        reasons = q("SELECT reason, sessions FROM reason_totals ORDER BY sessions DESC, reason").fetchall()
-        first = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
-        last = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
-        refused = q("SELECT coalesce(sum(count), 0) FROM refusals").fetchone()[0]
+        reasons = q(
+            f"SELECT {sql_text('reason')}, {sql_int('sessions', '0')} FROM reason_totals ORDER BY sessions DESC, reason"
+        ).fetchall()
+        first = q(f"SELECT {sql_text('started_at')} FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
+        last = q(f"SELECT {sql_text('started_at')} FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
+        refused = q(f"SELECT coalesce(sum({sql_int('count', '0')}), 0) FROM refusals").fetchone()[0]
     busiest = sorted(by_handle.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), -kv[1][0]))[:5]
     return {
         "sessions": sessions,
