@@ -1,7 +1,9 @@
-"""Reading the archive: sessions, messages, search, stats, filters; deleting and backing up.
+"""Reading the archive: sessions, messages, search, filters, who is recording what.
 
 Read commands open the file with `open_archive`; nothing here is imported by the server's chat
-path. Every query returns the small records of `chatlog.records`.
+path, and nothing here writes except the search index catching up. Every query returns the small
+records of `chatlog.records`. The totals are in chatlog.stats; deleting and backing up in
+chatlog.upkeep.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from chatlog import indexer
 from chatlog.db import (
@@ -20,10 +21,8 @@ from chatlog.db import (
     BadQuery,
     ServerLocks,
     StoreError,
-    checkpoint,
     connect,
     describe_error,
-    is_busy,
     is_database_file,
     writable,
 )
@@ -34,9 +33,31 @@ from chatlog.schema import message_count
 if TYPE_CHECKING:
     from chatlog.query import Filters
 
+T = TypeVar("T")
+
+
+# Each value as the type its column promises, whatever a crafted file holds (records.clean_msg too):
+# CAST is one cheap step on a value of the right type. A number where text belongs reads as its
+# digits, a blob as its bytes (text that is not UTF-8: see Archive.tolerant); text or a blob in
+# a number column reads as what SQLite makes of it (0 for `abc`); `default` stands in for NULL.
+def sql_text(expr: str, default: str | None = None) -> str:
+    cast = f"CAST({expr} AS TEXT)"
+    return cast if default is None else f"ifnull({cast}, '{default}')"
+
+
+def sql_int(expr: str, default: str | None = None) -> str:
+    cast = f"CAST({expr} AS INTEGER)"
+    return cast if default is None else f"ifnull({cast}, {default})"
+
 
 def _live_count(sender: str) -> str:
-    return f"CASE WHEN sessions.ended_at IS NULL THEN {message_count(sender)} ELSE sessions.{sender}_messages END"
+    return (
+        f"CASE WHEN sessions.ended_at IS NULL THEN {message_count(sender)} "
+        f"ELSE {sql_int(f'sessions.{sender}_messages', '0')} END"
+    )
+
+
+_SESSION_TEXT = {"started_at": "", "kind": "chat"}  # text that cannot be NULL, and its stand-in
 
 
 # Select these from `sessions` (unaliased) to build a Session: the counts of a session still in
@@ -49,18 +70,54 @@ def _session_column(name: str) -> str:
             "CASE WHEN sessions.kind = 'room' THEN (SELECT count(*) FROM participants p "
             "WHERE p.session_id = sessions.id) ELSE 0 END"
         )
-    return f"sessions.{name}"
+    if name == "id":
+        return "sessions.id"
+    if name.endswith("_port"):  # text there (a crafted file) is kept, and shown made visible
+        return f"iif(typeof(sessions.{name}) = 'blob', quote(sessions.{name}), sessions.{name})"
+    return sql_text(f"sessions.{name}", _SESSION_TEXT.get(name))
 
 
 SESSION_COLUMNS = ", ".join(map(_session_column, Session.__slots__))  # type: ignore[attr-defined]
 VISIBLE = "sessions.deleting = 0"  # a session being deleted is hidden from every read
 DELETING = "deleting != 0"
-MSG_COLUMNS = ", ".join(Msg.__slots__)  # type: ignore[attr-defined]
+# A message's values, each of its column's type (see sql_text): "id" is the rowid, always an integer.
+_MSG_COLUMN = {
+    "id": "{t}id", "session_id": sql_int("{t}session_id", "0"), "seq": sql_int("{t}seq", "0"),
+    "at": sql_text("{t}at", ""), "sender": sql_text("{t}sender", ""), "handle": sql_text("{t}handle"),
+    "text": sql_text("{t}text", ""), "raw": "CAST({t}raw AS BLOB)", "note": sql_text("{t}note"),
+}
+
+
+def msg_columns(table: str = "") -> str:
+    """The `Msg` fields, in order, selected from `messages` (or from its alias `table`)."""
+    prefix = f"{table}." if table else ""
+    return ", ".join(_MSG_COLUMN[name].replace("{t}", prefix) for name in Msg.__slots__)  # type: ignore[attr-defined]
+
+
+MSG_COLUMNS = msg_columns()
+# For the fast export writers (see export_rows): seq and at typed here (cheap in SQL, and the
+# writers print them as they are), the rest as stored (the writers check those themselves).
+UNTYPED_MSG_COLUMNS = ", ".join(
+    _MSG_COLUMN[name].replace("{t}", "") if name in ("seq", "at") else name
+    for name in Msg.__slots__  # type: ignore[attr-defined]
+)
+HIGHLIGHT = sql_text(f"highlight(messages_fts, 0, '{HL_START}', '{HL_END}')", "")
 
 
 SEARCH_CATCH_UP = 2.0  # seconds a search spends at most indexing new messages (normally < 1 s of them)
-DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
-DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
+
+
+def _lenient(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def _not_utf8(exc: BaseException | None) -> bool:
+    """Whether this (or what caused it) is sqlite3 failing to decode stored text as UTF-8."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.OperationalError) and "decode" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bool | None = None) -> "Archive":
@@ -82,6 +139,43 @@ class Archive:
     def close(self) -> None:
         self.db.close()
 
+    # -- text that is not UTF-8 ------------------------------------------------------------------
+    # SQLite keeps whatever bytes it is given as TEXT, and sqlite3 refuses to decode bad UTF-8. Read
+    # as they are (the fast way) until that happens; from then on this connection decodes every
+    # text value leniently, bad bytes escaped (`\xff`), and the read is done again or resumed.
+
+    def _lenient_from_now(self, exc: BaseException) -> None:
+        if not _not_utf8(exc) or self.conn.text_factory is _lenient:
+            raise exc
+        self.conn.text_factory = _lenient
+
+    def tolerant(self, read: Callable[[], T]) -> T:
+        """`read()`, done again with lenient decoding if stored text is not UTF-8."""
+        try:
+            return read()
+        except (sqlite3.OperationalError, StoreError) as exc:
+            self._lenient_from_now(exc)
+        return read()
+
+    def _rows(self, sql: str, args: tuple, resume: Callable[[tuple], tuple]) -> Iterator[tuple]:
+        """The rows of `sql`, streamed. If stored text is not UTF-8, the query is run again with
+        the arguments `resume(last row read)` (which must select the rows after it)."""
+        last = None
+        while True:
+            try:
+                with self.db.guard:
+                    cur = self.conn.execute(sql, args)
+                for last in cur:
+                    yield last
+                return
+            except (sqlite3.OperationalError, StoreError) as exc:
+                try:
+                    self._lenient_from_now(exc)
+                except sqlite3.Error:
+                    raise StoreError(describe_error(self.path, exc)) from exc
+                if last is not None:
+                    args = resume(last)
+
     def session(self, ident: int | str) -> Session | None:
         """A session by id, or the newest one for `last`."""
         if isinstance(ident, str) and ident.lower() == "last":
@@ -90,18 +184,21 @@ class Archive:
         else:
             sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
             args = (int(ident),)
-        with self.db.guard:
-            row = self.conn.execute(sql, args).fetchone()
+        row = self.tolerant(lambda: self._one(sql, args))
         return Session(*row) if row else None
+
+    def _one(self, sql: str, args: tuple) -> tuple | None:
+        with self.db.guard:
+            return self.conn.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple | list) -> list[tuple]:
+        with self.db.guard:
+            return self.conn.execute(sql, args).fetchall()
 
     def messages(self, session_id: int, after_seq: int = 0) -> Iterator[Msg]:
         """A session's messages in order, streamed."""
-        with self.db.guard:
-            cur = self.conn.execute(
-                f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq",
-                (session_id, after_seq),
-            )
-        for row in cur:
+        sql = f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq"
+        for row in self._rows(sql, (session_id, after_seq), lambda last: (session_id, last[2])):
             yield Msg(*row)
 
     def sessions(self, filters: "Filters | None" = None, limit: int = 20) -> list[Session]:
@@ -110,8 +207,28 @@ class Archive:
         sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY sessions.id DESC"
         if limit:
             sql += f" LIMIT {min(int(limit), 2**63 - 1)}"
+        return [Session(*row) for row in self.tolerant(lambda: self._all(sql, args))]
+
+    def sessions_after(self, after: int, limit: int = 100) -> list[Session]:
+        """The sessions with an id above `after`, oldest first (what `tail` has not seen yet)."""
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id > ? AND {VISIBLE} ORDER BY id LIMIT ?"
+        return [Session(*row) for row in self.tolerant(lambda: self._all(sql, (after, limit)))]
+
+    def before_last(self, session_id: int, lines: int) -> tuple[int, dict[str, int]]:
+        """Where a session's last `lines` messages begin: the sequence number before them, and
+        how many of the messages up to it each sender said (so an ending still counts them all)."""
         with self.db.guard:
-            return [Session(*row) for row in self.conn.execute(sql, args)]
+            row = self.conn.execute(
+                "SELECT seq FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                (session_id, lines),
+            ).fetchone()
+            if row is None:
+                return 0, {}
+        counts = dict(self.tolerant(lambda: self._all(
+            "SELECT CAST(sender AS TEXT), count(*) FROM messages WHERE session_id = ? AND seq <= ? GROUP BY sender",
+            (session_id, row[0]),
+        )))
+        return row[0], counts
 
     def session_ids(self, filters: "Filters") -> list[int]:
         where, args = filter_sql(filters)
@@ -124,13 +241,6 @@ class Archive:
         with self.db.guard:
             row = self.conn.execute(
                 f"SELECT sum({_live_count('client')} + {_live_count('server')}) FROM sessions WHERE {where}", args
-            ).fetchone()
-        return row[0] or 0
-
-    def last_seq(self, session_id: int) -> int:
-        with self.db.guard:
-            row = self.conn.execute(
-                "SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)
             ).fetchone()
         return row[0] or 0
 
@@ -182,15 +292,19 @@ class Archive:
             sql = f"SELECT count(*) {source} WHERE {where}"
         else:
             order = "messages_fts.rank" if best else "messages_fts.rowid DESC"
-            cols = ", ".join(f"m.{c}" for c in Msg.__slots__)  # type: ignore[attr-defined]
             sql = (
-                f"SELECT {cols}, highlight(messages_fts, 0, '{HL_START}', '{HL_END}') "
+                f"SELECT {msg_columns('m')}, "
+                f"{HIGHLIGHT} "
                 f"{source} WHERE {where} ORDER BY {order}"
             )
             if limit:
                 sql += f" LIMIT {min(int(limit), 2**63 - 1)}"
         try:
-            rows = self.conn.execute(sql, args).fetchall()
+            try:
+                rows = self.conn.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                self._lenient_from_now(exc)
+                rows = self.conn.execute(sql, args).fetchall()
         except sqlite3.OperationalError as exc:
             # FTS5 reports a bad query as an OperationalError too: anything that is not about the
             # file itself is about the query, and is worded for the person who typed it.
@@ -218,10 +332,13 @@ class Archive:
             except sqlite3.Error as exc:
                 raise StoreError(describe_error(self.path, exc)) from exc
 
-    def export_rows(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[tuple]]]:
+    def export_rows(self, ids: list[int], *, typed: bool = True) -> Iterator[tuple[Session, Iterator[tuple]]]:
         """Each chosen session with its messages as plain tuples (in `Msg` field order), streamed
         by walking two cursors side by side: sessions by id, and messages by (session_id, seq)
-        over the same id range. Two queries in all, however many sessions."""
+        over the same id range. Two queries in all, however many sessions. With `typed=False`
+        the messages are as stored, values of the wrong type included (the fastest way, for a
+        writer that checks them itself: see records.clean_msg)."""
+        columns = MSG_COLUMNS if typed else UNTYPED_MSG_COLUMNS
         if not ids:
             return
         chosen = set(ids)
@@ -229,27 +346,50 @@ class Archive:
         if len(chosen) * 4 < hi - lo + 1:
             # A sparse choice (one handle's sessions among many): the walk would read and drop
             # the messages of every session in between, so each one is read by its index instead.
-            yield from self._export_each(sorted(chosen))
+            yield from self._export_each(sorted(chosen), columns)
             return
+        sessions = self._rows(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id > ? AND id <= ? AND {VISIBLE} ORDER BY id",
+            (lo - 1, hi), lambda last: (last[0], hi),
+        )
+        walk = f"SELECT {columns} FROM messages WHERE session_id BETWEEN ? AND ? ORDER BY session_id, seq"
         with self.db.guard:
-            sessions = self.conn.execute(
-                f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id BETWEEN ? AND ? AND {VISIBLE} ORDER BY id",
-                (lo, hi),
-            )
-            rows = self.conn.execute(
-                f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id BETWEEN ? AND ? "
-                "ORDER BY session_id, seq",
-                (lo, hi),
-            )
-        pending = [next(rows, None)]
+            rows = self.conn.execute(walk, (lo, hi))
+        walk_on = f"SELECT {columns} FROM messages WHERE (session_id, seq) > (?, ?) AND session_id <= ? ORDER BY session_id, seq"
+
+        def resume(exc: Exception, last: tuple | None) -> Iterator[tuple]:
+            # Text that is not UTF-8 (see _rows): the walk goes on after the last row read. Not
+            # a generator around the cursor: this is the hot loop of a large export.
+            try:
+                self._lenient_from_now(exc)
+            except sqlite3.Error:
+                raise StoreError(describe_error(self.path, exc)) from exc
+            with self.db.guard:
+                if last is None:
+                    return self.conn.execute(walk, (lo, hi))
+                return self.conn.execute(walk_on, (last[1], last[2], hi))
+
+        try:
+            first = next(rows, None)
+        except sqlite3.OperationalError as exc:
+            rows = resume(exc, None)
+            first = next(rows, None)
+        pending = [first]
 
         def messages_of(session_id: int) -> Iterator[tuple]:
+            nonlocal rows
             row = pending[0]
-            while row is not None and row[1] < session_id:  # messages of skipped sessions
-                row = next(rows, None)
-            while row is not None and row[1] == session_id:
-                yield row
-                row = next(rows, None)
+            while True:
+                try:  # when next() fails, `row` is still the last row read
+                    while row is not None and row[1] < session_id:  # messages of skipped sessions
+                        row = next(rows, None)
+                    while row is not None and row[1] == session_id:
+                        yield row
+                        row = next(rows, None)
+                    break
+                except sqlite3.OperationalError as exc:
+                    rows = resume(exc, row)
+                    row = next(rows, None)
             pending[0] = row
 
         for srow in sessions:
@@ -262,84 +402,21 @@ class Archive:
 
     def room_addresses(self, session_id: int) -> dict[int, tuple[str, int]]:
         """A room's lines, by sequence number: the address of the participant who said each."""
-        with self.db.guard:
-            rows = self.conn.execute(
-                "SELECT m.seq, p.host, p.port FROM messages m JOIN participants p ON p.id = m.participant_id "
-                "WHERE m.session_id = ?",
-                (session_id,),
-            ).fetchall()
+        rows = self.tolerant(lambda: self._all(
+            f"SELECT m.seq, {sql_text('p.host')}, {sql_int('p.port')} FROM messages m "
+            "JOIN participants p ON p.id = m.participant_id WHERE m.session_id = ?",
+            (session_id,),
+        ))
         return {seq: (host, port) for seq, host, port in rows}
 
-    def _export_each(self, ids: list[int]) -> Iterator[tuple[Session, Iterator[tuple]]]:
+    def _export_each(self, ids: list[int], columns: str) -> Iterator[tuple[Session, Iterator[tuple]]]:
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
+        msgs = f"SELECT {columns} FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq"
         for session_id in ids:
-            with self.db.guard:
-                row = self.conn.execute(
-                    f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}", (session_id,)
-                ).fetchone()
-                if row is None:  # deleted meanwhile
-                    continue
-                rows = self.conn.execute(
-                    f"SELECT {MSG_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq",
-                    (session_id,),
-                )
-            yield Session(*row), rows
-
-    def stats(self) -> dict:
-        """Totals, from the tables the session-row triggers keep exact (schema m007), plus the
-        live counts of the few sessions still in progress: no scan of sessions or messages."""
-        q = self.conn.execute
-        with self.db.guard:
-            sessions, said, answers, ended, duration_us = q(
-                "SELECT sessions, client_messages, server_messages, ended, duration_us FROM totals"
-            ).fetchone()
-            # The row counts of a session in progress are written when it ends: count it live.
-            live = q(
-                f"SELECT handle, {message_count('client')}, {message_count('server')} FROM sessions "
-                f"WHERE ended_at IS NULL AND {VISIBLE}"
-            ).fetchall()
-            handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
-            hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
-            by_handle = {
-                h: [n, c, a]
-                for h, n, c, a in q(
-                    "SELECT handle, sessions, client_messages, server_messages FROM handle_totals "
-                    "ORDER BY client_messages + server_messages DESC, sessions DESC LIMIT ?",
-                    (5 + len(live),),
-                )
-            }
-            for h, c, a in live:
-                said, answers = said + c, answers + a
-                if h is not None:
-                    if h not in by_handle:
-                        row = q(
-                            "SELECT sessions, client_messages, server_messages FROM handle_totals WHERE handle = ?",
-                            (h,),
-                        ).fetchone()
-                        by_handle[h] = list(row) if row else [1, 0, 0]
-                    by_handle[h][1] += c
-                    by_handle[h][2] += a
-            reasons = q("SELECT reason, sessions FROM reason_totals ORDER BY sessions DESC, reason").fetchall()
-            first = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
-            last = q(f"SELECT started_at FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
-            refused = q("SELECT coalesce(sum(count), 0) FROM refusals").fetchone()[0]
-        busiest = sorted(by_handle.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), -kv[1][0]))[:5]
-        return {
-            "sessions": sessions,
-            "messages": said + answers,
-            "client_messages": said,
-            "server_messages": answers,
-            "handles": handles,
-            "hosts": hosts,
-            "average_session_seconds": round(duration_us / ended / 1e6, 3) if ended else None,
-            "first_session": first[0] if first else None,
-            "last_session": last[0] if last else None,
-            "busiest_handles": [
-                {"handle": h, "sessions": n, "messages": c + a, "said": c, "answers": a}
-                for h, (n, c, a) in busiest
-            ],
-            "end_reasons": {r: n for r, n in reasons},
-            "refused_connections": refused,
-        }
+            row = self.tolerant(lambda: self._one(sql, (session_id,)))  # noqa: B023 (called at once)
+            if row is None:  # deleted meanwhile
+                continue
+            yield Session(*row), self._rows(msgs, (session_id, -(2**63)), lambda last: (last[1], last[2]))
 
     # -- liveness --------------------------------------------------------------------------------
 
@@ -349,12 +426,11 @@ class Archive:
         if not ids:
             return {}
         marks = ", ".join("?" * len(ids))
-        with self.db.guard:
-            rows = self.conn.execute(
-                f"SELECT s.id, s.server_id, v.pid, v.hostname FROM sessions s "
-                f"LEFT JOIN servers v ON v.id = s.server_id WHERE s.id IN ({marks}) AND s.ended_at IS NULL",
-                ids,
-            ).fetchall()
+        rows = self.tolerant(lambda: self._all(
+            f"SELECT s.id, s.server_id, v.pid, v.hostname FROM sessions s "
+            f"LEFT JOIN servers v ON v.id = s.server_id WHERE s.id IN ({marks}) AND s.ended_at IS NULL",
+            ids,
+        ))
         if not rows:
             return {}
         locks = ServerLocks(self.path, create=False)
@@ -366,117 +442,12 @@ class Archive:
         finally:
             locks.close()
 
-    def held_by_live_server(self, session_id: int) -> str | None:
-        """Who is recording this session (`pid P on HOST`), or None."""
-        return self.held([session_id]).get(session_id)
-
-    # -- deleting --------------------------------------------------------------------------------
-
-    def delete_sessions(self, ids: list[int], *, batch: int | None = None) -> int:
-        """Delete ended sessions with their messages, participants and search entries; returns
-        how many of `ids` were deleted.
-
-        A session still in progress is left alone (checked inside the write transaction, so it
-        cannot start or resume between the check and the delete). The chosen sessions are first
-        marked, which hides them from every read at once; then their messages go in batches of
-        about DELETE_HOLD seconds each, each its own transaction, so the server's commits never wait long behind
-        a large delete. An interrupted delete (Ctrl-C, a crash) is finished by the next one."""
-        batch = batch or DELETE_BATCH
-        chosen: list[int] = []
-        if ids:
-            marks = ", ".join("?" * len(ids))
-            with self._write():
-                chosen = [
-                    r[0]
-                    for r in self.conn.execute(
-                        f"UPDATE sessions SET deleting = 1 WHERE id IN ({marks}) AND ended_at IS NOT NULL "
-                        "RETURNING id",
-                        ids,
-                    )
-                ]
-        with self.db.guard:
-            pending = [r[0] for r in self.conn.execute(f"SELECT id FROM sessions WHERE {DELETING} ORDER BY id")]
-        for session_id in pending:
-            self._delete_one(session_id, batch)
-        return len(chosen)
-
-    def _delete_one(self, session_id: int, batch: int) -> None:
-        while True:
-            started = time.perf_counter()
-            with self._write():
-                n = self.conn.execute(
-                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE session_id = ? "
-                    "ORDER BY session_id, seq LIMIT ?)",
-                    (session_id, batch),
-                ).rowcount
-                if n < batch:
-                    self.conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-                    self.conn.execute("DELETE FROM participants WHERE session_id = ?", (session_id,))
-                    self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-                    return
-            # The next batch is sized to hold the lock about DELETE_HOLD, and the lock is left free
-            # as long as this one held it, so a writer that was waiting gets in first. Meanwhile
-            # what this delete wrote is copied from the WAL into the database (a passive
-            # checkpoint takes no lock a writer needs), so the WAL does not grow by the size of
-            # the whole delete and the server never has to catch up on it in one go.
-            held = max(time.perf_counter() - started, 1e-4)
-            batch = max(100, min(20_000, int(batch * DELETE_HOLD / held)))
-            paused = time.perf_counter()
-            checkpoint(self.conn)
-            time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
-
-    def _write(self) -> "_WriteTx":
-        return _WriteTx(self)
-
     # -- backing up ------------------------------------------------------------------------------
 
     def is_database_file(self, path: str | os.PathLike) -> bool:
         """Whether `path` is this database or one of the files beside it (-wal, -shm, -journal,
         -lock), however spelt: writing there would destroy the archive."""
         return is_database_file(path, self.path)
-
-    def backup(self, dest: str | os.PathLike) -> None:
-        """A consistent copy through SQLite's online backup API (safe while the server writes)."""
-        if self.is_database_file(dest):
-            raise StoreError(f"{dest} is the database {self.path} or one of its files; choose another path")
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        with self.db.guard:
-            target = sqlite3.connect(dest)
-            try:
-                self.conn.backup(target)
-            finally:
-                target.close()
-
-
-class _WriteTx:
-    """BEGIN IMMEDIATE ... COMMIT on the archive's connection, waiting out a busy database."""
-
-    def __init__(self, archive: Archive):
-        self.a = archive
-
-    def __enter__(self):
-        delay = 0.002
-        while True:
-            try:
-                self.a.conn.execute("BEGIN IMMEDIATE")
-                return self
-            except sqlite3.Error as exc:
-                if not is_busy(exc):
-                    raise StoreError(describe_error(self.a.path, exc)) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            self.a.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        except sqlite3.Error as err:
-            if exc_type is None:
-                raise StoreError(describe_error(self.a.path, err)) from err
-        if exc_type is not None and issubclass(exc_type, sqlite3.Error):
-            raise StoreError(describe_error(self.a.path, exc)) from exc
-        return False
-
 
 _WORD = re.compile(r'"([^"]*)"?|(\S+)')
 

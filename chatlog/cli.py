@@ -227,6 +227,26 @@ class SessionRef(click.ParamType):
 SESSION = SessionRef()
 
 
+class ExportFormat(click.Choice):
+    """The export formats: the names in chatlog.export's writer registry, looked up only when
+    the option is used (or its help shown), so `chatlog --help` and `chatlog path` stay fast."""
+
+    name = "format"
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from chatlog.export import WRITERS
+
+        return tuple(WRITERS)
+
+    @choices.setter
+    def choices(self, value):
+        pass  # click sets it in __init__; the registry is the one list
+
+
 def filter_options(fn):
     """--handle, --host, --since, --until: the filters shared by sessions, export and prune."""
     fn = click.option("--until", type=WHEN, metavar="WHEN", help="Sessions started before WHEN.")(fn)
@@ -543,30 +563,35 @@ def replay(session_id, speed, idle_limit, instant, follow, timestamps, utc, db):
         sys.exit(130)
 
 
-def _follow(store, r, session=None, timestamps=False, utc=False):
+def _follow(store, r, session=None, timestamps=False, utc=False, last=None):
     from chatlog.replay import Follower
 
     follower = Follower(store, r, timestamps=timestamps, utc=utc)
     try:
         if session is not None:
-            follower.session(session)
+            follower.session(session, last)
         else:
-            follower.run()
+            follower.run(last)
     except KeyboardInterrupt:
         sys.exit(0)
 
 
 @cli.command()
 @click.argument("session_id", metavar="[ID]", type=SESSION, required=False)
+@click.option(
+    "-n", "--lines", "last", type=click.IntRange(min=0), default=None, metavar="N",
+    help="Start from the last N lines of the session in progress [default: all of it].",
+)
 @timestamps_option
 @utc_option
 @db_option
-def tail(session_id, timestamps, utc, db):
+def tail(session_id, last, timestamps, utc, db):
     """Watch conversations live, from another terminal, as the server records them.
 
-    With no ID it follows the chat in progress (or waits for the next one to begin) and each one
-    after it; with an ID it stops when that session ends. Before anything is recorded (even
-    before the database exists) it waits for the first session. Ctrl-C stops.
+    With no ID it follows the chat in progress (or waits for the next one to begin) and every one
+    that begins after it, in order, however short; with an ID it stops when that session ends.
+    Before anything is recorded (even before the database exists) it waits for the first
+    session. Ctrl-C stops.
     """
     from chatlog.render import Renderer
 
@@ -575,8 +600,9 @@ def tail(session_id, timestamps, utc, db):
         store = _wait_for_archive(db, r)
         if store is None:
             sys.exit(0)
-        return _follow(store, r, None, timestamps, utc)
-    _follow(open_archive(db), r, get_session(open_archive(db), session_id), timestamps, utc)
+        return _follow(store, r, None, timestamps, utc, last)
+    store = open_archive(db)
+    _follow(store, r, get_session(store, session_id), timestamps, utc, last)
 
 
 def _wait_for_archive(db: Path, r, poll: float = 0.2):
@@ -607,7 +633,7 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
 @filter_options
 @click.option("--all", "everything", is_flag=True, help="Export every session (the default when no ID or filter is given).")
 @click.option(
-    "-f", "--format", "fmt", type=click.Choice(["txt", "md", "json", "jsonl", "csv", "html", "cast"]),
+    "-f", "--format", "fmt", type=ExportFormat(),
     default=None, help="Output format [default: from the -o extension, else txt].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", help="Output file [default: stdout].")
@@ -699,7 +725,9 @@ def stats(as_json, db):
     from chatlog import views
     from chatlog.render import Renderer
 
-    st = open_archive(db).stats()
+    from chatlog.stats import totals
+
+    st = totals(open_archive(db))
     if as_json:
         views.dump_json(st)
     else:
@@ -749,7 +777,9 @@ def _delete(store, ids, yes):
     what = f"session {ids[0]} and its" if n == 1 else f"{n} sessions and their"
     if not yes:
         click.confirm(f"Delete {what} messages?", abort=True)
-    deleted = store.delete_sessions(ids)
+    from chatlog.upkeep import Upkeep
+
+    deleted = Upkeep(store).delete_sessions(ids)
     click.echo(f"deleted {plural(deleted, 'session')}", err=True)
 
 
@@ -763,6 +793,8 @@ def backup(dest, force, db):
     DEST may be a directory: the copy is DEST/<the database's file name>. An existing file is
     left alone unless --force is given.
     """
+    from chatlog.upkeep import Upkeep
+
     store = open_archive(db)
     if dest.is_dir():
         dest = dest / store.path.name
@@ -771,7 +803,7 @@ def backup(dest, force, db):
     if dest.exists() and not force:
         raise Failed(f"{dest} already exists (use --force to overwrite it)")
     try:
-        store.backup(dest)
+        Upkeep(store).backup(dest)
     except OSError as exc:
         raise Failed(f"cannot write {dest}: {exc.strerror}") from None
     click.echo(f"backed up {store.path} to {dest}", err=True)

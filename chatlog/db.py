@@ -32,10 +32,6 @@ class StoreFailed(StoreError):
     """The database cannot be written, for good (disk full, read-only, I/O error)."""
 
 
-class StoreBusy(StoreError):
-    """Another process holds the write lock (kept inside the recorder, which waits)."""
-
-
 class BadQuery(StoreError):
     """A search query that cannot be run, with what was wrong with it."""
 
@@ -57,14 +53,6 @@ _FATAL = {
 # a device (/dev/null) failed deep inside SQLite.
 NOT_A_FILE = "{path} is not a regular file (a pipe or a device?), not a database file"
 SIDE_FILES = ("-wal", "-shm", "-journal", "-lock")
-
-
-def is_busy(exc: BaseException) -> bool:
-    """Another connection holds the lock: worth waiting for."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
-    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def failure_line(path: Path, exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from chatlog.render import Renderer
 from chatlog.sanitize import TerminalSafe, csv_cell, csv_plain, html_text, visible
 from chatlog.views import console_lines, header_lines, message_dict, session_dict
 
-from chatlog.records import Msg, Session
+from chatlog.records import Msg, Session, clean_msg
 
 if TYPE_CHECKING:
     from chatlog.query import Filters
@@ -59,6 +59,9 @@ EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".html": "html", ".htm": "html",
     ".cast": "cast",
 }
+
+
+UNTYPED: set = set()  # writers that take messages as stored and check each value's type themselves
 
 
 def writer(name: str):
@@ -107,7 +110,7 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     def write(pairs, out):
         chosen(pairs, out, options)
 
-    pairs = store.export_rows(ids)
+    pairs = store.export_rows(ids, typed=chosen not in UNTYPED)
     to_stdout = output == "-"
     if sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
         total = store.message_total(filters) if filters is not None else 0
@@ -122,7 +125,9 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     if dest.exists() and not dest.is_file():  # /dev/stdout, a FIFO, >(gzip): write straight in
         try:
             with open(dest, "w", encoding="utf-8", newline="") as out:
-                write(pairs, out)
+                # A terminal (/dev/tty, or /dev/stdout at one) gets the terminal rule, as stdout
+                # does: what is written is made visible. A pipe or a FIFO gets the exact text.
+                write(pairs, TerminalSafe(out) if out.isatty() else out)
         except OSError as exc:
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
         return
@@ -259,7 +264,8 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         add = batch.append
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
-            for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+            for row in rows:
+                _id, _sid, seq, at, sender, handle, text, raw, note = clean_msg(row)
                 line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note)
                 if seq in where:
                     host, port = where[seq]
@@ -268,14 +274,20 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
             out.write("".join(batch))
             continue
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
-            if raw is None and note is None and handle is not None:
-                add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
-            else:
-                add(_jsonl_rare(head, seq, at, sender, handle, text, raw, note))
+            try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
+                if raw is None and note is None and handle is not None:
+                    add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
+                else:
+                    add(_jsonl_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+            except TypeError:
+                add(_jsonl_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
         out.write("".join(batch))
+
+
+UNTYPED.add(write_jsonl)
 
 
 def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
@@ -316,21 +328,27 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         add = batch.append
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
-            for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+            for row in rows:
+                _id, _sid, seq, at, sender, handle, text, raw, note = clean_msg(row)
                 host, port = where.get(seq, (None, None))
                 add(_csv_rare(head, seq, at, sender, handle, text, raw, note, host, port))
             out.write("".join(batch))
             continue
         for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
             if raw is not None or note is not None or handle is None or sender not in plain:
-                add(_csv_rare(head, seq, at, sender, handle, text, raw, note))
+                add(_csv_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
             else:
-                h = handles.get(handle)
-                if h is None:
-                    h = handles[handle] = cell(handle)
-                if not safe(text):
-                    text = cell(text)
-                add(f"{head},{seq},{at},{sender},{h},{text},,,,\n")
+                try:  # a value of the wrong type (a crafted file) raises TypeError here
+                    h = handles.get(handle)
+                    if h is None:
+                        if type(handle) is not str:
+                            raise TypeError
+                        h = handles[handle] = cell(handle)
+                    if not safe(text):  # (csv_plain takes only text)
+                        text = cell(text)
+                    add(f"{head},{seq},{at},{sender},{h},{text},,,,\n")
+                except TypeError:
+                    add(_csv_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -338,6 +356,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
 
 
 _PLAIN_SENDERS = frozenset(("client", "server"))
+
+
+UNTYPED.add(write_csv)
 
 
 def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, host=None, port=None) -> str:

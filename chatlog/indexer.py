@@ -11,51 +11,37 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from typing import Callable
+
+from chatlog import txn
 
 CHUNK = 200  # message ids per transaction: a few ms of the write lock
 
 
-def _busy(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
-def index_pending(conn: sqlite3.Connection, chunk: int = CHUNK) -> int:
+def index_pending(conn: sqlite3.Connection, chunk: int = CHUNK, *, give_up: Callable[[], bool] = lambda: True) -> int:
     """Index the next messages after `upto` (at most `chunk` ids; 'event' rows are skipped, not
     indexed) and move `upto` past them, in one transaction. Returns how many ids it covered: 0
-    when nothing is pending, or when another connection holds the write lock (never waited for:
-    the next round does it). `conn` is in autocommit mode; other errors are raised."""
-    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute("PRAGMA busy_timeout = 0")
+    when nothing is pending, or when another connection holds the write lock and `give_up()` says
+    so (by default at once: the next round does it). The lock is asked for without SQLite's own
+    busy timeout, so the server's writes, which do wait in it, go first. `conn` is in autocommit
+    mode; other errors are raised."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if _busy(exc):
-            return 0
-        raise
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
-    try:
-        upto = conn.execute("SELECT upto FROM fts_progress").fetchone()[0]
-        n, last = conn.execute(
-            "SELECT count(*), max(id) FROM (SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)",
-            (upto, max(1, int(chunk))),
-        ).fetchone()
-        if n:
-            conn.execute(
-                "INSERT INTO messages_fts (rowid, text) SELECT id, text FROM messages "
-                "WHERE id > ? AND id <= ? AND sender != 'event'",
-                (upto, last),
-            )
-            conn.execute("UPDATE fts_progress SET upto = ?", (last,))
-        conn.execute("COMMIT")
+        with txn.write_transaction(conn, lock_timeout_ms=0, should_stop=give_up, pause=0.002):
+            upto = conn.execute("SELECT upto FROM fts_progress").fetchone()[0]
+            n, last = conn.execute(
+                "SELECT count(*), max(id) FROM (SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?)",
+                (upto, max(1, int(chunk))),
+            ).fetchone()
+            if n:
+                conn.execute(
+                    "INSERT INTO messages_fts (rowid, text) SELECT id, text FROM messages "
+                    "WHERE id > ? AND id <= ? AND sender != 'event'",
+                    (upto, last),
+                )
+                conn.execute("UPDATE fts_progress SET upto = ?", (last,))
         return n
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    except txn.Busy:
+        return 0
 
 
 def pending(conn: sqlite3.Connection, *, searchable: bool = False) -> int:
@@ -72,17 +58,18 @@ def catch_up(conn: sqlite3.Connection, seconds: float, chunk: int = CHUNK, pause
     in short steps; with `pause`, each chunk is followed by a pause as long as it held the lock,
     so a writer that was waiting goes first. Returns how many messages are left unindexed."""
     deadline = time.monotonic() + seconds
+
+    def out_of_time() -> bool:
+        return time.monotonic() >= deadline
+
     while True:
         started = time.monotonic()
-        n = index_pending(conn, chunk)
+        n = index_pending(conn, chunk, give_up=out_of_time)
         now = time.monotonic()
         if n < chunk:
             left = pending(conn)
             if left == 0 or now >= deadline:
                 return left
-            if n == 0:
-                time.sleep(0.002)  # busy: another writer holds the lock
-                continue
         if now >= deadline:
             return pending(conn)
         if pause:

@@ -20,8 +20,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from chatlog import indexer
-from chatlog.db import DB, ServerLocks, StoreFailed, connect, failure_line, hostname, is_busy
+from chatlog import indexer, txn
+from chatlog.db import DB, ServerLocks, StoreFailed, connect, failure_line, hostname
 from chatlog.records import iso
 from chatlog.schema import message_count
 
@@ -68,32 +68,23 @@ class Recorder:
     # -- the one way anything is written ---------------------------------------------------------
 
     def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        """Run one statement, waiting out a busy database; a lasting failure is StoreFailed."""
-        started = told = None
-        while True:
-            try:
-                cur = self.conn.execute(sql, args)
-            except sqlite3.Error as exc:
-                if not is_busy(exc):
-                    raise StoreFailed(failure_line(self.path, exc)) from None
-                now = time.monotonic()
-                started = started or now
-                if self.should_stop():
-                    raise StoreFailed(
-                        f"cannot write the database {self.path}: another process has held it "
-                        f"locked for {now - started:.1f} s"
-                    ) from None
-                if told is None and now - started >= WAIT_NOTICE:
-                    told = now
-                    if self.on_wait is not None:
-                        self.on_wait(now - started, False)
-                # SQLite's own wait (BUSY_TIMEOUT_MS) polls the lock densely; no backoff on top
-                # of it, or a writer would sleep through the gaps a batched delete leaves.
-                time.sleep(0.001)
-                continue
-            if told is not None and self.on_wait is not None:
-                self.on_wait(time.monotonic() - started, True)
-            return cur
+        """Run one statement, waiting out a busy database; a lasting failure is StoreFailed.
+        SQLite's own wait (BUSY_TIMEOUT_MS) polls the lock densely; no backoff on top of it,
+        or a writer would sleep through the gaps a batched delete leaves."""
+        try:
+            return txn.execute(
+                self.conn, sql, args, should_stop=self.should_stop, on_wait=self.on_wait, notice_after=WAIT_NOTICE
+            )
+        except (txn.Busy, sqlite3.Error) as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: BaseException) -> StoreFailed:
+        if isinstance(exc, txn.Busy):
+            return StoreFailed(
+                f"cannot write the database {self.path}: another process has held it "
+                f"locked for {exc.waited:.1f} s"
+            )
+        return StoreFailed(failure_line(self.path, exc))
 
     @contextmanager
     def transaction(self) -> Iterator["Recorder"]:
@@ -104,18 +95,18 @@ class Recorder:
         if self._in_tx:
             yield self
             return
-        self._run("BEGIN IMMEDIATE")
         saved = dict(self._seq)
         self._in_tx = True
         try:
-            yield self
-            self._run("COMMIT")
+            with txn.write_transaction(
+                self.conn, should_stop=self.should_stop, on_wait=self.on_wait, notice_after=WAIT_NOTICE
+            ):
+                yield self
+        except (txn.Busy, sqlite3.Error) as exc:
+            self._seq = saved
+            raise self._failure(exc) from None
         except BaseException:
             self._seq = saved
-            try:
-                self.conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             raise
         finally:
             self._in_tx = False

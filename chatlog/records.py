@@ -64,12 +64,6 @@ class Session:
         return self.client_messages + self.server_messages
 
     @property
-    def duration(self) -> float | None:
-        if not self.ended_at:
-            return None
-        return (parse_iso(self.ended_at) - parse_iso(self.started_at)).total_seconds()
-
-    @property
     def state(self) -> str:
         """How it ended (the end reason), or `in progress` / `waiting`."""
         if self.end_reason is None:
@@ -88,3 +82,32 @@ class Msg:
     text: str
     raw: bytes | None
     note: str | None
+
+
+
+def _text(value, default: str | None = None) -> str | None:
+    if value is None:
+        return default
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def _int(value) -> int:
+    if type(value) is int:
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def clean_msg(row: tuple) -> tuple:
+    """A messages row (in `Msg` field order) read as stored, each value made the type its column
+    promises, as chatlog.archive's SQL does for every other reader: for the export writers that
+    read rows untyped (the fast way) and take this way for a row of another type (a crafted file)."""
+    id_, session_id, seq, at, sender, handle, text, raw, note = row
+    if raw is not None and not isinstance(raw, bytes):
+        raw = str(raw).encode("utf-8", "surrogatepass")
+    return (id_, _int(session_id), _int(seq), _text(at, ""), _text(sender, ""), _text(handle), _text(text, ""),
+            raw, _text(note))

@@ -28,11 +28,6 @@ STYLES = {
 }
 
 
-def chat_text(handle: str | None, text: str) -> str:
-    """The plain `handle>text` line (no color), sanitised. A message with no handle shows its text."""
-    if handle is None:
-        return visible(text)
-    return f"{visible(handle)}>{visible(text)}"
 
 
 def want_color(stream: TextIO, force: bool | None = None) -> bool:
@@ -85,22 +80,10 @@ class Renderer:
         """A system event; `text` is ours, but may carry client data, so it is sanitised too."""
         self.write(self.paint("event", visible(text)))
 
-    def error(self, text: str) -> None:
-        self.write(self.paint("error", visible(text)))
-
-    # Set by an interactive caller (serve at a terminal) whose prompt may be on screen: called
-    # around each line as hook(True) before and hook(False) after.
-    hook = None
-
     def write(self, line: str) -> None:
-        hook = self.hook
         try:
-            if hook is not None and hook(True):
-                line = "\r\x1b[K" + line
             self.stream.write(line + "\n")
             self.stream.flush()
-            if hook is not None:
-                hook(False)
         except BrokenPipeError:
             # The reader of our output went away (`| head`); the chat goes on, unprinted.
             try:

@@ -167,11 +167,16 @@ class Follower:
         for _, line in console_lines(evs, self.r, self.timestamps, self.utc):
             self.r.write(line)
 
-    def session(self, s: Session) -> bool:
-        """Follow one session to its end (True), or until it is deleted or we are stopped."""
+    def session(self, s: Session, last: int | None = None) -> bool:
+        """Follow one session to its end (True), or until it is deleted or we are stopped. With
+        `last`, what was said before now is shown from its last `last` lines only."""
         t = transcript.Transcript(s)
         self.show(dataclasses.replace(ev, text=f"session {s.id}: {ev.text}") for ev in t.start())
         seq = 0
+        if last is not None:
+            seq, said = self.store.before_last(s.id, last)
+            for sender in t.counts:
+                t.counts[sender] += said.get(sender, 0)
         while not self.stop():
             for m in paged_messages(self.store, s.id, seq):
                 self.show(t.message(m))
@@ -189,26 +194,47 @@ class Follower:
             time.sleep(self.poll)
         return False
 
-    def in_progress(self, after: int = 0) -> Session | None:
-        """The session being served now (the newest served and not ended), if newer than `after`."""
-        for s in self.store.sessions(None, 50):
-            if s.id <= after:
-                return None
-            if s.served_at is not None and s.ended_at is None:
-                return s
-        return None
+    def first(self) -> int:
+        """Where following starts: before the oldest of the newest sessions not yet ended (the
+        chat in progress, and any client queued for its turn), else after the newest one."""
+        recent = self.store.sessions(None, 50)
+        open_ = [s.id for s in recent if s.ended_at is None]
+        if open_:
+            return min(open_) - 1
+        return recent[0].id if recent else 0
 
-    def run(self) -> None:
-        """Follow the session in progress, then each one served after it; with none, wait."""
-        after = 0
-        said = False
+    def run(self, last: int | None = None) -> None:
+        """Follow every session that happens while we run, in the order they began: the one in
+        progress (from its last `last` lines, if given), then each later one, including those
+        that began and ended between two polls. A queued client's session is followed once its
+        chat begins; one that ended without beginning (a refusal) is passed over. With none,
+        wait."""
+        after = self.first()
+        shown: set[int] = set()  # followed, with ids above `after`
+        followed = said = False
         while not self.stop():
-            s = self.in_progress(after)
+            after, s = self._next(after, shown)
             if s is None:
-                if not said and after == 0:
+                if not said and not followed:
                     self.r.event("Waiting for a session to start...")
                 said = True
                 time.sleep(self.poll)
                 continue
-            self.session(s)
-            after = s.id
+            self.session(s, None if followed else last)
+            shown.add(s.id)
+            followed = True
+
+    def _next(self, after: int, shown: set[int]) -> tuple[int, Session | None]:
+        """The next session to follow after `after`, and how far everything is settled (shown,
+        or ended without its chat beginning): a queued one holds that mark until it is."""
+        mark, blocked = after, False
+        for s in self.store.sessions_after(after):
+            if s.id in shown or (s.served_at is None and s.ended_at is not None):
+                if not blocked:
+                    mark = s.id
+                    shown.discard(s.id)
+                continue
+            if s.served_at is not None:
+                return mark, s
+            blocked = True  # queued: later sessions may still be followed meanwhile
+        return mark, None

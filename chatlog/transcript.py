@@ -194,6 +194,3 @@ def stamp(when: str, utc: bool = False) -> str:
     """The irssi-like prefix of a line with --timestamps: `[20:09:14] `."""
     return f"[{clock(when, utc)}] "
 
-
-def counts_text(client: int, server: int) -> str:
-    return f"{plural(client, 'message')} from the client, {server} from the server"

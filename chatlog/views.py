@@ -37,9 +37,6 @@ def fmt_time(value: str | None, utc: bool = False) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-fmt_duration = duration
-
-
 def session_duration(s: Session) -> float | None:
     return transcript.seconds_between(s.started_at, s.ended_at)
 

@@ -317,7 +317,7 @@ class Ran:
         return self.stdout + self.stderr
 
 
-def run_chatlog(db, *args, input=None, env=None, process=False):
+def run_chatlog(db, *args, input=None, env=None, process=False, timeout=60):
     """Run `chatlog ARGS --db DB` (no --db when db is None) and return exit_code, stdout, stderr
     and output. In-process through the real click command by default (fast: a test suite runs
     hundreds); process=True runs `python -m chatlog` for what only a process shows (the entry
@@ -330,8 +330,27 @@ def run_chatlog(db, *args, input=None, env=None, process=False):
 
         return CliRunner(env=env).invoke(cli, argv, input=input, catch_exceptions=False)
     r = subprocess.run([sys.executable, "-m", "chatlog", *argv], input=input, capture_output=True, text=True,
-                       cwd=ROOT, timeout=60, env=dict(os.environ, **(env or {})))
+                       cwd=ROOT, timeout=timeout, env=dict(os.environ, **(env or {})))
     return Ran(r.returncode, r.stdout, r.stderr)
+
+
+@pytest.fixture
+def fake_server():
+    """Makes `FakeServer(script)`s (tests/fakeserver.py) for driving the C client, and joins every
+    one at teardown: a failure in a script (the client sent something else, or never sent what
+    was expected) fails the test, whether or not the test joined it itself."""
+    from fakeserver import FakeServer
+
+    made = []
+
+    def make(script):
+        srv = FakeServer(script)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.join()
 
 
 def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:

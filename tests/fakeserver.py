@@ -6,7 +6,11 @@ import threading
 
 
 class FakeServer:
-    """Accepts one client; `script(conn)` runs in a thread and talks to it with raw bytes."""
+    """Accepts one client; `script(conn)` runs in a thread and talks to it with raw bytes.
+
+    Tests make these through conftest's `fake_server` fixture, which joins each at teardown:
+    a script's failure (a wrong byte from the client, say) then fails the test even when the
+    test does not join it itself."""
 
     def __init__(self, script):
         self.sock = socket.socket()
@@ -31,9 +35,13 @@ class FakeServer:
             self.sock.close()
 
     def join(self, timeout=20):
+        """Wait for the script to end; its failure, if any, is raised here (once)."""
         self.thread.join(timeout)
-        if self.error:
-            raise self.error
+        if self.thread.is_alive():
+            raise AssertionError(f"the fake server's script did not finish in {timeout} s; received {self.received!r}")
+        error, self.error = self.error, None
+        if error:
+            raise error
 
 
 class Peer:

@@ -266,11 +266,10 @@ def test_a_relative_xdg_data_home_is_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("closed", [0, 1])
-def test_the_client_never_writes_its_screen_into_the_socket(chatclient, closed):
+def test_the_client_never_writes_its_screen_into_the_socket(chatclient, closed, fake_server):
     """Started with stdout closed (`>&-`), the socket took descriptor 1 and the client's own
     lines ("Connecting to ...", the handle prompt) were sent to the server as chat; with stdin
     closed it read its keyboard from the socket."""
-    from fakeserver import FakeServer
 
     def script(peer):
         if closed == 1:
@@ -278,7 +277,7 @@ def test_the_client_never_writes_its_screen_into_the_socket(chatclient, closed):
             peer.send(b"SERVER>ok\n")
         peer.wait_close()
 
-    fake = FakeServer(script)
+    fake = fake_server(script)
     r = subprocess.run(
         [str(chatclient), "127.0.0.1", str(fake.port)], input=None if closed == 0 else b"amy\nhi\n",
         stdout=None if closed == 1 else subprocess.PIPE, stderr=subprocess.PIPE, timeout=20,

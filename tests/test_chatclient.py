@@ -14,7 +14,6 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import login, spawn_client
-from fakeserver import FakeServer
 
 from chatlog.sanitize import UNSAFE_RANGES, visible
 
@@ -30,14 +29,14 @@ def finish(p, status):
     assert p.exitstatus == status, p.before
 
 
-def test_exact_bytes_of_a_chat(chatclient):
+def test_exact_bytes_of_a_chat(chatclient, fake_server):
     def script(peer):
         peer.expect(b"brandon>hello server\n\0")
         peer.send(b"SERVER>why hello client\n")
         peer.expect(b"brandon>\\quit\n\0")
         peer.wait_close()
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     p = spawn_client(chatclient, srv.port)
     p.expect_exact(f"Connecting to 127.0.0.1 port {srv.port}")
     login(p)
@@ -52,8 +51,8 @@ def test_exact_bytes_of_a_chat(chatclient):
 
 
 @pytest.mark.parametrize("bad", ["", "elevenchars", "two words", "a>b"])
-def test_invalid_handles_are_asked_again(chatclient, bad):
-    srv = FakeServer(lambda peer: peer.expect(b"ok>"))
+def test_invalid_handles_are_asked_again(chatclient, bad, fake_server):
+    srv = fake_server(lambda peer: peer.expect(b"ok>"))
     p = spawn_client(chatclient, srv.port)
     p.expect_exact("What would you like your chat handle to be> ")
     p.sendline(bad)
@@ -64,17 +63,18 @@ def test_invalid_handles_are_asked_again(chatclient, bad):
     p.terminate(force=True)
 
 
-def test_server_close_is_noticed_before_enter(chatclient):
+def test_server_close_is_noticed_before_enter(chatclient, fake_server):
     def script(peer):
         peer.expect(b"\n\0")
         peer.send(b"SERVER>go\n")
         peer.conn.settimeout(0.3)
         try:
-            peer.conn.recv(1)  # the user types but never presses Enter: nothing arrives
+            early = peer.conn.recv(1)  # the user types but never presses Enter: nothing arrives
         except TimeoutError:
-            pass
+            return
+        raise AssertionError(f"sent before Enter: {early!r}")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -85,8 +85,8 @@ def test_server_close_is_noticed_before_enter(chatclient):
     finish(p, 1)
 
 
-def test_server_quit(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(b"\\quit\n")))
+def test_server_quit(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"\n\0"), peer.send(b"\\quit\n")))
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -94,8 +94,8 @@ def test_server_quit(chatclient):
     finish(p, 0)
 
 
-def test_ctrl_d_is_quit(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
+def test_ctrl_d_is_quit(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendeof()
@@ -104,8 +104,8 @@ def test_ctrl_d_is_quit(chatclient):
     srv.join()
 
 
-def test_length_limit_and_empty_lines(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"brandon>" + b"x" * 500 + b"\n\0")))
+def test_length_limit_and_empty_lines(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"brandon>" + b"x" * 500 + b"\n\0")))
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("")  # nothing is sent for an empty line
@@ -189,8 +189,8 @@ def test_ipv6_literal(chatclient):
         ("SERVER>caf\u00e9 \U0001f600\n".encode(), "SERVER>caf\u00e9 \U0001f600"),
     ],
 )
-def test_sloppy_servers(chatclient, reply, shown):
-    srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(reply), peer.expect(b"again\n\0")))
+def test_sloppy_servers(chatclient, reply, shown, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"\n\0"), peer.send(reply), peer.expect(b"again\n\0")))
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -202,7 +202,7 @@ def test_sloppy_servers(chatclient, reply, shown):
     p.terminate(force=True)
 
 
-def test_multibyte_character_split_across_sends(chatclient):
+def test_multibyte_character_split_across_sends(chatclient, fake_server):
     data = "SERVER>h\u00e9llo\n".encode()
     cut = data.index(b"\xc3") + 1
 
@@ -212,7 +212,7 @@ def test_multibyte_character_split_across_sends(chatclient):
         peer.conn.sendall(data[cut:])
         peer.expect(b"x\n\0")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -230,8 +230,8 @@ HOSTILE = (
 )
 
 
-def test_hostile_server_text_is_shown_inert(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"\n\0"), peer.send(HOSTILE), peer.expect(b"x\n\0")))
+def test_hostile_server_text_is_shown_inert(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"\n\0"), peer.send(HOSTILE), peer.expect(b"x\n\0")))
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -248,8 +248,8 @@ def test_hostile_server_text_is_shown_inert(chatclient):
     p.terminate(force=True)
 
 
-def test_sigint_while_waiting_for_the_reply(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
+def test_sigint_while_waiting_for_the_reply(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -262,7 +262,7 @@ def test_sigint_while_waiting_for_the_reply(chatclient):
     assert srv.received.count(b"\\quit") == 1  # repeated signals: one clean quit, nothing half-sent
 
 
-def test_sigwinch_storm_is_harmless(chatclient):
+def test_sigwinch_storm_is_harmless(chatclient, fake_server):
     storm_over = threading.Event()
 
     def script(peer):
@@ -271,7 +271,7 @@ def test_sigwinch_storm_is_harmless(chatclient):
         peer.send(b"SERVER>still here\n")
         peer.expect(b"bye\n\0")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     p = spawn_client(chatclient, srv.port)
     login(p)
     p.sendline("hi")
@@ -286,8 +286,8 @@ def test_sigwinch_storm_is_harmless(chatclient):
     p.terminate(force=True)
 
 
-def test_no_answer_timeout(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"\\quit\n\0")))
+def test_no_answer_timeout(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.expect(b"\\quit\n\0")))
     p = spawn_client(chatclient, srv.port, "-t", "1")
     login(p)
     p.sendline("hi")
@@ -315,12 +315,12 @@ def skip_sanitizer_build(chatclient):
         pytest.skip("valgrind does not run the sanitizer build")
 
 
-def run_hostile(command, case):
+def run_hostile(command, case, fake_server):
     def script(peer):
         peer.expect(b"hello\n\0")
         HOSTILE_CASES[case](peer)
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     r = subprocess.run(
         [*command, "-t", "1", "127.0.0.1", str(srv.port)],
         input=b"bob\nhello\n",
@@ -346,17 +346,18 @@ def run_hostile(command, case):
 
 @pytest.mark.asan
 @pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
-def test_hostile_server_under_asan(chatclient_asan, case):
-    run_hostile([str(chatclient_asan)], case)
+def test_hostile_server_under_asan(chatclient_asan, case, fake_server):
+    run_hostile([str(chatclient_asan)], case, fake_server)
 
 
 @pytest.mark.valgrind
 @pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
-def test_hostile_server_under_valgrind(chatclient, valgrind, case):
+def test_hostile_server_under_valgrind(chatclient, valgrind, case, fake_server):
     skip_sanitizer_build(chatclient)
     run_hostile(
         [valgrind, "--leak-check=full", "--errors-for-leak-kinds=all", "--error-exitcode=99", "-q", str(chatclient)],
         case,
+        fake_server,
     )
 
 
@@ -365,13 +366,13 @@ def test_hostile_server_under_valgrind(chatclient, valgrind, case):
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer")
 
 
-def run_typed(command, stdin: bytes, script=None):
+def run_typed(fake_server, command, stdin: bytes, script=None):
     """The client with `stdin` piped in against a server that records what it receives."""
 
     def default(peer):
         peer.wait_close()
 
-    srv = FakeServer(script or default)
+    srv = fake_server(script or default)
     r = subprocess.run(
         [*command, "127.0.0.1", str(srv.port)],
         input=stdin,
@@ -401,8 +402,8 @@ def run_typed(command, stdin: bytes, script=None):
         "\U0001f600".encode() * 11,  # 11 code points, 44 bytes
     ],
 )
-def test_hostile_handles_are_refused_without_overflow(chatclient_asan, handle):
-    r, received = run_typed([str(chatclient_asan)], handle + b"\nok\n\\quit\n")
+def test_hostile_handles_are_refused_without_overflow(chatclient_asan, handle, fake_server):
+    r, received = run_typed(fake_server, [str(chatclient_asan)], handle + b"\nok\n\\quit\n")
     assert r.returncode == 0, r.stderr[-2000:]
     assert received == b"ok>\\quit\n\0"
     assert r.stdout.count(b"A handle is 1 to 10 characters") == 1
@@ -490,8 +491,8 @@ class Screen:
         (b"SERVER>*** A line over 8192 bytes: disconnected.\n", "Connection closed by the server."),
     ],
 )
-def test_the_last_line_says_why_the_chat_ended(chatclient, ending, final):
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(ending)))
+def test_the_last_line_says_why_the_chat_ended(chatclient, ending, final, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.send(ending)))
     s = Screen(chatclient, srv.port)
     s.wait_last("What would you like your chat handle to be>")
     s.type("brandon\rhi\r")
@@ -506,8 +507,8 @@ def test_the_last_line_says_why_the_chat_ended(chatclient, ending, final):
         assert lines[-2] == "brandon>hi"
 
 
-def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(b"SERVER>*** The server shut down.\n")))
+def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.send(b"SERVER>*** The server shut down.\n")))
     s = Screen(chatclient, srv.port)
     s.type("brandon\rhi\r")
     lines = s.wait_last("Connection closed by the server.")
@@ -517,12 +518,12 @@ def test_a_notice_then_a_close_is_shown_and_the_close_said(chatclient):
 
 @pytest.mark.parametrize("client", ["chatclient", "chatclient_asan"])
 @pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
-def test_an_unterminated_last_line_at_the_close_is_shown_as_cut(request, client, room):
+def test_an_unterminated_last_line_at_the_close_is_shown_as_cut(request, client, room, fake_server):
     """A reader dropped mid-line (a room's slow reader) gets `bob>I will` and the close: shown as
     cut, never as if bob had said it. A line the server finished is shown as it is."""
     chatclient = request.getfixturevalue(client)
     greeting = b"SERVER>*** Welcome to the room: 2 here. Type at any time.\n" if room else b""
-    srv = FakeServer(lambda peer: (peer.send(greeting), peer.expect(b"hi\n\0"),
+    srv = fake_server(lambda peer: (peer.send(greeting), peer.expect(b"hi\n\0"),
                                    peer.send(b"bob>I will not\nbob>I will")))
     s = Screen(chatclient, srv.port)
     s.type("brandon\rhi\r")
@@ -534,8 +535,8 @@ def test_an_unterminated_last_line_at_the_close_is_shown_as_cut(request, client,
     assert "bob>I will" not in lines
 
 
-def test_busy_is_said_before_the_handle_is_asked(chatclient):
-    srv = FakeServer(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
+def test_busy_is_said_before_the_handle_is_asked(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.send(b"SERVER>*** The server is busy; try again later.\n\\quit\n"), peer.wait_close()))
     p = spawn_client(chatclient, srv.port)
     p.expect_exact("The server is busy; try again later.\r\n")
     assert "handle" not in p.before
@@ -547,7 +548,7 @@ def test_busy_is_said_before_the_handle_is_asked(chatclient):
     assert srv.received == b""  # nothing sent: no handle was ever asked for
 
 
-def test_waiting_and_begun_notices_are_status_lines(chatclient):
+def test_waiting_and_begun_notices_are_status_lines(chatclient, fake_server):
     def script(peer):
         peer.expect(b"brandon>one\n\0")
         peer.send(b"SERVER>*** Waiting: 2 ahead of you. Your chat begins when they are done.\n")
@@ -557,7 +558,7 @@ def test_waiting_and_begun_notices_are_status_lines(chatclient):
         peer.send(b"SERVER>bye\n")
         peer.expect(b"\\quit\n\0")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     s = Screen(chatclient, srv.port)
     s.type("brandon\rone\r")
     s.wait(lambda lines: "[Waiting: 2 ahead of you. Your chat begins when they are done.]" in lines)
@@ -573,7 +574,7 @@ def test_waiting_and_begun_notices_are_status_lines(chatclient):
     assert srv.received == b"brandon>one\n\0brandon>two\n\0brandon>three\n\0brandon>\\quit\n\0"
 
 
-def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient):
+def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient, fake_server):
     answer = threading.Event()
 
     def script(peer):
@@ -582,7 +583,7 @@ def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient):
         peer.send(b"SERVER>why hello client\n")
         peer.expect(b"\\quit\n\0")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     s = Screen(chatclient, srv.port)
     s.type("brandon\rhi\r")
     s.wait_last("brandon>")
@@ -596,7 +597,7 @@ def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient):
     assert s.finish() == 0
 
 
-def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient):
+def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient, fake_server):
     queued = threading.Event()
     checked = threading.Event()
 
@@ -616,7 +617,7 @@ def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient):
         peer.send(b"SERVER>answer two\n")
         peer.expect(b"\\quit\n\0")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     s = Screen(chatclient, srv.port)
     s.type("brandon\rhi\rsecond\r")
     s.wait(lambda lines: "(queued: will be sent when the server answers)" in lines)
@@ -637,7 +638,7 @@ def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient):
 ROOM_WELCOME = b"ROOM>*** Welcome to the room: 2 here. Type at any time.\n"
 
 
-def test_room_mode(chatclient):
+def test_room_mode(chatclient, fake_server):
     typed = threading.Event()
 
     def script(peer):
@@ -649,7 +650,7 @@ def test_room_mode(chatclient):
         peer.expect(b"bob>three\n\0")
         peer.send(b"ROOM>*** The operator removed you from the room.\n\\quit\n")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     s = Screen(chatclient, srv.port)
     s.wait(lambda lines: "[Welcome to the room: 2 here. Type at any time.]" in lines)
     s.type("bob\rone\rtwo\r")
@@ -690,8 +691,8 @@ def test_usage_errors_say_why(chatclient, args, error):
     assert r.stdout == ""
 
 
-def test_a_reset_says_the_connection_was_lost(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.reset()))
+def test_a_reset_says_the_connection_was_lost(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.reset()))
     s = Screen(chatclient, srv.port)
     s.type("brandon\rhi\r")
     s.wait_last("Connection to the server lost: Connection reset by peer.")
@@ -699,10 +700,10 @@ def test_a_reset_says_the_connection_was_lost(chatclient):
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "ctrl-c", "ctrl-d"])
-def test_leaving_says_quit_and_gives_the_terminal_back(chatclient, how):
+def test_leaving_says_quit_and_gives_the_terminal_back(chatclient, how, fake_server):
     import termios
 
-    srv = FakeServer(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
+    srv = fake_server(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
     s = Screen(chatclient, srv.port)
     s.type("brandon\r")
     s.wait_last("brandon>")
@@ -796,7 +797,7 @@ def answering_server(room: bool):
     return script
 
 
-def fuzz_once(command, seed, room=False, lines=60):
+def fuzz_once(fake_server, command, seed, room=False, lines=60):
     r = random.Random(seed)
     stdin, sent = [], []
     handle = None
@@ -814,7 +815,7 @@ def fuzz_once(command, seed, room=False, lines=60):
         stdin.append(line)
         if (text := expected_message(line)) is not None:
             sent.append(text)
-    result, received = run_typed(command, b"\n".join(stdin) + b"\n", answering_server(room))
+    result, received = run_typed(fake_server, command, b"\n".join(stdin) + b"\n", answering_server(room))
     assert result.returncode == 0, (seed, result.stdout[-500:], result.stderr[-2000:])
     want = b"".join(handle + b">" + t + b"\n\0" for t in sent) + handle + b">\\quit\n\0"
     if room:  # in a room the handle is announced as soon as it is chosen
@@ -825,17 +826,17 @@ def fuzz_once(command, seed, room=False, lines=60):
 
 @pytest.mark.asan
 @pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
-def test_fuzz_typed_input_under_asan(chatclient_asan, room):
+def test_fuzz_typed_input_under_asan(chatclient_asan, room, fake_server):
     """Random handles and messages, piped in: no sanitizer report, and the server receives exactly
     the lines that should be sent (valid UTF-8, at most 500 code points, nothing leaking from an
     overlong line into the next) and nothing else."""
     start, total = time.monotonic(), 0
     for seed in range(int(os.environ.get("CHATCLIENT_FUZZ_RUNS", "6"))):
-        total += fuzz_once([str(chatclient_asan)], seed * 2 + room, room)
+        total += fuzz_once(fake_server, [str(chatclient_asan)], seed * 2 + room, room)
     print(f"fuzz: {total} typed lines in {time.monotonic() - start:.1f} s")
 
 
-def test_client_escapes_exactly_what_the_sanitiser_escapes(chatclient):
+def test_client_escapes_exactly_what_the_sanitiser_escapes(chatclient, fake_server):
     """Every code point of every unsafe range, and the neighbours of each range, from a scripted
     server: the client shows each line as `visible()` would."""
     cps = set()
@@ -848,7 +849,7 @@ def test_client_escapes_exactly_what_the_sanitiser_escapes(chatclient):
     texts = [f"a{chr(cp)}b" for cp in sorted(cps)]
     burst = b"".join(f"SERVER>{t}\n".encode() for t in texts)
 
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(burst + b"\\quit\n")))
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.send(burst + b"\\quit\n")))
     r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nhi\n", capture_output=True, timeout=20)
     srv.join()
     assert r.returncode == 0, r.stderr
@@ -859,18 +860,19 @@ def test_client_escapes_exactly_what_the_sanitiser_escapes(chatclient):
 
 @pytest.mark.valgrind
 @pytest.mark.parametrize("room", [False, True], ids=["turns", "room"])
-def test_typed_input_under_valgrind(chatclient, valgrind, room):
+def test_typed_input_under_valgrind(chatclient, valgrind, room, fake_server):
     skip_sanitizer_build(chatclient)
     fuzz_once(
+        fake_server,
         [valgrind, "--leak-check=full", "--errors-for-leak-kinds=all", "--error-exitcode=99", "-q", str(chatclient)],
         seed=1000 + room, room=room, lines=30,
     )
 
 
-def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient):
+def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient, fake_server):
     """Typed at a terminal: a line longer than the input buffer is refused at Enter, and none of it
     reaches the next message."""
-    srv = FakeServer(lambda peer: (peer.expect(b"brandon>short\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
+    srv = fake_server(lambda peer: (peer.expect(b"brandon>short\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
     s = Screen(chatclient, srv.port, cols=200, rows=60)
     s.type("brandon\r")
     s.wait_last("brandon>")
@@ -885,7 +887,7 @@ def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient):
     assert srv.received == b"brandon>short\n\0brandon>\\quit\n\0"
 
 
-def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient):
+def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient, fake_server):
     """A typed line wider than the terminal wraps; an incoming line still appears above all of it,
     with no fragment left behind. Arrow keys are ignored, and typed invisible characters are shown
     as escapes (but sent as typed)."""
@@ -901,7 +903,7 @@ def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient
         peer.send(b"SERVER>got it\n")
         peer.expect(b"\\quit\n\0")
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     s = Screen(chatclient, srv.port, cols=30, rows=20)
     s.type(f"{handle}\rhi\r")
     s.wait_last(f"{handle}>")
@@ -938,7 +940,7 @@ def _can_read_stacks():
 
 
 @pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
-def test_sigterm_ends_a_client_blocked_on_a_server_that_does_not_read(chatclient):
+def test_sigterm_ends_a_client_blocked_on_a_server_that_does_not_read(chatclient, fake_server):
     """In a room, lines are sent as they are typed; a server that stops reading fills the socket.
     SIGTERM must still end the client (no retrying send() forever), with a final line."""
     release = threading.Event()
@@ -948,7 +950,7 @@ def test_sigterm_ends_a_client_blocked_on_a_server_that_does_not_read(chatclient
         peer.send(ROOM_WELCOME)
         release.wait(30)  # never reads until the test is over
 
-    srv = FakeServer(script)
+    srv = fake_server(script)
     proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -1019,20 +1021,20 @@ KEYS = (
 
 
 @pytest.mark.asan
-def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan):
+def test_fuzz_keystrokes_in_a_terminal_under_asan(chatclient_asan, fake_server):
     """Random keys (editing keys, escape sequences, multibyte characters, Enter) typed into the
     line editor of the sanitizer build: no report, and every line the server gets is well formed."""
-    fuzz_keys(chatclient_asan)
+    fuzz_keys(fake_server, chatclient_asan)
 
 
 @pytest.mark.valgrind
-def test_fuzz_keystrokes_in_a_terminal_under_valgrind(chatclient, valgrind):
+def test_fuzz_keystrokes_in_a_terminal_under_valgrind(chatclient, valgrind, fake_server):
     skip_sanitizer_build(chatclient)
-    fuzz_keys(chatclient, wrapper=(valgrind, "--error-exitcode=99", "--leak-check=full",
+    fuzz_keys(fake_server, chatclient, wrapper=(valgrind, "--error-exitcode=99", "--leak-check=full",
                                    "--errors-for-leak-kinds=all", "-q"))
 
 
-def fuzz_keys(chatclient, wrapper=()):
+def fuzz_keys(fake_server, chatclient, wrapper=()):
     def script(peer):
         buf = b""
         while True:
@@ -1049,7 +1051,7 @@ def fuzz_keys(chatclient, wrapper=()):
 
     r = random.Random(5)
     for _ in range(int(os.environ.get("CHATCLIENT_KEY_FUZZ_RUNS", "1"))):
-        srv = FakeServer(script)
+        srv = fake_server(script)
         s = Screen(chatclient, srv.port, cols=50, rows=20, wrapper=wrapper)
         s.type("fuzz\r")
         s.wait_last("fuzz>")
@@ -1068,13 +1070,13 @@ def fuzz_keys(chatclient, wrapper=()):
 
 
 @pytest.mark.skipif(not _can_read_stacks(), reason="needs /proc/PID/stack (root)")
-def test_a_signal_while_busy_printing_is_not_lost(chatclient):
+def test_a_signal_while_busy_printing_is_not_lost(chatclient, fake_server):
     """SIGTERM arriving while the client is busy (here: blocked writing to a full stdout) and not
     in poll() must still end it: a flag checked only after poll() returned was missed, and the
     client then waited in poll() for ever."""
     # one burst (one recv) whose escapes print four times its size: more than a pipe holds
     flood = (b"SERVER>" + b"\x01" * 100 + b"\n") * 300
-    srv = FakeServer(lambda peer: (peer.expect(b"hi\n\0"), peer.send(flood), peer.expect(b"\\quit\n\0")))
+    srv = fake_server(lambda peer: (peer.expect(b"hi\n\0"), peer.send(flood), peer.expect(b"\\quit\n\0")))
     proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write(b"bob\nhi\n")
@@ -1102,12 +1104,12 @@ def test_a_signal_while_busy_printing_is_not_lost(chatclient):
     srv.join()
 
 
-def test_a_terminal_hangup_sends_nothing_half_typed(chatclient):
+def test_a_terminal_hangup_sends_nothing_half_typed(chatclient, fake_server):
     """The terminal goes away under the client (here one that is not its controlling terminal, so
     no SIGHUP comes: only the end of input): what was half typed is not sent."""
     import pty as ptymod
 
-    srv = FakeServer(lambda peer: (peer.expect(b"\\quit\n\0"), peer.wait_close()))
+    srv = fake_server(lambda peer: (peer.expect(b"\\quit\n\0"), peer.wait_close()))
     master, slave = ptymod.openpty()
     proc = subprocess.Popen([str(chatclient), "127.0.0.1", str(srv.port)], stdin=slave, stdout=slave,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -1123,8 +1125,8 @@ def test_a_terminal_hangup_sends_nothing_half_typed(chatclient):
     assert srv.received == b"brandon>\\quit\n\0"
 
 
-def test_the_last_line_of_piped_input_needs_no_newline(chatclient):
-    srv = FakeServer(lambda peer: (peer.expect(b"bob>last words\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"bob>\\quit\n\0")))
+def test_the_last_line_of_piped_input_needs_no_newline(chatclient, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"bob>last words\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"bob>\\quit\n\0")))
     r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nlast words", capture_output=True, timeout=20)
     srv.join()
     assert r.returncode == 0 and r.stdout.endswith(b"SERVER>ok\nYou left the chat.\n"), r.stdout
@@ -1237,10 +1239,10 @@ def test_client_and_server_frame_alike():
 
 
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
-def test_ctrl_z_gives_the_terminal_back_and_fg_resumes(chatclient, tmp_path):
+def test_ctrl_z_gives_the_terminal_back_and_fg_resumes(chatclient, tmp_path, fake_server):
     """In an interactive shell: Ctrl-Z stops the client with the terminal back in the shell's mode;
     `fg` brings the client back with the prompt and the half-typed text redrawn."""
-    srv = FakeServer(lambda peer: (peer.expect(b"brandon>abcdef\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
+    srv = fake_server(lambda peer: (peer.expect(b"brandon>abcdef\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
     env = dict(os.environ, TERM="xterm", PS1="$ ", HOME=str(tmp_path))
     p = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, encoding="utf-8", timeout=10,
                       dimensions=(24, 80))

@@ -567,10 +567,8 @@ def test_no_identity_presents_none_and_makes_none(chatclient, ca, ca_file, cfg):
     assert b"Made your TLS identity" not in r.stdout
 
 
-def test_plain_runs_never_touch_tls_files(chatclient, cfg):
-    from fakeserver import FakeServer
-
-    srv = FakeServer(lambda peer: (peer.expect(b"hello\n\0"), peer.send(b"SERVER>plain\n"), peer.wait_close()))
+def test_plain_runs_never_touch_tls_files(chatclient, cfg, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"hello\n\0"), peer.send(b"SERVER>plain\n"), peer.wait_close()))
     r = subprocess.run([str(chatclient), "127.0.0.1", str(srv.port)], input=b"bob\nhello\n",
                        capture_output=True, env=cfg, timeout=20)
     srv.join()

@@ -6,13 +6,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, db_rows, wait_until
+from conftest import db_rows, run_chatlog, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from storebuild import open_store
@@ -21,12 +20,7 @@ from chatlog import indexer, schema
 from chatlog.archive import open_archive
 from chatlog.db import connect
 from chatlog.recorder import Recorder
-
-
-def run_cli(*args, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT, timeout=30, **kwargs
-    )
+from chatlog.upkeep import Upkeep
 
 
 def assert_index_exact(conn: sqlite3.Connection) -> None:
@@ -131,8 +125,8 @@ def test_search_catches_up_first(tmp_path):
     assert [m.text for m, _ in a.search("moment")] == ["said a moment ago"]
     assert a.unindexed == 0
     a.close()
-    r = run_cli("search", "moment", "--db", str(path))
-    assert r.returncode == 0 and "bob>said a [moment] ago" in r.stdout and r.stderr == ""
+    r = run_chatlog(path, "search", "moment", process=True)
+    assert r.exit_code == 0 and "bob>said a [moment] ago" in r.stdout and r.stderr == ""
 
 
 def test_search_sees_a_line_a_running_server_committed_a_moment_ago(start_server, tmp_path):
@@ -140,10 +134,10 @@ def test_search_sees_a_line_a_running_server_committed_a_moment_ago(start_server
     c = server.connect()
     c.sendall(b"bob>the zanzibar password\n\0")
     server.wait_for("^bob>the zanzibar password$")
-    r = run_cli("search", "zanzibar", "--db", str(server.db))
-    assert r.returncode == 0, r.stderr
+    r = run_chatlog(server.db, "search", "zanzibar", process=True)
+    assert r.exit_code == 0, r.stderr
     assert "bob>the [zanzibar] password" in r.stdout and r.stderr == ""
-    assert run_cli("search", "zanzibar", "--count", "--db", str(server.db)).stdout == "1\n"
+    assert run_chatlog(server.db, "search", "zanzibar", "--count", process=True).stdout == "1\n"
 
 
 def test_the_running_server_indexes_in_the_background(start_server, tmp_path):
@@ -225,13 +219,13 @@ def test_search_on_read_only_media_says_in_one_line_what_it_cannot_see(ro_mount)
     s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     s.db.close()
     subprocess.run(["mount", "-o", "remount,ro", str(ro_mount)], check=True)
-    r = run_cli("search", "hello", "--db", str(path))
-    assert r.returncode == 0 and "bob>indexed [hello]" in r.stdout and "pending" not in r.stdout
+    r = run_chatlog(path, "search", "hello", process=True)
+    assert r.exit_code == 0 and "bob>indexed [hello]" in r.stdout and "pending" not in r.stdout
     assert r.stderr == (
         "chatlog: the 3 newest messages are not indexed yet (the archive is read-only here), "
         "so this search did not see them\n"
     )
-    r = run_cli("search", "nothing-here", "--db", str(path))
+    r = run_chatlog(path, "search", "nothing-here", process=True)
     assert "Traceback" not in r.stderr and "sqlite" not in r.stderr.lower()
 
 
@@ -254,10 +248,10 @@ def test_rm_and_prune_of_partly_indexed_sessions_keep_the_index_sound(tmp_path):
         ids.append(sid)
     assert 0 < upto(path) < max_id(path)
     s.db.close()  # leaving the rest unindexed
-    assert run_cli("rm", str(ids[1]), "--yes", "--db", str(path)).returncode == 0
+    assert run_chatlog(path, "rm", str(ids[1]), "--yes", process=True).exit_code == 0
     conn = sqlite3.connect(path)
     assert_index_exact(conn)
-    assert run_cli("prune", "--before", "2026-06-01", "--yes", "--db", str(path)).returncode == 0
+    assert run_chatlog(path, "prune", "--before", "2026-06-01", "--yes", process=True).exit_code == 0
     assert_index_exact(conn)
     assert db_rows(path, "SELECT count(*) FROM messages") == [(0,)]
 
@@ -269,7 +263,7 @@ def test_deleting_in_small_batches_across_the_indexed_edge(tmp_path):
         s.add_message(sid, "client", "bob", f"edge {i}")
     indexer.index_pending(s.conn, chunk=25)
     s.end_session(sid, "client-quit")
-    s.delete_sessions([sid], batch=7)
+    Upkeep(s).delete_sessions([sid], batch=7)
     assert_index_exact(s.conn)
     s.close()
 
@@ -285,12 +279,12 @@ def test_an_id_freed_by_deleting_the_newest_rows_is_not_reused_below_the_index(t
         s.add_message(gone, "client", "bob", f"gone {i}")
     indexer.catch_up(s.conn, 10)
     s.end_session(gone, "client-quit")
-    s.delete_sessions([gone])
+    Upkeep(s).delete_sessions([gone])
     assert s.conn.execute("SELECT upto FROM fts_progress").fetchone() == (1,)
     s.add_message(keep, "client", "bob", "reuses id two")  # id 2 again
     assert [m.text for m, _ in s.search("reuses")] == ["reuses id two"]
     s.end_session(keep, "client-quit")
-    s.delete_sessions([keep])
+    Upkeep(s).delete_sessions([keep])
     assert_index_exact(s.conn)
     s.close()
 
@@ -337,11 +331,11 @@ def test_an_old_archive_upgrades_and_keeps_working(tmp_path):
     s.add_message(sid, "client", "bob", "new line")
     s.end_session(sid, "client-quit")
     assert [m.text for m, _ in s.search("new")] == ["new line"]
-    s.delete_sessions([1])
+    Upkeep(s).delete_sessions([1])
     assert_index_exact(s.conn)
     s.close()
-    r = run_cli("search", "line", "--count", "--db", str(path))
-    assert r.returncode == 0 and r.stdout == "4\n", r.stderr
+    r = run_chatlog(path, "search", "line", "--count", process=True)
+    assert r.exit_code == 0 and r.stdout == "4\n", r.stderr
 
 
 # -- random interleavings ---------------------------------------------------------------------------
@@ -373,7 +367,7 @@ def test_random_inserts_index_chunks_and_deletes_keep_the_index_exact(ops):
             elif op[0] == "rm" and slots[op[1]] is not None:
                 sid, slots[op[1]] = slots[op[1]], None
                 s.end_session(sid, "client-quit")
-                s.delete_sessions([sid], batch=op[2])
+                Upkeep(s).delete_sessions([sid], batch=op[2])
             elif op[0] == "edit":
                 s.conn.execute("UPDATE messages SET text = ? WHERE id = ?", (op[2], op[1]))
             assert_index_exact(s.conn)

@@ -297,6 +297,85 @@ def test_tail_follows_the_chat_being_served_not_a_queued_client(db_path, store):
         proc.wait(10)
 
 
+def _lines_of(proc, n, timeout=15.0):
+    """The next `n` lines `proc` prints (stripped), or a failure naming what came before the
+    time ran out: a reader thread, so a missing line never hangs the test."""
+    import queue
+    import threading
+
+    if not hasattr(proc, "lines"):
+        proc.lines = queue.Queue()
+        threading.Thread(target=lambda: [proc.lines.put(line) for line in proc.stdout], daemon=True).start()
+    got = []
+    for _ in range(n):
+        try:
+            got.append(proc.lines.get(timeout=timeout).strip())
+        except queue.Empty:
+            raise AssertionError(f"tail printed only {got!r}") from None
+    return got
+
+
+def _whole_chat(store, handle, port, text):
+    """A session that begins, is said in and ends in one transaction: no poll can see it live."""
+    with store.rec.transaction():
+        sid = store.begin_session(("127.0.0.1", port), ("127.0.0.1", 9999), served=True)
+        store.set_handle(sid, handle)
+        store.add_message(sid, "client", handle, text)
+        store.end_session(sid, "client-quit")
+    return sid
+
+
+def test_tail_shows_every_session_that_happens_while_it_runs_in_order(db_path, store):
+    """A session that began and ended between two polls was never shown, and one that began
+    while tail followed another was skipped when a newer one had begun meanwhile."""
+    before = _whole_chat(store, "old", 4000, "before tail started")
+    proc = _tail(db_path)
+    try:
+        assert _lines_of(proc, 1) == ["Waiting for a session to start..."]
+        quick = _whole_chat(store, "amy", 5001, "in and out")
+        also = _whole_chat(store, "bob", 5002, "me too")
+        live = chat(store, handle="cat", port=5003, started=None, lines=[("client", "still here", None)])
+        assert _lines_of(proc, 3) == [f"session {quick}: connected to: 127.0.0.1 port 5001", "amy>in and out",
+                                      f"client has quit (session {quick}, 1 from the client, 0 from the server)"]
+        assert _lines_of(proc, 3)[:2] == [f"session {also}: connected to: 127.0.0.1 port 5002", "bob>me too"]
+        assert _lines_of(proc, 2) == [f"session {live}: connected to: 127.0.0.1 port 5003", "cat>still here"]
+        # cat's chat goes on while dan's begins and ends, then eve's begins: each is shown, in order
+        dan = _whole_chat(store, "dan", 5004, "while cat chats")
+        eve = chat(store, handle="eve", port=5005, started=None, lines=[("client", "newest", None)])
+        store.end_session(live, "client-quit")
+        assert "client has quit" in _lines_of(proc, 1)[0]
+        assert _lines_of(proc, 2) == [f"session {dan}: connected to: 127.0.0.1 port 5004", "dan>while cat chats"]
+        assert "client has quit" in _lines_of(proc, 1)[0]
+        assert _lines_of(proc, 2) == [f"session {eve}: connected to: 127.0.0.1 port 5005", "eve>newest"]
+        assert before < quick
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_tail_n_starts_from_the_last_lines(db_path, store):
+    room = store.begin_session(("127.0.0.1", 6000), ("127.0.0.1", 9999), served=True, kind="room")
+    store.add_lines(room, "client", "amy", 500, text="line %d")
+    said = ["amy>line 497", "amy>line 498", "amy>line 499"]
+    for i, args in enumerate((["-n", "3"], ["-n", "3", str(room)])):
+        proc = subprocess.Popen([sys.executable, "-m", "chatlog", "tail", *args, "--db", str(db_path)],
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert _lines_of(proc, 4) == [f"session {room}: room opened on port 9999", *said[-3:]]
+            store.add_message(room, "client", "bob", f"new line {i}")
+            said.append(f"bob>new line {i}")
+            assert _lines_of(proc, 1) == [said[-1]]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    store.end_session(room, "shutdown")
+    proc = subprocess.Popen([sys.executable, "-m", "chatlog", "tail", "-n", "2", str(room), "--db", str(db_path)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    out = proc.communicate(timeout=30)[0].splitlines()
+    assert out[1:3] == said[-2:]
+    assert out[3] == f"room closed: shutdown (session {room}, 502 messages)"  # counted whole
+
+
 def test_tail_waits_for_the_database_to_exist(db_path):
     proc = _tail(db_path)
     try:

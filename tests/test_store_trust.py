@@ -14,18 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, db_rows, wait_until
+from conftest import ROOT, db_rows, run_chatlog, wait_until
 from storebuild import open_store
 
 from chatlog.archive import open_archive
+from chatlog.stats import totals
+from chatlog.upkeep import Upkeep
 from chatlog.db import BadQuery, StoreError, StoreFailed, connect, is_database_file
 from chatlog.recorder import RAW_KEEP, Recorder
-
-
-def run_cli(*args, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "chatlog", *args], capture_output=True, text=True, cwd=ROOT, **kwargs
-    )
 
 
 class Locker:
@@ -146,8 +142,8 @@ def test_read_only_media_is_a_clear_line_for_the_writer(tiny_fs):
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     with pytest.raises(StoreFailed, match=r"^cannot write the database .*ro.db: the file is read-only$"):
         Recorder(connect(path)).add_message(sid, "client", "bob", "nope", None, None, time.time())
-    r = run_cli("serve", "0", "--db", str(path), input="")
-    assert r.returncode == 1 and r.stderr == f"chatlog: cannot write the database {path}: the file is read-only\n"
+    r = run_chatlog(path, "serve", "0", input="", process=True)
+    assert r.exit_code == 1 and r.stderr == f"chatlog: cannot write the database {path}: the file is read-only\n"
 
 
 # -- 3. a second server leaves the first one's live sessions alone ----------------------------------
@@ -162,8 +158,8 @@ def test_second_server_leaves_a_live_servers_sessions_and_rm_refuses_them(start_
     second = start_server(db=db)
     assert "left open" not in second.output
     assert db_rows(db, "SELECT id, ended_at FROM sessions") == [(1, None)]
-    r = run_cli("rm", "1", "--yes", "--db", str(db))
-    assert r.returncode == 1
+    r = run_chatlog(db, "rm", "1", "--yes", process=True)
+    assert r.exit_code == 1
     assert re.fullmatch(
         r"chatlog: session 1 is being recorded by a running server \(pid \d+ on .+\); it can be deleted once it has ended\n",
         r.stderr,
@@ -195,8 +191,8 @@ def test_liveness_check_in_the_servers_own_process_keeps_its_lock(tmp_path):
     conn.execute("UPDATE servers SET hostname = ? WHERE id = ?", ("evil\x1b]0;pwned\x07", server_id))
     conn.commit()
     conn.close()
-    r = run_cli("rm", str(sid), "--yes", "--db", str(path))
-    assert r.returncode == 1 and "\x1b" not in r.stderr and "evil\\x1b]0;pwned\\x07" in r.stderr
+    r = run_chatlog(path, "rm", str(sid), "--yes", process=True)
+    assert r.exit_code == 1 and "\x1b" not in r.stderr and "evil\\x1b]0;pwned\\x07" in r.stderr
     rec.close()
 
 
@@ -240,11 +236,11 @@ def test_a_huge_delete_never_holds_a_writer_up_for_long(tmp_path):
     th = threading.Thread(target=writer)
     th.start()
     try:
-        r = run_cli("rm", str(big), "--yes", "--db", str(path), timeout=300)
+        r = run_chatlog(path, "rm", str(big), "--yes", timeout=300, process=True)
     finally:
         stop.set()
         th.join()
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     assert db_rows(path, "SELECT count(*) FROM messages WHERE session_id = ?", (big,)) == [(0,)]
     assert done[0] > 50
     assert worst[0] < 0.75, f"a commit waited {worst[0]:.3f} s behind the delete"
@@ -262,7 +258,8 @@ def test_an_interrupted_delete_is_hidden_and_finished_by_the_next(tmp_path):
     code = (
         "import sys, os, signal\n"
         "import chatlog.archive as a\n"
-        "arc = a.open_archive(sys.argv[1])\n"
+        "from chatlog.upkeep import Upkeep\n"
+        "arc = Upkeep(a.open_archive(sys.argv[1]))\n"
         "orig = arc._delete_one\n"
         "def one(sid, batch):\n"
         "    arc.conn.execute('BEGIN IMMEDIATE')\n"
@@ -276,14 +273,14 @@ def test_an_interrupted_delete_is_hidden_and_finished_by_the_next(tmp_path):
     assert p.returncode == -9
     left = db_rows(path, "SELECT count(*) FROM messages WHERE session_id = ?", (big,))[0][0]
     assert 0 < left < 50_000
-    out = json.loads(run_cli("sessions", "--json", "--db", str(path)).stdout)
+    out = json.loads(run_chatlog(path, "sessions", "--json", process=True).stdout)
     assert [x["id"] for x in out] == [keep]  # hidden from reads meanwhile
-    assert run_cli("show", str(big), "--db", str(path)).returncode == 1
-    assert "message number" not in run_cli("search", "message", "--db", str(path)).stdout
-    st = json.loads(run_cli("stats", "--json", "--db", str(path)).stdout)
+    assert run_chatlog(path, "show", str(big), process=True).exit_code == 1
+    assert "message number" not in run_chatlog(path, "search", "message", process=True).stdout
+    st = json.loads(run_chatlog(path, "stats", "--json", process=True).stdout)
     assert st["sessions"] == 1 and st["messages"] == 1
-    r = run_cli("rm", str(keep), "--yes", "--db", str(path))
-    assert r.returncode == 0, r.stderr
+    r = run_chatlog(path, "rm", str(keep), "--yes", process=True)
+    assert r.exit_code == 0, r.stderr
     assert db_rows(path, "SELECT count(*) FROM messages") == [(0,)]
     assert db_rows(path, "SELECT count(*) FROM sessions") == [(0,)]
     conn = sqlite3.connect(path)
@@ -316,10 +313,10 @@ def test_backup_and_export_refuse_the_database_and_its_files_however_spelt(tmp_p
     wal = Path(f"{path}-wal").read_bytes()
     for dest in spellings:
         assert is_database_file(dest, path), dest
-        r = run_cli("backup", dest, "--db", str(path))
-        assert r.returncode == 1 and r.stderr.startswith("chatlog: the backup must not overwrite the database"), dest
-        r = run_cli("export", "-f", "txt", "-o", dest, "--db", str(path))
-        assert r.returncode == 1 and "must not overwrite the database" in r.stderr, dest
+        r = run_chatlog(path, "backup", dest, process=True)
+        assert r.exit_code == 1 and r.stderr.startswith("chatlog: the backup must not overwrite the database"), dest
+        r = run_chatlog(path, "export", "-f", "txt", "-o", dest, process=True)
+        assert r.exit_code == 1 and "must not overwrite the database" in r.stderr, dest
     assert Path(f"{path}-wal").read_bytes() == wal  # not truncated
     s.close()
     assert db_rows(path, "SELECT text FROM messages") == [("precious",)]
@@ -355,7 +352,7 @@ def test_refusals_are_counted_per_host_reason_and_minute(tmp_path):
     rec.close()
     assert db_rows(path, "SELECT count(*) FROM sessions") == [(0,)]
     assert db_rows(path, "SELECT count(*), sum(count) FROM refusals") == [(3, 1002)]
-    assert json.loads(run_cli("stats", "--json", "--db", str(path)).stdout)["refused_connections"] == 1002
+    assert json.loads(run_chatlog(path, "stats", "--json", process=True).stdout)["refused_connections"] == 1002
 
 
 # -- 6. read-only archives ------------------------------------------------------------------------
@@ -375,11 +372,11 @@ def test_read_commands_work_on_read_only_media(tiny_fs):
     assert not os.path.exists(f"{path}-wal")
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     for args in (["sessions"], ["show", "1"], ["search", "👍"], ["stats"], ["export", "-f", "jsonl"]):
-        r = run_cli(*args, "--db", str(path))
-        assert r.returncode == 0, (args, r.stderr)
-    assert "kept on a read-only disk" in run_cli("show", "1", "--db", str(path)).stdout
-    r = run_cli("rm", "1", "--yes", "--db", str(path))
-    assert r.returncode == 1 and r.stderr.startswith("chatlog: ") and "Traceback" not in r.stderr
+        r = run_chatlog(path, *args, process=True)
+        assert r.exit_code == 0, (args, r.stderr)
+    assert "kept on a read-only disk" in run_chatlog(path, "show", "1", process=True).stdout
+    r = run_chatlog(path, "rm", "1", "--yes", process=True)
+    assert r.exit_code == 1 and r.stderr.startswith("chatlog: ") and "Traceback" not in r.stderr
 
 
 def test_read_only_opening_writes_nothing_and_never_migrates(tmp_path):
@@ -392,7 +389,7 @@ def test_read_only_opening_writes_nothing_and_never_migrates(tmp_path):
     a = open_archive(path, read_only=True)
     assert [m.text for m in a.messages(1)] == ["kept on a read-only disk 👍"]
     with pytest.raises(StoreError):
-        a.delete_sessions([1])
+        Upkeep(a).delete_sessions([1])
     a.close()
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before}
     assert after == before
@@ -477,7 +474,7 @@ def test_existing_archive_upgrades_and_reads_as_before(tmp_path):
     s = a.session(1)
     assert (s.kind, s.participants, s.handle, s.messages, s.state) == ("chat", 0, "old", 1, "client-quit")
     assert [m.text for m, _ in a.search("☕")] == ["vintage words ☕"]
-    st = a.stats()
+    st = totals(a)
     assert (st["sessions"], st["messages"], st["handles"], st["average_session_seconds"]) == (1, 1, 1, 60.0)
 
 
@@ -548,7 +545,7 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
         if i < 9:
             rec.end_session(sid, ["client-quit", "timeout", "disconnect"][i % 3], t + i + 7.25)
     a = open_archive(path)
-    a.delete_sessions([ids[1], ids[4], ids[10]])  # the last one is in progress: left alone
+    Upkeep(a).delete_sessions([ids[1], ids[4], ids[10]])  # the last one is in progress: left alone
 
     def recount():
         q = a.conn.execute
@@ -575,7 +572,7 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
             "by_handle": by_handle,
         }
 
-    st, want = a.stats(), recount()
+    st, want = totals(a), recount()
     assert st["sessions"] == want["sessions"] == 10
     assert (st["messages"], st["client_messages"], st["handles"], st["hosts"]) == (
         want["messages"], want["client_messages"], want["handles"], want["hosts"])
@@ -590,7 +587,7 @@ def test_stats_totals_stay_exact_through_every_change(tmp_path):
     rec2 = Recorder(connect(path))
     rec2.start("127.0.0.1", 1, t + 100)
     a = open_archive(path)
-    st, want = a.stats(), recount()
+    st, want = totals(a), recount()
     assert st["end_reasons"].get("interrupted") == 3 and "in progress" not in st["end_reasons"]
     assert st["messages"] == want["messages"]
     a.close()
@@ -610,7 +607,7 @@ def test_stats_reads_no_table_whole(tmp_path):
             s.end_session(sid, "client-quit")
     statements = []
     s.conn.set_trace_callback(statements.append)
-    s.stats()
+    totals(s)
     s.conn.set_trace_callback(None)
     assert statements
     for sql in statements:

@@ -1,0 +1,73 @@
+"""The archive's totals, for `chatlog stats`."""
+
+from __future__ import annotations
+
+from chatlog.archive import VISIBLE, Archive, sql_int, sql_text
+from chatlog.schema import message_count
+
+
+def totals(archive: Archive) -> dict:
+    """Totals, from the tables the session-row triggers keep exact (schema m007), plus the
+    live counts of the few sessions still in progress: no scan of sessions or messages."""
+    return archive.tolerant(lambda: _totals(archive))
+
+
+def _totals(archive: Archive) -> dict:
+    q = archive.conn.execute
+    with archive.db.guard:
+        sessions, said, answers, ended, duration_us = q(
+            "SELECT " + ", ".join(sql_int(c, "0") for c in ("sessions", "client_messages", "server_messages", "ended", "duration_us"))
+            + " FROM totals"
+        ).fetchone()
+        # The row counts of a session in progress are written when it ends: count it live.
+        live = q(
+            f"SELECT {sql_text('handle')}, {message_count('client')}, {message_count('server')} FROM sessions "
+            f"WHERE ended_at IS NULL AND {VISIBLE}"
+        ).fetchall()
+        handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
+        hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
+        by_handle = {
+            h: [n, c, a]
+            for h, n, c, a in q(
+                f"SELECT {sql_text('handle')}, {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
+                f"{sql_int('server_messages', '0')} FROM handle_totals "
+                "ORDER BY client_messages + server_messages DESC, sessions DESC LIMIT ?",
+                (5 + len(live),),
+            )
+        }
+        for h, c, a in live:
+            said, answers = said + c, answers + a
+            if h is not None:
+                if h not in by_handle:
+                    row = q(
+                        f"SELECT {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
+                        f"{sql_int('server_messages', '0')} FROM handle_totals WHERE handle = ?",
+                        (h,),
+                    ).fetchone()
+                    by_handle[h] = list(row) if row else [1, 0, 0]
+                by_handle[h][1] += c
+                by_handle[h][2] += a
+        reasons = q(
+            f"SELECT {sql_text('reason')}, {sql_int('sessions', '0')} FROM reason_totals ORDER BY sessions DESC, reason"
+        ).fetchall()
+        first = q(f"SELECT {sql_text('started_at')} FROM sessions WHERE {VISIBLE} ORDER BY started_at LIMIT 1").fetchone()
+        last = q(f"SELECT {sql_text('started_at')} FROM sessions WHERE {VISIBLE} ORDER BY started_at DESC LIMIT 1").fetchone()
+        refused = q(f"SELECT coalesce(sum({sql_int('count', '0')}), 0) FROM refusals").fetchone()[0]
+    busiest = sorted(by_handle.items(), key=lambda kv: (-(kv[1][1] + kv[1][2]), -kv[1][0]))[:5]
+    return {
+        "sessions": sessions,
+        "messages": said + answers,
+        "client_messages": said,
+        "server_messages": answers,
+        "handles": handles,
+        "hosts": hosts,
+        "average_session_seconds": round(duration_us / ended / 1e6, 3) if ended else None,
+        "first_session": first[0] if first else None,
+        "last_session": last[0] if last else None,
+        "busiest_handles": [
+            {"handle": h, "sessions": n, "messages": c + a, "said": c, "answers": a}
+            for h, (n, c, a) in busiest
+        ],
+        "end_reasons": {r: n for r, n in reasons},
+        "refused_connections": refused,
+    }

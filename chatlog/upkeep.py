@@ -1,0 +1,103 @@
+"""Upkeep of an archive: deleting sessions (rm, prune) and backing it up.
+
+Apart from the archive's reads (chatlog.archive), which never write: these are the tools that
+change the file, or copy it whole. Retention will live here too.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from chatlog import txn
+from chatlog.archive import DELETING, Archive
+from chatlog.db import StoreError, checkpoint
+
+DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
+DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
+
+
+class Upkeep:
+    """Deletes and backups on an open archive's connection."""
+
+    def __init__(self, archive: Archive):
+        self.archive = archive
+        self.db = archive.db
+        self.conn = archive.conn
+        self.path: Path = archive.path
+
+    def delete_sessions(self, ids: list[int], *, batch: int | None = None) -> int:
+        """Delete ended sessions with their messages, participants and search entries; returns
+        how many of `ids` were deleted.
+
+        A session still in progress is left alone (checked inside the write transaction, so it
+        cannot start or resume between the check and the delete). The chosen sessions are first
+        marked, which hides them from every read at once; then their messages go in batches of
+        about DELETE_HOLD seconds each, each its own transaction, so the server's commits never wait long behind
+        a large delete. An interrupted delete (Ctrl-C, a crash) is finished by the next one."""
+        batch = batch or DELETE_BATCH
+        chosen: list[int] = []
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            with self._write():
+                chosen = [
+                    r[0]
+                    for r in self.conn.execute(
+                        f"UPDATE sessions SET deleting = 1 WHERE id IN ({marks}) AND ended_at IS NOT NULL "
+                        "RETURNING id",
+                        ids,
+                    )
+                ]
+        with self.db.guard:
+            pending = [r[0] for r in self.conn.execute(f"SELECT id FROM sessions WHERE {DELETING} ORDER BY id")]
+        for session_id in pending:
+            self._delete_one(session_id, batch)
+        return len(chosen)
+
+    def _delete_one(self, session_id: int, batch: int) -> None:
+        while True:
+            started = time.perf_counter()
+            with self._write():
+                n = self.conn.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE session_id = ? "
+                    "ORDER BY session_id, seq LIMIT ?)",
+                    (session_id, batch),
+                ).rowcount
+                if n < batch:
+                    self.conn.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+                    self.conn.execute("DELETE FROM participants WHERE session_id = ?", (session_id,))
+                    self.conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                    return
+            # The next batch is sized to hold the lock about DELETE_HOLD, and the lock is left free
+            # as long as this one held it, so a writer that was waiting gets in first. Meanwhile
+            # what this delete wrote is copied from the WAL into the database (a passive
+            # checkpoint takes no lock a writer needs), so the WAL does not grow by the size of
+            # the whole delete and the server never has to catch up on it in one go.
+            held = max(time.perf_counter() - started, 1e-4)
+            batch = max(100, min(20_000, int(batch * DELETE_HOLD / held)))
+            paused = time.perf_counter()
+            checkpoint(self.conn)
+            time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction, waiting out a busy database; any failure is one StoreError."""
+        with self.db.guard, txn.write_transaction(self.conn, pause=0.002, max_pause=0.05):
+            yield
+
+    def backup(self, dest: str | os.PathLike) -> None:
+        """A consistent copy through SQLite's online backup API (safe while the server writes)."""
+        if self.archive.is_database_file(dest):
+            raise StoreError(f"{dest} is the database {self.path} or one of its files; choose another path")
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        with self.db.guard:
+            target = sqlite3.connect(dest)
+            try:
+                self.conn.backup(target)
+            finally:
+                target.close()
