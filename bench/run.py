@@ -74,10 +74,11 @@ def archive(name, sessions, per_session):
 def turn_cost():
     n = 2000 if QUICK else 20_000
     runs = 3
-    echo, floor, ours, committed = [], [], [], []
+    echo, floor, minimal, ours, committed = [], [], [], [], []
     for _ in range(runs):  # interleaved, so all see the same machine
         echo.append(turns.echo_turns(n))
         floor.append(turns.echo_turns(n, commit=True))
+        minimal.append(turns.echo_turns(n, minimal=True))
         s, _, c = turns.chatlog_turns(n)
         ours.append(s)
         committed.append(c)
@@ -88,6 +89,11 @@ def turn_cost():
     ftps, ftps_med = spread([r["turns_per_s"] for r in floor])
     row("turns/s, bare echo + 2 recorder commits a turn", ftps, f"{etps} bare echo", f"{ftps_med / etps_med:.2f}",
         "(the floor)", "")
+    row("turns/s against the floor", tps, f"{ftps} echo + 2 recorder commits", f"{tps_med / ftps_med:.2f}",
+        ">= 0.8", tps_med / ftps_med >= 0.8)
+    mtps, mtps_med = spread([r["turns_per_s"] for r in minimal])
+    row("turns/s against a minimal recorder", tps, f"{mtps} echo + 2 plain-table commits", f"{tps_med / mtps_med:.2f}",
+        ">= 0.8", tps_med / mtps_med >= 0.8)
     p50, _ = spread([r["p50_us"] for r in ours])
     p99, p99_med = spread([r["p99_us"] for r in ours])
     e50, _ = spread([r["p50_us"] for r in echo])

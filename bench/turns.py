@@ -23,8 +23,14 @@ from common import VENV_BIN, Missing, rss_mb
 
 ECHO = r"""
 import socket, sys
-store = None
-if len(sys.argv) > 1:  # the echo server that also commits both messages of the turn, as chatlog does
+store = minimal = None
+if len(sys.argv) > 2:  # a minimal recorder: a plain table, WAL, synchronous=NORMAL, a commit each
+    import sqlite3, time
+    minimal = sqlite3.connect(sys.argv[1], isolation_level=None)
+    minimal.execute("PRAGMA journal_mode=WAL")
+    minimal.execute("PRAGMA synchronous=NORMAL")
+    minimal.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, at REAL, sender TEXT, text TEXT)")
+elif len(sys.argv) > 1:  # the echo server that also commits both messages of the turn, as chatlog does
     import time
     from chatlog.recorder import open_recorder
     store = open_recorder(sys.argv[1])
@@ -50,6 +56,9 @@ while True:
         if store:
             store.add_message(sid, "client", "bob", line.lstrip(b"\0").decode(), None, None, time.time())
             store.add_message(sid, "server", "SERVER", "reply %d" % n, None, None, time.time())
+        elif minimal:
+            minimal.execute("INSERT INTO m (at, sender, text) VALUES (?, ?, ?)", (time.time(), "client", line.decode()))
+            minimal.execute("INSERT INTO m (at, sender, text) VALUES (?, ?, ?)", (time.time(), "server", "reply %d" % n))
         conn.sendall(b"SERVER>reply %d\n" % n)
 """
 
@@ -85,11 +94,15 @@ def summary(lat, elapsed):
     }
 
 
-def echo_turns(n, commit=False):
+def echo_turns(n, commit=False, minimal=False):
     """The bare echo server; with commit=True, one that also commits both messages of each turn
-    through Recorder.add_message (no framing, no console): the floor for a committed turn."""
+    through Recorder.add_message (no framing, no console): the floor for a committed turn; with
+    minimal=True, a minimal recorder: both messages committed to a plain SQLite table (WAL,
+    synchronous=NORMAL), one commit each, and nothing else."""
     with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
-        args = [str(Path(tmp) / "echo.db")] if commit else []
+        args = [str(Path(tmp) / "echo.db")] if commit or minimal else []
+        if minimal:
+            args.append("minimal")
         p = subprocess.Popen([sys.executable, "-c", ECHO, *args], stdout=subprocess.PIPE, text=True)
         port = int(p.stdout.readline())
         t = time.perf_counter()
