@@ -1,0 +1,201 @@
+"""The loop in-process: a real listening socket, real client sockets, a real temporary store, a
+console on a pipe, stepped one pass at a time, so what one pass may take, hold and commit is
+checked exactly (and fast: no server process).
+
+These are the bounded-work rules of docs/architecture.md: a pass takes at most PASS_LINES lines
+from all clients together, never more than the policy's allowance from one (the rest stays in
+the kernel), commits in chunks of PENDING_CHUNK, and a stop reads nothing a paused client was
+refused."""
+
+import os
+import socket
+import sqlite3
+import time
+
+import pytest
+
+from chatlog import modes, server
+from chatlog.events import Started
+from chatlog.operator import Console
+from chatlog.recorder import open_recorder
+from chatlog.render import Renderer
+from chatlog.transport import listen
+
+
+class Harness:
+    def __init__(self, tmp_path, room=True, **options):
+        self.db = tmp_path / "loop.db"
+        self.recorder = open_recorder(self.db)
+        if room:
+            opts = dict(handle="SERVER", max_clients=100, per_address=0, rate=20, burst=100)
+            opts.update(options)
+            self.mode = modes.room_mode(self.recorder, **opts)
+        else:
+            self.mode = modes.chat_mode(self.recorder, handle="SERVER", idle_timeout=300, first_timeout=30,
+                                        max_waiting=5, per_address=None)
+        self.sockets = listen("127.0.0.1", 0, backlog=64)
+        self.port = self.sockets[0].getsockname()[1]
+        self.out_r, out_w = os.pipe()
+        os.set_blocking(self.out_r, False)
+        self.stream = os.fdopen(out_w, "w")
+        self.in_r, self.in_w = os.pipe()
+        self.stdin = os.fdopen(self.in_r, "r")
+        self.console = Console(self.stream)
+        self.loop = server._prepare(self.mode, self.sockets, Renderer(self.stream, color=False), self.stdin,
+                                    self.console, "127.0.0.1")
+        self.loop._watch_listeners(True)
+        self.loop._feed(Started(time.time()))
+        self.loop._carry_out()
+        self.clients = []
+        self.output = ""
+
+    def step(self, n=1):
+        for _ in range(n):
+            self.loop.console.flush()
+            self.loop._pass()
+
+    def join(self, handle):
+        s = socket.create_connection(("127.0.0.1", self.port))
+        self.clients.append(s)
+        self.step_until(lambda: len(self.loop.clients) == len(self.clients))
+        s.sendall(f"{handle}>hi\n".encode())
+        self.step_until(lambda: self.count(handle=handle) >= 1)
+        return s
+
+    def step_until(self, predicate, passes=2000):
+        for _ in range(passes):
+            if predicate():
+                return
+            self.step()
+        raise AssertionError("condition not met in time")
+
+    def count(self, handle=None):
+        conn = sqlite3.connect(self.db)
+        try:
+            if handle is None:
+                return conn.execute("SELECT count(*) FROM messages WHERE sender = 'client'").fetchone()[0]
+            return conn.execute("SELECT count(*) FROM messages WHERE sender = 'client' AND handle = ?",
+                                (handle,)).fetchone()[0]
+        finally:
+            conn.close()
+
+    def read_console(self):
+        self.loop.console.flush()
+        try:
+            while chunk := os.read(self.out_r, 65536):
+                self.output += chunk.decode()
+        except BlockingIOError:
+            pass
+        return self.output
+
+    def close(self):
+        for s in self.clients:
+            s.close()
+        self.loop.stopping = "test"
+        if not self.loop.finished:
+            self.step()
+        self.loop.acceptor.close()
+        self.loop.watch.close()
+        import threading
+
+        done = threading.Event()
+
+        def drain():  # a console that stalls is the thread's to wait out: read what it writes
+            while not done.is_set():
+                try:
+                    os.read(self.out_r, 1 << 20)
+                except BlockingIOError:
+                    time.sleep(0.005)
+                except OSError:
+                    return
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        self.console.close()
+        done.set()
+        reader.join()
+        self.recorder.close()
+        os.close(self.in_w)
+        for f in (self.stdin, self.stream):
+            try:
+                f.close()
+            except OSError:
+                pass
+        os.close(self.out_r)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    made = []
+
+    def make(**kw):
+        h = Harness(tmp_path, **kw)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def test_one_pass_takes_at_most_pass_lines_from_everyone_and_leaves_the_rest_in_the_kernel(harness):
+    h = harness(rate=0)
+    floods = [h.join(f"f{i}") for i in range(4)]
+    before = h.count()
+    for s in floods:
+        s.sendall(b"\n" * 5_000)
+    time.sleep(0.05)  # (let loopback deliver it all: what a pass may take is what is checked)
+    h.step()
+    taken = h.count() - before
+    assert 0 < taken <= server.PASS_LINES
+    assert len(h.loop.pending) == 0  # everything taken was carried out in the pass
+    h.step_until(lambda: h.count() - before == 20_000, passes=10_000)
+
+
+def test_a_client_over_its_allowance_is_left_unread_then_paused(harness):
+    h = harness(rate=20, burst=100)
+    flooder = h.join("flood")
+    flooder.sendall(b"flood>x\n" * 5_000)
+    time.sleep(0.05)
+    h.step(5)
+    assert h.count("flood") <= 1 + 100 + 20  # the burst, and what the rate allows meanwhile
+    assert h.loop.clients[1].paused_until is not None
+
+
+def test_a_stop_reads_nothing_a_paused_client_was_refused(harness):
+    h = harness(rate=20, burst=100)
+    flooder = h.join("flood")
+    flooder.sendall(b"flood>x\n" * 5_000)
+    time.sleep(0.05)
+    h.step_until(lambda: h.loop.clients[1].paused_until is not None)
+    taken = h.count("flood")
+    h.loop.stopping = "SIGTERM"
+    h.step()
+    assert h.loop.finished
+    assert h.count("flood") == taken  # what it sent past its allowance was never accepted
+
+
+def test_the_consoles_lines_of_a_pass_are_written_when_the_pass_ends(harness):
+    h = harness()
+    h.join("amy")
+    assert "amy joined" in h.read_console()
+    assert "amy>hi" in h.output
+
+
+def test_a_bystanders_line_goes_out_in_the_pass_it_was_read_in_whatever_others_send(harness):
+    h = harness(rate=0)
+    floods = [h.join(f"f{i}") for i in range(10)]
+    alice, bob = h.join("alice"), h.join("bob")
+    bob.setblocking(False)
+    for s in floods:
+        s.sendall(b"\n" * 30_000)
+    alice.sendall(b"alice>probe\n")
+    time.sleep(0.05)
+    h.step(2)  # the probe was read in the first pass (every client gets its share)
+    got = b""
+    try:
+        while chunk := bob.recv(1 << 20):
+            got += chunk
+    except BlockingIOError:
+        pass
+    assert b"alice>probe\n" in got
