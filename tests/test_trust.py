@@ -219,7 +219,8 @@ def test_thousands_of_refusals_neither_fill_the_store_nor_the_console(start_serv
     assert db_rows(server.db, "SELECT count(*) FROM sessions") == [(1,)]
     (total,) = db_rows(server.db, "SELECT sum(count) FROM refusals")[0]
     assert total == 500
-    assert server.count("refused") <= 4
+    # Said at 1, 10 and 100 a minute (and once more if the test straddles a minute): never 500.
+    assert server.count("refused") <= 8
 
 
 def test_raw_bytes_kept_per_message_are_bounded(server):
