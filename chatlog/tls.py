@@ -55,8 +55,7 @@ def server_cert(db_path: Path, cert: str | None, key: str | None,
     if cert is None:
         cert_path, key_path = default_paths(db_path)
         if not cert_path.exists() or not key_path.exists():
-            _make_self_signed(cert_path, key_path)
-            made = True
+            made = _make_once(cert_path, key_path)
     else:
         cert_path, key_path = Path(cert), Path(key)
     try:
@@ -72,6 +71,26 @@ def server_cert(db_path: Path, cert: str | None, key: str | None,
         raise TlsSetupError(f"cannot read the key {key_path}: {exc.strerror}") from None
     return ServerCert(cert_path, key_path, fingerprint_der(c.public_bytes(serialization.Encoding.DER)), made,
                       handshake_timeout)
+
+
+def _make_once(cert_path: Path, key_path: Path) -> bool:
+    """Make the pair under a lock, so two servers starting on one database at once never keep
+    one's key with the other's certificate. True if this process made it."""
+    import fcntl
+
+    lock_path = cert_path.with_name("chatlog-tls.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise TlsSetupError(f"cannot keep a certificate beside the database ({cert_path.parent}): {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if cert_path.exists() and key_path.exists():
+            return False  # the other one made it meanwhile
+        _make_self_signed(cert_path, key_path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _make_self_signed(cert_path: Path, key_path: Path) -> None:
@@ -105,10 +124,12 @@ def _make_self_signed(cert_path: Path, key_path: Path) -> None:
     )
     try:
         cert_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp_key = key_path.with_suffix(".tmp")
+        fd = os.open(tmp_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key_pem)
-        os.chmod(key_path, 0o600)
+        os.chmod(tmp_key, 0o600)
+        tmp_key.replace(key_path)  # never a half-written key under the real name
         tmp = cert_path.with_suffix(".tmp")
         tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         tmp.replace(cert_path)

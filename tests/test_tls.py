@@ -290,3 +290,24 @@ def test_ncat_ssl_can_chat_one_to_one(start_server):
         assert row["transport"] == "tls"
     finally:
         n.stop()
+
+
+def test_two_servers_starting_on_one_database_at_once_share_one_certificate(tmp_path):
+    """Both may find no certificate and make one: the pair kept must be one pair (a lock), or
+    every later start fails with a key that does not match its certificate."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chatlog.tls import server_cert, server_context
+
+    code = ("import sys; from pathlib import Path; from chatlog.tls import server_cert; "
+            "print(server_cert(Path(sys.argv[1]), None, None).fingerprint)")
+    for round_ in range(5):
+        db = tmp_path / f"r{round_}" / "chat.db"
+        db.parent.mkdir()
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda _: subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True,
+                                                          text=True, timeout=60), range(4)))
+        assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
+        assert len({o.stdout for o in outs}) == 1
+        server_context(server_cert(db, None, None))  # the key matches the certificate
