@@ -306,8 +306,8 @@ def test_two_servers_starting_on_one_database_at_once_share_one_certificate(tmp_
         db = tmp_path / f"r{round_}" / "chat.db"
         db.parent.mkdir()
         with ThreadPoolExecutor(4) as pool:
-            outs = list(pool.map(lambda _: subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True,
-                                                          text=True, timeout=60), range(4)))
+            outs = list(pool.map(lambda path: subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                                                             text=True, timeout=60), [str(db)] * 4))
         assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
         assert len({o.stdout for o in outs}) == 1
         server_context(server_cert(db, None, None))  # the key matches the certificate
