@@ -108,13 +108,15 @@ def _utf8_arguments(ctx: click.Context) -> None:
 
 def _closed_streams(ctx: click.Context) -> None:
     """Started with stdin or stdout closed (`<&-`, `>&-`; Python then has None for them), every
-    command died with an AttributeError traceback. A closed stdin is input that has ended, as
-    /dev/null is. A closed stdout is nowhere to write: the server goes on without a console (the
+    command died with an AttributeError traceback. A closed stdin is input that has ended (an
+    empty pipe: /dev/null would tell `serve` that nobody is at the console). A closed stdout is nowhere to write: the server goes on without a console (the
     chat is still recorded); a command whose output goes there says so in one line."""
     import os
 
     if sys.stdin is None:
-        sys.stdin = open(os.devnull)  # noqa: SIM115  (for the life of the process)
+        r, w = os.pipe()
+        os.close(w)
+        sys.stdin = os.fdopen(r)  # (for the life of the process)
     if sys.stdout is None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
@@ -375,11 +377,17 @@ def _handle_name(ctx, param, value):
     "--fsync", is_flag=True,
     help="Sync every message to disk before it is shown or answered (survives a power loss; slower).",
 )
+@click.option(
+    "--no-operator", is_flag=True,
+    help="Nobody is at the console: stdin is never read and the server runs until SIGTERM (1:1 "
+    "clients are recorded, not answered, and told so). Also when stdin is /dev/null or the server "
+    "was started in the background (&).",
+)
 @click.option("--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR].")
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
-    burst, fsync, color, db,
+    burst, fsync, no_operator, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -394,12 +402,18 @@ def serve(
     operator's lines go to everyone. At the prompt: \\who lists who is here, \\kick NAME
     removes someone, \\quit closes the room.
 
-    PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP closes the current chat
-    cleanly. Every message is committed before it is shown or answered.
+    PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP stops the server, closing
+    every chat cleanly. Every message is committed before it is shown or answered.
+
+    Unattended (--no-operator, stdin /dev/null as under systemd, or started with &): nothing is
+    read from the terminal, and it runs until SIGTERM.
     """
+    import signal
+
     from chatlog import modes
     from chatlog.config import db_path
     from chatlog.db import StoreError
+    from chatlog.operator import unattended
     from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
     from chatlog.server import serve as run_server
@@ -409,19 +423,26 @@ def serve(
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
         raise Failed(str(exc)) from None
+    attended = not (no_operator or unattended(sys.stdin))
+    if not attended:
+        # Nothing reads the terminal, and a background job that writes to it (or a stray
+        # terminal call) is never stopped for it; the terminal's modes are left alone.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     try:
         raise_open_files_limit()
         if room:
             mode = modes.room_mode(
                 recorder, handle=handle, max_clients=max_clients, per_address=per_address, rate=rate, burst=burst,
+                attended=attended,
             )
         else:
             mode = modes.chat_mode(
                 recorder, handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
-                max_waiting=max_waiting, per_address=per_address,
+                max_waiting=max_waiting, per_address=per_address, attended=attended,
             )
         sockets = listen(bind, port, backlog=mode.backlog)
-        run_server(mode, sockets, Renderer(color=color), sys.stdin, bind=bind)
+        run_server(mode, sockets, Renderer(color=color), sys.stdin if attended else None, bind=bind)
     except (ServeError, StoreError) as exc:
         raise Failed(str(exc)) from None
     finally:

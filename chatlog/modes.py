@@ -34,6 +34,7 @@ from chatlog.sanitize import visible
 from chatlog.transport import plain_addr
 
 ROOM_COMMANDS = "At the prompt: \\who, \\kick NAME, \\quit"
+NOBODY = "Nobody is at the console: the room runs until SIGTERM."
 REFUSALS_SAID = (10, 100, 1000, 10000, 100000)  # per address and minute, past the first
 
 
@@ -133,8 +134,9 @@ class ChatStore(_Store):
 class RoomStore(_Store):
     """A room: one session for the run, a participant for every client, every line in order."""
 
-    def __init__(self, recorder):
+    def __init__(self, recorder, *, attended: bool = True):
         super().__init__(recorder)
+        self.attended = attended
         self.session: int | None = None
         self.participants: dict[int, int] = {}  # conn -> participant
 
@@ -166,7 +168,7 @@ class RoomStore(_Store):
 
     def describe(self, d, result) -> str | None:
         if isinstance(d, OpenRoom):
-            return f"The room is open (session {result}); awaiting clients. {ROOM_COMMANDS}"
+            return f"The room is open (session {result}); awaiting clients. {ROOM_COMMANDS if self.attended else NOBODY}"
         return super().describe(d, result)
 
 
@@ -180,21 +182,22 @@ class Mode:
     backlog: int  # the listening queue
 
 
-def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per_address) -> Mode:
+def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per_address, attended=True) -> Mode:
     from chatlog.turns import Turns
 
     policy = Turns(
         handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
         max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
+        attended=attended,
     )
     return Mode("chat", policy, ChatStore(recorder), backlog=128)
 
 
-def room_mode(recorder, *, handle, max_clients, per_address, rate, burst) -> Mode:
+def room_mode(recorder, *, handle, max_clients, per_address, rate, burst, attended=True) -> Mode:
     from chatlog.room import Room
 
     policy = Room(
         handle=handle, max_clients=max_clients, rate=rate, burst=burst,
         **({} if per_address is None else {"per_address": per_address}),
     )
-    return Mode("room", policy, RoomStore(recorder), backlog=4096)
+    return Mode("room", policy, RoomStore(recorder, attended=attended), backlog=4096)

@@ -450,7 +450,9 @@ def stop_signals(handler):
     socket yielded (watch it for reading)."""
     wake_r, wake_w = wakeup_pair()
     old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # A signal ignored when we were started stays ignored (`nohup`, or `&` in a script): TERM never.
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+           if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield wake_r
     finally:
