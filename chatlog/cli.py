@@ -106,6 +106,18 @@ def _utf8_arguments(ctx: click.Context) -> None:
                     raise err from None
 
 
+def _room_name(ctx, param, value):
+    """A room's name: 1 to 64 characters, nothing a terminal would act on, no leading or
+    trailing space."""
+    if value is None:
+        return None
+    from chatlog.sanitize import visible
+
+    if not value or len(value) > 64 or value != value.strip() or visible(value) != value:
+        raise click.BadParameter("1 to 64 visible characters, like lab or cs372-room", ctx=ctx, param=param)
+    return value
+
+
 def _closed_streams(ctx: click.Context) -> None:
     """Started with stdin or stdout closed (`<&-`, `>&-`; Python then has None for them), every
     command died with an AttributeError traceback. A closed stdin is input that has ended (an
@@ -378,6 +390,16 @@ def _handle_name(ctx, param, value):
     help="Sync every message to disk before it is shown or answered (survives a power loss; slower).",
 )
 @click.option(
+    "--name", "room_name", callback=_room_name, metavar="NAME",
+    help="A room's name, kept in the record: every run of the same name is the same room "
+    "[default: room-PORT].",
+)
+@click.option(
+    "--history", type=click.IntRange(0, 1000), default=None, metavar="N",
+    help="A client that joins a room is first shown its last N lines, earlier runs' too, marked "
+    "as history (0: none) [default: 20].",
+)
+@click.option(
     "--no-operator", is_flag=True,
     help="Nobody is at the console: stdin is never read and the server runs until SIGTERM (1:1 "
     "clients are recorded, not answered, and told so). Also when stdin is /dev/null or the server "
@@ -387,7 +409,7 @@ def _handle_name(ctx, param, value):
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
-    burst, fsync, no_operator, color, db,
+    burst, fsync, room_name, history, no_operator, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -419,6 +441,8 @@ def serve(
     from chatlog.server import serve as run_server
     from chatlog.transport import ServeError, listen, raise_open_files_limit
 
+    if not room and (room_name is not None or history is not None):
+        raise click.UsageError(f"{'--name' if room_name is not None else '--history'} is for a room (--room)")
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
@@ -434,7 +458,7 @@ def serve(
         if room:
             mode = modes.room_mode(
                 recorder, handle=handle, max_clients=max_clients, per_address=per_address, rate=rate, burst=burst,
-                attended=attended,
+                attended=attended, name=room_name, history=20 if history is None else history,
             )
         else:
             mode = modes.chat_mode(

@@ -7,7 +7,10 @@ and what the console says of what was recorded.
 A mode's store (`ChatStore`, `RoomStore`) is the one mapping from decisions to the recorder:
 `record(batch)` writes every store decision of a pass (`events.StoreWrite`) in one transaction
 and returns a result for each decision; `describe(decision, result)` is the console line for a
-result, if any. The server loop imports neither this module nor the store: `cli.py` builds a
+result, if any, and `reply(decision, result)` the bytes its connection is sent (a room's
+history: the policy decides that it is sent, `History(conn, n)`; the store reads it from the
+recorder's connection in order with the pass's writes; its words are the room's, and the loop
+sends what `reply` returns). The server loop imports neither this module nor the store: `cli.py` builds a
 mode and hands it to `server.serve`.
 """
 
@@ -21,6 +24,7 @@ from chatlog.events import (
     Commit,
     End,
     Handle,
+    History,
     Join,
     Open,
     OpenRoom,
@@ -30,10 +34,11 @@ from chatlog.events import (
     StoreWrite,
 )
 from chatlog.render import ended_text
+from chatlog.room import history_lines
 from chatlog.sanitize import visible
 from chatlog.transport import plain_addr
 
-ROOM_COMMANDS = "At the prompt: \\who, \\kick NAME, \\quit"
+ROOM_COMMANDS = "At the prompt: \\who, \\history [N], \\kick NAME, \\quit"
 NOBODY = "Nobody is at the console: the room runs until SIGTERM."
 REFUSALS_SAID = (10, 100, 1000, 10000, 100000)  # per address and minute, past the first
 
@@ -70,6 +75,10 @@ class _Store:
                 if isinstance(d, StoreWrite):
                     results[i] = self._write(d)
         return results
+
+    def reply(self, d, result) -> bytes | None:
+        """Bytes for the connection of a store decision, from what the store read (None: none)."""
+        return None
 
     def describe(self, d, result) -> str | None:
         if isinstance(d, Refuse):
@@ -134,9 +143,11 @@ class ChatStore(_Store):
 class RoomStore(_Store):
     """A room: one session for the run, a participant for every client, every line in order."""
 
-    def __init__(self, recorder, *, attended: bool = True):
+    def __init__(self, recorder, *, attended: bool = True, name: str | None = None, notice=None):
         super().__init__(recorder)
         self.attended = attended
+        self.name = name  # None: `room-PORT`, once the port is known
+        self.notice = notice  # the policy's notice line (its words and handle)
         self.session: int | None = None
         self.participants: dict[int, int] = {}  # conn -> participant
 
@@ -156,8 +167,14 @@ class RoomStore(_Store):
             pid = self.participants.get(d.conn)
             if pid is not None:
                 rec.set_participant_handle(pid, d.handle)
+        elif t is History:
+            return rec.room_history(self.name, d.n)
         elif t is OpenRoom:
-            self.session = rec.begin_session(None, None, self.local[0], self.local[1], d.at, served=True, kind="room")
+            if self.name is None:
+                self.name = f"room-{self.local[1]}"
+            self.session = rec.begin_session(
+                None, None, self.local[0], self.local[1], d.at, served=True, kind="room", room=self.name,
+            )
             return self.session
         elif t is CloseRoom:
             if self.session is not None:
@@ -168,8 +185,21 @@ class RoomStore(_Store):
 
     def describe(self, d, result) -> str | None:
         if isinstance(d, OpenRoom):
-            return f"The room is open (session {result}); awaiting clients. {ROOM_COMMANDS if self.attended else NOBODY}"
+            said = ROOM_COMMANDS if self.attended else NOBODY
+            return f"The room is open (session {result}, {visible(self.name)}); awaiting clients. {said}"
+        if isinstance(d, History) and d.conn is None:
+            if not result:
+                return visible(f"Nothing has been said in {self.name} yet.")
+            head, lines, tail = history_lines(self.name, result, d.at)
+            return "\n".join([head, *lines, tail])
         return super().describe(d, result)
+
+    def reply(self, d, result) -> bytes | None:
+        if isinstance(d, History) and d.conn is not None and result:
+            head, lines, tail = history_lines(self.name, result, d.at)
+            notice = self.notice or (lambda text: b"*** " + text.encode() + b"\n")
+            return notice(head) + "".join(line + "\n" for line in lines).encode() + notice(tail)
+        return None
 
 
 @dataclass
@@ -193,11 +223,13 @@ def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per
     return Mode("chat", policy, ChatStore(recorder), backlog=128)
 
 
-def room_mode(recorder, *, handle, max_clients, per_address, rate, burst, attended=True) -> Mode:
+def room_mode(recorder, *, handle, max_clients, per_address, rate, burst, attended=True, name=None,
+              history=20) -> Mode:
     from chatlog.room import Room
 
     policy = Room(
-        handle=handle, max_clients=max_clients, rate=rate, burst=burst,
+        handle=handle, max_clients=max_clients, rate=rate, burst=burst, history=history,
         **({} if per_address is None else {"per_address": per_address}),
     )
-    return Mode("room", policy, RoomStore(recorder, attended=attended), backlog=4096)
+    store = RoomStore(recorder, attended=attended, name=name, notice=policy.notice)
+    return Mode("room", policy, store, backlog=4096)

@@ -360,6 +360,9 @@ class Loop:
             line = self.store.describe(d, result)
             if line is not None:
                 self.console.write(self.r.paint("event", line))
+            data = self.store.reply(d, result)  # what the store read for d.conn (a room's history)
+            if data is not None and (c := self.clients.get(d.conn)) is not None:
+                self._send(c, data)
 
     # -- sending and closing -------------------------------------------------------------------
 
