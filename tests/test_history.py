@@ -5,21 +5,12 @@ import sqlite3
 from datetime import datetime
 
 import pytest
-from conftest import db_rows, recv_until
+from conftest import db_rows, join_room as join, recv_until
 
 from chatlog import schema
 
 UTC = {"TZ": "UTC"}
 END = b"SERVER>*** End of history; live from here.\n"
-
-
-def join(server, handle=None):
-    s = server.connect()
-    greeting = recv_until(s, b"Type at any time.\n")
-    assert greeting.startswith(b"SERVER>*** Welcome to the room: ")
-    if handle:
-        s.sendall(f"{handle}>hi\n".encode())
-    return s
 
 
 def stamp(at: str) -> str:
@@ -195,3 +186,24 @@ def test_history_reads_a_few_rows_however_long_the_record(tmp_path):
         assert any("idx_sessions_room" in row[-1] for row in plan), plan
     finally:
         rec.close()
+
+
+def test_our_client_shows_the_history_before_the_live_lines(start_server, db_path, chatclient):
+    from conftest import spawn_client
+
+    room = start_server("--room", "--name", "lab", env=UTC, db=db_path)
+    alice = join(room, "alice")
+    alice.sendall(b"alice>before you came\n")
+    room.wait_for("^alice>before you came$")
+    p = spawn_client(chatclient, room)
+    p.expect_exact("History: the last 2 lines of lab")  # as it connects, before it asks a handle
+    p.expect(r"\[\d\d:\d\d\] alice>hi")
+    p.expect(r"\[\d\d:\d\d\] alice>before you came")
+    p.expect_exact("End of history; live from here.")
+    p.expect_exact("What would you like your chat handle to be> ")
+    p.sendline("bob")
+    p.expect_exact("bob>")
+    alice.sendall(b"alice>now live\n")
+    p.expect_exact("alice>now live")
+    p.sendline("\\quit")
+    p.expect_exact("You left the chat.")

@@ -292,3 +292,25 @@ def test_every_export_says_who_said_each_line_of_a_room(room):
     doc = json.loads(run_chatlog(room.db, "export", "1", "-f", "json").output)
     said = [m for m in doc["sessions"][0]["messages"] if m["sender"] == "client"]
     assert all(m["port"] == ports[m["handle"]] for m in said)
+
+
+def test_a_clients_who_is_answered_to_it_alone_and_never_reaches_the_others(start_server):
+    """`\\who` and `/who` from a client were relayed to the whole room as chat lines."""
+    from conftest import join_room
+
+    room = start_server("--room", "--history", "0")
+    alice = join_room(room, "alice")
+    room.wait_for("^alice>hi$")
+    bob = join_room(room, "bob")
+    assert recv_until(alice, b"bob>hi\n").endswith(b"bob>hi\n")
+    alice.sendall(b"alice>\\who\n")
+    assert recv_until(alice, b"\n") == b"SERVER>*** 2 here: alice, bob\n"
+    alice.sendall(b"alice>/nick al\n")
+    assert recv_until(alice, b"\n").startswith(b"SERVER>*** Unknown command /nick al (not sent to the room).")
+    alice.sendall(b"alice>hello\n")
+    assert recv_until(bob, b"hello\n") == b"alice>hello\n"  # nothing of the commands before it
+    assert lines_of(room.db)[-3:] == [
+        ("client", "alice", "\\who", "a command, answered to its sender: not relayed"),
+        ("client", "alice", "/nick al", "a command, answered to its sender: not relayed"),
+        ("client", "alice", "hello", None),
+    ]
