@@ -57,14 +57,14 @@ def test_an_empty_room_or_history_0_sends_nothing_before_the_live_lines(start_se
     alice.sendall(b"alice>hi\n")
     room.wait_for("^alice>hi$")
     bob = room.connect()
-    recv_until(bob, b"Type at any time.\n")
-    alice.sendall(b"alice>again\n")
-    expected = b"alice>again\n" if history == "0" else END
-    first = recv_until(bob, expected)
+    welcome = b"SERVER>*** Welcome to the room: 2 here. Type at any time.\n"
     if history == "0":
-        assert first == b"alice>again\n"
+        assert recv_until(bob, welcome) == welcome
+        alice.sendall(b"alice>again\n")
+        assert recv_until(bob, b"again\n") == b"alice>again\n"  # the first thing after the greeting
     else:
-        assert first.startswith(b"SERVER>*** History: the last line of room-")
+        got = recv_until(bob, END)
+        assert got.startswith(welcome + b"SERVER>*** History: the last line of room-")
 
 
 def test_every_run_of_the_same_name_is_the_same_room(start_server, db_path):
