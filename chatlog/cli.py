@@ -421,8 +421,9 @@ def serve(
         printf 'hi\\nbye\\n' | chatlog serve 9999
 
     In a room (--room), clients type at any time and each line goes to everyone else; the
-    operator's lines go to everyone. At the prompt: \\who lists who is here, \\kick NAME
-    removes someone, \\quit closes the room.
+    operator's lines go to everyone. At the prompt: \\who lists who is here, \\history N shows
+    the room's last lines, \\kick NAME removes someone, \\quit closes the room. A client that
+    joins is shown the room's last lines (--history), from earlier runs of the same --name too.
 
     PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP stops the server, closing
     every chat cleanly. Every message is committed before it is shown or answered.

@@ -276,7 +276,7 @@ class Room:
         text = msg.text
         if (
             (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit
-            or msg.cut or len(text) > MAX_TEXT or (text and text.lstrip()[:1] in ("\\", "/"))
+            or msg.cut or len(text) > MAX_TEXT or (text and text[0] in "\\/ \t")
         ):
             return self._received_slow(p, ev)
         at = ev.at

@@ -481,7 +481,7 @@ texts = st.one_of(
 op_texts = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["\\who", "\\quit", "\\kick alice", "\\kick bob", "\\kick 127.0.0.1:5002",
-                     "\\kick SERVER", "\\nope", "\x1b[31mred"]),
+                     "\\kick SERVER", "\\nope", "\x1b[31mred", "\\history", "\\history 3", "\\history x"]),
 )
 
 
