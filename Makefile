@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PORT   ?= 9999
+ARGS   ?=
+BINDIR ?= $(HOME)/.local/bin
 ifeq ($(origin CC),default)
 CC      = gcc
 endif
@@ -12,7 +14,7 @@ WARN    = -std=gnu99 -Wall -Wextra -Werror
 LDLIBS  = -lssl -lcrypto
 PYTEST_ARGS ?=
 
-.PHONY: all venv serve test asan valgrind bench lint clean unsafe-header
+.PHONY: all venv serve install uninstall test asan valgrind bench lint clean unsafe-header
 
 all: chatclient
 
@@ -41,11 +43,25 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --config-settings editable_mode=compat -e '.[test]'  # a path in a .pth: no import hook to load at every start
 	touch $@
 
+# make serve PORT=9999 ARGS="--room --bind 127.0.0.1"
 serve: venv chatclient
-	$(VENV)/bin/chatlog serve $(PORT)
+	@command -v chatlog >/dev/null || echo "(chatlog is not on your PATH: 'make install' links it into $(BINDIR))"
+	$(VENV)/bin/chatlog serve $(PORT) $(ARGS)
 
+# `chatlog` on the PATH: a link to this checkout's .venv/bin/chatlog (its own venv, as pipx
+# would make one), in ~/.local/bin unless BINDIR says otherwise.
+install: venv
+	mkdir -p "$(BINDIR)"
+	ln -sfn "$(abspath $(VENV))/bin/chatlog" "$(BINDIR)/chatlog"
+	@echo "installed $(BINDIR)/chatlog -> $(abspath $(VENV))/bin/chatlog"
+	@case ":$$PATH:" in *":$(BINDIR):"*) ;; *) echo "$(BINDIR) is not on your PATH: add  export PATH=\"$(BINDIR):\$$PATH\"  to ~/.profile (or ~/.bashrc)";; esac
+
+uninstall:
+	@if [ -L "$(BINDIR)/chatlog" ]; then rm -f "$(BINDIR)/chatlog" && echo "removed $(BINDIR)/chatlog"; fi
+
+# -rs: every skipped test says why (no Chromium, no valgrind, not root, no IPv6 loopback).
 test: venv chatclient chatclient-asan
-	$(PY) -m pytest -n auto -q $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto -q -rs $(PYTEST_ARGS)
 
 # The C client's hostile-server cases under AddressSanitizer/UBSan, then under valgrind.
 asan: venv chatclient-asan

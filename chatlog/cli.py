@@ -107,15 +107,29 @@ def _utf8_arguments(ctx: click.Context) -> None:
                     raise err from None
 
 
+def _room_name(ctx, param, value):
+    """A room's name: 1 to 64 characters, nothing a terminal would act on, no leading or
+    trailing space."""
+    if value is None:
+        return None
+    from chatlog.sanitize import visible
+
+    if not value or len(value) > 64 or value != value.strip() or visible(value) != value:
+        raise click.BadParameter("1 to 64 visible characters, like lab or cs372-room", ctx=ctx, param=param)
+    return value
+
+
 def _closed_streams(ctx: click.Context) -> None:
     """Started with stdin or stdout closed (`<&-`, `>&-`; Python then has None for them), every
-    command died with an AttributeError traceback. A closed stdin is input that has ended, as
-    /dev/null is. A closed stdout is nowhere to write: the server goes on without a console (the
+    command died with an AttributeError traceback. A closed stdin is input that has ended (an
+    empty pipe: /dev/null would tell `serve` that nobody is at the console). A closed stdout is nowhere to write: the server goes on without a console (the
     chat is still recorded); a command whose output goes there says so in one line."""
     import os
 
     if sys.stdin is None:
-        sys.stdin = open(os.devnull)  # noqa: SIM115  (for the life of the process)
+        r, w = os.pipe()
+        os.close(w)
+        sys.stdin = os.fdopen(r)  # (for the life of the process)
     if sys.stdout is None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         quiet = ("serve", "rm", "prune", "backup")  # they tell what they did on stderr
@@ -404,11 +418,28 @@ def _handle_name(ctx, param, value):
     "--tls-handshake-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True, metavar="SECONDS",
     help="Close a TLS connection whose handshake is not done by then.",
 )
+@click.option(
+    "--name", "room_name", callback=_room_name, metavar="NAME",
+    help="A room's name, kept in the record: every run of the same name is the same room "
+    "[default: room-PORT].",
+)
+@click.option(
+    "--history", type=click.IntRange(0, 1000), default=None, metavar="N",
+    help="A client that joins a room is first shown its last N lines, earlier runs' too, marked "
+    "as history (0: none) [default: 20].",
+)
+@click.option(
+    "--no-operator", is_flag=True,
+    help="Nobody is at the console: stdin is never read and the server runs until SIGTERM (1:1 "
+    "clients are recorded, not answered, and told so). Also when stdin is /dev/null or the server "
+    "was started in the background (&).",
+)
 @click.option("--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR].")
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
-    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, color, db,
+    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, no_operator,
+    color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -420,35 +451,51 @@ def serve(
         printf 'hi\\nbye\\n' | chatlog serve 9999
 
     In a room (--room), clients type at any time and each line goes to everyone else; the
-    operator's lines go to everyone. At the prompt: \\who lists who is here, \\kick NAME
-    removes someone, \\quit closes the room.
+    operator's lines go to everyone. At the prompt: \\who lists who is here, \\history N shows
+    the room's last lines, \\kick NAME removes someone, \\quit closes the room. A client that
+    joins is shown the room's last lines (--history), from earlier runs of the same --name too.
 
-    PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP closes the current chat
-    cleanly. Every message is committed before it is shown or answered.
+    PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP stops the server, closing
+    every chat cleanly. Every message is committed before it is shown or answered.
+
+    Unattended (--no-operator, stdin /dev/null as under systemd, or started with &): nothing is
+    read from the terminal, and it runs until SIGTERM.
     """
+    import signal
+
     from chatlog import modes
     from chatlog.config import db_path
     from chatlog.db import StoreError
+    from chatlog.operator import unattended
     from chatlog.recorder import open_recorder
     from chatlog.render import Renderer
     from chatlog.server import serve as run_server
     from chatlog.tls import TlsSetupError
     from chatlog.transport import ServeError, listen, raise_open_files_limit
 
+    if not room and (room_name is not None or history is not None):
+        raise click.UsageError(f"{'--name' if room_name is not None else '--history'} is for a room (--room)")
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
         raise Failed(str(exc)) from None
+    attended = not (no_operator or unattended(sys.stdin))
+    if not attended:
+        # Nothing reads the terminal, and a background job that writes to it (or a stray
+        # terminal call) is never stopped for it; the terminal's modes are left alone.
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     try:
         raise_open_files_limit()
         if room:
             mode = modes.room_mode(
                 recorder, handle=handle, max_clients=max_clients, per_address=per_address, rate=rate, burst=burst,
+                attended=attended, name=room_name, history=20 if history is None else history,
             )
         else:
             mode = modes.chat_mode(
                 recorder, handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
-                max_waiting=max_waiting, per_address=per_address,
+                max_waiting=max_waiting, per_address=per_address, attended=attended,
             )
         tls = None
         if tls_only or tls_port is not None or tls_cert or tls_key:
@@ -465,7 +512,8 @@ def serve(
             tls_sockets = listen(bind, port, backlog=mode.backlog)
         elif tls_port is not None:
             tls_sockets = listen(bind, tls_port, backlog=mode.backlog)
-        run_server(mode, sockets, Renderer(color=color), sys.stdin, bind=bind, tls_sockets=tls_sockets, tls=tls)
+        run_server(mode, sockets, Renderer(color=color), sys.stdin if attended else None, bind=bind,
+                   tls_sockets=tls_sockets, tls=tls)
     except (ServeError, StoreError, TlsSetupError) as exc:
         raise Failed(str(exc)) from None
     finally:

@@ -7,7 +7,10 @@ and what the console says of what was recorded.
 A mode's store (`ChatStore`, `RoomStore`) is the one mapping from decisions to the recorder:
 `record(batch)` writes every store decision of a pass (`events.StoreWrite`) in one transaction
 and returns a result for each decision; `describe(decision, result)` is the console line for a
-result, if any. The server loop imports neither this module nor the store: `cli.py` builds a
+result, if any, and `reply(decision, result)` the bytes its connection is sent (a room's
+history: the policy decides that it is sent, `History(conn, n)`; the store reads it from the
+recorder's connection in order with the pass's writes; its words are the room's, and the loop
+sends what `reply` returns). The server loop imports neither this module nor the store: `cli.py` builds a
 mode and hands it to `server.serve`.
 """
 
@@ -23,6 +26,7 @@ from chatlog.events import (
     End,
     Forget,
     Handle,
+    History,
     Join,
     Open,
     OpenRoom,
@@ -33,10 +37,12 @@ from chatlog.events import (
 )
 from chatlog.handles import key_of
 from chatlog.render import ended_text
+from chatlog.room import history_lines
 from chatlog.sanitize import visible
 from chatlog.transport import plain_addr
 
-ROOM_COMMANDS = "At the prompt: \\who, \\kick NAME, \\forget NAME, \\quit"
+ROOM_COMMANDS = "At the prompt: \\who, \\history [N], \\kick NAME, \\forget NAME, \\quit"
+NOBODY = "Nobody is at the console: the room runs until SIGTERM."
 REFUSALS_SAID = (10, 100, 1000, 10000, 100000)  # per address and minute, past the first
 
 
@@ -75,6 +81,10 @@ class _Store:
     def _write_all(self, batch: list, writes: list[int], results: list) -> None:
         for i in writes:
             results[i] = self._write(batch[i])
+
+    def reply(self, d, result) -> bytes | None:
+        """Bytes for the connection of a store decision, from what the store read (None: none)."""
+        return None
 
     def describe(self, d, result) -> str | None:
         if isinstance(d, Refuse):
@@ -151,8 +161,11 @@ class ChatStore(_Store):
 class RoomStore(_Store):
     """A room: one session for the run, a participant for every client, every line in order."""
 
-    def __init__(self, recorder):
+    def __init__(self, recorder, *, attended: bool = True, name: str | None = None, notice=None):
         super().__init__(recorder)
+        self.attended = attended
+        self.name = name  # None: `room-PORT`, once the port is known
+        self.notice = notice  # the policy's notice line (its words and handle)
         self.session: int | None = None
         self.participants: dict[int, int] = {}  # conn -> participant
 
@@ -194,8 +207,14 @@ class RoomStore(_Store):
                 rec.set_participant_handle(pid, d.handle)
         elif t is Bind:
             self._bind(d, "participants", self.participants.get(d.conn))
+        elif t is History:
+            return rec.room_history(self.name, d.n)
         elif t is OpenRoom:
-            self.session = rec.begin_session(None, None, self.local[0], self.local[1], d.at, served=True, kind="room")
+            if self.name is None:
+                self.name = f"room-{self.local[1]}"
+            self.session = rec.begin_session(
+                None, None, self.local[0], self.local[1], d.at, served=True, kind="room", room=self.name,
+            )
             return self.session
         elif t is CloseRoom:
             if self.session is not None:
@@ -206,8 +225,21 @@ class RoomStore(_Store):
 
     def describe(self, d, result) -> str | None:
         if isinstance(d, OpenRoom):
-            return f"The room is open (session {result}); awaiting clients. {ROOM_COMMANDS}"
+            said = ROOM_COMMANDS if self.attended else NOBODY
+            return f"The room is open (session {result}, {visible(self.name)}); awaiting clients. {said}"
+        if isinstance(d, History) and d.conn is None:
+            if not result:
+                return visible(f"Nothing has been said in {self.name} yet.")
+            head, lines, tail = history_lines(self.name, result, d.at)
+            return "\n".join([head, *lines, tail])
         return super().describe(d, result)
+
+    def reply(self, d, result) -> bytes | None:
+        if isinstance(d, History) and d.conn is not None and result:
+            head, lines, tail = history_lines(self.name, result, d.at)
+            notice = self.notice or (lambda text: b"*** " + text.encode() + b"\n")
+            return notice(head) + "".join(line + "\n" for line in lines).encode() + notice(tail)
+        return None
 
 
 @dataclass
@@ -220,21 +252,24 @@ class Mode:
     backlog: int  # the listening queue
 
 
-def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per_address) -> Mode:
+def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per_address, attended=True) -> Mode:
     from chatlog.turns import Turns
 
     policy = Turns(
         bindings=recorder.bindings(), handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
         max_waiting=max_waiting, per_address=2 if per_address is None else (per_address or max_waiting),
+        attended=attended,
     )
     return Mode("chat", policy, ChatStore(recorder), backlog=128)
 
 
-def room_mode(recorder, *, handle, max_clients, per_address, rate, burst) -> Mode:
+def room_mode(recorder, *, handle, max_clients, per_address, rate, burst, attended=True, name=None,
+              history=20) -> Mode:
     from chatlog.room import Room
 
     policy = Room(
-        bindings=recorder.bindings(), handle=handle, max_clients=max_clients, rate=rate, burst=burst,
+        bindings=recorder.bindings(), handle=handle, max_clients=max_clients, rate=rate, burst=burst, history=history,
         **({} if per_address is None else {"per_address": per_address}),
     )
-    return Mode("room", policy, RoomStore(recorder), backlog=4096)
+    store = RoomStore(recorder, attended=attended, name=name, notice=policy.notice)
+    return Mode("room", policy, store, backlog=4096)

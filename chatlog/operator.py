@@ -8,8 +8,10 @@ the lines the server prints to them.
   then the prompt and what was typed so far are drawn again.
 - **A pipe**: read by the loop as it arrives (a bounded backlog), one line per answer, so a
   script of replies is consumed in order; its end is known at once, even with no client.
-- **A regular file or /dev/null** (which epoll cannot watch, and which never blocks): read
-  directly whenever the backlog runs low.
+- **A regular file** (which epoll cannot watch, and which never blocks): read directly whenever
+  the backlog runs low.
+- **Nobody** (`--no-operator`, stdin /dev/null, or started in the background: `unattended`):
+  nothing is read, ever.
 
 `Console` writes the server's lines; a console that fails (a full disk, a hung-up terminal) is
 said once on stderr and then left alone: the chat goes on and is still recorded.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import selectors
 import socket
+import stat
 import sys
 import threading
 import time
@@ -40,6 +43,31 @@ def _pollable(fd: int) -> bool:
         return False
     finally:
         sel.close()
+
+
+def unattended(stream) -> str | None:
+    """Why nobody can be at the console (None: someone may be). Nobody is when the operator's
+    input is /dev/null (as under systemd, or `nohup ... </dev/null`) or a terminal whose
+    foreground process group is not ours (started with `&`: reading it would stop us with
+    SIGTTIN). A closed stdin, a pipe or a file is a script: its end stops the server."""
+    try:
+        fd = stream.fileno()
+        st = os.fstat(fd)
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        null = None
+    if null is not None and stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev:
+        return "its input is /dev/null"
+    if os.isatty(fd):
+        try:
+            if os.tcgetpgrp(fd) != os.getpgrp():
+                return "it was started in the background"
+        except OSError:
+            pass  # a terminal that is not ours to control: read it like any other
+    return None
 
 
 class Console:
@@ -217,7 +245,8 @@ class Operator:
         self._rl_prompt = prompt if color_prompt is None else color_prompt
         self.lines: deque[str] = deque()
         self.eof = False  # the input has ended (what is in `lines` is still to be used)
-        self.tty = stream.isatty()
+        self.absent = stream is None  # nobody is at the console: nothing is ever read
+        self.tty = not self.absent and stream.isatty()
         self.reading = False  # the terminal thread is inside input(): a prompt is on screen
         self.discarded = 0  # lines thrown away because they were typed before their prompt
         self._partial = b""
@@ -235,6 +264,8 @@ class Operator:
             self._thread.start()
             self.fd: int | None = self._rsock.fileno()
             console.operator = self
+        elif self.absent:
+            self.fd = None
         else:
             fd = stream.fileno()
             if _pollable(fd):
@@ -313,7 +344,7 @@ class Operator:
 
     def fill(self) -> None:
         """A file is read directly, a chunk at a time, whenever the backlog runs low."""
-        while self.fd is None and not self.tty and not self.eof and len(self.lines) < BACKLOG:
+        while self.fd is None and not self.tty and not self.absent and not self.eof and len(self.lines) < BACKLOG:
             self.read_available()
 
     def rearm(self) -> None:

@@ -202,13 +202,14 @@ class Recorder:
         *,
         served: bool,
         kind: str = "chat",
+        room: str | None = None,
     ) -> int:
         when = iso(at)
         session_id = self._run(
             "INSERT INTO sessions (started_at, served_at, client_host, client_port, "
-            "server_host, server_port, server_id, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "server_host, server_port, server_id, kind, room) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (when, when if served else None, client_host, client_port, server_host, server_port,
-             self.server_id, kind),
+             self.server_id, kind, room),
         ).lastrowid
         if not self._in_tx:
             self._committed()
@@ -345,6 +346,31 @@ class Recorder:
         return self.add_message(
             session_id, "event", handle[0] if handle else None, text, None, None, at, participant_id
         )
+
+    def room_history(self, room: str, n: int) -> list[tuple[str, str, str | None, str]]:
+        """The last `n` lines people said in the room named `room`, over every run of it, oldest
+        first, as (at, sender, handle, text): client and operator lines that were relayed (not
+        joins or leaves, not lines kept back with a note that says `not relayed`). Read one
+        session at a time, newest first, each backwards along its (session, seq) index, so a
+        join costs a few rows however long the room's record is."""
+        out: list[tuple[str, str, str | None, str]] = []
+        if n <= 0:
+            return out
+        sessions = self._run(
+            "SELECT id FROM sessions WHERE room = ? AND deleting = 0 ORDER BY id DESC", (room,)
+        ).fetchall()
+        for (sid,) in sessions:
+            rows = self._run(
+                "SELECT at, sender, handle, text FROM messages WHERE session_id = ? "
+                "AND sender IN ('client', 'server') AND (note IS NULL OR note NOT LIKE '%not relayed%') "
+                "ORDER BY seq DESC LIMIT ?",
+                (sid, n - len(out)),
+            ).fetchall()
+            out += rows
+            if len(out) >= n:
+                break
+        out.reverse()
+        return out
 
     def _last_seq(self, session_id: int) -> int:
         row = self._run("SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)).fetchone()

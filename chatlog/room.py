@@ -53,6 +53,7 @@ from chatlog.events import (
     Finish,
     Forget,
     Handle,
+    History,
     Join,
     OpenRoom,
     OperatorEnd,
@@ -74,6 +75,7 @@ from chatlog.sanitize import visible
 from chatlog.words import LEFT, NOTICES, address, address_key, idle_text
 
 MAX_CLIENTS = 10_000
+HISTORY = 20  # lines of the room's record shown to a client that joins
 PER_ADDRESS = 256  # enough for a classroom behind one NAT, or a benchmark on loopback
 RATE = 20.0  # lines per second, sustained
 BURST = 100  # lines at once before the rate applies
@@ -114,7 +116,7 @@ class Participant:
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "prompted", "sendq", "names", "bindings", "_server_prefix",
+        "finished", "prompted", "sendq", "names", "bindings", "_server_prefix", "history",
     )
 
     def __init__(
@@ -127,6 +129,7 @@ class Room:
         burst: int = BURST,
         sendq: int = SENDQ,
         bindings: dict[str, str] | None = None,
+        history: int = HISTORY,
     ):
         if not valid_handle(handle):
             raise ValueError(f"not a valid handle: {handle!r} (1 to 10 characters, no spaces or '>')")
@@ -146,6 +149,7 @@ class Room:
         self.sendq = sendq
         self.names = Names()  # the handles of those present
         self.bindings = Bindings(bindings)  # handles that belong to a certificate
+        self.history = max(0, history)  # lines of the room's record a newcomer is shown
         self._server_prefix = (visible(handle) + ">").encode()
 
     # -- the interface the loop uses ---------------------------------------------------------
@@ -224,11 +228,15 @@ class Room:
                         fingerprint=ev.link.fingerprint if ev.link is not None else None)
         people[ev.conn] = p
         here = len(people)
-        return [
+        out: list[Decision] = [
             Join(ev.conn, ev.host, ev.port, ev.at, ev.link),
             Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),
-            Show("event", visible(f"{address(ev.host, ev.port)} entered the room ({here} here)")),
         ]
+        if self.history:
+            # Read in order with this pass's commits: exactly what was said before it joined.
+            out.append(History(ev.conn, self.history, ev.at))
+        out.append(Show("event", visible(f"{address(ev.host, ev.port)} entered the room ({here} here)")))
+        return out
 
     def _received(self, ev: Received) -> list[Decision]:
         p = self.people.get(ev.conn)
@@ -242,7 +250,7 @@ class Room:
         text = msg.text
         if (
             (handle is not None and handle != p.handle) or p.handle is None or msg.is_quit
-            or msg.cut or len(text) > MAX_TEXT or (text and text.lstrip()[:1] in ("\\", "/"))
+            or msg.cut or len(text) > MAX_TEXT or (text and text[0] in "\\/ \t")
         ):
             return self._received_slow(p, ev)
         at = ev.at
@@ -472,7 +480,11 @@ class Room:
                 return self._kick(arg, ev.at)
             if name == "forget":
                 return self._forget(arg)
-            return [Show("error", f"unknown command \\{name}; commands: \\who, \\kick NAME, \\forget NAME, \\quit")]
+            if name == "history":
+                if arg and not (arg.isascii() and arg.isdigit()):
+                    return [Show("error", "usage: \\history [N] (the room's last N lines; default 20)")]
+                return [History(None, int(arg) if arg else (self.history or HISTORY), ev.at)]
+            return [Show("error", f"unknown command \\{name}; commands: \\who, \\history [N], \\kick NAME, \\forget NAME, \\quit")]
         if len(text) > MAX_TEXT:
             return [Show("error", f"message too long ({len(text)} characters, at most {MAX_TEXT}); not sent")]
         shown = visible(text)
@@ -533,6 +545,24 @@ class Room:
         self.per_addr.clear()
         self.names.clear()
         return commits + ends + [CloseRoom(reason, at), Prompt(False), Show("event", why), Finish(why)]
+
+
+def history_lines(name: str, rows, now: float) -> tuple[str, list[str], str]:
+    """The words of a room's history, for a client or the console: a notice before, the lines
+    (each with its time, local, with the date when not today, made safe and cut as the relay
+    cuts them), a notice after. `rows` are (at, sender, handle, text), oldest first; `at` is
+    the store's UTC ISO text."""
+    from datetime import datetime
+
+    today = datetime.fromtimestamp(now).astimezone().date()
+    lines = []
+    for at, _sender, handle, text in rows:
+        when = datetime.fromisoformat(at).astimezone()
+        stamp = when.strftime("%H:%M") if when.date() == today else when.strftime("%Y-%m-%d %H:%M")
+        shown = visible(text[:MAX_TEXT]) + (f" [{len(text) - MAX_TEXT} more characters]" if len(text) > MAX_TEXT else "")
+        lines.append(f"[{stamp}] {visible(handle or '?')}>{shown}")
+    what = "the last line" if len(rows) == 1 else f"the last {len(rows)} lines"
+    return f"History: {what} of {visible(name)}", lines, "End of history; live from here."
 
 
 def _fit(text: str) -> str:

@@ -374,6 +374,21 @@ def m009_transport_and_identities(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m010_room_names(conn: sqlite3.Connection) -> None:
+    # A room has a name (`serve --room --name`, default `room-PORT`); every run of the same name
+    # is the same room, and a client that joins is shown its last lines from all of them. A
+    # room recorded before names existed was, by that default, `room-` and its port.
+    run_script(
+        conn,
+        """
+        ALTER TABLE "sessions" ADD COLUMN "room" TEXT;
+        UPDATE "sessions" SET "room" = 'room-' || "server_port" WHERE "kind" = 'room' AND "server_port" IS NOT NULL;
+        CREATE INDEX "idx_sessions_room" ON "sessions" ("room", "id") WHERE "room" IS NOT NULL;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

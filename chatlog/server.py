@@ -424,6 +424,9 @@ class Loop:
             line = self.store.describe(d, result)
             if line is not None:
                 self.console.write(self.r.paint("event", line))
+            data = self.store.reply(d, result)  # what the store read for d.conn (a room's history)
+            if data is not None and (c := self.clients.get(d.conn)) is not None:
+                self._send(c, data)
 
     # -- sending and closing -------------------------------------------------------------------
 
@@ -523,7 +526,9 @@ def stop_signals(handler):
     socket yielded (watch it for reading)."""
     wake_r, wake_w = wakeup_pair()
     old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # A signal ignored when we were started stays ignored (`nohup`, or `&` in a script): TERM never.
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+           if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield wake_r
     finally:

@@ -7,6 +7,7 @@ The helpers every test file uses (add to these rather than writing another):
   storebuild.open_store               a database built through the recorder, with named rows
   db_dicts / db_rows                  what was stored, by column name / as tuples
   recv_until, ending, wait_until      sockets and conditions, never fixed sleeps
+  join_room                           a raw client in a room, greeted (and named)
 """
 import os
 import shutil
@@ -363,6 +364,16 @@ def recv_until(sock, needle: bytes, timeout=10.0) -> bytes:
             break
         data += chunk
     return data
+
+
+def join_room(server, handle=None):
+    """A raw client in a room: connected, greeted, and (with `handle`) its first line sent."""
+    s = server.connect()
+    greeting = recv_until(s, b"Type at any time.\n")
+    assert greeting.startswith(b"SERVER>*** Welcome to the room: "), greeting
+    if handle:
+        s.sendall(f"{handle}>hi\n".encode())
+    return s
 
 
 def ending(notice: str, handle: str = "SERVER") -> bytes:

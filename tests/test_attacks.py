@@ -107,11 +107,12 @@ def test_serve_refuses_a_timeout_or_rate_that_is_not_a_usable_number(db_path, op
 # -- started with a standard stream closed --------------------------------------------------------
 
 
-def _run_closed(db, args, close, stdin=subprocess.DEVNULL):
-    """chatlog ARGS with file descriptor `close` (0 or 1) closed, as `<&-` or `>&-` leave it."""
+def _run_closed(db, args, close):
+    """chatlog ARGS with file descriptor `close` (0 or 1) closed, as `<&-` or `>&-` leave it
+    (stdin otherwise an empty pipe: input that has ended)."""
     return subprocess.run(
         [sys.executable, "-m", "chatlog", *args, "--db", str(db)],
-        stdin=stdin if close != 0 else None, stdout=None if close == 1 else subprocess.PIPE,
+        input=b"" if close != 0 else None, stdout=None if close == 1 else subprocess.PIPE,
         stderr=subprocess.PIPE, cwd=ROOT, timeout=30, preexec_fn=lambda: os.close(close),
         env=dict(os.environ, NO_COLOR="1"),
     )

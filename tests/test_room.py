@@ -354,3 +354,25 @@ def test_chatclient_is_announced_when_its_handle_is_chosen(start_server, chatcli
     assert lines_of(server.db)[-1] == ("event", "alice", "joined", None)
     p.sendline("\\quit")
     p.expect("You left the chat")
+
+
+def test_a_clients_who_is_answered_to_it_alone_and_never_reaches_the_others(start_server):
+    """`\\who` and `/who` from a client were relayed to the whole room as chat lines."""
+    from conftest import join_room
+
+    room = start_server("--room", "--history", "0")
+    alice = join_room(room, "alice")
+    room.wait_for("^alice>hi$")
+    bob = join_room(room, "bob")
+    assert recv_until(alice, b"bob>hi\n").endswith(b"bob>hi\n")
+    alice.sendall(b"alice>\\who\n")
+    assert recv_until(alice, b"\n") == b"SERVER>*** 2 here: alice, bob\n"
+    alice.sendall(b"alice>/nick al\n")
+    assert recv_until(alice, b"\n").startswith(b"SERVER>*** Unknown command /nick al (not sent to the room).")
+    alice.sendall(b"alice>hello\n")
+    assert recv_until(bob, b"hello\n") == b"alice>hello\n"  # nothing of the commands before it
+    assert lines_of(room.db)[-3:] == [
+        ("client", "alice", "\\who", "a command, answered to its sender: not relayed"),
+        ("client", "alice", "/nick al", "a command, answered to its sender: not relayed"),
+        ("client", "alice", "hello", None),
+    ]

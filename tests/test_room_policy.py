@@ -16,6 +16,7 @@ from chatlog.events import (
     End,
     Finish,
     Handle,
+    History,
     Join,
     OperatorEnd,
     OperatorLine,
@@ -74,7 +75,7 @@ def test_greeting_is_sent_at_once_after_the_join_is_recorded():
     out = r.handle_event(Connected(1, HOST, 5001, 1.0))
     assert out[0] == Join(1, HOST, 5001, 1.0)
     assert out[1] == Send(1, b"SERVER>*** Welcome to the room: 1 here. Type at any time.\n")
-    assert out[2:] == [Show("event", "127.0.0.1:5001 entered the room (1 here)")]
+    assert out[2:] == [History(1, 20, 1.0), Show("event", "127.0.0.1:5001 entered the room (1 here)")]
     out = r.handle_event(Connected(2, HOST, 5002, 1.5))
     assert of(Send, out) == [Send(2, b"SERVER>*** Welcome to the room: 2 here. Type at any time.\n")]
     assert not of(Broadcast, out)  # a lurker is not announced
@@ -485,7 +486,7 @@ texts = st.one_of(
 op_texts = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["\\who", "\\quit", "\\kick alice", "\\kick bob", "\\kick 127.0.0.1:5002",
-                     "\\kick SERVER", "\\nope", "\x1b[31mred"]),
+                     "\\kick SERVER", "\\nope", "\x1b[31mred", "\\history", "\\history 3", "\\history x"]),
 )
 
 
@@ -823,3 +824,39 @@ def test_a_join_under_a_handle_in_use_is_refused_like_any_line():
     assert c.text == "\\join" and "not relayed" in c.note
     [s] = of(Send, out)
     assert b"taken by someone here" in s.data
+
+
+# -- history ------------------------------------------------------------------------------------------
+
+
+def test_a_newcomer_is_sent_the_rooms_history_right_after_the_greeting():
+    r = opened(history=5)
+    out = r.handle_event(Connected(1, HOST, 5001, 1.0))
+    assert [type(d) for d in out] == [Join, Send, History, Show]
+    assert out[2] == History(1, 5, 1.0)
+    r = opened(history=0)
+    assert not of(History, r.handle_event(Connected(1, HOST, 5001, 1.0)))
+
+
+def test_the_operators_history_command_shows_the_rooms_last_lines_on_the_console():
+    r = room(1, handles=("alice",))
+    assert r.handle_event(OperatorLine("\\history", 7.0)) == [History(None, 20, 7.0)]
+    assert r.handle_event(OperatorLine("\\history 3", 7.0)) == [History(None, 3, 7.0)]
+    [err] = r.handle_event(OperatorLine("\\history lots", 7.0))
+    assert err.kind == "error" and "\\history [N]" in err.text
+
+
+def test_history_words_mark_every_line_with_its_time_and_make_it_safe():
+    from chatlog.room import history_lines
+
+    now = 1_800_000_000.0
+    rows = [("2027-01-15T08:01:00.000000+00:00", "client", "alice", "hi"),
+            ("2027-01-15T08:02:00.000000+00:00", "server", "SERVER", "\x1b[2Jwelcome"),
+            ("2027-01-14T08:03:00.000000+00:00", "client", "b\u202eob", "x" * 600)]
+    head, lines, tail = history_lines("lab", rows, now)
+    assert head == "History: the last 3 lines of lab" and tail == "End of history; live from here."
+    assert lines[0].startswith("[") and lines[0].endswith("] alice>hi")
+    assert "\x1b" not in lines[1] and lines[1].endswith("SERVER>\\x1b[2Jwelcome")
+    assert "\u202e" not in lines[2] and lines[2].endswith(" [100 more characters]")
+    assert len(lines[2]) <= 500 + 60  # cut as the relay cuts it
+    assert history_lines("lab", rows[:1], now)[0] == "History: the last line of lab"
