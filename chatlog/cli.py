@@ -517,6 +517,13 @@ def serve(
     except (ServeError, StoreError, TlsSetupError) as exc:
         raise Failed(str(exc)) from None
     finally:
+        # The stop is under way (every client told, the console written): the record is closed
+        # (at most a few seconds of search indexing) without a second signal cutting it short
+        # (make, for one, passes its own TERM on to the server it runs).
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         recorder.close()
 
 

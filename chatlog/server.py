@@ -216,23 +216,23 @@ class Loop:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, wake) -> None:
+        """Serve until stopped; `wake` is the socket a stop signal wakes the loop through (the
+        signals are ours by now: from here on Ctrl-C closes cleanly)."""
         self._watch_listeners(True)
-        with stop_signals(self._on_signal) as wake:
-            self.watch.set(wake, selectors.EVENT_READ, ("wake", wake))
-            try:
-                # Only now that the signals are ours: from here on Ctrl-C closes cleanly.
-                self._feed(Started(time.time()))
-                self._carry_out()
-                self._operator_input()
-                while not self.finished:
-                    self.console.flush()  # this pass's console lines, before waiting again
-                    self._pass()
-            finally:
-                for c in [*self.clients.values(), *self.tls.clients.values()]:
-                    c.io.close()
-                self.acceptor.close()
-                self.watch.close()
+        self.watch.set(wake, selectors.EVENT_READ, ("wake", wake))
+        try:
+            self._feed(Started(time.time()))
+            self._carry_out()
+            self._operator_input()
+            while not self.finished:
+                self.console.flush()  # this pass's console lines, before waiting again
+                self._pass()
+        finally:
+            for c in [*self.clients.values(), *self.tls.clients.values()]:
+                c.io.close()
+            self.acceptor.close()
+            self.watch.close()
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = signal.Signals(signum).name
@@ -573,10 +573,14 @@ def serve(mode, sockets: list, renderer: Renderer, stdin, *, bind: str | None = 
     try:
         loop = _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets, tls)
         saved_tty = _save_tty(stdin)
-        try:
-            loop.run()
-        finally:
-            _restore_tty(stdin, saved_tty)
+        # The signals stay ours until the last console line is written: a second TERM (make
+        # passes its own on to the server it runs) must not kill the server mid-goodbye.
+        with stop_signals(loop._on_signal) as wake:
+            try:
+                loop.run(wake)
+            finally:
+                _restore_tty(stdin, saved_tty)
+                console.close()
     finally:
         console.close()
     if loop.failure:

@@ -30,7 +30,7 @@ def history_bytes(name, rows):
 
 
 def test_a_client_that_joins_is_shown_the_last_lines_marked_as_history(start_server, db_path):
-    room = start_server("--room", "--name", "lab", "--history", "3", env=UTC, db=db_path)
+    room = start_server("--room", "--name", "lab", "--history", "3", env=UTC, db=db_path, history=True)
     alice = join(room)  # the empty room: nothing more than the greeting (see the next test)
     alice.sendall(b"alice>one\n")
     alice.sendall(b"alice>two\n")
@@ -52,7 +52,7 @@ def test_a_client_that_joins_is_shown_the_last_lines_marked_as_history(start_ser
 @pytest.mark.parametrize("history", [None, "0"])
 def test_an_empty_room_or_history_0_sends_nothing_before_the_live_lines(start_server, db_path, history):
     args = ["--room"] + (["--history", history] if history else [])
-    room = start_server(*args, env=UTC, db=db_path)
+    room = start_server(*args, env=UTC, db=db_path, history=True)
     alice = join(room)  # nothing said yet: no history
     alice.sendall(b"alice>hi\n")
     room.wait_for("^alice>hi$")
@@ -68,17 +68,17 @@ def test_an_empty_room_or_history_0_sends_nothing_before_the_live_lines(start_se
 
 
 def test_every_run_of_the_same_name_is_the_same_room(start_server, db_path):
-    first = start_server("--room", "--name", "lab", env=UTC, db=db_path)
+    first = start_server("--room", "--name", "lab", env=UTC, db=db_path, history=True)
     alice = join(first, "alice")
     alice.sendall(b"alice>remember this\n")
     first.wait_for("^alice>remember this$")
-    other = start_server("--room", "--name", "elsewhere", env=UTC, db=db_path)
+    other = start_server("--room", "--name", "elsewhere", env=UTC, db=db_path, history=True)
     carol = join(other, "carol")
     other.wait_for("^carol>hi$")
     first.say("\\quit")
     assert first.wait() == 0
     # a new run of lab: bob sees what was said in the earlier run, and nothing of elsewhere
-    second = start_server("--room", "--name", "lab", env=UTC, db=db_path)
+    second = start_server("--room", "--name", "lab", env=UTC, db=db_path, history=True)
     second.wait_for(r"The room is open \(session \d+, lab\)")
     bob = second.connect()
     got = recv_until(bob, END)
@@ -91,13 +91,13 @@ def test_every_run_of_the_same_name_is_the_same_room(start_server, db_path):
 
 
 def test_the_default_name_is_room_and_the_port(start_server, db_path):
-    room = start_server("--room", env=UTC, db=db_path)
+    room = start_server("--room", env=UTC, db=db_path, history=True)
     room.wait_for(rf"The room is open \(session 1, room-{room.port}\)")
     assert db_rows(db_path, "SELECT room FROM sessions") == [(f"room-{room.port}",)]
 
 
 def test_lines_kept_back_are_not_replayed_and_hostile_text_is_made_safe(start_server, db_path):
-    room = start_server("--room", "--name", "lab", env=UTC, db=db_path)
+    room = start_server("--room", "--name", "lab", env=UTC, db=db_path, history=True)
     mal = join(room)
     mal.sendall(b"no handle yet\n")  # kept back: not relayed, so not history either
     mal.sendall(b"SERVER>fake operator line\n")
@@ -113,7 +113,7 @@ def test_lines_kept_back_are_not_replayed_and_hostile_text_is_made_safe(start_se
 
 
 def test_the_operators_history_command_shows_it_on_the_console(start_server, db_path):
-    room = start_server("--room", "--name", "lab", env=UTC, db=db_path)
+    room = start_server("--room", "--name", "lab", env=UTC, db=db_path, history=True)
     room.say("\\history")
     room.wait_for("^Nothing has been said in lab yet.$")
     alice = join(room, "alice")
@@ -191,7 +191,7 @@ def test_history_reads_a_few_rows_however_long_the_record(tmp_path):
 def test_our_client_shows_the_history_before_the_live_lines(start_server, db_path, chatclient):
     from conftest import spawn_client
 
-    room = start_server("--room", "--name", "lab", env=UTC, db=db_path)
+    room = start_server("--room", "--name", "lab", env=UTC, db=db_path, history=True)
     alice = join(room, "alice")
     alice.sendall(b"alice>before you came\n")
     room.wait_for("^alice>before you came$")

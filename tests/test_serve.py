@@ -531,3 +531,24 @@ def test_a_client_line_in_the_servers_handle_reads_as_the_clients_in_every_trans
         out = run_chatlog(db_path, "export", "last", "--format", fmt, process=True).stdout
         assert "the handle SERVER is the server's" in out, (fmt, out)
     assert db_rows(db_path, "SELECT handle FROM sessions") == [("amy",)]
+
+
+def test_a_second_sigterm_during_the_stop_neither_kills_the_server_nor_loses_its_goodbye(start_server):
+    """make passes its own TERM on to the server it runs, so a server under `make serve` gets
+    two: the second one, landing while the first stop is under way, killed it before its last
+    console lines were written."""
+    import signal as sig
+
+    for _ in range(5):
+        server = start_server("--room")
+        c = server.connect()
+        recv_until(c, b"\n")
+        server.proc.send_signal(sig.SIGTERM)
+        while server.proc.poll() is None:  # TERM after TERM until it has exited
+            try:
+                server.proc.send_signal(sig.SIGTERM)
+            except ProcessLookupError:
+                break
+            time.sleep(0.001)
+        assert server.wait() == 0
+        assert "Server stopped (SIGTERM)" in server.output
