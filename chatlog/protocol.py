@@ -75,11 +75,6 @@ class Framer:
         self._late = bytearray()  # padding that came in later bursts (the first PADDING_KEEP bytes)
         self._late_n = 0  # and how many bytes of it in all
 
-    @property
-    def pending(self) -> bool:
-        """True while bytes of an unfinished message are held."""
-        return bool(self._buf) or self._cutting
-
     def deadline(self) -> float | None:
         if self._buf or self._cutting or self._late_n:
             return self._last + self.quiet
