@@ -302,23 +302,33 @@ static struct {
 	int raw;                  /* the terminal is in our mode; restore saved on the way out */
 	struct termios saved, mode; /* the terminal's own mode, and ours */
 	const char *prompt;       /* shown before the input, or NULL */
-	int shown;                /* prompt (and typed text) are on the screen's last line */
-	size_t cols;              /* how many columns they take */
+	int shown;                /* prompt (and typed text) are on the screen's last line(s) */
+	int dirty;                /* the typed text changed since it was drawn */
+	size_t at;                /* columns from the prompt's start to the cursor, as drawn */
 	unsigned char buf[INPUT_MAX];
 	size_t len;
+	size_t cur;               /* the cursor: a byte offset into buf, always between characters */
 	int overflow;             /* more was typed than buf holds */
-	int esc;                  /* skipping an escape sequence (arrow keys, ...) */
+	int esc;                  /* in an escape sequence: 1 after ESC, 2 in ESC [ or ESC O */
+	char seq[8];              /* that sequence's parameter bytes */
+	size_t seqlen;
 } ui;
+
+/* The terminal's width, or "very wide" when it cannot be known. */
+static size_t width(void)
+{
+	struct winsize ws;
+	if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+		return ws.ws_col;
+	return (size_t)-1 / 2;
+}
 
 static void hide_input(void)
 {
 	if (!ui.shown)
 		return;
 	if (ui.tty) {
-		struct winsize ws;
-		size_t up = 0;
-		if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && ui.cols > 0)
-			up = (ui.cols - 1) / ws.ws_col; /* the rows the input wrapped onto */
+		size_t up = ui.at / width(); /* the rows between the prompt's start and the cursor */
 		fputc('\r', stdout);
 		if (up)
 			printf("\033[%zuA", up);
@@ -329,20 +339,35 @@ static void hide_input(void)
 	ui.shown = 0;
 }
 
-/* The prompt and, on a terminal, what has been typed so far (made visible like any text). */
+/* The prompt and, on a terminal, what has been typed so far (made visible like any text), with
+ * the cursor put where it is in the line. */
 static void show_input(void)
 {
 	static char echo[4 * INPUT_MAX + 1];
+	size_t end, w;
 	if (ui.shown || !ui.prompt)
 		return;
+	ui.dirty = 0;
 	fputs(ui.prompt, stdout);
-	ui.cols = columns((const unsigned char *)ui.prompt, strlen(ui.prompt));
-	if (ui.tty) {
-		size_t n = visible(ui.buf, ui.len, echo);
-		fputs(echo, stdout);
-		ui.cols += columns((const unsigned char *)echo, n);
-	}
+	ui.at = columns((const unsigned char *)ui.prompt, strlen(ui.prompt));
 	ui.shown = 1;
+	if (!ui.tty)
+		return;
+	w = width();
+	end = ui.at + columns((const unsigned char *)echo, visible(ui.buf, ui.len, echo));
+	fputs(echo, stdout);
+	ui.at += columns((const unsigned char *)echo, visible(ui.buf, ui.cur, echo));
+	/* The cursor is now at column end. A line that exactly fills its last row leaves the
+	 * cursor waiting at the right margin; a new line makes every position row = col / w. */
+	if (end > 0 && end % w == 0)
+		fputs("\r\n", stdout);
+	if (ui.at != end) {
+		if (end / w > ui.at / w)
+			printf("\033[%zuA", end / w - ui.at / w);
+		fputc('\r', stdout);
+		if (ui.at % w)
+			printf("\033[%zuC", ui.at % w);
+	}
 }
 
 /* Print one status line above the input. */
@@ -1145,45 +1170,79 @@ static int is_quit(const char *s, size_t n)
 	return n == 5 && memcmp(s, "\\quit", 5) == 0;
 }
 
-/* One line the user typed: the handle, \quit, or a message. */
-static void on_input(char *line, size_t n, int overflow)
+/* The lines sent (or queued) in this run, oldest first, for Up and Down. Fixed storage: a line
+ * that may be sent is at most MAX_TEXT code points. */
+#define HISTORY 100
+static char history[HISTORY][4 * MAX_TEXT + 1];
+static int hist_n, hist_first; /* how many are kept; where the oldest is */
+static int hist_at;            /* the line shown: 0..hist_n-1, or hist_n for the one being typed */
+static unsigned char draft[INPUT_MAX]; /* the line being typed, while an older one is shown */
+static size_t draft_len;
+
+static void remember(const char *line, size_t n)
+{
+	int slot;
+	if (n >= sizeof history[0])
+		return;
+	if (hist_n < HISTORY) {
+		slot = (hist_first + hist_n++) % HISTORY;
+	} else {
+		slot = hist_first;
+		hist_first = (hist_first + 1) % HISTORY;
+	}
+	memcpy(history[slot], line, n + 1);
+	hist_at = hist_n;
+}
+
+/* Say why a typed line was not sent; at a terminal it stays on the input line to be edited. */
+#define KEPT ""
+
+/* One line the user typed: the handle, \quit, or a message. Returns 1 when the line was refused
+ * and should stay on the input line. */
+static int on_input(char *line, size_t n, int overflow)
 {
 	long chars;
 	if (securing) {
 		confirm(line);
-		return;
+		return 0;
 	}
 	if (!handle[0]) {
 		if (overflow || !valid_handle(line, n)) {
 			say("A handle is 1 to 10 characters, with no spaces, no '>' and no control characters.");
-			return;
+			return 0;
 		}
 		memcpy(handle, line, n + 1);
 		snprintf(prompt, sizeof prompt, "%s>", handle);
 		ui.prompt = prompt;
 		announce();
-		return;
+		return 0;
 	}
 	if (!overflow && is_quit(line, n))
 		end(0, "You left the chat.");
 	if (overflow)
-		say("Message too long (more than %d bytes, at most %d characters); not sent.", INPUT_MAX, MAX_TEXT);
+		say("Message too long (more than %d bytes, at most %d characters); not sent.%s", INPUT_MAX, MAX_TEXT, KEPT);
 	else if (n == 0)
-		return;
+		return 0;
 	else if (memchr(line, 0, n))
-		say("Not sent: the message contains a NUL byte.");
+		say("Not sent: the message contains a NUL byte.%s", KEPT);
 	else if ((chars = utf8_count((unsigned char *)line, n)) < 0)
-		say("Not sent: the message is not valid UTF-8.");
+		say("Not sent: the message is not valid UTF-8.%s", KEPT);
 	else if (chars > MAX_TEXT)
-		say("Message too long (%ld characters, at most %d); not sent.", chars, MAX_TEXT);
+		say("Message too long (%ld characters, at most %d); not sent.%s", chars, MAX_TEXT, KEPT);
 	else if (!room && !my_turn && has_queued)
-		say("Not sent: a line is already queued; wait for the server's answer.");
-	else if (!room && !my_turn) {
-		memcpy(queued, line, n + 1);
-		has_queued = 1;
-		say("(queued: will be sent when the server answers)");
-	} else
-		send_text(line);
+		say("Not sent: a line is already queued; wait for the server's answer.%s", KEPT);
+	else {
+		remember(line, n);
+		if (!room && !my_turn) {
+			memcpy(queued, line, n + 1);
+			has_queued = 1;
+			say("(queued: will be sent when the server answers)");
+		} else {
+			send_text(line);
+		}
+		return 0;
+	}
+	return 1;
 }
 
 static void submit(void)
@@ -1195,69 +1254,203 @@ static void submit(void)
 	if (n > 0 && line[n - 1] == '\r')
 		n--;
 	line[n] = 0;
-	if (ui.tty)
-		show_input(); /* typed ahead before the prompt was drawn */
-	ui.len = 0;
+	if (ui.tty) { /* drawn whole, the cursor at its end (typed ahead before the prompt was drawn, too) */
+		ui.cur = ui.len;
+		hide_input();
+		show_input();
+	}
+	ui.len = ui.cur = 0;
 	ui.overflow = 0;
-	if (ui.shown)
+	hist_at = hist_n;
+	if (ui.shown && (!ui.tty || ui.at % width() != 0))
 		fputc('\n', stdout); /* what was typed stays on the screen as the user's line */
 	ui.shown = 0;
 	on_input(line, n, overflow);
 }
 
-static void redraw(void)
+/* -- editing: the cursor moves over whole characters (a valid UTF-8 sequence, or one byte) ---- */
+
+static size_t next_char(size_t i)
 {
-	hide_input();
-	show_input();
+	unsigned long cp;
+	size_t n = i < ui.len ? utf8_seq(ui.buf + i, ui.len - i, &cp) : 0;
+	return i < ui.len ? i + (n ? n : 1) : i;
+}
+
+static size_t prev_char(size_t i)
+{
+	size_t p = 0, q = 0;
+	while (q < i)
+		p = q, q = next_char(q);
+	return p;
+}
+
+static int is_blank(unsigned char c)
+{
+	return c == ' ' || c == '\t';
+}
+
+static size_t word_left(size_t i)
+{
+	while (i > 0 && is_blank(ui.buf[i - 1]))
+		i--;
+	while (i > 0 && !is_blank(ui.buf[i - 1]))
+		i--;
+	return i; /* after a blank (one byte) or at 0: a character's start */
+}
+
+static size_t word_right(size_t i)
+{
+	while (i < ui.len && is_blank(ui.buf[i]))
+		i = next_char(i);
+	while (i < ui.len && !is_blank(ui.buf[i]))
+		i = next_char(i);
+	return i;
+}
+
+/* Remove buf[a, b) (both on character starts); the cursor goes to a. */
+static void cut(size_t a, size_t b)
+{
+	memmove(ui.buf + a, ui.buf + b, ui.len - b);
+	ui.len -= b - a;
+	ui.cur = a;
+	ui.overflow = 0;
+}
+
+static void set_line(const void *text, size_t n)
+{
+	memcpy(ui.buf, text, n);
+	ui.len = ui.cur = n;
+	ui.overflow = 0;
+}
+
+/* Up (-1) and Down (+1) through the lines sent in this run. */
+static void recall(int step)
+{
+	if ((step < 0 && hist_at == 0) || (step > 0 && hist_at >= hist_n))
+		return;
+	if (hist_at == hist_n) {
+		memcpy(draft, ui.buf, ui.len);
+		draft_len = ui.len;
+	}
+	hist_at += step;
+	if (hist_at == hist_n) {
+		set_line(draft, draft_len);
+	} else {
+		const char *h = history[(hist_first + hist_at) % HISTORY];
+		set_line(h, strlen(h));
+	}
+}
+
+/* The key an escape sequence names (ESC [ params final, or ESC O final). */
+static void escape_key(unsigned char final)
+{
+	const char *p = ui.seq;
+	int mod = strchr(p, ';') != NULL; /* Ctrl- or Alt-: by words */
+	switch (final) {
+	case 'D': ui.cur = mod ? word_left(ui.cur) : prev_char(ui.cur); break;
+	case 'C': ui.cur = mod ? word_right(ui.cur) : next_char(ui.cur); break;
+	case 'A': recall(-1); break;
+	case 'B': recall(1); break;
+	case 'H': ui.cur = 0; break;
+	case 'F': ui.cur = ui.len; break;
+	case '~':
+		if (!strcmp(p, "1") || !strcmp(p, "7"))
+			ui.cur = 0;
+		else if (!strcmp(p, "4") || !strcmp(p, "8"))
+			ui.cur = ui.len;
+		else if (!strcmp(p, "3") && ui.cur < ui.len)
+			cut(ui.cur, next_char(ui.cur));
+		break;
+	default: /* a key we do not use */
+		break;
+	}
+}
+
+/* One control key. */
+static void control_key(unsigned char c)
+{
+	switch (c) {
+	case 0x7F: case 0x08: /* Backspace, Ctrl-H */
+		if (ui.cur > 0)
+			cut(prev_char(ui.cur), ui.cur);
+		else
+			ui.overflow = 0;
+		break;
+	case 0x04: /* Ctrl-D: leave on an empty line, else delete the character under the cursor */
+		if (ui.len == 0)
+			end(0, "You left the chat.");
+		if (ui.cur < ui.len)
+			cut(ui.cur, next_char(ui.cur));
+		break;
+	case 0x01: ui.cur = 0; break;                           /* Ctrl-A */
+	case 0x05: ui.cur = ui.len; break;                      /* Ctrl-E */
+	case 0x02: ui.cur = prev_char(ui.cur); break;           /* Ctrl-B */
+	case 0x06: ui.cur = next_char(ui.cur); break;           /* Ctrl-F */
+	case 0x10: recall(-1); break;                           /* Ctrl-P */
+	case 0x0E: recall(1); break;                            /* Ctrl-N */
+	case 0x15: cut(0, ui.cur); break;                       /* Ctrl-U: to the start */
+	case 0x0B: ui.len = ui.cur; ui.overflow = 0; break;     /* Ctrl-K: to the end */
+	case 0x17: cut(word_left(ui.cur), ui.cur); break;       /* Ctrl-W: the word before */
+	case 0x1B: ui.esc = 1; ui.seqlen = 0; return;
+	default: return; /* a control key we do not use */
+	}
+	ui.dirty = 1;
 }
 
 /* One byte from the keyboard. */
 static void on_key(unsigned char c)
 {
-	if (ui.esc == 2) { /* ESC [ or ESC O, parameters, then a final byte: a key we do not use */
-		ui.esc = c >= 0x20 && c < 0x40 ? 2 : 0;
+	if (ui.esc == 2) { /* ESC [ or ESC O, parameter bytes, then a final byte */
+		if (c >= 0x20 && c < 0x40) {
+			if (ui.seqlen < sizeof ui.seq - 1)
+				ui.seq[ui.seqlen++] = (char)c;
+			return;
+		}
+		ui.esc = 0;
+		ui.seq[ui.seqlen] = 0;
+		if (c >= 0x40 && c < 0x7F) {
+			escape_key(c);
+			ui.dirty = 1;
+		}
 		return;
 	}
 	if (ui.esc == 1) {
-		ui.esc = c == '[' || c == 'O' ? 2 : 0;
-		if (ui.esc || c >= 0x20)
-			return; /* Alt and a key: dropped; ESC and a control key: the control key */
+		ui.esc = 0;
+		if (c == '[' || c == 'O') {
+			ui.esc = 2;
+			return;
+		}
+		if (c == 'b' || c == 'f') { /* Alt-B, Alt-F: by words */
+			ui.cur = c == 'b' ? word_left(ui.cur) : word_right(ui.cur);
+			ui.dirty = 1;
+			return;
+		}
+		if (c >= 0x20)
+			return; /* Alt and another key: dropped; ESC and a control key: the control key */
 	}
 	if (c == '\n' || (ui.tty && c == '\r')) {
 		submit();
 		return;
 	}
 	if (ui.tty && (c < 0x20 || c == 0x7F)) {
-		if (c == 0x7F || c == 0x08) { /* backspace: the last code point */
-			while (ui.len > 0 && (ui.buf[--ui.len] & 0xC0) == 0x80)
-				;
-			ui.overflow = 0;
-		} else if (c == 0x15) { /* Ctrl-U */
-			ui.len = ui.overflow = 0;
-		} else if (c == 0x17) { /* Ctrl-W */
-			while (ui.len > 0 && ui.buf[ui.len - 1] == ' ')
-				ui.len--;
-			while (ui.len > 0 && ui.buf[ui.len - 1] != ' ')
-				ui.len--;
-		} else if (c == 0x04 && ui.len == 0) { /* Ctrl-D on an empty line */
-			end(0, "You left the chat.");
-		} else if (c == 0x1B) {
-			ui.esc = 1;
-		}
-		redraw();
+		control_key(c);
 		return;
 	}
 	if (ui.len == sizeof ui.buf) {
 		ui.overflow = 1; /* refused at Enter; the rest of the line never leaks into the next */
 		return;
 	}
-	ui.buf[ui.len++] = c;
-	if (ui.tty && ui.shown && c >= 0x20 && c < 0x7F) {
-		fputc(c, stdout);
-		ui.cols++;
-	} else if (ui.tty) {
-		redraw();
+	memmove(ui.buf + ui.cur + 1, ui.buf + ui.cur, ui.len - ui.cur);
+	ui.buf[ui.cur++] = c;
+	ui.len++;
+	if (ui.cur < ui.len) { /* inserted before a character: the cursor stays on a character's start */
+		size_t q = 0;
+		while (q < ui.cur)
+			q = next_char(q);
+		ui.cur = q;
 	}
+	ui.dirty = 1;
 }
 
 /* May typed input be taken now? From a pipe, lines wait there until it is the user's turn. */
@@ -1289,6 +1482,8 @@ static void take_input(void)
 {
 	while (accepting() && inpos < inlen)
 		on_key(inbuf[inpos++]);
+	if (ui.dirty && ui.tty)
+		hide_input(); /* drawn again, as it is now, before the loop waits */
 	if (accepting() && inpos == inlen && in_eof) {
 		if (!ui.tty && (ui.len > 0 || ui.overflow))
 			submit(); /* from a pipe or file, a last line with no newline (a terminal that

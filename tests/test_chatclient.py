@@ -18,9 +18,10 @@ from conftest import login, spawn_client
 from chatlog.sanitize import UNSAFE_RANGES, visible
 
 
-# The only control sequences the client itself writes: clear to the end of the screen and move up
-# (to redraw the line being typed). Anything else with an ESC came from the server.
-OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+A")
+# The only control sequences the client itself writes: clear to the end of the screen, move up and
+# move right (to redraw the line being typed and put the cursor back in it). Anything else with an
+# ESC came from the server.
+OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+[AC]")
 
 
 def finish(p, status):
@@ -889,8 +890,8 @@ def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient, fake_se
 
 def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient, fake_server):
     """A typed line wider than the terminal wraps; an incoming line still appears above all of it,
-    with no fragment left behind. Arrow keys are ignored, and typed invisible characters are shown
-    as escapes (but sent as typed)."""
+    with no fragment left behind. Keys the editor does not use (Page Up, Insert, F1) insert nothing,
+    and typed invisible characters are shown as escapes (but sent as typed)."""
     typed = "0123456789" * 7
     answer = threading.Event()
     handle = "\u00e9l\u00e8ve"
@@ -907,7 +908,7 @@ def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient
     s = Screen(chatclient, srv.port, cols=30, rows=20)
     s.type(f"{handle}\rhi\r")
     s.wait_last(f"{handle}>")
-    s.type(typed[:35] + "\x1b[A\x1b[D\x1bOB" + typed[35:] + "\u202e")
+    s.type(typed[:35] + "\x1b[5~\x1b[2~\x1bOP" + typed[35:] + "\u202e")
     want = f"{handle}>{typed}\\u202e"
     rows = [want[i : i + 30] for i in range(0, len(want), 30)]
     s.wait(lambda lines: lines[-len(rows) :] == rows)
@@ -1016,6 +1017,7 @@ KEYS = (
     [chr(c) for c in range(0x20, 0x7F)] * 4
     + ["\u00e9", "\u65e5", "\U0001f600", "\u202e", "\u0085", "\x9b"]
     + ["\x7f", "\x08", "\x15", "\x17", "\x1b[A", "\x1b[1;5D", "\x1bOB", "\x1b", "\x1bx", "\t", "\x01", "\x0c"]
+    + ["\x1b[D", "\x1b[C", "\x1b[B", "\x1b[H", "\x1b[F", "\x1b[3~", "\x05", "\x0b", "\x1bb", "\x1b[1;5C"]
     + ["\r"] * 6
 )
 
@@ -1057,7 +1059,7 @@ def fuzz_keys(fake_server, chatclient, wrapper=()):
         s.wait_last("fuzz>")
         for _ in range(40):
             s.type("".join(r.choice(KEYS) for _ in range(r.randint(1, 60))))
-        s.type("\x15\\quit\r")
+        s.type("\x05\x15\\quit\r")  # Ctrl-E, Ctrl-U: an empty line wherever the cursor was
         s.wait(lambda lines: bool(lines) and lines[-1] == "You left the chat.", timeout=30)
         assert s.finish() == 0, s.raw[-2000:]
         srv.join()
