@@ -559,6 +559,12 @@ static void end(int status, const char *fmt, ...)
 	}
 	if (sock >= 0)
 		xp->close();
+	if (has_queued && chatting && fmt) { /* never dropped without a word */
+		static char text[4 * INPUT_MAX + 1];
+		visible((const unsigned char *)queued, strlen(queued), text);
+		has_queued = 0;
+		say("Not sent (the server had not answered yet): %s", text);
+	}
 	SSL_CTX_free(tls_ctx);
 	tls_ctx = NULL;
 	hide_input();
@@ -1195,7 +1201,7 @@ static void remember(const char *line, size_t n)
 }
 
 /* Say why a typed line was not sent; at a terminal it stays on the input line to be edited. */
-#define KEPT ""
+#define KEPT (ui.tty ? " It is kept below for editing." : "")
 
 /* One line the user typed: the handle, \quit, or a message. Returns 1 when the line was refused
  * and should stay on the input line. */
@@ -1220,7 +1226,8 @@ static int on_input(char *line, size_t n, int overflow)
 	if (!overflow && is_quit(line, n))
 		end(0, "You left the chat.");
 	if (overflow)
-		say("Message too long (more than %d bytes, at most %d characters); not sent.%s", INPUT_MAX, MAX_TEXT, KEPT);
+		say("Message too long (more than %d bytes, at most %d characters); not sent.%s", INPUT_MAX, MAX_TEXT,
+		    ui.tty ? " Its first 4096 bytes are kept below for editing." : "");
 	else if (n == 0)
 		return 0;
 	else if (memchr(line, 0, n))
@@ -1265,7 +1272,10 @@ static void submit(void)
 	if (ui.shown && (!ui.tty || ui.at % width() != 0))
 		fputc('\n', stdout); /* what was typed stays on the screen as the user's line */
 	ui.shown = 0;
-	on_input(line, n, overflow);
+	if (on_input(line, n, overflow) && ui.tty && handle[0]) {
+		memcpy(ui.buf, line, n); /* refused: back on the input line, to be edited */
+		ui.len = ui.cur = n;
+	}
 }
 
 /* -- editing: the cursor moves over whole characters (a valid UTF-8 sequence, or one byte) ---- */

@@ -112,9 +112,9 @@ def test_length_limit_and_empty_lines(chatclient, fake_server):
     p.sendline("")  # nothing is sent for an empty line
     p.expect_exact("brandon>")
     p.sendline("y" * 501)
-    p.expect_exact("Message too long (501 characters, at most 500); not sent.")
-    p.expect_exact("brandon>")
-    p.sendline("x" * 500)
+    p.expect_exact("Message too long (501 characters, at most 500); not sent. It is kept below for editing.")
+    p.expect_exact("brandon>" + "y" * 501)
+    p.sendline("\x15" + "x" * 500)  # Ctrl-U clears the kept line
     srv.join()
     assert srv.received == b"brandon>" + b"x" * 500 + b"\n\0"
     p.terminate(force=True)
@@ -623,7 +623,9 @@ def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient, fake_server):
     s.type("brandon\rhi\rsecond\r")
     s.wait(lambda lines: "(queued: will be sent when the server answers)" in lines)
     s.type("third\r")
-    s.wait(lambda lines: "Not sent: a line is already queued; wait for the server's answer." in lines)
+    s.wait(lambda lines: lines[-1] == "brandon>third"
+           and any(line.startswith("Not sent: a line is already queued; wait") for line in lines))
+    s.type("\x15")  # the refused line was kept for editing: cleared
     queued.set()
     assert checked.wait(10)
     lines = s.wait(lambda lines: "SERVER>answer two" in lines)
@@ -871,15 +873,16 @@ def test_typed_input_under_valgrind(chatclient, valgrind, room, fake_server):
 
 
 def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient, fake_server):
-    """Typed at a terminal: a line longer than the input buffer is refused at Enter, and none of it
-    reaches the next message."""
+    """Typed at a terminal: a line longer than the input buffer is refused at Enter, its first
+    4096 bytes kept for editing, and none of it reaches the next message once cleared."""
     srv = fake_server(lambda peer: (peer.expect(b"brandon>short\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
     s = Screen(chatclient, srv.port, cols=200, rows=60)
     s.type("brandon\r")
     s.wait_last("brandon>")
     s.type("y" * 5000 + "\r")
-    s.wait(lambda lines: "Message too long (more than 4096 bytes, at most 500 characters); not sent." in lines)
-    s.type("short\r")
+    s.wait(lambda lines: "Message too long (more than 4096 bytes, at most 500 characters); not sent. Its first"
+           " 4096 bytes are kept below for editing." in lines and lines[-1] == "y" * (4096 + 8 - 200 * 20))
+    s.type("\x15short\r")
     s.wait(lambda lines: "SERVER>ok" in lines)
     s.type("\\quit\r")
     s.wait_last("You left the chat.")

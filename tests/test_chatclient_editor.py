@@ -3,8 +3,10 @@
 Each test types keys into the real client in a pseudo-terminal, reads the screen through a
 terminal emulator (pyte), and checks the bytes a scripted server received."""
 
+import signal
 import threading
 
+import pytest
 from test_chatclient import Screen
 
 LEFT, RIGHT, UP, DOWN = "\x1b[D", "\x1b[C", "\x1b[A", "\x1b[B"
@@ -145,3 +147,61 @@ def test_editing_a_wrapped_line_and_an_incoming_line_above_it(chatclient, fake_s
     s.type("\r")
     s.wait(lambda lines: "SERVER>got it" in lines)
     quit_(s, srv)
+
+
+def test_a_line_over_500_characters_is_refused_and_kept_for_editing(chatclient, fake_server):
+    srv = fake_server(answering(b"y" * 500))
+    s = Screen(chatclient, srv.port, cols=200, rows=30)
+    login(s)
+    s.type("y" * 501 + "\r")
+    whole = "brandon>" + "y" * 501
+    rows = [whole[i : i + 200] for i in range(0, len(whole), 200)]
+    refused = "Message too long (501 characters, at most 500); not sent. It is kept below for editing."
+    s.wait(lambda lines: lines[-4:] == [refused, *rows])
+    s.type(BACKSPACE + "\r")  # one less, and it goes
+    s.wait(lambda lines: "SERVER>ok 0" in lines)
+    quit_(s, srv)
+    assert srv.received == b"brandon>" + b"y" * 500 + b"\n\0brandon>\\quit\n\0"
+
+
+def test_a_line_refused_while_one_is_queued_is_kept_too(chatclient, fake_server):
+    answer = threading.Event()
+
+    def script(peer):
+        peer.expect(b"brandon>hi\n\0")
+        answer.wait(10)
+        peer.send(b"SERVER>answer\n")
+        peer.expect(b"brandon>second\n\0")
+        peer.send(b"SERVER>answer two\n")
+        peer.expect(b"brandon>third\n\0")
+        peer.send(b"SERVER>answer three\n")
+        peer.expect(b"brandon>\\quit\n\0")
+
+    srv = fake_server(script)
+    s = Screen(chatclient, srv.port, cols=120)
+    s.type("brandon\rhi\rsecond\rthird\r")
+    refused = "Not sent: a line is already queued; wait for the server's answer. It is kept below for editing."
+    s.wait(lambda lines: lines[-2:] == [refused, "brandon>third"])
+    answer.set()
+    s.wait(lambda lines: "SERVER>answer two" in lines)
+    s.type("\r")
+    s.wait(lambda lines: "SERVER>answer three" in lines)
+    quit_(s, srv)
+
+
+@pytest.mark.parametrize("how", ["ctrl-d", "SIGTERM"])
+def test_leaving_with_a_queued_line_says_it_was_not_sent(chatclient, how, fake_server):
+    srv = fake_server(lambda peer: (peer.expect(b"brandon>\\quit\n\0"), peer.wait_close()))
+    s = Screen(chatclient, srv.port)
+    login(s)
+    s.type("hi\rsecond\r")  # the server never answers hi: second waits for its turn
+    s.wait(lambda lines: "(queued: will be sent when the server answers)" in lines)
+    if how == "ctrl-d":
+        s.type("\x04")
+    else:
+        s.p.kill(signal.SIGTERM)
+    lines = s.wait_last("You left the chat.")
+    assert lines[-2] == "Not sent (the server had not answered yet): second"
+    assert s.finish() == 0
+    srv.join()
+    assert srv.received == b"brandon>hi\n\0brandon>\\quit\n\0"
