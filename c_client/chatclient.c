@@ -679,6 +679,25 @@ static void announce(void)
 	}
 }
 
+/* A chatlog server that queued us (its `*** Waiting:` notice, which no other server sends) is
+ * told once that we show notices whenever they come (`handle>\caps notify`, not a turn: nothing
+ * answers it), so it says "your chat has begun" the moment we are served, not with its next
+ * answer. That notice then is not an answer either. */
+static int want_caps, said_caps;
+static const char begun[] = "*** Your chat has begun.";
+
+static void send_caps(void)
+{
+	char out[sizeof handle + 16];
+	int n = snprintf(out, sizeof out, "%s>\\caps notify\n", handle);
+	said_caps = 1;
+	if (send_all(out, (size_t)n + 1, 0) < 0) { /* with the NUL, like every line */
+		if (stop_signal)
+			end(0, "You left the chat.");
+		lost(errno);
+	}
+}
+
 /* -- the printer: parsed lines from the server on the screen ------------------------------------ */
 
 static char vis[4 * MAX_LINE + 1];
@@ -713,8 +732,8 @@ static int from_server(const struct line *l)
 	       memcmp(l->prefix, server_handle, l->plen) == 0;
 }
 
-/* One message from the server. */
-static void on_message(const unsigned char *m, size_t n)
+/* One message from the server: 1 if it may be the answer the user waits for. */
+static int on_message(const unsigned char *m, size_t n)
 {
 	struct line l;
 	parse(m, n, &l);
@@ -742,6 +761,9 @@ static void on_message(const unsigned char *m, size_t n)
 	} else {
 		print_line(&l);
 	}
+	if (!room && l.notice && !said_caps && l.tlen >= 12 && memcmp(l.text, "*** Waiting:", 12) == 0)
+		want_caps = 1;
+	return !(said_caps && l.notice && l.tlen == sizeof begun - 1 && memcmp(l.text, begun, l.tlen) == 0);
 }
 
 /* Everything the last burst (or the quiet) completed; in 1:1 mode, that was the answer. */
@@ -750,11 +772,12 @@ static void drain(void)
 	const unsigned char *m;
 	size_t n;
 	int got = 0;
-	while (frame_next(&fr, &m, &n)) {
-		on_message(m, n);
-		got = 1;
-	}
+	while (frame_next(&fr, &m, &n))
+		got |= on_message(m, n);
 	print_held();
+	if (want_caps && handle[0] && !said_caps)
+		send_caps();
+	want_caps = 0;
 	if (!got || room || my_turn)
 		return;
 	my_turn = 1;
