@@ -5,6 +5,7 @@ terminal emulator (pyte), and checks the bytes a scripted server received."""
 
 import signal
 import threading
+import unicodedata
 
 import pytest
 from test_chatclient import Screen
@@ -205,3 +206,26 @@ def test_leaving_with_a_queued_line_says_it_was_not_sent(chatclient, how, fake_s
     assert s.finish() == 0
     srv.join()
     assert srv.received == b"brandon>hi\n\0brandon>\\quit\n\0"
+
+
+def test_the_cursor_counts_wide_and_combining_characters_as_the_terminal_does(chatclient, fake_server):
+    text = "\u65e5\u672c\U0001f600e\u0301x"  # two wide, an emoji, e and a combining acute, x
+    srv = fake_server(answering("\u65e5\u672c\u00e9xe\u0301".encode()))
+    s = Screen(chatclient, srv.port)
+    login(s)
+    s.type(text + LEFT)
+    s.wait(lambda lines: lines[-1].startswith("brandon>\u65e5"))
+    start = len("brandon>")
+    s.wait(lambda lines: cursor(s)[1] == start + 2 + 2 + 2 + 1)  # before the x
+    s.type(HOME + RIGHT * 2)
+    s.wait(lambda lines: cursor(s)[1] == start + 4)  # after 日本
+    s.type(RIGHT)  # over the emoji
+    s.wait(lambda lines: cursor(s)[1] == start + 6)
+    s.type(RIGHT)  # e with its mark: one step
+    s.wait(lambda lines: cursor(s)[1] == start + 7)
+    s.type(LEFT + BACKSPACE + "\u00e9x" + END + BACKSPACE)  # the emoji goes, whole
+    nfc = "brandon>\u65e5\u672c\u00e9x\u00e9"  # the emulator keeps e and its mark in one cell
+    s.wait(lambda lines: unicodedata.normalize("NFC", lines[-1]) == nfc)
+    s.type("\r")
+    s.wait(lambda lines: "SERVER>ok 0" in lines)
+    quit_(s, srv)
