@@ -104,12 +104,60 @@ static long utf8_count(const unsigned char *s, size_t n)
 	return count;
 }
 
-/* Code points shown on screen for s (an invalid byte counts as one). */
+/* Columns a character takes on a terminal, as wcwidth() says for the common cases: 2 for East
+ * Asian wide and fullwidth characters and pictographs, 0 for combining marks, else 1. (The
+ * terminal's own table is not reachable from here; this one covers the scripts and emoji people
+ * type. The client only needs it to put the cursor back.) */
+static int cp_width(unsigned long c)
+{
+	static const struct { unsigned long lo, hi; } zero[] = {
+		{0x0300, 0x036F}, {0x0483, 0x0489}, {0x0591, 0x05BD}, {0x05BF, 0x05BF}, {0x05C1, 0x05C2},
+		{0x05C4, 0x05C5}, {0x05C7, 0x05C7}, {0x0610, 0x061A}, {0x064B, 0x065F}, {0x0670, 0x0670},
+		{0x06D6, 0x06DC}, {0x06DF, 0x06E4}, {0x06E7, 0x06E8}, {0x06EA, 0x06ED}, {0x0E31, 0x0E31},
+		{0x0E34, 0x0E3A}, {0x0E47, 0x0E4E}, {0x1AB0, 0x1AFF}, {0x1DC0, 0x1DFF}, {0x20D0, 0x20FF},
+		{0xFE20, 0xFE2F},
+	}, wide[] = {
+		{0x1100, 0x115F}, {0x231A, 0x231B}, {0x2329, 0x232A}, {0x23E9, 0x23EC}, {0x23F0, 0x23F0},
+		{0x23F3, 0x23F3}, {0x25FD, 0x25FE}, {0x2614, 0x2615}, {0x2648, 0x2653}, {0x267F, 0x267F},
+		{0x2693, 0x2693}, {0x26A1, 0x26A1}, {0x26AA, 0x26AB}, {0x26BD, 0x26BE}, {0x26C4, 0x26C5},
+		{0x26CE, 0x26CE}, {0x26D4, 0x26D4}, {0x26EA, 0x26EA}, {0x26F2, 0x26F3}, {0x26F5, 0x26F5},
+		{0x26FA, 0x26FA}, {0x26FD, 0x26FD}, {0x2705, 0x2705}, {0x270A, 0x270B}, {0x2728, 0x2728},
+		{0x274C, 0x274C}, {0x274E, 0x274E}, {0x2753, 0x2755}, {0x2757, 0x2757}, {0x2795, 0x2797},
+		{0x27B0, 0x27B0}, {0x27BF, 0x27BF}, {0x2B1B, 0x2B1C}, {0x2B50, 0x2B50}, {0x2B55, 0x2B55},
+		{0x2E80, 0x303E}, {0x3041, 0x33FF}, {0x3400, 0x4DBF}, {0x4E00, 0x9FFF}, {0xA000, 0xA4CF},
+		{0xA960, 0xA97F}, {0xAC00, 0xD7A3}, {0xF900, 0xFAFF}, {0xFE10, 0xFE19}, {0xFE30, 0xFE6F},
+		{0xFF00, 0xFF60}, {0xFFE0, 0xFFE6}, {0x16FE0, 0x16FE4}, {0x17000, 0x18CFF}, {0x1B000, 0x1B2FF},
+		{0x1F004, 0x1F004}, {0x1F0CF, 0x1F0CF}, {0x1F18E, 0x1F18E}, {0x1F191, 0x1F19A},
+		{0x1F200, 0x1F202}, {0x1F210, 0x1F23B}, {0x1F240, 0x1F248}, {0x1F250, 0x1F251},
+		{0x1F260, 0x1F265}, {0x1F300, 0x1F320}, {0x1F32D, 0x1F335}, {0x1F337, 0x1F37C},
+		{0x1F37E, 0x1F393}, {0x1F3A0, 0x1F3CA}, {0x1F3CF, 0x1F3D3}, {0x1F3E0, 0x1F3F0},
+		{0x1F3F4, 0x1F3F4}, {0x1F3F8, 0x1F43E}, {0x1F440, 0x1F440}, {0x1F442, 0x1F4FC},
+		{0x1F4FF, 0x1F53D}, {0x1F54B, 0x1F54E}, {0x1F550, 0x1F567}, {0x1F57A, 0x1F57A},
+		{0x1F595, 0x1F596}, {0x1F5A4, 0x1F5A4}, {0x1F5FB, 0x1F64F}, {0x1F680, 0x1F6C5},
+		{0x1F6CC, 0x1F6CC}, {0x1F6D0, 0x1F6D2}, {0x1F6D5, 0x1F6D7}, {0x1F6DC, 0x1F6DF},
+		{0x1F6EB, 0x1F6EC}, {0x1F6F4, 0x1F6FC}, {0x1F7E0, 0x1F7EB}, {0x1F7F0, 0x1F7F0},
+		{0x1F90C, 0x1F93A}, {0x1F93C, 0x1F945}, {0x1F947, 0x1F9FF}, {0x1FA70, 0x1FAFF},
+		{0x20000, 0x2FFFD}, {0x30000, 0x3FFFD},
+	};
+	for (size_t i = 0; i < NELEM(zero); i++)
+		if (c >= zero[i].lo && c <= zero[i].hi)
+			return 0;
+	for (size_t i = 0; i < NELEM(wide); i++)
+		if (c >= wide[i].lo && c <= wide[i].hi)
+			return 2;
+	return 1;
+}
+
+/* Columns s takes on screen (an invalid byte counts as one). */
 static size_t columns(const unsigned char *s, size_t n)
 {
 	size_t count = 0;
-	for (size_t i = 0; i < n; i++)
-		count += (s[i] & 0xC0) != 0x80;
+	for (size_t i = 0, len; i < n; i += len) {
+		unsigned long cp;
+		len = utf8_seq(s + i, n - i, &cp);
+		count += len ? (size_t)cp_width(cp) : 1;
+		len += !len;
+	}
 	return count;
 }
 
@@ -302,23 +350,33 @@ static struct {
 	int raw;                  /* the terminal is in our mode; restore saved on the way out */
 	struct termios saved, mode; /* the terminal's own mode, and ours */
 	const char *prompt;       /* shown before the input, or NULL */
-	int shown;                /* prompt (and typed text) are on the screen's last line */
-	size_t cols;              /* how many columns they take */
+	int shown;                /* prompt (and typed text) are on the screen's last line(s) */
+	int dirty;                /* the typed text changed since it was drawn */
+	size_t at;                /* columns from the prompt's start to the cursor, as drawn */
 	unsigned char buf[INPUT_MAX];
 	size_t len;
+	size_t cur;               /* the cursor: a byte offset into buf, always between characters */
 	int overflow;             /* more was typed than buf holds */
-	int esc;                  /* skipping an escape sequence (arrow keys, ...) */
+	int esc;                  /* in an escape sequence: 1 after ESC, 2 in ESC [ or ESC O */
+	char seq[8];              /* that sequence's parameter bytes */
+	size_t seqlen;
 } ui;
+
+/* The terminal's width, or "very wide" when it cannot be known. */
+static size_t width(void)
+{
+	struct winsize ws;
+	if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+		return ws.ws_col;
+	return (size_t)-1 / 2;
+}
 
 static void hide_input(void)
 {
 	if (!ui.shown)
 		return;
 	if (ui.tty) {
-		struct winsize ws;
-		size_t up = 0;
-		if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 && ui.cols > 0)
-			up = (ui.cols - 1) / ws.ws_col; /* the rows the input wrapped onto */
+		size_t up = ui.at / width(); /* the rows between the prompt's start and the cursor */
 		fputc('\r', stdout);
 		if (up)
 			printf("\033[%zuA", up);
@@ -329,20 +387,35 @@ static void hide_input(void)
 	ui.shown = 0;
 }
 
-/* The prompt and, on a terminal, what has been typed so far (made visible like any text). */
+/* The prompt and, on a terminal, what has been typed so far (made visible like any text), with
+ * the cursor put where it is in the line. */
 static void show_input(void)
 {
 	static char echo[4 * INPUT_MAX + 1];
+	size_t end, w;
 	if (ui.shown || !ui.prompt)
 		return;
+	ui.dirty = 0;
 	fputs(ui.prompt, stdout);
-	ui.cols = columns((const unsigned char *)ui.prompt, strlen(ui.prompt));
-	if (ui.tty) {
-		size_t n = visible(ui.buf, ui.len, echo);
-		fputs(echo, stdout);
-		ui.cols += columns((const unsigned char *)echo, n);
-	}
+	ui.at = columns((const unsigned char *)ui.prompt, strlen(ui.prompt));
 	ui.shown = 1;
+	if (!ui.tty)
+		return;
+	w = width();
+	end = ui.at + columns((const unsigned char *)echo, visible(ui.buf, ui.len, echo));
+	fputs(echo, stdout);
+	ui.at += columns((const unsigned char *)echo, visible(ui.buf, ui.cur, echo));
+	/* The cursor is now at column end. A line that exactly fills its last row leaves the
+	 * cursor waiting at the right margin; a new line makes every position row = col / w. */
+	if (end > 0 && end % w == 0)
+		fputs("\r\n", stdout);
+	if (ui.at != end) {
+		if (end / w > ui.at / w)
+			printf("\033[%zuA", end / w - ui.at / w);
+		fputc('\r', stdout);
+		if (ui.at % w)
+			printf("\033[%zuC", ui.at % w);
+	}
 }
 
 /* Print one status line above the input. */
@@ -534,6 +607,12 @@ static void end(int status, const char *fmt, ...)
 	}
 	if (sock >= 0)
 		xp->close();
+	if (has_queued && chatting && fmt) { /* never dropped without a word */
+		static char text[4 * INPUT_MAX + 1];
+		visible((const unsigned char *)queued, strlen(queued), text);
+		has_queued = 0;
+		say("Not sent (the server had not answered yet): %s", text);
+	}
 	SSL_CTX_free(tls_ctx);
 	tls_ctx = NULL;
 	hide_input();
@@ -648,6 +727,25 @@ static void announce(void)
 	}
 }
 
+/* A chatlog server that queued us (its `*** Waiting:` notice, which no other server sends) is
+ * told once that we show notices whenever they come (`handle>\caps notify`, not a turn: nothing
+ * answers it), so it says "your chat has begun" the moment we are served, not with its next
+ * answer. That notice then is not an answer either. */
+static int want_caps, said_caps;
+static const char begun[] = "*** Your chat has begun.";
+
+static void send_caps(void)
+{
+	char out[sizeof handle + 16];
+	int n = snprintf(out, sizeof out, "%s>\\caps notify\n", handle);
+	said_caps = 1;
+	if (send_all(out, (size_t)n + 1, 0) < 0) { /* with the NUL, like every line */
+		if (stop_signal)
+			end(0, "You left the chat.");
+		lost(errno);
+	}
+}
+
 /* -- the printer: parsed lines from the server on the screen ------------------------------------ */
 
 static char vis[4 * MAX_LINE + 1];
@@ -682,8 +780,8 @@ static int from_server(const struct line *l)
 	       memcmp(l->prefix, server_handle, l->plen) == 0;
 }
 
-/* One message from the server. */
-static void on_message(const unsigned char *m, size_t n)
+/* One message from the server: 1 if it may be the answer the user waits for. */
+static int on_message(const unsigned char *m, size_t n)
 {
 	struct line l;
 	parse(m, n, &l);
@@ -711,6 +809,9 @@ static void on_message(const unsigned char *m, size_t n)
 	} else {
 		print_line(&l);
 	}
+	if (!room && l.notice && !said_caps && l.tlen >= 12 && memcmp(l.text, "*** Waiting:", 12) == 0)
+		want_caps = 1;
+	return !(said_caps && l.notice && l.tlen == sizeof begun - 1 && memcmp(l.text, begun, l.tlen) == 0);
 }
 
 /* Everything the last burst (or the quiet) completed; in 1:1 mode, that was the answer. */
@@ -719,11 +820,12 @@ static void drain(void)
 	const unsigned char *m;
 	size_t n;
 	int got = 0;
-	while (frame_next(&fr, &m, &n)) {
-		on_message(m, n);
-		got = 1;
-	}
+	while (frame_next(&fr, &m, &n))
+		got |= on_message(m, n);
 	print_held();
+	if (want_caps && handle[0] && !said_caps)
+		send_caps();
+	want_caps = 0;
 	if (!got || room || my_turn)
 		return;
 	my_turn = 1;
@@ -1145,45 +1247,80 @@ static int is_quit(const char *s, size_t n)
 	return n == 5 && memcmp(s, "\\quit", 5) == 0;
 }
 
-/* One line the user typed: the handle, \quit, or a message. */
-static void on_input(char *line, size_t n, int overflow)
+/* The lines sent (or queued) in this run, oldest first, for Up and Down. Fixed storage: a line
+ * that may be sent is at most MAX_TEXT code points. */
+#define HISTORY 100
+static char history[HISTORY][4 * MAX_TEXT + 1];
+static int hist_n, hist_first; /* how many are kept; where the oldest is */
+static int hist_at;            /* the line shown: 0..hist_n-1, or hist_n for the one being typed */
+static unsigned char draft[INPUT_MAX]; /* the line being typed, while an older one is shown */
+static size_t draft_len;
+
+static void remember(const char *line, size_t n)
+{
+	int slot;
+	if (n >= sizeof history[0])
+		return;
+	if (hist_n < HISTORY) {
+		slot = (hist_first + hist_n++) % HISTORY;
+	} else {
+		slot = hist_first;
+		hist_first = (hist_first + 1) % HISTORY;
+	}
+	memcpy(history[slot], line, n + 1);
+	hist_at = hist_n;
+}
+
+/* Say why a typed line was not sent; at a terminal it stays on the input line to be edited. */
+#define KEPT (ui.tty ? " It is kept below for editing." : "")
+
+/* One line the user typed: the handle, \quit, or a message. Returns 1 when the line was refused
+ * and should stay on the input line. */
+static int on_input(char *line, size_t n, int overflow)
 {
 	long chars;
 	if (securing) {
 		confirm(line);
-		return;
+		return 0;
 	}
 	if (!handle[0]) {
 		if (overflow || !valid_handle(line, n)) {
 			say("A handle is 1 to 10 characters, with no spaces, no '>' and no control characters.");
-			return;
+			return 0;
 		}
 		memcpy(handle, line, n + 1);
 		snprintf(prompt, sizeof prompt, "%s>", handle);
 		ui.prompt = prompt;
 		announce();
-		return;
+		return 0;
 	}
 	if (!overflow && is_quit(line, n))
 		end(0, "You left the chat.");
 	if (overflow)
-		say("Message too long (more than %d bytes, at most %d characters); not sent.", INPUT_MAX, MAX_TEXT);
+		say("Message too long (more than %d bytes, at most %d characters); not sent.%s", INPUT_MAX, MAX_TEXT,
+		    ui.tty ? " Its first 4096 bytes are kept below for editing." : "");
 	else if (n == 0)
-		return;
+		return 0;
 	else if (memchr(line, 0, n))
-		say("Not sent: the message contains a NUL byte.");
+		say("Not sent: the message contains a NUL byte.%s", KEPT);
 	else if ((chars = utf8_count((unsigned char *)line, n)) < 0)
-		say("Not sent: the message is not valid UTF-8.");
+		say("Not sent: the message is not valid UTF-8.%s", KEPT);
 	else if (chars > MAX_TEXT)
-		say("Message too long (%ld characters, at most %d); not sent.", chars, MAX_TEXT);
+		say("Message too long (%ld characters, at most %d); not sent.%s", chars, MAX_TEXT, KEPT);
 	else if (!room && !my_turn && has_queued)
-		say("Not sent: a line is already queued; wait for the server's answer.");
-	else if (!room && !my_turn) {
-		memcpy(queued, line, n + 1);
-		has_queued = 1;
-		say("(queued: will be sent when the server answers)");
-	} else
-		send_text(line);
+		say("Not sent: a line is already queued; wait for the server's answer.%s", KEPT);
+	else {
+		remember(line, n);
+		if (!room && !my_turn) {
+			memcpy(queued, line, n + 1);
+			has_queued = 1;
+			say("(queued: will be sent when the server answers)");
+		} else {
+			send_text(line);
+		}
+		return 0;
+	}
+	return 1;
 }
 
 static void submit(void)
@@ -1195,69 +1332,220 @@ static void submit(void)
 	if (n > 0 && line[n - 1] == '\r')
 		n--;
 	line[n] = 0;
-	if (ui.tty)
-		show_input(); /* typed ahead before the prompt was drawn */
-	ui.len = 0;
+	if (ui.tty) { /* drawn whole, the cursor at its end (typed ahead before the prompt was drawn, too) */
+		ui.cur = ui.len;
+		hide_input();
+		show_input();
+	}
+	ui.len = ui.cur = 0;
 	ui.overflow = 0;
-	if (ui.shown)
+	hist_at = hist_n;
+	if (ui.shown && (!ui.tty || ui.at % width() != 0))
 		fputc('\n', stdout); /* what was typed stays on the screen as the user's line */
 	ui.shown = 0;
-	on_input(line, n, overflow);
+	if (on_input(line, n, overflow) && ui.tty && handle[0]) {
+		memcpy(ui.buf, line, n); /* refused: back on the input line, to be edited */
+		ui.len = ui.cur = n;
+	}
 }
 
-static void redraw(void)
+/* -- editing: the cursor moves over whole characters (a valid UTF-8 sequence, or one byte) ---- */
+
+static size_t one_char(size_t i, unsigned long *cp)
 {
-	hide_input();
-	show_input();
+	size_t n = utf8_seq(ui.buf + i, ui.len - i, cp);
+	if (n == 0)
+		*cp = 0xFFFD;
+	return i + (n ? n : 1);
+}
+
+/* After the character at i, with the combining marks that go with it (one step for the user). */
+static size_t next_char(size_t i)
+{
+	unsigned long cp;
+	size_t j;
+	if (i >= ui.len)
+		return i;
+	i = one_char(i, &cp);
+	while (i < ui.len && (j = one_char(i, &cp)) && cp_width(cp) == 0 && !unsafe(cp))
+		i = j;
+	return i;
+}
+
+static size_t prev_char(size_t i)
+{
+	size_t p = 0, q = 0;
+	while (q < i)
+		p = q, q = next_char(q);
+	return p;
+}
+
+static int is_blank(unsigned char c)
+{
+	return c == ' ' || c == '\t';
+}
+
+static size_t word_left(size_t i)
+{
+	while (i > 0 && is_blank(ui.buf[i - 1]))
+		i--;
+	while (i > 0 && !is_blank(ui.buf[i - 1]))
+		i--;
+	return i; /* after a blank (one byte) or at 0: a character's start */
+}
+
+static size_t word_right(size_t i)
+{
+	while (i < ui.len && is_blank(ui.buf[i]))
+		i = next_char(i);
+	while (i < ui.len && !is_blank(ui.buf[i]))
+		i = next_char(i);
+	return i;
+}
+
+/* Remove buf[a, b) (both on character starts); the cursor goes to a. */
+static void cut(size_t a, size_t b)
+{
+	memmove(ui.buf + a, ui.buf + b, ui.len - b);
+	ui.len -= b - a;
+	ui.cur = a;
+	ui.overflow = 0;
+}
+
+static void set_line(const void *text, size_t n)
+{
+	memcpy(ui.buf, text, n);
+	ui.len = ui.cur = n;
+	ui.overflow = 0;
+}
+
+/* Up (-1) and Down (+1) through the lines sent in this run. */
+static void recall(int step)
+{
+	if ((step < 0 && hist_at == 0) || (step > 0 && hist_at >= hist_n))
+		return;
+	if (hist_at == hist_n) {
+		memcpy(draft, ui.buf, ui.len);
+		draft_len = ui.len;
+	}
+	hist_at += step;
+	if (hist_at == hist_n) {
+		set_line(draft, draft_len);
+	} else {
+		const char *h = history[(hist_first + hist_at) % HISTORY];
+		set_line(h, strlen(h));
+	}
+}
+
+/* The key an escape sequence names (ESC [ params final, or ESC O final). */
+static void escape_key(unsigned char final)
+{
+	const char *p = ui.seq;
+	int mod = strchr(p, ';') != NULL; /* Ctrl- or Alt-: by words */
+	switch (final) {
+	case 'D': ui.cur = mod ? word_left(ui.cur) : prev_char(ui.cur); break;
+	case 'C': ui.cur = mod ? word_right(ui.cur) : next_char(ui.cur); break;
+	case 'A': recall(-1); break;
+	case 'B': recall(1); break;
+	case 'H': ui.cur = 0; break;
+	case 'F': ui.cur = ui.len; break;
+	case '~':
+		if (!strcmp(p, "1") || !strcmp(p, "7"))
+			ui.cur = 0;
+		else if (!strcmp(p, "4") || !strcmp(p, "8"))
+			ui.cur = ui.len;
+		else if (!strcmp(p, "3") && ui.cur < ui.len)
+			cut(ui.cur, next_char(ui.cur));
+		break;
+	default: /* a key we do not use */
+		break;
+	}
+}
+
+/* One control key. */
+static void control_key(unsigned char c)
+{
+	switch (c) {
+	case 0x7F: case 0x08: /* Backspace, Ctrl-H */
+		if (ui.cur > 0)
+			cut(prev_char(ui.cur), ui.cur);
+		else
+			ui.overflow = 0;
+		break;
+	case 0x04: /* Ctrl-D: leave on an empty line, else delete the character under the cursor */
+		if (ui.len == 0)
+			end(0, "You left the chat.");
+		if (ui.cur < ui.len)
+			cut(ui.cur, next_char(ui.cur));
+		break;
+	case 0x01: ui.cur = 0; break;                           /* Ctrl-A */
+	case 0x05: ui.cur = ui.len; break;                      /* Ctrl-E */
+	case 0x02: ui.cur = prev_char(ui.cur); break;           /* Ctrl-B */
+	case 0x06: ui.cur = next_char(ui.cur); break;           /* Ctrl-F */
+	case 0x10: recall(-1); break;                           /* Ctrl-P */
+	case 0x0E: recall(1); break;                            /* Ctrl-N */
+	case 0x15: cut(0, ui.cur); break;                       /* Ctrl-U: to the start */
+	case 0x0B: ui.len = ui.cur; ui.overflow = 0; break;     /* Ctrl-K: to the end */
+	case 0x17: cut(word_left(ui.cur), ui.cur); break;       /* Ctrl-W: the word before */
+	case 0x1B: ui.esc = 1; ui.seqlen = 0; return;
+	default: return; /* a control key we do not use */
+	}
+	ui.dirty = 1;
 }
 
 /* One byte from the keyboard. */
 static void on_key(unsigned char c)
 {
-	if (ui.esc == 2) { /* ESC [ or ESC O, parameters, then a final byte: a key we do not use */
-		ui.esc = c >= 0x20 && c < 0x40 ? 2 : 0;
+	if (ui.esc == 2) { /* ESC [ or ESC O, parameter bytes, then a final byte */
+		if (c >= 0x20 && c < 0x40) {
+			if (ui.seqlen < sizeof ui.seq - 1)
+				ui.seq[ui.seqlen++] = (char)c;
+			return;
+		}
+		ui.esc = 0;
+		ui.seq[ui.seqlen] = 0;
+		if (c >= 0x40 && c < 0x7F) {
+			escape_key(c);
+			ui.dirty = 1;
+		}
 		return;
 	}
 	if (ui.esc == 1) {
-		ui.esc = c == '[' || c == 'O' ? 2 : 0;
-		if (ui.esc || c >= 0x20)
-			return; /* Alt and a key: dropped; ESC and a control key: the control key */
+		ui.esc = 0;
+		if (c == '[' || c == 'O') {
+			ui.esc = 2;
+			return;
+		}
+		if (c == 'b' || c == 'f') { /* Alt-B, Alt-F: by words */
+			ui.cur = c == 'b' ? word_left(ui.cur) : word_right(ui.cur);
+			ui.dirty = 1;
+			return;
+		}
+		if (c >= 0x20)
+			return; /* Alt and another key: dropped; ESC and a control key: the control key */
 	}
 	if (c == '\n' || (ui.tty && c == '\r')) {
 		submit();
 		return;
 	}
 	if (ui.tty && (c < 0x20 || c == 0x7F)) {
-		if (c == 0x7F || c == 0x08) { /* backspace: the last code point */
-			while (ui.len > 0 && (ui.buf[--ui.len] & 0xC0) == 0x80)
-				;
-			ui.overflow = 0;
-		} else if (c == 0x15) { /* Ctrl-U */
-			ui.len = ui.overflow = 0;
-		} else if (c == 0x17) { /* Ctrl-W */
-			while (ui.len > 0 && ui.buf[ui.len - 1] == ' ')
-				ui.len--;
-			while (ui.len > 0 && ui.buf[ui.len - 1] != ' ')
-				ui.len--;
-		} else if (c == 0x04 && ui.len == 0) { /* Ctrl-D on an empty line */
-			end(0, "You left the chat.");
-		} else if (c == 0x1B) {
-			ui.esc = 1;
-		}
-		redraw();
+		control_key(c);
 		return;
 	}
 	if (ui.len == sizeof ui.buf) {
 		ui.overflow = 1; /* refused at Enter; the rest of the line never leaks into the next */
 		return;
 	}
-	ui.buf[ui.len++] = c;
-	if (ui.tty && ui.shown && c >= 0x20 && c < 0x7F) {
-		fputc(c, stdout);
-		ui.cols++;
-	} else if (ui.tty) {
-		redraw();
+	memmove(ui.buf + ui.cur + 1, ui.buf + ui.cur, ui.len - ui.cur);
+	ui.buf[ui.cur++] = c;
+	ui.len++;
+	if (ui.cur < ui.len) { /* inserted before a character: the cursor stays on a character's start */
+		size_t q = 0;
+		while (q < ui.cur)
+			q = next_char(q);
+		ui.cur = q;
 	}
+	ui.dirty = 1;
 }
 
 /* May typed input be taken now? From a pipe, lines wait there until it is the user's turn. */
@@ -1289,6 +1577,8 @@ static void take_input(void)
 {
 	while (accepting() && inpos < inlen)
 		on_key(inbuf[inpos++]);
+	if (ui.dirty && ui.tty)
+		hide_input(); /* drawn again, as it is now, before the loop waits */
 	if (accepting() && inpos == inlen && in_eof) {
 		if (!ui.tty && (ui.len > 0 || ui.overflow))
 			submit(); /* from a pipe or file, a last line with no newline (a terminal that

@@ -15,6 +15,10 @@ The rules, in short:
 - Notices (docs/protocol.md) never shift a turn-based client's turns: a queued client is told it
   waits as the answer to its first line, "your chat has begun" rides with the operator's first
   answer, and the reason a chat ended comes right before `\\quit`.
+- A client told it waits may say `\\caps notify` (chatclient does): it understands notices out of
+  turn, so "your chat has begun" is sent to it alone, the moment it is served. That line is not a
+  chat line and takes no turn; it is honoured only where the notice alone would also be a valid
+  answer to it, so a turn-based client whose person typed it stays in step.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ GREETING = "Awaiting client connections"
 NOBODY_NOTICE = "Nobody is at the console; your words are recorded."
 UNATTENDED = " (nobody is at the console: clients are recorded, not answered)"
 QUIT_IDLE = "The operator quit; server stopped"
+BEGUN_NOTICE = "Your chat has begun."
 
 
 @dataclass(slots=True, eq=False)
@@ -78,6 +83,7 @@ class Peer:
     told_waiting: bool = False
     held: list[Show] = field(default_factory=list)  # what it said while waiting, as shown then
     begun_notice: bool = False  # "your chat has begun" rides with the next answer
+    notify: bool = False  # it said `\\caps notify`: notices reach it at once, out of turn
     key: str = ""  # what the per-address cap and fairness count it as (an IPv6 host by its /64)
     fingerprint: str | None = None  # its TLS client certificate's, if it presented one
 
@@ -236,6 +242,8 @@ class Turns:
                     out.append(Bind(peer.conn, msg.handle, peer.fingerprint, ev.at))
                 peer.handle = msg.handle
         handle = msg.handle if problem is not None else peer.handle
+        if self._announces_notify(peer, msg):
+            return out + self._notify(peer, handle, msg, ev.at)
         if msg.is_quit:
             return out + self._end(peer, "client-quit", ev.at)
         notes = []
@@ -278,6 +286,22 @@ class Turns:
             out += self._end(peer, "overlong", ev.at, NOTICES["overlong"])
         return out
 
+    def _announces_notify(self, peer: Peer, msg: protocol.Message) -> bool:
+        """`\\caps notify` (more words may follow), from a client told it waits, once, while
+        the begun notice is still to come: then that notice alone answers it."""
+        words = msg.text.split()
+        if not words or words[0] != "\\caps" or "notify" not in words[1:] or peer.notify:
+            return False
+        return peer.told_waiting and (peer is not self.current or peer.begun_notice)
+
+    def _notify(self, peer: Peer, handle: str | None, msg: protocol.Message, at: float) -> list[Decision]:
+        peer.notify = True
+        out: list[Decision] = [Commit(peer.conn, "event", handle, "capabilities", msg.raw, "notify", at)]
+        if peer is self.current and peer.begun_notice:  # served while the line was on its way
+            peer.begun_notice = False
+            out.append(Send(peer.conn, notice_line(self.handle, BEGUN_NOTICE)))
+        return out
+
     def _unanswered(self, peer: Peer, shown: Show, at: float) -> list[Decision]:
         """Nobody is at the console: a line is recorded and shown, never answered; the answer
         to a client's first line (served or waiting) says so, so no notice shifts its turns."""
@@ -309,7 +333,7 @@ class Turns:
             text = text.replace("\0", "\\x00")
         data = protocol.format_line(self.handle, text)
         if cur.begun_notice:
-            data = notice_line(self.handle, "Your chat has begun.") + data
+            data = notice_line(self.handle, BEGUN_NOTICE) + data
             cur.begun_notice = False
         cur.unanswered = cur.owed = 0
         cur.turn_since = ev.at
@@ -366,6 +390,9 @@ class Turns:
         if not self.attended:
             return out
         peer.begun_notice = peer.told_waiting
+        if peer.notify and peer.begun_notice:  # it understands a notice out of turn: at once
+            peer.begun_notice = False
+            out.append(Send(peer.conn, notice_line(self.handle, BEGUN_NOTICE)))
         if peer.owed:
             self.operator_turn = True
             out.append(Prompt(True))

@@ -18,9 +18,10 @@ from conftest import login, spawn_client
 from chatlog.sanitize import UNSAFE_RANGES, visible
 
 
-# The only control sequences the client itself writes: clear to the end of the screen and move up
-# (to redraw the line being typed). Anything else with an ESC came from the server.
-OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+A")
+# The only control sequences the client itself writes: clear to the end of the screen, move up and
+# move right (to redraw the line being typed and put the cursor back in it). Anything else with an
+# ESC came from the server.
+OWN_CONTROLS = re.compile(r"\x1b\[J|\x1b\[\d+[AC]")
 
 
 def finish(p, status):
@@ -111,9 +112,9 @@ def test_length_limit_and_empty_lines(chatclient, fake_server):
     p.sendline("")  # nothing is sent for an empty line
     p.expect_exact("brandon>")
     p.sendline("y" * 501)
-    p.expect_exact("Message too long (501 characters, at most 500); not sent.")
-    p.expect_exact("brandon>")
-    p.sendline("x" * 500)
+    p.expect_exact("Message too long (501 characters, at most 500); not sent. It is kept below for editing.")
+    p.expect_exact("brandon>" + "y" * 501)
+    p.sendline("\x15" + "x" * 500)  # Ctrl-U clears the kept line
     srv.join()
     assert srv.received == b"brandon>" + b"x" * 500 + b"\n\0"
     p.terminate(force=True)
@@ -571,7 +572,10 @@ def test_waiting_and_begun_notices_are_status_lines(chatclient, fake_server):
     s.wait_last("You left the chat.")
     assert s.finish() == 0
     srv.join()
-    assert srv.received == b"brandon>one\n\0brandon>two\n\0brandon>three\n\0brandon>\\quit\n\0"
+    # after the Waiting notice (only chatlog sends it) the client says it shows notices at once;
+    # a server that still sends "begun" with its answer is followed just the same
+    assert srv.received == (b"brandon>one\n\0brandon>\\caps notify\n\0brandon>two\n\0brandon>three\n\0"
+                            b"brandon>\\quit\n\0")
 
 
 def test_an_incoming_line_never_garbles_the_prompt_or_typed_text(chatclient, fake_server):
@@ -622,7 +626,9 @@ def test_a_line_typed_out_of_turn_is_queued_not_sent(chatclient, fake_server):
     s.type("brandon\rhi\rsecond\r")
     s.wait(lambda lines: "(queued: will be sent when the server answers)" in lines)
     s.type("third\r")
-    s.wait(lambda lines: "Not sent: a line is already queued; wait for the server's answer." in lines)
+    s.wait(lambda lines: lines[-1] == "brandon>third"
+           and any(line.startswith("Not sent: a line is already queued; wait") for line in lines))
+    s.type("\x15")  # the refused line was kept for editing: cleared
     queued.set()
     assert checked.wait(10)
     lines = s.wait(lambda lines: "SERVER>answer two" in lines)
@@ -870,15 +876,16 @@ def test_typed_input_under_valgrind(chatclient, valgrind, room, fake_server):
 
 
 def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient, fake_server):
-    """Typed at a terminal: a line longer than the input buffer is refused at Enter, and none of it
-    reaches the next message."""
+    """Typed at a terminal: a line longer than the input buffer is refused at Enter, its first
+    4096 bytes kept for editing, and none of it reaches the next message once cleared."""
     srv = fake_server(lambda peer: (peer.expect(b"brandon>short\n\0"), peer.send(b"SERVER>ok\n"), peer.expect(b"\\quit\n\0")))
     s = Screen(chatclient, srv.port, cols=200, rows=60)
     s.type("brandon\r")
     s.wait_last("brandon>")
     s.type("y" * 5000 + "\r")
-    s.wait(lambda lines: "Message too long (more than 4096 bytes, at most 500 characters); not sent." in lines)
-    s.type("short\r")
+    s.wait(lambda lines: "Message too long (more than 4096 bytes, at most 500 characters); not sent. Its first"
+           " 4096 bytes are kept below for editing." in lines and lines[-1] == "y" * (4096 + 8 - 200 * 20))
+    s.type("\x15short\r")
     s.wait(lambda lines: "SERVER>ok" in lines)
     s.type("\\quit\r")
     s.wait_last("You left the chat.")
@@ -889,8 +896,8 @@ def test_an_overlong_typed_line_is_refused_and_does_not_leak(chatclient, fake_se
 
 def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient, fake_server):
     """A typed line wider than the terminal wraps; an incoming line still appears above all of it,
-    with no fragment left behind. Arrow keys are ignored, and typed invisible characters are shown
-    as escapes (but sent as typed)."""
+    with no fragment left behind. Keys the editor does not use (Page Up, Insert, F1) insert nothing,
+    and typed invisible characters are shown as escapes (but sent as typed)."""
     typed = "0123456789" * 7
     answer = threading.Event()
     handle = "\u00e9l\u00e8ve"
@@ -907,7 +914,7 @@ def test_a_wrapped_typed_line_is_redrawn_whole_below_an_incoming_line(chatclient
     s = Screen(chatclient, srv.port, cols=30, rows=20)
     s.type(f"{handle}\rhi\r")
     s.wait_last(f"{handle}>")
-    s.type(typed[:35] + "\x1b[A\x1b[D\x1bOB" + typed[35:] + "\u202e")
+    s.type(typed[:35] + "\x1b[5~\x1b[2~\x1bOP" + typed[35:] + "\u202e")
     want = f"{handle}>{typed}\\u202e"
     rows = [want[i : i + 30] for i in range(0, len(want), 30)]
     s.wait(lambda lines: lines[-len(rows) :] == rows)
@@ -1016,6 +1023,7 @@ KEYS = (
     [chr(c) for c in range(0x20, 0x7F)] * 4
     + ["\u00e9", "\u65e5", "\U0001f600", "\u202e", "\u0085", "\x9b"]
     + ["\x7f", "\x08", "\x15", "\x17", "\x1b[A", "\x1b[1;5D", "\x1bOB", "\x1b", "\x1bx", "\t", "\x01", "\x0c"]
+    + ["\x1b[D", "\x1b[C", "\x1b[B", "\x1b[H", "\x1b[F", "\x1b[3~", "\x05", "\x0b", "\x1bb", "\x1b[1;5C"]
     + ["\r"] * 6
 )
 
@@ -1057,7 +1065,7 @@ def fuzz_keys(fake_server, chatclient, wrapper=()):
         s.wait_last("fuzz>")
         for _ in range(40):
             s.type("".join(r.choice(KEYS) for _ in range(r.randint(1, 60))))
-        s.type("\x15\\quit\r")
+        s.type("\x05\x15\\quit\r")  # Ctrl-E, Ctrl-U: an empty line wherever the cursor was
         s.wait(lambda lines: bool(lines) and lines[-1] == "You left the chat.", timeout=30)
         assert s.finish() == 0, s.raw[-2000:]
         srv.join()

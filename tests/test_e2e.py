@@ -133,7 +133,7 @@ def test_message_length_limit(chatclient, server, length, sent):
         server.wait_for("^brandon>x{500}$")
     else:
         p.expect("too long")
-        p.sendline("short")
+        p.sendline("\x15short")  # the refused line is kept for editing: Ctrl-U clears it
         server.wait_for("^brandon>short$")
         assert db_rows(server.db, "SELECT text FROM messages") == [("short",)]
 

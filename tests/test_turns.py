@@ -392,3 +392,87 @@ def test_with_no_operator_each_client_is_told_once_as_the_answer_to_its_first_li
     assert not kinds(out, Prompt)
     out = t.handle_event(line(2, b"bob>still here\n", 303.0))
     assert kinds(out, Commit) and sent(out, 2) == b""
+
+
+# -- `\caps notify`: a client that says it understands out-of-turn notices hears "your chat has
+# begun" the moment it is served, alone; every other client keeps hearing it with the first answer.
+
+BEGUN = b"SERVER>*** Your chat has begun.\n"
+
+
+def queued_bob(t: Turns, *bob_lines: bytes):
+    """amy (conn 1) is served and has spoken; bob (conn 2) waits and says bob_lines."""
+    t.handle_event(Connected(1, "10.0.0.1", 1, 0.0))
+    t.handle_event(line(1, b"amy>hi\n", 0.5))
+    t.handle_event(Connected(2, "10.0.0.2", 2, 1.0))
+    return [t.handle_event(line(2, data, 2.0 + i)) for i, data in enumerate(bob_lines)]
+
+
+def test_caps_notify_is_recorded_never_answered_and_not_a_line():
+    t = Turns()
+    waiting, caps = queued_bob(t, b"bob>anyone?\n", b"bob>\\caps notify\n")
+    assert sent(waiting, 2).startswith(b"SERVER>*** Waiting: 1 ahead of you.")
+    assert not kinds(caps, Send) and not kinds(caps, Show) and not kinds(caps, Prompt)
+    (commit,) = kinds(caps, Commit)
+    assert (commit.sender, commit.handle, commit.text, commit.note) == ("event", "bob", "capabilities", "notify")
+    out = t.handle_event(Disconnected(1, 5.0))
+    assert kinds(out, Serve) == [Serve(2, 5.0)]
+    assert sent(out, 2) == BEGUN  # at once, alone
+    assert [s.text for s in kinds(out, Show) if s.kind == "client"] == ["anyone?"]  # not the \caps
+    assert Prompt(True) not in out  # the Waiting notice answered bob's line: bob's turn
+    out = t.handle_event(line(2, b"bob>so?\n", 6.0))
+    assert Prompt(True) in out
+    out = t.handle_event(OperatorLine("hello bob", 7.0))
+    assert sent(out, 2) == b"SERVER>hello bob\n"  # said once only
+
+
+def test_caps_notify_while_bob_waits_for_an_answer():
+    t = Turns()
+    queued_bob(t, b"bob>anyone?\n", b"bob>\\caps notify\n", b"bob>still here\n")
+    out = t.handle_event(Disconnected(1, 5.0))
+    assert sent(out, 2) == BEGUN and Prompt(True) in out  # still owed the answer to "still here"
+    out = t.handle_event(OperatorLine("hello bob", 6.0))
+    assert sent(out, 2) == b"SERVER>hello bob\n"
+
+
+def test_caps_notify_arriving_just_after_bob_was_served():
+    t = Turns()
+    queued_bob(t, b"bob>anyone?\n", b"bob>still here\n")
+    out = t.handle_event(Disconnected(1, 5.0))
+    assert not kinds(out, Send)  # bob has not said it understands: it rides with the answer
+    out = t.handle_event(line(2, b"bob>\\caps notify\n", 5.5))
+    assert sent(out, 2) == BEGUN
+    out = t.handle_event(OperatorLine("hello bob", 6.0))
+    assert sent(out, 2) == b"SERVER>hello bob\n"
+
+
+def test_caps_is_an_ordinary_line_where_the_begun_notice_could_not_answer_it():
+    """A turn-based client whose person types `\\caps notify` waits for an answer. From a client
+    never queued (nothing to announce), or a second time, it is a chat line and answered as one,
+    so such a client is never left waiting."""
+    t = Turns()
+    t.handle_event(Connected(1, "h", 1, 0.0))
+    t.handle_event(line(1, b"amy>hi\n", 0.5))
+    t.handle_event(OperatorLine("hello", 0.7))
+    out = t.handle_event(line(1, b"amy>\\caps notify\n", 1.0))
+    assert Prompt(True) in out and kinds(out, Commit)[0].sender == "client"
+    out = t.handle_event(OperatorLine("what caps?", 2.0))
+    assert sent(out, 1) == b"SERVER>what caps?\n"
+    t = Turns()
+    queued_bob(t, b"bob>anyone?\n", b"bob>\\caps notify\n")
+    out = t.handle_event(line(2, b"bob>\\caps notify\n", 3.0))
+    assert kinds(out, Commit)[0].sender == "client"  # held for the console, owed an answer
+    out = t.handle_event(Disconnected(1, 5.0))
+    assert sent(out, 2) == BEGUN and Prompt(True) in out
+
+
+def test_old_clients_never_hear_begun_out_of_turn():
+    """Without \\caps, a line that merely looks like it (or a word after \\caps that is not
+    notify) changes nothing: begun rides with the first answer."""
+    t = Turns()
+    queued_bob(t, b"bob>anyone?\n", b"bob>\\caps\n", b"bob>\\caps unknown\n")
+    out = t.handle_event(Disconnected(1, 5.0))
+    assert not kinds(out, Send)
+    t.handle_event(line(2, b"bob>hi\n", 6.0))
+    out = t.handle_event(OperatorLine("hello bob", 7.0))
+    assert sent(out, 2) == BEGUN + b"SERVER>hello bob\n"
