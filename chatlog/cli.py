@@ -480,11 +480,12 @@ def serve(
     except StoreError as exc:
         raise Failed(str(exc)) from None
     attended = not (no_operator or unattended(sys.stdin))
+    saved = {}  # signal dispositions changed here, put back on the way out (serve may run in-process)
     if not attended:
         # Nothing reads the terminal, and a background job that writes to it (or a stray
         # terminal call) is never stopped for it; the terminal's modes are left alone.
-        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        for sig in (signal.SIGTTOU, signal.SIGTTIN):
+            saved[sig] = signal.signal(sig, signal.SIG_IGN)
     try:
         raise_open_files_limit()
         if room:
@@ -517,14 +518,11 @@ def serve(
     except (ServeError, StoreError, TlsSetupError) as exc:
         raise Failed(str(exc)) from None
     finally:
-        # The stop is under way (every client told, the console written): the record is closed
-        # (at most a few seconds of search indexing) without a second signal cutting it short
-        # (make, for one, passes its own TERM on to the server it runs).
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        recorder.close()
+        try:
+            recorder.close()
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
 
 @cli.command()

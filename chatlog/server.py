@@ -523,7 +523,8 @@ def fan_out(lines: list[tuple[bytes, int | None]], clients: list[Client]):
 @contextmanager
 def stop_signals(handler):
     """INT, TERM and HUP go to `handler` while inside; each also wakes the loop through the
-    socket yielded (watch it for reading)."""
+    socket yielded (watch it for reading). On the way out they are left ignored: only `chatlog
+    serve` uses this, as the last thing its process does."""
     wake_r, wake_w = wakeup_pair()
     old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     # A signal ignored when we were started stays ignored (`nohup`, or `&` in a script): TERM never.
@@ -532,9 +533,13 @@ def stop_signals(handler):
     try:
         yield wake_r
     finally:
+        # A stop is under way (the server's last act): a further signal, as make passes its own
+        # TERM on to the server it runs, must not kill it while it closes its record and exits.
+        # So the signals are not handed back to a default that would: they are ignored (which,
+        # unlike a Python handler, the interpreter's own shutdown leaves in place).
         signal.set_wakeup_fd(old_wakeup)
-        for sig, h in old.items():
-            signal.signal(sig, h)
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
         wake_r.close()
         wake_w.close()
 

@@ -552,3 +552,20 @@ def test_a_second_sigterm_during_the_stop_neither_kills_the_server_nor_loses_its
             time.sleep(0.001)
         assert server.wait() == 0
         assert "Server stopped (SIGTERM)" in server.output
+
+
+def test_serve_run_in_process_leaves_the_callers_signals_as_they_were(tmp_path):
+    """A serve that fails early (here: a TLS key missing) ran in-process must not leave TERM
+    ignored: every process started afterwards inherited it (a `chatlog tail` that no terminate()
+    could stop)."""
+    import signal as sig
+
+    from click.testing import CliRunner
+
+    from chatlog.cli import cli
+
+    before = {s: sig.getsignal(s) for s in (sig.SIGINT, sig.SIGTERM, sig.SIGHUP, sig.SIGTTOU, sig.SIGTTIN)}
+    r = CliRunner().invoke(cli, ["serve", "0", "--tls-port", "0", "--tls-cert", "/nonexistent", "--no-operator",
+                                 "--db", str(tmp_path / "x.db")])
+    assert r.exit_code != 0
+    assert {s: sig.getsignal(s) for s in before} == before
