@@ -57,7 +57,7 @@ def _live_count(sender: str) -> str:
     )
 
 
-_SESSION_TEXT = {"started_at": "", "kind": "chat"}  # text that cannot be NULL, and its stand-in
+_SESSION_TEXT = {"started_at": "", "kind": "chat", "transport": "tcp"}  # text that cannot be NULL, and its stand-in
 
 
 # Select these from `sessions` (unaliased) to build a Session: the counts of a session still in
@@ -72,6 +72,8 @@ def _session_column(name: str) -> str:
         )
     if name == "id":
         return "sessions.id"
+    if name == "verified":
+        return "(sessions.verified IS 1)"
     if name.endswith("_port"):  # text there (a crafted file) is kept, and shown made visible
         return f"iif(typeof(sessions.{name}) = 'blob', quote(sessions.{name}), sessions.{name})"
     return sql_text(f"sessions.{name}", _SESSION_TEXT.get(name))
@@ -85,6 +87,7 @@ _MSG_COLUMN = {
     "id": "{t}id", "session_id": sql_int("{t}session_id", "0"), "seq": sql_int("{t}seq", "0"),
     "at": sql_text("{t}at", ""), "sender": sql_text("{t}sender", ""), "handle": sql_text("{t}handle"),
     "text": sql_text("{t}text", ""), "raw": "CAST({t}raw AS BLOB)", "note": sql_text("{t}note"),
+    "verified": "({t}verified IS 1)",
 }
 
 
@@ -98,7 +101,7 @@ MSG_COLUMNS = msg_columns()
 # For the fast export writers (see export_rows): seq and at typed here (cheap in SQL, and the
 # writers print them as they are), the rest as stored (the writers check those themselves).
 UNTYPED_MSG_COLUMNS = ", ".join(
-    _MSG_COLUMN[name].replace("{t}", "") if name in ("seq", "at") else name
+    _MSG_COLUMN[name].replace("{t}", "") if name in ("seq", "at", "verified") else name
     for name in Msg.__slots__  # type: ignore[attr-defined]
 )
 HIGHLIGHT = sql_text(f"highlight(messages_fts, 0, '{HL_START}', '{HL_END}')", "")
@@ -507,4 +510,7 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
             args.append(value)
     if f.ended_only:
         clauses.append("sessions.ended_at IS NOT NULL")
+    if f.verified:
+        clauses.append("(sessions.verified IS 1 OR (sessions.kind = 'room' AND EXISTS "
+                       "(SELECT 1 FROM participants p WHERE p.session_id = sessions.id AND p.verified IS 1)))")
     return " AND ".join(clauses), args

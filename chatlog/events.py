@@ -175,6 +175,7 @@ class Commit(StoreWrite):
     raw: bytes | None
     note: str | None
     at: float
+    verified: bool = False  # said under a handle bound to the certificate its client presented
 
 
 @dataclass(slots=True)

@@ -265,22 +265,23 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note = clean_msg(row)
-                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note)
+                _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
+                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note, verified)
                 if seq in where:
                     host, port = where[seq]
                     line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
                 add(line)
             out.write("".join(batch))
             continue
-        for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+        for row in rows:
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
             try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
                 if raw is None and note is None and handle is not None:
-                    add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
+                    add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_TF[verified]}}}\n')
                 else:
-                    add(_jsonl_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
-            except TypeError:
-                add(_jsonl_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+                    add(_jsonl_rare(head, *clean_msg(row)[2:]))
+            except (TypeError, KeyError):
+                add(_jsonl_rare(head, *clean_msg(row)[2:]))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -290,14 +291,17 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
 UNTYPED.add(write_jsonl)
 
 
-def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
+_TF = {0: "false", 1: "true"}  # a stored flag as JSON (anything else: the careful way)
+
+
+def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0) -> str:
     enc = _json_str
     line = f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
     if raw is not None:
         line += f', "raw_base64": "{base64.b64encode(raw).decode("ascii")}"'
     if note:
         line += f', "note": {enc(note)}'
-    return line + "}\n"
+    return line + f', "verified": {_TF[1 if verified == 1 else 0]}}}\n'
 
 
 def _json_str(value) -> str:
@@ -306,7 +310,7 @@ def _json_str(value) -> str:
 
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
-    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port",
+    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port", "verified",
 ]
 
 
@@ -329,14 +333,15 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note = clean_msg(row)
+                _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
                 host, port = where.get(seq, (None, None))
-                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, host, port))
+                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, verified, host, port))
             out.write("".join(batch))
             continue
-        for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+        for row in rows:
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
             if raw is not None or note is not None or handle is None or sender not in plain:
-                add(_csv_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+                add(_csv_rare(head, *clean_msg(row)[2:]))
             else:
                 try:  # a value of the wrong type (a crafted file) raises TypeError here
                     h = handles.get(handle)
@@ -346,9 +351,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                         h = handles[handle] = cell(handle)
                     if not safe(text):  # (csv_plain takes only text)
                         text = cell(text)
-                    add(f"{head},{seq},{at},{sender},{h},{text},,,,\n")
-                except TypeError:
-                    add(_csv_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_TF[verified]}\n")
+                except (TypeError, KeyError):
+                    add(_csv_rare(head, *clean_msg(row)[2:]))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -361,10 +366,10 @@ _PLAIN_SENDERS = frozenset(("client", "server"))
 UNTYPED.add(write_csv)
 
 
-def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, host=None, port=None) -> str:
+def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0, host=None, port=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
     cells = (seq, at, sender, handle, text, raw64, note, host, port)
-    return head + "," + ",".join(csv_cell(v) for v in cells) + "\n"
+    return head + "," + ",".join(csv_cell(v) for v in cells) + f",{_TF[1 if verified == 1 else 0]}\n"
 
 
 HTML_HEAD = """<!DOCTYPE html>
@@ -410,8 +415,9 @@ def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
             elif ev.handle is None:
                 out.write(f'<div class="line">{stamp}{e(ev.text)}</div>\n')
             else:
+                mark = '<span class="verified" title="verified: bound to its certificate">&#x2713;</span> ' if ev.verified else ""
                 out.write(
-                    f'<div class="line">{stamp}<span class="{ev.sender}">{e(ev.handle)}&gt;</span>'
+                    f'<div class="line">{stamp}{mark}<span class="{ev.sender}">{e(ev.handle)}&gt;</span>'
                     f"{e(ev.text)}</div>\n"
                 )
         out.write("</section>\n")
@@ -451,7 +457,7 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
                         t = max(t, (when - start_at).total_seconds())
                 text = visible(ev.text)
                 if ev.is_message and ev.handle is not None:
-                    who = visible(ev.handle)
+                    who = ("\u2713 " if ev.verified else "") + visible(ev.handle)
                     start, end = codes["server" if ev.sender == "server" else "client"]
                     line = f"{start}{who}>{end}{text}"
                     shown = f"{who}>{text}"

@@ -121,7 +121,7 @@ class ChatStore(_Store):
         if t is Commit:
             s = self.sessions.get(d.conn) if d.conn is not None else None
             if s is not None:
-                rec.add_message(s[0], d.sender, d.handle, d.text, d.raw, d.note, d.at)
+                rec.add_message(s[0], d.sender, d.handle, d.text, d.raw, d.note, d.at, verified=d.verified)
         elif t is Open:
             sid = rec.begin_session(d.host, d.port, self.local[0], self.local[1], d.at, served=d.served)
             if d.link is not None:
@@ -178,7 +178,7 @@ class RoomStore(_Store):
             d = batch[i]
             if type(d) is Commit:
                 pid = participants.get(d.conn) if d.conn is not None else None
-                rows.append((d.sender, d.handle, d.text, d.raw, d.note, d.at, pid))
+                rows.append((d.sender, d.handle, d.text, d.raw, d.note, d.at, pid, d.verified))
                 continue
             if rows:
                 self.recorder.add_messages(self.session, rows)
@@ -192,7 +192,8 @@ class RoomStore(_Store):
         t = type(d)
         if t is Commit:
             pid = self.participants.get(d.conn) if d.conn is not None else None
-            rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid)
+            rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid,
+                            verified=d.verified)
         elif t is Join:
             pid = self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
             if d.link is not None:

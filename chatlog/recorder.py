@@ -35,8 +35,8 @@ _FINAL_COUNTS = (
     f"client_messages = {message_count('client')}, server_messages = {message_count('server')}"
 )
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note, participant_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -263,6 +263,7 @@ class Recorder:
         note: str | None,
         at: float,
         participant: int | None = None,
+        verified: bool = False,
     ) -> int:
         """Commit one message; returns its sequence number. The hot path: one INSERT, one commit.
         Of its raw bytes the first RAW_KEEP are kept, and the note says how many more came."""
@@ -272,7 +273,7 @@ class Recorder:
             raw = raw[:RAW_KEEP]
         seq = self._seq.get(session_id)
         seq = (self._last_seq(session_id) if seq is None else seq) + 1
-        self._run(_INSERT_MESSAGE, (session_id, seq, iso(at), sender, handle, text, raw, note, participant))
+        self._run(_INSERT_MESSAGE, (session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified))
         self._seq[session_id] = seq
         if not self._in_tx:
             self._committed()
@@ -280,17 +281,17 @@ class Recorder:
 
     def add_messages(self, session_id: int, rows: list[tuple]) -> None:
         """Many messages of one session in one statement (inside a transaction): rows of
-        (sender, handle, text, raw, note, at, participant), in order. A room's busy pass."""
+        (sender, handle, text, raw, note, at, participant, verified), in order. A room's busy pass."""
         seq = self._seq.get(session_id)
         seq = self._last_seq(session_id) if seq is None else seq
         params = []
-        for sender, handle, text, raw, note, at, participant in rows:
+        for sender, handle, text, raw, note, at, participant, verified in rows:
             if raw is not None and len(raw) > RAW_KEEP:
                 cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
                 note = f"{note}; {cut}" if note else cut
                 raw = raw[:RAW_KEEP]
             seq += 1
-            params.append((session_id, seq, iso(at), sender, handle, text, raw, note, participant))
+            params.append((session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified))
         self._run_many(_INSERT_MESSAGE, params)
         self._seq[session_id] = seq
 

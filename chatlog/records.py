@@ -58,6 +58,10 @@ class Session:
     server_messages: int
     kind: str = "chat"  # or "room": many participants in one session
     participants: int = 0  # in a room, how many have taken part (0 for a 1:1 chat)
+    transport: str = "tcp"  # 1:1: how the client connected (tcp or tls)
+    tls_version: str | None = None
+    cert_fingerprint: str | None = None  # the client certificate's
+    verified: int = 0  # 1:1: its handle was bound to that certificate
 
     @property
     def messages(self) -> int:
@@ -82,6 +86,7 @@ class Msg:
     text: str
     raw: bytes | None
     note: str | None
+    verified: int = 0  # said under a handle bound to its client's certificate (1), or not (0)
 
 
 
@@ -106,8 +111,8 @@ def clean_msg(row: tuple) -> tuple:
     """A messages row (in `Msg` field order) read as stored, each value made the type its column
     promises, as chatlog.archive's SQL does for every other reader: for the export writers that
     read rows untyped (the fast way) and take this way for a row of another type (a crafted file)."""
-    id_, session_id, seq, at, sender, handle, text, raw, note = row
+    id_, session_id, seq, at, sender, handle, text, raw, note, verified = row
     if raw is not None and not isinstance(raw, bytes):
         raw = str(raw).encode("utf-8", "surrogatepass")
     return (id_, _int(session_id), _int(seq), _text(at, ""), _text(sender, ""), _text(handle), _text(text, ""),
-            raw, _text(note))
+            raw, _text(note), 1 if verified == 1 else 0)

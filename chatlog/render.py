@@ -51,6 +51,11 @@ def _codes(style: str) -> tuple[str, str]:
     return start, end
 
 
+# Before a line said under a handle bound to its client's certificate. A handle has no space, and
+# every control character in text is escaped, so no line can make another look verified.
+VERIFIED_MARK = "\u2713 "
+
+
 class Renderer:
     """Writes sanitised, optionally colored lines to a stream, flushing each one."""
 
@@ -66,12 +71,13 @@ class Renderer:
         start, end = self._codes[role]
         return f"{start}{text}{end}" if start else text
 
-    def chat_line(self, sender: str, handle: str | None, text: str) -> str:
+    def chat_line(self, sender: str, handle: str | None, text: str, verified: int = 0) -> str:
         role = "server" if sender == "server" else "client"
         if handle is None:
             return visible(text)
         start, end = self._codes[role]
-        return f"{start}{visible(handle)}>{end}{visible(text)}"
+        mark = VERIFIED_MARK if verified else ""
+        return f"{mark}{start}{visible(handle)}>{end}{visible(text)}"
 
     def chat(self, sender: str, handle: str | None, text: str) -> None:
         self.write(self.chat_line(sender, handle, text))

@@ -257,7 +257,7 @@ class Room:
         p.last = at
         shown = visible(text)
         out: list[Decision] = [
-            Commit(ev.conn, "client", p.handle, text, msg.raw, None, at),
+            Commit(ev.conn, "client", p.handle, text, msg.raw, None, at, p.fingerprint is not None),
             Show("client", shown, p.shown),
             Broadcast(p.prefix + shown.encode() + b"\n", ev.conn),
         ]
@@ -302,7 +302,7 @@ class Room:
             text = msg.text
             shown = visible(text)
             out += [
-                Commit(p.conn, "client", p.handle, text, msg.raw, note, at),
+                Commit(p.conn, "client", p.handle, text, msg.raw, note, at, p.fingerprint is not None),
                 Show("client", shown, p.shown),
             ]
             if len(text) > MAX_TEXT:

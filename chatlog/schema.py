@@ -389,6 +389,13 @@ def m010_room_names(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m011_verified_messages(conn: sqlite3.Connection) -> None:
+    # Whether a line was said under a handle bound to the certificate its client presented (see
+    # m009), as it was at the moment it was said: every reader marks it without working it out.
+    run_script(conn, """ALTER TABLE "messages" ADD COLUMN "verified" INTEGER NOT NULL DEFAULT 0;""")
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

@@ -257,7 +257,8 @@ class Turns:
             shown = Show("error", f"{peer.host} port {peer.port}: {problem}: {handle}>{msg.text}")
         else:
             shown = Show("client", msg.text, handle)
-        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, "; ".join(notes) or None, ev.at))
+        verified = problem is None and handle is not None and peer.fingerprint is not None
+        out.append(Commit(peer.conn, "client", handle, msg.text, msg.raw, "; ".join(notes) or None, ev.at, verified))
         peer.said += 1
         peer.unanswered += 1
         if not self.attended:

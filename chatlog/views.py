@@ -58,6 +58,10 @@ def session_dict(s: Session) -> dict:
         "server_messages": s.server_messages,
         "kind": s.kind,
         "participants": s.participants,
+        "transport": s.transport,
+        "tls_version": s.tls_version,
+        "cert_fingerprint": s.cert_fingerprint,
+        "verified": bool(s.verified),
     }
 
 
@@ -74,6 +78,7 @@ def message_dict(m: Msg) -> dict:
         d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
     if m.note:
         d["note"] = m.note
+    d["verified"] = bool(m.verified)
     return d
 
 
@@ -83,7 +88,7 @@ def message_dict(m: Msg) -> dict:
 def console_line(ev: Event, r: Renderer) -> str:
     """An event as the server console shows it (sanitised, colored if `r` colors)."""
     if ev.kind == transcript.MESSAGE:
-        return r.chat_line(ev.sender or "client", ev.handle, ev.text)
+        return r.chat_line(ev.sender or "client", ev.handle, ev.text, ev.verified)
     return r.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
 
 
@@ -120,6 +125,12 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
         f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
     )
+    if s.kind != "room" and s.transport != "tcp":
+        how = f"Over {s.transport.upper()} ({s.tls_version or 'version unknown'})"
+        if s.cert_fingerprint:
+            how += f"; client certificate {s.cert_fingerprint}"
+            how += "; handle verified (\u2713)" if s.verified else "; handle not verified"
+        lines.append(how)
     # Every field, not only the handle: an archive from elsewhere is untrusted as a whole (its
     # hosts and end reasons reached the terminal raw). Escapes are left as they are.
     return [visible(line) for line in lines]

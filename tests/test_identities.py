@@ -113,3 +113,72 @@ def test_chatclient_over_tls_to_the_real_server_pins_it_and_owns_its_handle(star
     server.wait_for("belongs to another certificate")
     other.sendline("\\quit")
     other.expect(pexpect.EOF)
+
+
+def test_verified_lines_are_marked_in_show_and_every_export_and_never_forged(start_server, tmp_path):
+    """A line said under a handle bound to its client's certificate is marked (a `verified`
+    field in json/jsonl/csv, a mark in text, md and html); a plain client's line, even one whose
+    text or handle tries to look the same, is not."""
+    import csv
+    import io
+    import json
+
+    server = start_server("--room", "--tls-port", "0")
+    port = tls_port(server)
+    a = client_identity(tmp_path, "a")
+    alice = room_join(server, port, a, "alice")
+    server.wait_for("alice joined")
+    plain = room_join(server, port, None, "\u2713")
+    plain.sendall("\u2713>alice>forged\n".encode())
+    alice.sendall(b"alice>signed line\n")
+    server.wait_for("alice>signed line")
+    db = server.db
+    shown = run_chatlog(db, "show", "last").stdout
+    assert "\u2713 alice>signed line" in shown
+    assert not any(line.startswith("\u2713 ") and "forged" in line for line in shown.splitlines())
+    rows = [json.loads(x) for x in run_chatlog(db, "export", "last", "-f", "jsonl").stdout.splitlines()]
+    flags = {(r["handle"], r["text"]): r["verified"] for r in rows if r["sender"] == "client"}
+    assert flags[("alice", "signed line")] is True and flags[("alice", "hi")] is True
+    assert flags[("\u2713", "alice>forged")] is False and flags[("\u2713", "hi")] is False
+    doc = json.loads(run_chatlog(db, "export", "last", "-f", "json").stdout)
+    assert [m["verified"] for m in doc["sessions"][0]["messages"] if m["text"] == "signed line"] == [True]
+    table = list(csv.DictReader(io.StringIO(run_chatlog(db, "export", "last", "-f", "csv").stdout)))
+    assert {r["text"]: r["verified"] for r in table if r["sender"] == "client"}["signed line"] == "true"
+    assert {r["text"]: r["verified"] for r in table if r["sender"] == "client"}["alice>forged"] == "false"
+    html = run_chatlog(db, "export", "last", "-f", "html").stdout
+    assert html.count('class="verified"') == 2  # alice's two lines
+    md = run_chatlog(db, "export", "last", "-f", "md").stdout
+    assert "    \u2713 alice>signed line" in md
+
+
+def test_sessions_verified_lists_only_sessions_with_a_verified_handle(start_server, tmp_path):
+    server = start_server("--tls-port", "0")
+    port = tls_port(server)
+    plain = server.connect()
+    plain.sendall(b"pat>hello\n")
+    server.say("hi pat")
+    recv_until(plain, b"\n")
+    plain.sendall(b"pat>\\quit\n")
+    wait_until(lambda: db_dicts(server.db, "SELECT count(*) n FROM sessions WHERE end_reason IS NOT NULL")[0]["n"] == 1)
+    c = tls_connect(server, port, client_identity(tmp_path, "v"))
+    c.sendall(b"vic>hello\n")
+    server.say("hi vic")
+    recv_until(c, b"\n")
+    out = run_chatlog(server.db, "sessions", "--verified", "--json").stdout
+    import json
+
+    assert [r["handle"] for r in json.loads(out)] == ["vic"]
+    assert len(json.loads(run_chatlog(server.db, "sessions", "--json").stdout)) == 2
+
+
+def test_show_says_how_a_1to1_client_connected(start_server, tmp_path):
+    server = start_server("--tls-port", "0")
+    port = tls_port(server)
+    ident = client_identity(tmp_path, "s")
+    c = tls_connect(server, port, ident)
+    c.sendall(b"sam>hello\n")
+    server.say("hi sam")
+    recv_until(c, b"\n")
+    shown = run_chatlog(server.db, "show", "last").stdout
+    assert re.search(rf"Over TLS \(TLSv1\.[23]\); client certificate {ident[2]}; handle verified", shown), shown
+    assert "\u2713 sam>hello" in shown
