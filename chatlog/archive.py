@@ -403,6 +403,30 @@ class Archive:
             for _ in msgs:  # whatever the writer did not read
                 pass
 
+    def last_message_id(self) -> int:
+        """The newest message's id now (what an incremental export may go up to)."""
+        return self.tolerant(lambda: self._one("SELECT coalesce(max(id), 0) FROM messages", ()))[0]
+
+    def export_range(self, after: int, upto: int, *, typed: bool = True,
+                     sessions: "set[int] | None" = None) -> Iterator[tuple[Session, Iterator[tuple]]]:
+        """The messages with `after < id <= upto`, by session (each session's in order), as
+        export_rows gives them: one query over the id range (the rowid), sorted by session in
+        SQLite, so memory stays flat. `sessions`: only these."""
+        import itertools
+
+        columns = MSG_COLUMNS if typed else UNTYPED_MSG_COLUMNS
+        sql = (f"SELECT {columns} FROM messages WHERE id > ? AND id <= ? AND session_id NOT IN "
+               f"(SELECT id FROM sessions WHERE {DELETING}) ORDER BY session_id, id")
+        with self.db.guard:
+            rows = self.conn.execute(sql, (after, upto))
+        one = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
+        for session_id, group in itertools.groupby(rows, key=lambda r: r[1]):
+            if sessions is not None and session_id not in sessions:
+                continue
+            srow = self.tolerant(lambda: self._one(one, (session_id,)))  # noqa: B023 (called at once)
+            if srow is not None:
+                yield Session(*srow), group
+
     def room_addresses(self, session_id: int) -> dict[int, tuple[str, int]]:
         """A room's lines, by sequence number: the address of the participant who said each."""
         rows = self.tolerant(lambda: self._all(

@@ -8,6 +8,7 @@ is one `chatlog: ...` line on stderr and a non-zero status.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -697,22 +698,47 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     default=None, help="Output format [default: from the -o extension, else txt].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", help="Output file [default: stdout].")
+@click.option("--after-id", type=click.IntRange(min=0), metavar="N",
+              help="Only messages with an id above N (every message's id is in json, jsonl and csv).")
+@click.option("--cursor", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Read the last id exported from FILE (none: from the start) and write the new one "
+              "there once the export is complete: a cron job appends exactly what is new.")
 @timestamps_option
 @utc_option
 @db_option
-def export(session_ids, handle, host, since, until, everything, fmt, output, timestamps, utc, db):
+def export(session_ids, handle, host, since, until, everything, fmt, output, after_id, cursor, timestamps, utc, db):
     """Write conversations out as txt, md, json, jsonl, csv, html or an asciinema cast.
 
     Give session IDs (or `last`), or filters, or nothing for all sessions. Exports stream, so
     memory stays flat however large the archive. --timestamps and --utc apply to txt and md.
+
+    Incremental: `--after-id N` writes only newer messages; `--cursor FILE` keeps N in a file
+    between runs (`chatlog export -f jsonl --cursor ~/.chatlog.cursor >> all.jsonl`), never
+    twice, never a gap, also while a chat is being recorded.
     """
     from chatlog import export as exporters
 
     if fmt is None:
         fmt = exporters.format_for(output)
+    if cursor is not None and after_id is not None:
+        raise click.UsageError("--after-id and --cursor: give one (the cursor file holds the id)")
+    if cursor is not None:
+        after_id = read_cursor(cursor)
     store = open_archive(db)
     ids = [get_session(store, i).id for i in session_ids]
     filters = make_filters(handle, host, since, until, ids)
+    if after_id is not None:
+        upto = store.last_message_id()  # later messages are the next run's
+        if upto <= after_id:
+            raise Nothing(f"no messages after id {after_id}; nothing exported")
+        chosen = store.session_ids(filters) if (ids or any((handle, host, since, until))) else []
+        options = exporters.Options(timestamps=timestamps, utc=utc, headings=True)
+        exporters.run(store, chosen, fmt, output, filters if chosen else None, options, id_range=(after_id, upto))
+        if cursor is not None:
+            write_cursor(cursor, upto)
+        if output != "-":
+            click.echo(f"wrote the messages after id {after_id} up to {upto} to {output} ({fmt})", err=True)
+        return
     chosen = store.session_ids(filters)
     if not chosen:
         raise Nothing(
@@ -723,6 +749,29 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, tim
     exporters.run(store, chosen, fmt, output, filters, options)
     if output != "-":
         click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)
+
+
+def read_cursor(path: Path) -> int:
+    """The last id a cursor file holds (0 when it does not exist yet)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return 0
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failed(f"cannot read the cursor {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not text.isascii() or not text.isdigit():
+        raise Failed(f"the cursor {path} does not hold a message id (it holds {text[:40]!r})")
+    return int(text)
+
+
+def write_cursor(path: Path, last: int) -> None:
+    """Replace the cursor file whole (a temporary file renamed into place), after the export."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(f"{last}\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise Failed(f"cannot write the cursor {path}: {exc.strerror}") from None
 
 
 @cli.command()

@@ -95,7 +95,7 @@ def format_for(output: str) -> str:
 
 
 def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None,
-        options: Options = Options()) -> None:
+        options: Options = Options(), id_range: tuple[int, int] | None = None) -> None:
     """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming.
 
     A file is written beside its destination and renamed into place when complete, so an export
@@ -110,7 +110,11 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     def write(pairs, out):
         chosen(pairs, out, options)
 
-    pairs = store.export_rows(ids, typed=chosen not in UNTYPED)
+    if id_range is not None:  # an incremental export: the messages after one id, up to another
+        pairs = store.export_range(*id_range, typed=chosen not in UNTYPED, sessions=set(ids) if filters else None)
+        filters = None  # (no progress bar: its total would count every message)
+    else:
+        pairs = store.export_rows(ids, typed=chosen not in UNTYPED)
     to_stdout = output == "-"
     if sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
         total = store.message_total(filters) if filters is not None else 0
@@ -266,7 +270,7 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
                 _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
-                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note, verified)
+                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note, verified, msg_id=_id)
                 if seq in where:
                     host, port = where[seq]
                     line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
@@ -277,11 +281,11 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
             _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
             try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
                 if raw is None and note is None and handle is not None:
-                    add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_TF[verified]}}}\n')
+                    add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_TF[verified]}}}\n')
                 else:
-                    add(_jsonl_rare(head, *clean_msg(row)[2:]))
+                    add(_jsonl_rare(head, *clean_msg(row)[2:], msg_id=_id))
             except (TypeError, KeyError):
-                add(_jsonl_rare(head, *clean_msg(row)[2:]))
+                add(_jsonl_rare(head, *clean_msg(row)[2:], msg_id=_id))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -294,9 +298,9 @@ UNTYPED.add(write_jsonl)
 _TF = {0: "false", 1: "true"}  # a stored flag as JSON (anything else: the careful way)
 
 
-def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0) -> str:
+def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0, msg_id=None) -> str:
     enc = _json_str
-    line = f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
+    line = f'{head}, "id": {msg_id if type(msg_id) is int else "null"}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
     if raw is not None:
         line += f', "raw_base64": "{base64.b64encode(raw).decode("ascii")}"'
     if note:
@@ -310,7 +314,7 @@ def _json_str(value) -> str:
 
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
-    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port", "verified",
+    "end_reason", "id", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port", "verified",
 ]
 
 
@@ -335,13 +339,13 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
             for row in rows:
                 _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
                 host, port = where.get(seq, (None, None))
-                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, verified, host, port))
+                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, verified, host, port, msg_id=_id))
             out.write("".join(batch))
             continue
         for row in rows:
             _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
             if raw is not None or note is not None or handle is None or sender not in plain:
-                add(_csv_rare(head, *clean_msg(row)[2:]))
+                add(_csv_rare(head, *clean_msg(row)[2:], msg_id=_id))
             else:
                 try:  # a value of the wrong type (a crafted file) raises TypeError here
                     h = handles.get(handle)
@@ -351,9 +355,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                         h = handles[handle] = cell(handle)
                     if not safe(text):  # (csv_plain takes only text)
                         text = cell(text)
-                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_TF[verified]}\n")
+                    add(f"{head},{_id},{seq},{at},{sender},{h},{text},,,,,{_TF[verified]}\n")
                 except (TypeError, KeyError):
-                    add(_csv_rare(head, *clean_msg(row)[2:]))
+                    add(_csv_rare(head, *clean_msg(row)[2:], msg_id=_id))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -366,9 +370,10 @@ _PLAIN_SENDERS = frozenset(("client", "server"))
 UNTYPED.add(write_csv)
 
 
-def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0, host=None, port=None) -> str:
+def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0, host=None, port=None,
+              msg_id=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
-    cells = (seq, at, sender, handle, text, raw64, note, host, port)
+    cells = (msg_id if type(msg_id) is int else None, seq, at, sender, handle, text, raw64, note, host, port)
     return head + "," + ",".join(csv_cell(v) for v in cells) + f",{_TF[1 if verified == 1 else 0]}\n"
 
 

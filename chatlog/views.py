@@ -67,6 +67,7 @@ def session_dict(s: Session) -> dict:
 
 def message_dict(m: Msg) -> dict:
     d = {
+        "id": m.id,
         "session_id": m.session_id,
         "seq": m.seq,
         "at": m.at,

@@ -787,3 +787,85 @@ def test_a_real_queued_client_reads_in_time_order(start_server):
     ] and body[2][11:].startswith("chat began after ")
     assert [line[:10] for line in body] == sorted(line[:10] for line in body)
     assert ", waited " in out and ", chat began " in out
+
+
+# -- incremental export ---------------------------------------------------------------------
+
+
+def test_export_with_a_cursor_appends_exactly_what_is_new_never_twice_never_a_gap(tmp_path):
+    path = tmp_path / "inc.db"
+    s = open_store(path)
+    a = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 9), served=True)
+    for i in range(5):
+        s.add_message(a, "client", "amy", f"first {i}")
+    cursor = tmp_path / "cursor"
+    out1 = run_chatlog(path, "export", "-f", "jsonl", "--cursor", str(cursor))
+    got = [json.loads(x) for x in out1.stdout.splitlines()]
+    assert [r["text"] for r in got] == [f"first {i}" for i in range(5)]
+    assert cursor.read_text().strip() == str(got[-1]["id"])
+    b = s.begin_session(("127.0.0.1", 2), ("127.0.0.1", 9), served=True)
+    s.add_message(a, "server", "SERVER", "late answer in the first session")
+    s.add_message(b, "client", "bob", "a new session")
+    out2 = run_chatlog(path, "export", "-f", "jsonl", "--cursor", str(cursor))
+    new = [json.loads(x) for x in out2.stdout.splitlines()]
+    assert [r["text"] for r in new] == ["late answer in the first session", "a new session"]
+    assert all(r["id"] > got[-1]["id"] for r in new)
+    again = run_chatlog(path, "export", "-f", "jsonl", "--cursor", str(cursor))
+    assert again.exit_code == 0 and again.stdout == "" and "nothing exported" in again.stderr
+    rows = list(csv.DictReader(io.StringIO(run_chatlog(path, "export", "-f", "csv", "--after-id", str(got[2]["id"])).stdout)))
+    assert [int(r["id"]) for r in rows] == [r["id"] for r in got[3:] + new]
+    s.close()
+
+
+def test_a_cursor_file_that_holds_no_id_is_one_clear_line_and_left_alone(tmp_path):
+    path = tmp_path / "inc.db"
+    s = open_store(path)
+    a = s.begin_session(("127.0.0.1", 1), ("127.0.0.1", 9), served=True)
+    s.add_message(a, "client", "amy", "hello")
+    s.close()
+    cursor = tmp_path / "cursor"
+    cursor.write_text("yesterday\n")
+    r = run_chatlog(path, "export", "-f", "jsonl", "--cursor", str(cursor))
+    assert r.exit_code != 0 and r.stderr.count("\n") == 1 and "does not hold a message id" in r.stderr
+    assert cursor.read_text() == "yesterday\n"
+
+
+def test_cursor_exports_beside_a_live_server_lose_and_repeat_nothing(start_server, tmp_path):
+    import socket
+    import threading
+
+    server = start_server("--room", "--rate", "0")
+    cursor = tmp_path / "cursor"
+    seen: list[int] = []
+    done = threading.Event()
+
+    def talk():
+        c = socket.create_connection(("127.0.0.1", server.port))
+        c.sendall(b"amy>hi\n")
+        for i in range(400):
+            c.sendall(f"amy>line {i}\n".encode())
+        done.set()
+
+    t = threading.Thread(target=talk)
+    t.start()
+    for _ in range(500):  # (bounded: each run takes a moment)
+        finished = done.is_set() and server.count("amy>line 399")  # before this run: all is committed
+        r = run_chatlog(server.db, "export", "-f", "jsonl", "--cursor", str(cursor), process=True)
+        assert r.exit_code == 0, r.stderr
+        seen += [json.loads(x)["id"] for x in r.stdout.splitlines()]
+        if finished:
+            break
+    t.join()
+    ids = [row[0] for row in sqlite3_ids(server.db)]
+    assert sorted(seen) == seen and len(seen) == len(set(seen))
+    assert set(ids) <= set(seen)
+
+
+def sqlite3_ids(db):
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT id FROM messages ORDER BY id").fetchall()
+    finally:
+        conn.close()
