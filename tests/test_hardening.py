@@ -19,6 +19,16 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_targets(pid):
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return sorted(out)
+
+
 def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(start_server):
     server = start_server("--per-address", "5")
     # warm up once so lazily opened files (WAL, shm) are already counted
@@ -40,9 +50,14 @@ def test_a_thousand_connect_disconnect_cycles_leak_no_descriptors(start_server):
         ended += 5
         server.wait_for(rf"\(session {ended}, ", start=len(server.lines) - 20)
         if before is None:
-            before = fd_count(server.proc.pid)  # after the first cycles: steady state
+            before = fd_targets(server.proc.pid)  # after the first cycles: steady state
     assert db_rows(server.db, "SELECT count(*) FROM sessions WHERE end_reason = 'disconnect'") == [(1001,)]
-    assert fd_count(server.proc.pid) <= before
+    # A socket the kernel has handed over but the loop has not yet closed may be open for an
+    # instant; a leak keeps a thousand of them.
+    try:
+        wait_until(lambda: fd_count(server.proc.pid) <= len(before), timeout=5)
+    except AssertionError:
+        assert fd_targets(server.proc.pid) == before
     assert server.proc.poll() is None
 
 
