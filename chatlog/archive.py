@@ -57,7 +57,13 @@ def _live_count(sender: str) -> str:
     )
 
 
-_SESSION_TEXT = {"started_at": "", "kind": "chat"}  # text that cannot be NULL, and its stand-in
+_SESSION_TEXT = {"started_at": "", "kind": "chat", "transport": "tcp"}  # text that cannot be NULL, and its stand-in
+
+# Whether a 1:1 session's client, or any of a room's participants, had a verified handle.
+SESSION_VERIFIED = (
+    "CASE WHEN sessions.kind = 'room' THEN EXISTS (SELECT 1 FROM participants p WHERE p.session_id = sessions.id "
+    f"AND {sql_int('p.verified', '0')} != 0) ELSE {sql_int('sessions.verified', '0')} != 0 END"
+)
 
 
 # Select these from `sessions` (unaliased) to build a Session: the counts of a session still in
@@ -72,6 +78,8 @@ def _session_column(name: str) -> str:
         )
     if name == "id":
         return "sessions.id"
+    if name == "verified":
+        return SESSION_VERIFIED
     if name.endswith("_port"):  # text there (a crafted file) is kept, and shown made visible
         return f"iif(typeof(sessions.{name}) = 'blob', quote(sessions.{name}), sessions.{name})"
     return sql_text(f"sessions.{name}", _SESSION_TEXT.get(name))
@@ -85,12 +93,18 @@ _MSG_COLUMN = {
     "id": "{t}id", "session_id": sql_int("{t}session_id", "0"), "seq": sql_int("{t}seq", "0"),
     "at": sql_text("{t}at", ""), "sender": sql_text("{t}sender", ""), "handle": sql_text("{t}handle"),
     "text": sql_text("{t}text", ""), "raw": "CAST({t}raw AS BLOB)", "note": sql_text("{t}note"),
+    # A client's line is verified when its participant (a room) or its session (1:1) is: one
+    # lookup by primary key a line, and none for the server's lines and events.
+    "verified": "CASE WHEN {t}sender = 'client' THEN coalesce(iif({t}participant_id IS NULL, "
+    "(SELECT " + sql_int("vs.verified") + " FROM sessions vs WHERE vs.id = {t}session_id), "
+    "(SELECT " + sql_int("vp.verified") + " FROM participants vp WHERE vp.id = {t}participant_id)), 0) != 0 "
+    "ELSE 0 END",
 }
 
 
 def msg_columns(table: str = "") -> str:
     """The `Msg` fields, in order, selected from `messages` (or from its alias `table`)."""
-    prefix = f"{table}." if table else ""
+    prefix = f"{table}." if table else "messages."
     return ", ".join(_MSG_COLUMN[name].replace("{t}", prefix) for name in Msg.__slots__)  # type: ignore[attr-defined]
 
 
@@ -98,7 +112,7 @@ MSG_COLUMNS = msg_columns()
 # For the fast export writers (see export_rows): seq and at typed here (cheap in SQL, and the
 # writers print them as they are), the rest as stored (the writers check those themselves).
 UNTYPED_MSG_COLUMNS = ", ".join(
-    _MSG_COLUMN[name].replace("{t}", "") if name in ("seq", "at") else name
+    _MSG_COLUMN[name].replace("{t}", "messages.") if name in ("seq", "at", "verified") else name
     for name in Msg.__slots__  # type: ignore[attr-defined]
 )
 HIGHLIGHT = sql_text(f"highlight(messages_fts, 0, '{HL_START}', '{HL_END}')", "")
@@ -507,4 +521,9 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
             args.append(value)
     if f.ended_only:
         clauses.append("sessions.ended_at IS NOT NULL")
+    if f.verified:
+        clauses.append(f"({SESSION_VERIFIED})")
+    if f.kind is not None:
+        clauses.append(f"{sql_text('sessions.kind', 'chat')} = ?")
+        args.append(f.kind)
     return " AND ".join(clauses), args

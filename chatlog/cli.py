@@ -485,15 +485,20 @@ def path(db):
 @cli.command()
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="How many (0 for all).")
 @filter_options
+@click.option("--verified", is_flag=True,
+              help="Only sessions with a verified handle (bound to its client certificate); a room: any participant's.")
+@click.option("--kind", type=click.Choice(["chat", "room"]), help="Only 1:1 chats, or only rooms.")
 @utc_option
 @json_option
 @csv_option
 @db_option
-def sessions(limit, handle, host, since, until, utc, as_json, as_csv, db):
+def sessions(limit, handle, host, since, until, verified, kind, utc, as_json, as_csv, db):
     """List past conversations, newest first."""
     from chatlog import views
 
-    rows = open_archive(db).sessions(make_filters(handle, host, since, until), limit)
+    filters = make_filters(handle, host, since, until)
+    filters.verified, filters.kind = verified, kind
+    rows = open_archive(db).sessions(filters, limit)
     if as_json:
         views.sessions_json(rows)
     elif as_csv:
@@ -501,7 +506,8 @@ def sessions(limit, handle, host, since, until, utc, as_json, as_csv, db):
     elif rows:
         views.sessions_table(rows, utc)
     if not rows:
-        raise Nothing("no sessions match" if any((handle, host, since, until)) else "no sessions recorded yet")
+        raise Nothing("no sessions match" if any((handle, host, since, until, verified, kind))
+                      else "no sessions recorded yet")
 
 
 @cli.command()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chatlog import transcript
-from chatlog.render import Renderer
+from chatlog.render import VERIFIED_MARK, Renderer
 from chatlog.sanitize import TerminalSafe, csv_cell, csv_plain, html_text, visible
 from chatlog.views import console_lines, header_lines, message_dict, session_dict
 
@@ -258,6 +258,9 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
                 "client_port": s.client_port,
                 "session_handle": s.handle,
                 "end_reason": s.end_reason,
+                "transport": s.transport,
+                "tls_version": s.tls_version,
+                "cert_fingerprint": s.cert_fingerprint,
             }
         )[:-1]
         batch: list[str] = []
@@ -265,22 +268,23 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note = clean_msg(row)
-                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note)
+                _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
+                line = _jsonl_rare(head, _id, seq, at, sender, handle, text, raw, note, verified)
                 if seq in where:
                     host, port = where[seq]
                     line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
                 add(line)
             out.write("".join(batch))
             continue
-        for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+        for row in rows:
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
             try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
                 if raw is None and note is None and handle is not None:
-                    add(f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}}}\n')
+                    add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_BOOL[verified]}}}\n')
                 else:
-                    add(_jsonl_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
-            except TypeError:
-                add(_jsonl_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+                    add(_jsonl_rare(head, *_rare(row)))
+            except (TypeError, KeyError):
+                add(_jsonl_rare(head, *_rare(row)))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -290,9 +294,19 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
 UNTYPED.add(write_jsonl)
 
 
-def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note) -> str:
+_BOOL = {0: "false", 1: "true"}  # (True and False are these keys too)
+
+
+def _rare(row: tuple) -> tuple:
+    """A row's values for the rare paths: typed (see clean_msg), without its session id."""
+    _id, _sid, *rest = clean_msg(row)
+    return (_id, *rest)
+
+
+def _jsonl_rare(head: str, id_, seq, at, sender, handle, text, raw, note, verified) -> str:
     enc = _json_str
-    line = f'{head}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
+    line = (f'{head}, "id": {id_}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, '
+            f'"text": {enc(text)}, "verified": {_BOOL[bool(verified)]}')
     if raw is not None:
         line += f', "raw_base64": "{base64.b64encode(raw).decode("ascii")}"'
     if note:
@@ -307,6 +321,7 @@ def _json_str(value) -> str:
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
     "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port",
+    "id", "verified", "transport", "cert_fingerprint",
 ]
 
 
@@ -323,20 +338,22 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         head = ",".join(
             cell(v) for v in (s.id, s.started_at, s.client_host, s.client_port, s.handle, s.end_reason)
         )
+        tail = "," + ",".join(cell(v) for v in (s.transport, s.cert_fingerprint))
         handles: dict[str, str] = {}  # each handle's cell, checked once per session
         batch: list[str] = []
         add = batch.append
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note = clean_msg(row)
+                id_, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
                 host, port = where.get(seq, (None, None))
-                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, host, port))
+                add(_csv_rare(head, tail, id_, seq, at, sender, handle, text, raw, note, verified, host, port))
             out.write("".join(batch))
             continue
-        for _id, _sid, seq, at, sender, handle, text, raw, note in rows:
+        for row in rows:
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
             if raw is not None or note is not None or handle is None or sender not in plain:
-                add(_csv_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+                add(_csv_rare(head, tail, *_rare(row)))
             else:
                 try:  # a value of the wrong type (a crafted file) raises TypeError here
                     h = handles.get(handle)
@@ -346,9 +363,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                         h = handles[handle] = cell(handle)
                     if not safe(text):  # (csv_plain takes only text)
                         text = cell(text)
-                    add(f"{head},{seq},{at},{sender},{h},{text},,,,\n")
-                except TypeError:
-                    add(_csv_rare(head, *clean_msg((_id, _sid, seq, at, sender, handle, text, raw, note))[2:]))
+                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_id},{_BOOL[verified]}{tail}\n")
+                except (TypeError, KeyError):
+                    add(_csv_rare(head, tail, *_rare(row)))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -361,10 +378,10 @@ _PLAIN_SENDERS = frozenset(("client", "server"))
 UNTYPED.add(write_csv)
 
 
-def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, host=None, port=None) -> str:
+def _csv_rare(head: str, tail: str, id_, seq, at, sender, handle, text, raw, note, verified, host=None, port=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
-    cells = (seq, at, sender, handle, text, raw64, note, host, port)
-    return head + "," + ",".join(csv_cell(v) for v in cells) + "\n"
+    cells = (seq, at, sender, handle, text, raw64, note, host, port, id_)
+    return head + "," + ",".join(csv_cell(v) for v in cells) + f",{_BOOL[bool(verified)]}{tail}\n"
 
 
 HTML_HEAD = """<!DOCTYPE html>
@@ -383,11 +400,15 @@ h2 { color: #fff; font-size: 15px; margin: 2em 0 .3em; }
 .server { color: #c061cb; font-weight: bold; }
 .event { color: #c4a000; }
 .note { color: #888; }
+.verified { color: #4e9a06; }
 time { color: #666; margin-right: 1em; }
 </style>
 </head>
 <body>
 """
+
+
+VERIFIED_HTML = ' <span class="verified" title="verified: bound to its client certificate">✓</span>'
 
 
 @writer("html")
@@ -410,8 +431,9 @@ def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
             elif ev.handle is None:
                 out.write(f'<div class="line">{stamp}{e(ev.text)}</div>\n')
             else:
+                mark = VERIFIED_HTML if ev.verified else ""
                 out.write(
-                    f'<div class="line">{stamp}<span class="{ev.sender}">{e(ev.handle)}&gt;</span>'
+                    f'<div class="line">{stamp}<span class="{ev.sender}">{e(ev.handle)}{mark}&gt;</span>'
                     f"{e(ev.text)}</div>\n"
                 )
         out.write("</section>\n")
@@ -453,8 +475,9 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
                 if ev.is_message and ev.handle is not None:
                     who = visible(ev.handle)
                     start, end = codes["server" if ev.sender == "server" else "client"]
-                    line = f"{start}{who}>{end}{text}"
-                    shown = f"{who}>{text}"
+                    mark = VERIFIED_MARK if ev.verified else ""
+                    line = f"{start}{who}{mark}>{end}{text}"
+                    shown = f"{who}{mark}>{text}"
                 elif ev.is_message:
                     line = shown = text
                 else:

@@ -94,4 +94,6 @@ class Filters:
     until: str | None = None
     ids: tuple[int, ...] = ()
     ended_only: bool = False  # leave out sessions still in progress
+    verified: bool = False  # only sessions with a verified handle (a room: any participant's)
+    kind: str | None = None  # "chat" or "room"
     # turned into SQL by the store: nothing above it writes SQL

@@ -58,6 +58,13 @@ class Session:
     server_messages: int
     kind: str = "chat"  # or "room": many participants in one session
     participants: int = 0  # in a room, how many have taken part (0 for a 1:1 chat)
+    # How the client was connected (1:1; a room's participants each have their own), and
+    # whether its handle was verified (a room: whether any participant's was).
+    transport: str = "tcp"
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    cert_fingerprint: str | None = None
+    verified: bool = False
 
     @property
     def messages(self) -> int:
@@ -82,6 +89,7 @@ class Msg:
     text: str
     raw: bytes | None
     note: str | None
+    verified: bool = False  # said by a client whose handle was verified (its session's or participant's)
 
 
 
@@ -106,8 +114,8 @@ def clean_msg(row: tuple) -> tuple:
     """A messages row (in `Msg` field order) read as stored, each value made the type its column
     promises, as chatlog.archive's SQL does for every other reader: for the export writers that
     read rows untyped (the fast way) and take this way for a row of another type (a crafted file)."""
-    id_, session_id, seq, at, sender, handle, text, raw, note = row
+    id_, session_id, seq, at, sender, handle, text, raw, note, verified = row
     if raw is not None and not isinstance(raw, bytes):
         raw = str(raw).encode("utf-8", "surrogatepass")
     return (id_, _int(session_id), _int(seq), _text(at, ""), _text(sender, ""), _text(handle), _text(text, ""),
-            raw, _text(note))
+            raw, _text(note), bool(verified))

@@ -28,6 +28,7 @@ STYLES = {
 }
 
 
+VERIFIED_MARK = " ✓"  # after a verified handle, before its `>`
 
 
 def want_color(stream: TextIO, force: bool | None = None) -> bool:
@@ -66,12 +67,15 @@ class Renderer:
         start, end = self._codes[role]
         return f"{start}{text}{end}" if start else text
 
-    def chat_line(self, sender: str, handle: str | None, text: str) -> str:
+    def chat_line(self, sender: str, handle: str | None, text: str, verified: bool = False) -> str:
+        """`alice>text`; `alice ✓>text` when alice's handle was verified (bound to her client
+        certificate): a handle cannot hold a space, so no handle can draw the mark itself."""
         role = "server" if sender == "server" else "client"
         if handle is None:
             return visible(text)
         start, end = self._codes[role]
-        return f"{start}{visible(handle)}>{end}{visible(text)}"
+        mark = VERIFIED_MARK if verified else ""
+        return f"{start}{visible(handle)}{mark}>{end}{visible(text)}"
 
     def chat(self, sender: str, handle: str | None, text: str) -> None:
         self.write(self.chat_line(sender, handle, text))

@@ -42,6 +42,7 @@ class Event:
     text: str
     sender: str | None = None  # a message's: client or server
     handle: str | None = None
+    verified: bool = False  # a message from a client whose handle was verified
 
     @property
     def is_message(self) -> bool:
@@ -98,7 +99,7 @@ class Transcript:
         if m.sender == "event":  # recorded in place with the messages
             yield event_of(m, at)
             return
-        yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle)
+        yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle, m.verified)
         if m.note:
             yield Event(NOTE, at, f"({m.note})")
 
@@ -152,7 +153,7 @@ def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:
         if t._began and not m.note and m.sender in counts and at >= t.last and looks_like_time(at):
             counts[m.sender] += 1
             t.last = at
-            yield Event(MESSAGE, at, m.text, m.sender, m.handle)
+            yield Event(MESSAGE, at, m.text, m.sender, m.handle, m.verified)
         else:
             yield from slow(m)
     yield from t.end()

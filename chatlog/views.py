@@ -58,17 +58,24 @@ def session_dict(s: Session) -> dict:
         "server_messages": s.server_messages,
         "kind": s.kind,
         "participants": s.participants,
+        "transport": s.transport,
+        "tls_version": s.tls_version,
+        "tls_cipher": s.tls_cipher,
+        "cert_fingerprint": s.cert_fingerprint,
+        "verified": bool(s.verified),
     }
 
 
 def message_dict(m: Msg) -> dict:
     d = {
+        "id": m.id,
         "session_id": m.session_id,
         "seq": m.seq,
         "at": m.at,
         "sender": m.sender,
         "handle": m.handle,
         "text": m.text,
+        "verified": bool(m.verified),
     }
     if m.raw is not None:
         d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
@@ -83,7 +90,7 @@ def message_dict(m: Msg) -> dict:
 def console_line(ev: Event, r: Renderer) -> str:
     """An event as the server console shows it (sanitised, colored if `r` colors)."""
     if ev.kind == transcript.MESSAGE:
-        return r.chat_line(ev.sender or "client", ev.handle, ev.text)
+        return r.chat_line(ev.sender or "client", ev.handle, ev.text, ev.verified)
     return r.paint("dim" if ev.kind == transcript.NOTE else "event", visible(ev.text))
 
 
@@ -116,6 +123,7 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
         when += f", ended {fmt_time(s.ended_at, utc)} after {duration(session_duration(s))}"
     lines.append(when)
     who = "the participants" if s.kind == "room" else "the client"
+    lines.append(transport_line(s))
     lines.append(
         f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
@@ -123,6 +131,21 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
     # Every field, not only the handle: an archive from elsewhere is untrusted as a whole (its
     # hosts and end reasons reached the terminal raw). Escapes are left as they are.
     return [visible(line) for line in lines]
+
+
+def transport_line(s: Session) -> str:
+    """How a 1:1 client was connected (`transport: tls (TLSv1.3, CIPHER), certificate SHA256:...,
+    handle verified`); for a room, whether any participant's handle was verified (each
+    participant has its own transport)."""
+    if s.kind == "room":
+        return "participants: a verified handle among them" if s.verified else "participants: no verified handle"
+    line = f"transport: {s.transport}"
+    details = ", ".join(x for x in (s.tls_version, s.tls_cipher) if x)
+    if details:
+        line += f" ({details})"
+    if s.cert_fingerprint:
+        line += f", certificate {s.cert_fingerprint}"
+    return line + (", handle verified" if s.verified else "")
 
 
 def show(
@@ -225,7 +248,7 @@ def sessions_csv(rows: list[Session], out=None) -> None:
 
 # -- search -----------------------------------------------------------------------------------
 
-HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note"]
+HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "id", "verified"]
 
 
 def highlighted(marked: str, r: Renderer) -> str:

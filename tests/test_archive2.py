@@ -1,0 +1,110 @@
+"""The record's newer promises, each through the real command: verified handles and transports,
+incremental export by message id, tombstones (rm --message, forget), retention, room
+participants as people in the archive."""
+
+import csv
+import io
+import json
+
+import pytest
+from conftest import run_chatlog as run
+from storebuild import _ts, open_store
+
+from chatlog.events import Link
+
+
+def T(hms: str) -> str:
+    return f"2026-11-20T{hms}.000000+00:00"
+
+
+FP = "SHA256:" + "ab" * 32
+
+
+@pytest.fixture
+def store(db_path):
+    s = open_store(db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mixed(store):
+    """A verified 1:1 chat over TLS (amy), a plain one (bob), and a room where carol is verified
+    and dave is not."""
+    rec = store.rec
+    amy = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), at=T("10:00:00"), served=True)
+    store.set_handle(amy, "amy")
+    rec.set_link("sessions", amy, Link("tls", "TLSv1.3", "TLS_AES_256_GCM_SHA384", FP))
+    rec.set_verified("sessions", amy)
+    store.add_message(amy, "client", "amy", "hi", at=T("10:00:01"))
+    store.add_message(amy, "server", "SERVER", "hello", at=T("10:00:02"))
+    store.end_session(amy, "client-quit", at=T("10:00:03"))
+    bob = store.begin_session(("127.0.0.1", 5001), ("127.0.0.1", 9999), at=T("10:01:00"), served=True)
+    store.set_handle(bob, "bob")
+    store.add_message(bob, "client", "bob", "yo", at=T("10:01:01"))
+    store.end_session(bob, "client-quit", at=T("10:01:02"))
+    room = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    carol = rec.add_participant(room, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    rec.set_participant_handle(carol, "carol")
+    rec.set_link("participants", carol, Link("tls", "TLSv1.3", "TLS_AES_128_GCM_SHA256", FP))
+    rec.set_verified("participants", carol)
+    rec.add_event(room, carol, "joined", _ts(T("12:00:01")))
+    dave = rec.add_participant(room, "10.0.0.2", 4002, _ts(T("12:00:02")))
+    rec.set_participant_handle(dave, "dave")
+    rec.add_event(room, dave, "joined", _ts(T("12:00:02")))
+    store.add_message(room, "client", "carol", "hi all", at=T("12:00:03"), participant=carol)
+    store.add_message(room, "client", "dave", "hey", at=T("12:00:04"), participant=dave)
+    store.add_message(room, "server", "SERVER", "welcome", at=T("12:00:05"))
+    store.end_session(room, "shutdown", at=T("12:00:06"))
+    return {"amy": amy, "bob": bob, "room": room}
+
+
+MARK = " ✓>"
+
+
+def test_verified_handles_are_marked_in_every_reader(db_path, mixed):
+    amy, bob, room = mixed["amy"], mixed["bob"], mixed["room"]
+    shown = run(db_path, "show", str(amy)).output
+    assert "amy ✓>hi" in shown and "SERVER>hello" in shown  # the operator is not a verified client
+    assert "transport: tls (TLSv1.3, TLS_AES_256_GCM_SHA384), certificate " + FP + ", handle verified" in shown
+    plain = run(db_path, "show", str(bob)).output
+    assert "bob>yo" in plain and "✓" not in plain and "transport: tcp" in plain
+    body = run(db_path, "show", str(room)).output
+    assert "carol ✓>hi all" in body and "dave>hey" in body and "dave ✓" not in body
+    assert "carol ✓>hi all" in run(db_path, "replay", str(room)).output
+    assert "carol ✓>hi all" in run(db_path, "tail", str(room)).output
+    for fmt in ("txt", "md"):
+        out = run(db_path, "export", "-f", fmt).stdout
+        assert "amy ✓>hi" in out and "carol ✓>hi all" in out and "bob>yo" in out and "dave>hey" in out, fmt
+    html = run(db_path, "export", "-f", "html").stdout
+    assert html.count('class="verified"') == 2 and "dave&gt;" in html
+    doc = json.loads(run(db_path, "export", "-f", "json").stdout)
+    said = {m["text"]: m["verified"] for s in doc["sessions"] for m in s["messages"] if m["sender"] != "event"}
+    assert said == {"hi": True, "hello": False, "yo": False, "hi all": True, "hey": False, "welcome": False}
+    first = doc["sessions"][0]
+    assert (first["transport"], first["tls_version"], first["cert_fingerprint"], first["verified"]) == (
+        "tls", "TLSv1.3", FP, True)
+    assert doc["sessions"][1]["transport"] == "tcp" and doc["sessions"][1]["verified"] is False
+    lines = [json.loads(x) for x in run(db_path, "export", "-f", "jsonl").stdout.splitlines()]
+    assert {m["text"]: m["verified"] for m in lines if m["sender"] != "event"} == said
+    assert lines[0]["transport"] == "tls" and lines[0]["cert_fingerprint"] == FP
+    rows = list(csv.DictReader(io.StringIO(run(db_path, "export", "-f", "csv").stdout)))
+    assert {r["text"]: r["verified"] for r in rows if r["sender"] != "event"} == {
+        k: "true" if v else "false" for k, v in said.items()}
+
+
+def test_sessions_verified_filters_to_sessions_with_a_verified_handle(db_path, mixed):
+    rows = json.loads(run(db_path, "sessions", "--verified", "--json").stdout)
+    assert sorted(r["id"] for r in rows) == [mixed["amy"], mixed["room"]]
+    assert all(r["verified"] for r in rows)
+    assert "--verified" in run(db_path, "sessions", "--help").stdout
+
+
+def test_an_old_archive_reads_as_plain_and_unverified(db_path, store):
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), at=T("10:00:00"), served=True)
+    store.set_handle(sid, "amy")
+    store.add_message(sid, "client", "amy", "hi", at=T("10:00:01"))
+    store.conn.execute("UPDATE sessions SET verified = 'yes', transport = X'00'")  # as crafted as it gets
+    out = run(db_path, "show", str(sid)).output
+    assert "amy>hi" in out and "transport: \\x00" in out
+    assert json.loads(run(db_path, "export", "-f", "json").stdout)["sessions"][0]["messages"][0]["verified"] is False
