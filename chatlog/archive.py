@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
@@ -412,6 +413,60 @@ class Archive:
             msgs = messages_of(srow[0])
             yield Session(*srow), msgs
             for _ in msgs:  # whatever the writer did not read
+                pass
+
+    # -- incremental export ----------------------------------------------------------------------
+
+    after_id_sql = "SELECT {columns} FROM messages WHERE id > ? AND id <= ? ORDER BY id"
+
+    @contextmanager
+    def snapshot(self) -> Iterator[int]:
+        """One read transaction, for an incremental export: everything read inside it sees the
+        same committed state, and what it yields is the newest message id in that state. A row
+        committed later (even one whose transaction began before) has a higher id, so an export
+        that goes up to this id and the next that starts after it miss nothing between them."""
+        with self.db.guard:
+            self.conn.execute("BEGIN")
+            try:
+                row = self.conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        try:
+            yield row[0]
+        finally:
+            with self.db.guard:
+                if self.conn.in_transaction:
+                    self.conn.execute("COMMIT")
+
+    def export_after(self, after_id: int, upto: int, chosen: set[int] | None, *, typed: bool = True
+                     ) -> Iterator[tuple[Session, Iterator[tuple]]]:
+        """The messages with ids in (after_id, upto], in id order, as (session, its messages)
+        pairs, one pair for each run of consecutive messages of one session (a live room and a
+        chat interleave). `chosen`: only these sessions (None: all). A range scan of the rowid."""
+        columns = MSG_COLUMNS if typed else UNTYPED_MSG_COLUMNS
+        rows = self._rows(self.after_id_sql.format(columns=columns), (after_id, upto), lambda last: (last[0], upto))
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
+        known: dict[int, Session | None] = {}
+        pending = [next(rows, None)]
+
+        def run_of(session_id: int) -> Iterator[tuple]:
+            row = pending[0]
+            while row is not None and row[1] == session_id:
+                yield row
+                row = next(rows, None)
+            pending[0] = row
+
+        while pending[0] is not None:
+            session_id = pending[0][1]
+            if session_id not in known:
+                found = self.tolerant(lambda: self._one(sql, (session_id,)))  # noqa: B023 (called at once)
+                known[session_id] = Session(*found) if found else None
+            s = known[session_id]
+            msgs = run_of(session_id)
+            if s is not None and (chosen is None or session_id in chosen):
+                yield s, msgs
+            for _ in msgs:  # whatever the writer did not read, or a session left out
                 pass
 
     def room_addresses(self, session_id: int) -> dict[int, tuple[str, int]]:

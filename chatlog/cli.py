@@ -643,19 +643,32 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     default=None, help="Output format [default: from the -o extension, else txt].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", help="Output file [default: stdout].")
+@click.option(
+    "--after-id", type=click.IntRange(min=0), metavar="N",
+    help="Only the messages with an id above N (json, jsonl, csv: every message has its `id`).",
+)
+@click.option(
+    "--cursor", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="Incremental: only messages newer than the id FILE holds (all, if FILE does not exist yet); "
+         "once the output is written, FILE is updated to the newest id seen. For cron: "
+         "`chatlog export -f jsonl --cursor F >> log.jsonl` appends each message exactly once.",
+)
 @timestamps_option
 @utc_option
 @db_option
-def export(session_ids, handle, host, since, until, everything, fmt, output, timestamps, utc, db):
+def export(session_ids, handle, host, since, until, everything, fmt, output, after_id, cursor, timestamps, utc, db):
     """Write conversations out as txt, md, json, jsonl, csv, html or an asciinema cast.
 
     Give session IDs (or `last`), or filters, or nothing for all sessions. Exports stream, so
     memory stays flat however large the archive. --timestamps and --utc apply to txt and md.
+    --after-id and --cursor export the newer messages (json, jsonl, csv), in id order.
     """
     from chatlog import export as exporters
 
     if fmt is None:
         fmt = exporters.format_for(output)
+    if after_id is not None or cursor is not None:
+        return _export_after(session_ids, handle, host, since, until, fmt, output, after_id, cursor, db)
     store = open_archive(db)
     ids = [get_session(store, i).id for i in session_ids]
     filters = make_filters(handle, host, since, until, ids)
@@ -669,6 +682,67 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, tim
     exporters.run(store, chosen, fmt, output, filters, options)
     if output != "-":
         click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)
+
+
+def read_cursor(path: Path) -> int:
+    """The message id a cursor file holds (0 when there is no file yet); one line if it is bad."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        raise Failed(f"cannot read the cursor file {path}: {exc.strerror or exc}") from None
+    value = text.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        from chatlog.sanitize import visible
+
+        shown = visible(value[:20]) if value else "nothing"
+        raise Failed(f"bad cursor file {path}: it should hold one message id (a whole number), not {shown}")
+    return int(value)
+
+
+def write_cursor(path: Path, last_id: int) -> None:
+    """Replace the cursor file at once: a temporary file beside it, synced, renamed over it."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{last_id}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise Failed(f"cannot write the cursor file {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _export_after(session_ids, handle, host, since, until, fmt, output, after_id, cursor, db):
+    """An incremental export: the messages above an id, read in one snapshot of the archive."""
+    from chatlog import export as exporters
+
+    if after_id is not None and cursor is not None:
+        raise Failed("give --after-id or --cursor, not both")
+    if fmt not in ("json", "jsonl", "csv"):
+        raise Failed(f"--after-id and --cursor export json, jsonl or csv (not {fmt}): each message with its id")
+    start = read_cursor(cursor) if cursor is not None else after_id
+    store = open_archive(db)
+    with store.snapshot() as upto:
+        ids = [get_session(store, i).id for i in session_ids]
+        filtered = bool(ids) or any((handle, host, since, until))
+        chosen = set(store.session_ids(make_filters(handle, host, since, until, ids))) if filtered else None
+        complete = exporters.run(
+            store, [], fmt, output, None, exporters.Options(),
+            source=lambda typed: store.export_after(start, upto, chosen, typed=typed),
+        )
+    if not complete:
+        raise Failed("the output was not all written (its reader went away); the cursor is left as it was")
+    if upto <= start:
+        click.echo(f"nothing new after message {start}", err=True)
+    if cursor is not None and upto != start:
+        write_cursor(cursor, upto)
 
 
 @cli.command()

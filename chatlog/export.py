@@ -95,8 +95,10 @@ def format_for(output: str) -> str:
 
 
 def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None,
-        options: Options = Options()) -> None:
-    """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming.
+        options: Options = Options(), source: Callable[[bool], Sessions] | None = None) -> bool:
+    """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming; or,
+    with `source`, what `source(typed)` gives (an incremental export). Returns whether all of
+    it was written, flushed and (into a file) synced: False when the reader of stdout went away.
 
     A file is written beside its destination and renamed into place when complete, so an export
     that fails halfway never leaves half a file (nor truncates the one it was replacing).
@@ -110,15 +112,15 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     def write(pairs, out):
         chosen(pairs, out, options)
 
-    pairs = store.export_rows(ids, typed=chosen not in UNTYPED)
+    typed = chosen not in UNTYPED
+    pairs = source(typed) if source is not None else store.export_rows(ids, typed=typed)
     to_stdout = output == "-"
-    if sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
+    if source is None and sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
         total = store.message_total(filters) if filters is not None else 0
         if total >= PROGRESS_MIN_MESSAGES:
             pairs = _with_progress(pairs, total)
     if to_stdout:
-        _to_stdout(write, pairs)
-        return
+        return _to_stdout(write, pairs)
     dest = Path(output)
     if store.is_database_file(dest):
         raise ExportError(f"the export must not overwrite the database or its files ({output})")
@@ -130,7 +132,7 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
                 write(pairs, TerminalSafe(out) if out.isatty() else out)
         except OSError as exc:
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
-        return
+        return True
     if dest.is_symlink():
         dest = Path(os.path.realpath(dest))  # replace the file it points to, not the link
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -139,37 +141,56 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
             if dest.exists():
                 os.chmod(out.fileno(), dest.stat().st_mode & 0o7777)  # keep a private file private
             write(pairs, out)
+            if source is not None:  # the cursor moves on only past what is on disk
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, dest)
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+    return True
 
 
-def _to_stdout(write, pairs) -> None:
+def _to_stdout(write, pairs) -> bool:
     if sys.stdout.isatty():
         write(pairs, TerminalSafe(sys.stdout))
-        return
+        sys.stdout.flush()
+        return True
     try:
         fd = sys.stdout.fileno()
     except (OSError, AttributeError, ValueError):  # not a real file (a test runner's)
         write(pairs, sys.stdout)
-        return
+        sys.stdout.flush()
+        return True
     sys.stdout.flush()
     # Our own buffer: stdout may be unbuffered (PYTHONUNBUFFERED), which costs a syscall a line.
     out = open(fd, "w", encoding="utf-8", newline="", buffering=1 << 16, closefd=False)
     try:
         write(pairs, out)
         out.flush()
+        if _is_regular(fd):  # `>> out.jsonl`: on disk before a cursor moves past it
+            os.fsync(fd)
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         _silence_stdout()
-        return
+        return False
     finally:
         try:
             out.close()
         except BrokenPipeError:
             _silence_stdout()
+            return False  # noqa: B012 (what is returned is whether all was written)
+    return True
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _silence_stdout() -> None:

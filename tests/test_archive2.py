@@ -108,3 +108,103 @@ def test_an_old_archive_reads_as_plain_and_unverified(db_path, store):
     out = run(db_path, "show", str(sid)).output
     assert "amy>hi" in out and "transport: \\x00" in out
     assert json.loads(run(db_path, "export", "-f", "json").stdout)["sessions"][0]["messages"][0]["verified"] is False
+
+
+# -- incremental export -----------------------------------------------------------------------
+
+
+def _said(store, sid, n, start=0):
+    for i in range(start, start + n):
+        store.add_message(sid, "client", "amy", f"line {i}")
+
+
+def test_export_after_id_writes_only_newer_messages_with_their_ids(db_path, mixed):
+    every = [json.loads(x) for x in run(db_path, "export", "-f", "jsonl").stdout.splitlines()]
+    ids = [m["id"] for m in every]
+    assert sorted(ids) == list(range(1, len(ids) + 1))
+    cut = ids[3]
+    newer = [json.loads(x) for x in run(db_path, "export", "-f", "jsonl", "--after-id", str(cut)).stdout.splitlines()]
+    assert [m["id"] for m in newer] == [i for i in sorted(ids) if i > cut]
+    rows = list(csv.DictReader(io.StringIO(run(db_path, "export", "-f", "csv", "--after-id", str(cut)).stdout)))
+    assert [int(r["id"]) for r in rows] == [i for i in sorted(ids) if i > cut]
+    doc = json.loads(run(db_path, "export", "-f", "json", "--after-id", str(cut)).stdout)
+    assert [m["id"] for s in doc["sessions"] for m in s["messages"]] == [i for i in sorted(ids) if i > cut]
+    bad = run(db_path, "export", "-f", "txt", "--after-id", "3")
+    assert bad.exit_code == 1 and bad.stderr.startswith("chatlog: ") and bad.stderr.count("\n") == 1
+    for option in ("--after-id", "--cursor"):
+        assert option in run(db_path, "export", "--help").stdout
+
+
+def test_the_newer_messages_are_a_range_scan_of_the_rowid(db_path, mixed):
+    from chatlog.archive import open_archive
+
+    store = open_archive(db_path)
+    plan = " ".join(r[-1] for r in store.conn.execute("EXPLAIN QUERY PLAN " + store.after_id_sql.format(columns="id"), (0, 10)))
+    store.close()
+    assert "INTEGER PRIMARY KEY (rowid>? AND rowid<?)" in plan, plan
+
+
+def test_a_cursor_file_exports_each_message_once_and_moves_on(db_path, store, tmp_path):
+    cursor = tmp_path / "export.cursor"
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    store.set_handle(sid, "amy")
+    _said(store, sid, 5)
+    first = run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor)).stdout.splitlines()
+    assert [json.loads(x)["text"] for x in first] == [f"line {i}" for i in range(5)]
+    assert cursor.read_text().strip() == str(json.loads(first[-1])["id"])
+    again = run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor))
+    assert again.exit_code == 0 and again.stdout == "" and "nothing new" in again.stderr
+    _said(store, sid, 3, start=5)
+    third = run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor)).stdout.splitlines()
+    assert [json.loads(x)["text"] for x in third] == ["line 5", "line 6", "line 7"]
+    for content in ("12abc\n", "", "-4", "9" * 30):
+        cursor.write_text(content)
+        bad = run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor))
+        assert bad.exit_code == 1 and bad.stderr.startswith("chatlog: ") and bad.stderr.count("\n") == 1, content
+        assert str(cursor) in bad.stderr and bad.stdout == ""
+        assert cursor.read_text() == content  # left as it was
+
+
+def test_a_cursor_beside_a_live_writer_misses_nothing_and_repeats_nothing(db_path, store, tmp_path):
+    """A writer process commits messages, some in transactions of several, while exports run
+    one after another against the same cursor: together they hold every message exactly once."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    store.set_handle(sid, "amy")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+from storebuild import open_store
+s = open_store({str(db_path)!r})
+for i in range(400):
+    if i % 7 == 0:
+        with s.rec.transaction():
+            for j in range(3):
+                s.conn.execute("INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES "
+                               "(?, (SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = ?), ?, 'client', 'amy', ?)",
+                               ({sid}, {sid}, '2026-11-20T10:00:00.000000+00:00', f'batch {{i}} {{j}}'))
+            time.sleep(0.002)  # a transaction held open while the exports read
+        s.rec._seq.pop({sid}, None)
+    else:
+        s.add_message({sid}, 'client', 'amy', f'line {{i}}')
+s.close()
+"""])
+    cursor = tmp_path / "cursor"
+    got = []
+    runs = 0
+    while True:
+        done = writer.poll() is not None
+        out = run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor))
+        assert out.exit_code == 0, out.output
+        got += [json.loads(x)["id"] for x in out.stdout.splitlines()]
+        runs += 1
+        if done:
+            break
+    assert writer.returncode == 0
+    every = [r[0] for r in store.conn.execute("SELECT id FROM messages ORDER BY id")]
+    assert len(every) == 400 + 2 * len(range(0, 400, 7)) and runs > 2
+    assert got == every
