@@ -100,6 +100,7 @@ _MSG_COLUMN = {
     "(SELECT " + sql_int("vs.verified") + " FROM sessions vs WHERE vs.id = {t}session_id), "
     "(SELECT " + sql_int("vp.verified") + " FROM participants vp WHERE vp.id = {t}participant_id)), 0) != 0 "
     "ELSE 0 END",
+    "removed_at": sql_text("{t}removed_at"),
 }
 
 

@@ -815,11 +815,23 @@ def stats(as_json, db):
 
 
 @cli.command()
-@click.argument("session_ids", metavar="ID...", type=SESSION, nargs=-1, required=True)
+@click.argument("session_ids", metavar="[ID]...", type=SESSION, nargs=-1)
+@click.option(
+    "--message", "message_ids", metavar="MSGID", type=click.IntRange(min=1), multiple=True,
+    help="Remove this one message (its id: see export -f jsonl, search --json) instead of a session: its text, "
+         "raw bytes and search entry go, a tombstone '(message removed ...)' stays in its place. Repeatable.",
+)
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed, and remove nothing.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-def rm(session_ids, yes, db):
-    """Delete sessions, with their messages and search entries."""
+def rm(session_ids, message_ids, dry_run, yes, db):
+    """Delete sessions, with their messages and search entries; or, with --message, single messages."""
+    if message_ids:
+        if session_ids:
+            raise Failed("give session IDs or --message, not both")
+        return _remove_messages(sorted(set(message_ids)), dry_run, db)
+    if not session_ids:
+        raise click.UsageError("give the session IDs to delete, or --message MSGID")
     store = open_archive(db)
     chosen = [get_session(store, i) for i in session_ids]
     held = store.held([s.id for s in chosen])
@@ -828,7 +840,76 @@ def rm(session_ids, yes, db):
             raise Failed(f"session {s.id} is being recorded by a running server ({held[s.id]}); it can be deleted once it has ended")
         if s.ended_at is None:
             raise Failed(f"session {s.id} is still in progress; it can be deleted once it has ended")
+    if dry_run:
+        ids = sorted({s.id for s in chosen})
+        click.echo(f"would delete {plural(len(ids), 'session')}: {', '.join(map(str, ids))}", err=True)
+        return
     _delete(store, sorted({s.id for s in chosen}), yes)
+
+
+def _remove_messages(ids, dry_run, db):
+    from chatlog.upkeep import Upkeep
+
+    up = Upkeep(open_archive(db))
+    found = up.messages_to_remove(ids)
+    missing = sorted(set(ids) - {r[0] for r in found})
+    if missing:
+        raise Failed(f"no message {missing[0]} (or it is a join, a leave or a trace, which are not messages)")
+    todo = [r[0] for r in found if r[3] is None]
+    for mid, sid, _, removed in found:
+        if removed is not None:
+            click.echo(f"message {mid} (session {sid}) was already removed, at {visible_text(removed)}", err=True)
+    if dry_run:
+        for mid, sid, handle, removed in found:
+            if removed is None:
+                click.echo(visible_text(f"would remove message {mid} (session {sid}, from {handle or 'nobody'})"),
+                           err=True)
+        return
+    up.remove_messages(todo)
+    for mid, sid, handle, removed in found:
+        if removed is None:
+            click.echo(visible_text(f"removed message {mid} (session {sid}, from {handle or 'nobody'})"), err=True)
+
+
+def visible_text(text: str) -> str:
+    from chatlog.sanitize import visible
+
+    return visible(str(text))
+
+
+@cli.command()
+@click.option("--handle", metavar="NAME", required=True, help="Whose lines to remove: in 1:1 chats and rooms alike.")
+@click.option("--host", metavar="ADDR", help="Only NAME's lines from this client address.")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed, and remove nothing.")
+@db_option
+def forget(handle, host, dry_run, db):
+    """Remove every line a person said, leaving tombstones in place.
+
+    Each message's text, raw bytes and search entry go; '(message removed ...)' stays where it
+    was, so sequence numbers and replays stay whole. Done in small transactions, safe beside a
+    running server. The server's answers, joins and leaves are kept."""
+    from chatlog.upkeep import Upkeep
+
+    up = Upkeep(open_archive(db))
+    found = up.said_by(handle, host)
+    who = handle + (f" at {host}" if host else "")
+    if not found:
+        click.echo(visible_text(f"no messages from {who} to remove"), err=True)
+        return
+    sessions = sorted({sid for _, sid in found})
+    what = f"{plural(len(found), 'message')} from {who} in {plural(len(sessions), 'session')}"
+    if dry_run:
+        click.echo(visible_text(f"would remove {what} ({_id_list(sessions)})"), err=True)
+        return
+    n = up.remove_messages([mid for mid, _ in found])
+    if n != len(found):  # some were removed meanwhile by another run
+        what = f"{plural(n, 'message')} from {who}"
+    click.echo(visible_text(f"removed {what} ({_id_list(sessions)})"), err=True)
+
+
+def _id_list(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:10]))
+    return f"session{'s' if len(ids) > 1 else ''} {shown}" + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 @cli.command()

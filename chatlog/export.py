@@ -289,8 +289,8 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
-                line = _jsonl_rare(head, _id, seq, at, sender, handle, text, raw, note, verified)
+                _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = clean_msg(row)
+                line = _jsonl_rare(head, _id, seq, at, sender, handle, text, raw, note, verified, removed_at)
                 if seq in where:
                     host, port = where[seq]
                     line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
@@ -298,9 +298,9 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
             out.write("".join(batch))
             continue
         for row in rows:
-            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = row
             try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
-                if raw is None and note is None and handle is not None:
+                if raw is None and note is None and handle is not None and removed_at is None:
                     add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_BOOL[verified]}}}\n')
                 else:
                     add(_jsonl_rare(head, *_rare(row)))
@@ -324,7 +324,7 @@ def _rare(row: tuple) -> tuple:
     return (_id, *rest)
 
 
-def _jsonl_rare(head: str, id_, seq, at, sender, handle, text, raw, note, verified) -> str:
+def _jsonl_rare(head: str, id_, seq, at, sender, handle, text, raw, note, verified, removed_at=None) -> str:
     enc = _json_str
     line = (f'{head}, "id": {id_}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, '
             f'"text": {enc(text)}, "verified": {_BOOL[bool(verified)]}')
@@ -332,6 +332,8 @@ def _jsonl_rare(head: str, id_, seq, at, sender, handle, text, raw, note, verifi
         line += f', "raw_base64": "{base64.b64encode(raw).decode("ascii")}"'
     if note:
         line += f', "note": {enc(note)}'
+    if removed_at is not None:
+        line += f', "removed_at": {enc(removed_at)}'
     return line + "}\n"
 
 
@@ -342,7 +344,7 @@ def _json_str(value) -> str:
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
     "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port",
-    "id", "verified", "transport", "cert_fingerprint",
+    "id", "verified", "removed_at", "transport", "cert_fingerprint",
 ]
 
 
@@ -366,14 +368,15 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         where = _room_addresses(s, opts)
         if where is not None:  # a room: each line with the address of who said it
             for row in rows:
-                id_, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
+                id_, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = clean_msg(row)
                 host, port = where.get(seq, (None, None))
-                add(_csv_rare(head, tail, id_, seq, at, sender, handle, text, raw, note, verified, host, port))
+                add(_csv_rare(head, tail, id_, seq, at, sender, handle, text, raw, note, verified, removed_at,
+                              host, port))
             out.write("".join(batch))
             continue
         for row in rows:
-            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
-            if raw is not None or note is not None or handle is None or sender not in plain:
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = row
+            if raw is not None or note is not None or handle is None or sender not in plain or removed_at is not None:
                 add(_csv_rare(head, tail, *_rare(row)))
             else:
                 try:  # a value of the wrong type (a crafted file) raises TypeError here
@@ -384,7 +387,7 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                         h = handles[handle] = cell(handle)
                     if not safe(text):  # (csv_plain takes only text)
                         text = cell(text)
-                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_id},{_BOOL[verified]}{tail}\n")
+                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_id},{_BOOL[verified]},{tail}\n")
                 except (TypeError, KeyError):
                     add(_csv_rare(head, tail, *_rare(row)))
             if len(batch) >= 2048:
@@ -399,10 +402,12 @@ _PLAIN_SENDERS = frozenset(("client", "server"))
 UNTYPED.add(write_csv)
 
 
-def _csv_rare(head: str, tail: str, id_, seq, at, sender, handle, text, raw, note, verified, host=None, port=None) -> str:
+def _csv_rare(head: str, tail: str, id_, seq, at, sender, handle, text, raw, note, verified, removed_at,
+              host=None, port=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
     cells = (seq, at, sender, handle, text, raw64, note, host, port, id_)
-    return head + "," + ",".join(csv_cell(v) for v in cells) + f",{_BOOL[bool(verified)]}{tail}\n"
+    return (head + "," + ",".join(csv_cell(v) for v in cells) + f",{_BOOL[bool(verified)]},"
+            + csv_cell(removed_at) + f"{tail}\n")
 
 
 HTML_HEAD = """<!DOCTYPE html>

@@ -90,6 +90,7 @@ class Msg:
     raw: bytes | None
     note: str | None
     verified: bool = False  # said by a client whose handle was verified (its session's or participant's)
+    removed_at: str | None = None  # a tombstone: when the message was removed (its text is '')
 
 
 
@@ -114,8 +115,8 @@ def clean_msg(row: tuple) -> tuple:
     """A messages row (in `Msg` field order) read as stored, each value made the type its column
     promises, as chatlog.archive's SQL does for every other reader: for the export writers that
     read rows untyped (the fast way) and take this way for a row of another type (a crafted file)."""
-    id_, session_id, seq, at, sender, handle, text, raw, note, verified = row
+    id_, session_id, seq, at, sender, handle, text, raw, note, verified, removed_at = row
     if raw is not None and not isinstance(raw, bytes):
         raw = str(raw).encode("utf-8", "surrogatepass")
     return (id_, _int(session_id), _int(seq), _text(at, ""), _text(sender, ""), _text(handle), _text(text, ""),
-            raw, _text(note), bool(verified))
+            raw, _text(note), bool(verified), _text(removed_at))

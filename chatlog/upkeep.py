@@ -1,4 +1,5 @@
-"""Upkeep of an archive: deleting sessions (rm, prune) and backing it up.
+"""Upkeep of an archive: deleting sessions (rm, prune), removing messages (rm --message, forget),
+retention, and backing it up.
 
 Apart from the archive's reads (chatlog.archive), which never write: these are the tools that
 change the file, or copy it whole. Retention will live here too.
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Iterator
 
 from chatlog import txn
-from chatlog.archive import DELETING, Archive
+from chatlog.archive import DELETING, VISIBLE, Archive
 from chatlog.db import StoreError, checkpoint
 
 DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
 DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
+REMOVE_BATCH = 200  # messages made tombstones in one transaction (rm --message, forget)
 
 
 class Upkeep:
@@ -97,6 +99,70 @@ class Upkeep:
             paused = time.perf_counter()
             checkpoint(self.conn)
             time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
+
+    # -- tombstones: removing messages, not sessions ----------------------------------------------
+
+    def messages_to_remove(self, ids: list[int]) -> list[tuple[int, int, str | None, str | None]]:
+        """Of these message ids, those that exist in a visible session and are not events:
+        (id, session id, handle, removed_at) each, removed_at set for one removed already."""
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))
+        with self.db.guard:
+            return self.conn.execute(
+                f"SELECT m.id, m.session_id, CAST(m.handle AS TEXT), CAST(m.removed_at AS TEXT) FROM messages m "
+                f"JOIN sessions ON sessions.id = m.session_id WHERE m.id IN ({marks}) AND m.sender != 'event' "
+                f"AND {VISIBLE} ORDER BY m.id",
+                ids,
+            ).fetchall()
+
+    def said_by(self, handle: str, host: str | None = None) -> list[tuple[int, int]]:
+        """(id, session id) of every line a person said and that is not removed yet: in 1:1
+        chats with that handle (from `host`, if given) and as a room participant with it."""
+        chat = "SELECT id FROM sessions WHERE handle = ? AND kind != 'room' AND deleting = 0"
+        part = "SELECT id FROM participants WHERE handle = ?"
+        args: list = [handle]
+        if host is not None:
+            chat += " AND client_host = ?"
+            args.append(host)
+        args.append(handle)
+        if host is not None:
+            part += " AND host = ?"
+            args.append(host)
+        sql = (
+            f"SELECT id, session_id FROM messages WHERE session_id IN ({chat}) AND sender = 'client' "
+            "AND removed_at IS NULL "
+            f"UNION SELECT m.id, m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id "
+            f"WHERE m.participant_id IN ({part}) AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0 "
+            "ORDER BY 1"
+        )
+        with self.db.guard:
+            return self.conn.execute(sql, args).fetchall()
+
+    def remove_messages(self, ids: list[int], *, batch: int = REMOVE_BATCH) -> int:
+        """Make these messages tombstones: text '', raw bytes and note cleared, removed_at set (the
+        messages_au trigger takes the old text out of the search index). In transactions of
+        `batch` messages, each holding the write lock a few milliseconds, with the lock left free
+        between them, so a live server's commits never wait long. Returns how many were removed
+        (one removed already, or an event, is left alone)."""
+        from chatlog.records import now_iso
+
+        done = 0
+        for i in range(0, len(ids), batch):
+            chunk = ids[i:i + batch]
+            marks = ", ".join("?" * len(chunk))
+            started = time.perf_counter()
+            with self._write():
+                done += self.conn.execute(
+                    f"UPDATE messages SET text = '', raw = NULL, note = NULL, removed_at = ? "
+                    f"WHERE id IN ({marks}) AND removed_at IS NULL AND sender != 'event'",
+                    [now_iso(), *chunk],
+                ).rowcount
+            if i + batch < len(ids):
+                held = time.perf_counter() - started
+                checkpoint(self.conn)
+                time.sleep(min(0.05, held))
+        return done
 
     @contextmanager
     def _write(self) -> Iterator[None]:

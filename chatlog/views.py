@@ -81,6 +81,8 @@ def message_dict(m: Msg) -> dict:
         d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
     if m.note:
         d["note"] = m.note
+    if m.removed_at is not None:
+        d["removed_at"] = m.removed_at
     return d
 
 
@@ -248,7 +250,8 @@ def sessions_csv(rows: list[Session], out=None) -> None:
 
 # -- search -----------------------------------------------------------------------------------
 
-HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "id", "verified"]
+HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "id", "verified",
+              "removed_at"]
 
 
 def highlighted(marked: str, r: Renderer) -> str:

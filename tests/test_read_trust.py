@@ -204,7 +204,7 @@ def _once(step):
 SESSION_COLUMNS = ["started_at", "served_at", "ended_at", "client_host", "client_port", "server_host", "server_port",
                    "handle", "end_reason", "client_messages", "server_messages", "server_id", "deleting", "kind",
                    "transport", "tls_version", "tls_cipher", "cert_fingerprint", "verified"]
-MESSAGE_COLUMNS = ["session_id", "seq", "at", "sender", "handle", "text", "raw", "note", "participant_id"]
+MESSAGE_COLUMNS = ["session_id", "seq", "at", "sender", "handle", "text", "raw", "note", "participant_id", "removed_at"]
 
 
 @pytest.mark.parametrize("table, column, value", [
@@ -219,6 +219,8 @@ MESSAGE_COLUMNS = ["session_id", "seq", "at", "sender", "handle", "text", "raw",
     ("sessions", "handle", BadText(b"\xc3(")),
     ("sessions", "cert_fingerprint", b"\x1b[2J"),
     ("sessions", "verified", "yes"),
+    ("messages", "removed_at", b"\x1b]0;x\x07\xff"),
+    ("messages", "removed_at", 12),
     ("sessions", "tls_version", BadText(b"\xff\x1b]0;x\x07")),
 ])
 def test_the_crafted_archives_that_crashed_the_readers(crafted_base, tmp_path, table, column, value):
