@@ -268,6 +268,7 @@ class Archive:
         handle: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        session: int | None = None,
         limit: int = 20,
         best: bool = False,
         count: bool = False,
@@ -290,6 +291,9 @@ class Archive:
         if handle is not None:
             clauses.append("m.handle = ?")
             args.append(handle)
+        if session is not None:
+            clauses.append("m.session_id = ?")
+            args.append(session)
         if since is not None:
             clauses.append("m.at >= ?")
             args.append(since)
@@ -566,8 +570,12 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
     if f.ids:
         clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
         args += list(f.ids)
+    if f.handle is not None:  # a 1:1 chat's handle, or a room's participant's
+        clauses.append(
+            "(sessions.handle = ? OR sessions.id IN (SELECT session_id FROM participants WHERE handle = ?))"
+        )
+        args += [f.handle, f.handle]
     for column, value, op in (
-        ("handle", f.handle, "="),
         ("client_host", f.host, "="),
         ("started_at", f.since, ">="),
         ("started_at", f.until, "<"),

@@ -516,14 +516,17 @@ def sessions(limit, handle, host, since, until, verified, kind, utc, as_json, as
 @timestamps_option
 @color_option
 @pager_option
+@click.option("--json", "as_json", is_flag=True, help="Output the session and its messages as JSON.")
 @db_option
-def show(session_id, utc, timestamps, color, pager, db):
+def show(session_id, utc, timestamps, color, pager, as_json, db):
     """Print a whole conversation, as the server console showed it. ID may be `last`."""
     from chatlog import views
     from chatlog.render import Renderer
 
     store = open_archive(db)
     s = get_session(store, session_id)
+    if as_json:
+        return views.show_json(s, store.messages(s.id), store.room_addresses(s.id) if s.kind == "room" else None)
     with views.paged(pager) as out:
         views.show(s, store.messages(s.id), Renderer(out, color=color), utc, timestamps)
 
@@ -751,6 +754,7 @@ def _export_after(session_ids, handle, host, since, until, fmt, output, after_id
 @click.option("--handle", metavar="NAME", help="Only messages from this handle.")
 @click.option("--since", type=WHEN, metavar="WHEN", help="Only messages at or after WHEN (2026-11-24, 2h, 3d).")
 @click.option("--until", type=WHEN, metavar="WHEN", help="Only messages before WHEN.")
+@click.option("--session", "session_id", type=SESSION, metavar="ID", help="Only messages of this session (or `last`).")
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="How many hits (0 for all).")
 @click.option("--best", is_flag=True, help="Best match first, instead of newest first.")
 @click.option("-c", "--count", is_flag=True, help="Print only how many messages match.")
@@ -759,7 +763,7 @@ def _export_after(session_ids, handle, host, since, until, fmt, output, after_id
 @csv_option
 @pager_option
 @db_option
-def search(query, raw, handle, since, until, limit, best, count, utc, as_json, as_csv, pager, db):
+def search(query, raw, handle, since, until, session_id, limit, best, count, utc, as_json, as_csv, pager, db):
     """Find words across every conversation (full-text search).
 
     Words are matched as typed: hyphens and quotes need no escaping. "an exact phrase" in
@@ -772,9 +776,10 @@ def search(query, raw, handle, since, until, limit, best, count, utc, as_json, a
 
     text = " ".join(query)
     store = open_archive(db)
+    session = get_session(store, session_id).id if session_id is not None else None
     try:
-        hits = store.search(text, raw=raw, handle=handle, since=since, until=until, limit=limit, best=best,
-                            count=count)
+        hits = store.search(text, raw=raw, handle=handle, since=since, until=until, session=session, limit=limit,
+                            best=best, count=count)
     except BadQuery as exc:
         raise Failed(str(exc)) from None
     if store.unindexed:

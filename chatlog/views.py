@@ -169,6 +169,20 @@ def show(
     out.flush()
 
 
+def show_json(s: Session, messages: Iterable[Msg], where: dict | None = None, out=None) -> None:
+    """A session and its messages as one JSON document (as `export -f json` writes each session;
+    a room's lines with the address of who said each), written as it is read."""
+    out = out or sys.stdout
+    head = json.dumps(session_dict(s), indent=2)
+    out.write(head[:-2] + ',\n  "messages": [')
+    for i, m in enumerate(messages):
+        d = message_dict(m)
+        if where is not None and m.seq in where:
+            d["host"], d["port"] = where[m.seq]
+        out.write(("," if i else "") + "\n    " + json.dumps(d))
+    out.write("\n  ]\n}\n")
+
+
 # -- sessions ---------------------------------------------------------------------------------
 
 COLUMNS = ["id", "started", "duration", "client", "handle", "messages", "ended"]

@@ -352,3 +352,30 @@ def test_forget_beside_a_live_server_stalls_no_turn(start_server, tmp_path):
     assert conn.execute("SELECT count(*) FROM messages WHERE handle = 'amy' AND removed_at IS NULL").fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM messages WHERE text LIKE 'turn %'").fetchone()[0] >= turns
     conn.close()
+
+
+# -- room participants are people in the archive ------------------------------------------------
+
+
+def test_room_participants_are_found_counted_and_filtered(db_path, mixed):
+    room, amy, bob = mixed["room"], mixed["amy"], mixed["bob"]
+    listed = json.loads(run(db_path, "sessions", "--handle", "carol", "--json").stdout)
+    assert [s["id"] for s in listed] == [room]
+    assert [s["id"] for s in json.loads(run(db_path, "sessions", "--handle", "amy", "--json").stdout)] == [amy]
+    out = [json.loads(x) for x in run(db_path, "export", "--handle", "dave", "-f", "jsonl").stdout.splitlines()]
+    assert {m["session_id"] for m in out} == {room} and "hey" in [m["text"] for m in out]
+    assert [s["id"] for s in json.loads(run(db_path, "sessions", "--kind", "room", "--json").stdout)] == [room]
+    assert [s["id"] for s in json.loads(run(db_path, "sessions", "--kind", "chat", "--json").stdout)] == [bob, amy]
+    st = json.loads(run(db_path, "stats", "--json").stdout)
+    assert st["handles"] == 4  # amy, bob (1:1), carol, dave (the room)
+    busiest = {b["handle"]: b for b in st["busiest_handles"]}
+    assert busiest["carol"]["said"] == 1 and busiest["carol"]["sessions"] == 1
+    assert "carol" in run(db_path, "stats").stdout
+    hits = json.loads(run(db_path, "search", "hi", "--json", "--session", str(room)).stdout)
+    assert [h["text"] for h in hits] == ["hi all"]
+    assert [h["text"] for h in json.loads(run(db_path, "search", "hi", "--json").stdout)] == ["hi all", "hi"]
+    assert "--session" in run(db_path, "search", "--help").stdout
+    shown = json.loads(run(db_path, "show", str(room), "--json").stdout)
+    assert shown["id"] == room and shown["kind"] == "room"
+    assert [m["text"] for m in shown["messages"] if m["sender"] == "client"] == ["hi all", "hey"]
+    assert [m["verified"] for m in shown["messages"] if m["sender"] == "client"] == [True, False]
