@@ -16,6 +16,7 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +27,7 @@ from chatlog.db import StoreError, checkpoint
 DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
 DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
 REMOVE_BATCH = 200  # messages made tombstones in one transaction (rm --message, forget)
+RETAIN_SESSIONS = 100  # sessions a retention step marks for deletion at most
 
 
 class Upkeep:
@@ -75,7 +77,11 @@ class Upkeep:
             self._delete_one(session_id, batch)
         return len(chosen)
 
-    def _delete_one(self, session_id: int, batch: int) -> None:
+    def _delete_one(self, session_id: int, batch: int, deadline: float | None = None) -> tuple[bool, int, int]:
+        """Delete a marked session's messages batch by batch, then the session. With a
+        `deadline` (perf_counter), stop after the batch that passes it. Returns (whether the
+        session is gone, messages deleted, the batch size the next call should start with)."""
+        deleted = 0
         while True:
             started = time.perf_counter()
             with self._write():
@@ -84,11 +90,12 @@ class Upkeep:
                     "ORDER BY session_id, seq LIMIT ?)",
                     (session_id, batch),
                 ).rowcount
+                deleted += n
                 if n < batch:
                     for table, where in (("messages", "session_id = ?"), ("participants", "session_id = ?"),
                                          ("sessions", "id = ?")):
                         self.tables[table].delete_where(where, [session_id])
-                    return
+                    return True, deleted, batch
             # The next batch is sized to hold the lock about DELETE_HOLD, and the lock is left free
             # as long as this one held it, so a writer that was waiting gets in first. Meanwhile
             # what this delete wrote is copied from the WAL into the database (a passive
@@ -99,6 +106,44 @@ class Upkeep:
             paused = time.perf_counter()
             checkpoint(self.conn)
             time.sleep(max(0.0, min(0.05, held) - (time.perf_counter() - paused)))
+            if deadline is not None and time.perf_counter() >= deadline:
+                return False, deleted, batch
+
+    def retain(self, older_than: float, budget: float, *, now: float | None = None) -> "Retained":
+        """One bounded step of retention: delete ended sessions that ended more than
+        `older_than` seconds ago (every line in them is older than that), for about `budget`
+        seconds (plus at most one batch of about DELETE_HOLD), as delete_sessions does: marked
+        first (hidden from every read), then their messages in small transactions. A session
+        too big for one step is hidden and finished by the next (or by rm/prune)."""
+        from chatlog.records import iso
+
+        deadline = time.perf_counter() + budget
+        cutoff = iso((time.time() if now is None else now) - older_than)
+        with self._write():
+            self.conn.execute(
+                "UPDATE sessions SET deleting = 1 WHERE id IN (SELECT id FROM sessions WHERE started_at < ? "
+                "AND ended_at IS NOT NULL AND ended_at < ? AND deleting = 0 ORDER BY started_at LIMIT ?)",
+                (cutoff, cutoff, RETAIN_SESSIONS),
+            )
+        sessions = messages = 0
+        batch = DELETE_BATCH
+        while True:
+            with self.db.guard:
+                row = self.conn.execute(f"SELECT id FROM sessions WHERE {DELETING} ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                break
+            gone, n, batch = self._delete_one(row[0], batch, deadline)
+            sessions += gone
+            messages += n
+            if time.perf_counter() >= deadline:
+                break
+        with self.db.guard:
+            more = self.conn.execute(
+                f"SELECT 1 FROM sessions WHERE {DELETING} OR (started_at < ? AND ended_at IS NOT NULL "
+                "AND ended_at < ?) LIMIT 1",
+                (cutoff, cutoff),
+            ).fetchone() is not None
+        return Retained(sessions, messages, more)
 
     # -- tombstones: removing messages, not sessions ----------------------------------------------
 
@@ -182,3 +227,37 @@ class Upkeep:
                 self.conn.backup(target)
             finally:
                 target.close()
+
+
+@dataclass(frozen=True)
+class Retained:
+    """What one retention step removed: whole sessions, messages (also of sessions not finished
+    yet), and whether there is more to do (call again)."""
+
+    sessions: int
+    messages: int
+    more: bool
+
+
+def retain(target: "str | os.PathLike | sqlite3.Connection | Archive", older_than_seconds: float,
+           budget_seconds: float = 0.2, *, now: float | None = None) -> Retained:
+    """One bounded step of retention, for a server to call in the background every so often
+    (`serve --retain 90d`): deletes the ended sessions that ended more than `older_than_seconds`
+    ago, for about `budget_seconds`, in transactions that each hold the write lock a few
+    milliseconds, so a live chat is never held up. `target`: the database's path (opened and
+    closed here), an open sqlite3 connection to it (autocommit, as chatlog.db makes them), or
+    an Archive. Returns what it removed; `more` says whether to call again."""
+    if isinstance(target, Archive):
+        return Upkeep(target).retain(older_than_seconds, budget_seconds, now=now)
+    if isinstance(target, sqlite3.Connection):
+        from chatlog.db import DB
+
+        path = target.execute("PRAGMA database_list").fetchone()[2]
+        return Upkeep(Archive(DB(target, Path(path)))).retain(older_than_seconds, budget_seconds, now=now)
+    from chatlog.archive import open_archive
+
+    archive = open_archive(target, read_only=False)
+    try:
+        return Upkeep(archive).retain(older_than_seconds, budget_seconds, now=now)
+    finally:
+        archive.close()
