@@ -663,7 +663,8 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, aft
     """Write conversations out as txt, md, json, jsonl, csv, html or an asciinema cast.
 
     Give session IDs (or `last`), or filters, or nothing for all sessions. Exports stream, so
-    memory stays flat however large the archive. --timestamps and --utc apply to txt and md.
+    memory stays flat however large the archive. --timestamps applies to txt and md, --utc to
+    txt, md and html.
     --after-id and --cursor export the newer messages (json, jsonl, csv), in id order.
     """
     from chatlog import export as exporters
@@ -681,7 +682,7 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, aft
             "no sessions match; nothing exported" if (ids or any((handle, host, since, until)))
             else "no sessions recorded yet; nothing exported"
         )
-    options = exporters.Options(timestamps=timestamps, utc=utc, headings=len(chosen) > 1)
+    options = exporters.Options(timestamps=timestamps, utc=utc, headings=len(chosen) > 1, sessions=len(chosen))
     exporters.run(store, chosen, fmt, output, filters, options)
     if output != "-":
         click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)

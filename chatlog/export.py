@@ -43,6 +43,7 @@ class Options:
     timestamps: bool = False  # txt, md: `[20:09:14] ` before each line
     utc: bool = False  # times in UTC instead of local time
     headings: bool = False  # txt: a heading per session (several sessions)
+    sessions: int = 0  # how many sessions the export holds, when known (html: its title)
     # json, jsonl, csv: a room's lines by sequence number -> (host, port) of who said each
     addresses: Callable[[int], dict[int, tuple[str, int]]] | None = None
 
@@ -416,7 +417,7 @@ HTML_HEAD = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>chatlog transcript</title>
+<title>{title}</title>
 <style>
 body { background: #1e1e1e; color: #d4d4d4; font: 14px/1.45 ui-monospace, Menlo, Consolas, monospace; margin: 2em; }
 h2 { color: #fff; font-size: 15px; margin: 2em 0 .3em; }
@@ -439,17 +440,27 @@ VERIFIED_HTML = ' <span class="verified" title="verified: bound to its client ce
 
 @writer("html")
 def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
+    """One page. Times are local, as `show` prints them, or UTC with --utc; each session's
+    details say which (`times in local time (UTC+05:30)`, `times in UTC`). The title names the
+    session (or how many there are)."""
     e = html_text
-    out.write(HTML_HEAD)
-    for s, messages in sessions:
-        head = header_lines(s, utc=True)
+    pairs = iter(sessions)
+    first = next(pairs, None)
+    if first is None or opts.sessions > 1:
+        title = f"chatlog: {opts.sessions} sessions, from session {first[0].id}" if first else "chatlog transcript"
+    else:
+        title = "chatlog: " + header_lines(first[0], opts.utc)[0]
+    out.write(HTML_HEAD.replace("{title}", e(title)))
+    for s, messages in _chain(first, pairs):
+        head = header_lines(s, utc=opts.utc)
+        head.append(zone_line(s, opts.utc))
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
         second = stamp = None
         for ev in transcript.events(s, msgs(messages)):
             if ev.at != second:  # many lines share a time
                 second = ev.at
-                stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
+                stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=opts.utc)}</time>'
             if ev.kind == transcript.NOTE:
                 out.write(f'<div class="line note">{stamp}{e(ev.text)}</div>\n')
             elif not ev.is_message:
@@ -464,6 +475,24 @@ def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
                 )
         out.write("</section>\n")
     out.write("</body>\n</html>\n")
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def zone_line(s: Session, utc: bool) -> str:
+    """Which zone a session's times are in: `times in UTC`, or `times in local time (UTC+05:30)`
+    (the offset at its start)."""
+    if utc:
+        return "times in UTC"
+    when = transcript.parse_time(s.started_at)
+    if when is None:
+        return "times in local time"
+    offset = when.astimezone().strftime("%z")
+    return f"times in local time (UTC{offset[:3]}:{offset[3:]})" if offset else "times in local time"
 
 
 CAST_MIN_WIDTH, CAST_MAX_WIDTH, CAST_HEIGHT = 80, 400, 24

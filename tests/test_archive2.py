@@ -466,3 +466,20 @@ print(total)
     assert proc.returncode == 0 and out.split() == ["200000"], err
     # The promise is no turn past 2 s; the bound is tighter so this can fail.
     assert turns > 10 and worst < 0.5, (worst, turns)
+
+
+# -- html: its zone and its title ---------------------------------------------------------------
+
+
+def test_html_times_say_their_zone_as_show_does_and_the_title_names_the_session(db_path, mixed):
+    env = {"TZ": "Asia/Kolkata"}  # UTC+05:30, no daylight saving
+    shown = run(db_path, "show", str(mixed["bob"]), "-t", process=True, env=env).stdout
+    assert "Started 2026-11-20 15:31:00" in shown and "[15:31:01] bob>yo" in shown
+    page = run(db_path, "export", str(mixed["bob"]), "-f", "html", process=True, env=env).stdout
+    assert "<title>chatlog: Session 2: bob from 127.0.0.1 port 5001</title>" in page
+    assert "Started 2026-11-20 15:31:00" in page and ">15:31:01</time>" in page
+    assert "times in local time (UTC+05:30)" in page
+    utc = run(db_path, "export", str(mixed["bob"]), "-f", "html", "--utc", process=True, env=env).stdout
+    assert "Started 2026-11-20 10:01:00Z" in utc and ">10:01:01</time>" in utc and "times in UTC" in utc
+    several = run(db_path, "export", "-f", "html", process=True, env=env).stdout
+    assert "<title>chatlog: 3 sessions, from session 1</title>" in several

@@ -655,7 +655,7 @@ def test_html_of_a_queued_chat_and_a_room_in_headless_chromium(db_path, store, t
         capture_output=True, text=True, timeout=90,
     )
     dom = r.stdout
-    assert "<title>chatlog transcript</title>" in dom and "<b>" not in dom.split("<body>")[1]
+    assert "<title>chatlog: 2 sessions, from session 1</title>" in dom and "<b>" not in dom.split("<body>")[1]
     assert "chat began after 3s waiting" in dom and "anyone? &lt;b&gt;" in dom
     assert "room opened on port 7000" in dom and "amy joined" in dom and "\\u202ehi" in dom
     for section in dom.split("<section")[1:]:

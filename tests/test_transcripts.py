@@ -489,7 +489,7 @@ def test_html_export_in_headless_chromium(db, tmp_path):
         capture_output=True, text=True, timeout=90,
     )
     dom = r.stdout
-    assert "<title>chatlog transcript</title>" in dom  # no injected script changed the title
+    assert "<title>chatlog: 3 sessions, from session 1</title>" in dom  # no injected script changed the title
     assert "pwned</title>" not in dom
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom  # shown as text
     assert "<img src=\"x\"" not in dom
