@@ -46,6 +46,18 @@ class Options:
     sessions: int = 0  # how many sessions the export holds, when known (html: its title)
     # json, jsonl, csv: a room's lines by sequence number -> (host, port) of who said each
     addresses: Callable[[int], dict[int, tuple[str, int]]] | None = None
+    # jsonl, csv: a room's participants whose handles were verified, by session id
+    verified_participants: Callable[[int], frozenset] | None = None
+
+
+def _verified_of(s: Session, opts: Options) -> Callable[[object], bool]:
+    """For the untyped writers: whether a line is verified, from what stands in the place of
+    `verified` (see archive.UNTYPED_VERIFIED)."""
+    if s.kind == "room":
+        vp = opts.verified_participants(s.id) if opts.verified_participants is not None else frozenset()
+        return lambda who: who is not None and who in vp
+    verified = bool(s.verified)
+    return lambda who: verified and who is not None
 
 
 def _room_addresses(s, opts: Options) -> dict[int, tuple[str, int]] | None:
@@ -108,7 +120,8 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     if options.addresses is None and hasattr(store, "room_addresses"):
         import dataclasses
 
-        options = dataclasses.replace(options, addresses=store.room_addresses)
+        options = dataclasses.replace(options, addresses=store.room_addresses,
+                                      verified_participants=store.verified_participants)
 
     def write(pairs, out):
         chosen(pairs, out, options)
@@ -288,25 +301,28 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
         batch: list[str] = []
         add = batch.append
         where = _room_addresses(s, opts)
-        if where is not None:  # a room: each line with the address of who said it
+        said_by = _verified_of(s, opts)
+        if s.kind == "room":  # each line with the address of who said it, and whether verified
+            where = where or {}
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = clean_msg(row)
-                line = _jsonl_rare(head, _id, seq, at, sender, handle, text, raw, note, verified, removed_at)
+                _id, _sid, seq, at, sender, handle, text, raw, note, who, removed_at = clean_msg(row)
+                line = _jsonl_rare(head, _id, seq, at, sender, handle, text, raw, note, said_by(row[9]), removed_at)
                 if seq in where:
                     host, port = where[seq]
                     line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
                 add(line)
             out.write("".join(batch))
             continue
+        yes = "true" if s.verified else "false"  # a 1:1 client's lines; the server's never
         for row in rows:
-            _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = row
+            _id, _sid, seq, at, sender, handle, text, raw, note, who, removed_at = row
             try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
                 if raw is None and note is None and handle is not None and removed_at is None:
-                    add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_BOOL[verified]}}}\n')
+                    add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {"false" if who is None else yes}}}\n')
                 else:
-                    add(_jsonl_rare(head, *_rare(row)))
-            except (TypeError, KeyError):
-                add(_jsonl_rare(head, *_rare(row)))
+                    add(_jsonl_rare(head, *_rare(row, said_by)))
+            except TypeError:
+                add(_jsonl_rare(head, *_rare(row, said_by)))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -319,10 +335,11 @@ UNTYPED.add(write_jsonl)
 _BOOL = {0: "false", 1: "true"}  # (True and False are these keys too)
 
 
-def _rare(row: tuple) -> tuple:
-    """A row's values for the rare paths: typed (see clean_msg), without its session id."""
-    _id, _sid, *rest = clean_msg(row)
-    return (_id, *rest)
+def _rare(row: tuple, said_by: Callable[[object], bool]) -> tuple:
+    """An untyped row's values for the rare paths: typed (see clean_msg), without its session
+    id, and whether it is verified (see _verified_of)."""
+    _id, _sid, seq, at, sender, handle, text, raw, note, _who, removed_at = clean_msg(row)
+    return (_id, seq, at, sender, handle, text, raw, note, said_by(row[9]), removed_at)
 
 
 def _jsonl_rare(head: str, id_, seq, at, sender, handle, text, raw, note, verified, removed_at=None) -> str:
@@ -367,18 +384,21 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         batch: list[str] = []
         add = batch.append
         where = _room_addresses(s, opts)
-        if where is not None:  # a room: each line with the address of who said it
+        said_by = _verified_of(s, opts)
+        if s.kind == "room":  # each line with the address of who said it, and whether verified
+            where = where or {}
             for row in rows:
-                id_, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = clean_msg(row)
+                id_, seq, at, sender, handle, text, raw, note, verified, removed_at = _rare(row, said_by)
                 host, port = where.get(seq, (None, None))
                 add(_csv_rare(head, tail, id_, seq, at, sender, handle, text, raw, note, verified, removed_at,
                               host, port))
             out.write("".join(batch))
             continue
+        yes = "true" if s.verified else "false"  # a 1:1 client's lines; the server's never
         for row in rows:
-            _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = row
+            _id, _sid, seq, at, sender, handle, text, raw, note, who, removed_at = row
             if raw is not None or note is not None or handle is None or sender not in plain or removed_at is not None:
-                add(_csv_rare(head, tail, *_rare(row)))
+                add(_csv_rare(head, tail, *_rare(row, said_by)))
             else:
                 try:  # a value of the wrong type (a crafted file) raises TypeError here
                     h = handles.get(handle)
@@ -388,9 +408,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                         h = handles[handle] = cell(handle)
                     if not safe(text):  # (csv_plain takes only text)
                         text = cell(text)
-                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_id},{_BOOL[verified]},{tail}\n")
-                except (TypeError, KeyError):
-                    add(_csv_rare(head, tail, *_rare(row)))
+                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_id},{'false' if who is None else yes},{tail}\n")
+                except TypeError:
+                    add(_csv_rare(head, tail, *_rare(row, said_by)))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
