@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatlog.archive import DELETING, VISIBLE, Archive, sql_int, sql_text
+from chatlog.archive import VISIBLE, Archive, sql_int, sql_text
 from chatlog.schema import message_count
 
 
@@ -26,16 +26,17 @@ def _totals(archive: Archive) -> dict:
         ).fetchall()
         # Room participants are people too: their handles count, and what they said (read
         # through the participants' index on messages: proportional to the lines said in rooms).
-        not_deleting = f"session_id NOT IN (SELECT id FROM sessions WHERE {DELETING})"
+        # (Each participant's session looked up by its key: no walk of the sessions table.)
+        not_deleting = "NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = {p}session_id AND s.deleting != 0)"
         handles = q(
             "SELECT count(*) FROM (SELECT handle FROM handle_totals UNION "
-            f"SELECT handle FROM participants WHERE handle IS NOT NULL AND {not_deleting})"
+            f"SELECT handle FROM participants WHERE handle IS NOT NULL AND {not_deleting.format(p='participants.')})"
         ).fetchone()[0]
         in_rooms = q(
             f"SELECT {sql_text('p.handle')}, count(DISTINCT p.session_id), "
             "(SELECT count(*) FROM messages m WHERE m.participant_id IN "
             "  (SELECT id FROM participants p2 WHERE p2.handle = p.handle) AND m.sender = 'client') "
-            f"FROM participants p WHERE p.handle IS NOT NULL AND p.{not_deleting} GROUP BY p.handle"
+            f"FROM participants p WHERE p.handle IS NOT NULL AND {not_deleting.format(p='p.')} GROUP BY p.handle"
         ).fetchall()
         hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
         by_handle = {

@@ -2,7 +2,7 @@
 retention, and backing it up.
 
 Apart from the archive's reads (chatlog.archive), which never write: these are the tools that
-change the file, or copy it whole. Retention will live here too.
+change the file, or copy it whole.
 
 Rows are deleted through sqlite-utils' `Database(conn)` over the connection db.py opened (its
 `delete_where` joins our write transaction as a savepoint). The reads do not use it: importing
@@ -118,7 +118,7 @@ class Upkeep:
         from chatlog.records import iso
 
         deadline = time.perf_counter() + budget
-        cutoff = iso((time.time() if now is None else now) - older_than)
+        cutoff = iso(max(0.0, (time.time() if now is None else now) - older_than))
         with self._write():
             self.conn.execute(
                 "UPDATE sessions SET deleting = 1 WHERE id IN (SELECT id FROM sessions WHERE started_at < ? "
