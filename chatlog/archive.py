@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
@@ -59,6 +60,12 @@ def _live_count(sender: str) -> str:
 
 _SESSION_TEXT = {"started_at": "", "kind": "chat", "transport": "tcp"}  # text that cannot be NULL, and its stand-in
 
+# Whether a 1:1 session's client, or any of a room's participants, had a verified handle.
+SESSION_VERIFIED = (
+    "CASE WHEN sessions.kind = 'room' THEN EXISTS (SELECT 1 FROM participants p WHERE p.session_id = sessions.id "
+    f"AND {sql_int('p.verified', '0')} != 0) ELSE {sql_int('sessions.verified', '0')} != 0 END"
+)
+
 
 # Select these from `sessions` (unaliased) to build a Session: the counts of a session still in
 # progress are counted live, those of an ended one come from the row.
@@ -73,7 +80,7 @@ def _session_column(name: str) -> str:
     if name == "id":
         return "sessions.id"
     if name == "verified":
-        return "(sessions.verified IS 1)"
+        return SESSION_VERIFIED
     if name.endswith("_port"):  # text there (a crafted file) is kept, and shown made visible
         return f"iif(typeof(sessions.{name}) = 'blob', quote(sessions.{name}), sessions.{name})"
     return sql_text(f"sessions.{name}", _SESSION_TEXT.get(name))
@@ -88,12 +95,13 @@ _MSG_COLUMN = {
     "at": sql_text("{t}at", ""), "sender": sql_text("{t}sender", ""), "handle": sql_text("{t}handle"),
     "text": sql_text("{t}text", ""), "raw": "CAST({t}raw AS BLOB)", "note": sql_text("{t}note"),
     "verified": "({t}verified IS 1)",
+    "removed_at": sql_text("{t}removed_at"),
 }
 
 
 def msg_columns(table: str = "") -> str:
     """The `Msg` fields, in order, selected from `messages` (or from its alias `table`)."""
-    prefix = f"{table}." if table else ""
+    prefix = f"{table}." if table else "messages."
     return ", ".join(_MSG_COLUMN[name].replace("{t}", prefix) for name in Msg.__slots__)  # type: ignore[attr-defined]
 
 
@@ -255,6 +263,7 @@ class Archive:
         handle: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        session: int | None = None,
         limit: int = 20,
         best: bool = False,
         count: bool = False,
@@ -277,6 +286,9 @@ class Archive:
         if handle is not None:
             clauses.append("m.handle = ?")
             args.append(handle)
+        if session is not None:
+            clauses.append("m.session_id = ?")
+            args.append(session)
         if since is not None:
             clauses.append("m.at >= ?")
             args.append(since)
@@ -403,29 +415,59 @@ class Archive:
             for _ in msgs:  # whatever the writer did not read
                 pass
 
-    def last_message_id(self) -> int:
-        """The newest message's id now (what an incremental export may go up to)."""
-        return self.tolerant(lambda: self._one("SELECT coalesce(max(id), 0) FROM messages", ()))[0]
+    # -- incremental export ----------------------------------------------------------------------
 
-    def export_range(self, after: int, upto: int, *, typed: bool = True,
-                     sessions: "set[int] | None" = None) -> Iterator[tuple[Session, Iterator[tuple]]]:
-        """The messages with `after < id <= upto`, by session (each session's in order), as
-        export_rows gives them: one query over the id range (the rowid), sorted by session in
-        SQLite, so memory stays flat. `sessions`: only these."""
-        import itertools
+    after_id_sql = "SELECT {columns} FROM messages WHERE id > ? AND id <= ? ORDER BY id"
 
-        columns = MSG_COLUMNS if typed else UNTYPED_MSG_COLUMNS
-        sql = (f"SELECT {columns} FROM messages WHERE id > ? AND id <= ? AND session_id NOT IN "
-               f"(SELECT id FROM sessions WHERE {DELETING}) ORDER BY session_id, id")
+    @contextmanager
+    def snapshot(self) -> Iterator[int]:
+        """One read transaction, for an incremental export: everything read inside it sees the
+        same committed state, and what it yields is the newest message id in that state. A row
+        committed later (even one whose transaction began before) has a higher id, so an export
+        that goes up to this id and the next that starts after it miss nothing between them."""
         with self.db.guard:
-            rows = self.conn.execute(sql, (after, upto))
-        one = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
-        for session_id, group in itertools.groupby(rows, key=lambda r: r[1]):
-            if sessions is not None and session_id not in sessions:
-                continue
-            srow = self.tolerant(lambda: self._one(one, (session_id,)))  # noqa: B023 (called at once)
-            if srow is not None:
-                yield Session(*srow), group
+            self.conn.execute("BEGIN")
+            try:
+                row = self.conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        try:
+            yield row[0]
+        finally:
+            with self.db.guard:
+                if self.conn.in_transaction:
+                    self.conn.execute("COMMIT")
+
+    def export_after(self, after_id: int, upto: int, chosen: set[int] | None, *, typed: bool = True
+                     ) -> Iterator[tuple[Session, Iterator[tuple]]]:
+        """The messages with ids in (after_id, upto], in id order, as (session, its messages)
+        pairs, one pair for each run of consecutive messages of one session (a live room and a
+        chat interleave). `chosen`: only these sessions (None: all). A range scan of the rowid."""
+        columns = MSG_COLUMNS if typed else UNTYPED_MSG_COLUMNS
+        rows = self._rows(self.after_id_sql.format(columns=columns), (after_id, upto), lambda last: (last[0], upto))
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ? AND {VISIBLE}"
+        known: dict[int, Session | None] = {}
+        pending = [next(rows, None)]
+
+        def run_of(session_id: int) -> Iterator[tuple]:
+            row = pending[0]
+            while row is not None and row[1] == session_id:
+                yield row
+                row = next(rows, None)
+            pending[0] = row
+
+        while pending[0] is not None:
+            session_id = pending[0][1]
+            if session_id not in known:
+                found = self.tolerant(lambda: self._one(sql, (session_id,)))  # noqa: B023 (called at once)
+                known[session_id] = Session(*found) if found else None
+            s = known[session_id]
+            msgs = run_of(session_id)
+            if s is not None and (chosen is None or session_id in chosen):
+                yield s, msgs
+            for _ in msgs:  # whatever the writer did not read, or a session left out
+                pass
 
     def room_addresses(self, session_id: int) -> dict[int, tuple[str, int]]:
         """A room's lines, by sequence number: the address of the participant who said each."""
@@ -523,8 +565,12 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
     if f.ids:
         clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
         args += list(f.ids)
+    if f.handle is not None:  # a 1:1 chat's handle, or a room's participant's
+        clauses.append(
+            "(sessions.handle = ? OR sessions.id IN (SELECT session_id FROM participants WHERE handle = ?))"
+        )
+        args += [f.handle, f.handle]
     for column, value, op in (
-        ("handle", f.handle, "="),
         ("client_host", f.host, "="),
         ("started_at", f.since, ">="),
         ("started_at", f.until, "<"),
@@ -535,6 +581,8 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
     if f.ended_only:
         clauses.append("sessions.ended_at IS NOT NULL")
     if f.verified:
-        clauses.append("(sessions.verified IS 1 OR (sessions.kind = 'room' AND EXISTS "
-                       "(SELECT 1 FROM participants p WHERE p.session_id = sessions.id AND p.verified IS 1)))")
+        clauses.append(f"({SESSION_VERIFIED})")
+    if f.kind is not None:
+        clauses.append(f"{sql_text('sessions.kind', 'chat')} = ?")
+        args.append(f.kind)
     return " AND ".join(clauses), args

@@ -540,20 +540,18 @@ def path(db):
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="How many (0 for all).")
 @filter_options
 @click.option("--verified", is_flag=True,
-              help="Only sessions with a verified handle (bound to its client's TLS certificate; a room: anyone's).")
+              help="Only sessions with a verified handle (bound to its client certificate); a room: any participant's.")
+@click.option("--kind", type=click.Choice(["chat", "room"]), help="Only 1:1 chats, or only rooms.")
 @utc_option
 @json_option
 @csv_option
 @db_option
-def sessions(limit, handle, host, since, until, verified, utc, as_json, as_csv, db):
+def sessions(limit, handle, host, since, until, verified, kind, utc, as_json, as_csv, db):
     """List past conversations, newest first."""
     from chatlog import views
 
     filters = make_filters(handle, host, since, until)
-    if verified:
-        import dataclasses
-
-        filters = dataclasses.replace(filters, verified=True)
+    filters.verified, filters.kind = verified, kind
     rows = open_archive(db).sessions(filters, limit)
     if as_json:
         views.sessions_json(rows)
@@ -562,7 +560,8 @@ def sessions(limit, handle, host, since, until, verified, utc, as_json, as_csv, 
     elif rows:
         views.sessions_table(rows, utc)
     if not rows:
-        raise Nothing("no sessions match" if any((handle, host, since, until, verified)) else "no sessions recorded yet")
+        raise Nothing("no sessions match" if any((handle, host, since, until, verified, kind))
+                      else "no sessions recorded yet")
 
 
 @cli.command()
@@ -571,14 +570,17 @@ def sessions(limit, handle, host, since, until, verified, utc, as_json, as_csv, 
 @timestamps_option
 @color_option
 @pager_option
+@click.option("--json", "as_json", is_flag=True, help="Output the session and its messages as JSON.")
 @db_option
-def show(session_id, utc, timestamps, color, pager, db):
+def show(session_id, utc, timestamps, color, pager, as_json, db):
     """Print a whole conversation, as the server console showed it. ID may be `last`."""
     from chatlog import views
     from chatlog.render import Renderer
 
     store = open_archive(db)
     s = get_session(store, session_id)
+    if as_json:
+        return views.show_json(s, store.messages(s.id), store.room_addresses(s.id) if s.kind == "room" else None)
     with views.paged(pager) as out:
         views.show(s, store.messages(s.id), Renderer(out, color=color), utc, timestamps)
 
@@ -698,11 +700,16 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     default=None, help="Output format [default: from the -o extension, else txt].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", help="Output file [default: stdout].")
-@click.option("--after-id", type=click.IntRange(min=0), metavar="N",
-              help="Only messages with an id above N (every message's id is in json, jsonl and csv).")
-@click.option("--cursor", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-              help="Read the last id exported from FILE (none: from the start) and write the new one "
-              "there once the export is complete: a cron job appends exactly what is new.")
+@click.option(
+    "--after-id", type=click.IntRange(min=0), metavar="N",
+    help="Only the messages with an id above N (json, jsonl, csv: every message has its `id`).",
+)
+@click.option(
+    "--cursor", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="Incremental: only messages newer than the id FILE holds (all, if FILE does not exist yet); "
+         "once the output is written, FILE is updated to the newest id seen. For cron: "
+         "`chatlog export -f jsonl --cursor F >> log.jsonl` appends each message exactly once.",
+)
 @timestamps_option
 @utc_option
 @db_option
@@ -710,68 +717,88 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, aft
     """Write conversations out as txt, md, json, jsonl, csv, html or an asciinema cast.
 
     Give session IDs (or `last`), or filters, or nothing for all sessions. Exports stream, so
-    memory stays flat however large the archive. --timestamps and --utc apply to txt and md.
-
-    Incremental: `--after-id N` writes only newer messages; `--cursor FILE` keeps N in a file
-    between runs (`chatlog export -f jsonl --cursor ~/.chatlog.cursor >> all.jsonl`), never
-    twice, never a gap, also while a chat is being recorded.
+    memory stays flat however large the archive. --timestamps applies to txt and md, --utc to
+    txt, md and html.
+    --after-id and --cursor export the newer messages (json, jsonl, csv), in id order.
     """
     from chatlog import export as exporters
 
     if fmt is None:
         fmt = exporters.format_for(output)
-    if cursor is not None and after_id is not None:
-        raise click.UsageError("--after-id and --cursor: give one (the cursor file holds the id)")
-    if cursor is not None:
-        after_id = read_cursor(cursor)
+    if after_id is not None or cursor is not None:
+        return _export_after(session_ids, handle, host, since, until, fmt, output, after_id, cursor, db)
     store = open_archive(db)
     ids = [get_session(store, i).id for i in session_ids]
     filters = make_filters(handle, host, since, until, ids)
-    if after_id is not None:
-        upto = store.last_message_id()  # later messages are the next run's
-        if upto <= after_id:
-            raise Nothing(f"no messages after id {after_id}; nothing exported")
-        chosen = store.session_ids(filters) if (ids or any((handle, host, since, until))) else []
-        options = exporters.Options(timestamps=timestamps, utc=utc, headings=True)
-        exporters.run(store, chosen, fmt, output, filters if chosen else None, options, id_range=(after_id, upto))
-        if cursor is not None:
-            write_cursor(cursor, upto)
-        if output != "-":
-            click.echo(f"wrote the messages after id {after_id} up to {upto} to {output} ({fmt})", err=True)
-        return
     chosen = store.session_ids(filters)
     if not chosen:
         raise Nothing(
             "no sessions match; nothing exported" if (ids or any((handle, host, since, until)))
             else "no sessions recorded yet; nothing exported"
         )
-    options = exporters.Options(timestamps=timestamps, utc=utc, headings=len(chosen) > 1)
+    options = exporters.Options(timestamps=timestamps, utc=utc, headings=len(chosen) > 1, sessions=len(chosen))
     exporters.run(store, chosen, fmt, output, filters, options)
     if output != "-":
         click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)
 
 
 def read_cursor(path: Path) -> int:
-    """The last id a cursor file holds (0 when it does not exist yet)."""
+    """The message id a cursor file holds (0 when there is no file yet); one line if it is bad."""
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return 0
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Failed(f"cannot read the cursor {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not text.isascii() or not text.isdigit():
-        raise Failed(f"the cursor {path} does not hold a message id (it holds {text[:40]!r})")
-    return int(text)
+    except OSError as exc:
+        raise Failed(f"cannot read the cursor file {path}: {exc.strerror or exc}") from None
+    value = text.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 18):
+        from chatlog.sanitize import visible
+
+        shown = visible(value[:20]) if value else "nothing"
+        raise Failed(f"bad cursor file {path}: it should hold one message id (a whole number), not {shown}")
+    return int(value)
 
 
-def write_cursor(path: Path, last: int) -> None:
-    """Replace the cursor file whole (a temporary file renamed into place), after the export."""
+def write_cursor(path: Path, last_id: int) -> None:
+    """Replace the cursor file at once: a temporary file beside it, synced, renamed over it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(f"{last}\n", encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{last_id}\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        raise Failed(f"cannot write the cursor {path}: {exc.strerror}") from None
+        raise Failed(f"cannot write the cursor file {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _export_after(session_ids, handle, host, since, until, fmt, output, after_id, cursor, db):
+    """An incremental export: the messages above an id, read in one snapshot of the archive."""
+    from chatlog import export as exporters
+
+    if after_id is not None and cursor is not None:
+        raise Failed("give --after-id or --cursor, not both")
+    if fmt not in ("json", "jsonl", "csv"):
+        raise Failed(f"--after-id and --cursor export json, jsonl or csv (not {fmt}): each message with its id")
+    start = read_cursor(cursor) if cursor is not None else after_id
+    store = open_archive(db)
+    with store.snapshot() as upto:
+        ids = [get_session(store, i).id for i in session_ids]
+        filtered = bool(ids) or any((handle, host, since, until))
+        chosen = set(store.session_ids(make_filters(handle, host, since, until, ids))) if filtered else None
+        complete = exporters.run(
+            store, [], fmt, output, None, exporters.Options(),
+            source=lambda typed: store.export_after(start, upto, chosen, typed=typed),
+        )
+    if not complete:
+        raise Failed("the output was not all written (its reader went away); the cursor is left as it was")
+    if upto <= start:
+        click.echo(f"nothing new after message {start}", err=True)
+    if cursor is not None and upto != start:
+        write_cursor(cursor, upto)
 
 
 @cli.command()
@@ -780,6 +807,7 @@ def write_cursor(path: Path, last: int) -> None:
 @click.option("--handle", metavar="NAME", help="Only messages from this handle.")
 @click.option("--since", type=WHEN, metavar="WHEN", help="Only messages at or after WHEN (2026-11-24, 2h, 3d).")
 @click.option("--until", type=WHEN, metavar="WHEN", help="Only messages before WHEN.")
+@click.option("--session", "session_id", type=SESSION, metavar="ID", help="Only messages of this session (or `last`).")
 @click.option("-n", "--limit", type=click.IntRange(min=0), default=20, show_default=True, help="How many hits (0 for all).")
 @click.option("--best", is_flag=True, help="Best match first, instead of newest first.")
 @click.option("-c", "--count", is_flag=True, help="Print only how many messages match.")
@@ -788,7 +816,7 @@ def write_cursor(path: Path, last: int) -> None:
 @csv_option
 @pager_option
 @db_option
-def search(query, raw, handle, since, until, limit, best, count, utc, as_json, as_csv, pager, db):
+def search(query, raw, handle, since, until, session_id, limit, best, count, utc, as_json, as_csv, pager, db):
     """Find words across every conversation (full-text search).
 
     Words are matched as typed: hyphens and quotes need no escaping. "an exact phrase" in
@@ -801,9 +829,10 @@ def search(query, raw, handle, since, until, limit, best, count, utc, as_json, a
 
     text = " ".join(query)
     store = open_archive(db)
+    session = get_session(store, session_id).id if session_id is not None else None
     try:
-        hits = store.search(text, raw=raw, handle=handle, since=since, until=until, limit=limit, best=best,
-                            count=count)
+        hits = store.search(text, raw=raw, handle=handle, since=since, until=until, session=session, limit=limit,
+                            best=best, count=count)
     except BadQuery as exc:
         raise Failed(str(exc)) from None
     if store.unindexed:
@@ -844,11 +873,23 @@ def stats(as_json, db):
 
 
 @cli.command()
-@click.argument("session_ids", metavar="ID...", type=SESSION, nargs=-1, required=True)
+@click.argument("session_ids", metavar="[ID]...", type=SESSION, nargs=-1)
+@click.option(
+    "--message", "message_ids", metavar="MSGID", type=click.IntRange(min=1), multiple=True,
+    help="Remove this one message (its id: see export -f jsonl, search --json) instead of a session: its text, "
+         "raw bytes and search entry go, a tombstone '(message removed ...)' stays in its place. Repeatable.",
+)
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed, and remove nothing.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @db_option
-def rm(session_ids, yes, db):
-    """Delete sessions, with their messages and search entries."""
+def rm(session_ids, message_ids, dry_run, yes, db):
+    """Delete sessions, with their messages and search entries; or, with --message, single messages."""
+    if message_ids:
+        if session_ids:
+            raise Failed("give session IDs or --message, not both")
+        return _remove_messages(sorted(set(message_ids)), dry_run, db)
+    if not session_ids:
+        raise click.UsageError("give the session IDs to delete, or --message MSGID")
     store = open_archive(db)
     chosen = [get_session(store, i) for i in session_ids]
     held = store.held([s.id for s in chosen])
@@ -857,7 +898,76 @@ def rm(session_ids, yes, db):
             raise Failed(f"session {s.id} is being recorded by a running server ({held[s.id]}); it can be deleted once it has ended")
         if s.ended_at is None:
             raise Failed(f"session {s.id} is still in progress; it can be deleted once it has ended")
+    if dry_run:
+        ids = sorted({s.id for s in chosen})
+        click.echo(f"would delete {plural(len(ids), 'session')}: {', '.join(map(str, ids))}", err=True)
+        return
     _delete(store, sorted({s.id for s in chosen}), yes)
+
+
+def _remove_messages(ids, dry_run, db):
+    from chatlog.upkeep import Upkeep
+
+    up = Upkeep(open_archive(db))
+    found = up.messages_to_remove(ids)
+    missing = sorted(set(ids) - {r[0] for r in found})
+    if missing:
+        raise Failed(f"no message {missing[0]} (or it is a join, a leave or a trace, which are not messages)")
+    todo = [r[0] for r in found if r[3] is None]
+    for mid, sid, _, removed in found:
+        if removed is not None:
+            click.echo(f"message {mid} (session {sid}) was already removed, at {visible_text(removed)}", err=True)
+    if dry_run:
+        for mid, sid, handle, removed in found:
+            if removed is None:
+                click.echo(visible_text(f"would remove message {mid} (session {sid}, from {handle or 'nobody'})"),
+                           err=True)
+        return
+    up.remove_messages(todo)
+    for mid, sid, handle, removed in found:
+        if removed is None:
+            click.echo(visible_text(f"removed message {mid} (session {sid}, from {handle or 'nobody'})"), err=True)
+
+
+def visible_text(text: str) -> str:
+    from chatlog.sanitize import visible
+
+    return visible(str(text))
+
+
+@cli.command()
+@click.option("--handle", metavar="NAME", required=True, help="Whose lines to remove: in 1:1 chats and rooms alike.")
+@click.option("--host", metavar="ADDR", help="Only NAME's lines from this client address.")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed, and remove nothing.")
+@db_option
+def forget(handle, host, dry_run, db):
+    """Remove every line a person said, leaving tombstones in place.
+
+    Each message's text, raw bytes and search entry go; '(message removed ...)' stays where it
+    was, so sequence numbers and replays stay whole. Done in small transactions, safe beside a
+    running server. The server's answers, joins and leaves are kept."""
+    from chatlog.upkeep import Upkeep
+
+    up = Upkeep(open_archive(db))
+    found = up.said_by(handle, host)
+    who = handle + (f" at {host}" if host else "")
+    if not found:
+        click.echo(visible_text(f"no messages from {who} to remove"), err=True)
+        return
+    sessions = sorted({sid for _, sid in found})
+    what = f"{plural(len(found), 'message')} from {who} in {plural(len(sessions), 'session')}"
+    if dry_run:
+        click.echo(visible_text(f"would remove {what} ({_id_list(sessions)})"), err=True)
+        return
+    n = up.remove_messages([mid for mid, _ in found])
+    if n != len(found):  # some were removed meanwhile by another run
+        what = f"{plural(n, 'message')} from {who}"
+    click.echo(visible_text(f"removed {what} ({_id_list(sessions)})"), err=True)
+
+
+def _id_list(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:10]))
+    return f"session{'s' if len(ids) > 1 else ''} {shown}" + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 @cli.command()

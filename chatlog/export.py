@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chatlog import transcript
-from chatlog.render import Renderer
+from chatlog.render import VERIFIED_MARK, Renderer
 from chatlog.sanitize import TerminalSafe, csv_cell, csv_plain, html_text, visible
 from chatlog.views import console_lines, header_lines, message_dict, session_dict
 
@@ -43,6 +43,7 @@ class Options:
     timestamps: bool = False  # txt, md: `[20:09:14] ` before each line
     utc: bool = False  # times in UTC instead of local time
     headings: bool = False  # txt: a heading per session (several sessions)
+    sessions: int = 0  # how many sessions the export holds, when known (html: its title)
     # json, jsonl, csv: a room's lines by sequence number -> (host, port) of who said each
     addresses: Callable[[int], dict[int, tuple[str, int]]] | None = None
 
@@ -95,8 +96,10 @@ def format_for(output: str) -> str:
 
 
 def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | None = None,
-        options: Options = Options(), id_range: tuple[int, int] | None = None) -> None:
-    """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming.
+        options: Options = Options(), source: Callable[[bool], Sessions] | None = None) -> bool:
+    """Export the sessions `ids` as `fmt` to the file `output` (`-`: stdout), streaming; or,
+    with `source`, what `source(typed)` gives (an incremental export). Returns whether all of
+    it was written, flushed and (into a file) synced: False when the reader of stdout went away.
 
     A file is written beside its destination and renamed into place when complete, so an export
     that fails halfway never leaves half a file (nor truncates the one it was replacing).
@@ -110,19 +113,15 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     def write(pairs, out):
         chosen(pairs, out, options)
 
-    if id_range is not None:  # an incremental export: the messages after one id, up to another
-        pairs = store.export_range(*id_range, typed=chosen not in UNTYPED, sessions=set(ids) if filters else None)
-        filters = None  # (no progress bar: its total would count every message)
-    else:
-        pairs = store.export_rows(ids, typed=chosen not in UNTYPED)
+    typed = chosen not in UNTYPED
+    pairs = source(typed) if source is not None else store.export_rows(ids, typed=typed)
     to_stdout = output == "-"
-    if sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
+    if source is None and sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
         total = store.message_total(filters) if filters is not None else 0
         if total >= PROGRESS_MIN_MESSAGES:
             pairs = _with_progress(pairs, total)
     if to_stdout:
-        _to_stdout(write, pairs)
-        return
+        return _to_stdout(write, pairs)
     dest = Path(output)
     if store.is_database_file(dest):
         raise ExportError(f"the export must not overwrite the database or its files ({output})")
@@ -134,7 +133,7 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
                 write(pairs, TerminalSafe(out) if out.isatty() else out)
         except OSError as exc:
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
-        return
+        return True
     if dest.is_symlink():
         dest = Path(os.path.realpath(dest))  # replace the file it points to, not the link
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -143,37 +142,56 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
             if dest.exists():
                 os.chmod(out.fileno(), dest.stat().st_mode & 0o7777)  # keep a private file private
             write(pairs, out)
+            if source is not None:  # the cursor moves on only past what is on disk
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, dest)
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+    return True
 
 
-def _to_stdout(write, pairs) -> None:
+def _to_stdout(write, pairs) -> bool:
     if sys.stdout.isatty():
         write(pairs, TerminalSafe(sys.stdout))
-        return
+        sys.stdout.flush()
+        return True
     try:
         fd = sys.stdout.fileno()
     except (OSError, AttributeError, ValueError):  # not a real file (a test runner's)
         write(pairs, sys.stdout)
-        return
+        sys.stdout.flush()
+        return True
     sys.stdout.flush()
     # Our own buffer: stdout may be unbuffered (PYTHONUNBUFFERED), which costs a syscall a line.
     out = open(fd, "w", encoding="utf-8", newline="", buffering=1 << 16, closefd=False)
     try:
         write(pairs, out)
         out.flush()
+        if _is_regular(fd):  # `>> out.jsonl`: on disk before a cursor moves past it
+            os.fsync(fd)
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         _silence_stdout()
-        return
+        return False
     finally:
         try:
             out.close()
         except BrokenPipeError:
             _silence_stdout()
+            return False  # noqa: B012 (what is returned is whether all was written)
+    return True
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _silence_stdout() -> None:
@@ -262,15 +280,19 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
                 "client_port": s.client_port,
                 "session_handle": s.handle,
                 "end_reason": s.end_reason,
+                "transport": s.transport,
+                "tls_version": s.tls_version,
+                "cert_fingerprint": s.cert_fingerprint,
             }
         )[:-1]
         batch: list[str] = []
         add = batch.append
         where = _room_addresses(s, opts)
-        if where is not None:  # a room: each line with the address of who said it
+        if s.kind == "room":  # each line with the address of who said it, and whether verified
+            where = where or {}
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
-                line = _jsonl_rare(head, seq, at, sender, handle, text, raw, note, verified, msg_id=_id)
+                fields = _rare(row)
+                line, seq = _jsonl_rare(head, *fields), fields[1]
                 if seq in where:
                     host, port = where[seq]
                     line = f'{line[:-2]}, "host": {_json_str(host)}, "port": {port}}}\n'
@@ -278,14 +300,14 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
             out.write("".join(batch))
             continue
         for row in rows:
-            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = row
             try:  # enc() takes only text: a value of the wrong type (a crafted file) goes below
-                if raw is None and note is None and handle is not None:
-                    add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_TF[verified]}}}\n')
+                if raw is None and note is None and handle is not None and removed_at is None:
+                    add(f'{head}, "id": {_id}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}, "verified": {_BOOL[verified]}}}\n')
                 else:
-                    add(_jsonl_rare(head, *clean_msg(row)[2:], msg_id=_id))
+                    add(_jsonl_rare(head, *_rare(row)))
             except (TypeError, KeyError):
-                add(_jsonl_rare(head, *clean_msg(row)[2:], msg_id=_id))
+                add(_jsonl_rare(head, *_rare(row)))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -295,17 +317,26 @@ def write_jsonl(sessions: Sessions, out: TextIO, opts: Options = Options()) -> N
 UNTYPED.add(write_jsonl)
 
 
-_TF = {0: "false", 1: "true"}  # a stored flag as JSON (anything else: the careful way)
+_BOOL = {0: "false", 1: "true"}  # (True and False are these keys too)
 
 
-def _jsonl_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0, msg_id=None) -> str:
+def _rare(row: tuple) -> tuple:
+    """An untyped row's values for the rare paths: typed (see clean_msg), without its session id."""
+    _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = clean_msg(row)
+    return (_id, seq, at, sender, handle, text, raw, note, verified, removed_at)
+
+
+def _jsonl_rare(head: str, id_, seq, at, sender, handle, text, raw, note, verified, removed_at=None) -> str:
     enc = _json_str
-    line = f'{head}, "id": {msg_id if type(msg_id) is int else "null"}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, "text": {enc(text)}'
+    line = (f'{head}, "id": {id_}, "seq": {seq}, "at": {enc(at)}, "sender": {enc(sender)}, "handle": {enc(handle)}, '
+            f'"text": {enc(text)}, "verified": {_BOOL[bool(verified)]}')
     if raw is not None:
         line += f', "raw_base64": "{base64.b64encode(raw).decode("ascii")}"'
     if note:
         line += f', "note": {enc(note)}'
-    return line + f', "verified": {_TF[1 if verified == 1 else 0]}}}\n'
+    if removed_at is not None:
+        line += f', "removed_at": {enc(removed_at)}'
+    return line + "}\n"
 
 
 def _json_str(value) -> str:
@@ -314,7 +345,8 @@ def _json_str(value) -> str:
 
 CSV_FIELDS = [
     "session_id", "session_started_at", "client_host", "client_port", "session_handle",
-    "end_reason", "id", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port", "verified",
+    "end_reason", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "host", "port",
+    "id", "verified", "removed_at", "transport", "cert_fingerprint",
 ]
 
 
@@ -331,21 +363,24 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
         head = ",".join(
             cell(v) for v in (s.id, s.started_at, s.client_host, s.client_port, s.handle, s.end_reason)
         )
+        tail = "," + ",".join(cell(v) for v in (s.transport, s.cert_fingerprint))
         handles: dict[str, str] = {}  # each handle's cell, checked once per session
         batch: list[str] = []
         add = batch.append
         where = _room_addresses(s, opts)
-        if where is not None:  # a room: each line with the address of who said it
+        if s.kind == "room":  # each line with the address of who said it, and whether verified
+            where = where or {}
             for row in rows:
-                _id, _sid, seq, at, sender, handle, text, raw, note, verified = clean_msg(row)
+                id_, seq, at, sender, handle, text, raw, note, verified, removed_at = _rare(row)
                 host, port = where.get(seq, (None, None))
-                add(_csv_rare(head, seq, at, sender, handle, text, raw, note, verified, host, port, msg_id=_id))
+                add(_csv_rare(head, tail, id_, seq, at, sender, handle, text, raw, note, verified, removed_at,
+                              host, port))
             out.write("".join(batch))
             continue
         for row in rows:
-            _id, _sid, seq, at, sender, handle, text, raw, note, verified = row
-            if raw is not None or note is not None or handle is None or sender not in plain:
-                add(_csv_rare(head, *clean_msg(row)[2:], msg_id=_id))
+            _id, _sid, seq, at, sender, handle, text, raw, note, verified, removed_at = row
+            if raw is not None or note is not None or handle is None or sender not in plain or removed_at is not None:
+                add(_csv_rare(head, tail, *_rare(row)))
             else:
                 try:  # a value of the wrong type (a crafted file) raises TypeError here
                     h = handles.get(handle)
@@ -355,9 +390,9 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
                         h = handles[handle] = cell(handle)
                     if not safe(text):  # (csv_plain takes only text)
                         text = cell(text)
-                    add(f"{head},{_id},{seq},{at},{sender},{h},{text},,,,,{_TF[verified]}\n")
+                    add(f"{head},{seq},{at},{sender},{h},{text},,,,,{_id},{_BOOL[verified]},{tail}\n")
                 except (TypeError, KeyError):
-                    add(_csv_rare(head, *clean_msg(row)[2:], msg_id=_id))
+                    add(_csv_rare(head, tail, *_rare(row)))
             if len(batch) >= 2048:
                 out.write("".join(batch))
                 batch.clear()
@@ -370,11 +405,12 @@ _PLAIN_SENDERS = frozenset(("client", "server"))
 UNTYPED.add(write_csv)
 
 
-def _csv_rare(head: str, seq, at, sender, handle, text, raw, note, verified=0, host=None, port=None,
-              msg_id=None) -> str:
+def _csv_rare(head: str, tail: str, id_, seq, at, sender, handle, text, raw, note, verified, removed_at,
+              host=None, port=None) -> str:
     raw64 = base64.b64encode(raw).decode("ascii") if raw is not None else ""
-    cells = (msg_id if type(msg_id) is int else None, seq, at, sender, handle, text, raw64, note, host, port)
-    return head + "," + ",".join(csv_cell(v) for v in cells) + f",{_TF[1 if verified == 1 else 0]}\n"
+    cells = (seq, at, sender, handle, text, raw64, note, host, port, id_)
+    return (head + "," + ",".join(csv_cell(v) for v in cells) + f",{_BOOL[bool(verified)]},"
+            + csv_cell(removed_at) + f"{tail}\n")
 
 
 HTML_HEAD = """<!DOCTYPE html>
@@ -383,7 +419,7 @@ HTML_HEAD = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>chatlog transcript</title>
+<title>{title}</title>
 <style>
 body { background: #1e1e1e; color: #d4d4d4; font: 14px/1.45 ui-monospace, Menlo, Consolas, monospace; margin: 2em; }
 h2 { color: #fff; font-size: 15px; margin: 2em 0 .3em; }
@@ -393,6 +429,7 @@ h2 { color: #fff; font-size: 15px; margin: 2em 0 .3em; }
 .server { color: #c061cb; font-weight: bold; }
 .event { color: #c4a000; }
 .note { color: #888; }
+.verified { color: #4e9a06; }
 time { color: #666; margin-right: 1em; }
 </style>
 </head>
@@ -400,19 +437,32 @@ time { color: #666; margin-right: 1em; }
 """
 
 
+VERIFIED_HTML = '<span class="verified" title="verified: bound to its client certificate">&#x2713;</span> '
+
+
 @writer("html")
 def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> None:
+    """One page. Times are local, as `show` prints them, or UTC with --utc; each session's
+    details say which (`times in local time (UTC+05:30)`, `times in UTC`). The title names the
+    session (or how many there are)."""
     e = html_text
-    out.write(HTML_HEAD)
-    for s, messages in sessions:
-        head = header_lines(s, utc=True)
+    pairs = iter(sessions)
+    first = next(pairs, None)
+    if first is None or opts.sessions > 1:
+        title = f"chatlog: {opts.sessions} sessions, from session {first[0].id}" if first else "chatlog transcript"
+    else:
+        title = "chatlog: " + header_lines(first[0], opts.utc)[0]
+    out.write(HTML_HEAD.replace("{title}", e(title)))
+    for s, messages in _chain(first, pairs):
+        head = header_lines(s, utc=opts.utc)
+        head.append(zone_line(s, opts.utc))
         out.write(f'<section id="session-{s.id}">\n<h2>{e(head[0])}</h2>\n')
         out.write('<div class="meta">' + "<br>".join(e(x) for x in head[1:]) + "</div>\n")
         second = stamp = None
         for ev in transcript.events(s, msgs(messages)):
             if ev.at != second:  # many lines share a time
                 second = ev.at
-                stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=True)}</time>'
+                stamp = f'<time datetime="{e(ev.at)}">{transcript.clock(ev.at, utc=opts.utc)}</time>'
             if ev.kind == transcript.NOTE:
                 out.write(f'<div class="line note">{stamp}{e(ev.text)}</div>\n')
             elif not ev.is_message:
@@ -420,13 +470,31 @@ def write_html(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
             elif ev.handle is None:
                 out.write(f'<div class="line">{stamp}{e(ev.text)}</div>\n')
             else:
-                mark = '<span class="verified" title="verified: bound to its certificate">&#x2713;</span> ' if ev.verified else ""
+                mark = VERIFIED_HTML if ev.verified else ""
                 out.write(
                     f'<div class="line">{stamp}{mark}<span class="{ev.sender}">{e(ev.handle)}&gt;</span>'
                     f"{e(ev.text)}</div>\n"
                 )
         out.write("</section>\n")
     out.write("</body>\n</html>\n")
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+        yield from rest
+
+
+def zone_line(s: Session, utc: bool) -> str:
+    """Which zone a session's times are in: `times in UTC`, or `times in local time (UTC+05:30)`
+    (the offset at its start)."""
+    if utc:
+        return "times in UTC"
+    when = transcript.parse_time(s.started_at)
+    if when is None:
+        return "times in local time"
+    offset = when.astimezone().strftime("%z")
+    return f"times in local time (UTC{offset[:3]}:{offset[3:]})" if offset else "times in local time"
 
 
 CAST_MIN_WIDTH, CAST_MAX_WIDTH, CAST_HEIGHT = 80, 400, 24
@@ -462,10 +530,11 @@ def write_cast(sessions: Sessions, out: TextIO, opts: Options = Options()) -> No
                         t = max(t, (when - start_at).total_seconds())
                 text = visible(ev.text)
                 if ev.is_message and ev.handle is not None:
-                    who = ("\u2713 " if ev.verified else "") + visible(ev.handle)
+                    who = visible(ev.handle)
                     start, end = codes["server" if ev.sender == "server" else "client"]
-                    line = f"{start}{who}>{end}{text}"
-                    shown = f"{who}>{text}"
+                    mark = VERIFIED_MARK if ev.verified else ""
+                    line = f"{mark}{start}{who}>{end}{text}"
+                    shown = f"{mark}{who}>{text}"
                 elif ev.is_message:
                     line = shown = text
                 else:

@@ -47,6 +47,26 @@ def parse_when(text: str, now: datetime | None = None) -> str:
         raise BadDate(f"invalid date {text!r} (use {FORMS})") from None
 
 
+_SECONDS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400, "weeks": 7 * 86400}
+DURATION_FORMS = "a number and a unit: 45s, 30m or 30min, 12h, 90d, 2w"
+
+
+def duration_seconds(text: str) -> float:
+    """A duration as a person writes it (`90d`, `12h`, `30m`, `45s`, `2w`) in seconds: the one
+    reading of these, shared by retention and by `--before`/`--since` (`30d` there is 30 days
+    ago). Months and years are not fixed lengths, so a duration does not take them."""
+    m = _RELATIVE.match(text.strip())
+    if m:
+        if m.group(2) == "M":
+            raise BadDate(f"ambiguous duration {text!r}: write {m.group(1)}min for minutes")
+        name = _UNITS.get(m.group(2).lower())
+        if name in _SECONDS:
+            seconds = float(m.group(1)) * _SECONDS[name]
+            if seconds < float("inf"):
+                return seconds
+    raise BadDate(f"invalid duration {text!r} (use {DURATION_FORMS})")
+
+
 def _parse_when(value: str, now: datetime) -> datetime:
     low = value.lower()
     if low == "now":
@@ -64,7 +84,7 @@ def _parse_when(value: str, now: datetime) -> datetime:
             raise ValueError(value)
         if name in ("months", "years"):
             return _months_before(now, amount * (12 if name == "years" else 1))
-        return now - timedelta(**{name: amount})
+        return now - timedelta(seconds=duration_seconds(value.removesuffix("ago").strip()))
     m = _CLOCK.match(value)
     if m:  # a time today, local
         hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
@@ -94,5 +114,6 @@ class Filters:
     until: str | None = None
     ids: tuple[int, ...] = ()
     ended_only: bool = False  # leave out sessions still in progress
-    verified: bool = False  # only sessions with a verified handle (a room: any verified participant)
+    verified: bool = False  # only sessions with a verified handle (a room: any participant's)
+    kind: str | None = None  # "chat" or "room"
     # turned into SQL by the store: nothing above it writes SQL

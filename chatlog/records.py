@@ -58,10 +58,13 @@ class Session:
     server_messages: int
     kind: str = "chat"  # or "room": many participants in one session
     participants: int = 0  # in a room, how many have taken part (0 for a 1:1 chat)
-    transport: str = "tcp"  # 1:1: how the client connected (tcp or tls)
+    # How the client was connected (1:1; a room's participants each have their own), and
+    # whether its handle was verified (a room: whether any participant's was).
+    transport: str = "tcp"
     tls_version: str | None = None
-    cert_fingerprint: str | None = None  # the client certificate's
-    verified: int = 0  # 1:1: its handle was bound to that certificate
+    tls_cipher: str | None = None
+    cert_fingerprint: str | None = None
+    verified: bool = False
 
     @property
     def messages(self) -> int:
@@ -87,6 +90,7 @@ class Msg:
     raw: bytes | None
     note: str | None
     verified: int = 0  # said under a handle bound to its client's certificate (1), or not (0)
+    removed_at: str | None = None  # a tombstone: when the message was removed (its text is '')
 
 
 
@@ -111,8 +115,8 @@ def clean_msg(row: tuple) -> tuple:
     """A messages row (in `Msg` field order) read as stored, each value made the type its column
     promises, as chatlog.archive's SQL does for every other reader: for the export writers that
     read rows untyped (the fast way) and take this way for a row of another type (a crafted file)."""
-    id_, session_id, seq, at, sender, handle, text, raw, note, verified = row
+    id_, session_id, seq, at, sender, handle, text, raw, note, verified, removed_at = row
     if raw is not None and not isinstance(raw, bytes):
         raw = str(raw).encode("utf-8", "surrogatepass")
     return (id_, _int(session_id), _int(seq), _text(at, ""), _text(sender, ""), _text(handle), _text(text, ""),
-            raw, _text(note), 1 if verified == 1 else 0)
+            raw, _text(note), 1 if verified == 1 else 0, _text(removed_at))

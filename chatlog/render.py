@@ -28,8 +28,6 @@ STYLES = {
 }
 
 
-
-
 def want_color(stream: TextIO, force: bool | None = None) -> bool:
     if force is not None:
         return force

@@ -396,6 +396,21 @@ def m011_verified_messages(conn: sqlite3.Connection) -> None:
     run_script(conn, """ALTER TABLE "messages" ADD COLUMN "verified" INTEGER NOT NULL DEFAULT 0;""")
 
 
+@migration
+def m012_removed_messages(conn: sqlite3.Connection) -> None:
+    # A removed message (`rm --message`, `forget`) stays in place as a tombstone: its text is
+    # emptied (the messages_au trigger takes the old text out of the search index), its raw bytes
+    # and note cleared, and removed_at says when; its id and sequence number stay, so numbering
+    # and replays stay whole. Room participants are found by handle (sessions --handle, forget).
+    run_script(
+        conn,
+        """
+        ALTER TABLE "messages" ADD COLUMN "removed_at" TEXT;
+        CREATE INDEX "idx_participants_handle" ON "participants" ("handle");
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

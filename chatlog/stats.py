@@ -24,7 +24,20 @@ def _totals(archive: Archive) -> dict:
             f"SELECT {sql_text('handle')}, {message_count('client')}, {message_count('server')} FROM sessions "
             f"WHERE ended_at IS NULL AND {VISIBLE}"
         ).fetchall()
-        handles = q("SELECT count(*) FROM handle_totals").fetchone()[0]
+        # Room participants are people too: their handles count, and what they said (read
+        # through the participants' index on messages: proportional to the lines said in rooms).
+        # (Each participant's session looked up by its key: no walk of the sessions table.)
+        not_deleting = "NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = {p}session_id AND s.deleting != 0)"
+        handles = q(
+            "SELECT count(*) FROM (SELECT handle FROM handle_totals UNION "
+            f"SELECT handle FROM participants WHERE handle IS NOT NULL AND {not_deleting.format(p='participants.')})"
+        ).fetchone()[0]
+        in_rooms = q(
+            f"SELECT {sql_text('p.handle')}, count(DISTINCT p.session_id), "
+            "(SELECT count(*) FROM messages m WHERE m.participant_id IN "
+            "  (SELECT id FROM participants p2 WHERE p2.handle = p.handle) AND m.sender = 'client') "
+            f"FROM participants p WHERE p.handle IS NOT NULL AND {not_deleting.format(p='p.')} GROUP BY p.handle"
+        ).fetchall()
         hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
         by_handle = {
             h: [n, c, a]
@@ -47,6 +60,16 @@ def _totals(archive: Archive) -> dict:
                     by_handle[h] = list(row) if row else [1, 0, 0]
                 by_handle[h][1] += c
                 by_handle[h][2] += a
+        for h, n, c in in_rooms:
+            if h not in by_handle:
+                row = q(
+                    f"SELECT {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
+                    f"{sql_int('server_messages', '0')} FROM handle_totals WHERE handle = ?",
+                    (h,),
+                ).fetchone()
+                by_handle[h] = list(row) if row else [0, 0, 0]
+            by_handle[h][0] += n
+            by_handle[h][1] += c
         reasons = q(
             f"SELECT {sql_text('reason')}, {sql_int('sessions', '0')} FROM reason_totals ORDER BY sessions DESC, reason"
         ).fetchall()

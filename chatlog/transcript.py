@@ -99,6 +99,9 @@ class Transcript:
         if m.sender == "event":  # recorded in place with the messages
             yield event_of(m, at)
             return
+        if m.removed_at is not None:  # a tombstone: never the old text, nor its note
+            yield Event(NOTE, at, removed_text(m), None, m.handle)
+            return
         yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle, m.verified)
         if m.note:
             yield Event(NOTE, at, f"({m.note})")
@@ -140,6 +143,15 @@ def event_of(m: Msg, at: str) -> Event:
     return Event(NOTE, at, f"({m.note or m.text})", None, m.handle)
 
 
+def removed_text(m: Msg) -> str:
+    """A tombstone as a person reads it: `(message removed 2026-12-04 20:31:02 UTC; it was amy's)`.
+    Not a chat line (it has no `amy>`), so nobody can type one that looks the same."""
+    t = parse_time(m.removed_at)
+    when = t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if t is not None else m.removed_at
+    whose = f"; it was {m.handle}'s" if m.handle else ""
+    return f"(message removed {when}{whose})"
+
+
 def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:
     """A whole session's events, in order, streamed from its messages."""
     t = Transcript(session)
@@ -150,7 +162,7 @@ def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:
         # The common message (chat begun, no note, a well-formed time not before the last) is
         # made here; anything else takes Transcript.message. The same events either way.
         at = m.at
-        if t._began and not m.note and m.sender in counts and at >= t.last and looks_like_time(at):
+        if t._began and not m.note and m.removed_at is None and m.sender in counts and at >= t.last and looks_like_time(at):
             counts[m.sender] += 1
             t.last = at
             yield Event(MESSAGE, at, m.text, m.sender, m.handle, m.verified)

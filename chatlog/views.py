@@ -60,6 +60,7 @@ def session_dict(s: Session) -> dict:
         "participants": s.participants,
         "transport": s.transport,
         "tls_version": s.tls_version,
+        "tls_cipher": s.tls_cipher,
         "cert_fingerprint": s.cert_fingerprint,
         "verified": bool(s.verified),
     }
@@ -74,12 +75,15 @@ def message_dict(m: Msg) -> dict:
         "sender": m.sender,
         "handle": m.handle,
         "text": m.text,
+        "verified": bool(m.verified),
     }
     if m.raw is not None:
         d["raw_base64"] = base64.b64encode(m.raw).decode("ascii")
     if m.note:
         d["note"] = m.note
     d["verified"] = bool(m.verified)
+    if m.removed_at is not None:
+        d["removed_at"] = m.removed_at
     return d
 
 
@@ -122,19 +126,31 @@ def header_lines(s: Session, utc: bool = False) -> list[str]:
         when += f", ended {fmt_time(s.ended_at, utc)} after {duration(session_duration(s))}"
     lines.append(when)
     who = "the participants" if s.kind == "room" else "the client"
+    how = transport_line(s)
+    if how:
+        lines.append(how)
     lines.append(
         f"{plural(s.client_messages, 'message')} from {who}, {s.server_messages} from the server; "
         f"{'ended: ' + s.end_reason if s.end_reason else s.state}"
     )
-    if s.kind != "room" and s.transport != "tcp":
-        how = f"Over {s.transport.upper()} ({s.tls_version or 'version unknown'})"
-        if s.cert_fingerprint:
-            how += f"; client certificate {s.cert_fingerprint}"
-            how += "; handle verified (\u2713)" if s.verified else "; handle not verified"
-        lines.append(how)
     # Every field, not only the handle: an archive from elsewhere is untrusted as a whole (its
     # hosts and end reasons reached the terminal raw). Escapes are left as they are.
     return [visible(line) for line in lines]
+
+
+def transport_line(s: Session) -> str:
+    """How a 1:1 client was connected (`transport: tls (TLSv1.3, CIPHER), certificate SHA256:...,
+    handle verified`); for a room, whether any participant's handle was verified (each
+    participant has its own transport)."""
+    if s.kind == "room":
+        return "participants: a verified handle among them" if s.verified else ""
+    line = f"transport: {s.transport}"
+    details = ", ".join(x for x in (s.tls_version, s.tls_cipher) if x)
+    if details:
+        line += f" ({details})"
+    if s.cert_fingerprint:
+        line += f", certificate {s.cert_fingerprint}"
+    return line + (", handle verified" if s.verified else "")
 
 
 def show(
@@ -154,6 +170,20 @@ def show(
     batch.append("")
     out.write("\n".join(batch))
     out.flush()
+
+
+def show_json(s: Session, messages: Iterable[Msg], where: dict | None = None, out=None) -> None:
+    """A session and its messages as one JSON document (as `export -f json` writes each session;
+    a room's lines with the address of who said each), written as it is read."""
+    out = out or sys.stdout
+    head = json.dumps(session_dict(s), indent=2)
+    out.write(head[:-2] + ',\n  "messages": [')
+    for i, m in enumerate(messages):
+        d = message_dict(m)
+        if where is not None and m.seq in where:
+            d["host"], d["port"] = where[m.seq]
+        out.write(("," if i else "") + "\n    " + json.dumps(d))
+    out.write("\n  ]\n}\n")
 
 
 # -- sessions ---------------------------------------------------------------------------------
@@ -237,7 +267,8 @@ def sessions_csv(rows: list[Session], out=None) -> None:
 
 # -- search -----------------------------------------------------------------------------------
 
-HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note"]
+HIT_FIELDS = ["session_id", "seq", "at", "sender", "handle", "text", "raw_base64", "note", "id", "verified",
+              "removed_at"]
 
 
 def highlighted(marked: str, r: Renderer) -> str:

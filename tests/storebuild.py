@@ -38,8 +38,9 @@ class Built(Archive):
     def set_handle(self, session_id, handle):
         self.rec.set_handle(session_id, handle)
 
-    def add_message(self, session_id, sender, handle, text, raw=None, note=None, at=None, participant=None):
-        return self.rec.add_message(session_id, sender, handle, text, raw, note, _ts(at), participant)
+    def add_message(self, session_id, sender, handle, text, raw=None, note=None, at=None, participant=None,
+                    verified=False):
+        return self.rec.add_message(session_id, sender, handle, text, raw, note, _ts(at), participant, verified)
 
     def add_lines(self, session_id, sender, handle, count, at=None, text="line %d"):
         """`count` messages `text % i` (i from 0), in one INSERT done by SQLite itself: the big

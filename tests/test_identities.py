@@ -180,5 +180,5 @@ def test_show_says_how_a_1to1_client_connected(start_server, tmp_path):
     server.say("hi sam")
     recv_until(c, b"\n")
     shown = run_chatlog(server.db, "show", "last").stdout
-    assert re.search(rf"Over TLS \(TLSv1\.[23]\); client certificate {ident[2]}; handle verified", shown), shown
+    assert re.search(rf"transport: tls \(TLSv1\.[23], [^)]+\), certificate {ident[2]}, handle verified", shown), shown
     assert "\u2713 sam>hello" in shown

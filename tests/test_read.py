@@ -655,7 +655,7 @@ def test_html_of_a_queued_chat_and_a_room_in_headless_chromium(db_path, store, t
         capture_output=True, text=True, timeout=90,
     )
     dom = r.stdout
-    assert "<title>chatlog transcript</title>" in dom and "<b>" not in dom.split("<body>")[1]
+    assert "<title>chatlog: 2 sessions, from session 1</title>" in dom and "<b>" not in dom.split("<body>")[1]
     assert "chat began after 3s waiting" in dom and "anyone? &lt;b&gt;" in dom
     assert "room opened on port 7000" in dom and "amy joined" in dom and "\\u202ehi" in dom
     for section in dom.split("<section")[1:]:
@@ -811,7 +811,7 @@ def test_export_with_a_cursor_appends_exactly_what_is_new_never_twice_never_a_ga
     assert [r["text"] for r in new] == ["late answer in the first session", "a new session"]
     assert all(r["id"] > got[-1]["id"] for r in new)
     again = run_chatlog(path, "export", "-f", "jsonl", "--cursor", str(cursor))
-    assert again.exit_code == 0 and again.stdout == "" and "nothing exported" in again.stderr
+    assert again.exit_code == 0 and again.stdout == "" and "nothing new after message" in again.stderr
     rows = list(csv.DictReader(io.StringIO(run_chatlog(path, "export", "-f", "csv", "--after-id", str(got[2]["id"])).stdout)))
     assert [int(r["id"]) for r in rows] == [r["id"] for r in got[3:] + new]
     s.close()
@@ -826,7 +826,7 @@ def test_a_cursor_file_that_holds_no_id_is_one_clear_line_and_left_alone(tmp_pat
     cursor = tmp_path / "cursor"
     cursor.write_text("yesterday\n")
     r = run_chatlog(path, "export", "-f", "jsonl", "--cursor", str(cursor))
-    assert r.exit_code != 0 and r.stderr.count("\n") == 1 and "does not hold a message id" in r.stderr
+    assert r.exit_code != 0 and r.stderr.count("\n") == 1 and "should hold one message id" in r.stderr
     assert cursor.read_text() == "yesterday\n"
 
 

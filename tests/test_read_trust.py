@@ -108,7 +108,7 @@ def crafted_base(tmp_path_factory):
 
 
 READERS = [
-    ["sessions"], ["sessions", "--json"], ["sessions", "--csv"], ["sessions", "-n", "0", "--handle", "amy"],
+    ["sessions"], ["sessions", "--json"], ["sessions", "--csv"], ["sessions", "--verified"], ["sessions", "-n", "0", "--handle", "amy"],
     ["show", "1"], ["show", "2", "-t"], ["show", "3"], ["show", "last"],
     ["search", "hello"], ["search", "hello", "--json"], ["search", "hello", "--csv"], ["search", "-c", "hello"],
     ["stats"], ["stats", "--json"], ["replay", "2", "--instant"], ["replay", "3", "--instant"],
@@ -202,8 +202,9 @@ def _once(step):
 
 
 SESSION_COLUMNS = ["started_at", "served_at", "ended_at", "client_host", "client_port", "server_host", "server_port",
-                   "handle", "end_reason", "client_messages", "server_messages", "server_id", "deleting", "kind"]
-MESSAGE_COLUMNS = ["session_id", "seq", "at", "sender", "handle", "text", "raw", "note", "participant_id"]
+                   "handle", "end_reason", "client_messages", "server_messages", "server_id", "deleting", "kind",
+                   "transport", "tls_version", "tls_cipher", "cert_fingerprint", "verified"]
+MESSAGE_COLUMNS = ["session_id", "seq", "at", "sender", "handle", "text", "raw", "note", "participant_id", "removed_at"]
 
 
 @pytest.mark.parametrize("table, column, value", [
@@ -216,6 +217,11 @@ MESSAGE_COLUMNS = ["session_id", "seq", "at", "sender", "handle", "text", "raw",
     ("sessions", "started_at", None),
     ("messages", "text", BadText(b"bad \xff\x1b[2J")),
     ("sessions", "handle", BadText(b"\xc3(")),
+    ("sessions", "cert_fingerprint", b"\x1b[2J"),
+    ("sessions", "verified", "yes"),
+    ("messages", "removed_at", b"\x1b]0;x\x07\xff"),
+    ("messages", "removed_at", 12),
+    ("sessions", "tls_version", BadText(b"\xff\x1b]0;x\x07")),
 ])
 def test_the_crafted_archives_that_crashed_the_readers(crafted_base, tmp_path, table, column, value):
     _read_everything(_mutated(crafted_base, tmp_path, [(table, column, value, None)]))

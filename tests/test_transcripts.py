@@ -293,7 +293,8 @@ def test_export_jsonl_one_message_per_line(db):
     assert rows[0] == {
         "session_id": 1, "session_started_at": t(0), "session_ended_at": t(41), "client_host": "127.0.0.1",
         "client_port": 5000, "session_handle": "bob", "end_reason": "client-quit", "seq": 1, "at": t(1),
-        "sender": "client", "handle": "bob", "text": "hello server", "verified": False, "id": 1,
+        "sender": "client", "handle": "bob", "text": "hello server", "id": 1, "verified": False,
+        "transport": "tcp", "tls_version": None, "cert_fingerprint": None,
     }
     (raw,) = [r for r in rows if "raw_base64" in r]
     assert base64.b64decode(raw["raw_base64"]) == BAD_UTF8_RAW and raw["session_id"] == 1
@@ -488,7 +489,7 @@ def test_html_export_in_headless_chromium(db, tmp_path):
         capture_output=True, text=True, timeout=90,
     )
     dom = r.stdout
-    assert "<title>chatlog transcript</title>" in dom  # no injected script changed the title
+    assert "<title>chatlog: 3 sessions, from session 1</title>" in dom  # no injected script changed the title
     assert "pwned</title>" not in dom
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom  # shown as text
     assert "<img src=\"x\"" not in dom
