@@ -351,6 +351,20 @@ def _handle_name(ctx, param, value):
     return value
 
 
+def _duration(ctx, param, value):
+    if value is None:
+        return None
+    from chatlog.query import BadDate, duration_seconds
+
+    try:
+        seconds = duration_seconds(value)
+    except BadDate as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{value!r} keeps nothing: give a period such as 90d")
+    return seconds
+
+
 @cli.command()
 @click.argument("port", type=click.IntRange(0, 65535))
 @click.option("--bind", metavar="ADDR", help="Address to listen on [default: every interface, IPv6 and IPv4]")
@@ -435,12 +449,15 @@ def _handle_name(ctx, param, value):
     "clients are recorded, not answered, and told so). Also when stdin is /dev/null or the server "
     "was started in the background (&).",
 )
+@click.option("--retain", metavar="DURATION", callback=_duration,
+              help="Keep the record this long (90d, 12w, 36h): sessions that ended earlier are removed in "
+              "the background, at start and hourly, in small steps no chat waits on [default: keep all].")
 @click.option("--color/--no-color", default=None, help="Force colors on or off [default: auto, honours NO_COLOR].")
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
     burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, no_operator,
-    color, db,
+    retain, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -514,8 +531,13 @@ def serve(
             tls_sockets = listen(bind, port, backlog=mode.backlog)
         elif tls_port is not None:
             tls_sockets = listen(bind, tls_port, backlog=mode.backlog)
+        retention = None
+        if retain is not None:
+            from chatlog.retention import Retention
+
+            retention = Retention(db_path(db), retain)
         run_server(mode, sockets, Renderer(color=color), sys.stdin if attended else None, bind=bind,
-                   tls_sockets=tls_sockets, tls=tls)
+                   tls_sockets=tls_sockets, tls=tls, retention=retention)
     except (ServeError, StoreError, TlsSetupError) as exc:
         raise Failed(str(exc)) from None
     finally:

@@ -145,6 +145,16 @@ class Console:
         except OSError:
             return False
 
+    def post(self, line: str) -> None:
+        """A line from another thread (the retention thread): through the writer thread, in
+        order after what is queued, bounded as the loop's lines are."""
+        with self._cv:
+            if len(self._lines) >= self.MAX_QUEUED:
+                self._skipped += 1
+            else:
+                self._lines.append(line)
+            self._cv.notify()
+
     def redraw(self) -> None:
         """Draw the operator's prompt again (it is wanted again while input() is waiting)."""
         with self._cv:

@@ -570,13 +570,20 @@ def _is_store_failure(exc: BaseException) -> bool:
 
 
 def serve(mode, sockets: list, renderer: Renderer, stdin, *, bind: str | None = None,
-          tls_sockets: list = (), tls=None) -> None:
+          tls_sockets: list = (), tls=None, retention=None) -> None:
     """Run `mode` (a policy and its store, see `chatlog.modes`) on listening `sockets` (plain)
-    and `tls_sockets` (TLS, with `tls`, a `chatlog.tls.ServerCert`) until it is stopped. Raises
-    ServeError if the store fails for good (every client has been told)."""
+    and `tls_sockets` (TLS, with `tls`, a `chatlog.tls.ServerCert`) until it is stopped, with
+    `retention` (a `chatlog.retention.Retention`) in the background. Raises ServeError if the
+    store fails for good (every client has been told)."""
     console = Console(renderer.stream)
     try:
         loop = _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets, tls)
+        if retention is not None:
+            from chatlog.retention import describe
+
+            console.write(renderer.paint("dim", f"Keeping {describe(retention.older_than)}: sessions that ended "
+                                         "earlier are removed from the record in the background"))
+            retention.start(lambda line: console.post(renderer.paint("event", line)))
         saved_tty = _save_tty(stdin)
         # The signals stay ours until the last console line is written: a second TERM (make
         # passes its own on to the server it runs) must not kill the server mid-goodbye.
@@ -584,6 +591,8 @@ def serve(mode, sockets: list, renderer: Renderer, stdin, *, bind: str | None = 
             try:
                 loop.run(wake)
             finally:
+                if retention is not None:
+                    retention.stop()
                 _restore_tty(stdin, saved_tty)
                 console.close()
     finally:

@@ -468,6 +468,27 @@ print(total)
     assert turns > 10 and worst < 0.5, (worst, turns)
 
 
+def test_serve_retain_removes_what_ended_too_long_ago_in_the_background(start_server, tmp_path):
+    db = tmp_path / "chat.db"
+    old = _seed(db, 3, 20_000, at=T("10:00:00"))  # ended 2026-11-20, more than 7 days before the run
+    server = start_server("--retain", "7d", db=db)
+    server.wait_for("^Keeping 1w: sessions that ended earlier are removed")
+    server.wait_for(r"retention: removed 3 sessions \(60,000 messages\) that ended over 1w ago", timeout=30)
+    c = server.connect()
+    c.sendall(b"bob>still here\n\0")
+    server.wait_for("^bob>still here$")
+    listed = json.loads(run(db, "sessions", "-n", "0", "--json").stdout)
+    assert [x["handle"] for x in listed] == ["bob"] and len(old) == 3  # the live chat stays
+    c.close()
+
+
+@pytest.mark.parametrize("given, said", [("0d", "keeps nothing"), ("3M", "ambiguous duration"),
+                                         ("soon", "invalid duration")])
+def test_serve_retain_takes_a_period(db_path, given, said):
+    r = run(db_path, "serve", "0", "--retain", given)
+    assert r.exit_code == 2 and said in r.stderr and "--retain" in r.stderr
+
+
 # -- html: its zone and its title ---------------------------------------------------------------
 
 
