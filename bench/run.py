@@ -19,6 +19,7 @@ import gen  # noqa: E402
 import logcost  # noqa: E402
 import roomload  # noqa: E402
 import tlscost  # noqa: E402
+import upkeepcost  # noqa: E402
 import turns  # noqa: E402
 from common import (  # noqa: E402
     CHATLOG, DATA, QUICK, VENV_BIN, Missing, has_command, median_spread, peak_rss_and_lines, run_timed,
@@ -490,7 +491,28 @@ def tls():
         None if _na(r) else (r["got_line"] == c - 1 and (r["server_vmhwm_mb"] or 1e9) < 500))
 
 
-FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "startup", "memory", "room", "tls")
+def upkeep():
+    """Retention and forget beside a live chat (no turn held past 2 s), and the newest 1,000
+    messages of the large archive by id (an incremental export's cron run)."""
+    src, _, msgs = archive("upkeep", 200 if QUICK else 2_000, 100)
+    res = upkeepcost.measure(src)
+    base = res["baseline"]
+    for key, label in (("retain", "serve --retain 1d"), ("forget", "forget --handle")):
+        worst, n, took, what = res[key]
+        row(f"{label} ({what} of {msgs:,} msgs) beside a chat: slowest turn", f"{worst * 1000:.0f} ms ({n} turns, "
+            f"{took:.1f} s)", f"{base[0] * 1000:.0f} ms idle ({base[1]} turns)", f"{worst / base[0]:.1f}",
+            "< 2 s", worst < 2.0 and what != "not finished")
+
+
+def after_id(big, msgs):
+    figure = f"export --after-id (newest 1,000 of {msgs:,} msgs)"
+    upto = sqlite3.connect(big).execute("SELECT max(id) FROM messages").fetchone()[0] - 1000
+    a = run_timed([*CHATLOG, "export", "-f", "jsonl", "--after-id", str(upto), "--db", str(big)])
+    b = run_timed(["sqlite3", "-json", str(big), f"SELECT * FROM messages WHERE id > {upto} ORDER BY id"])
+    row(figure, ms(a), ms(b) + " sqlite3 -json", f"{a[0] / b[0]:.2f}", "< 150 ms", a[0] < 0.150)
+
+
+FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "startup", "memory", "room", "tls", "upkeep")
 
 
 def main():
@@ -499,7 +521,7 @@ def main():
         if arg.startswith("--only="):
             only = set(arg.split("=", 1)[1].split(","))
     t = time.perf_counter()
-    if only & {"archive", "stats", "export"}:
+    if only & {"archive", "stats", "export", "upkeep"}:
         big_sessions = 5_000 if QUICK else 100_000
         big, long_id, msgs = archive("big", big_sessions, 20)
         small, small_long, small_msgs = archive("small", 1_000, 20)
@@ -508,7 +530,9 @@ def main():
         ("logging", "logging cost", logging_cost),
         ("archive", "archive queries", lambda: archive_queries(big, long_id, msgs, small, small_long, small_msgs)),
         ("stats", "stats", lambda: stats(big, msgs)),
-        ("export", "export", lambda: exports(big, msgs)), ("startup", "start-up", startup), ("memory", "memory", memory),
+        ("export", "export", lambda: exports(big, msgs)),
+        ("upkeep", "incremental export", lambda: after_id(big, msgs)), ("upkeep", "upkeep beside a chat", upkeep),
+        ("startup", "start-up", startup), ("memory", "memory", memory),
         ("room", "room", room), ("tls", "TLS", tls),
     ):
         if key in only:

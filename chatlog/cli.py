@@ -270,7 +270,7 @@ def filter_options(fn):
         help="Sessions started at or after WHEN: now, today, yesterday, 2h, 3d, 1w, 2mo, 1y, a date, a time.",
     )(fn)
     fn = click.option("--host", metavar="ADDR", help="Only sessions from this client address.")(fn)
-    fn = click.option("--handle", metavar="NAME", help="Only sessions with this handle.")(fn)
+    fn = click.option("--handle", metavar="NAME", help="Only sessions with this handle (a room: one of its participants).")(fn)
     return fn
 
 
