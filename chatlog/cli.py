@@ -811,15 +811,18 @@ def _export_after(session_ids, handle, host, since, until, fmt, output, after_id
         ids = [get_session(store, i).id for i in session_ids]
         filtered = bool(ids) or any((handle, host, since, until))
         chosen = set(store.session_ids(make_filters(handle, host, since, until, ids))) if filtered else None
+        if upto <= start:  # nothing is written: not even a header onto what a cron job appends to
+            click.echo(f"nothing new after message {start}", err=True)
+            return
+        # A cursor's later runs append to stdout (`>> log.csv`): the csv header only on its first.
+        header = not (cursor is not None and start > 0 and output == "-")
         complete = exporters.run(
-            store, [], fmt, output, None, exporters.Options(),
+            store, [], fmt, output, None, exporters.Options(header=header),
             source=lambda typed: store.export_after(start, upto, chosen, typed=typed),
         )
     if not complete:
         raise Failed("the output was not all written (its reader went away); the cursor is left as it was")
-    if upto <= start:
-        click.echo(f"nothing new after message {start}", err=True)
-    if cursor is not None and upto != start:
+    if cursor is not None:
         write_cursor(cursor, upto)
 
 

@@ -44,6 +44,7 @@ class Options:
     utc: bool = False  # times in UTC instead of local time
     headings: bool = False  # txt: a heading per session (several sessions)
     sessions: int = 0  # how many sessions the export holds, when known (html: its title)
+    header: bool = True  # csv: the header line (not when appending to an earlier run's output)
     # json, jsonl, csv: a room's lines by sequence number -> (host, port) of who said each
     addresses: Callable[[int], dict[int, tuple[str, int]]] | None = None
 
@@ -355,7 +356,8 @@ def write_csv(sessions: Sessions, out: TextIO, opts: Options = Options()) -> Non
     # Built by hand rather than with csv.writer: only the text-like cells can need quoting, and
     # checking the rest row by row was most of the cost of a large export. A message with no raw
     # bytes or note and a plain handle (nearly all of them) takes the one-line path.
-    out.write(",".join(CSV_FIELDS) + "\n")
+    if opts.header:
+        out.write(",".join(CSV_FIELDS) + "\n")
     cell = csv_cell
     safe = csv_plain
     plain = _PLAIN_SENDERS

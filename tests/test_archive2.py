@@ -165,6 +165,23 @@ def test_a_cursor_file_exports_each_message_once_and_moves_on(db_path, store, tm
         assert cursor.read_text() == content  # left as it was
 
 
+def test_a_cursor_appending_csv_writes_its_header_once(db_path, store, tmp_path):
+    cursor = tmp_path / "csv.cursor"
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    store.set_handle(sid, "amy")
+    _said(store, sid, 2)
+    log = run(db_path, "export", "-f", "csv", "--cursor", str(cursor)).stdout
+    assert run(db_path, "export", "-f", "csv", "--cursor", str(cursor)).stdout == ""  # nothing new: nothing
+    _said(store, sid, 2, start=2)
+    log += run(db_path, "export", "-f", "csv", "--cursor", str(cursor)).stdout
+    rows = list(csv.DictReader(io.StringIO(log)))
+    assert log.count("session_id,") == 1 and [r["text"] for r in rows] == [f"line {i}" for i in range(4)]
+    into = tmp_path / "new.csv"  # a file of its own each run: a whole csv, header and all
+    _said(store, sid, 1, start=4)
+    run(db_path, "export", "-f", "csv", "--cursor", str(cursor), "-o", str(into))
+    assert [r["text"] for r in csv.DictReader(io.StringIO(into.read_text()))] == ["line 4"]
+
+
 def test_a_cursor_beside_a_live_writer_misses_nothing_and_repeats_nothing(db_path, store, tmp_path):
     """A writer process commits messages, some in transactions of several, while exports run
     one after another against the same cursor: together they hold every message exactly once."""
