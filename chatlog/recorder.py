@@ -34,9 +34,19 @@ RAW_KEEP = 1024  # bytes of a message's raw form kept; the rest is counted in it
 _FINAL_COUNTS = (
     f"client_messages = {message_count('client')}, server_messages = {message_count('server')}"
 )
+# A message's id is never one a deleted message had (m013: SQLite alone would give the newest
+# deleted id again, and an incremental export's cursor, already past it, would skip the new one).
+_NEXT_ID = "max(coalesce((SELECT max(id) FROM {t}), 0), (SELECT upto FROM id_floors WHERE name = '{t}')) + 1"
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
+    f"VALUES ({_NEXT_ID.format(t='messages')}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A busy pass's messages take the ids after the first, given in one go (the transaction holds
+# the write lock, so nobody else takes one meanwhile).
+_FIRST_ID = f"SELECT {_NEXT_ID.format(t='messages')}"
+_INSERT_MESSAGES = (
+    "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -206,8 +216,9 @@ class Recorder:
     ) -> int:
         when = iso(at)
         session_id = self._run(
-            "INSERT INTO sessions (started_at, served_at, client_host, client_port, "
-            "server_host, server_port, server_id, kind, room) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (id, started_at, served_at, client_host, client_port, "
+            f"server_host, server_port, server_id, kind, room) VALUES ({_NEXT_ID.format(t='sessions')}, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (when, when if served else None, client_host, client_port, server_host, server_port,
              self.server_id, kind, room),
         ).lastrowid
@@ -285,14 +296,16 @@ class Recorder:
         seq = self._seq.get(session_id)
         seq = self._last_seq(session_id) if seq is None else seq
         params = []
+        next_id = self._run(_FIRST_ID).fetchone()[0]
         for sender, handle, text, raw, note, at, participant, verified in rows:
             if raw is not None and len(raw) > RAW_KEEP:
                 cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
                 note = f"{note}; {cut}" if note else cut
                 raw = raw[:RAW_KEEP]
             seq += 1
-            params.append((session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified))
-        self._run_many(_INSERT_MESSAGE, params)
+            params.append((next_id, session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified))
+            next_id += 1
+        self._run_many(_INSERT_MESSAGES, params)
         self._seq[session_id] = seq
 
     def _run_many(self, sql: str, params: list[tuple]) -> None:

@@ -411,6 +411,29 @@ def m012_removed_messages(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m013_ids_never_reused(conn: sqlite3.Connection) -> None:
+    # SQLite gives a new row the largest id + 1, so deleting the newest session (rm, prune) would
+    # hand its ids to the next ones: an incremental export's cursor, already past them, would skip
+    # those messages, and `session 12` would name another chat. Each table's highest id ever
+    # deleted is kept here (by the triggers), and the recorder never gives out one at or below it.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "id_floors" ("name" TEXT PRIMARY KEY, "upto" INTEGER NOT NULL);
+        INSERT INTO "id_floors" VALUES ('messages', 0), ('sessions', 0);
+        CREATE TRIGGER "messages_floor" AFTER DELETE ON "messages"
+          WHEN OLD."id" > (SELECT "upto" FROM "id_floors" WHERE "name" = 'messages') BEGIN
+          UPDATE "id_floors" SET "upto" = OLD."id" WHERE "name" = 'messages';
+        END;
+        CREATE TRIGGER "sessions_floor" AFTER DELETE ON "sessions"
+          WHEN OLD."id" > (SELECT "upto" FROM "id_floors" WHERE "name" = 'sessions') BEGIN
+          UPDATE "id_floors" SET "upto" = OLD."id" WHERE "name" = 'sessions';
+        END;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

@@ -182,6 +182,31 @@ def test_a_cursor_appending_csv_writes_its_header_once(db_path, store, tmp_path)
     assert [r["text"] for r in csv.DictReader(io.StringIO(into.read_text()))] == ["line 4"]
 
 
+def test_ids_of_deleted_messages_and_sessions_are_never_given_again(db_path, store, tmp_path):
+    """rm of the newest session must not hand its ids to the next messages: a cursor already
+    past them would skip those (and `session N` would name another chat)."""
+    cursor = tmp_path / "ids.cursor"
+    first = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    store.set_handle(first, "amy")
+    _said(store, first, 3)
+    store.end_session(first, "client-quit")
+    newest = store.begin_session(("127.0.0.1", 5001), ("127.0.0.1", 9999), served=True)
+    store.set_handle(newest, "bob")
+    _said(store, newest, 3)
+    store.end_session(newest, "client-quit")
+    run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor))
+    assert run(db_path, "rm", str(newest), "--yes").exit_code == 0
+    again = store.begin_session(("127.0.0.1", 5002), ("127.0.0.1", 9999), served=True)
+    store.set_handle(again, "cat")
+    _said(store, again, 2)
+    with store.rec.transaction():  # a room's busy pass takes its ids in one go
+        store.rec.add_messages(again, [("client", "cat", f"busy {i}", None, None, 0.0, None, False) for i in range(3)])
+    assert again > newest
+    new = [json.loads(x) for x in run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor)).stdout.splitlines()]
+    assert [m["text"] for m in new] == ["line 0", "line 1", "busy 0", "busy 1", "busy 2"]
+    assert min(m["id"] for m in new) > 6 and all(m["session_id"] == again for m in new)
+
+
 def test_a_cursor_beside_a_live_writer_misses_nothing_and_repeats_nothing(db_path, store, tmp_path):
     """A writer process commits messages, some in transactions of several, while exports run
     one after another against the same cursor: together they hold every message exactly once."""
