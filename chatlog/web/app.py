@@ -68,7 +68,8 @@ FORMATS = {  # export format -> (file extension, content type)
     "html": ("html", "text/html; charset=utf-8"),
     "cast": ("cast", "application/x-asciicast"),
 }
-STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
+          "icon.svg": "image/svg+xml"}
 LINES_MARK = "<!--LINES-->"
 COOKIE = "chatlog_token"
 _KINDS = {  # an event's kind -> its class; a kind this page does not know yet is shown plainly
@@ -243,7 +244,7 @@ class Web:
         return self.page(
             "sessions.html", title="sessions", form=form, rows=cells, problem=None, formats=FORMATS,
             more=self.query(form, n=page_n, before=more) if more else None,
-            newest=self.query(form, n=page_n) if before else None,
+            newest="/?" + self.query(form, n=page_n) if before else None,
             export_query=self.query(form),
         )
 
