@@ -561,7 +561,7 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> None:
 
 
 def _int(value, default, lo, hi):
-    if value is None or not str(value).isdigit():
+    if value is None or not (str(value).isascii() and str(value).isdigit()):  # not '²'
         return default
     return max(lo, min(hi, int(value)))
 
