@@ -21,6 +21,8 @@ import pytest
 from conftest import ROOT, ServerProc, recv_until, run_chatlog, wait_until
 from storebuild import open_store
 
+from chatlog.upkeep import Upkeep
+
 T0 = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
 
 
@@ -164,6 +166,9 @@ def archive(tmp_path_factory, trap):
     s.add_message(rid, "event", "carol", "joined", at=at(2001), participant=carol)
     s.rec.set_verified("participants", carol)
     s.rec.add_message(rid, "client", "carol", "a signed line", None, None, at(2002), carol, verified=True)
+    s.add_message(rid, "client", "carol", "a secret to forget", at=at(2002.5), participant=carol)
+    (ids["secret"],) = s.conn.execute("SELECT id FROM messages WHERE text = 'a secret to forget'").fetchone()
+    Upkeep(s).remove_messages([ids["secret"]])  # a tombstone in its place
     s.add_message(rid, "event", "carol", "left", note="quit", at=at(2003), participant=carol)
     s.end_session(rid, "operator", at=at(2004))
     # hostile text everywhere a client's text goes
@@ -282,6 +287,12 @@ def test_a_session_as_show_prints_it_with_an_anchor_per_line(web, archive):
     assert "carol joined" in page and "carol left" in page
     assert re.search(r'<span class="v"[^>]*>\u2713</span> <span class="h client" title="198.51.100.7 port 40001">'
                      r"carol&gt;</span>a signed line", page)
+    secret = ids["secret"]
+    assert re.search(rf'<div class="l note" id="{secret}"><a class="ts" href="#{secret}">.*\(message removed '
+                     r"[-0-9: ]+ UTC; it was carol&#x27;s\)</span></div>", page)
+    assert "a secret to forget" not in page
+    _, _, page = get(web.base + "/search?q=secret")
+    assert "No messages match." in page
     status, _, page = get(web.base + "/s/999999")
     assert status == 404 and "no session 999999" in page
 
