@@ -538,7 +538,7 @@ def test_replay_moves_through_the_lines_with_time(browser, web, archive):
 
 
 @pytest.mark.browser
-def test_follow_shows_a_line_said_in_a_real_chat(browser, tmp_path):
+def test_follow_shows_a_line_said_in_a_real_chat(browser, tmp_path, trap):
     db = tmp_path / "live.db"
     server = ServerProc(db)
     w = None
@@ -559,10 +559,16 @@ def test_follow_shows_a_line_said_in_a_real_chat(browser, tmp_path):
                    timeout=10, interval=0.02)
         latency = time.monotonic() - said
         assert latency < 2.0, latency  # committed before it is sent; shown within a second or so
-        c.sendall(b"dave>\\quit\n\0")
-        server.wait_for(r"client has quit")
-        wait_until(lambda: "This session has ended: client-quit." in browser.find_element(By.ID, "status").text)
-        assert "client has quit (session 1, 1 message each way)" in browser.find_element(By.ID, "lines").text
+        # a hostile line arrives live too: shown as text, nothing run, nothing fetched
+        c.sendall(f"dave><img src=\"{trap.url}/live\" onerror=\"document.title='pwned'\"><script>"
+                  "document.title='pwned'</script>\n\0".encode())
+        wait_until(lambda: "<script>document.title='pwned'</script>" in browser.find_element(By.ID, "lines").text)
+        assert browser.title == "session 1 · chatlog" and trap.hits == 0
+        assert not browser.find_elements(By.CSS_SELECTOR, "main img, main script")
+        server.say("\\quit")  # the operator ends the chat: the page says so
+        assert recv_until(c, b"\\quit\n").endswith(b"\\quit\n")
+        wait_until(lambda: "This session has ended" in browser.find_element(By.ID, "status").text)
+        assert "(session 1, 2 from the client, 1 from the server)" in browser.find_element(By.ID, "lines").text
         c.close()
     finally:
         if w is not None:
@@ -611,3 +617,26 @@ def test_the_page_asks_for_the_token(browser, archive):
         assert len(browser.find_elements(By.CSS_SELECTOR, "table.sessions tbody tr")) == 1
     finally:
         w.stop()
+
+
+@pytest.mark.browser
+def test_readable_with_javascript_off(browser, web, archive):
+    _, ids = archive
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": True})
+    try:
+        browser.get(web.base + "/?kind=room")
+        rows = browser.find_elements(By.CSS_SELECTOR, "table.sessions tbody tr")
+        assert len(rows) == 1 and rows[0].text.startswith(str(ids["room"]))
+        assert not browser.find_element(By.ID, "zone").is_displayed()  # needs script: not shown
+        browser.get(web.base + f"/s/{ids['chat']}")
+        lines = browser.find_elements(By.CSS_SELECTOR, "#lines .l")
+        assert len(lines) == 9 and lines[1].text == "11:23:21 alice>line 0"
+        browser.get(web.base + "/search?q=zebrafish")
+        assert "alice>line 2 zebrafish" in browser.find_element(By.CSS_SELECTOR, "ol.hits").text
+        browser.get(web.base + f"/s/{ids['chat']}/replay")
+        assert "Replay needs JavaScript" in browser.find_element(By.TAG_NAME, "main").text
+        assert len([el for el in browser.find_elements(By.CSS_SELECTOR, "#lines .l") if el.is_displayed()]) == 9
+    finally:
+        browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
