@@ -153,7 +153,7 @@ class Reading:
             yield m
 
 
-def transcript_lines(store: Archive, s: Session, reading: Reading, timed: bool) -> Iterator[str]:
+def transcript_lines(s: Session, reading: Reading, timed: bool) -> Iterator[str]:
     """The session's lines, in batches; with `timed`, each with its time from the first line
     (replay's clock: `replay.relative`, never going backwards)."""
     batch: list[str] = []
@@ -275,7 +275,7 @@ class Web:
             try:
                 yield top
                 began = not transcript.Transcript._queued(s)
-                for chunk in transcript_lines(store, s, reading, timed=replay):
+                for chunk in transcript_lines(s, reading, timed=replay):
                     began = began or 'id="began"' in chunk
                     yield chunk
                 if s.ended_at is None:
