@@ -4,6 +4,7 @@ real headless Chromium (Debian's chromium and chromedriver, driven by Selenium; 
 skip, saying why, when either is missing)."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -640,3 +641,25 @@ def test_readable_with_javascript_off(browser, web, archive):
         assert len([el for el in browser.find_elements(By.CSS_SELECTOR, "#lines .l") if el.is_displayed()]) == 9
     finally:
         browser.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
+
+
+def test_live_picks_up_where_the_page_stopped(web, archive):
+    """The event stream of an ended session: the lines after `after` (or after Last-Event-ID,
+    which a reconnecting browser sends), then the end, counted as the whole page counts it."""
+    _, ids = archive
+    sid = ids["chat"]
+    _, _, page = get(web.base + f"/s/{sid}")
+    ending = re.search(r'<div class="l event" id="end">.*</div>', page).group(0)
+    status, headers, body = get(web.base + f"/s/{sid}/live?after=3&began=1")
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    lines = [json.loads(d)["html"] for d in re.findall(r"^event: line\ndata: (.*)$", body, re.M)]
+    texts = [re.sub(r"<[^>]+>", "", x).split(" ", 1)[1] for x in lines]  # less the tags and the stamp
+    assert texts == ["SERVER&gt;line 3", "(cut at 4096 bytes)", "alice&gt;line 4", "SERVER&gt;line 5",
+                     "client has quit (session %d, 3 messages each way)" % sid]
+    assert lines[-1] == ending
+    assert re.findall(r"^id: (\S+)$", body, re.M) == ["4.1", "4.1", "5.1", "6.1", "6.1"]
+    assert body.rstrip().endswith('event: end\ndata: {"html": "This session has ended: client-quit."}')
+    _, _, again = get(web.base + f"/s/{sid}/live?after=0", headers={"Last-Event-ID": "5.1"})
+    assert len(re.findall(r"^event: line$", again, re.M)) == 2  # line 5 and the end
+    status, _, _ = get(web.base + "/s/999999/live")
+    assert status == 404
