@@ -269,11 +269,11 @@ class Web:
             body_class="replay" if replay else "",
         )
         top, _, bottom = html.partition(LINES_MARK)
-        reading = Reading(store, s)
 
-        def body() -> Iterator[str]:
+        def body() -> Iterator[str]:  # run in a worker thread, a chunk at a time
             try:
                 yield top
+                reading = Reading(store, s)  # (a room's addresses: a read, after the head is out)
                 began = not transcript.Transcript._queued(s)
                 for chunk in transcript_lines(s, reading, timed=replay):
                     began = began or 'id="began"' in chunk
