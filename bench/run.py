@@ -21,6 +21,7 @@ import roomload  # noqa: E402
 import tlscost  # noqa: E402
 import upkeepcost  # noqa: E402
 import turns  # noqa: E402
+import webcost  # noqa: E402
 from common import (  # noqa: E402
     CHATLOG, DATA, QUICK, VENV_BIN, Missing, has_command, median_spread, peak_rss_and_lines, run_timed,
 )
@@ -222,6 +223,46 @@ def exports(big, msgs):
         rss, lines = peak_rss_and_lines(cmd)
         row(f"export {fmt}: peak RSS; lines written", f"{rss:.0f} MB; {lines:,}", f"{msgs + extra_lines:,} expected",
             "", "< 100 MB; all", rss < 100 and lines == msgs + extra_lines)
+
+
+def web(big, long_id, msgs):
+    """`chatlog web`: the server time of the sessions page and of a 1,000-message session page
+    (the whole body over loopback), against the commands that print the same, in the same run;
+    the first byte of a 100,000-message session; follow latency from a real room."""
+    target = "< 150 ms"
+    if not has_command("web"):
+        for figure in ("web: sessions page", "web: session page (1,000 messages)"):
+            missing(figure, target)
+        return
+    server = webcost.Web(big)
+    try:
+        for label, path, cmd in (
+            ("sessions page (50)", "/", [*CHATLOG, "sessions", "--db", str(big)]),
+            ("session page (1,000 messages)", f"/s/{long_id}", [*CHATLOG, "show", str(long_id), "--db", str(big)]),
+        ):
+            a = webcost.timed(server.port, path)
+            b = run_timed(cmd)
+            row(f"web: {label}, {msgs:,} msgs", ms(a), f"{ms(b)} chatlog {cmd[1]}", f"{a[0] / b[0]:.2f}", target,
+                a[0] < 0.150)
+    finally:
+        server.stop()
+    n = 20_000 if QUICK else 100_000
+    one, _, _ = archive("one", 1, n)
+    server = webcost.Web(one)
+    try:
+        first = webcost.timed(server.port, "/s/1", runs=5, first_byte=True)
+        whole = webcost.timed(server.port, "/s/1", runs=3)
+    finally:
+        server.stop()
+    row(f"web: first byte of a {n:,}-message session", ms(first), f"{secs(whole)} whole page",
+        f"{first[0] / whole[0]:.3f}", "< 200 ms (streamed)", first[0] < 0.200)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lat = webcost.follow_latency(Path(tmp) / "live.db", lines=10 if QUICK else 30)
+    med, (lo, hi) = median_spread(lat)
+    row("web: follow, a room's line to the event stream", f"{med * 1000:.0f} ms ({lo * 1000:.0f}-{hi * 1000:.0f})",
+        "polled every 200 ms", "", "< 1 s (max)", hi < 1.0)
 
 
 def startup():
@@ -512,7 +553,7 @@ def after_id(big, msgs):
     row(figure, ms(a), ms(b) + " sqlite3 -json", f"{a[0] / b[0]:.2f}", "< 150 ms", a[0] < 0.150)
 
 
-FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "startup", "memory", "room", "tls", "upkeep")
+FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "web", "startup", "memory", "room", "tls", "upkeep")
 
 
 def main():
@@ -521,7 +562,7 @@ def main():
         if arg.startswith("--only="):
             only = set(arg.split("=", 1)[1].split(","))
     t = time.perf_counter()
-    if only & {"archive", "stats", "export", "upkeep"}:
+    if only & {"archive", "stats", "export", "upkeep", "web"}:
         big_sessions = 5_000 if QUICK else 100_000
         big, long_id, msgs = archive("big", big_sessions, 20)
         small, small_long, small_msgs = archive("small", 1_000, 20)
@@ -532,6 +573,7 @@ def main():
         ("stats", "stats", lambda: stats(big, msgs)),
         ("export", "export", lambda: exports(big, msgs)),
         ("upkeep", "incremental export", lambda: after_id(big, msgs)), ("upkeep", "upkeep beside a chat", upkeep),
+        ("web", "chatlog web", lambda: web(big, long_id, msgs)),
         ("startup", "start-up", startup), ("memory", "memory", memory),
         ("room", "room", room), ("tls", "TLS", tls),
     ):

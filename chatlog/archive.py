@@ -241,6 +241,17 @@ class Archive:
         )))
         return row[0], counts
 
+    def said_upto(self, session_id: int, seq: int) -> tuple[str | None, dict[str, int]]:
+        """The time of a session's message `seq`, and how many messages each sender said up to
+        it (where a reader that has shown them picks up)."""
+        row = self.tolerant(lambda: self._one(
+            f"SELECT {sql_text('at')} FROM messages WHERE session_id = ? AND seq = ?", (session_id, seq)))
+        counts = dict(self.tolerant(lambda: self._all(
+            "SELECT CAST(sender AS TEXT), count(*) FROM messages WHERE session_id = ? AND seq <= ? GROUP BY sender",
+            (session_id, seq),
+        )))
+        return (row[0] if row else None), counts
+
     def session_ids(self, filters: "Filters") -> list[int]:
         where, args = filter_sql(filters)
         with self.db.guard:
@@ -578,6 +589,9 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
         if value is not None:
             clauses.append(f"sessions.{column} {op} ?")
             args.append(value)
+    if f.before is not None:
+        clauses.append("sessions.id < ?")
+        args.append(f.before)
     if f.ended_only:
         clauses.append("sessions.ended_at IS NOT NULL")
     if f.verified:

@@ -1099,3 +1099,47 @@ def identities(forget, as_json, db):
         raise Nothing("no handle is bound to a certificate yet")
     for handle, fp, first, last, n in rows:
         click.echo(visible(f"{handle!s:<12} {fp!s}  first {first!s}  last {last!s}  sessions {n!s}"))
+
+
+@cli.command()
+@click.option("--bind", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address to listen on. Anything but loopback needs --token or --token-file.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0 picks a free one; it is printed).")
+@click.option("--token", metavar="TOKEN", help="A token the browser must give (asked for by a page) [env: CHATLOG_WEB_TOKEN].",
+              envvar="CHATLOG_WEB_TOKEN")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Read the token from FILE (kept out of the process list).")
+@db_option
+def web(bind, port, token, token_file, db):
+    """Read, search, replay and follow the archive in a browser, read-only.
+
+    Serves http://127.0.0.1:8080/ by default: the sessions (with the filters of `sessions`), each
+    transcript as `show` prints it with a link per line, search (`search` syntax), replay with
+    its timing, a session in progress followed live, and every export format as a download.
+    Lists, transcripts and search work with JavaScript off. Ctrl-C stops.
+    """
+    from chatlog.web.app import is_loopback
+
+    if token is not None and token_file is not None:
+        raise click.UsageError("--token and --token-file: give one")
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Failed(f"cannot read the token file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise Failed(f"the token file {token_file} is empty")
+    if token is not None and not token.strip():
+        raise Failed("the token is empty")
+    if not is_loopback(bind) and not token:
+        raise Failed(f"binding to {bind} needs --token or --token-file: anyone who can reach it could read the archive")
+    from chatlog.web.app import run
+
+    from chatlog.archive import open_archive as opener
+
+    opener(db, read_only=True).close()  # a missing or unreadable archive is one line now, not a page later
+    try:
+        run(db, bind, port, token, sys.stdout)
+    except OSError as exc:
+        raise Failed(f"cannot listen on {bind} port {port}: {exc.strerror or exc}") from None

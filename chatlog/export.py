@@ -155,6 +155,17 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
     return True
 
 
+def write_to(store, ids: list[int], fmt: str, out: TextIO, options: Options = Options()) -> None:
+    """Export the sessions `ids` as `fmt` into any text stream, as it reads (what `chatlog web`
+    streams to a browser): the same writers and rows as `run`, without the file handling."""
+    chosen = WRITERS[fmt]
+    if options.addresses is None and hasattr(store, "room_addresses"):
+        import dataclasses
+
+        options = dataclasses.replace(options, addresses=store.room_addresses)
+    chosen(store.export_rows(ids, typed=chosen not in UNTYPED), out, options)
+
+
 def _to_stdout(write, pairs) -> bool:
     if sys.stdout.isatty():
         write(pairs, TerminalSafe(sys.stdout))

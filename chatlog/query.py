@@ -116,4 +116,5 @@ class Filters:
     ended_only: bool = False  # leave out sessions still in progress
     verified: bool = False  # only sessions with a verified handle (a room: any participant's)
     kind: str | None = None  # "chat" or "room"
+    before: int | None = None  # only sessions with an id below this (a page of a listing)
     # turned into SQL by the store: nothing above it writes SQL

@@ -43,6 +43,7 @@ class Event:
     sender: str | None = None  # a message's: client or server
     handle: str | None = None
     verified: int = 0  # a message said under a handle bound to its client's certificate
+    id: int | None = None  # the stored message it comes from (a line's anchor in `chatlog web`)
 
     @property
     def is_message(self) -> bool:
@@ -62,6 +63,23 @@ class Transcript:
         self.counts = {"client": 0, "server": 0}
         self.last = session.started_at
         self._began = not self._queued(session)
+
+    @classmethod
+    def resumed(cls, session: Session, last: str | None, counts: dict[str, int], began: bool) -> Transcript:
+        """A transcript picked up after lines already shown (a page following a session live):
+        the time of the last line shown, how many each sender had said, and whether the chat
+        had begun by then."""
+        t = cls(session)
+        if last is not None and looks_like_time(last) and last > t.last:
+            t.last = last
+        for sender in t.counts:
+            t.counts[sender] += counts.get(sender, 0)
+        t._began = t._began or began
+        return t
+
+    @property
+    def began(self) -> bool:
+        return self._began
 
     @staticmethod
     def _queued(s: Session) -> bool:
@@ -100,9 +118,9 @@ class Transcript:
             yield event_of(m, at)
             return
         if m.removed_at is not None:  # a tombstone: never the old text, nor its note
-            yield Event(NOTE, at, removed_text(m), None, m.handle)
+            yield Event(NOTE, at, removed_text(m), None, m.handle, 0, m.id)
             return
-        yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle, m.verified)
+        yield Event(MESSAGE, at, m.text, "server" if m.sender == "server" else "client", m.handle, m.verified, m.id)
         if m.note:
             yield Event(NOTE, at, f"({m.note})")
 
@@ -134,13 +152,13 @@ def event_of(m: Msg, at: str) -> Event:
     padding that trailed a line as `padding` with a note that counts it."""
     who = m.handle if m.handle is not None else "someone"
     if m.text == "joined":
-        return Event(JOINED, at, f"{who} joined", None, m.handle)
+        return Event(JOINED, at, f"{who} joined", None, m.handle, 0, m.id)
     if m.text == "left":
         why = ""
         if m.note:
             why = f" ({LEFT_WORDS.get(m.note, m.note)})"
-        return Event(LEFT, at, f"{who} left{why}", None, m.handle)
-    return Event(NOTE, at, f"({m.note or m.text})", None, m.handle)
+        return Event(LEFT, at, f"{who} left{why}", None, m.handle, 0, m.id)
+    return Event(NOTE, at, f"({m.note or m.text})", None, m.handle, 0, m.id)
 
 
 def removed_text(m: Msg) -> str:
@@ -165,7 +183,7 @@ def events(session: Session, messages: Iterable[Msg]) -> Iterator[Event]:
         if t._began and not m.note and m.removed_at is None and m.sender in counts and at >= t.last and looks_like_time(at):
             counts[m.sender] += 1
             t.last = at
-            yield Event(MESSAGE, at, m.text, m.sender, m.handle, m.verified)
+            yield Event(MESSAGE, at, m.text, m.sender, m.handle, m.verified, m.id)
         else:
             yield from slow(m)
     yield from t.end()
