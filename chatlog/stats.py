@@ -48,26 +48,25 @@ def _totals(archive: Archive) -> dict:
                 (5 + len(live),),
             )
         }
+        def totals_of(h: str, otherwise: list[int]) -> list[int]:
+            """A handle's [sessions, said, answers] as the totals table has them."""
+            row = q(
+                f"SELECT {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
+                f"{sql_int('server_messages', '0')} FROM handle_totals WHERE handle = ?",
+                (h,),
+            ).fetchone()
+            return list(row) if row else otherwise
+
         for h, c, a in live:
             said, answers = said + c, answers + a
             if h is not None:
                 if h not in by_handle:
-                    row = q(
-                        f"SELECT {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
-                        f"{sql_int('server_messages', '0')} FROM handle_totals WHERE handle = ?",
-                        (h,),
-                    ).fetchone()
-                    by_handle[h] = list(row) if row else [1, 0, 0]
+                    by_handle[h] = totals_of(h, [1, 0, 0])
                 by_handle[h][1] += c
                 by_handle[h][2] += a
         for h, n, c in in_rooms:
             if h not in by_handle:
-                row = q(
-                    f"SELECT {sql_int('sessions', '0')}, {sql_int('client_messages', '0')}, "
-                    f"{sql_int('server_messages', '0')} FROM handle_totals WHERE handle = ?",
-                    (h,),
-                ).fetchone()
-                by_handle[h] = list(row) if row else [0, 0, 0]
+                by_handle[h] = totals_of(h, [0, 0, 0])
             by_handle[h][0] += n
             by_handle[h][1] += c
         reasons = q(
