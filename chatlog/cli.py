@@ -430,6 +430,15 @@ def _handle_name(ctx, param, value):
     "as history (0: none) [default: 20].",
 )
 @click.option(
+    "--link", "link_url", metavar="URL",
+    help="A room across servers: link it through a NATS JetStream broker (nats://[USER:PASS@]HOST:4222, "
+    "or tls://...). Every server with the same --name on that broker is one room.",
+)
+@click.option("--link-creds", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="A NATS credentials file for --link.")
+@click.option("--link-ca", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The CA that signed the broker's certificate (TLS to the broker).")
+@click.option(
     "--no-operator", is_flag=True,
     help="Nobody is at the console: stdin is never read and the server runs until SIGTERM (1:1 "
     "clients are recorded, not answered, and told so). Also when stdin is /dev/null or the server "
@@ -439,8 +448,8 @@ def _handle_name(ctx, param, value):
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
-    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, no_operator,
-    color, db,
+    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, link_url,
+    link_creds, link_ca, no_operator, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -476,6 +485,18 @@ def serve(
 
     if not room and (room_name is not None or history is not None):
         raise click.UsageError(f"{'--name' if room_name is not None else '--history'} is for a room (--room)")
+    if not room and (link_url or link_creds or link_ca):
+        raise click.UsageError("--link is for a room (--room)")
+    link = None
+    if link_url:
+        from chatlog.link import BrokerLink
+
+        try:
+            link = BrokerLink(link_url, creds=link_creds, ca=link_ca)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--link") from None
+    elif link_creds or link_ca:
+        raise click.UsageError("--link-creds and --link-ca go with --link URL")
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
@@ -494,6 +515,10 @@ def serve(
                 recorder, handle=handle, max_clients=max_clients, per_address=per_address, rate=rate, burst=burst,
                 attended=attended, name=room_name, history=20 if history is None else history,
             )
+            if link is not None:
+                from chatlog.link import linked_room_mode
+
+                mode = linked_room_mode(mode, recorder, link)
         else:
             mode = modes.chat_mode(
                 recorder, handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
@@ -520,6 +545,8 @@ def serve(
         raise Failed(str(exc)) from None
     finally:
         try:
+            if link is not None:
+                link.close()  # what was published last (its clients' leaving) goes out
             recorder.close()
         finally:
             for sig, handler in saved.items():
