@@ -547,7 +547,7 @@ class BrokerLink:
         import nats
 
         asyncio.get_running_loop().create_task(self._publisher())
-        said = None
+        self._said = None
         while not self._closing:
             try:
                 self.nc = await nats.connect(
@@ -557,15 +557,17 @@ class BrokerLink:
                     disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
                 )
-                self.js = self.nc.jetstream()
+                js = self.nc.jetstream()
+                self.js = js
                 await self._ensure_stream()
                 await self._subscribe()
                 break
             except Exception as exc:  # noqa: BLE001  (unreachable, refused, not authorised, no JetStream)
                 why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
-                if why != said:
+                if why != self._said:
                     self._put(LinkState(False, why, time.time()))
-                    said = why
+                    self._said = why
+                self.js = None
                 if self.nc is not None:
                     try:
                         await self.nc.close()
@@ -726,7 +728,14 @@ class BrokerLink:
             pass
 
     async def _on_error(self, exc) -> None:
-        pass  # reconnection is reported by the callbacks above
+        """Before the first connection the client retries by itself and says why here (a broker
+        not listening, a refused password): said once per reason. Later, the callbacks above
+        say when the link goes and comes back."""
+        if self.js is None and not self._closing:
+            why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+            if why != self._said:
+                self._said = why
+                self._put(LinkState(False, why, time.time()))
 
     async def _shutdown(self) -> None:
         await self._out.put(None)

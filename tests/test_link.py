@@ -1,0 +1,329 @@
+"""A room across several servers, linked through NATS JetStream (`serve --room --link`,
+chatlog/link.py): real `nats-server -js` processes on free loopback ports with their own storage,
+real chatlog servers, raw socket clients on each. Every client sees every line in one order,
+every archive holds the same lines in the same order, and the faults (a server killed with -9, the
+broker restarted, the broker gone) lose and duplicate nothing."""
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from conftest import ServerProc, run_chatlog, wait_until
+
+NATS = shutil.which("nats-server")
+pytestmark = pytest.mark.skipif(NATS is None, reason="nats-server is not installed (Debian: apt-get install nats-server)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A real `nats-server -js` on loopback, its storage in a directory of its own; it can be
+    stopped and started again on the same port and storage."""
+
+    def __init__(self, store, port=None, args=()):
+        self.port = port or free_port()
+        self.store = store
+        self.args = list(args)
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.log = open(f"{self.store}.log", "ab")
+        self.proc = subprocess.Popen([NATS, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store), *self.args],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up():
+            assert self.proc.poll() is None, "nats-server exited"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "nats")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def linked(tmp_path, broker):
+    """Factory: linked(name) -> a chatlog room server linked through the broker, its database
+    tmp_path/NAME.db, up and linked (its console says so)."""
+    servers = []
+
+    def start(name, *args, room="lab", wait=True):
+        s = ServerProc(tmp_path / f"{name}.db", "--room", "--name", room, "--link", broker.url, *args)
+        servers.append(s)
+        if wait:
+            s.wait_for(r"^linked to nats://")
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+class Peer:
+    """A raw client: what it has received, read as it is waited for."""
+
+    def __init__(self, server, handle=None):
+        self.sock = server.connect()
+        self.buf = b""
+        self.until(b"Type at any time.\n")
+        if handle:
+            self.send(f"{handle}>\\join")
+
+    def send(self, line: str):
+        self.sock.sendall(line.encode() + b"\n")
+
+    def until(self, needle: bytes, timeout=10.0) -> bytes:
+        self.sock.settimeout(0.5)
+        deadline = time.monotonic() + timeout
+        while needle not in self.buf:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not received; got {self.buf[-2000:]!r}")
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError(f"closed before {needle!r}; got {self.buf[-2000:]!r}")
+            self.buf += chunk
+        return self.buf
+
+    def lines(self):
+        return self.buf.decode().splitlines()
+
+    def close(self):
+        self.sock.close()
+
+
+def rows(db, where="stream_seq IS NOT NULL"):
+    """The linked lines of an archive, in the order it committed them."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            f"SELECT origin_server, origin_id, stream_seq, sender, handle, text, note FROM messages WHERE {where} ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def last_seq(db):
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT last_seq FROM room_links").fetchone()
+        return row[0] if row else 0
+    finally:
+        conn.close()
+
+
+def settled(*dbs):
+    """Every archive has committed the same stream, as far as the first has."""
+    target = wait_until(lambda: last_seq(dbs[0]))
+    wait_until(lambda: all(last_seq(db) == last_seq(dbs[0]) for db in dbs) and last_seq(dbs[0]) >= target)
+    return last_seq(dbs[0])
+
+
+def assert_same_archives(*dbs):
+    first = rows(dbs[0])
+    seqs = [r[2] for r in first]
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1)), "a gap in the stream"
+    assert len({(r[0], r[1]) for r in first}) == len(first), "a line recorded twice"
+    for db in dbs[1:]:
+        assert rows(db) == first
+
+
+# -- one room over three servers -----------------------------------------------------------------
+
+
+def test_three_servers_one_room_one_order(tmp_path, linked):
+    servers = [linked(n) for n in "abc"]
+    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"])]
+    for p, other in ((peers[0], "bob"), (peers[0], "carol"), (peers[1], "carol")):
+        p.until(f"*** {other} joined\n".encode())
+    n = 15
+    for i in range(n):  # interleaved as fast as they can: the stream decides one order
+        for p, h in zip(peers, ["alice", "bob", "carol"]):
+            p.send(f"{h}>line {i} from {h}")
+    for p, me in zip(peers, ["alice", "bob", "carol"]):
+        for h in {"alice", "bob", "carol"} - {me}:
+            p.until(f"{h}>line {n - 1} from {h}\n".encode())
+    dbs = [tmp_path / f"{x}.db" for x in "abc"]
+    settled(*dbs)
+    assert_same_archives(*dbs)
+    order = [(h, t) for _, _, _, sender, h, t, _ in rows(dbs[0]) if sender == "client"]
+    assert len(order) == 3 * n
+    for p, me in zip(peers, ["alice", "bob", "carol"]):
+        seen = [tuple(line.split(">", 1)) for line in p.lines() if re.match(r"(alice|bob|carol)>line", line)]
+        assert seen == [(h, t) for h, t in order if h != me]  # every line, in the stream's order
+    # Each archive's history is the room's, whichever server said it.
+    for db in dbs:
+        r = run_chatlog(db, "search", "-c", "line 14 from carol")
+        assert r.exit_code == 0 and r.output.strip() == "1"
+
+
+def test_who_lists_everyone_and_kick_works_across_servers(tmp_path, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    bob.until(b"*** alice joined\n")
+
+    def who_lists_alice():
+        bob.send("bob>\\who")
+        try:
+            bob.until(b"alice (on ", timeout=1)
+            return True
+        except AssertionError:
+            return False
+
+    wait_until(who_lists_alice)
+    assert re.search(r"\*\*\* 2 here: bob, alice \(on [^)]+:%d\)" % a.port, bob.buf.decode())
+    b.say("\\who")
+    b.wait_for(r"^  alice +127\.0\.0\.1:\d+ +on .*:%d$" % a.port)
+    # The operator of b kicks alice, who is on a: a carries it out, everyone hears it.
+    b.say("\\kick alice")
+    b.wait_for(r"asked .* to kick alice")
+    alice.until(b"\\quit\n")
+    assert b"You were removed from the room" in alice.buf or b"removed" in alice.buf
+    bob.until(b"*** alice left\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    assert ("event", "alice", "left", "kicked") in [r[3:] for r in rows(tmp_path / "b.db")]
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+def test_server_killed_and_restarted_resumes_without_gap_or_duplicate(tmp_path, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    for i in range(10):
+        alice.send(f"alice>before {i}")
+    bob.until(b"alice>before 9\n")
+    b.proc.send_signal(signal.SIGKILL)
+    b.wait()
+    for i in range(10):  # said while b is away: b's archive must have them all the same
+        alice.send(f"alice>while away {i}")
+    settled(tmp_path / "a.db")
+    b2 = linked("b")  # the same database: resumes from its last committed sequence
+    wait_until(lambda: last_seq(tmp_path / "b.db") == last_seq(tmp_path / "a.db"))
+    carol = Peer(b2, "carol")
+    alice.until(b"*** carol joined\n")
+    alice.send("alice>after")
+    carol.until(b"alice>after\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    texts = [r[5] for r in rows(tmp_path / "b.db")]
+    assert [t for t in texts if "away" in t] == [f"while away {i}" for i in range(10)]
+
+
+def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    for i in range(5):
+        alice.send(f"alice>one {i}")
+    bob.until(b"alice>one 4\n")
+    broker.stop()
+    alice.until(b"link to the room's other servers is down")
+    bob.until(b"link to the room's other servers is down")
+    broker.start()  # the same storage: the stream and its sequence are kept
+    alice.until(b"lines are relayed again")
+    bob.until(b"lines are relayed again")
+    for i in range(5):
+        bob.send(f"bob>two {i}")
+    alice.until(b"bob>two 4\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    texts = [r[5] for r in rows(tmp_path / "a.db") if r[3] == "client"]
+    assert texts == [f"one {i}" for i in range(5)] + [f"two {i}" for i in range(5)]
+
+
+def test_broker_gone_clients_told_lines_refused_and_kept_marked(tmp_path, broker, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    broker.stop()
+    alice.until(b"link to the room's other servers is down")
+    a.wait_for("lost the broker")
+    alice.send("alice>said while the broker is gone")
+    alice.until(b"what you say now is not relayed", timeout=10)
+    newcomer = Peer(a)  # one who joins meanwhile is told at once too
+    newcomer.until(b"link to the room's other servers is down")
+    kept = wait_until(lambda: rows(tmp_path / "a.db", "text = 'said while the broker is gone'"))
+    assert kept[0][2] is None and "not relayed" in kept[0][6]  # recorded here alone, marked
+    broker.start()
+    alice.until(b"lines are relayed again")
+    alice.send("alice>back")
+    bob.until(b"alice>back\n")
+    assert b"said while the broker is gone" not in bob.buf
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    # The room's history never shows a line that was not relayed.
+    r = run_chatlog(tmp_path / "b.db", "search", "broker gone")
+    assert "said while" not in r.output
+
+
+def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
+    broker = Broker(tmp_path / "auth", args=["--user", "someone", "--pass", "s3cret"])
+    try:
+        s = ServerProc(tmp_path / "x.db", "--room", "--name", "lab", "--link",
+                       f"nats://someone:s3cret@127.0.0.1:{broker.port}")
+        wrong = ServerProc(tmp_path / "y.db", "--room", "--name", "lab", "--link",
+                           f"nats://someone:wrong@127.0.0.1:{broker.port}")
+        try:
+            s.wait_for(r"Linked room lab through the broker nats://127\.0\.0\.1:%d \(stream CHATLOG_lab\)" % broker.port)
+            s.wait_for(r"^linked to nats://127\.0\.0\.1:%d: room lab" % broker.port)
+            wrong.wait_for(r"cannot reach the broker nats://127\.0\.0\.1:%d: .*[Aa]uthori" % broker.port)
+            for server in (s, wrong):
+                assert "s3cret" not in server.output and "someone" not in server.output and "wrong" not in server.output
+        finally:
+            s.stop()
+            wrong.stop()
+    finally:
+        broker.stop()
+    r = run_chatlog(tmp_path / "z.db", "serve", "0", "--link", "nats://127.0.0.1:1")
+    assert r.exit_code != 0 and "--link is for a room" in r.output
+
+
+def test_stream_names_are_safe_tokens():
+    from chatlog.link import safe_url, stream_token
+
+    assert stream_token("lab") == "lab"
+    assert stream_token("cs372-room_1") == "cs372-room_1"
+    for odd in ("a.b", "a b", "a>*", "café"):
+        tok = stream_token(odd)
+        assert re.fullmatch(r"x[0-9a-f]{24}", tok)
+    assert safe_url("nats://u:p@h:4222") == "nats://h:4222"
+    assert safe_url("tls://u@[::1]:4222") == "tls://[::1]:4222"
