@@ -920,6 +920,30 @@ def _delete(store, ids, yes):
 
 
 @cli.command()
+@click.argument("sources", metavar="DB...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="ALL.db",
+              help="The merged archive (created, or added to: merging the same archives again changes nothing).")
+def merge(sources, output):
+    """One archive from several servers' archives (a room linked with `serve --link`, and each
+    server's own sessions).
+
+    A linked room becomes one session per room name, each line once (by its origin server and
+    id), in the room's stream order; every other session is copied with its server named. The
+    sources are only read. `sessions`, `show`, `search` and `export` work on the result.
+    """
+    from chatlog.db import StoreError
+    from chatlog.merge import merge as run_merge
+
+    try:
+        added = run_merge(list(sources), output)
+    except StoreError as exc:
+        raise Failed(str(exc)) from None
+    click.echo(f"merged {plural(len(sources), 'archive')} into {output}: "
+               f"{plural(added['sessions'], 'new session')}, {plural(added['messages'], 'new message')}", err=True)
+
+
+@cli.command()
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("-f", "--force", is_flag=True, help="Overwrite DEST if it exists.")
 @db_option

@@ -327,3 +327,77 @@ def test_stream_names_are_safe_tokens():
         assert re.fullmatch(r"x[0-9a-f]{24}", tok)
     assert safe_url("nats://u:p@h:4222") == "nats://h:4222"
     assert safe_url("tls://u@[::1]:4222") == "tls://[::1]:4222"
+
+
+# -- one archive from several --------------------------------------------------------------------
+
+
+def dump(db):
+    """Every table an archive's readers use, as rows (ids included): what a second merge must
+    leave exactly as it was."""
+    conn = sqlite3.connect(db)
+    try:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                for t in ("sessions", "messages", "participants", "servers", "merged")}
+    finally:
+        conn.close()
+
+
+def test_merge_one_archive_from_three_idempotent_and_readable(tmp_path, linked):
+    from storebuild import open_store
+
+    servers = [linked(n) for n in "abc"]
+    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"])]
+    peers[0].until(b"*** carol joined\n")
+    for i in range(5):
+        for p, h in zip(peers, ["alice", "bob", "carol"]):
+            p.send(f"{h}>merge {i} from {h}")
+    for h in ("bob", "carol"):
+        peers[0].until(f"{h}>merge 4 from {h}\n".encode())
+    dbs = [tmp_path / f"{x}.db" for x in "abc"]
+    settled(*dbs)
+    for p in peers:
+        p.close()
+    settled(*dbs)
+    for s in servers:
+        s.stop()
+    # A 1:1 chat that server b had of its own: kept, with its server named.
+    st = open_store(dbs[1])
+    sid = st.begin_session(("10.0.0.9", 5000), ("127.0.0.1", 9999), served=True)
+    st.add_message(sid, "client", "dave", "a private word")
+    st.end_session(sid, "client-quit")
+    st.close()
+
+    out = tmp_path / "all.db"
+    r = run_chatlog(None, "merge", *map(str, dbs), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    stream = [r for r in rows(dbs[0])]
+    merged = rows(out, "session_id = (SELECT merged_session FROM merged WHERE source = 'room:lab')")
+    # Each line once, in the stream's order (local-only lines: none here).
+    assert merged == stream + [x for x in merged if x[2] is None]
+    assert [x for x in merged if x[2] is None] == []
+    assert len({(x[0], x[1]) for x in merged}) == len(merged)
+    texts = [x[5] for x in merged if x[3] == "client"]
+    assert len(texts) == 15 and texts == [x[5] for x in stream if x[3] == "client"]
+    chat = db_one(out, "SELECT s.client_host, s.server_port, m.source FROM sessions s "
+                       "JOIN merged m ON m.merged_session = s.id WHERE s.kind = 'chat'")
+    assert chat == ("10.0.0.9", 9999, db_one(dbs[1], "SELECT uid FROM node")[0])  # b's, and said so
+    before = dump(out)
+    r = run_chatlog(None, "merge", *map(str, dbs), "-o", str(out))
+    assert r.exit_code == 0 and "0 new sessions, 0 new messages" in r.output, r.output
+    assert dump(out) == before  # merging again changes nothing
+    # The readers work on the result.
+    assert run_chatlog(out, "sessions").exit_code == 0
+    room_sid = db_one(out, "SELECT merged_session FROM merged WHERE source = 'room:lab'")[0]
+    shown = run_chatlog(out, "show", str(room_sid))
+    assert shown.exit_code == 0 and "merge 4 from carol" in shown.output
+    assert run_chatlog(out, "search", "-c", "merge").output.strip() == "15"
+    assert "a private word" in run_chatlog(out, "export", "--format", "jsonl").output
+
+
+def db_one(db, sql):
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchone()
+    finally:
+        conn.close()
