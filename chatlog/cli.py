@@ -438,6 +438,9 @@ def _handle_name(ctx, param, value):
               help="A NATS credentials file for --link.")
 @click.option("--link-ca", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="The CA that signed the broker's certificate (TLS to the broker).")
+@click.option("--link-replicas", type=click.IntRange(1, 5), default=1, show_default=True, metavar="N",
+              help="Copies of the room's stream a NATS cluster keeps, when this server creates it (3 on a "
+              "3-node cluster: the room survives a node).")
 @click.option(
     "--no-operator", is_flag=True,
     help="Nobody is at the console: stdin is never read and the server runs until SIGTERM (1:1 "
@@ -449,7 +452,7 @@ def _handle_name(ctx, param, value):
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
     burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, link_url,
-    link_creds, link_ca, no_operator, color, db,
+    link_creds, link_ca, link_replicas, no_operator, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -492,7 +495,7 @@ def serve(
         from chatlog.link import BrokerLink
 
         try:
-            link = BrokerLink(link_url, creds=link_creds, ca=link_ca)
+            link = BrokerLink(link_url, creds=link_creds, ca=link_ca, replicas=link_replicas)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--link") from None
     elif link_creds or link_ca:

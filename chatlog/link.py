@@ -434,16 +434,28 @@ def linked_room_mode(mode: Mode, recorder, link: "BrokerLink") -> Mode:
 class BrokerLink:
     """The room's link to a NATS JetStream broker, run in its own thread and event loop."""
 
-    def __init__(self, url: str, *, creds: str | None = None, ca: str | None = None):
-        u = urlsplit(url)
-        if u.scheme not in ("nats", "tls") or not u.hostname:
-            raise ValueError("a broker URL looks like nats://HOST:4222 (or tls://HOST:4222)")
-        self.url = safe_url(url)
-        self.user = unquote(u.username) if u.username else None
-        self.password = unquote(u.password) if u.password else None
+    def __init__(self, url: str, *, creds: str | None = None, ca: str | None = None, replicas: int = 1):
+        # One URL, or several separated by commas (the nodes of a NATS cluster).
+        self.urls: list[str] = []
+        self.user = self.password = None
+        for part in (p.strip() for p in url.split(",")):
+            u = urlsplit(part)
+            try:
+                u.port  # noqa: B018  (a port that is not a number is refused here, not in the thread)
+            except ValueError:
+                raise ValueError("a broker URL's port is a number, like nats://HOST:4222") from None
+            if u.scheme not in ("nats", "tls") or not u.hostname:
+                raise ValueError("a broker URL looks like nats://HOST:4222 (or tls://HOST:4222; several: "
+                                 "nats://A:4222,nats://B:4222)")
+            self.urls.append(safe_url(part))
+            if u.username and self.user is None:
+                self.user = unquote(u.username)
+                self.password = unquote(u.password) if u.password else None
+        self.url = ",".join(self.urls)  # for the console: never the credentials
         self.creds = creds
         self.ca = ca
-        self.tls = u.scheme == "tls" or ca is not None
+        self.replicas = replicas
+        self.tls = any(u.startswith("tls:") for u in self.urls) or ca is not None
         self.room = ""
         self.subject = self.stream = self.who_subject = self.kick_subject = ""
         self.wake, self._wake_w = socket.socketpair()
@@ -551,7 +563,7 @@ class BrokerLink:
         while not self._closing:
             try:
                 self.nc = await nats.connect(
-                    servers=[self.url], user=self.user, password=self.password, user_credentials=self.creds,
+                    servers=self.urls, user=self.user, password=self.password, user_credentials=self.creds,
                     tls=self._tls_context(), name=f"chatlog {self.label}", allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=RETRY_SECONDS, connect_timeout=2,
                     disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
@@ -601,7 +613,7 @@ class BrokerLink:
             await self.js.stream_info(self.stream)
         except NotFoundError:
             await self.js.add_stream(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
-                                     duplicate_window=120.0)
+                                     duplicate_window=120.0, num_replicas=self.replicas)
 
     async def _subscribe(self) -> None:
         """(Again) deliver the stream from the first sequence not yet handed to the loop."""
