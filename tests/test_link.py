@@ -3,7 +3,6 @@ chatlog/link.py): real `nats-server -js` processes on free loopback ports with t
 real chatlog servers, raw socket clients on each. Every client sees every line in one order,
 every archive holds the same lines in the same order, and the faults (a server killed with -9, the
 broker restarted, the broker gone) lose and duplicate nothing."""
-import os
 import re
 import shutil
 import signal
@@ -17,7 +16,7 @@ import pytest
 from conftest import ServerProc, run_chatlog, wait_until
 
 NATS = shutil.which("nats-server")
-pytestmark = pytest.mark.skipif(NATS is None, reason="nats-server is not installed (Debian: apt-get install nats-server)")
+NO_NATS = "nats-server is not installed (Debian: apt-get install nats-server; .ci/run installs it)"
 
 
 def free_port() -> int:
@@ -31,6 +30,8 @@ class Broker:
     stopped and started again on the same port and storage."""
 
     def __init__(self, store, port=None, args=()):
+        if NATS is None:
+            pytest.skip(NO_NATS)
         self.port = port or free_port()
         self.store = store
         self.args = list(args)
@@ -168,14 +169,14 @@ def assert_same_archives(*dbs):
 
 def test_three_servers_one_room_one_order(tmp_path, linked):
     servers = [linked(n) for n in "abc"]
-    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"])]
+    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"], strict=True)]
     for p, other in ((peers[0], "bob"), (peers[0], "carol"), (peers[1], "carol")):
         p.until(f"*** {other} joined\n".encode())
     n = 15
     for i in range(n):  # interleaved as fast as they can: the stream decides one order
-        for p, h in zip(peers, ["alice", "bob", "carol"]):
+        for p, h in zip(peers, ["alice", "bob", "carol"], strict=True):
             p.send(f"{h}>line {i} from {h}")
-    for p, me in zip(peers, ["alice", "bob", "carol"]):
+    for p, me in zip(peers, ["alice", "bob", "carol"], strict=True):
         for h in {"alice", "bob", "carol"} - {me}:
             p.until(f"{h}>line {n - 1} from {h}\n".encode())
     dbs = [tmp_path / f"{x}.db" for x in "abc"]
@@ -183,7 +184,7 @@ def test_three_servers_one_room_one_order(tmp_path, linked):
     assert_same_archives(*dbs)
     order = [(h, t) for _, _, _, sender, h, t, _ in rows(dbs[0]) if sender == "client"]
     assert len(order) == 3 * n
-    for p, me in zip(peers, ["alice", "bob", "carol"]):
+    for p, me in zip(peers, ["alice", "bob", "carol"], strict=True):
         seen = [tuple(line.split(">", 1)) for line in p.lines() if re.match(r"(alice|bob|carol)>line", line)]
         assert seen == [(h, t) for h, t in order if h != me]  # every line, in the stream's order
     # Each archive's history is the room's, whichever server said it.
@@ -347,10 +348,10 @@ def test_merge_one_archive_from_three_idempotent_and_readable(tmp_path, linked):
     from storebuild import open_store
 
     servers = [linked(n) for n in "abc"]
-    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"])]
+    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"], strict=True)]
     peers[0].until(b"*** carol joined\n")
     for i in range(5):
-        for p, h in zip(peers, ["alice", "bob", "carol"]):
+        for p, h in zip(peers, ["alice", "bob", "carol"], strict=True):
             p.send(f"{h}>merge {i} from {h}")
     for h in ("bob", "carol"):
         peers[0].until(f"{h}>merge 4 from {h}\n".encode())
@@ -401,3 +402,101 @@ def db_one(db, sql):
         return conn.execute(sql).fetchone()
     finally:
         conn.close()
+
+
+# -- the policy alone (no broker, no sockets) ----------------------------------------------------
+
+
+def _policy():
+    from chatlog.events import Connected, Started
+    from chatlog.link import LinkedRoom, LinkState
+    from chatlog.room import Room
+
+    room = Room(history=0)
+    room.elsewhere = []
+    p = LinkedRoom(room)
+    p.handle_event(Started(1.0))
+    p.handle_event(LinkState(True, "linked", 1.0))
+    p.handle_event(Connected(1, "127.0.0.1", 5001, 1.0))
+    return p
+
+
+def _line(conn, text, handle=None, at=2.0):
+    from chatlog.events import Received
+    from chatlog.protocol import Message
+
+    return Received(conn, Message(handle, text, text.encode(), text.strip() == "\\quit", 0), at)
+
+
+def test_policy_a_line_is_published_not_committed_then_carried_out_in_stream_order():
+    from chatlog.events import Broadcast, Commit, Publish
+    from chatlog.link import Advance, Arrived, LinkCommit
+
+    p = _policy()
+    out = p.handle_event(_line(1, "hello", "alice"))
+    assert not [d for d in out if type(d) in (Commit, Broadcast)]  # nothing before the stream says so
+    (pub,) = [d for d in out if type(d) is Publish and d.what == "line"]
+    assert b'"hello"' in pub.data
+    assert [d.what for d in out if type(d) is Publish] == ["line", "who"]  # and who is here now
+    back = p.handle_event(Arrived(7, "me", "3.1", "vm:1", pub.data, True, pub.ref, 2.1))
+    kinds = [type(d) for d in back]
+    assert kinds.index(Advance) > max(i for i, k in enumerate(kinds) if k is LinkCommit)
+    assert kinds.index(Broadcast) > kinds.index(Advance)  # committed, then relayed
+    assert [d.seq for d in back if type(d) is LinkCommit] == [7, 7]  # the join and the line
+    assert all(d.exclude == 1 for d in back if type(d) is Broadcast)  # the sender does not hear itself
+    # The same message from another server: relayed to everyone here, its origin kept.
+    there = p.handle_event(Arrived(8, "other", "5.9", "far:2", pub.data, False, 0, 2.2))
+    assert all(d.exclude is None for d in there if type(d) is Broadcast)
+    assert {(d.origin, d.oid) for d in there if type(d) is LinkCommit} == {("other", "5.9.0"), ("other", "5.9.1")}
+
+
+def test_policy_link_down_refuses_tells_and_keeps_marked():
+    from chatlog.events import Connected, Publish, Send
+    from chatlog.link import DOWN_NOTICE, LinkCommit, LinkState, Unsent
+
+    p = _policy()
+    p.handle_event(_line(1, "first", "alice"))
+    down = p.handle_event(LinkState(False, "lost the broker", 3.0))
+    assert any(DOWN_NOTICE.encode() in getattr(d, "data", b"") for d in down)  # everyone, at once
+    out = p.handle_event(_line(1, "meanwhile", "alice", at=3.1))
+    assert not [d for d in out if type(d) is Publish]
+    (kept,) = [d for d in out if type(d) is LinkCommit]
+    assert kept.seq is None and kept.origin is None and "not relayed" in kept.note
+    assert any(type(d) is Send and d.conn == 1 and DOWN_NOTICE.encode() in d.data for d in out)
+    joined = p.handle_event(Connected(2, "127.0.0.1", 5002, 3.2))
+    assert any(type(d) is Send and d.conn == 2 and DOWN_NOTICE.encode() in d.data for d in joined)
+    # A publication the broker never confirmed: kept, marked, its sender told.
+    p.handle_event(LinkState(True, "back", 4.0))
+    pub = next(d for d in p.handle_event(_line(1, "lost", at=4.1)) if type(d) is Publish)
+    out = p.handle_event(Unsent(pub.ref, 7.0))
+    assert [d.text for d in out if type(d) is LinkCommit] == ["lost"]
+    assert any(type(d) is Send and d.conn == 1 for d in out)
+
+
+def test_policy_who_lists_other_servers_their_handles_are_taken_and_kick_goes_there():
+    import json
+
+    from chatlog.events import End, OperatorLine, Publish, Send, Show
+    from chatlog.link import KickAsked, Roster
+
+    p = _policy()
+    p.handle_event(_line(1, "hi", "alice"))
+    p.handle_event(Roster("srvB", "hostb:9999", [[4, "bob", "10.0.0.2:4000"]], 5.0))
+    out = p.handle_event(_line(1, "\\who", at=5.1))
+    (who,) = [d for d in out if type(d) is Send]
+    assert b"2 here: alice, bob (on hostb:9999)" in who.data
+    shown = p.handle_event(OperatorLine("\\who", 5.2))
+    assert any(type(d) is Show and re.search(r"bob +10\.0\.0\.2:4000 +on hostb:9999", d.text) for d in shown)
+    p.handle_event(__import__("chatlog.events", fromlist=["Connected"]).Connected(2, "127.0.0.1", 5002, 5.3))
+    taken = p.handle_event(_line(2, "me too", "bob", at=5.4))
+    assert any(type(d) is Send and b"taken" in d.data for d in taken)  # one name, one person, across the room
+    kick = p.handle_event(OperatorLine("\\kick bob", 5.5))
+    (pub,) = [d for d in kick if type(d) is Publish]
+    assert pub.what == "kick" and json.loads(pub.data) == {"server": "srvB", "conn": 4}
+    # Asked of us by another server: our own kick, its leave through the stream.
+    out = p.handle_event(KickAsked(1, "srvB", 6.0))
+    assert any(type(d) is End and d.conn == 1 and d.reason == "kicked" for d in out)
+    assert any(type(d) is Publish and b'"left"' in d.data for d in out)
+    # A server not heard from for a while has nobody.
+    p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 20.0))
+    assert [name for name, _, _ in p.room.elsewhere] == ["carol"]
