@@ -318,6 +318,37 @@ def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
     assert r.exit_code != 0 and "--link is for a room" in r.output
 
 
+def test_tls_to_the_broker_with_a_private_ca(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    broker = Broker(tmp_path / "tlsjs", args=["--tls", "--tlscert", str(tmp_path / "cert.pem"),
+                                              "--tlskey", str(tmp_path / "key.pem")])
+    servers = []
+    try:
+        for name in "ab":
+            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link",
+                                      f"tls://127.0.0.1:{broker.port}", "--link-ca", str(tmp_path / "ca.pem")))
+        for s in servers:
+            s.wait_for(r"^linked to tls://127\.0\.0\.1:%d: room lab" % broker.port)
+        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
+        alice.until(b"*** bob joined\n")
+        alice.send("alice>over TLS")
+        bob.until(b"alice>over TLS\n")
+        # Without the CA the broker's certificate is not trusted: said, never linked.
+        untrusting = ServerProc(tmp_path / "c.db", "--room", "--name", "lab", "--link", f"tls://127.0.0.1:{broker.port}")
+        servers.append(untrusting)
+        untrusting.wait_for(r"cannot reach the broker tls://127\.0\.0\.1:%d: .*(CERTIFICATE|certificate)" % broker.port)
+    finally:
+        for s in servers:
+            s.stop()
+        broker.stop()
+
+
 def test_stream_names_are_safe_tokens():
     from chatlog.link import safe_url, stream_token
 
