@@ -64,7 +64,9 @@ from chatlog.words import address
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
 ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
-CONFIRM_SECONDS = 3.0  # how long the broker has to confirm a line, then once more, then it is refused
+CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
+BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
+BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
 
 DOWN_NOTICE = ("The link to the room's other servers is down: what you say now is not relayed "
@@ -88,14 +90,15 @@ class LinkState(Event):
 
 @dataclass(slots=True)
 class Arrived(Event):
-    """One message of the room's stream, in stream order. `mine`: published by this run of this
-    server (its `ref` is ours, its connections are ours)."""
+    """What one event of a server published, as the room's stream brought it, in stream order
+    (one stream message may carry several: `seq` is the message's). `mine`: published by this
+    run of this server (its `ref` is ours, its connections are ours)."""
 
     seq: int
     origin: str
     oid: str
     label: str
-    body: bytes
+    body: object  # {"c": commits, "w": console lines, "b": broadcasts}, as the publisher wrote it
     mine: bool
     ref: int
     at: float
@@ -281,9 +284,9 @@ class LinkedRoom:
 
     def _arrived(self, ev: Arrived) -> list[Decision]:
         try:
-            body = json.loads(ev.body)
+            body = ev.body
             commits, shows, casts = body["c"], body["w"], body["b"]
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             return [Advance(ev.seq), Show("error", f"stream message {ev.seq} from {visible(ev.label)} is not a chatlog line; skipped")]
         if ev.mine:
             self.inflight.pop(ev.ref, None)
@@ -387,6 +390,8 @@ class LinkedRoom:
 
 class LinkedRoomStore(RoomStore):
     """A room's store, plus the lines of the room's stream and how far it is committed."""
+
+    record_only = (LinkCommit, Advance)  # nothing to send or show: the loop's broadcasts gather across them
 
     def __init__(self, recorder, link: "BrokerLink", **kwargs):
         super().__init__(recorder, **kwargs)
@@ -652,12 +657,18 @@ class BrokerLink:
             await asyncio.sleep(0.005)  # the loop is behind: the broker keeps the rest
         h = msg.headers or {}
         origin = h.get("Chatlog-Origin", "")
-        oid = h.get("Chatlog-Id", "")
-        run, _, ref = oid.partition(".")
+        run = h.get("Chatlog-Run", "")
+        label = h.get("Chatlog-Server", "?")
         mine = origin == self.uid and run == str(self.run)
         self.next_seq = seq + 1
-        self._put(Arrived(seq, origin, oid, h.get("Chatlog-Server", "?"), msg.data, mine,
-                          int(ref) if mine and ref.isdigit() else 0, time.time()))
+        try:
+            items = json.loads(msg.data)
+            items = [(int(ref), body) for ref, body in items]
+        except (ValueError, TypeError):
+            items = [(0, None)]  # not ours: the policy says so, and the sequence is counted
+        now = time.time()
+        for ref, body in items:
+            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now))
 
     async def _on_who(self, msg) -> None:
         try:
@@ -682,15 +693,27 @@ class BrokerLink:
             await self.nc.publish(self.who_subject, body)
 
     async def _publisher(self) -> None:
-        """What the loop publishes, in its order: lines to the stream (confirmed apart), who is
-        here and kicks as plain messages."""
+        """What the loop publishes, in its order: lines to the stream (what has piled up since
+        the last one goes as one stream message, confirmed apart), who is here and kicks as plain
+        messages."""
+        out = self._out
+        held = None
         while True:
-            d = await self._out.get()
+            d = held if held is not None else await out.get()
+            held = None
             if d is None:
                 return
             try:
                 if d.what == "line":
-                    await self._publish_line(d)
+                    batch, size = [d], len(d.data)
+                    while not out.empty() and len(batch) < BATCH_LINES and size < BATCH_BYTES:
+                        nxt = out.get_nowait()
+                        if nxt is None or nxt.what != "line":
+                            held = nxt
+                            break
+                        batch.append(nxt)
+                        size += len(nxt.data)
+                    await self._publish_lines(batch)
                 elif d.what == "who":
                     self.roster = d.data
                     await self._announce()
@@ -698,31 +721,39 @@ class BrokerLink:
                     await self.nc.publish(self.kick_subject, d.data)
             except Exception:  # noqa: BLE001
                 if d.what == "line":
-                    self._put(Unsent(d.ref, time.time()))
+                    for item in batch:
+                        self._put(Unsent(item.ref, time.time()))
 
-    async def _publish_line(self, d: Publish) -> None:
+    async def _publish_lines(self, batch: list[Publish]) -> None:
+        """One stream message: `[[ref, body], ...]`, its id the run and the refs it carries (a
+        retry is the same message: the broker drops it if the first got through)."""
         if self.js is None or self.nc is None or not self.nc.is_connected:
-            self._put(Unsent(d.ref, time.time()))
+            for d in batch:
+                self._put(Unsent(d.ref, time.time()))
             return
-        oid = f"{self.run}.{d.ref}"
-        headers = {"Nats-Msg-Id": f"{self.uid}.{oid}", "Chatlog-Origin": self.uid, "Chatlog-Id": oid,
+        data = b"[" + b",".join(b"[%d,%s]" % (d.ref, d.data) for d in batch) + b"]"
+        oid = f"{self.run}.{batch[0].ref}-{batch[-1].ref}"
+        headers = {"Nats-Msg-Id": f"{self.uid}.{oid}", "Chatlog-Origin": self.uid, "Chatlog-Run": str(self.run),
                    "Chatlog-Server": self.label}
-        fut = await self.js.publish_async(self.subject, d.data, headers=headers)
-        asyncio.get_running_loop().create_task(self._confirm(fut, d, headers))
+        fut = await self.js.publish_async(self.subject, data, headers=headers)
+        fut.add_done_callback(lambda f: self._confirmed(f, batch, data, headers))
+        # No answer in time (the broker went away with it): given up here, retried once.
+        asyncio.get_running_loop().call_later(CONFIRM_SECONDS, lambda: fut.done() or fut.cancel())
 
-    async def _confirm(self, fut, d: Publish, headers: dict) -> None:
-        try:
-            await asyncio.wait_for(fut, CONFIRM_SECONDS)
+    def _confirmed(self, fut, batch: list[Publish], data: bytes, headers: dict) -> None:
+        if not fut.cancelled() and fut.exception() is None:
             return
-        except Exception:  # noqa: BLE001  (no answer, or an error: once more, the same id)
-            pass
+        asyncio.get_running_loop().create_task(self._retry(batch, data, headers))
+
+    async def _retry(self, batch: list[Publish], data: bytes, headers: dict) -> None:
         try:
             if self.nc is not None and self.nc.is_connected:
-                await self.js.publish(self.subject, d.data, timeout=CONFIRM_SECONDS, headers=headers)
+                await self.js.publish(self.subject, data, timeout=CONFIRM_SECONDS, headers=headers)
                 return
         except Exception:  # noqa: BLE001
             pass
-        self._put(Unsent(d.ref, time.time()))
+        for d in batch:
+            self._put(Unsent(d.ref, time.time()))
 
     async def _on_disconnected(self) -> None:
         if not self._closing:

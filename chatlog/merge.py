@@ -161,11 +161,11 @@ class Merge:
         rows = self.conn.execute("SELECT id, stream_seq, origin_id, at FROM messages WHERE session_id = ?",
                                  (merged,)).fetchall()
 
-        def part(oid: str) -> int:
-            last = oid.rsplit(".", 1)[-1]
-            return int(last) if last.isdigit() else 0
+        def place(oid: str) -> tuple[int, ...]:
+            # run.ref.i: one stream message may carry several events (refs), each several lines
+            return tuple(int(p) if p.isdigit() else 0 for p in oid.split(".")[1:])
 
-        streamed = sorted((r for r in rows if r[1] is not None), key=lambda r: (r[1], part(r[2])))
+        streamed = sorted((r for r in rows if r[1] is not None), key=lambda r: (r[1], place(r[2])))
         alone = sorted((r for r in rows if r[1] is None), key=lambda r: (r[3], r[0]))
         order: list[int] = []
         i = 0

@@ -398,21 +398,20 @@ class Recorder:
             cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
             note = f"{note}; {cut}" if note else cut
             raw = raw[:RAW_KEEP]
-        have = self._run(
-            "SELECT id FROM messages WHERE origin_server = ? AND origin_id = ?", (origin_server, origin_id)
-        ).fetchone()
-        if have is not None:
-            if stream_seq is not None:
-                self._run("UPDATE messages SET stream_seq = ? WHERE id = ? AND stream_seq IS NULL", (stream_seq, have[0]))
-            return None
         seq = self._seq.get(session_id)
         seq = (self._last_seq(session_id) if seq is None else seq) + 1
-        self._run(
+        added = self._run(
             "INSERT INTO messages (session_id, seq, at, sender, handle, text, raw, note, participant_id, verified, "
-            "origin_server, origin_id, stream_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "origin_server, origin_id, stream_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (origin_server, origin_id) WHERE origin_server IS NOT NULL DO NOTHING",
             (session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified,
              origin_server, origin_id, stream_seq),
-        )
+        ).rowcount
+        if not added:
+            if stream_seq is not None:
+                self._run("UPDATE messages SET stream_seq = ? WHERE origin_server = ? AND origin_id = ? "
+                          "AND stream_seq IS NULL", (stream_seq, origin_server, origin_id))
+            return None
         self._seq[session_id] = seq
         if not self._in_tx:
             self._committed()

@@ -201,6 +201,9 @@ class Loop:
         # woken through its socket (`wake`), taken LINK_TAKE at a time (`take`); what the policy
         # publishes is handed to it (`publish`).
         self.link = link
+        # The store's own decisions that, like Commit, only record: broadcasts go on gathering
+        # across them (a linked room's lines from the stream), one write per member per chunk.
+        self._record_only = tuple(getattr(store, "record_only", ()))
         self.store = store
         self.acceptor = Acceptor(listeners)
         self.r = renderer
@@ -408,7 +411,7 @@ class Loop:
             if d.kind != "operator" or self.echo_operator:
                 self.console.write(show_line(self.r, d))
             return
-        if t is Commit or t is Handle or t is Open or t is Serve:
+        if t is Commit or t is Handle or t is Open or t is Serve or t in self._record_only:
             return  # recorded in phase one; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows

@@ -460,6 +460,8 @@ def _line(conn, text, handle=None, at=2.0):
 
 
 def test_policy_a_line_is_published_not_committed_then_carried_out_in_stream_order():
+    import json
+
     from chatlog.events import Broadcast, Commit, Publish
     from chatlog.link import Advance, Arrived, LinkCommit
 
@@ -469,14 +471,15 @@ def test_policy_a_line_is_published_not_committed_then_carried_out_in_stream_ord
     (pub,) = [d for d in out if type(d) is Publish and d.what == "line"]
     assert b'"hello"' in pub.data
     assert [d.what for d in out if type(d) is Publish] == ["line", "who"]  # and who is here now
-    back = p.handle_event(Arrived(7, "me", "3.1", "vm:1", pub.data, True, pub.ref, 2.1))
+    body = json.loads(pub.data)
+    back = p.handle_event(Arrived(7, "me", "3.1", "vm:1", body, True, pub.ref, 2.1))
     kinds = [type(d) for d in back]
     assert kinds.index(Advance) > max(i for i, k in enumerate(kinds) if k is LinkCommit)
     assert kinds.index(Broadcast) > kinds.index(Advance)  # committed, then relayed
     assert [d.seq for d in back if type(d) is LinkCommit] == [7, 7]  # the join and the line
     assert all(d.exclude == 1 for d in back if type(d) is Broadcast)  # the sender does not hear itself
     # The same message from another server: relayed to everyone here, its origin kept.
-    there = p.handle_event(Arrived(8, "other", "5.9", "far:2", pub.data, False, 0, 2.2))
+    there = p.handle_event(Arrived(8, "other", "5.9", "far:2", body, False, 0, 2.2))
     assert all(d.exclude is None for d in there if type(d) is Broadcast)
     assert {(d.origin, d.oid) for d in there if type(d) is LinkCommit} == {("other", "5.9.0"), ("other", "5.9.1")}
 
