@@ -102,6 +102,7 @@ class Arrived(Event):
     mine: bool
     ref: int
     at: float
+    live: bool = True  # False: stored before this server started (a backlog): recorded, not relayed
 
 
 @dataclass(slots=True)
@@ -298,6 +299,8 @@ class LinkedRoom:
                 bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq,
             ))
         out.append(Advance(ev.seq))
+        if not ev.live:
+            return out  # what was said while this server was away: its clients get it as history
         if not ev.mine:
             for c in commits:
                 if c["s"] == "event":
@@ -492,6 +495,7 @@ class BrokerLink:
     def start(self, uid: str, run: int, label: str, resume: int) -> None:
         self.uid, self.run, self.label = uid, run, label
         self.next_seq = resume + 1
+        self.live_from = None  # the stream's first sequence said since this server linked
         ready = threading.Event()
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="chatlog-link", daemon=True)
         self._thread.start()
@@ -615,8 +619,12 @@ class BrokerLink:
         from nats.js.errors import NotFoundError
 
         try:
-            await self.js.stream_info(self.stream)
+            info = await self.js.stream_info(self.stream)
+            if self.live_from is None:  # the first time: what the stream held before is backlog
+                self.live_from = info.state.last_seq + 1
         except NotFoundError:
+            if self.live_from is None:
+                self.live_from = 1
             await self.js.add_stream(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
                                      duplicate_window=120.0, num_replicas=self.replicas)
 
@@ -667,8 +675,9 @@ class BrokerLink:
         except (ValueError, TypeError):
             items = [(0, None)]  # not ours: the policy says so, and the sequence is counted
         now = time.time()
+        live = seq >= (self.live_from or 1)
         for ref, body in items:
-            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now))
+            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live))
 
     async def _on_who(self, msg) -> None:
         try:

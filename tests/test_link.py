@@ -237,9 +237,11 @@ def test_server_killed_and_restarted_resumes_without_gap_or_duplicate(tmp_path, 
     for i in range(10):  # said while b is away: b's archive must have them all the same
         alice.send(f"alice>while away {i}")
     settled(tmp_path / "a.db")
-    b2 = linked("b")  # the same database: resumes from its last committed sequence
+    b2 = linked("b", wait=False)  # the same database: resumes from its last committed sequence
+    carol = Peer(b2)  # (connected at once: had the backlog been relayed, carol would hear it)
+    b2.wait_for(r"^linked to nats://")
     wait_until(lambda: last_seq(tmp_path / "b.db") == last_seq(tmp_path / "a.db"))
-    carol = Peer(b2, "carol")
+    carol.send("carol>\\join")
     alice.until(b"*** carol joined\n")
     alice.send("alice>after")
     carol.until(b"alice>after\n")
@@ -247,6 +249,7 @@ def test_server_killed_and_restarted_resumes_without_gap_or_duplicate(tmp_path, 
     assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
     texts = [r[5] for r in rows(tmp_path / "b.db")]
     assert [t for t in texts if "away" in t] == [f"while away {i}" for i in range(10)]
+    assert b"while away" not in carol.buf  # the backlog is recorded, not relayed as if said now
 
 
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
