@@ -121,6 +121,16 @@ class Peer:
             self.buf += chunk
         return self.buf
 
+    def poll(self) -> bool:
+        """Take what has arrived, without waiting; False (so it can be waited on)."""
+        self.sock.settimeout(0.05)
+        try:
+            chunk = self.sock.recv(65536)
+            self.buf += chunk
+        except socket.timeout:
+            pass
+        return False
+
     def lines(self):
         return self.buf.decode().splitlines()
 
@@ -297,6 +307,37 @@ def test_broker_gone_clients_told_lines_refused_and_kept_marked(tmp_path, broker
     # The room's history never shows a line that was not relayed.
     r = run_chatlog(tmp_path / "b.db", "search", "broker gone")
     assert "said while" not in r.output
+
+
+@pytest.mark.slow
+def test_broker_gone_for_ten_seconds_then_the_room_is_whole_again(tmp_path, broker, linked):
+    """The broker away for 10 s (the clients keep retrying all that time): what was said before
+    is everywhere, what was said meanwhile is refused and marked, and the room carries on."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    alice.send("alice>before")
+    bob.until(b"alice>before\n")
+    broker.stop()
+    gone = time.monotonic()
+    bob.until(b"link to the room's other servers is down")
+    n = 0
+    refused = b"what you say now is not relayed"
+    while time.monotonic() - gone < 10:  # the outage itself: about a line a second, ten at most
+        alice.send(f"alice>meanwhile {n}")
+        n += 1
+        wait_until(lambda: alice.until(refused) and alice.buf.count(refused) >= n + 1 or alice.poll())
+        time.sleep(max(0.0, min(1.0, gone + n - time.monotonic())))  # pacing, not waiting on anything
+    broker.start()
+    alice.until(b"lines are relayed again", timeout=20)
+    bob.until(b"lines are relayed again", timeout=20)
+    bob.send("bob>after ten seconds")
+    alice.until(b"bob>after ten seconds\n")
+    assert b"meanwhile" not in bob.buf
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    kept = rows(tmp_path / "a.db", "text LIKE 'meanwhile %'")
+    assert len(kept) == n and all(r[2] is None and "not relayed" in r[6] for r in kept)
 
 
 def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
