@@ -449,7 +449,7 @@ class Load:
 
     def __init__(self, port, timing=False, tls=None, ports=None):
         self.port = port
-        self.ports = ports or [port]  # linked servers: clients spread over them in turn
+        self.ports = ports  # linked servers: clients spread over them in turn (None: `port`)
         self.tls = tls  # an ssl.SSLContext: every client speaks TLS
         if tls is not None:  # the plain path's methods stay as they are
             self._read, self._flush = self._tls_read, self._tls_flush
@@ -490,7 +490,7 @@ class Load:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.setblocking(False)
             c = Client(cid, s, reader)
-            err = s.connect_ex(("127.0.0.1", self.ports[cid % len(self.ports)]))
+            err = s.connect_ex(("127.0.0.1", self.ports[cid % len(self.ports)] if self.ports else self.port))
             if err not in (0, errno.EINPROGRESS):
                 c.closed = True
                 s.close()

@@ -434,7 +434,8 @@ def test_merge_one_archive_from_three_idempotent_and_readable(tmp_path, linked):
     settled(*dbs)
     for p in peers:
         p.close()
-    settled(*dbs)
+    # Each archive has everyone's leaving (a stopping server's own would come after it stopped).
+    wait_until(lambda: all(len(rows(db, "sender = 'event' AND text = 'left'")) == 3 for db in dbs))
     for s in servers:
         s.stop()
     # A 1:1 chat that server b had of its own: kept, with its server named.
