@@ -124,6 +124,14 @@ class Roster(Event):
 
 
 @dataclass(slots=True)
+class Clash(Event):
+    """Another server (`label`) links with this archive's identity: a copy of this database."""
+
+    label: str
+    at: float
+
+
+@dataclass(slots=True)
 class KickAsked(Event):
     """Another server's operator asks us to kick our client `conn`."""
 
@@ -222,6 +230,10 @@ class LinkedRoom:
             return self._unsent(ev)
         if t is Roster:
             return self._roster(ev)
+        if t is Clash:
+            return [Show("error", visible(
+                f"the server {ev.label} links with this archive's identity (a copy of this database?): "
+                "lines of one may be taken for the other's; give each server a database of its own"))]
         if t is KickAsked:
             p = self.room.people.get(ev.conn)
             if p is None:
@@ -478,6 +490,7 @@ class BrokerLink:
         self.nc = self.js = self.sub = None
         self.next_seq = 1
         self.roster = b"[]"
+        self._clash_said = False
 
     def configure(self, room: str) -> None:
         self.room = room
@@ -685,7 +698,12 @@ class BrokerLink:
             server, label, people = body["s"], body["l"], body["p"]
         except (ValueError, KeyError, TypeError):
             return
-        if server != self.uid and isinstance(people, list):
+        if server == self.uid and label != self.label and not self._clash_said:
+            # Another server with this archive's identity (a copied database): its lines and
+            # ours would be taken for one another's. Said once; each needs an archive of its own.
+            self._clash_said = True
+            self._put(Clash(str(label), time.time()))
+        elif server != self.uid and isinstance(people, list):
             self._put(Roster(server, str(label), people, time.time()))
 
     async def _on_kick(self, msg) -> None:

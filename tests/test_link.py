@@ -340,6 +340,16 @@ def test_broker_gone_for_ten_seconds_then_the_room_is_whole_again(tmp_path, brok
     assert len(kept) == n and all(r[2] is None and "not relayed" in r[6] for r in kept)
 
 
+def test_a_copied_archive_linking_beside_its_original_is_said(tmp_path, linked):
+    a = linked("a")
+    a.say("\\who")  # (something committed: the copy is a real archive)
+    a.stop()
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    linked("a")
+    twin = linked("copy")
+    twin.wait_for(r"links with this archive's identity \(a copy of this database\?\)")
+
+
 def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
     broker = Broker(tmp_path / "auth", args=["--user", "someone", "--pass", "s3cret"])
     try:
