@@ -326,7 +326,7 @@ def test_broker_gone_for_ten_seconds_then_the_room_is_whole_again(tmp_path, brok
     while time.monotonic() - gone < 10:  # the outage itself: about a line a second, ten at most
         alice.send(f"alice>meanwhile {n}")
         n += 1
-        wait_until(lambda: alice.until(refused) and alice.buf.count(refused) >= n + 1 or alice.poll())
+        wait_until(lambda want=n + 1: alice.buf.count(refused) >= want or alice.poll())
         time.sleep(max(0.0, min(1.0, gone + n - time.monotonic())))  # pacing, not waiting on anything
     broker.start()
     alice.until(b"lines are relayed again", timeout=20)
