@@ -48,12 +48,12 @@ from chatlog.events import (
     Decision,
     End,
     Event,
+    Finish,
     Handle,
     OperatorLine,
     Publish,
     Send,
     Show,
-    Stop,
     StoreWrite,
 )
 from chatlog.handles import fold
@@ -246,8 +246,8 @@ class LinkedRoom:
         out = self._route(self.room.handle_event(ev))
         if t is Connected and not self.up and any(type(d) is Send and d.conn == ev.conn for d in out):
             out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
-        if t is Stop:
-            out.insert(0, Publish("who", b"[]"))  # nobody here any more
+        if any(type(d) is Finish for d in out):
+            out.insert(0, Publish("who", b"[]"))  # the room closes here (a stop, \quit): nobody here any more
         return out
 
     # what the room decided, through the stream
