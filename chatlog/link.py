@@ -491,6 +491,7 @@ class BrokerLink:
         self.next_seq = 1
         self.roster = b"[]"
         self._clash_said = False
+        self._resubscribing = False
 
     def configure(self, room: str) -> None:
         self.room = room
@@ -656,23 +657,29 @@ class BrokerLink:
                                            config=config, idle_heartbeat=2.0)
 
     async def _resubscribe(self) -> None:
-        for _ in range(20):
-            if self._closing:
-                return
-            try:
-                await self._ensure_stream()
-                await self._subscribe()
-                return
-            except Exception:  # noqa: BLE001  (the broker is still starting: again)
-                await asyncio.sleep(RETRY_SECONDS)
+        self._resubscribing = True
+        try:
+            for _ in range(20):
+                if self._closing:
+                    return
+                try:
+                    await self._ensure_stream()
+                    await self._subscribe()
+                    return
+                except Exception:  # noqa: BLE001  (the broker is still starting: again)
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            self._resubscribing = False
 
     async def _on_msg(self, msg) -> None:
         seq = msg.metadata.sequence.stream
         if seq < self.next_seq:
             return  # delivered already (a consumer made again)
         if seq > self.next_seq:
-            # A gap (a slow consumer's dropped messages): deliver again from where we are.
-            asyncio.get_running_loop().create_task(self._resubscribe())
+            # A gap (a slow consumer's dropped messages): deliver again from where we are (once:
+            # what the old subscription still brings meanwhile is dropped here the same way).
+            if not self._resubscribing:
+                asyncio.get_running_loop().create_task(self._resubscribe())
             return
         while self._full() and not self._closing:
             await asyncio.sleep(0.005)  # the loop is behind: the broker keeps the rest

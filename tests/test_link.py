@@ -589,3 +589,40 @@ def test_policy_who_lists_other_servers_their_handles_are_taken_and_kick_goes_th
     # A server not heard from for a while has nobody.
     p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 20.0))
     assert [name for name, _, _ in p.room.elsewhere] == ["carol"]
+
+
+def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
+    """What the consumer delivers out of order (a gap after a slow consumer's drops, a repeat
+    after a consumer made again) never reaches the loop out of order: a repeat is dropped, a gap
+    asks for the stream again from the first sequence missing, once."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from chatlog.link import Arrived, BrokerLink
+
+    link = BrokerLink("nats://127.0.0.1:1")
+    link.uid, link.run, link.label, link.next_seq, link.live_from = "me", 5, "vm:1", 1, 1
+    asked = []
+
+    async def resubscribe():
+        asked.append(link.next_seq)
+
+    link._resubscribe = resubscribe
+
+    def msg(seq, origin="other", refs=(1,)):
+        body = json.dumps([[r, {"c": [], "w": [], "b": []}] for r in refs]).encode()
+        return SimpleNamespace(metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq)), data=body,
+                               headers={"Chatlog-Origin": origin, "Chatlog-Run": "5", "Chatlog-Server": "x:1"})
+
+    async def deliver():
+        for m in (msg(1), msg(1), msg(3), msg(2, "me", (7, 8)), msg(3)):
+            await link._on_msg(m)
+            await asyncio.sleep(0)
+
+    asyncio.run(deliver())
+    got = link.take(100, 0.0)
+    assert [(e.seq, e.ref, e.mine) for e in got if type(e) is Arrived] == [(1, 1, False), (2, 7, True), (2, 8, True), (3, 1, False)]
+    assert asked == [2]  # the gap at 3: asked again from 2, once
+    link.wake.close()
+    link._wake_w.close()
