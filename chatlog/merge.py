@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
 from chatlog import indexer
 from chatlog.db import StoreError, connect
 
 _SERVER_KEY = ("pid", "hostname", "host", "port", "started_at")
+
+
+def _get(row: sqlite3.Row, key: str):
+    """A column an older archive may not have yet: None there."""
+    return row[key] if key in row.keys() else None
 
 
 def _columns(conn: sqlite3.Connection, table: str, schema: str = "main") -> list[str]:
@@ -39,11 +45,18 @@ class Merge:
         self.db.close()
 
     def add(self, path: Path) -> None:
-        src = connect(path, read_only=True)
+        # Read as it is (an archive from before linked rooms too: it has none), never written.
         try:
-            s = src.conn
+            s = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+            tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from None
+        if not {"sessions", "messages"} <= tables:
+            s.close()
+            raise StoreError(f"{path} is not a chatlog archive")
+        try:
             s.row_factory = sqlite3.Row
-            row = s.execute("SELECT uid FROM node WHERE id = 1").fetchone()
+            row = s.execute("SELECT uid FROM node WHERE id = 1").fetchone() if "node" in tables else None
             uid = row[0] if row else f"file:{Path(path).resolve()}"
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -53,16 +66,20 @@ class Merge:
                 self.conn.execute("ROLLBACK")
                 raise
         finally:
-            src.close()
+            s.close()
 
     # -- one source ---------------------------------------------------------------------------------
 
     def _add(self, s: sqlite3.Connection, uid: str) -> None:
-        linked = {r[0] for r in s.execute(
-            "SELECT DISTINCT se.room FROM sessions se JOIN messages m ON m.session_id = se.id "
-            "WHERE se.kind = 'room' AND se.room IS NOT NULL AND m.stream_seq IS NOT NULL AND se.deleting = 0")}
-        for se in s.execute("SELECT * FROM sessions WHERE deleting = 0 ORDER BY id").fetchall():
-            if se["kind"] == "room" and se["room"] in linked:
+        linked = set()
+        if "stream_seq" in _columns(s, "messages"):
+            linked = {r[0] for r in s.execute(
+                "SELECT DISTINCT se.room FROM sessions se JOIN messages m ON m.session_id = se.id "
+                "WHERE se.kind = 'room' AND se.room IS NOT NULL AND m.stream_seq IS NOT NULL AND se.deleting = 0")}
+        cols = _columns(s, "sessions")
+        live = "WHERE deleting = 0 " if "deleting" in cols else ""
+        for se in s.execute(f"SELECT * FROM sessions {live}ORDER BY id").fetchall():
+            if linked and se["room"] in linked and se["kind"] == "room":
                 self._room_session(s, uid, se)
             elif not self._taken(uid, se["id"]):
                 self._session(s, uid, se)
@@ -96,6 +113,8 @@ class Merge:
 
     def _participants(self, s: sqlite3.Connection, sid: int, into: int) -> dict[int, int]:
         out = {}
+        if not _columns(s, "participants"):
+            return out
         for p in s.execute("SELECT * FROM participants WHERE session_id = ? ORDER BY id", (sid,)).fetchall():
             cols = [c for c in self.cols["participants"] if c not in ("id", "session_id") and c in p.keys()]
             out[p["id"]] = self._insert("participants", ["session_id", *cols], [into, *[p[c] for c in cols]])
@@ -104,18 +123,18 @@ class Merge:
     def _session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row) -> None:
         """A session of one server (a 1:1 chat, a room never linked): copied whole."""
         cols = [c for c in self.cols["sessions"] if c not in ("id", "server_id") and c in se.keys()]
-        new = self._insert("sessions", ["server_id", *cols], [self._server(s, se["server_id"]), *[se[c] for c in cols]])
+        new = self._insert("sessions", ["server_id", *cols], [self._server(s, _get(se, "server_id")), *[se[c] for c in cols]])
         self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)", (uid, se["id"], new))
         pids = self._participants(s, se["id"], new)
         for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
-            self._message(m, new, uid, pids.get(m["participant_id"]), seq=m["seq"])
+            self._message(m, new, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
         self.counts["sessions"] += 1
 
     def _message(self, m: sqlite3.Row, session: int, uid: str, pid: int | None, seq: int) -> bool:
         cols = [c for c in self.cols["messages"]
                 if c not in ("id", "session_id", "participant_id", "seq", "origin_server", "origin_id") and c in m.keys()]
-        origin = m["origin_server"] if "origin_server" in m.keys() and m["origin_server"] else uid
-        oid = m["origin_id"] if "origin_id" in m.keys() and m["origin_id"] else f"local.{m['id']}"
+        origin = _get(m, "origin_server") or uid
+        oid = _get(m, "origin_id") or f"local.{m['id']}"
         names = ", ".join(f'"{c}"' for c in ["session_id", "participant_id", "seq", "origin_server", "origin_id", *cols])
         marks = ", ".join("?" for _ in range(5 + len(cols)))
         cur = self.conn.execute(
@@ -151,7 +170,7 @@ class Merge:
             pids = {}
         top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE session_id = ?", (merged,)).fetchone()[0]
         for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
-            if self._message(m, merged, uid, pids.get(m["participant_id"]), seq=top + 1):
+            if self._message(m, merged, uid, pids.get(_get(m, "participant_id")), seq=top + 1):
                 top += 1
 
     def _resequence(self, room: str) -> None:

@@ -626,3 +626,28 @@ def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
     assert asked == [2]  # the gap at 3: asked again from 2, once
     link.wake.close()
     link._wake_w.close()
+
+
+def test_merge_takes_an_archive_from_before_linked_rooms_as_it_is(tmp_path):
+    from chatlog import schema
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    saved = list(schema.MIGRATIONS)
+    try:
+        schema.MIGRATIONS[:] = [fn for fn in saved if fn.__name__ < "m013"]
+        schema.apply(conn)
+    finally:
+        schema.MIGRATIONS[:] = saved
+    conn.execute("INSERT INTO sessions (started_at, client_host, client_port) VALUES ('2026-01-01 00:00:00', '1.2.3.4', 5)")
+    conn.execute("INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (1, 1, '2026-01-01 00:00:01', 'client', 'zed', 'old words')")
+    conn.close()
+    before = old.read_bytes()
+    out = tmp_path / "all.db"
+    assert run_chatlog(None, "merge", str(old), "-o", str(out)).exit_code == 0
+    again = run_chatlog(None, "merge", str(old), "-o", str(out))
+    assert "0 new sessions, 0 new messages" in again.output
+    assert old.read_bytes() == before  # only read
+    assert "zed>old words" in run_chatlog(out, "show", "1").output
+    r = run_chatlog(None, "merge", str(tmp_path / "nothing.txt"), "-o", str(out))
+    assert r.exit_code != 0
