@@ -392,7 +392,10 @@ class LinkedRoom:
             if address(p.host, p.port) == name or (p.handle is not None and (p.shown == name or fold(p.shown) == key)):
                 return None  # one of ours: the room kicks it
         found = [(server, label, conn, handle) for server, (label, people, _) in self.rosters.items()
-                 for conn, handle, addr in people if visible(handle) == name or fold(visible(handle)) == key]
+                 for conn, handle, addr in people if addr == name]
+        if not found:
+            found = [(server, label, conn, handle) for server, (label, people, _) in self.rosters.items()
+                     for conn, handle, _addr in people if visible(handle) == name or fold(visible(handle)) == key]
         if len(found) != 1:
             return None  # nobody (the room says so), or several (the room says how to choose)
         server, label, conn, handle = found[0]

@@ -579,9 +579,10 @@ def test_policy_who_lists_other_servers_their_handles_are_taken_and_kick_goes_th
     p.handle_event(__import__("chatlog.events", fromlist=["Connected"]).Connected(2, "127.0.0.1", 5002, 5.3))
     taken = p.handle_event(_line(2, "me too", "bob", at=5.4))
     assert any(type(d) is Send and b"taken" in d.data for d in taken)  # one name, one person, across the room
-    kick = p.handle_event(OperatorLine("\\kick bob", 5.5))
-    (pub,) = [d for d in kick if type(d) is Publish]
-    assert pub.what == "kick" and json.loads(pub.data) == {"server": "srvB", "conn": 4}
+    for how in ("bob", "10.0.0.2:4000"):  # by handle, or by address as \who shows it
+        kick = p.handle_event(OperatorLine(f"\\kick {how}", 5.5))
+        (pub,) = [d for d in kick if type(d) is Publish]
+        assert pub.what == "kick" and json.loads(pub.data) == {"server": "srvB", "conn": 4}
     # Asked of us by another server: our own kick, its leave through the stream.
     out = p.handle_event(KickAsked(1, "srvB", 6.0))
     assert any(type(d) is End and d.conn == 1 and d.reason == "kicked" for d in out)
