@@ -232,6 +232,20 @@ def test_who_lists_everyone_and_kick_works_across_servers(tmp_path, linked):
     assert ("event", "alice", "left", "kicked") in [r[3:] for r in rows(tmp_path / "b.db")]
 
 
+def test_a_newcomer_is_shown_the_room_history_said_on_every_server(tmp_path, linked):
+    a, b = linked("a", "--history", "5"), linked("b", "--history", "5")
+    alice = Peer(a, "alice")
+    alice.send("alice>said on a")
+    b.wait_for(r"alice>said on a")
+    s = b.connect()
+    got = b""
+    s.settimeout(10)
+    while b"End of history" not in got:
+        got += s.recv(65536)
+    assert re.search(rb"\[\d\d:\d\d\] alice>said on a\n", got)
+    s.close()
+
+
 # -- faults --------------------------------------------------------------------------------------
 
 
