@@ -246,6 +246,7 @@ class LinkedRoom:
         out = self._route(self.room.handle_event(ev))
         if t is Connected and not self.up and any(type(d) is Send and d.conn == ev.conn for d in out):
             out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
+            self.said_down = True  # so it hears when the link is up
         if any(type(d) is Finish for d in out):
             out.insert(0, Publish("who", b"[]"))  # the room closes here (a stop, \quit): nobody here any more
         return out
@@ -280,7 +281,9 @@ class LinkedRoom:
         if not self.up:
             kept = self._keep(ref, commits, DOWN_NOTE)
             told = [Send(conn, self.room.notice(DOWN_NOTICE)) for conn in dict.fromkeys(senders)]
-            rest[at_publish:at_publish] = kept + told
+            said = [Show("error", visible(f"not relayed (the link is down): {c['h'] or '?'}>{c['t']}"))
+                    for c in commits if c["s"] in _CHAT]
+            rest[at_publish:at_publish] = kept + told + said
             return rest + self._roster_change(out)
         self.inflight[ref] = commits
         body = json.dumps({"c": commits, "w": shows, "b": casts}, separators=(",", ":")).encode()
