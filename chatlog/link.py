@@ -620,8 +620,11 @@ class BrokerLink:
             return
         self._put(LinkState(True, f"linked to {self.url}: room {self.room}, stream {self.stream} "
                             f"(from sequence {self.next_seq})", time.time()))
-        await self.nc.subscribe(self.who_subject, cb=self._on_who)
-        await self.nc.subscribe(self.kick_subject, cb=self._on_kick)
+        for subject, cb in ((self.who_subject, self._on_who), (self.kick_subject, self._on_kick)):
+            try:  # (plain subscriptions: the client makes them again after a reconnect itself)
+                await self.nc.subscribe(subject, cb=cb)
+            except Exception as exc:  # noqa: BLE001  (the broker went away this instant)
+                self._put(LinkState(False, f"cannot subscribe to {subject}: {_why(exc)}", time.time()))
         while not self._closing:
             try:
                 await self._announce()
