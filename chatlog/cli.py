@@ -467,6 +467,8 @@ def serve(
     operator's lines go to everyone. At the prompt: \\who lists who is here, \\history N shows
     the room's last lines, \\kick NAME removes someone, \\quit closes the room. A client that
     joins is shown the room's last lines (--history), from earlier runs of the same --name too.
+    With --link nats://HOST:4222, servers with the same --name on one NATS JetStream broker are
+    one room: every server commits every line in the room's one order before relaying it.
 
     PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP stops the server, closing
     every chat cleanly. Every message is committed before it is shown or answered.
