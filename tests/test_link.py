@@ -364,6 +364,62 @@ def test_a_copied_archive_linking_beside_its_original_is_said(tmp_path, linked):
     twin.wait_for(r"links with this archive's identity \(a copy of this database\?\)")
 
 
+def _broker_port_of(server, ports):
+    """Which of the brokers' ports a chatlog server is connected to (from ss)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"pid={server.proc.pid}," in line:
+            peer = line.split()[3]
+            port = int(peer.rsplit(":", 1)[1])
+            if port in ports:
+                return port
+    return None
+
+
+@pytest.mark.slow
+def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp_path):
+    """The broker need not be the one thing that can fail: a 3-node JetStream cluster with the
+    room's stream replicated three times; the node a chatlog server uses is stopped mid-room."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed: cannot tell which node a server uses")
+    ports = [free_port() for _ in range(3)]
+    routes = [free_port() for _ in range(3)]
+    nodes = []
+    for i in range(3):
+        conf = tmp_path / f"n{i}.conf"
+        conf.write_text(
+            f"server_name: n{i}\n"  # (address, port, JetStream and its storage: Broker's flags)
+            f"cluster {{\n  name: chatlog\n  listen: 127.0.0.1:{routes[i]}\n"
+            f"  routes: [{', '.join(f'nats://127.0.0.1:{r}' for r in routes)}]\n}}\n")
+        nodes.append(Broker(tmp_path / f"n{i}", port=ports[i], args=["-c", str(conf)]))
+    urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    servers = []
+    try:
+        for name in "ab":  # (until the cluster has elected its leaders, a server retries)
+            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link", urls,
+                                      "--link-replicas", "3"))
+        for s in servers:
+            s.wait_for(r"^linked to nats://", timeout=30)
+        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
+        alice.until(b"*** bob joined\n")
+        alice.send("alice>before")
+        bob.until(b"alice>before\n")
+        used = wait_until(lambda: _broker_port_of(servers[0], ports))
+        nodes[ports.index(used)].stop()  # the node alice's server uses
+        servers[0].wait_for(r"linked to nats://\S+ again", timeout=45)
+        alice.send("alice>after a node died")
+        bob.until(b"alice>after a node died\n", timeout=45)
+        bob.send("bob>still here")
+        alice.until(b"bob>still here\n", timeout=45)
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    finally:
+        for s in servers:
+            s.stop()
+        for n in nodes:
+            n.stop()
+
+
 def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
     broker = Broker(tmp_path / "auth", args=["--user", "someone", "--pass", "s3cret"])
     try:
