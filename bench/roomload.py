@@ -272,7 +272,7 @@ class Linked:
 
 
 def start_linked(tmp, extra=()):
-    nats = shutil.which("nats-server")
+    nats = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
     if nats is None:
         raise Unavailable("no nats-server")
     port = free_port()

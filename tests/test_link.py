@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ServerProc, run_chatlog, wait_until
 
-NATS = shutil.which("nats-server")
+NATS = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")  # (Debian: sbin)
 NO_NATS = "nats-server is not installed (Debian: apt-get install nats-server; .ci/run installs it)"
 
 
