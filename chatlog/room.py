@@ -230,7 +230,7 @@ class Room:
         p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at,
                         fingerprint=ev.link.fingerprint if ev.link is not None else None)
         people[ev.conn] = p
-        here = len(people)
+        here = len(people) + len(self.elsewhere)  # (a linked room: on the other servers too)
         out: list[Decision] = [
             Join(ev.conn, ev.host, ev.port, ev.at, ev.link),
             Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),

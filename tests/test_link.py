@@ -646,7 +646,8 @@ def test_policy_who_lists_other_servers_their_handles_are_taken_and_kick_goes_th
     assert b"2 here: alice, bob (on hostb:9999)" in who.data
     shown = p.handle_event(OperatorLine("\\who", 5.2))
     assert any(type(d) is Show and re.search(r"bob +10\.0\.0\.2:4000 +on hostb:9999", d.text) for d in shown)
-    p.handle_event(__import__("chatlog.events", fromlist=["Connected"]).Connected(2, "127.0.0.1", 5002, 5.3))
+    came = p.handle_event(__import__("chatlog.events", fromlist=["Connected"]).Connected(2, "127.0.0.1", 5002, 5.3))
+    assert any(type(d) is Send and b"Welcome to the room: 3 here." in d.data for d in came)  # bob counts
     taken = p.handle_event(_line(2, "me too", "bob", at=5.4))
     assert any(type(d) is Send and b"taken" in d.data for d in taken)  # one name, one person, across the room
     for how in ("bob", "10.0.0.2:4000"):  # by handle, or by address as \who shows it
