@@ -321,6 +321,12 @@ def test_broker_gone_clients_told_lines_refused_and_kept_marked(tmp_path, broker
     # The room's history never shows a line that was not relayed.
     r = run_chatlog(tmp_path / "b.db", "search", "broker gone")
     assert "said while" not in r.output
+    # Merged, the line a kept alone is in its place by time: after what was said before it.
+    out = tmp_path / "all.db"
+    assert run_chatlog(None, "merge", str(tmp_path / "a.db"), str(tmp_path / "b.db"), "-o", str(out)).exit_code == 0
+    texts = [r[5] for r in rows(out, "1") if r[3] in ("client", "event")]
+    assert texts.count("said while the broker is gone") == 1
+    assert texts.index("joined") < texts.index("said while the broker is gone") < texts.index("back")
 
 
 @pytest.mark.slow
