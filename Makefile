@@ -72,11 +72,13 @@ asan: venv chatclient-asan
 valgrind: venv chatclient
 	$(PY) -m pytest -q -m valgrind tests
 
-# The room figures compare against `ncat --chat` (Debian's nmap ncat): installed here when missing
-# and running as root; otherwise those rows say n/a.
+# The room figures compare against `ncat --chat` (Debian's nmap ncat), the linked-room ones need
+# Debian's nats-server: installed here when missing and running as root; otherwise those rows say n/a.
 bench: venv chatclient
 	@command -v ncat >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q ncat >/dev/null; } \
 	    || echo "ncat is missing and cannot be installed (not root): the room rows will say n/a"
+	@command -v nats-server >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q nats-server >/dev/null; } \
+	    || echo "nats-server is missing and cannot be installed (not root): the link rows will say n/a"
 	env -u PYTHONDONTWRITEBYTECODE $(PY) bench/run.py  # start-up measured with the bytecode cache, as users meet it
 
 lint: venv

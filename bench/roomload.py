@@ -20,6 +20,8 @@ Usage (one scenario alone):
   python bench/roomload.py throughput --server chatlog [--listeners 100 --lines 20000]
   python bench/roomload.py slow       --server ncat [--clients 50 --rate 10 --size 450 --seconds 20]
   python bench/roomload.py crowd      --server relay [--clients 10000]
+  python bench/roomload.py throughput --server linked   (three chatlog servers linked through a
+           local nats-server -js, clients spread over them; reports whether the archives agree)
   python bench/roomload.py resets     --server ncat [--clients 20 --resets 500]
   python bench/roomload.py idle       --server chatlog [--clients 1000]   (server RSS per idle client)
 
@@ -193,7 +195,7 @@ def chatlog_has_room():
     return "--room" in r.stdout
 
 
-def start_chatlog(_max_conns, db, extra=(), tls=False):
+def start_chatlog(_max_conns, db, extra=(), tls=False, wait_for=None):
     """tls: a TLS listener beside the plain one (`--tls-port 0`); the server's port is then the
     TLS one, and its self-signed certificate is made beside the database."""
     if not chatlog_has_room():
@@ -203,9 +205,13 @@ def start_chatlog(_max_conns, db, extra=(), tls=False):
     # The console goes to a pipe read by its own process: the banner line is passed on, the rest
     # discarded, so the generator's process spends nothing on it.
     pattern = "TLS on port " if tls else "port "
+    then = "exec cat >/dev/null"
+    if wait_for:  # a later line too (a linked room: "linked to ..."), then nothing more
+        then = (f'while IFS= read -r l; do case $l in *"{wait_for}"*) printf "%s\\n" "$l"; '
+                'exec cat >/dev/null;; esac; done')
     console = subprocess.Popen(
         ["sh", "-c", f'while IFS= read -r l; do case $l in *"{pattern}"*) printf "%s\\n" "$l"; '
-         'exec cat >/dev/null;; esac; done'],
+         f'{then};; esac; done'],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     err = tempfile.TemporaryFile()
@@ -215,6 +221,8 @@ def start_chatlog(_max_conns, db, extra=(), tls=False):
     )
     console.stdin.close()
     banner = console.stdout.readline()
+    if wait_for and banner:
+        console.stdout.readline()  # linked: the room is whole
     m = re.search(r"port (\d+)", banner)
     server = Server("chatlog", p, int(m.group(1)) if m else 0, db=db, helpers=(console,))
     server.stderr = err
@@ -222,6 +230,82 @@ def start_chatlog(_max_conns, db, extra=(), tls=False):
         server.stop()
         raise Unavailable(f"serve --room failed: exit {p.returncode}: {' '.join(server.last_words())[:60]}")
     return server
+
+
+class Linked:
+    """Three chatlog servers in one room linked through a local `nats-server -js` (the room's
+    stream on disk): for a scenario, one server whose clients are spread over three ports."""
+
+    name = "linked"
+
+    def __init__(self, broker, servers):
+        self.broker, self.servers = broker, servers
+        self.ports = [s.port for s in servers]
+        self.port = self.ports[0]
+        self.db = servers[0].db
+        self.dbs = [s.db for s in servers]
+        self.proc = servers[0].proc
+        self.hwm = None
+
+    def alive(self):
+        return all(s.alive() for s in self.servers)
+
+    def sample(self):
+        for s in self.servers:
+            s.sample()
+        self.hwm = max((s.hwm or 0) for s in self.servers) or None
+        return self.hwm
+
+    def cpu_seconds(self):
+        cpu = [s.cpu_seconds() for s in self.servers]
+        return None if None in cpu else round(sum(cpu), 2)
+
+    def last_words(self):
+        return [w for s in self.servers for w in s.last_words()]
+
+    def stop(self):
+        for s in self.servers:
+            s.stop()
+        if self.broker.poll() is None:
+            self.broker.terminate()
+        self.broker.wait(10)
+
+
+def start_linked(tmp, extra=()):
+    nats = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")
+    if nats is None:
+        raise Unavailable("no nats-server")
+    port = free_port()
+    broker = subprocess.Popen([nats, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp / "js")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, broker)
+    servers = []
+    try:
+        for name in "abc":
+            db = tmp / f"{name}.db"
+            servers.append(start_chatlog(0, db, ("--name", "bench", "--link", f"nats://127.0.0.1:{port}", *extra),
+                                         wait_for="linked to "))
+    except Unavailable:
+        for s in servers:
+            s.stop()
+        broker.terminate()
+        broker.wait(10)
+        raise
+    return Linked(broker, servers)
+
+
+def same_archives(dbs, run):
+    """Whether linked servers' archives hold the same lines of this run in the same order (the
+    clients' leaving at the end is not compared: each server stops when it stops)."""
+    got = []
+    for db in dbs:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            got.append(conn.execute("SELECT origin_server, origin_id, stream_seq, text FROM messages "
+                                    "WHERE stream_seq IS NOT NULL AND text LIKE ? ORDER BY id", (run + " %",)).fetchall())
+        finally:
+            conn.close()
+    return all(g == got[0] for g in got[1:]) and bool(got[0])
 
 
 def stored_lines(db, run):
@@ -242,7 +326,7 @@ class Target:
     """Starts and stops one kind of server for a scenario (chatlog gets a fresh database)."""
 
     def __init__(self, kind, tls=False):
-        if tls and kind != "chatlog":
+        if tls and kind not in ("chatlog",):
             raise Unavailable("--tls: chatlog only")
         self.kind = kind
         self.tls = tls
@@ -251,7 +335,7 @@ class Target:
 
     def load(self, server, timing=False):
         """The scenario's clients: TLS ones against a TLS server."""
-        return Load(server.port, timing=timing, tls=self.tls_context)
+        return Load(server.port, timing=timing, tls=self.tls_context, ports=getattr(server, "ports", None))
 
     def __enter__(self):
         return self
@@ -264,6 +348,8 @@ class Target:
         if self.kind == "relay":
             return start_relay(max_conns)
         self.tmp = tempfile.TemporaryDirectory(prefix="chatlog-bench-")
+        if self.kind == "linked":
+            return start_linked(Path(self.tmp.name), ("--rate", "0") if unlimited else ())
         db = Path(self.tmp.name) / "room.db"
         server = start_chatlog(max_conns, db, ("--rate", "0") if unlimited else (), tls=self.tls)
         if self.tls:
@@ -361,8 +447,9 @@ class Client:
 class Load:
     """The clients of one scenario and the event loop that drives them."""
 
-    def __init__(self, port, timing=False, tls=None):
+    def __init__(self, port, timing=False, tls=None, ports=None):
         self.port = port
+        self.ports = ports  # linked servers: clients spread over them in turn (None: `port`)
         self.tls = tls  # an ssl.SSLContext: every client speaks TLS
         if tls is not None:  # the plain path's methods stay as they are
             self._read, self._flush = self._tls_read, self._tls_flush
@@ -403,7 +490,7 @@ class Load:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.setblocking(False)
             c = Client(cid, s, reader)
-            err = s.connect_ex(("127.0.0.1", self.port))
+            err = s.connect_ex(("127.0.0.1", self.ports[cid % len(self.ports)] if self.ports else self.port))
             if err not in (0, errno.EINPROGRESS):
                 c.closed = True
                 s.close()
@@ -599,6 +686,9 @@ def _finish(load, server, res, cpu0, t0):
         res["server_said"] = server.last_words()
     if server.db:
         res["stored"] = stored_lines(server.db, load.run)
+    if getattr(server, "dbs", None):
+        res["stored_each"] = [stored_lines(db, load.run) for db in server.dbs]
+        res["archives_identical"] = same_archives(server.dbs, load.run)
     return res
 
 
@@ -865,7 +955,7 @@ def run(scenario, server, tls=False, **kw):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("scenario", choices=SCENARIOS)
-    ap.add_argument("--server", choices=("chatlog", "ncat", "relay"), default="ncat")
+    ap.add_argument("--server", choices=("chatlog", "ncat", "relay", "linked"), default="ncat")
     ap.add_argument("--chatlog", metavar="PATH", help="the chatlog command to run [default: this venv's]")
     ap.add_argument("--tls", action="store_true", help="TLS clients against chatlog's --tls-port")
     for name, typ in (("clients", int), ("listeners", int), ("lines", int), ("rate", float), ("size", int),

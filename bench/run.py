@@ -447,6 +447,40 @@ def room_rows(res, secs):
         "ncat stores nothing", "", "equal, always", not unequal)
 
 
+def link():
+    """A room over 3 servers linked through a local nats-server -js against the same load on one
+    server, in the same run: the paced room's p99 and one sender's fan-out; and whether the three
+    archives hold the same lines in the same order afterwards."""
+    secs = 5 if QUICK else 20
+    res = {}
+    for server in ("chatlog", "linked"):
+        res["fanout", server] = room_run("fanout", server, clients=200, rate=2, seconds=secs)
+        res["throughput", server] = room_run("throughput", server, listeners=100, lines=20_000)
+
+    def same(r):
+        return "; archives identical" if r.get("archives_identical") else "; ARCHIVES DIFFER"
+
+    one, three = res["fanout", "chatlog"], res["fanout", "linked"]
+    figure = f"link: room 200 clients x 2 lines/s over 3 linked servers, {secs} s"
+    target = "complete, p99 <= 2x one server, archives identical"
+    if _na(one) or _na(three):
+        row(figure, _na(three) or "", _na(one) or "", "", target, None)
+    else:
+        done = three["delivered"] == three["expected"] and three["joined"] == three["clients"]
+        ratio = three["p99_ms"] / one["p99_ms"] if one["p99_ms"] and three["p99_ms"] else None
+        row(figure, f"{'complete' if done else 'INCOMPLETE'}, p99 {three['p99_ms']} ms (p50 {three['p50_ms']}){same(three)}",
+            f"p99 {one['p99_ms']} ms (p50 {one['p50_ms']}) one server", f"{ratio:.2f}" if ratio else "", target,
+            bool(done and ratio and ratio <= 2 and three.get("archives_identical")))
+    one, three = res["throughput", "chatlog"], res["throughput", "linked"]
+    figure = "link: 1 sender, 100 listeners on 3 linked servers, 20,000 lines: deliveries/s"
+    if _na(one) or _na(three) or "deliveries_per_s" not in three or "deliveries_per_s" not in one:
+        row(figure, _na(three) or "", _na(one) or "", "", "(measured)", None)
+    else:
+        ratio = three["deliveries_per_s"] / one["deliveries_per_s"]
+        row(figure, f"{three['deliveries_per_s'] / 1e6:.2f} M/s{'' if three['complete'] else ', INCOMPLETE'}{same(three)}",
+            f"{one['deliveries_per_s'] / 1e6:.2f} M/s one server", f"{ratio:.2f}", "(measured: a broker round trip a line)", "")
+
+
 def tls():
     """What TLS costs, each figure against plain in the same run: connections (a full handshake
     each) per second, the 1:1 turn, the room's paced fan-out, memory per idle client, and the room
@@ -553,7 +587,7 @@ def after_id(big, msgs):
     row(figure, ms(a), ms(b) + " sqlite3 -json", f"{a[0] / b[0]:.2f}", "< 150 ms", a[0] < 0.150)
 
 
-FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "web", "startup", "memory", "room", "tls", "upkeep")
+FIGURES = ("turns", "fsync", "logging", "archive", "stats", "export", "web", "startup", "memory", "room", "tls", "upkeep", "link")
 
 
 def main():
@@ -575,7 +609,7 @@ def main():
         ("upkeep", "incremental export", lambda: after_id(big, msgs)), ("upkeep", "upkeep beside a chat", upkeep),
         ("web", "chatlog web", lambda: web(big, long_id, msgs)),
         ("startup", "start-up", startup), ("memory", "memory", memory),
-        ("room", "room", room), ("tls", "TLS", tls),
+        ("room", "room", room), ("tls", "TLS", tls), ("link", "linked room", link),
     ):
         if key in only:
             print(f"{name} ...", file=sys.stderr, flush=True)

@@ -444,6 +444,18 @@ def _duration(ctx, param, value):
     "as history (0: none) [default: 20].",
 )
 @click.option(
+    "--link", "link_url", metavar="URL",
+    help="A room across servers: link it through a NATS JetStream broker (nats://[USER:PASS@]HOST:4222, "
+    "or tls://...). Every server with the same --name on that broker is one room.",
+)
+@click.option("--link-creds", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="A NATS credentials file for --link.")
+@click.option("--link-ca", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The CA that signed the broker's certificate (TLS to the broker).")
+@click.option("--link-replicas", type=click.IntRange(1, 5), default=1, show_default=True, metavar="N",
+              help="Copies of the room's stream a NATS cluster keeps, when this server creates it (3 on a "
+              "3-node cluster: the room survives a node).")
+@click.option(
     "--no-operator", is_flag=True,
     help="Nobody is at the console: stdin is never read and the server runs until SIGTERM (1:1 "
     "clients are recorded, not answered, and told so). Also when stdin is /dev/null or the server "
@@ -456,8 +468,8 @@ def _duration(ctx, param, value):
 @db_option
 def serve(
     port, bind, handle, idle_timeout, first_timeout, max_waiting, per_address, room, max_clients, rate,
-    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, no_operator,
-    retain, color, db,
+    burst, fsync, tls_port, tls_only, tls_cert, tls_key, tls_handshake_timeout, room_name, history, link_url,
+    link_creds, link_ca, link_replicas, no_operator, retain, color, db,
 ):
     """Listen on PORT and chat with one client at a time (or, with --room, with many at once),
     recording everything.
@@ -472,6 +484,8 @@ def serve(
     operator's lines go to everyone. At the prompt: \\who lists who is here, \\history N shows
     the room's last lines, \\kick NAME removes someone, \\quit closes the room. A client that
     joins is shown the room's last lines (--history), from earlier runs of the same --name too.
+    With --link nats://HOST:4222, servers with the same --name on one NATS JetStream broker are
+    one room: every server commits every line in the room's one order before relaying it.
 
     PORT 0 picks a free port (it is printed). Ctrl-C, SIGTERM or SIGHUP stops the server, closing
     every chat cleanly. Every message is committed before it is shown or answered.
@@ -493,6 +507,18 @@ def serve(
 
     if not room and (room_name is not None or history is not None):
         raise click.UsageError(f"{'--name' if room_name is not None else '--history'} is for a room (--room)")
+    if not room and (link_url or link_creds or link_ca):
+        raise click.UsageError("--link is for a room (--room)")
+    link = None
+    if link_url:
+        from chatlog.link import BrokerLink
+
+        try:
+            link = BrokerLink(link_url, creds=link_creds, ca=link_ca, replicas=link_replicas)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--link") from None
+    elif link_creds or link_ca:
+        raise click.UsageError("--link-creds and --link-ca go with --link URL")
     try:
         recorder = open_recorder(db_path(db), fsync=fsync) if fsync else open_recorder(db_path(db))
     except StoreError as exc:
@@ -511,6 +537,10 @@ def serve(
                 recorder, handle=handle, max_clients=max_clients, per_address=per_address, rate=rate, burst=burst,
                 attended=attended, name=room_name, history=20 if history is None else history,
             )
+            if link is not None:
+                from chatlog.link import linked_room_mode
+
+                mode = linked_room_mode(mode, recorder, link)
         else:
             mode = modes.chat_mode(
                 recorder, handle=handle, idle_timeout=idle_timeout, first_timeout=first_timeout,
@@ -542,6 +572,8 @@ def serve(
         raise Failed(str(exc)) from None
     finally:
         try:
+            if link is not None:
+                link.close()  # what was published last (its clients' leaving) goes out
             recorder.close()
         finally:
             for sig, handler in saved.items():
@@ -1025,6 +1057,30 @@ def _delete(store, ids, yes):
 
     deleted = Upkeep(store).delete_sessions(ids)
     click.echo(f"deleted {plural(deleted, 'session')}", err=True)
+
+
+@cli.command()
+@click.argument("sources", metavar="DB...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="ALL.db",
+              help="The merged archive (created, or added to: merging the same archives again changes nothing).")
+def merge(sources, output):
+    """One archive from several servers' archives (a room linked with `serve --link`, and each
+    server's own sessions).
+
+    A linked room becomes one session per room name, each line once (by its origin server and
+    id), in the room's stream order; every other session is copied with its server named. The
+    sources are only read. `sessions`, `show`, `search` and `export` work on the result.
+    """
+    from chatlog.db import StoreError
+    from chatlog.merge import merge as run_merge
+
+    try:
+        added = run_merge(list(sources), output)
+    except StoreError as exc:
+        raise Failed(str(exc)) from None
+    click.echo(f"merged {plural(len(sources), 'archive')} into {output}: "
+               f"{plural(added['sessions'], 'new session')}, {plural(added['messages'], 'new message')}", err=True)
 
 
 @cli.command()

@@ -314,6 +314,17 @@ class History(StoreWrite):
     at: float
 
 
+@dataclass(slots=True)
+class Publish(Decision):
+    """Hand `data` to the room's link to other servers (`chatlog.link`), after this pass's
+    commits; `what` says which of its subjects (the room's stream, who is here, a kick). The
+    loop carries it out and knows nothing of what it means."""
+
+    what: str
+    data: bytes
+    ref: int = 0
+
+
 class Policy(Protocol):
     """A conversation policy (`turns.Turns`, `room.Room`): events in, decisions out; no I/O."""
 

@@ -251,6 +251,7 @@ class Mode:
     policy: Policy
     store: _Store
     backlog: int  # the listening queue
+    link: object = None  # a room's link to other servers (chatlog.link.BrokerLink), or None
 
 
 def chat_mode(recorder, *, handle, idle_timeout, first_timeout, max_waiting, per_address, attended=True) -> Mode:

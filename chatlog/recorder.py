@@ -386,6 +386,51 @@ class Recorder:
         out.reverse()
         return out
 
+    # -- a room linked through a broker (chatlog.link) -------------------------------------------
+
+    def node_uid(self) -> str:
+        """This archive's stable identity (schema m014): every line it originates carries it."""
+        return self._run("SELECT uid FROM node WHERE id = 1").fetchone()[0]
+
+    def link_resume(self, room: str, stream: str) -> int:
+        """The last stream sequence of `room` committed here (0: none yet)."""
+        self._run("INSERT INTO room_links (room, stream) VALUES (?, ?) ON CONFLICT (room) DO NOTHING", (room, stream))
+        return self._run("SELECT last_seq FROM room_links WHERE room = ?", (room,)).fetchone()[0]
+
+    def link_advance(self, room: str, seq: int) -> None:
+        """`room`'s stream is committed up to `seq` (with what it brought: same transaction)."""
+        self._run("UPDATE room_links SET last_seq = ? WHERE room = ? AND last_seq < ?", (seq, room, seq))
+
+    def add_linked(self, session_id: int, sender: str, handle: str | None, text: str, raw: bytes | None,
+                   note: str | None, at: float, participant: int | None, verified: bool,
+                   origin_server: str, origin_id: str, stream_seq: int | None) -> int | None:
+        """One line of a linked room, with its origin and stream sequence; None if this archive
+        has it already (a line is its origin: the same line is never recorded twice). A line
+        kept here alone (`stream_seq` None) that the stream brings after all gets its sequence."""
+        if raw is not None and len(raw) > RAW_KEEP:
+            cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
+            note = f"{note}; {cut}" if note else cut
+            raw = raw[:RAW_KEEP]
+        seq = self._seq.get(session_id)
+        seq = (self._last_seq(session_id) if seq is None else seq) + 1
+        added = self._run(
+            "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified, "
+            f"origin_server, origin_id, stream_seq) VALUES ({_NEXT_ID.format(t='messages')}, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (origin_server, origin_id) WHERE origin_server IS NOT NULL DO NOTHING",
+            (session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified,
+             origin_server, origin_id, stream_seq),
+        ).rowcount
+        if not added:
+            if stream_seq is not None:
+                self._run("UPDATE messages SET stream_seq = ? WHERE origin_server = ? AND origin_id = ? "
+                          "AND stream_seq IS NULL", (stream_seq, origin_server, origin_id))
+            return None
+        self._seq[session_id] = seq
+        if not self._in_tx:
+            self._committed()
+        return seq
+
     def _last_seq(self, session_id: int) -> int:
         row = self._run("SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)).fetchone()
         return row[0] or 0

@@ -116,7 +116,7 @@ class Participant:
 class Room:
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
-        "finished", "prompted", "sendq", "names", "bindings", "_server_prefix", "history",
+        "finished", "prompted", "sendq", "names", "bindings", "_server_prefix", "history", "elsewhere",
     )
 
     def __init__(
@@ -151,6 +151,9 @@ class Room:
         self.bindings = Bindings(bindings)  # handles that belong to a certificate
         self.history = max(0, history)  # lines of the room's record a newcomer is shown
         self._server_prefix = (visible(handle) + ">").encode()
+        # A linked room (chatlog.link): who is on the other servers, (handle, server, address)
+        # each, made safe; kept here by the link's policy so \who lists everyone.
+        self.elsewhere: list[tuple[str, str, str]] = []
 
     # -- the interface the loop uses ---------------------------------------------------------
 
@@ -227,7 +230,7 @@ class Room:
         p = Participant(ev.conn, ev.host, ev.port, key, ev.at, tokens=self.burst, stamp=ev.at,
                         fingerprint=ev.link.fingerprint if ev.link is not None else None)
         people[ev.conn] = p
-        here = len(people)
+        here = len(people) + len(self.elsewhere)  # (a linked room: on the other servers too)
         out: list[Decision] = [
             Join(ev.conn, ev.host, ev.port, ev.at, ev.link),
             Send(ev.conn, self.notice(f"Welcome to the room: {here} here. Type at any time.")),
@@ -379,8 +382,9 @@ class Room:
     def _who_line(self) -> str:
         """Who is here, by handle, in one protocol line (the rest counted)."""
         people = list(self.people.values())
-        head = f"{len(people)} here: "
+        head = f"{len(people) + len(self.elsewhere)} here: "
         names = [p.shown if p.handle is not None else "(no handle yet)" for p in people]
+        names += [f"{name} (on {server})" for name, server, _ in self.elsewhere]
         out = head
         for i, name in enumerate(names):
             more = len(names) - i
@@ -496,12 +500,14 @@ class Room:
 
     def _who(self, now: float) -> list[Decision]:
         people = self.people
-        if not people:
+        if not people and not self.elsewhere:
             return [Show("note", "Nobody is here.")]
-        out: list[Decision] = [Show("note", f"{len(people)} here:")]
+        out: list[Decision] = [Show("note", f"{len(people) + len(self.elsewhere)} here:")]
         for p in people.values():
             name = p.shown if p.handle is not None else "(no handle yet)"
             out.append(Show("note", f"  {name:<15}  {address(p.host, p.port):<21}  idle {idle_text(now - p.last)}"))
+        for name, server, addr in self.elsewhere:
+            out.append(Show("note", f"  {name:<15}  {addr:<21}  on {server}"))
         return out
 
     def _forget(self, name: str) -> list[Decision]:

@@ -434,6 +434,41 @@ def m013_ids_never_reused(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m014_room_links(conn: sqlite3.Connection) -> None:
+    # A room linked across servers through a broker (`serve --room --link`). `node`: this
+    # archive's stable identity (made once, kept for good), which every line it originates
+    # carries. Each message carries its origin (server and id, unique together: a line present on
+    # several servers is the same line) and, once it came through the room's stream, the
+    # stream's sequence: the one order of a linked room. `room_links`: how far each room's stream
+    # has been committed here, written in the same transaction as what it counts, so a restart
+    # (even after kill -9) resumes with no gap and no duplicate. `merged`: what `chatlog merge`
+    # has taken from each source, so merging again changes nothing.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "node" ("id" INTEGER PRIMARY KEY CHECK (id = 1), "uid" TEXT NOT NULL);
+        INSERT INTO "node" ("id", "uid") VALUES (1, lower(hex(randomblob(8))));
+        ALTER TABLE "messages" ADD COLUMN "origin_server" TEXT;
+        ALTER TABLE "messages" ADD COLUMN "origin_id" TEXT;
+        ALTER TABLE "messages" ADD COLUMN "stream_seq" INTEGER;
+        CREATE UNIQUE INDEX "idx_messages_origin" ON "messages" ("origin_server", "origin_id")
+            WHERE "origin_server" IS NOT NULL;
+        CREATE TABLE "room_links" (
+           "room" TEXT PRIMARY KEY,
+           "stream" TEXT NOT NULL,
+           "last_seq" INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE "merged" (
+           "source" TEXT NOT NULL,
+           "session_id" INTEGER NOT NULL,
+           "merged_session" INTEGER NOT NULL,
+           PRIMARY KEY ("source", "session_id")
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

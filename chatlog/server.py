@@ -34,6 +34,7 @@ from chatlog.events import (
     Open,
     Pause,
     Prompt,
+    Publish,
     Received,
     Refuse,
     Send,
@@ -62,6 +63,7 @@ from chatlog.transport import (
 PASS_LINES = 512  # lines taken from all clients in one pass, shared among those with input
 MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
+LINK_TAKE = 512  # events taken from a room's link to other servers in one pass
 
 
 class Client:
@@ -193,8 +195,15 @@ class Handshakes:
 
 class Loop:
     def __init__(self, policy, store, listeners: list, renderer: Renderer, console: Console,
-                 operator: Operator, *, echo_operator: bool = True):
+                 operator: Operator, *, echo_operator: bool = True, link=None):
         self.policy = policy
+        # A room's link to other servers (chatlog.link), or None: one more source of events,
+        # woken through its socket (`wake`), taken LINK_TAKE at a time (`take`); what the policy
+        # publishes is handed to it (`publish`).
+        self.link = link
+        # The store's own decisions that, like Commit, only record: broadcasts go on gathering
+        # across them (a linked room's lines from the stream), one write per member per chunk.
+        self._record_only = tuple(getattr(store, "record_only", ()))
         self.store = store
         self.acceptor = Acceptor(listeners)
         self.r = renderer
@@ -221,6 +230,8 @@ class Loop:
         signals are ours by now: from here on Ctrl-C closes cleanly)."""
         self._watch_listeners(True)
         self.watch.set(wake, selectors.EVENT_READ, ("wake", wake))
+        if self.link is not None:
+            self.watch.set(self.link.wake, selectors.EVENT_READ, ("link", self.link))
         try:
             self._feed(Started(time.time()))
             self._carry_out()
@@ -256,6 +267,8 @@ class Loop:
             elif kind == "operator":
                 for note in self.operator.read_available():
                     self.console.write(self.r.paint("event", note))
+            elif kind == "link":
+                drain_wakeups(obj.wake)
             else:
                 drain_wakeups(obj)
         now = time.time()
@@ -273,6 +286,9 @@ class Loop:
                 readable.append(c)
         self.intake.read(readable, now)
         self.intake.quiet(now)
+        if self.link is not None:
+            for event in self.link.take(LINK_TAKE, now):
+                self._feed(event)
         deadline = self.policy.deadline()
         if deadline is not None and now >= deadline:
             # Read what has arrived before timing anyone out: after a stall (SIGSTOP, a long
@@ -288,6 +304,8 @@ class Loop:
     def _timeout(self) -> float | None:
         if any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
+        if self.link is not None and self.link.waiting:
+            return 0.0  # the link has more than one pass took
         when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(),
                              [c.io.deadline for c in self.tls.clients.values()])
         return None if when is None else max(0.0, when - time.time())
@@ -393,7 +411,7 @@ class Loop:
             if d.kind != "operator" or self.echo_operator:
                 self.console.write(show_line(self.r, d))
             return
-        if t is Commit or t is Handle or t is Open or t is Serve:
+        if t is Commit or t is Handle or t is Open or t is Serve or t in self._record_only:
             return  # recorded in phase one; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
@@ -420,6 +438,8 @@ class Loop:
             c = self.clients.get(d.conn)
             if c is not None:
                 c.member = True  # it hears what is said from now on, not before
+        elif t is Publish:
+            self.link.publish(d)
         if isinstance(d, StoreWrite):
             line = self.store.describe(d, result)
             if line is not None:
@@ -631,6 +651,9 @@ def _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets=(), tls=
         console.write(renderer.paint(
             "event", f"closed {what} left open by a server that stopped unexpectedly, as interrupted"
         ))
+    link = getattr(mode, "link", None)
+    if link is not None:
+        console.write(renderer.paint("event", link.describe()))
     operator = Operator(
         stdin, console, prompt=f"{policy.handle}>", color_prompt=renderer.prompt(f"{policy.handle}>")
     )
@@ -638,7 +661,8 @@ def _prepare(mode, sockets, renderer, stdin, console, bind, tls_sockets=(), tls=
         operator.prompt = renderer.paint("server", f"{policy.handle}>")
     echo = not (operator.tty and console.stream.isatty())
     listeners = [Listener(s) for s in sockets] + [Listener(s, context, tls.handshake_timeout) for s in tls_sockets]
-    loop = Loop(policy, store, listeners, renderer, console, operator, echo_operator=echo)
+    loop = Loop(policy, store, listeners, renderer, console, operator, echo_operator=echo,
+                link=getattr(mode, "link", None))
     store.set_hooks(on_wait, lambda: loop.stopping is not None)
     return loop
 

@@ -1,0 +1,846 @@
+"""A room across several servers, linked through a NATS JetStream broker (`serve --room --link`).
+
+Three parts, each with the one job it has everywhere else in chatlog:
+
+- `BrokerLink`: the link itself. The `nats-py` client is asyncio, so it runs in one background
+  thread with its own event loop; what it brings in (a line of the room's stream, the link going
+  down or coming back, who is on the other servers, a kick asked of us) is put on a bounded queue
+  and the main loop is woken through a socket. For the loop it is one more source of events
+  (`wake`, `take`, `waiting`) and one more place decisions go (`publish`), not a second loop.
+- `LinkedRoom`: a pure policy around `room.Room`. The room decides as it always does; what it
+  would commit and relay (its `Commit`s, `Broadcast`s and chat lines on the console) is instead
+  published to the room's stream, one message per event, and carried out when the stream brings
+  it back, on every server alike (the sender's too): committed in stream order, then relayed.
+- `LinkedRoomStore`: `modes.RoomStore`, plus the lines that come through the stream (with their
+  origin and stream sequence) and how far the stream is committed, in the same transaction.
+
+One stream per room name (`CHATLOG_<name>`, subject `chatlog.room.<name>`), file storage. Every
+message carries its origin server (the archive's stable id, schema m014) and origin id (the
+server run and a counter), which is also its `Nats-Msg-Id`: the broker drops a duplicate, and an
+archive never records one line twice.
+
+The broker unreachable: every local client is told at once, and so is each one who joins
+meanwhile. A line said while the link is down is refused: recorded in this server's archive
+alone, with a note that it was not relayed, and its sender is told so (the room's history never
+shows it). Nothing is kept to publish later: a line that reaches the room minutes late, out of
+the order people answered in, would mislead more than it helps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from chatlog.events import (
+    Broadcast,
+    Commit,
+    Connected,
+    Decision,
+    End,
+    Event,
+    Finish,
+    Handle,
+    OperatorLine,
+    Publish,
+    Send,
+    Show,
+    StoreWrite,
+)
+from chatlog.handles import fold
+from chatlog.modes import Mode, RoomStore
+from chatlog.sanitize import visible
+from chatlog.words import address
+
+QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
+ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
+ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
+CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
+BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
+BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
+RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
+
+DOWN_NOTICE = ("The link to the room's other servers is down: what you say now is not relayed "
+               "(this server records it, marked so).")
+UP_NOTICE = "The link to the room's other servers is back: lines are relayed again."
+UNSENT_NOTICE = "The broker did not take your line: it was not relayed (this server records it, marked so)."
+DOWN_NOTE = "not relayed: the link to the other servers was down"
+
+
+# -- events the link brings in ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LinkState(Event):
+    """The link came up (`up`) or went down; `why` in words, for the console."""
+
+    up: bool
+    why: str
+    at: float
+
+
+@dataclass(slots=True)
+class Arrived(Event):
+    """What one event of a server published, as the room's stream brought it, in stream order
+    (one stream message may carry several: `seq` is the message's). `mine`: published by this
+    run of this server (its `ref` is ours, its connections are ours)."""
+
+    seq: int
+    origin: str
+    oid: str
+    label: str
+    body: object  # {"c": commits, "w": console lines, "b": broadcasts}, as the publisher wrote it
+    mine: bool
+    ref: int
+    at: float
+    live: bool = True  # False: stored before this server started (a backlog): recorded, not relayed
+
+
+@dataclass(slots=True)
+class Unsent(Event):
+    """The broker did not confirm what we published as `ref`."""
+
+    ref: int
+    at: float
+
+
+@dataclass(slots=True)
+class Roster(Event):
+    """Who is on another server (its id and label): (conn, handle, address) each."""
+
+    server: str
+    label: str
+    people: list
+    at: float
+
+
+@dataclass(slots=True)
+class Clash(Event):
+    """Another server (`label`) links with this archive's identity: a copy of this database."""
+
+    label: str
+    at: float
+
+
+@dataclass(slots=True)
+class KickAsked(Event):
+    """Another server's operator asks us to kick our client `conn`."""
+
+    conn: int
+    by: str
+    at: float
+
+
+# -- decisions the store carries out ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LinkCommit(StoreWrite):
+    """A line of a linked room. From the stream: `origin`, `oid` and `seq` as it brought them.
+    Kept here alone (not relayed): `origin` None (this server), `oid` ours, `seq` None."""
+
+    conn: int | None
+    sender: str
+    handle: str | None
+    text: str
+    raw: bytes | None
+    note: str | None
+    at: float
+    verified: bool
+    origin: str | None
+    oid: str
+    seq: int | None
+
+
+@dataclass(slots=True)
+class Advance(StoreWrite):
+    """The room's stream is committed here up to `seq`."""
+
+    seq: int
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+
+def stream_token(room: str) -> str:
+    """A room's name as one NATS subject token and stream name part: itself when it is plain
+    (letters, digits, - and _), else a digest of it."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", room):
+        return room
+    return "x" + hashlib.sha256(room.encode()).hexdigest()[:24]
+
+
+def safe_url(url: str) -> str:
+    """The broker's URL without its credentials, for the banner and the console."""
+    u = urlsplit(url)
+    host = u.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{u.scheme}://{host}{f':{u.port}' if u.port else ''}"
+
+
+# -- the policy -----------------------------------------------------------------------------------
+
+
+_CHAT = ("client", "server", "operator")
+
+
+class LinkedRoom:
+    """`room.Room` with its record and relay going through the room's stream (pure: events in,
+    decisions out). What the room commits and relays for one event becomes one `Publish`; what
+    the stream brings back becomes commits, then console lines and broadcasts, in stream order."""
+
+    def __init__(self, room):
+        self.room = room
+        self.handle = room.handle
+        self.sendq = room.sendq
+        self.up = False
+        self.said_down = False
+        self.ref = 0
+        self.inflight: dict[int, list[dict]] = {}  # ref -> what it published (to keep if refused)
+        self.rosters: dict[str, tuple[str, list, float]] = {}  # server -> (label, people, heard at)
+        self.roster_sent: list | None = None
+
+    # the policy interface
+    def deadline(self):
+        return self.room.deadline()
+
+    def allowance(self, conn, now):
+        return self.room.allowance(conn, now)
+
+    def notice(self, text):
+        return self.room.notice(text)
+
+    def handle_event(self, ev) -> list[Decision]:
+        t = type(ev)
+        if t is Arrived:
+            return self._arrived(ev)
+        if t is LinkState:
+            return self._state(ev)
+        if t is Unsent:
+            return self._unsent(ev)
+        if t is Roster:
+            return self._roster(ev)
+        if t is Clash:
+            return [Show("error", visible(
+                f"the server {ev.label} links with this archive's identity (a copy of this database?): "
+                "lines of one may be taken for the other's; give each server a database of its own"))]
+        if t is KickAsked:
+            p = self.room.people.get(ev.conn)
+            if p is None:
+                return []
+            return self._route(self.room.handle_event(OperatorLine(f"\\kick {address(p.host, p.port)}", ev.at)))
+        if t is OperatorLine:
+            kick = self._remote_kick(ev)
+            if kick is not None:
+                return kick
+        out = self._route(self.room.handle_event(ev))
+        if t is Connected and not self.up and any(type(d) is Send and d.conn == ev.conn for d in out):
+            out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
+            self.said_down = True  # so it hears when the link is up
+        if any(type(d) is Finish for d in out):
+            out.insert(0, Publish("who", b"[]"))  # the room closes here (a stop, \quit): nobody here any more
+        return out
+
+    # what the room decided, through the stream
+    def _route(self, out: list[Decision]) -> list[Decision]:
+        if not any(type(d) is Commit for d in out):
+            return out + self._roster_change(out)
+        commits: list[dict] = []
+        shows: list[list] = []
+        casts: list[list] = []
+        rest: list[Decision] = []
+        at_publish = None
+        for d in out:
+            t = type(d)
+            if t is Commit:
+                commits.append({"k": d.conn, "s": d.sender, "h": d.handle, "t": d.text,
+                                "r": base64.b64encode(d.raw).decode() if d.raw is not None else None,
+                                "n": d.note, "at": d.at, "v": d.verified})
+            elif t is Broadcast:
+                casts.append([d.data.decode("utf-8", "surrogateescape"), d.exclude])
+            elif t is Show and d.kind in _CHAT:
+                shows.append([d.kind, d.text, d.handle])
+            else:
+                rest.append(d)
+                continue
+            if at_publish is None:
+                at_publish = len(rest)
+        self.ref += 1
+        ref = self.ref
+        senders = [c["k"] for c in commits if c["k"] is not None and c["s"] == "client"]
+        if not self.up:
+            kept = self._keep(ref, commits, DOWN_NOTE)
+            told = [Send(conn, self.room.notice(DOWN_NOTICE)) for conn in dict.fromkeys(senders)]
+            said = [Show("error", visible(f"not relayed (the link is down): {c['h'] or '?'}>{c['t']}"))
+                    for c in commits if c["s"] in _CHAT]
+            rest[at_publish:at_publish] = kept + told + said
+            return rest + self._roster_change(out)
+        self.inflight[ref] = commits
+        body = json.dumps({"c": commits, "w": shows, "b": casts}, separators=(",", ":")).encode()
+        rest.insert(at_publish, Publish("line", body, ref))
+        return rest + self._roster_change(out)
+
+    def _keep(self, ref: int, commits: list[dict], why: str) -> list[Decision]:
+        """What a refused publication said, recorded here alone, marked as not relayed."""
+        return [
+            LinkCommit(c["k"], c["s"], c["h"], c["t"], base64.b64decode(c["r"]) if c["r"] is not None else None,
+                       f"{c['n']}; {why}" if c["n"] else why, c["at"], c["v"], None, f"{ref}.{i}", None)
+            for i, c in enumerate(commits)
+        ]
+
+    def _arrived(self, ev: Arrived) -> list[Decision]:
+        try:
+            body = ev.body
+            commits, shows, casts = body["c"], body["w"], body["b"]
+        except (KeyError, TypeError):
+            return [Advance(ev.seq), Show("error", f"stream message {ev.seq} from {visible(ev.label)} is not a chatlog line; skipped")]
+        if ev.mine:
+            self.inflight.pop(ev.ref, None)
+        out: list[Decision] = []
+        for i, c in enumerate(commits):
+            out.append(LinkCommit(
+                c.get("k") if ev.mine else None, c["s"], c["h"], c["t"],
+                base64.b64decode(c["r"]) if c.get("r") is not None else None, c.get("n"), c["at"],
+                bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq,
+            ))
+        out.append(Advance(ev.seq))
+        if not ev.live:
+            return out  # what was said while this server was away: its clients get it as history
+        if not ev.mine:
+            for c in commits:
+                if c["s"] == "event":
+                    out.append(Show("event", visible(f"{c['h']} {c['t']} (on {ev.label})")))
+        for kind, text, handle in shows:
+            out.append(Show(kind, text, handle))
+        for data, exclude in casts:
+            out.append(Broadcast(data.encode("utf-8", "surrogateescape"), exclude if ev.mine else None))
+        return out
+
+    def _unsent(self, ev: Unsent) -> list[Decision]:
+        commits = self.inflight.pop(ev.ref, None)
+        if commits is None:
+            return []
+        senders = dict.fromkeys(c["k"] for c in commits if c["k"] is not None and c["s"] == "client")
+        return (self._keep(ev.ref, commits, "not relayed: the broker did not take it")
+                + [Send(conn, self.room.notice(UNSENT_NOTICE)) for conn in senders]
+                + [Show("error", "the broker did not take a line: kept here alone, marked not relayed")])
+
+    def _state(self, ev: LinkState) -> list[Decision]:
+        if ev.up == self.up and (ev.up or self.said_down):
+            return []
+        was = self.up
+        self.up = ev.up
+        out: list[Decision] = [Show("event" if ev.up else "error", visible(ev.why))]
+        if ev.up and was is False and self.said_down:
+            out.append(Broadcast(self.room.notice(UP_NOTICE)))
+        if not ev.up:
+            self.said_down = True
+            out.append(Broadcast(self.room.notice(DOWN_NOTICE)))
+        if ev.up:
+            self.said_down = False
+            self.roster_sent = None
+            out += self._roster_change([Handle(0, "")])  # say who is here again
+        return out
+
+    # who is where
+    def _roster_change(self, out: list[Decision]) -> list[Decision]:
+        if not any(type(d) is Handle or type(d) is End or (type(d) is Commit and d.sender == "event") for d in out):
+            return []
+        people = [[p.conn, p.handle, address(p.host, p.port)] for p in self.room.people.values() if p.handle]
+        if people == self.roster_sent:
+            return []
+        self.roster_sent = people
+        return [Publish("who", json.dumps(people).encode())]
+
+    def _roster(self, ev: Roster) -> list[Decision]:
+        names = self.room.names
+        old = self.rosters.get(ev.server)
+        if old is not None:
+            for _conn, handle, _addr in old[1]:
+                names.remove(handle)
+        people = [p for p in ev.people if isinstance(p, list) and len(p) == 3 and isinstance(p[1], str)]
+        if people:
+            self.rosters[ev.server] = (ev.label, people, ev.at)
+            for _conn, handle, _addr in people:
+                names.add(handle)  # taken here too: one name, one person, across the room
+        else:
+            self.rosters.pop(ev.server, None)
+        for server, (_label, gone, heard) in list(self.rosters.items()):
+            if ev.at - heard > ROSTER_STALE:
+                for _conn, handle, _addr in gone:
+                    names.remove(handle)
+                del self.rosters[server]
+        self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
+                               for _c, h, a in ps]
+        return []
+
+    def _remote_kick(self, ev: OperatorLine) -> list[Decision] | None:
+        m = re.fullmatch(r"\\kick\s+(.+)", ev.text.strip())
+        if not m:
+            return None
+        name = m.group(1).strip()
+        room = self.room
+        key = fold(name)
+        for p in room.people.values():
+            if address(p.host, p.port) == name or (p.handle is not None and (p.shown == name or fold(p.shown) == key)):
+                return None  # one of ours: the room kicks it
+        found = [(server, label, conn, handle) for server, (label, people, _) in self.rosters.items()
+                 for conn, handle, addr in people if addr == name]
+        if not found:
+            found = [(server, label, conn, handle) for server, (label, people, _) in self.rosters.items()
+                     for conn, handle, _addr in people if visible(handle) == name or fold(visible(handle)) == key]
+        if len(found) != 1:
+            return None  # nobody (the room says so), or several (the room says how to choose)
+        server, label, conn, handle = found[0]
+        return [Publish("kick", json.dumps({"server": server, "conn": conn}).encode()),
+                Show("event", visible(f"asked {label} to kick {handle}"))]
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+class LinkedRoomStore(RoomStore):
+    """A room's store, plus the lines of the room's stream and how far it is committed."""
+
+    record_only = (LinkCommit, Advance)  # nothing to send or show: the loop's broadcasts gather across them
+
+    def __init__(self, recorder, link: "BrokerLink", **kwargs):
+        super().__init__(recorder, **kwargs)
+        self.link = link
+        self.uid = ""
+        self.run = 0
+
+    def start(self, local_addr, at: float) -> int:
+        orphans = super().start(local_addr, at)
+        rec = self.recorder
+        if self.name is None:
+            self.name = f"room-{self.local[1]}"
+        self.uid = rec.node_uid()
+        self.run = rec.server_id
+        self.link.configure(self.name)
+        resume = rec.link_resume(self.name, self.link.stream)
+        self.link.start(self.uid, self.run, f"{socket.gethostname()}:{self.local[1]}", resume)
+        return orphans
+
+    def _write(self, d):
+        t = type(d)
+        if t is LinkCommit:
+            pid = self.participants.get(d.conn) if d.conn is not None else None
+            origin = d.origin if d.origin is not None else self.uid
+            oid = d.oid if d.origin is not None else f"{self.run}.{d.oid}"
+            return self.recorder.add_linked(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, pid,
+                                            d.verified, origin, oid, d.seq)
+        if t is Advance:
+            self.recorder.link_advance(self.name, d.seq)
+            return None
+        return super()._write(d)
+
+
+def linked_room_mode(mode: Mode, recorder, link: "BrokerLink") -> Mode:
+    """A room mode (`modes.room_mode`) linked through `link`."""
+    old = mode.store
+    store = LinkedRoomStore(recorder, link, attended=old.attended, name=old.name, notice=old.notice)
+    mode.policy.elsewhere = []
+    return Mode(mode.name, LinkedRoom(mode.policy), store, mode.backlog, link)
+
+
+# -- the link -------------------------------------------------------------------------------------
+
+
+class BrokerLink:
+    """The room's link to a NATS JetStream broker, run in its own thread and event loop."""
+
+    def __init__(self, url: str, *, creds: str | None = None, ca: str | None = None, replicas: int = 1):
+        # One URL, or several separated by commas (the nodes of a NATS cluster).
+        self.urls: list[str] = []
+        self.user = self.password = None
+        for part in (p.strip() for p in url.split(",")):
+            u = urlsplit(part)
+            try:
+                u.port  # noqa: B018  (a port that is not a number is refused here, not in the thread)
+            except ValueError:
+                raise ValueError("a broker URL's port is a number, like nats://HOST:4222") from None
+            if u.scheme not in ("nats", "tls") or not u.hostname:
+                raise ValueError("a broker URL looks like nats://HOST:4222 (or tls://HOST:4222; several: "
+                                 "nats://A:4222,nats://B:4222)")
+            self.urls.append(safe_url(part))
+            if u.username and self.user is None:
+                self.user = unquote(u.username)
+                self.password = unquote(u.password) if u.password else None
+        self.url = ",".join(self.urls)  # for the console: never the credentials
+        self.creds = creds
+        self.ca = ca
+        self.replicas = replicas
+        self.tls = any(u.startswith("tls:") for u in self.urls) or ca is not None
+        self.room = ""
+        self.subject = self.stream = self.who_subject = self.kick_subject = ""
+        self.wake, self._wake_w = socket.socketpair()
+        self.wake.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._q: deque = deque()
+        self._lock = threading.Lock()
+        self.waiting = False
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.nc = self.js = self.sub = None
+        self.next_seq = 1
+        self.roster = b"[]"
+        self._clash_said = False
+        self._resubscribing = False
+
+    def configure(self, room: str) -> None:
+        self.room = room
+        tok = stream_token(room)
+        self.subject = f"chatlog.room.{tok}"
+        self.who_subject = f"chatlog.who.{tok}"
+        self.kick_subject = f"chatlog.kick.{tok}"
+        self.stream = f"CHATLOG_{tok}"
+
+    def describe(self) -> str:
+        return f"Linked room {visible(self.room)} through the broker {self.url} (stream {self.stream})"
+
+    # -- the loop's side (main thread) --------------------------------------------------------------
+
+    def start(self, uid: str, run: int, label: str, resume: int) -> None:
+        self.uid, self.run, self.label = uid, run, label
+        self.next_seq = resume + 1
+        self.live_from = None  # the stream's first sequence said since this server linked
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="chatlog-link", daemon=True)
+        self._thread.start()
+        ready.wait(5)
+
+    def take(self, n: int, now: float) -> list:
+        with self._lock:
+            q = self._q
+            out = [q.popleft() for _ in range(min(n, len(q)))]
+            self.waiting = bool(q)
+        return out
+
+    def publish(self, d: Publish) -> None:
+        aloop = self._aloop
+        if aloop is None or self._closing:
+            if d.what == "line":
+                self._put(Unsent(d.ref, time.time()))
+            return
+        aloop.call_soon_threadsafe(self._out.put_nowait, d)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Send what is published, then stop (bounded by `timeout`)."""
+        if self._aloop is None or self._thread is None:
+            return
+        self._closing = True
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._aloop)
+        try:
+            fut.result(timeout)
+        except Exception:  # noqa: BLE001  (a broker that is not there: nothing more to send)
+            pass
+        self._aloop.call_soon_threadsafe(self._aloop.stop)
+        self._thread.join(timeout)
+
+    # -- the link's side (its own thread) ----------------------------------------------------------
+
+    def _put(self, event) -> None:
+        with self._lock:
+            was_empty = not self._q
+            self._q.append(event)
+            self.waiting = True
+        if was_empty:
+            try:
+                self._wake_w.send(b"l")
+            except OSError:
+                pass  # full: the loop is woken already
+
+    def _full(self) -> bool:
+        return len(self._q) >= QUEUE_MAX
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        aloop = asyncio.new_event_loop()
+        asyncio.set_event_loop(aloop)
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._aloop = aloop
+        ready.set()
+        aloop.create_task(self._main())
+        try:
+            aloop.run_forever()
+            tasks = asyncio.all_tasks(aloop)  # the client's own (heartbeats, flow control) and ours
+            for task in tasks:
+                task.cancel()
+            aloop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            try:
+                aloop.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _main(self) -> None:
+        import nats
+
+        asyncio.get_running_loop().create_task(self._publisher())
+        self._said = None
+        while not self._closing:
+            try:
+                self.nc = await nats.connect(
+                    servers=self.urls, user=self.user, password=self.password, user_credentials=self.creds,
+                    tls=self._tls_context(), name=f"chatlog {self.label}", allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=RETRY_SECONDS, connect_timeout=2,
+                    disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                )
+                js = self.nc.jetstream()
+                self.js = js
+                await self._ensure_stream()
+                await self._subscribe()
+                break
+            except Exception as exc:  # noqa: BLE001  (unreachable, refused, not authorised, no JetStream)
+                why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+                if why != self._said:
+                    self._put(LinkState(False, why, time.time()))
+                    self._said = why
+                self.js = None
+                if self.nc is not None:
+                    try:
+                        await self.nc.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    self.nc = None
+                await asyncio.sleep(RETRY_SECONDS)
+        if self._closing:
+            return
+        self._put(LinkState(True, f"linked to {self.url}: room {self.room}, stream {self.stream} "
+                            f"(from sequence {self.next_seq})", time.time()))
+        for subject, cb in ((self.who_subject, self._on_who), (self.kick_subject, self._on_kick)):
+            try:  # (plain subscriptions: the client makes them again after a reconnect itself)
+                await self.nc.subscribe(subject, cb=cb)
+            except Exception as exc:  # noqa: BLE001  (the broker went away this instant)
+                self._put(LinkState(False, f"cannot subscribe to {subject}: {_why(exc)}", time.time()))
+        while not self._closing:
+            try:
+                await self._announce()
+            except Exception:  # noqa: BLE001  (reconnecting: said again when it is back)
+                pass
+            await asyncio.sleep(ROSTER_EVERY)
+
+    def _tls_context(self):
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=self.ca)
+
+    async def _ensure_stream(self) -> None:
+        from nats.js.api import StorageType
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await self.js.stream_info(self.stream)
+            if self.live_from is None:  # the first time: what the stream held before is backlog
+                self.live_from = info.state.last_seq + 1
+        except NotFoundError:
+            if self.live_from is None:
+                self.live_from = 1
+            await self.js.add_stream(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
+                                     duplicate_window=120.0, num_replicas=self.replicas)
+
+    async def _subscribe(self) -> None:
+        """(Again) deliver the stream from the first sequence not yet handed to the loop."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        old, self.sub = self.sub, None
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq)
+        self.sub = await self.js.subscribe(self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
+                                           config=config, idle_heartbeat=2.0)
+
+    async def _resubscribe(self) -> None:
+        self._resubscribing = True
+        try:
+            for _ in range(20):
+                if self._closing:
+                    return
+                try:
+                    await self._ensure_stream()
+                    await self._subscribe()
+                    return
+                except Exception:  # noqa: BLE001  (the broker is still starting: again)
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            self._resubscribing = False
+
+    async def _on_msg(self, msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq < self.next_seq:
+            return  # delivered already (a consumer made again)
+        if seq > self.next_seq:
+            # A gap (a slow consumer's dropped messages): deliver again from where we are (once:
+            # what the old subscription still brings meanwhile is dropped here the same way).
+            if not self._resubscribing:
+                asyncio.get_running_loop().create_task(self._resubscribe())
+            return
+        while self._full() and not self._closing:
+            await asyncio.sleep(0.005)  # the loop is behind: the broker keeps the rest
+        h = msg.headers or {}
+        origin = h.get("Chatlog-Origin", "")
+        run = h.get("Chatlog-Run", "")
+        label = h.get("Chatlog-Server", "?")
+        mine = origin == self.uid and run == str(self.run)
+        self.next_seq = seq + 1
+        try:
+            items = json.loads(msg.data)
+            items = [(int(ref), body) for ref, body in items]
+        except (ValueError, TypeError):
+            items = [(0, None)]  # not ours: the policy says so, and the sequence is counted
+        now = time.time()
+        live = seq >= (self.live_from or 1)
+        for ref, body in items:
+            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live))
+
+    async def _on_who(self, msg) -> None:
+        try:
+            body = json.loads(msg.data)
+            server, label, people = body["s"], body["l"], body["p"]
+        except (ValueError, KeyError, TypeError):
+            return
+        if server == self.uid and label != self.label and not self._clash_said:
+            # Another server with this archive's identity (a copied database): its lines and
+            # ours would be taken for one another's. Said once; each needs an archive of its own.
+            self._clash_said = True
+            self._put(Clash(str(label), time.time()))
+        elif server != self.uid and isinstance(people, list):
+            self._put(Roster(server, str(label), people, time.time()))
+
+    async def _on_kick(self, msg) -> None:
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("server") == self.uid and isinstance(body.get("conn"), int):
+            self._put(KickAsked(body["conn"], str(body.get("by", "")), time.time()))
+
+    async def _announce(self) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            body = json.dumps({"s": self.uid, "l": self.label, "p": json.loads(self.roster)}).encode()
+            await self.nc.publish(self.who_subject, body)
+
+    async def _publisher(self) -> None:
+        """What the loop publishes, in its order: lines to the stream (what has piled up since
+        the last one goes as one stream message, confirmed apart), who is here and kicks as plain
+        messages."""
+        out = self._out
+        held = None
+        while True:
+            d = held if held is not None else await out.get()
+            held = None
+            if d is None:
+                return
+            try:
+                if d.what == "line":
+                    batch, size = [d], len(d.data)
+                    while not out.empty() and len(batch) < BATCH_LINES and size < BATCH_BYTES:
+                        nxt = out.get_nowait()
+                        if nxt is None or nxt.what != "line":
+                            held = nxt
+                            break
+                        batch.append(nxt)
+                        size += len(nxt.data)
+                    await self._publish_lines(batch)
+                elif d.what == "who":
+                    self.roster = d.data
+                    await self._announce()
+                elif d.what == "kick" and self.nc is not None:
+                    await self.nc.publish(self.kick_subject, d.data)
+            except Exception:  # noqa: BLE001
+                if d.what == "line":
+                    for item in batch:
+                        self._put(Unsent(item.ref, time.time()))
+
+    async def _publish_lines(self, batch: list[Publish]) -> None:
+        """One stream message: `[[ref, body], ...]`, its id the run and the refs it carries (a
+        retry is the same message: the broker drops it if the first got through)."""
+        if self.js is None or self.nc is None or not self.nc.is_connected:
+            for d in batch:
+                self._put(Unsent(d.ref, time.time()))
+            return
+        data = b"[" + b",".join(b"[%d,%s]" % (d.ref, d.data) for d in batch) + b"]"
+        oid = f"{self.run}.{batch[0].ref}-{batch[-1].ref}"
+        headers = {"Nats-Msg-Id": f"{self.uid}.{oid}", "Chatlog-Origin": self.uid, "Chatlog-Run": str(self.run),
+                   "Chatlog-Server": self.label}
+        fut = await self.js.publish_async(self.subject, data, headers=headers)
+        fut.add_done_callback(lambda f: self._confirmed(f, batch, data, headers))
+        # No answer in time (the broker went away with it): given up here, retried once.
+        asyncio.get_running_loop().call_later(CONFIRM_SECONDS, lambda: fut.done() or fut.cancel())
+
+    def _confirmed(self, fut, batch: list[Publish], data: bytes, headers: dict) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            return
+        asyncio.get_running_loop().create_task(self._retry(batch, data, headers))
+
+    async def _retry(self, batch: list[Publish], data: bytes, headers: dict) -> None:
+        try:
+            if self.nc is not None and self.nc.is_connected:
+                await self.js.publish(self.subject, data, timeout=CONFIRM_SECONDS, headers=headers)
+                return
+        except Exception:  # noqa: BLE001
+            pass
+        for d in batch:
+            self._put(Unsent(d.ref, time.time()))
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            self._put(LinkState(False, f"lost the broker {self.url}; reconnecting", time.time()))
+
+    async def _on_reconnected(self) -> None:
+        if self._closing:
+            return
+        await self._resubscribe()
+        self._put(LinkState(True, f"linked to {self.url} again: stream {self.stream} from sequence {self.next_seq}",
+                            time.time()))
+        try:
+            await self._announce()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def _on_error(self, exc) -> None:
+        """Before the first connection the client retries by itself and says why here (a broker
+        not listening, a refused password): said once per reason. Later, the callbacks above
+        say when the link goes and comes back."""
+        if self.js is None and not self._closing:
+            why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+            if why != self._said:
+                self._said = why
+                self._put(LinkState(False, why, time.time()))
+
+    async def _shutdown(self) -> None:
+        await self._out.put(None)
+        for _ in range(200):  # what the loop published last (its clients' leaving) goes out first
+            if self._out.empty():
+                break
+            await asyncio.sleep(0.01)
+        if self.nc is not None:
+            try:
+                if self.js is not None and self.js.publish_async_pending():
+                    await asyncio.wait_for(self.js.publish_async_completed(), 2.0)
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                await asyncio.wait_for(self.nc.close(), 2.0)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,218 @@
+"""`chatlog merge A.db B.db ... -o ALL.db`: one archive from several servers' archives.
+
+- A room linked across servers (its lines carry a stream sequence, schema m014) becomes one
+  session per room name, its lines taken once each by origin identity (origin server and id: a
+  line present on three servers appears once), in stream order. A line one server kept alone
+  (said while its link was down: not relayed) is placed among them by its time.
+- Everything else (1:1 sessions, rooms that were never linked) is copied session by session,
+  each with its server's row, so the server it was on stays named.
+- What has been taken from which archive is recorded (`merged`), so merging the same archives
+  again, into the same output, changes nothing. The sources are only read.
+
+The result is an ordinary archive: `sessions`, `show`, `search`, `export` work on it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from urllib.parse import quote
+
+from chatlog import indexer
+from chatlog.db import StoreError, connect
+
+_SERVER_KEY = ("pid", "hostname", "host", "port", "started_at")
+
+
+def _get(row: sqlite3.Row, key: str):
+    """A column an older archive may not have yet: None there."""
+    return row[key] if key in row.keys() else None
+
+
+def _columns(conn: sqlite3.Connection, table: str, schema: str = "main") -> list[str]:
+    return [r[1] for r in conn.execute(f'PRAGMA "{schema}".table_info("{table}")')]
+
+
+class Merge:
+    def __init__(self, out: Path):
+        self.db = connect(out, create=True)
+        self.conn = self.db.conn
+        self.cols = {t: _columns(self.conn, t) for t in ("servers", "sessions", "messages", "participants")}
+        self.counts = {"sessions": 0, "messages": 0}
+
+    def close(self) -> None:
+        indexer.catch_up(self.conn, 30.0)
+        self.db.close()
+
+    def add(self, path: Path) -> None:
+        # Read as it is (an archive from before linked rooms too: it has none), never written.
+        try:
+            s = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+            tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from None
+        if not {"sessions", "messages"} <= tables:
+            s.close()
+            raise StoreError(f"{path} is not a chatlog archive")
+        try:
+            s.row_factory = sqlite3.Row
+            row = s.execute("SELECT uid FROM node WHERE id = 1").fetchone() if "node" in tables else None
+            uid = row[0] if row else f"file:{Path(path).resolve()}"
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._add(s, uid)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        finally:
+            s.close()
+
+    # -- one source ---------------------------------------------------------------------------------
+
+    def _add(self, s: sqlite3.Connection, uid: str) -> None:
+        linked = set()
+        if "stream_seq" in _columns(s, "messages"):
+            linked = {r[0] for r in s.execute(
+                "SELECT DISTINCT se.room FROM sessions se JOIN messages m ON m.session_id = se.id "
+                "WHERE se.kind = 'room' AND se.room IS NOT NULL AND m.stream_seq IS NOT NULL AND se.deleting = 0")}
+        cols = _columns(s, "sessions")
+        live = "WHERE deleting = 0 " if "deleting" in cols else ""
+        for se in s.execute(f"SELECT * FROM sessions {live}ORDER BY id").fetchall():
+            if linked and se["room"] in linked and se["kind"] == "room":
+                self._room_session(s, uid, se)
+            elif not self._taken(uid, se["id"]):
+                self._session(s, uid, se)
+        for room in linked:
+            self._resequence(room)
+
+    def _taken(self, source: str, sid: int) -> int | None:
+        row = self.conn.execute("SELECT merged_session FROM merged WHERE source = ? AND session_id = ?",
+                                (source, sid)).fetchone()
+        return row[0] if row else None
+
+    def _server(self, s: sqlite3.Connection, server_id: int | None) -> int | None:
+        if server_id is None:
+            return None
+        row = s.execute("SELECT * FROM servers WHERE id = ?", (server_id,)).fetchone()
+        if row is None:
+            return None
+        key = [row[k] for k in _SERVER_KEY]
+        have = self.conn.execute(
+            "SELECT id FROM servers WHERE pid IS ? AND hostname IS ? AND host IS ? AND port IS ? AND started_at IS ?",
+            key).fetchone()
+        if have:
+            return have[0]
+        cols = [c for c in self.cols["servers"] if c != "id" and c in row.keys()]
+        return self._insert("servers", cols, [row[c] for c in cols])
+
+    def _insert(self, table: str, cols: list[str], values: list) -> int:
+        names = ", ".join(f'"{c}"' for c in cols)
+        marks = ", ".join("?" for _ in cols)
+        return self.conn.execute(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', values).lastrowid
+
+    def _participants(self, s: sqlite3.Connection, sid: int, into: int) -> dict[int, int]:
+        out = {}
+        if not _columns(s, "participants"):
+            return out
+        for p in s.execute("SELECT * FROM participants WHERE session_id = ? ORDER BY id", (sid,)).fetchall():
+            cols = [c for c in self.cols["participants"] if c not in ("id", "session_id") and c in p.keys()]
+            out[p["id"]] = self._insert("participants", ["session_id", *cols], [into, *[p[c] for c in cols]])
+        return out
+
+    def _session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row) -> None:
+        """A session of one server (a 1:1 chat, a room never linked): copied whole."""
+        cols = [c for c in self.cols["sessions"] if c not in ("id", "server_id") and c in se.keys()]
+        new = self._insert("sessions", ["server_id", *cols], [self._server(s, _get(se, "server_id")), *[se[c] for c in cols]])
+        self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)", (uid, se["id"], new))
+        pids = self._participants(s, se["id"], new)
+        for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
+            self._message(m, new, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
+        self.counts["sessions"] += 1
+
+    def _message(self, m: sqlite3.Row, session: int, uid: str, pid: int | None, seq: int) -> bool:
+        cols = [c for c in self.cols["messages"]
+                if c not in ("id", "session_id", "participant_id", "seq", "origin_server", "origin_id") and c in m.keys()]
+        origin = _get(m, "origin_server") or uid
+        oid = _get(m, "origin_id") or f"local.{m['id']}"
+        names = ", ".join(f'"{c}"' for c in ["session_id", "participant_id", "seq", "origin_server", "origin_id", *cols])
+        marks = ", ".join("?" for _ in range(5 + len(cols)))
+        cur = self.conn.execute(
+            f'INSERT INTO messages ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING',
+            [session, pid, seq, origin, oid, *[m[c] for c in cols]])
+        if cur.rowcount:
+            self.counts["messages"] += 1
+        return bool(cur.rowcount)
+
+    def _room_session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row) -> None:
+        """One run of a linked room on one server: its lines go into the room's one session."""
+        room = se["room"]
+        key = f"room:{room}"
+        merged = self._taken(key, 0)
+        if merged is None:
+            merged = self._insert(
+                "sessions", ["started_at", "served_at", "ended_at", "end_reason", "kind", "room", "server_host",
+                             "server_port"],
+                [se["started_at"], se["started_at"], se["ended_at"], se["end_reason"], "room", room, se["server_host"],
+                 se["server_port"]])
+            self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, 0, ?)", (key, merged))
+            self.counts["sessions"] += 1
+        else:
+            self.conn.execute(
+                "UPDATE sessions SET started_at = min(started_at, ?), served_at = min(served_at, ?), "
+                "ended_at = CASE WHEN ended_at IS NULL OR ? IS NULL THEN ended_at ELSE max(ended_at, ?) END "
+                "WHERE id = ?", (se["started_at"], se["started_at"], se["ended_at"], se["ended_at"], merged))
+        if self._taken(uid, se["id"]) is None:
+            self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
+                              (uid, se["id"], merged))
+            pids = self._participants(s, se["id"], merged)
+        else:
+            pids = {}
+        top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE session_id = ?", (merged,)).fetchone()[0]
+        for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
+            if self._message(m, merged, uid, pids.get(_get(m, "participant_id")), seq=top + 1):
+                top += 1
+
+    def _resequence(self, room: str) -> None:
+        """The room's lines in stream order (the lines of one stream message in their order);
+        a line kept on one server alone goes after the last line of the stream said before it."""
+        merged = self._taken(f"room:{room}", 0)
+        rows = self.conn.execute("SELECT id, stream_seq, origin_id, at FROM messages WHERE session_id = ?",
+                                 (merged,)).fetchall()
+
+        def place(oid: str) -> tuple[int, ...]:
+            # run.ref.i: one stream message may carry several events (refs), each several lines
+            return tuple(int(p) if p.isdigit() else 0 for p in oid.split(".")[1:])
+
+        streamed = sorted((r for r in rows if r[1] is not None), key=lambda r: (r[1], place(r[2])))
+        alone = sorted((r for r in rows if r[1] is None), key=lambda r: (r[3], r[0]))
+        order: list[int] = []
+        i = 0
+        for r in streamed:
+            while i < len(alone) and alone[i][3] < r[3]:
+                order.append(alone[i][0])
+                i += 1
+            order.append(r[0])
+        order += [r[0] for r in alone[i:]]
+        # Two steps, as (session, seq) is unique: out of the way, then in order.
+        self.conn.execute("UPDATE messages SET seq = -seq WHERE session_id = ?", (merged,))
+        self.conn.executemany("UPDATE messages SET seq = ? WHERE id = ?", [(n, mid) for n, mid in enumerate(order, 1)])
+        from chatlog.schema import message_count
+
+        self.conn.execute(
+            f"UPDATE sessions SET client_messages = {message_count('client')}, "
+            f"server_messages = {message_count('server')} WHERE id = ?", (merged,))
+
+
+def merge(sources: list[Path], out: Path) -> dict[str, int]:
+    """Merge `sources` into `out` (created if needed); returns what was added."""
+    for src in sources:
+        if Path(src).resolve() == Path(out).resolve():
+            raise StoreError(f"{out} is both a source and the output")
+    m = Merge(out)
+    try:
+        for src in sources:
+            m.add(Path(src))
+    finally:
+        m.close()
+    return m.counts

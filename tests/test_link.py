@@ -1,0 +1,731 @@
+"""A room across several servers, linked through NATS JetStream (`serve --room --link`,
+chatlog/link.py): real `nats-server -js` processes on free loopback ports with their own storage,
+real chatlog servers, raw socket clients on each. Every client sees every line in one order,
+every archive holds the same lines in the same order, and the faults (a server killed with -9, the
+broker restarted, the broker gone) lose and duplicate nothing."""
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from conftest import ServerProc, run_chatlog, wait_until
+
+NATS = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")  # (Debian: sbin)
+NO_NATS = "nats-server is not installed (Debian: apt-get install nats-server; .ci/run installs it)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """A real `nats-server -js` on loopback, its storage in a directory of its own; it can be
+    stopped and started again on the same port and storage."""
+
+    def __init__(self, store, port=None, args=()):
+        if NATS is None:
+            pytest.skip(NO_NATS)
+        self.port = port or free_port()
+        self.store = store
+        self.args = list(args)
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.log = open(f"{self.store}.log", "ab")
+        self.proc = subprocess.Popen([NATS, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store), *self.args],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up():
+            assert self.proc.poll() is None, "nats-server exited"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(up)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "nats")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def linked(tmp_path, broker):
+    """Factory: linked(name) -> a chatlog room server linked through the broker, its database
+    tmp_path/NAME.db, up and linked (its console says so)."""
+    servers = []
+
+    def start(name, *args, room="lab", wait=True):
+        s = ServerProc(tmp_path / f"{name}.db", "--room", "--name", room, "--link", broker.url, *args)
+        servers.append(s)
+        if wait:
+            s.wait_for(r"^linked to nats://")
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+class Peer:
+    """A raw client: what it has received, read as it is waited for."""
+
+    def __init__(self, server, handle=None):
+        self.sock = server.connect()
+        self.buf = b""
+        self.until(b"Type at any time.\n")
+        if handle:
+            self.send(f"{handle}>\\join")
+
+    def send(self, line: str):
+        self.sock.sendall(line.encode() + b"\n")
+
+    def until(self, needle: bytes, timeout=10.0) -> bytes:
+        self.sock.settimeout(0.5)
+        deadline = time.monotonic() + timeout
+        while needle not in self.buf:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle!r} not received; got {self.buf[-2000:]!r}")
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError(f"closed before {needle!r}; got {self.buf[-2000:]!r}")
+            self.buf += chunk
+        return self.buf
+
+    def poll(self) -> bool:
+        """Take what has arrived, without waiting; False (so it can be waited on)."""
+        self.sock.settimeout(0.05)
+        try:
+            chunk = self.sock.recv(65536)
+            self.buf += chunk
+        except socket.timeout:
+            pass
+        return False
+
+    def lines(self):
+        return self.buf.decode().splitlines()
+
+    def close(self):
+        self.sock.close()
+
+
+def rows(db, where="stream_seq IS NOT NULL"):
+    """The linked lines of an archive, in the order it committed them."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            f"SELECT origin_server, origin_id, stream_seq, sender, handle, text, note FROM messages WHERE {where} ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def last_seq(db):
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT last_seq FROM room_links").fetchone()
+        return row[0] if row else 0
+    finally:
+        conn.close()
+
+
+def settled(*dbs):
+    """Every archive has committed the same stream, as far as the first has."""
+    target = wait_until(lambda: last_seq(dbs[0]))
+    wait_until(lambda: all(last_seq(db) == last_seq(dbs[0]) for db in dbs) and last_seq(dbs[0]) >= target)
+    return last_seq(dbs[0])
+
+
+def assert_same_archives(*dbs):
+    first = rows(dbs[0])
+    seqs = [r[2] for r in first]
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1)), "a gap in the stream"
+    assert len({(r[0], r[1]) for r in first}) == len(first), "a line recorded twice"
+    for db in dbs[1:]:
+        assert rows(db) == first
+
+
+# -- one room over three servers -----------------------------------------------------------------
+
+
+def test_three_servers_one_room_one_order(tmp_path, linked):
+    servers = [linked(n) for n in "abc"]
+    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"], strict=True)]
+    for p, other in ((peers[0], "bob"), (peers[0], "carol"), (peers[1], "carol")):
+        p.until(f"*** {other} joined\n".encode())
+    n = 15
+    for i in range(n):  # interleaved as fast as they can: the stream decides one order
+        for p, h in zip(peers, ["alice", "bob", "carol"], strict=True):
+            p.send(f"{h}>line {i} from {h}")
+    for p, me in zip(peers, ["alice", "bob", "carol"], strict=True):
+        for h in {"alice", "bob", "carol"} - {me}:
+            p.until(f"{h}>line {n - 1} from {h}\n".encode())
+    dbs = [tmp_path / f"{x}.db" for x in "abc"]
+    settled(*dbs)
+    assert_same_archives(*dbs)
+    order = [(h, t) for _, _, _, sender, h, t, _ in rows(dbs[0]) if sender == "client"]
+    assert len(order) == 3 * n
+    for p, me in zip(peers, ["alice", "bob", "carol"], strict=True):
+        seen = [tuple(line.split(">", 1)) for line in p.lines() if re.match(r"(alice|bob|carol)>line", line)]
+        assert seen == [(h, t) for h, t in order if h != me]  # every line, in the stream's order
+    # Each archive's history is the room's, whichever server said it.
+    for db in dbs:
+        r = run_chatlog(db, "search", "-c", "line 14 from carol")
+        assert r.exit_code == 0 and r.output.strip() == "1"
+
+
+def test_who_lists_everyone_and_kick_works_across_servers(tmp_path, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    bob.until(b"*** alice joined\n")
+
+    def who_lists_alice():
+        bob.send("bob>\\who")
+        try:
+            bob.until(b"alice (on ", timeout=1)
+            return True
+        except AssertionError:
+            return False
+
+    wait_until(who_lists_alice)
+    assert re.search(r"\*\*\* 2 here: bob, alice \(on [^)]+:%d\)" % a.port, bob.buf.decode())
+    b.say("\\who")
+    b.wait_for(r"^  alice +127\.0\.0\.1:\d+ +on .*:%d$" % a.port)
+    # The operator of b kicks alice, who is on a: a carries it out, everyone hears it.
+    b.say("\\kick alice")
+    b.wait_for(r"asked .* to kick alice")
+    alice.until(b"\\quit\n")
+    assert b"You were removed from the room" in alice.buf or b"removed" in alice.buf
+    bob.until(b"*** alice left\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    assert ("event", "alice", "left", "kicked") in [r[3:] for r in rows(tmp_path / "b.db")]
+
+
+def test_a_newcomer_is_shown_the_room_history_said_on_every_server(tmp_path, linked):
+    a, b = linked("a", "--history", "5"), linked("b", "--history", "5")
+    alice = Peer(a, "alice")
+    alice.send("alice>said on a")
+    b.wait_for(r"alice>said on a")
+    s = b.connect()
+    got = b""
+    s.settimeout(10)
+    while b"End of history" not in got:
+        got += s.recv(65536)
+    assert re.search(rb"\[\d\d:\d\d\] alice>said on a\n", got)
+    s.close()
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+def test_server_killed_and_restarted_resumes_without_gap_or_duplicate(tmp_path, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    for i in range(10):
+        alice.send(f"alice>before {i}")
+    bob.until(b"alice>before 9\n")
+    b.proc.send_signal(signal.SIGKILL)
+    b.wait()
+    for i in range(10):  # said while b is away: b's archive must have them all the same
+        alice.send(f"alice>while away {i}")
+    settled(tmp_path / "a.db")
+    b2 = linked("b", wait=False)  # the same database: resumes from its last committed sequence
+    carol = Peer(b2)  # (connected at once: had the backlog been relayed, carol would hear it)
+    b2.wait_for(r"^linked to nats://")
+    wait_until(lambda: last_seq(tmp_path / "b.db") == last_seq(tmp_path / "a.db"))
+    carol.send("carol>\\join")
+    alice.until(b"*** carol joined\n")
+    alice.send("alice>after")
+    carol.until(b"alice>after\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    texts = [r[5] for r in rows(tmp_path / "b.db")]
+    assert [t for t in texts if "away" in t] == [f"while away {i}" for i in range(10)]
+    assert b"while away" not in carol.buf  # the backlog is recorded, not relayed as if said now
+
+
+def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    for i in range(5):
+        alice.send(f"alice>one {i}")
+    bob.until(b"alice>one 4\n")
+    broker.stop()
+    alice.until(b"link to the room's other servers is down")
+    bob.until(b"link to the room's other servers is down")
+    broker.start()  # the same storage: the stream and its sequence are kept
+    alice.until(b"lines are relayed again")
+    bob.until(b"lines are relayed again")
+    for i in range(5):
+        bob.send(f"bob>two {i}")
+    alice.until(b"bob>two 4\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    texts = [r[5] for r in rows(tmp_path / "a.db") if r[3] == "client"]
+    assert texts == [f"one {i}" for i in range(5)] + [f"two {i}" for i in range(5)]
+
+
+def test_broker_gone_clients_told_lines_refused_and_kept_marked(tmp_path, broker, linked):
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    broker.stop()
+    alice.until(b"link to the room's other servers is down")
+    a.wait_for("lost the broker")
+    alice.send("alice>said while the broker is gone")
+    alice.until(b"what you say now is not relayed", timeout=10)
+    newcomer = Peer(a)  # one who joins meanwhile is told at once too
+    newcomer.until(b"link to the room's other servers is down")
+    kept = wait_until(lambda: rows(tmp_path / "a.db", "text = 'said while the broker is gone'"))
+    assert kept[0][2] is None and "not relayed" in kept[0][6]  # recorded here alone, marked
+    broker.start()
+    alice.until(b"lines are relayed again")
+    alice.send("alice>back")
+    bob.until(b"alice>back\n")
+    assert b"said while the broker is gone" not in bob.buf
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    # The room's history never shows a line that was not relayed.
+    r = run_chatlog(tmp_path / "b.db", "search", "broker gone")
+    assert "said while" not in r.output
+    # Merged, the line a kept alone is in its place by time: after what was said before it.
+    out = tmp_path / "all.db"
+    assert run_chatlog(None, "merge", str(tmp_path / "a.db"), str(tmp_path / "b.db"), "-o", str(out)).exit_code == 0
+    texts = [r[5] for r in rows(out, "1") if r[3] in ("client", "event")]
+    assert texts.count("said while the broker is gone") == 1
+    assert texts.index("joined") < texts.index("said while the broker is gone") < texts.index("back")
+
+
+@pytest.mark.slow
+def test_broker_gone_for_ten_seconds_then_the_room_is_whole_again(tmp_path, broker, linked):
+    """The broker away for 10 s (the clients keep retrying all that time): what was said before
+    is everywhere, what was said meanwhile is refused and marked, and the room carries on."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    alice.send("alice>before")
+    bob.until(b"alice>before\n")
+    broker.stop()
+    gone = time.monotonic()
+    bob.until(b"link to the room's other servers is down")
+    n = 0
+    refused = b"what you say now is not relayed"
+    while time.monotonic() - gone < 10:  # the outage itself: about a line a second, ten at most
+        alice.send(f"alice>meanwhile {n}")
+        n += 1
+        wait_until(lambda want=n + 1: alice.buf.count(refused) >= want or alice.poll())
+        time.sleep(max(0.0, min(1.0, gone + n - time.monotonic())))  # pacing, not waiting on anything
+    broker.start()
+    alice.until(b"lines are relayed again", timeout=20)
+    bob.until(b"lines are relayed again", timeout=20)
+    bob.send("bob>after ten seconds")
+    alice.until(b"bob>after ten seconds\n")
+    assert b"meanwhile" not in bob.buf
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    kept = rows(tmp_path / "a.db", "text LIKE 'meanwhile %'")
+    assert len(kept) == n and all(r[2] is None and "not relayed" in r[6] for r in kept)
+
+
+def test_a_copied_archive_linking_beside_its_original_is_said(tmp_path, linked):
+    a = linked("a")
+    a.say("\\who")  # (something committed: the copy is a real archive)
+    a.stop()
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    linked("a")
+    twin = linked("copy")
+    twin.wait_for(r"links with this archive's identity \(a copy of this database\?\)")
+
+
+def _broker_port_of(server, ports):
+    """Which of the brokers' ports a chatlog server is connected to (from ss)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if f"pid={server.proc.pid}," in line:
+            peer = line.split()[3]
+            port = int(peer.rsplit(":", 1)[1])
+            if port in ports:
+                return port
+    return None
+
+
+@pytest.mark.slow
+def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp_path):
+    """The broker need not be the one thing that can fail: a 3-node JetStream cluster with the
+    room's stream replicated three times; the node a chatlog server uses is stopped mid-room."""
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) is not installed: cannot tell which node a server uses")
+    ports = [free_port() for _ in range(3)]
+    routes = [free_port() for _ in range(3)]
+    nodes = []
+    for i in range(3):
+        conf = tmp_path / f"n{i}.conf"
+        conf.write_text(
+            f"server_name: n{i}\n"  # (address, port, JetStream and its storage: Broker's flags)
+            f"cluster {{\n  name: chatlog\n  listen: 127.0.0.1:{routes[i]}\n"
+            f"  routes: [{', '.join(f'nats://127.0.0.1:{r}' for r in routes)}]\n}}\n")
+        nodes.append(Broker(tmp_path / f"n{i}", port=ports[i], args=["-c", str(conf)]))
+    urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    servers = []
+    try:
+        for name in "ab":  # (until the cluster has elected its leaders, a server retries)
+            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link", urls,
+                                      "--link-replicas", "3"))
+        for s in servers:
+            s.wait_for(r"^linked to nats://", timeout=30)
+        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
+        alice.until(b"*** bob joined\n")
+        alice.send("alice>before")
+        bob.until(b"alice>before\n")
+        used = wait_until(lambda: _broker_port_of(servers[0], ports))
+        nodes[ports.index(used)].stop()  # the node alice's server uses
+        servers[0].wait_for(r"linked to nats://\S+ again", timeout=45)
+        alice.send("alice>after a node died")
+        bob.until(b"alice>after a node died\n", timeout=45)
+        bob.send("bob>still here")
+        alice.until(b"bob>still here\n", timeout=45)
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    finally:
+        for s in servers:
+            s.stop()
+        for n in nodes:
+            n.stop()
+
+
+def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
+    broker = Broker(tmp_path / "auth", args=["--user", "someone", "--pass", "s3cret"])
+    try:
+        s = ServerProc(tmp_path / "x.db", "--room", "--name", "lab", "--link",
+                       f"nats://someone:s3cret@127.0.0.1:{broker.port}")
+        wrong = ServerProc(tmp_path / "y.db", "--room", "--name", "lab", "--link",
+                           f"nats://someone:wrong@127.0.0.1:{broker.port}")
+        try:
+            s.wait_for(r"Linked room lab through the broker nats://127\.0\.0\.1:%d \(stream CHATLOG_lab\)" % broker.port)
+            s.wait_for(r"^linked to nats://127\.0\.0\.1:%d: room lab" % broker.port)
+            wrong.wait_for(r"cannot reach the broker nats://127\.0\.0\.1:%d: .*[Aa]uthori" % broker.port)
+            for server in (s, wrong):
+                assert "s3cret" not in server.output and "someone" not in server.output and "wrong" not in server.output
+        finally:
+            s.stop()
+            wrong.stop()
+    finally:
+        broker.stop()
+    r = run_chatlog(tmp_path / "z.db", "serve", "0", "--link", "nats://127.0.0.1:1")
+    assert r.exit_code != 0 and "--link is for a room" in r.output
+
+
+def test_tls_to_the_broker_with_a_private_ca(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    broker = Broker(tmp_path / "tlsjs", args=["--tls", "--tlscert", str(tmp_path / "cert.pem"),
+                                              "--tlskey", str(tmp_path / "key.pem")])
+    servers = []
+    try:
+        for name in "ab":
+            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link",
+                                      f"tls://127.0.0.1:{broker.port}", "--link-ca", str(tmp_path / "ca.pem")))
+        for s in servers:
+            s.wait_for(r"^linked to tls://127\.0\.0\.1:%d: room lab" % broker.port)
+        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
+        alice.until(b"*** bob joined\n")
+        alice.send("alice>over TLS")
+        bob.until(b"alice>over TLS\n")
+        # Without the CA the broker's certificate is not trusted: said, never linked.
+        untrusting = ServerProc(tmp_path / "c.db", "--room", "--name", "lab", "--link", f"tls://127.0.0.1:{broker.port}")
+        servers.append(untrusting)
+        untrusting.wait_for(r"cannot reach the broker tls://127\.0\.0\.1:%d: .*(CERTIFICATE|certificate)" % broker.port)
+    finally:
+        for s in servers:
+            s.stop()
+        broker.stop()
+
+
+def test_stream_names_are_safe_tokens():
+    from chatlog.link import safe_url, stream_token
+
+    assert stream_token("lab") == "lab"
+    assert stream_token("cs372-room_1") == "cs372-room_1"
+    for odd in ("a.b", "a b", "a>*", "café"):
+        tok = stream_token(odd)
+        assert re.fullmatch(r"x[0-9a-f]{24}", tok)
+    assert safe_url("nats://u:p@h:4222") == "nats://h:4222"
+    assert safe_url("tls://u@[::1]:4222") == "tls://[::1]:4222"
+
+
+# -- one archive from several --------------------------------------------------------------------
+
+
+def dump(db):
+    """Every table an archive's readers use, as rows (ids included): what a second merge must
+    leave exactly as it was."""
+    conn = sqlite3.connect(db)
+    try:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                for t in ("sessions", "messages", "participants", "servers", "merged")}
+    finally:
+        conn.close()
+
+
+def test_merge_one_archive_from_three_idempotent_and_readable(tmp_path, linked):
+    from storebuild import open_store
+
+    servers = [linked(n) for n in "abc"]
+    peers = [Peer(s, h) for s, h in zip(servers, ["alice", "bob", "carol"], strict=True)]
+    peers[0].until(b"*** carol joined\n")
+    for i in range(5):
+        for p, h in zip(peers, ["alice", "bob", "carol"], strict=True):
+            p.send(f"{h}>merge {i} from {h}")
+    for h in ("bob", "carol"):
+        peers[0].until(f"{h}>merge 4 from {h}\n".encode())
+    dbs = [tmp_path / f"{x}.db" for x in "abc"]
+    settled(*dbs)
+    for p in peers:
+        p.close()
+    # Each archive has everyone's leaving (a stopping server's own would come after it stopped).
+    wait_until(lambda: all(len(rows(db, "sender = 'event' AND text = 'left'")) == 3 for db in dbs))
+    for s in servers:
+        s.stop()
+    # A 1:1 chat that server b had of its own: kept, with its server named.
+    st = open_store(dbs[1])
+    sid = st.begin_session(("10.0.0.9", 5000), ("127.0.0.1", 9999), served=True)
+    st.add_message(sid, "client", "dave", "a private word")
+    st.end_session(sid, "client-quit")
+    st.close()
+
+    out = tmp_path / "all.db"
+    r = run_chatlog(None, "merge", *map(str, dbs), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    stream = [r for r in rows(dbs[0])]
+    merged = rows(out, "session_id = (SELECT merged_session FROM merged WHERE source = 'room:lab')")
+    # Each line once, in the stream's order (local-only lines: none here).
+    assert merged == stream + [x for x in merged if x[2] is None]
+    assert [x for x in merged if x[2] is None] == []
+    assert len({(x[0], x[1]) for x in merged}) == len(merged)
+    texts = [x[5] for x in merged if x[3] == "client"]
+    assert len(texts) == 15 and texts == [x[5] for x in stream if x[3] == "client"]
+    chat = db_one(out, "SELECT s.client_host, s.server_port, m.source FROM sessions s "
+                       "JOIN merged m ON m.merged_session = s.id WHERE s.kind = 'chat'")
+    assert chat == ("10.0.0.9", 9999, db_one(dbs[1], "SELECT uid FROM node")[0])  # b's, and said so
+    before = dump(out)
+    r = run_chatlog(None, "merge", *map(str, dbs), "-o", str(out))
+    assert r.exit_code == 0 and "0 new sessions, 0 new messages" in r.output, r.output
+    assert dump(out) == before  # merging again changes nothing
+    # The readers work on the result.
+    assert run_chatlog(out, "sessions").exit_code == 0
+    room_sid = db_one(out, "SELECT merged_session FROM merged WHERE source = 'room:lab'")[0]
+    shown = run_chatlog(out, "show", str(room_sid))
+    assert shown.exit_code == 0 and "merge 4 from carol" in shown.output
+    assert run_chatlog(out, "search", "-c", "merge").output.strip() == "15"
+    assert "a private word" in run_chatlog(out, "export", "--format", "jsonl").output
+
+
+def db_one(db, sql):
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchone()
+    finally:
+        conn.close()
+
+
+# -- the policy alone (no broker, no sockets) ----------------------------------------------------
+
+
+def _policy():
+    from chatlog.events import Connected, Started
+    from chatlog.link import LinkedRoom, LinkState
+    from chatlog.room import Room
+
+    room = Room(history=0)
+    room.elsewhere = []
+    p = LinkedRoom(room)
+    p.handle_event(Started(1.0))
+    p.handle_event(LinkState(True, "linked", 1.0))
+    p.handle_event(Connected(1, "127.0.0.1", 5001, 1.0))
+    return p
+
+
+def _line(conn, text, handle=None, at=2.0):
+    from chatlog.events import Received
+    from chatlog.protocol import Message
+
+    return Received(conn, Message(handle, text, text.encode(), text.strip() == "\\quit", 0), at)
+
+
+def test_policy_a_line_is_published_not_committed_then_carried_out_in_stream_order():
+    import json
+
+    from chatlog.events import Broadcast, Commit, Publish
+    from chatlog.link import Advance, Arrived, LinkCommit
+
+    p = _policy()
+    out = p.handle_event(_line(1, "hello", "alice"))
+    assert not [d for d in out if type(d) in (Commit, Broadcast)]  # nothing before the stream says so
+    (pub,) = [d for d in out if type(d) is Publish and d.what == "line"]
+    assert b'"hello"' in pub.data
+    assert [d.what for d in out if type(d) is Publish] == ["line", "who"]  # and who is here now
+    body = json.loads(pub.data)
+    back = p.handle_event(Arrived(7, "me", "3.1", "vm:1", body, True, pub.ref, 2.1))
+    kinds = [type(d) for d in back]
+    assert kinds.index(Advance) > max(i for i, k in enumerate(kinds) if k is LinkCommit)
+    assert kinds.index(Broadcast) > kinds.index(Advance)  # committed, then relayed
+    assert [d.seq for d in back if type(d) is LinkCommit] == [7, 7]  # the join and the line
+    assert all(d.exclude == 1 for d in back if type(d) is Broadcast)  # the sender does not hear itself
+    # The same message from another server: relayed to everyone here, its origin kept.
+    there = p.handle_event(Arrived(8, "other", "5.9", "far:2", body, False, 0, 2.2))
+    assert all(d.exclude is None for d in there if type(d) is Broadcast)
+    assert {(d.origin, d.oid) for d in there if type(d) is LinkCommit} == {("other", "5.9.0"), ("other", "5.9.1")}
+
+
+def test_policy_link_down_refuses_tells_and_keeps_marked():
+    from chatlog.events import Connected, Publish, Send
+    from chatlog.link import DOWN_NOTICE, LinkCommit, LinkState, Unsent
+
+    p = _policy()
+    p.handle_event(_line(1, "first", "alice"))
+    down = p.handle_event(LinkState(False, "lost the broker", 3.0))
+    assert any(DOWN_NOTICE.encode() in getattr(d, "data", b"") for d in down)  # everyone, at once
+    out = p.handle_event(_line(1, "meanwhile", "alice", at=3.1))
+    assert not [d for d in out if type(d) is Publish]
+    (kept,) = [d for d in out if type(d) is LinkCommit]
+    assert kept.seq is None and kept.origin is None and "not relayed" in kept.note
+    assert any(type(d) is Send and d.conn == 1 and DOWN_NOTICE.encode() in d.data for d in out)
+    joined = p.handle_event(Connected(2, "127.0.0.1", 5002, 3.2))
+    assert any(type(d) is Send and d.conn == 2 and DOWN_NOTICE.encode() in d.data for d in joined)
+    # A publication the broker never confirmed: kept, marked, its sender told.
+    p.handle_event(LinkState(True, "back", 4.0))
+    pub = next(d for d in p.handle_event(_line(1, "lost", at=4.1)) if type(d) is Publish)
+    out = p.handle_event(Unsent(pub.ref, 7.0))
+    assert [d.text for d in out if type(d) is LinkCommit] == ["lost"]
+    assert any(type(d) is Send and d.conn == 1 for d in out)
+
+
+def test_policy_who_lists_other_servers_their_handles_are_taken_and_kick_goes_there():
+    import json
+
+    from chatlog.events import End, OperatorLine, Publish, Send, Show
+    from chatlog.link import KickAsked, Roster
+
+    p = _policy()
+    p.handle_event(_line(1, "hi", "alice"))
+    p.handle_event(Roster("srvB", "hostb:9999", [[4, "bob", "10.0.0.2:4000"]], 5.0))
+    out = p.handle_event(_line(1, "\\who", at=5.1))
+    (who,) = [d for d in out if type(d) is Send]
+    assert b"2 here: alice, bob (on hostb:9999)" in who.data
+    shown = p.handle_event(OperatorLine("\\who", 5.2))
+    assert any(type(d) is Show and re.search(r"bob +10\.0\.0\.2:4000 +on hostb:9999", d.text) for d in shown)
+    came = p.handle_event(__import__("chatlog.events", fromlist=["Connected"]).Connected(2, "127.0.0.1", 5002, 5.3))
+    assert any(type(d) is Send and b"Welcome to the room: 3 here." in d.data for d in came)  # bob counts
+    taken = p.handle_event(_line(2, "me too", "bob", at=5.4))
+    assert any(type(d) is Send and b"taken" in d.data for d in taken)  # one name, one person, across the room
+    for how in ("bob", "10.0.0.2:4000"):  # by handle, or by address as \who shows it
+        kick = p.handle_event(OperatorLine(f"\\kick {how}", 5.5))
+        (pub,) = [d for d in kick if type(d) is Publish]
+        assert pub.what == "kick" and json.loads(pub.data) == {"server": "srvB", "conn": 4}
+    # Asked of us by another server: our own kick, its leave through the stream.
+    out = p.handle_event(KickAsked(1, "srvB", 6.0))
+    assert any(type(d) is End and d.conn == 1 and d.reason == "kicked" for d in out)
+    assert any(type(d) is Publish and b'"left"' in d.data for d in out)
+    # A server not heard from for a while has nobody.
+    p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 20.0))
+    assert [name for name, _, _ in p.room.elsewhere] == ["carol"]
+
+
+def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
+    """What the consumer delivers out of order (a gap after a slow consumer's drops, a repeat
+    after a consumer made again) never reaches the loop out of order: a repeat is dropped, a gap
+    asks for the stream again from the first sequence missing, once."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from chatlog.link import Arrived, BrokerLink
+
+    link = BrokerLink("nats://127.0.0.1:1")
+    link.uid, link.run, link.label, link.next_seq, link.live_from = "me", 5, "vm:1", 1, 1
+    asked = []
+
+    async def resubscribe():
+        asked.append(link.next_seq)
+
+    link._resubscribe = resubscribe
+
+    def msg(seq, origin="other", refs=(1,)):
+        body = json.dumps([[r, {"c": [], "w": [], "b": []}] for r in refs]).encode()
+        return SimpleNamespace(metadata=SimpleNamespace(sequence=SimpleNamespace(stream=seq)), data=body,
+                               headers={"Chatlog-Origin": origin, "Chatlog-Run": "5", "Chatlog-Server": "x:1"})
+
+    async def deliver():
+        for m in (msg(1), msg(1), msg(3), msg(2, "me", (7, 8)), msg(3)):
+            await link._on_msg(m)
+            await asyncio.sleep(0)
+
+    asyncio.run(deliver())
+    got = link.take(100, 0.0)
+    assert [(e.seq, e.ref, e.mine) for e in got if type(e) is Arrived] == [(1, 1, False), (2, 7, True), (2, 8, True), (3, 1, False)]
+    assert asked == [2]  # the gap at 3: asked again from 2, once
+    link.wake.close()
+    link._wake_w.close()
+
+
+def test_merge_takes_an_archive_from_before_linked_rooms_as_it_is(tmp_path):
+    from chatlog import schema
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    saved = list(schema.MIGRATIONS)
+    try:
+        schema.MIGRATIONS[:] = [fn for fn in saved if fn.__name__ < "m014"]
+        schema.apply(conn)
+    finally:
+        schema.MIGRATIONS[:] = saved
+    conn.execute("INSERT INTO sessions (started_at, client_host, client_port) VALUES ('2026-01-01 00:00:00', '1.2.3.4', 5)")
+    conn.execute("INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (1, 1, '2026-01-01 00:00:01', 'client', 'zed', 'old words')")
+    conn.close()
+    before = old.read_bytes()
+    out = tmp_path / "all.db"
+    assert run_chatlog(None, "merge", str(old), "-o", str(out)).exit_code == 0
+    again = run_chatlog(None, "merge", str(old), "-o", str(out))
+    assert "0 new sessions, 0 new messages" in again.output
+    assert old.read_bytes() == before  # only read
+    assert "zed>old words" in run_chatlog(out, "show", "1").output
+    r = run_chatlog(None, "merge", str(tmp_path / "nothing.txt"), "-o", str(out))
+    assert r.exit_code != 0
