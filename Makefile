@@ -60,10 +60,11 @@ uninstall:
 	@if [ -L "$(BINDIR)/chatlog" ]; then rm -f "$(BINDIR)/chatlog" && echo "removed $(BINDIR)/chatlog"; fi
 
 # -rs: every skipped test says why (no Chromium, no valgrind, not root, no IPv6 loopback).
+# Three workers on two cores: a third of the suite waits on sockets, brokers and timers.
 # With the bytecode cache: the suite starts hundreds of servers and commands, and where
 # PYTHONDONTWRITEBYTECODE is set each of them compiled every changed module again (~0.1 s each).
 test: venv chatclient chatclient-asan
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n auto -q -rs $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n 3 -q -rs $(PYTEST_ARGS)
 
 # The C client's hostile-server cases under AddressSanitizer/UBSan, then under valgrind.
 asan: venv chatclient-asan
