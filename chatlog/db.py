@@ -65,8 +65,20 @@ def failure_line(path: Path, exc: BaseException) -> str:
     return f"cannot write the database {path}: {why}"
 
 
+def _has_sqlite_header(path: Path) -> bool:
+    """Only once SQLite has refused the file: then no connection of ours holds locks on it
+    that closing this descriptor could drop (see connect)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_HEADER
+    except OSError:
+        return True
+
+
 def describe_error(path: Path, exc: BaseException) -> str:
     text = str(exc)
+    if text == "file is not a database" and not _has_sqlite_header(path):
+        return f"{path} is not a chatlog database (not an SQLite file)"
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         return f"{path} is not a usable chatlog database ({text})"
     if "readonly" in text or "unable to open" in text:
@@ -307,13 +319,13 @@ def connect(
         raise StoreFailed(
             f"cannot write the database {path}: its directory is read-only (SQLite keeps its -wal and -shm files there)"
         )
-    try:
-        with open(path, "rb") as f:
-            header = f.read(16)
-    except OSError as exc:
-        raise StoreError(f"cannot read the database {path}: {exc.strerror}") from exc
-    if header and header != SQLITE_HEADER:
-        raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
+    # Never open() the file to look at it: closing any descriptor of it drops every POSIX lock
+    # this process holds on it, a live server's SQLite connections' too, and another process
+    # may then checkpoint and reset the WAL under them (a corrupt database: `serve --retain`
+    # opening the archive beside the server did that). SQLite itself says "not a database".
+    if not os.access(path, os.R_OK):
+        raise StoreError(f"cannot read the database {path}: Permission denied")
+    header = os.path.getsize(path) > 0
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -356,12 +368,9 @@ def _connect_read_only(path: Path) -> DB:
         raise StoreError(f"{path} is a directory, not a database file")
     if not path.is_file():
         raise StoreError(NOT_A_FILE.format(path=path))
-    try:
-        with open(path, "rb") as f:
-            header = f.read(16)
-    except OSError as exc:
-        raise StoreError(f"cannot read the database {path}: {exc.strerror}") from exc
-    if header != SQLITE_HEADER:
+    if not os.access(path, os.R_OK):  # (never open() it: see connect)
+        raise StoreError(f"cannot read the database {path}: Permission denied")
+    if os.path.getsize(path) == 0:
         raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
     parent = path.parent if str(path.parent) else Path(".")
     immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")

@@ -637,3 +637,27 @@ def test_read_only_opening_of_a_path_with_uri_characters(tmp_path):
     a = open_archive(odd, read_only=True)
     assert [m.text for m in a.messages(1)] == ["kept on a read-only disk 👍"]
     a.close()
+
+
+def test_opening_the_archive_again_in_a_process_keeps_its_locks(tmp_path):
+    """A second open of the database in a process that has it open (serve --retain's thread
+    beside the server) must not drop the locks the first holds: closing any descriptor of the
+    file drops a process's POSIX locks, and another process may then reset the WAL under a live
+    writer (a corrupt database, seen once in five retention runs)."""
+    import subprocess
+    import sys
+
+    from chatlog.db import connect
+
+    path = tmp_path / "chat.db"
+    first = connect(path)
+    first.conn.execute("INSERT INTO sessions (started_at, client_host, client_port) VALUES ('x', 'h', 1)")
+    assert (tmp_path / "chat.db-wal").exists()
+    second = connect(path)  # opened again beside it, as the retention thread does
+    # Another process comes and goes: as the last connection it would checkpoint and delete the
+    # WAL, which it may only do if nobody else has the database open.
+    subprocess.run([sys.executable, "-c", f"import sqlite3; c = sqlite3.connect({str(path)!r}); "
+                    "c.execute('SELECT count(*) FROM sessions').fetchone(); c.close()"], check=True)
+    assert (tmp_path / "chat.db-wal").exists()
+    second.close()
+    first.close()
