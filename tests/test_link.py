@@ -19,10 +19,21 @@ NATS = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbi
 NO_NATS = "nats-server is not installed (Debian: apt-get install nats-server; .ci/run installs it)"
 
 
+def free_ports(n: int) -> list[int]:
+    """N distinct free ports: every socket is held until all are bound (a port released and
+    asked for again can come back: two cluster nodes were once given the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class Broker:
@@ -388,8 +399,8 @@ def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp
     room's stream replicated three times; the node a chatlog server uses is stopped mid-room."""
     if shutil.which("ss") is None:
         pytest.skip("ss (iproute2) is not installed: cannot tell which node a server uses")
-    ports = [free_port() for _ in range(3)]
-    routes = [free_port() for _ in range(3)]
+    six = free_ports(6)
+    ports, routes = six[:3], six[3:]
     nodes = []
     for i in range(3):
         conf = tmp_path / f"n{i}.conf"
