@@ -796,49 +796,95 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, aft
         click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)
 
 
-def read_cursor(path: Path) -> int:
-    """The message id a cursor file holds (0 when there is no file yet); one line if it is bad."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return 0
-    except OSError as exc:
-        raise Failed(f"cannot read the cursor file {path}: {exc.strerror or exc}") from None
-    value = text.strip()
-    if not (value.isascii() and value.isdigit() and len(value) <= 18):
-        from chatlog.sanitize import visible
+class Cursor:
+    """A cursor file, held for the whole export: a second export on the same cursor (an overlapping
+    cron run) waits, then starts where the first ended, so no message is written twice. The lock
+    is flock(2) on the file; the file is replaced by a rename, so a waiter that finds the name
+    pointing to another file once it holds the lock opens it again."""
 
-        shown = visible(value[:20]) if value else "nothing"
-        raise Failed(f"bad cursor file {path}: it should hold one message id (a whole number), not {shown}")
-    return int(value)
+    def __init__(self, path: Path):
+        import fcntl
 
+        self.path = path
+        while True:
+            try:
+                try:
+                    self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    self.created = True
+                except FileExistsError:
+                    self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    self.created = False
+            except OSError as exc:
+                raise Failed(f"cannot open the cursor file {path}: {exc.strerror or exc}") from None
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(self.fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(self.fd)  # replaced (or removed) while we waited: the newer file counts
 
-def write_cursor(path: Path, last_id: int) -> None:
-    """Replace the cursor file at once: a temporary file beside it, synced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{last_id}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise Failed(f"cannot write the cursor file {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    def read(self) -> int:
+        """The message id the file holds (0 for a file just made); one line if it is bad."""
+        try:
+            text = os.read(self.fd, 64).decode("utf-8", errors="replace")
+        except OSError as exc:
+            raise Failed(f"cannot read the cursor file {self.path}: {exc.strerror or exc}") from None
+        if self.created and not text:
+            return 0
+        value = text.strip()
+        if not (value.isascii() and value.isdigit() and len(value) <= 18):
+            from chatlog.sanitize import visible
+
+            shown = visible(value[:20]) if value else "nothing"
+            raise Failed(f"bad cursor file {self.path}: it should hold one message id (a whole number), not {shown}")
+        return int(value)
+
+    def write(self, last_id: int) -> None:
+        """Replace the file at once: a temporary file beside it, synced, renamed over it."""
+        path = self.path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(f"{last_id}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise Failed(f"cannot write the cursor file {path}: {exc.strerror or exc}") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self.created = False
+
+    def close(self) -> None:
+        """Let the next export have it; a file made by this run and never written is removed."""
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self.fd)
 
 
 def _export_after(session_ids, handle, host, since, until, fmt, output, after_id, cursor, db):
     """An incremental export: the messages above an id, read in one snapshot of the archive."""
-    from chatlog import export as exporters
 
     if after_id is not None and cursor is not None:
         raise Failed("give --after-id or --cursor, not both")
     if fmt not in ("json", "jsonl", "csv"):
         raise Failed(f"--after-id and --cursor export json, jsonl or csv (not {fmt}): each message with its id")
-    start = read_cursor(cursor) if cursor is not None else after_id
-    store = open_archive(db)
+    held = Cursor(cursor) if cursor is not None else None
+    try:
+        _export_after_id(open_archive(db), session_ids, handle, host, since, until, fmt, output,
+                         held.read() if held else after_id, held)
+    finally:
+        if held:
+            held.close()
+
+
+def _export_after_id(store, session_ids, handle, host, since, until, fmt, output, start, cursor):
+    from chatlog import export as exporters
+
     with store.snapshot() as upto:
         ids = [get_session(store, i).id for i in session_ids]
         filtered = bool(ids) or any((handle, host, since, until))
@@ -855,7 +901,7 @@ def _export_after(session_ids, handle, host, since, until, fmt, output, after_id
     if not complete:
         raise Failed("the output was not all written (its reader went away); the cursor is left as it was")
     if cursor is not None:
-        write_cursor(cursor, upto)
+        cursor.write(upto)
 
 
 @cli.command()

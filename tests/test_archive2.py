@@ -5,6 +5,7 @@ participants as people in the archive."""
 import csv
 import io
 import json
+import os
 
 import pytest
 from conftest import run_chatlog as run
@@ -163,6 +164,55 @@ def test_a_cursor_file_exports_each_message_once_and_moves_on(db_path, store, tm
         assert bad.exit_code == 1 and bad.stderr.startswith("chatlog: ") and bad.stderr.count("\n") == 1, content
         assert str(cursor) in bad.stderr and bad.stdout == ""
         assert cursor.read_text() == content  # left as it was
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    """Whether process PID is blocked waiting for a file lock (/proc/locks lists its wait)."""
+    with open("/proc/locks") as f:
+        return any("->" in line and line.split()[5] == str(pid) for line in f if len(line.split()) > 5)
+
+
+def test_an_export_on_a_cursor_in_use_waits_then_starts_where_the_other_ended(db_path, store, tmp_path):
+    """Two cron runs that overlap on one cursor: the second waits for the first and writes only
+    what came after it, never the same messages again."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    cursor = tmp_path / "cron.cursor"
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    _said(store, sid, 5)
+    assert len(run(db_path, "export", "-f", "jsonl", "--cursor", str(cursor)).stdout.splitlines()) == 5
+    _said(store, sid, 3, start=5)
+    held = os.open(cursor, os.O_RDONLY)  # an export under way holds the cursor
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        second = subprocess.Popen([sys.executable, "-m", "chatlog", "export", "-f", "jsonl", "--cursor", str(cursor),
+                                   "--db", str(db_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: second.poll() is not None or _waits_for_a_lock(second.pid))
+        assert second.poll() is None, "the second export did not wait for the first"
+        newest = max(r[0] for r in store.conn.execute("SELECT id FROM messages"))
+        tmp = tmp_path / "cursor.new"  # the first ends: its cursor renamed into place
+        tmp.write_text(f"{newest}\n")
+        os.replace(tmp, cursor)
+    finally:
+        os.close(held)
+    out, err = second.communicate(timeout=30)
+    assert second.returncode == 0 and out == "" and f"nothing new after message {newest}" in err
+
+
+def test_a_cursor_that_cannot_be_made_fails_before_anything_is_written(db_path, store, tmp_path):
+    sid = store.begin_session(("127.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    _said(store, sid, 2)
+    for where in (tmp_path / "no such dir" / "c",):
+        out = run(db_path, "export", "-f", "jsonl", "--cursor", str(where))
+        assert out.exit_code == 1 and out.stdout == "" and out.stderr.count("\n") == 1, out.output
+        assert out.stderr.startswith(f"chatlog: cannot open the cursor file {where}: ")
+    made = tmp_path / "made"
+    out = run(tmp_path / "missing.db", "export", "-f", "jsonl", "--cursor", str(made))
+    assert out.exit_code == 1 and not made.exists()  # made for a run that wrote nothing: not left behind
 
 
 def test_a_cursor_appending_csv_writes_its_header_once(db_path, store, tmp_path):
