@@ -839,8 +839,13 @@ def test_cursor_exports_beside_a_live_server_lose_and_repeat_nothing(start_serve
     seen: list[int] = []
     done = threading.Event()
 
+    held = []
+
     def talk():
+        # Kept open to the end: a socket closed with the server's greeting unread is reset, and
+        # a reset can throw away lines the server had not read yet.
         c = socket.create_connection(("127.0.0.1", server.port))
+        held.append(c)
         c.sendall(b"amy>hi\n")
         for i in range(400):
             c.sendall(f"amy>line {i}\n".encode())
@@ -848,6 +853,7 @@ def test_cursor_exports_beside_a_live_server_lose_and_repeat_nothing(start_serve
 
     t = threading.Thread(target=talk)
     t.start()
+    finished = False
     for _ in range(500):  # (bounded: each run takes a moment)
         finished = done.is_set() and said_last(server.db)  # before this run: all is committed
         r = run_chatlog(server.db, "export", "-f", "jsonl", "--cursor", str(cursor), process=True)
@@ -856,7 +862,9 @@ def test_cursor_exports_beside_a_live_server_lose_and_repeat_nothing(start_serve
         if finished:
             break
     t.join()
+    assert finished, "the last line never reached the archive"
     ids = [row[0] for row in sqlite3_ids(server.db)]
+    held[0].close()
     assert sorted(seen) == seen and len(seen) == len(set(seen))
     assert set(ids) <= set(seen)
 
