@@ -45,26 +45,15 @@ class Merge:
         self.db.close()
 
     def add(self, path: Path) -> None:
-        # Read as it is (an archive from before linked rooms too: it has none), never written.
-        try:
-            s = sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
-            tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from None
-        if not {"sessions", "messages"} <= tables:
-            s.close()
-            raise StoreError(f"{path} is not a chatlog archive")
+        """Take one source, inside the transaction merge() holds. Read as it is (an archive from
+        before linked rooms too: it has none), never written."""
+        s = _open_source(path)
         try:
             s.row_factory = sqlite3.Row
+            tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             row = s.execute("SELECT uid FROM node WHERE id = 1").fetchone() if "node" in tables else None
             uid = row[0] if row else f"file:{Path(path).resolve()}"
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._add(s, uid)
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
+            self._add(s, uid)
         finally:
             s.close()
 
@@ -138,7 +127,10 @@ class Merge:
         names = ", ".join(f'"{c}"' for c in ["session_id", "participant_id", "seq", "origin_server", "origin_id", *cols])
         marks = ", ".join("?" for _ in range(5 + len(cols)))
         cur = self.conn.execute(
-            f'INSERT INTO messages ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING',
+            # Only a line already taken (by its origin) is skipped: any other conflict is an
+            # archive that cannot be merged as it is, said, never a line quietly left out.
+            f'INSERT INTO messages ({names}) VALUES ({marks}) '
+            'ON CONFLICT ("origin_server", "origin_id") WHERE "origin_server" IS NOT NULL DO NOTHING',
             [session, pid, seq, origin, oid, *[m[c] for c in cols]])
         if cur.rowcount:
             self.counts["messages"] += 1
@@ -204,15 +196,69 @@ class Merge:
             f"server_messages = {message_count('server')} WHERE id = ?", (merged,))
 
 
+# What a source must have for a merge to read it (older archives lack the rest: read as None).
+_NEEDED = {
+    "sessions": {"id", "started_at"},
+    "messages": {"id", "session_id", "seq", "at", "sender", "handle", "text"},
+}
+
+
+def _open_source(path: Path) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+
+
+def check_source(path: Path) -> None:
+    """One line if `path` is not an archive a merge can read (before anything is written)."""
+    s = _open_source(path)
+    try:
+        tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, needed in _NEEDED.items():
+            if table not in tables:
+                raise StoreError(f"{path} is not a chatlog archive (it has no {table} table)")
+            if missing := needed - set(_columns(s, table)):
+                raise StoreError(f"{path} is not a chatlog archive ({table} has no {', '.join(sorted(missing))})")
+    except sqlite3.Error as exc:
+        if "not a database" in str(exc):
+            raise StoreError(f"{path} is not a chatlog archive (not an SQLite database)") from None
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    finally:
+        s.close()
+
+
 def merge(sources: list[Path], out: Path) -> dict[str, int]:
-    """Merge `sources` into `out` (created if needed); returns what was added."""
+    """Merge `sources` into `out` (created if needed), all or nothing; returns what was added.
+    Every source is checked before anything is written, and one transaction takes them all:
+    a source that fails halfway leaves `out` as it was (a new one is not left behind)."""
     for src in sources:
         if Path(src).resolve() == Path(out).resolve():
             raise StoreError(f"{out} is both a source and the output")
+    for src in sources:
+        check_source(Path(src))
+    new = not Path(out).exists()
     m = Merge(out)
+    failed = True
     try:
-        for src in sources:
-            m.add(Path(src))
+        m.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for src in sources:
+                try:
+                    m.add(Path(src))
+                except sqlite3.Error as exc:
+                    raise StoreError(f"cannot merge {src}: {exc}; {out} is left as it was") from None
+            m.conn.execute("COMMIT")
+        except BaseException:
+            m.conn.execute("ROLLBACK")
+            raise
+        failed = False
     finally:
-        m.close()
+        if failed:
+            m.db.close()
+            if new:
+                for suffix in ("", "-wal", "-shm", "-lock", "-journal"):
+                    Path(f"{out}{suffix}").unlink(missing_ok=True)
+        else:
+            m.close()
     return m.counts
