@@ -96,7 +96,13 @@ class Framer:
         # not be cut in two.
         self._last = now
         i, n = 0, len(data)
+        nul = data.find(b"\0")  # (found once, again only once passed: not once a line)
         while i < n:
+            if 0 <= nul < i:
+                nul = data.find(b"\0", i)
+            if nul < 0 and not self._padding:
+                self._lines(data, i, now, out)  # no NUL in the rest: the usual case
+                return out
             if self._padding:
                 j = self._resumes_at(data, i)
                 if j < 0:
@@ -109,7 +115,6 @@ class Framer:
                 i = j
                 continue
             nl = data.find(b"\n", i)
-            nul = data.find(b"\0", i)
             if nl < 0 and nul < 0:
                 self._take(data[i:], data[i:])
                 return out
@@ -135,6 +140,23 @@ class Framer:
             out.append(self._complete(now))
             i = end
         return out
+
+    def _lines(self, data: bytes, i: int, now: float, out: list[Frame]) -> None:
+        """data[i:] holds no NUL: every line in it, split at once (what the loop above does
+        line by line, for the many lines of a burst); an unterminated rest is held."""
+        parts = (data[i:] if i else data).split(b"\n")
+        tail = parts.pop()
+        max_line = self.max_line
+        for p in parts:
+            if self._buf or self._cutting or len(p) > max_line:
+                self._take(p, p + b"\n")
+                if self._buf.endswith(b"\r"):
+                    del self._buf[-1]
+                out.append(self._complete(now))
+            else:
+                out.append(Frame(p[:-1] if p[-1:] == b"\r" else p, p + b"\n", now))
+        if tail:
+            self._take(tail, tail)
 
     def flush_if_quiet(self, now: float) -> list[Frame]:
         if now - self._last < self.quiet:

@@ -7,6 +7,7 @@ from chatlog.protocol import (
     PADDING_KEEP,
     MAX_LINE,
     QUIET,
+    Frame,
     Framer,
     format_client,
     format_server,
@@ -234,6 +235,50 @@ def test_segmentation_does_not_change_the_messages(data):
     # byte-at-a-time gives the same messages, except that padding after a NUL is per-burst
     if b"\0" not in data:
         assert [fr.payload for fr in out] == whole
+
+
+def _reference_raw(frame: Frame) -> bytes | None:
+    """The raw bytes a message keeps, by definition: None when they are the canonical encoding
+    of what was parsed (`handle>text` or the text, a newline, maybe a NUL)."""
+    handle, text = split_prefix(frame.payload.decode("utf-8", "replace"))
+    canonical = f"{handle}>{text}" if handle is not None else text
+    return None if frame.raw in (f"{canonical}\n".encode(), f"{canonical}\n\0".encode()) else frame.raw
+
+
+@settings(max_examples=500, deadline=None)
+@given(streams, st.sampled_from([b"", b"\n", b"\r\n", b"\n\0", b"\0", b"\n\0\0", b"x\n"]))
+def test_parse_keeps_raw_bytes_exactly_when_they_are_not_canonical(payload, ending):
+    frame = Frame(payload, payload + ending, 0.0)
+    assert parse(frame).raw == _reference_raw(frame)
+    for fr in frames(payload + ending):
+        assert parse(fr).raw == _reference_raw(fr)
+
+
+def _reference_frames(data: bytes, max_line: int) -> list[tuple]:
+    """What a stream without NUL frames into, written plainly: each line, its CR dropped, cut
+    at max_line (the rest counted), its raw bytes what was kept of it and its newline."""
+    *lines, last = data.split(b"\n")
+    out = []
+    for line in lines + ([last] if last else []):
+        ended = len(out) < len(lines)
+        kept = line[:max_line]
+        payload = kept.removesuffix(b"\r") if ended else kept
+        out.append((payload, kept + (b"\n" if ended and len(line) <= max_line else b""), len(line) - len(kept)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams, st.lists(st.integers(min_value=0, max_value=200), max_size=10), st.integers(min_value=1, max_value=12))
+def test_lines_split_at_once_frame_as_the_plain_reference(data, cuts, max_line):
+    """A burst with no NUL is split in one go: the same frames, cut lines included, however the
+    stream arrives."""
+    data = data.replace(b"\0", b"")
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    f, out = Framer(max_line=max_line), []
+    for a, b in zip(points, points[1:], strict=False):
+        out += f.feed(data[a:b], 0.0)
+    out += f.flush(0.0)
+    assert [(fr.payload, fr.raw, fr.cut) for fr in out] == _reference_frames(data, max_line)
 
 
 @settings(max_examples=300, deadline=None)
