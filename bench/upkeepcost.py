@@ -81,4 +81,16 @@ def measure(src: Path):
         conn.close()
         side = [str(VENV_BIN / "chatlog"), "forget", "--handle", "amy", "--db", str(db)]
         out["forget"] = (*_worst_turn_while(db, side=side), f"{lines:,} lines")
+        for name in ("retain", "forget"):  # deleting beside a live server must leave it whole
+            _check_intact(Path(tmp) / name / "chat.db")
     return out
+
+
+def _check_intact(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        verdict = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+    if verdict != "ok":
+        raise SystemExit(f"{db} is damaged after the run: {verdict}")
