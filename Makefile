@@ -64,7 +64,7 @@ uninstall:
 # With the bytecode cache: the suite starts hundreds of servers and commands, and where
 # PYTHONDONTWRITEBYTECODE is set each of them compiled every changed module again (~0.1 s each).
 test: venv chatclient chatclient-asan
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n 3 -q -rs $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n 3 --dist loadgroup -q -rs $(PYTEST_ARGS)
 
 # The C client's hostile-server cases under AddressSanitizer/UBSan, then under valgrind.
 asan: venv chatclient-asan

@@ -26,6 +26,10 @@ from chatlog.upkeep import Upkeep
 
 T0 = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
 
+# One worker runs this module (make test distributes by group): its archive of 100,000 messages,
+# its `chatlog web` and its browser are made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("web")
+
 
 def at(seconds: float) -> float:
     return T0 + seconds
