@@ -188,6 +188,44 @@ def safe_url(url: str) -> str:
     return f"{u.scheme}://{host}{f':{u.port}' if u.port else ''}"
 
 
+class CredsError(ValueError):
+    """A --link-creds file nats-py could not use."""
+
+
+def check_creds(path: str) -> None:
+    """A NATS credentials file as nats-py reads it at each connection: a user JWT, then the
+    user's nkey seed (signing needs the `nkeys` package). Checked once before the link starts:
+    nats-py reads a file without a JWT forever, and a bad seed would fail every retry. What is
+    said names the file, never quotes it."""
+    try:
+        import nkeys
+    except ImportError:
+        raise CredsError("a credentials file needs the nkeys package (pip install 'nats-py[nkeys]')") from None
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError as exc:
+        raise CredsError(f"cannot read {path}: {exc.strerror}") from None
+
+    def after(marker: bytes) -> bytes | None:
+        for i, line in enumerate(lines):
+            if marker in line:
+                return lines[i + 1].strip() if i + 1 < len(lines) else b""
+        return None
+
+    token, seed = after(b"BEGIN NATS USER JWT"), after(b"BEGIN USER NKEY SEED")
+    if not token or token.count(b".") != 2:
+        raise CredsError(f"{path} is not a NATS credentials file (no user JWT in it)")
+    if not seed:
+        raise CredsError(f"{path} is not a NATS credentials file (no user nkey seed in it)")
+    try:
+        public = nkeys.from_seed(bytearray(seed)).public_key
+    except Exception:  # noqa: BLE001  (nkeys' own errors, or a seed too short to decode)
+        raise CredsError(f"the nkey seed in {path} is not a valid seed") from None
+    if not public.startswith(b"U"):
+        raise CredsError(f"the nkey seed in {path} is not a user's")
+
+
 # -- the policy -----------------------------------------------------------------------------------
 
 
@@ -478,6 +516,8 @@ class BrokerLink:
                 self.user = unquote(u.username)
                 self.password = unquote(u.password) if u.password else None
         self.url = ",".join(self.urls)  # for the console: never the credentials
+        if creds is not None:
+            check_creds(creds)
         self.creds = creds
         self.ca = ca
         self.replicas = replicas
