@@ -197,9 +197,11 @@ class Loop:
     def __init__(self, policy, store, listeners: list, renderer: Renderer, console: Console,
                  operator: Operator, *, echo_operator: bool = True, link=None):
         self.policy = policy
-        # A room's link to other servers (chatlog.link), or None: one more source of events,
-        # woken through its socket (`wake`), taken LINK_TAKE at a time (`take`); what the policy
-        # publishes is handed to it (`publish`).
+        # A room's link to other servers (chatlog.link), or None: one more source of events.
+        # Its broker client runs here, between passes (`run_client`), when its selector (`wake`)
+        # is readable or its timers are due (`timeout`); what it brought is taken LINK_TAKE at a
+        # time (`take`); what the policy publishes is handed to it (`publish`) and sent before
+        # the chunk it was decided in is relayed here.
         self.link = link
         # The store's own decisions that, like Commit, only record: broadcasts go on gathering
         # across them (a linked room's lines from the stream), one write per member per chunk.
@@ -250,6 +252,7 @@ class Loop:
 
     def _pass(self) -> None:
         readable: list[Client] = []
+        link_io = False
         for key, mask in self.watch.select(self._timeout()):
             kind, obj = key.data
             if kind == "client":
@@ -268,7 +271,7 @@ class Loop:
                 for note in self.operator.read_available():
                     self.console.write(self.r.paint("event", note))
             elif kind == "link":
-                drain_wakeups(obj.wake)
+                link_io = True
             else:
                 drain_wakeups(obj)
         now = time.time()
@@ -287,6 +290,7 @@ class Loop:
         self.intake.read(readable, now)
         self.intake.quiet(now)
         if self.link is not None:
+            self.link.run_client(link_io)  # what the broker sent, as events
             for event in self.link.take(LINK_TAKE, now):
                 self._feed(event)
         deadline = self.policy.deadline()
@@ -300,15 +304,21 @@ class Loop:
         self._resume(now)
         self._carry_out()
         self._operator_input()
+        if self.link is not None:
+            self.link.run_client(False)  # what this pass published goes out now
 
     def _timeout(self) -> float | None:
         if any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
-        if self.link is not None and self.link.waiting:
-            return 0.0  # the link has more than one pass took
+        link = None
+        if self.link is not None:
+            if self.link.waiting:
+                return 0.0  # the link has more than one pass took
+            link = self.link.timeout()  # the broker client's own timers (heartbeats, retries)
         when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(),
                              [c.io.deadline for c in self.tls.clients.values()])
-        return None if when is None else max(0.0, when - time.time())
+        wait = None if when is None else max(0.0, when - time.time())
+        return link if wait is None else wait if link is None else min(wait, link)
 
     def _feed(self, event) -> None:
         self.pending.extend(self.policy.handle_event(event))
@@ -398,6 +408,8 @@ class Loop:
                 return
             for decision, result in zip(batch, results, strict=True):
                 self._act(decision, result)
+            if self.link is not None:
+                self.link.run_client(False)  # what this chunk published goes out before it is relayed here
             if self._bcast:
                 self._flush_broadcasts()
 
