@@ -201,7 +201,7 @@ class Loop:
         # Its broker client runs here, between passes (`run_client`), when its selector (`wake`)
         # is readable or its timers are due (`timeout`); what it brought is taken LINK_TAKE at a
         # time (`take`); what the policy publishes is handed to it (`publish`) and sent before
-        # the chunk it was decided in is relayed here.
+        # the chunk it was decided in is recorded and relayed here.
         self.link = link
         # The store's own decisions that, like Commit, only record: broadcasts go on gathering
         # across them (a linked room's lines from the stream), one write per member per chunk.
@@ -399,6 +399,8 @@ class Loop:
     def _carry_out_pending(self) -> None:
         while self.pending and not self.finished:
             batch, self.pending = self.pending, []
+            if self.link is not None:
+                self._publish(batch)
             try:
                 results = self.store.record(batch)
             except Exception as exc:  # noqa: BLE001  (the recorder's StoreFailed, worded)
@@ -408,10 +410,20 @@ class Loop:
                 return
             for decision, result in zip(batch, results, strict=True):
                 self._act(decision, result)
-            if self.link is not None:
-                self.link.run_client(False)  # what this chunk published goes out before it is relayed here
             if self._bcast:
                 self._flush_broadcasts()
+
+    def _publish(self, batch: list) -> None:
+        """What a chunk publishes goes out first, before the chunk is recorded and relayed here:
+        it is what the other servers wait for (and this one, which records it as the stream
+        brings it back). Nothing of it is shown or recorded here now."""
+        published = False
+        for d in batch:
+            if type(d) is Publish:
+                self.link.publish(d)
+                published = True
+        if published:
+            self.link.run_client(False)
 
     def _act(self, d, result) -> None:
         """Phase two: the console and the sockets."""
@@ -423,8 +435,8 @@ class Loop:
             if d.kind != "operator" or self.echo_operator:
                 self.console.write(show_line(self.r, d))
             return
-        if t is Commit or t is Handle or t is Open or t is Serve or t in self._record_only:
-            return  # recorded in phase one; nothing to send or show
+        if t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
+            return  # recorded in phase one, or published before it; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
         if t is Send:
@@ -450,8 +462,6 @@ class Loop:
             c = self.clients.get(d.conn)
             if c is not None:
                 c.member = True  # it hears what is said from now on, not before
-        elif t is Publish:
-            self.link.publish(d)
         if isinstance(d, StoreWrite):
             line = self.store.describe(d, result)
             if line is not None:
