@@ -502,7 +502,7 @@ def linked_room_mode(mode: Mode, recorder, link: "BrokerLink") -> Mode:
 
 
 class BrokerLink:
-    """The room's link to a NATS JetStream broker, run in its own thread and event loop."""
+    """The room's link to a NATS JetStream broker: its client's event loop, run by the main loop."""
 
     def __init__(self, url: str, *, creds: str | None = None, ca: str | None = None, replicas: int = 1):
         # One URL, or several separated by commas (the nodes of a NATS cluster).
