@@ -511,10 +511,12 @@ def serve(
         raise click.UsageError("--link is for a room (--room)")
     link = None
     if link_url:
-        from chatlog.link import BrokerLink
+        from chatlog.link import BrokerLink, CredsError
 
         try:
             link = BrokerLink(link_url, creds=link_creds, ca=link_ca, replicas=link_replicas)
+        except CredsError as exc:
+            raise click.BadParameter(str(exc), param_hint="--link-creds") from None
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--link") from None
     elif link_creds or link_ca:

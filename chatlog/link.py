@@ -2,11 +2,14 @@
 
 Three parts, each with the one job it has everywhere else in chatlog:
 
-- `BrokerLink`: the link itself. The `nats-py` client is asyncio, so it runs in one background
-  thread with its own event loop; what it brings in (a line of the room's stream, the link going
-  down or coming back, who is on the other servers, a kick asked of us) is put on a bounded queue
-  and the main loop is woken through a socket. For the loop it is one more source of events
-  (`wake`, `take`, `waiting`) and one more place decisions go (`publish`), not a second loop.
+- `BrokerLink`: the link itself. The `nats-py` client is asyncio: its event loop is run by the
+  main loop, in the main thread, between passes (`run_client`), when the client's selector
+  (`wake`) is readable, when one of its timers is due (`timeout`) or when it has work ready (what
+  a pass published goes out before that pass relays anything). What it brings in (a line of the
+  room's stream, the link going down or coming back, who is on the other servers, a kick asked
+  of us) is put on a bounded queue the loop takes from in the same pass. For the loop it is one
+  more source of events (`wake`, `take`, `waiting`) and one more place decisions go (`publish`),
+  not a second loop: no thread, so no hand-over between threads on a line's way.
 - `LinkedRoom`: a pure policy around `room.Room`. The room decides as it always does; what it
   would commit and relay (its `Commit`s, `Broadcast`s and chat lines on the console) is instead
   published to the room's stream, one message per event, and carried out when the stream brings
@@ -33,9 +36,9 @@ import base64
 import hashlib
 import json
 import re
+import selectors
 import socket
 import ssl
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -68,6 +71,9 @@ CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then 
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
 BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
+CLIENT_PASSES = 16  # the client's event loop run at most this many passes at a time (then the room's turn)
+CLIENT_POLL = 0.05  # how often the client runs when its timers cannot be read
+CONFIRM_EVERY = 0.5  # how often at most what the broker has not confirmed is looked at
 
 DOWN_NOTICE = ("The link to the room's other servers is down: what you say now is not relayed "
                "(this server records it, marked so).")
@@ -186,6 +192,44 @@ def safe_url(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{u.scheme}://{host}{f':{u.port}' if u.port else ''}"
+
+
+class CredsError(ValueError):
+    """A --link-creds file nats-py could not use."""
+
+
+def check_creds(path: str) -> None:
+    """A NATS credentials file as nats-py reads it at each connection: a user JWT, then the
+    user's nkey seed (signing needs the `nkeys` package). Checked once before the link starts:
+    nats-py reads a file without a JWT forever, and a bad seed would fail every retry. What is
+    said names the file, never quotes it."""
+    try:
+        import nkeys
+    except ImportError:
+        raise CredsError("a credentials file needs the nkeys package (pip install 'nats-py[nkeys]')") from None
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError as exc:
+        raise CredsError(f"cannot read {path}: {exc.strerror}") from None
+
+    def after(marker: bytes) -> bytes | None:
+        for i, line in enumerate(lines):
+            if marker in line:
+                return lines[i + 1].strip() if i + 1 < len(lines) else b""
+        return None
+
+    token, seed = after(b"BEGIN NATS USER JWT"), after(b"BEGIN USER NKEY SEED")
+    if not token or token.count(b".") != 2:
+        raise CredsError(f"{path} is not a NATS credentials file (no user JWT in it)")
+    if not seed:
+        raise CredsError(f"{path} is not a NATS credentials file (no user nkey seed in it)")
+    try:
+        public = nkeys.from_seed(bytearray(seed)).public_key
+    except Exception:  # noqa: BLE001  (nkeys' own errors, or a seed too short to decode)
+        raise CredsError(f"the nkey seed in {path} is not a valid seed") from None
+    if not public.startswith(b"U"):
+        raise CredsError(f"the nkey seed in {path} is not a user's")
 
 
 # -- the policy -----------------------------------------------------------------------------------
@@ -458,7 +502,7 @@ def linked_room_mode(mode: Mode, recorder, link: "BrokerLink") -> Mode:
 
 
 class BrokerLink:
-    """The room's link to a NATS JetStream broker, run in its own thread and event loop."""
+    """The room's link to a NATS JetStream broker: its client's event loop, run by the main loop."""
 
     def __init__(self, url: str, *, creds: str | None = None, ca: str | None = None, replicas: int = 1):
         # One URL, or several separated by commas (the nodes of a NATS cluster).
@@ -478,26 +522,30 @@ class BrokerLink:
                 self.user = unquote(u.username)
                 self.password = unquote(u.password) if u.password else None
         self.url = ",".join(self.urls)  # for the console: never the credentials
+        if creds is not None:
+            check_creds(creds)
         self.creds = creds
         self.ca = ca
         self.replicas = replicas
         self.tls = any(u.startswith("tls:") for u in self.urls) or ca is not None
         self.room = ""
         self.subject = self.stream = self.who_subject = self.kick_subject = ""
-        self.wake, self._wake_w = socket.socketpair()
-        self.wake.setblocking(False)
-        self._wake_w.setblocking(False)
+        # The client's event loop, on a selector of its own: the loop watches that selector's
+        # descriptor (`wake`: readable when a broker socket is) and runs the client when it is
+        # readable, when one of the client's timers is due, or when it has work ready.
+        self._sel = selectors.DefaultSelector()
+        self.wake = self._sel
         self._q: deque = deque()
-        self._lock = threading.Lock()
         self.waiting = False
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._closing = False
         self.nc = self.js = self.sub = None
         self.next_seq = 1
         self.roster = b"[]"
         self._clash_said = False
         self._resubscribing = False
+        self._unconfirmed: deque = deque()  # (deadline, future) of each publication, oldest first
+        self._watcher: asyncio.Task | None = None
 
     def configure(self, room: str) -> None:
         self.room = room
@@ -516,73 +564,105 @@ class BrokerLink:
         self.uid, self.run, self.label = uid, run, label
         self.next_seq = resume + 1
         self.live_from = None  # the stream's first sequence said since this server linked
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="chatlog-link", daemon=True)
-        self._thread.start()
-        ready.wait(5)
+        aloop = asyncio.SelectorEventLoop(self._sel)
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._aloop = aloop
+        self._main_task = aloop.create_task(self._main())  # (run from the loop's next pass on)
+
+    def run_client(self, io: bool) -> None:
+        """Run the client's event loop while it has something to do (`io`: its selector was
+        readable), without ever waiting: a few passes, each polling its sockets once."""
+        aloop = self._aloop
+        if aloop is None or aloop.is_closed() or aloop.is_running():
+            return
+        if not (io or self._ready() or self._due() == 0.0):
+            return
+        passes = CLIENT_PASSES
+
+        def again():
+            # Last in its pass: the client has nothing more to do at once, or has had its share.
+            nonlocal passes
+            passes -= 1
+            if passes > 0 and (self._ready() or self._due() == 0.0):
+                aloop.call_soon(again)  # (the next pass polls the sockets without waiting too)
+            else:
+                aloop.stop()
+
+        aloop.call_soon(again)
+        aloop.run_forever()
+
+    # What the client's event loop has to do, read from its queue of callbacks ready to run and
+    # its heap of timers (asyncio.BaseEventLoop's own, as in CPython 3.11 to 3.14). An event loop
+    # without them is run every CLIENT_POLL seconds, and whenever its sockets are readable.
+
+    def _ready(self) -> bool:
+        return bool(getattr(self._aloop, "_ready", None))
+
+    def _due(self) -> float | None:
+        """Seconds until the client's next timer (None: none)."""
+        timers = getattr(self._aloop, "_scheduled", None)
+        if timers is None:
+            return CLIENT_POLL
+        if not timers:
+            return None
+        first = timers[0]
+        if first.cancelled():
+            return 0.0  # (the event loop drops it as it passes it)
+        return max(0.0, first.when() - self._aloop.time())
+
+    def timeout(self) -> float | None:
+        """How long the loop may wait before the client must run again (None: until a socket
+        of the client's is readable)."""
+        if self._aloop is None or self._aloop.is_closed():
+            return None
+        if self._ready():
+            return 0.0
+        return self._due()
 
     def take(self, n: int, now: float) -> list:
-        with self._lock:
-            q = self._q
-            out = [q.popleft() for _ in range(min(n, len(q)))]
-            self.waiting = bool(q)
+        q = self._q
+        out = [q.popleft() for _ in range(min(n, len(q)))]
+        self.waiting = bool(q)
         return out
 
     def publish(self, d: Publish) -> None:
         aloop = self._aloop
-        if aloop is None or self._closing:
+        if aloop is None or self._closing or aloop.is_closed():
             if d.what == "line":
                 self._put(Unsent(d.ref, time.time()))
             return
-        aloop.call_soon_threadsafe(self._out.put_nowait, d)
+        self._out.put_nowait(d)  # sent when the loop next runs the client (at the end of this pass)
 
     def close(self, timeout: float = 3.0) -> None:
         """Send what is published, then stop (bounded by `timeout`)."""
-        if self._aloop is None or self._thread is None:
+        aloop = self._aloop
+        if aloop is None or aloop.is_closed():
             return
         self._closing = True
-        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._aloop)
         try:
-            fut.result(timeout)
+            aloop.run_until_complete(asyncio.wait_for(self._shutdown(), timeout))
         except Exception:  # noqa: BLE001  (a broker that is not there: nothing more to send)
             pass
-        self._aloop.call_soon_threadsafe(self._aloop.stop)
-        self._thread.join(timeout)
+        tasks = asyncio.all_tasks(aloop)  # the client's own (heartbeats, flow control) and ours
+        for task in tasks:
+            task.cancel()
+        try:
+            aloop.run_until_complete(asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout))
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            aloop.close()
+        except Exception:  # noqa: BLE001
+            pass
 
-    # -- the link's side (its own thread) ----------------------------------------------------------
+    # -- the client's side (run by the loop, between its passes) ----------------------------------
 
     def _put(self, event) -> None:
-        with self._lock:
-            was_empty = not self._q
-            self._q.append(event)
-            self.waiting = True
-        if was_empty:
-            try:
-                self._wake_w.send(b"l")
-            except OSError:
-                pass  # full: the loop is woken already
+        self._q.append(event)
+        self.waiting = True
 
     def _full(self) -> bool:
         return len(self._q) >= QUEUE_MAX
-
-    def _thread_main(self, ready: threading.Event) -> None:
-        aloop = asyncio.new_event_loop()
-        asyncio.set_event_loop(aloop)
-        self._out: asyncio.Queue = asyncio.Queue()
-        self._aloop = aloop
-        ready.set()
-        aloop.create_task(self._main())
-        try:
-            aloop.run_forever()
-            tasks = asyncio.all_tasks(aloop)  # the client's own (heartbeats, flow control) and ours
-            for task in tasks:
-                task.cancel()
-            aloop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        finally:
-            try:
-                aloop.close()
-            except Exception:  # noqa: BLE001
-                pass
 
     async def _main(self) -> None:
         import nats
@@ -780,8 +860,24 @@ class BrokerLink:
                    "Chatlog-Server": self.label}
         fut = await self.js.publish_async(self.subject, data, headers=headers)
         fut.add_done_callback(lambda f: self._confirmed(f, batch, data, headers))
-        # No answer in time (the broker went away with it): given up here, retried once.
-        asyncio.get_running_loop().call_later(CONFIRM_SECONDS, lambda: fut.done() or fut.cancel())
+        # No answer in time (the broker went away with it): given up here, retried once. One
+        # watcher for all of them, not a timer each: the loop is not woken once per line for it.
+        self._unconfirmed.append((time.monotonic() + CONFIRM_SECONDS, fut))
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_confirmations())
+
+    async def _watch_confirmations(self) -> None:
+        """Give up on what the broker has not confirmed in CONFIRM_SECONDS (looked at every
+        CONFIRM_EVERY at most; in publication order, so the oldest first)."""
+        waiting = self._unconfirmed
+        while waiting:
+            now = time.monotonic()
+            while waiting and (waiting[0][1].done() or waiting[0][0] <= now):
+                _deadline, fut = waiting.popleft()
+                if not fut.done():
+                    fut.cancel()
+            if waiting:
+                await asyncio.sleep(max(waiting[0][0] - now, CONFIRM_EVERY))
 
     def _confirmed(self, fut, batch: list[Publish], data: bytes, headers: dict) -> None:
         if not fut.cancelled() and fut.exception() is None:

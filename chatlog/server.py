@@ -197,9 +197,11 @@ class Loop:
     def __init__(self, policy, store, listeners: list, renderer: Renderer, console: Console,
                  operator: Operator, *, echo_operator: bool = True, link=None):
         self.policy = policy
-        # A room's link to other servers (chatlog.link), or None: one more source of events,
-        # woken through its socket (`wake`), taken LINK_TAKE at a time (`take`); what the policy
-        # publishes is handed to it (`publish`).
+        # A room's link to other servers (chatlog.link), or None: one more source of events.
+        # Its broker client runs here, between passes (`run_client`), when its selector (`wake`)
+        # is readable or its timers are due (`timeout`); what it brought is taken LINK_TAKE at a
+        # time (`take`); what the policy publishes is handed to it (`publish`) and sent before
+        # the chunk it was decided in is recorded and relayed here.
         self.link = link
         # The store's own decisions that, like Commit, only record: broadcasts go on gathering
         # across them (a linked room's lines from the stream), one write per member per chunk.
@@ -250,6 +252,7 @@ class Loop:
 
     def _pass(self) -> None:
         readable: list[Client] = []
+        link_io = False
         for key, mask in self.watch.select(self._timeout()):
             kind, obj = key.data
             if kind == "client":
@@ -268,7 +271,7 @@ class Loop:
                 for note in self.operator.read_available():
                     self.console.write(self.r.paint("event", note))
             elif kind == "link":
-                drain_wakeups(obj.wake)
+                link_io = True
             else:
                 drain_wakeups(obj)
         now = time.time()
@@ -287,6 +290,7 @@ class Loop:
         self.intake.read(readable, now)
         self.intake.quiet(now)
         if self.link is not None:
+            self.link.run_client(link_io)  # what the broker sent, as events
             for event in self.link.take(LINK_TAKE, now):
                 self._feed(event)
         deadline = self.policy.deadline()
@@ -300,15 +304,21 @@ class Loop:
         self._resume(now)
         self._carry_out()
         self._operator_input()
+        if self.link is not None:
+            self.link.run_client(False)  # what this pass published goes out now
 
     def _timeout(self) -> float | None:
         if any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
-        if self.link is not None and self.link.waiting:
-            return 0.0  # the link has more than one pass took
+        link = None
+        if self.link is not None:
+            if self.link.waiting:
+                return 0.0  # the link has more than one pass took
+            link = self.link.timeout()  # the broker client's own timers (heartbeats, retries)
         when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(),
                              [c.io.deadline for c in self.tls.clients.values()])
-        return None if when is None else max(0.0, when - time.time())
+        wait = None if when is None else max(0.0, when - time.time())
+        return link if wait is None else wait if link is None else min(wait, link)
 
     def _feed(self, event) -> None:
         self.pending.extend(self.policy.handle_event(event))
@@ -389,6 +399,8 @@ class Loop:
     def _carry_out_pending(self) -> None:
         while self.pending and not self.finished:
             batch, self.pending = self.pending, []
+            if self.link is not None:
+                self._publish(batch)
             try:
                 results = self.store.record(batch)
             except Exception as exc:  # noqa: BLE001  (the recorder's StoreFailed, worded)
@@ -401,6 +413,18 @@ class Loop:
             if self._bcast:
                 self._flush_broadcasts()
 
+    def _publish(self, batch: list) -> None:
+        """What a chunk publishes goes out first, before the chunk is recorded and relayed here:
+        it is what the other servers wait for (and this one, which records it as the stream
+        brings it back). Nothing of it is shown or recorded here now."""
+        published = False
+        for d in batch:
+            if type(d) is Publish:
+                self.link.publish(d)
+                published = True
+        if published:
+            self.link.run_client(False)
+
     def _act(self, d, result) -> None:
         """Phase two: the console and the sockets."""
         t = type(d)
@@ -411,8 +435,8 @@ class Loop:
             if d.kind != "operator" or self.echo_operator:
                 self.console.write(show_line(self.r, d))
             return
-        if t is Commit or t is Handle or t is Open or t is Serve or t in self._record_only:
-            return  # recorded in phase one; nothing to send or show
+        if t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
+            return  # recorded in phase one, or published before it; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
         if t is Send:
@@ -438,8 +462,6 @@ class Loop:
             c = self.clients.get(d.conn)
             if c is not None:
                 c.member = True  # it hears what is said from now on, not before
-        elif t is Publish:
-            self.link.publish(d)
         if isinstance(d, StoreWrite):
             line = self.store.describe(d, result)
             if line is not None:

@@ -3,6 +3,10 @@ chatlog/link.py): real `nats-server -js` processes on free loopback ports with t
 real chatlog servers, raw socket clients on each. Every client sees every line in one order,
 every archive holds the same lines in the same order, and the faults (a server killed with -9, the
 broker restarted, the broker gone) lose and duplicate nothing."""
+import base64
+import hashlib
+import json
+import os
 import re
 import shutil
 import signal
@@ -216,9 +220,10 @@ def test_three_servers_one_room_one_order(tmp_path, linked):
 
 def test_who_lists_everyone_and_kick_works_across_servers(tmp_path, linked):
     a, b = linked("a"), linked("b")
-    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice = Peer(a, "alice")
+    b.wait_for(r"^alice joined \(on ")  # (else alice's join may reach b before bob is there to hear it)
+    bob = Peer(b, "bob")
     alice.until(b"*** bob joined\n")
-    bob.until(b"*** alice joined\n")
 
     def who_lists_alice():
         bob.send("bob>\\who")
@@ -457,6 +462,131 @@ def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
         broker.stop()
     r = run_chatlog(tmp_path / "z.db", "serve", "0", "--link", "nats://127.0.0.1:1")
     assert r.exit_code != 0 and "--link is for a room" in r.output
+
+
+# -- a credentials file (decentralized JWT auth) -------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _nkey(prefix):
+    """A new NATS nkey pair of a role (operator, account, user), from 32 random bytes."""
+    import nkeys
+
+    return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+
+def _nats_jwt(issuer, subject, name, claims):
+    """A NATS JWT (v2): base64url JSON header and claims, signed by the issuer's nkey."""
+    body = {"iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name, "sub": subject,
+            "nats": {**claims, "version": 2}}
+    body["jti"] = base64.b32encode(hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()).decode().rstrip("=")
+    signed = _b64url(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode()) + "." + _b64url(json.dumps(body).encode())
+    return signed + "." + _b64url(issuer.sign(signed.encode()))
+
+
+def _creds(path, account, name):
+    """A user of `account` and its credentials file, as `nsc generate creds` writes it; returns
+    (the user's JWT, its seed): the secrets a console must never show."""
+    import nkeys
+
+    user = _nkey(nkeys.PREFIX_BYTE_USER)
+    token = _nats_jwt(account, user.public_key.decode(), name,
+                      {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+    seed = user.seed.decode()
+    path.write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+                    f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n")
+    return token, seed
+
+
+def operator_mode(tmp_path):
+    """A broker configuration in decentralized JWT auth: an operator, its system account, and an
+    account with JetStream, preloaded in a memory resolver. Returns (the configuration file, the
+    account's nkey pair)."""
+    import nkeys
+
+    operator = _nkey(nkeys.PREFIX_BYTE_OPERATOR)
+    system, account = _nkey(nkeys.PREFIX_BYTE_ACCOUNT), _nkey(nkeys.PREFIX_BYTE_ACCOUNT)
+    limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True,
+              "conn": -1, "leaf": -1}
+    sys_pub, acc_pub = system.public_key.decode(), account.public_key.decode()
+    op_jwt = _nats_jwt(operator, operator.public_key.decode(), "chatlog-test",
+                       {"type": "operator", "system_account": sys_pub})
+    sys_jwt = _nats_jwt(operator, sys_pub, "SYS", {"type": "account", "limits": limits})
+    acc_jwt = _nats_jwt(operator, acc_pub, "chat", {"type": "account", "limits": {
+        **limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}})  # JetStream on
+    conf = tmp_path / "operator.conf"
+    conf.write_text(f"operator: {op_jwt}\nsystem_account: {sys_pub}\nresolver: MEMORY\n"
+                    f"resolver_preload: {{\n  {sys_pub}: {sys_jwt}\n  {acc_pub}: {acc_jwt}\n}}\n")
+    return conf, account
+
+
+def test_a_credentials_file_links_servers_and_is_never_printed(tmp_path):
+    pytest.importorskip("nkeys", reason="nats-py's nkeys extra (a dependency of chatlog) is not installed")
+    import nkeys
+
+    conf, account = operator_mode(tmp_path)
+    broker = Broker(tmp_path / "jwt", args=["-c", str(conf)])
+    token, seed = _creds(tmp_path / "lab.creds", account, "lab")
+    # A user the broker's operator never signed: an account of its own, unknown to the broker.
+    _creds(tmp_path / "stranger.creds", _nkey(nkeys.PREFIX_BYTE_ACCOUNT), "stranger")
+    servers = []
+    try:
+        for name in "ab":
+            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link", broker.url,
+                                      "--link-creds", str(tmp_path / "lab.creds")))
+        for s in servers:
+            s.wait_for(r"Linked room lab through the broker nats://127\.0\.0\.1:%d \(stream CHATLOG_lab\)" % broker.port)
+            s.wait_for(r"^linked to nats://127\.0\.0\.1:%d: room lab" % broker.port)
+        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
+        alice.until(b"*** bob joined\n")
+        alice.send("alice>signed in with a credentials file")
+        bob.until(b"alice>signed in with a credentials file\n")
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+        # Refused by the broker: said on the console in one line, once, and the server carries on.
+        stranger = ServerProc(tmp_path / "stranger.db", "--room", "--name", "lab", "--link", broker.url,
+                              "--link-creds", str(tmp_path / "stranger.creds"))
+        servers.append(stranger)
+        stranger.wait_for(r"^cannot reach the broker nats://127\.0\.0\.1:%d: .*Authorization Violation.*; retrying$"
+                          % broker.port)
+        peer = Peer(stranger)
+        peer.until(b"link to the room's other servers is down")
+        peer.close()
+        # Without any credentials the broker refuses too.
+        bare = ServerProc(tmp_path / "bare.db", "--room", "--name", "lab", "--link", broker.url)
+        servers.append(bare)
+        bare.wait_for(r"^cannot reach the broker nats://127\.0\.0\.1:%d: .*[Aa]uthori" % broker.port)
+    finally:
+        for s in servers:
+            s.stop()
+        broker.stop()
+    for s in servers:
+        said = s.output + s.stderr_text()
+        assert seed not in said and token not in said and token.split(".")[2] not in said
+        assert "Traceback" not in said
+        assert s.count(r"^cannot reach the broker") <= 1  # said once per reason, not once per retry
+    assert servers[0].count(r"^linked to nats://") == 1
+    # A file that is not there, or not a credentials file: one line from the command, which
+    # never starts (nats-py would read a file without a JWT forever) and never quotes the file.
+    (tmp_path / "garbled.creds").write_text(f"-----BEGIN NATS USER JWT-----\nnot a token {seed}\n")
+    (tmp_path / "no-seed.creds").write_text(f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n")
+    account_seed = account.seed.decode()
+    (tmp_path / "account.creds").write_text(
+        f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n"
+        f"-----BEGIN USER NKEY SEED-----\n{account_seed}\n------END USER NKEY SEED------\n")
+    for name, why in (("missing", r"missing\.creds.*does not exist"),
+                      ("garbled", r"garbled\.creds is not a NATS credentials file \(no user JWT in it\)"),
+                      ("no-seed", r"no-seed\.creds is not a NATS credentials file \(no user nkey seed in it\)"),
+                      ("account", r"the nkey seed in \S*account\.creds is not a user's")):
+        r = run_chatlog(tmp_path / "z.db", "serve", "0", "--room", "--link", broker.url,
+                        "--link-creds", str(tmp_path / f"{name}.creds"), process=True)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        said = [line for line in r.output.splitlines() if line.strip()]
+        assert len(said) == 1 and "--link-creds" in said[0] and re.search(why, said[0]), r.output
+        assert seed not in r.output and token not in r.output and account_seed not in r.output
 
 
 def test_tls_to_the_broker_with_a_private_ca(tmp_path):
@@ -714,7 +844,6 @@ def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
     assert [(e.seq, e.ref, e.mine) for e in got if type(e) is Arrived] == [(1, 1, False), (2, 7, True), (2, 8, True), (3, 1, False)]
     assert asked == [2]  # the gap at 3: asked again from 2, once
     link.wake.close()
-    link._wake_w.close()
 
 
 def test_merge_takes_an_archive_from_before_linked_rooms_as_it_is(tmp_path):
