@@ -619,6 +619,32 @@ class BrokerLink:
             return 0.0
         return self._due()
 
+    def deadline(self, now: float) -> float | None:
+        """When the loop must run the client again: now if it holds more than a pass took, at
+        its next timer, or None (when one of its sockets is readable)."""
+        if self.waiting:
+            return now
+        wait = self.timeout()
+        return None if wait is None else now + wait
+
+    def publish_first(self, batch: list) -> None:
+        """What a chunk publishes goes out first, before the chunk is recorded and relayed here:
+        it is what the other servers wait for (and this one, which records it as the stream
+        brings it back). Nothing of it is shown or recorded here now."""
+        published = False
+        for d in batch:
+            if type(d) is Publish:
+                self.publish(d)
+                published = True
+        if published:
+            self.run_client(False)
+
+    def events(self, io: bool, n: int, now: float) -> list:
+        """Run the client (`io`: its selector was readable), then take at most `n` of what it
+        brought."""
+        self.run_client(io)
+        return self.take(n, now)
+
     def take(self, n: int, now: float) -> list:
         q = self._q
         out = [q.popleft() for _ in range(min(n, len(q)))]

@@ -197,14 +197,10 @@ class Loop:
     def __init__(self, policy, store, listeners: list, renderer: Renderer, console: Console,
                  operator: Operator, *, echo_operator: bool = True, link=None):
         self.policy = policy
-        # A room's link to other servers (chatlog.link), or None: one more source of events.
-        # Its broker client runs here, between passes (`run_client`), when its selector (`wake`)
-        # is readable or its timers are due (`timeout`); what it brought is taken LINK_TAKE at a
-        # time (`take`); what the policy publishes is handed to it (`publish`) and sent before
-        # the chunk it was decided in is recorded and relayed here.
+        # A room's link to other servers (chatlog.link.BrokerLink, its client run in this thread),
+        # or None: one more source of events, and one more place decisions go (`publish_first`).
         self.link = link
-        # The store's own decisions that, like Commit, only record: broadcasts go on gathering
-        # across them (a linked room's lines from the stream), one write per member per chunk.
+        # The store's decisions that only record, like Commit: broadcasts gather across them.
         self._record_only = tuple(getattr(store, "record_only", ()))
         self.store = store
         self.acceptor = Acceptor(listeners)
@@ -289,9 +285,8 @@ class Loop:
                 readable.append(c)
         self.intake.read(readable, now)
         self.intake.quiet(now)
-        if self.link is not None:
-            self.link.run_client(link_io)  # what the broker sent, as events
-            for event in self.link.take(LINK_TAKE, now):
+        if self.link is not None:  # what the broker sent, as events
+            for event in self.link.events(link_io, LINK_TAKE, now):
                 self._feed(event)
         deadline = self.policy.deadline()
         if deadline is not None and now >= deadline:
@@ -304,21 +299,16 @@ class Loop:
         self._resume(now)
         self._carry_out()
         self._operator_input()
-        if self.link is not None:
-            self.link.run_client(False)  # what this pass published goes out now
 
     def _timeout(self) -> float | None:
         if any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
-        link = None
-        if self.link is not None:
-            if self.link.waiting:
-                return 0.0  # the link has more than one pass took
-            link = self.link.timeout()  # the broker client's own timers (heartbeats, retries)
-        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(),
-                             [c.io.deadline for c in self.tls.clients.values()])
-        wait = None if when is None else max(0.0, when - time.time())
-        return link if wait is None else wait if link is None else min(wait, link)
+        now = time.time()
+        more = [c.io.deadline for c in self.tls.clients.values()]
+        if self.link is not None:  # (more than a pass took, or the broker client's own timers)
+            more.append(self.link.deadline(now))
+        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(), more)
+        return None if when is None else max(0.0, when - now)
 
     def _feed(self, event) -> None:
         self.pending.extend(self.policy.handle_event(event))
@@ -400,7 +390,7 @@ class Loop:
         while self.pending and not self.finished:
             batch, self.pending = self.pending, []
             if self.link is not None:
-                self._publish(batch)
+                self.link.publish_first(batch)
             try:
                 results = self.store.record(batch)
             except Exception as exc:  # noqa: BLE001  (the recorder's StoreFailed, worded)
@@ -412,18 +402,6 @@ class Loop:
                 self._act(decision, result)
             if self._bcast:
                 self._flush_broadcasts()
-
-    def _publish(self, batch: list) -> None:
-        """What a chunk publishes goes out first, before the chunk is recorded and relayed here:
-        it is what the other servers wait for (and this one, which records it as the stream
-        brings it back). Nothing of it is shown or recorded here now."""
-        published = False
-        for d in batch:
-            if type(d) is Publish:
-                self.link.publish(d)
-                published = True
-        if published:
-            self.link.run_client(False)
 
     def _act(self, d, result) -> None:
         """Phase two: the console and the sockets."""
@@ -486,8 +464,7 @@ class Loop:
             self._after_write(c)
 
     def _after_write(self, c: Client) -> None:
-        """Report a peer that failed or stopped reading; watch for writability while output
-        waits (the policy's sendq says how much may wait)."""
+        """Report a peer that failed or stopped reading; watch for writability while output waits."""
         io = c.io
         if io.failed:
             self._gone(c, time.time())
