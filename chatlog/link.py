@@ -70,6 +70,7 @@ ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobod
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
 BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
+WHYS_SAID = 4  # different reasons for one outage said on the console, at most
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
 CLIENT_PASSES = 16  # the client's event loop run at most this many passes at a time (then the room's turn)
 CLIENT_POLL = 0.05  # how often the client runs when its timers cannot be read
@@ -249,6 +250,7 @@ class LinkedRoom:
         self.sendq = room.sendq
         self.up = False
         self.said_down = False
+        self.said_whys: set[str] = set()  # the reasons the console was given for this outage
         self.ref = 0
         self.inflight: dict[int, list[dict]] = {}  # ref -> what it published (to keep if refused)
         self.rosters: dict[str, tuple[str, list, float]] = {}  # server -> (label, people, heard at)
@@ -381,9 +383,15 @@ class LinkedRoom:
 
     def _state(self, ev: LinkState) -> list[Decision]:
         if ev.up == self.up and (ev.up or self.said_down):
-            return []
+            # No change for the clients (they were told); a reason not yet given is the
+            # console's (each once an outage, a few at most: retries alternate between some).
+            if ev.up or ev.why in self.said_whys or len(self.said_whys) >= WHYS_SAID:
+                return []
+            self.said_whys.add(ev.why)
+            return [Show("error", visible(ev.why))]
         was = self.up
         self.up = ev.up
+        self.said_whys = set() if ev.up else {ev.why}
         out: list[Decision] = [Show("event" if ev.up else "error", visible(ev.why))]
         if ev.up and was is False and self.said_down:
             out.append(Broadcast(self.room.notice(UP_NOTICE)))
