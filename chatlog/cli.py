@@ -845,19 +845,12 @@ class Cursor:
 
     def write(self, last_id: int) -> None:
         """Replace the file at once: a temporary file beside it, synced, renamed over it."""
-        path = self.path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from chatlog.export import replace_file
+
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(f"{last_id}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            replace_file(self.path, lambda f: f.write(f"{last_id}\n"), sync=True)
         except OSError as exc:
-            raise Failed(f"cannot write the cursor file {path}: {exc.strerror or exc}") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            raise Failed(f"cannot write the cursor file {self.path}: {exc.strerror or exc}") from None
         self.created = False
 
     def close(self) -> None:

@@ -137,22 +137,30 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
         return True
     if dest.is_symlink():
         dest = Path(os.path.realpath(dest))  # replace the file it points to, not the link
+    try:
+        # (an incremental export is synced: its cursor moves on only past what is on disk)
+        replace_file(dest, lambda out: write(pairs, out), sync=source is not None)
+    except OSError as exc:
+        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+    return True
+
+
+def replace_file(dest: Path, write: Callable[[TextIO], None], *, sync: bool) -> None:
+    """Write `dest` whole or not at all: into a temporary file beside it (with its mode, if it
+    exists: a private file stays private), synced if asked, then renamed over it. OSError out."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as out:
             if dest.exists():
-                os.chmod(out.fileno(), dest.stat().st_mode & 0o7777)  # keep a private file private
-            write(pairs, out)
-            if source is not None:  # the cursor moves on only past what is on disk
+                os.chmod(out.fileno(), dest.stat().st_mode & 0o7777)
+            write(out)
+            if sync:
                 out.flush()
                 os.fsync(out.fileno())
         os.replace(tmp, dest)
-    except OSError as exc:
-        raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
-    return True
 
 
 def write_to(store, ids: list[int], fmt: str, out: TextIO, options: Options = Options()) -> None:
