@@ -806,6 +806,7 @@ class Cursor:
 
     def __init__(self, path: Path):
         import fcntl
+        import stat
 
         self.path = path
         while True:
@@ -813,11 +814,14 @@ class Cursor:
                 try:
                     self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                     self.created = True
-                except FileExistsError:
-                    self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileExistsError:  # (O_NONBLOCK: a FIFO given as the cursor must not hang)
+                    self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
                     self.created = False
             except OSError as exc:
                 raise Failed(f"cannot open the cursor file {path}: {exc.strerror or exc}") from None
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                os.close(self.fd)
+                raise Failed(f"the cursor file {path} is not a regular file")
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             try:
                 same = os.stat(path).st_ino == os.fstat(self.fd).st_ino

@@ -210,6 +210,10 @@ def test_a_cursor_that_cannot_be_made_fails_before_anything_is_written(db_path, 
         out = run(db_path, "export", "-f", "jsonl", "--cursor", str(where))
         assert out.exit_code == 1 and out.stdout == "" and out.stderr.count("\n") == 1, out.output
         assert out.stderr.startswith(f"chatlog: cannot open the cursor file {where}: ")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # (it used to wait for a writer for ever)
+    out = run(db_path, "export", "-f", "jsonl", "--cursor", str(fifo))
+    assert out.exit_code == 1 and out.stdout == "" and out.stderr == f"chatlog: the cursor file {fifo} is not a regular file\n"
     made = tmp_path / "made"
     out = run(tmp_path / "missing.db", "export", "-f", "jsonl", "--cursor", str(made))
     assert out.exit_code == 1 and not made.exists()  # made for a run that wrote nothing: not left behind
