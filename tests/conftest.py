@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from forkserver import ForkedProc, can_fork
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,8 +104,12 @@ class ServerProc:
         else:
             stdout_arg = subprocess.PIPE
         try:
-            self.proc = subprocess.Popen(cmd, stdin=stdin_arg, stdout=stdout_arg, stderr=subprocess.PIPE,
-                                         env=environ, cwd=ROOT, preexec_fn=preexec_fn)
+            if preexec_fn is None and can_fork(env):  # see tests/forkserver.py
+                self.proc = ForkedProc(cmd[3:], stdin=stdin_arg, stdout=stdout_arg, stderr=subprocess.PIPE,
+                                       env=environ, cwd=ROOT)
+            else:
+                self.proc = subprocess.Popen(cmd, stdin=stdin_arg, stdout=stdout_arg, stderr=subprocess.PIPE,
+                                             env=environ, cwd=ROOT, preexec_fn=preexec_fn)
         finally:
             for f in opened:
                 f.close()
@@ -334,9 +339,21 @@ def run_chatlog(db, *args, input=None, env=None, process=False, timeout=60):
         from chatlog.cli import cli
 
         return CliRunner(env=env).invoke(cli, argv, input=input, catch_exceptions=False)
-    r = subprocess.run([sys.executable, "-m", "chatlog", *argv], input=input, capture_output=True, text=True,
-                       cwd=ROOT, timeout=timeout, env=dict(os.environ, **(env or {})))
-    return Ran(r.returncode, r.stdout, r.stderr)
+    environ = dict(os.environ, **(env or {}))
+    if not can_fork(env):
+        r = subprocess.run([sys.executable, "-m", "chatlog", *argv], input=input, capture_output=True, text=True,
+                           cwd=ROOT, timeout=timeout, env=environ)
+        return Ran(r.returncode, r.stdout, r.stderr)
+    p = ForkedProc(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ, cwd=ROOT)
+    out, err = p.communicate(None if input is None else input.encode(), timeout)
+    return Ran(p.returncode, _text(out), _text(err))
+
+
+def _text(data: bytes) -> str:
+    """As subprocess's text=True makes it: the locale's encoding, universal newlines."""
+    import locale
+
+    return data.decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
 
 
 @pytest.fixture
