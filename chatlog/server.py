@@ -224,8 +224,7 @@ class Loop:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, wake) -> None:
-        """Serve until stopped; `wake` is the socket a stop signal wakes the loop through (the
-        signals are ours by now: from here on Ctrl-C closes cleanly)."""
+        """Serve until stopped; `wake` is the socket a stop signal wakes the loop through (the signals are ours by now: from here on Ctrl-C closes cleanly)."""
         self._watch_listeners(True)
         self.watch.set(wake, selectors.EVENT_READ, ("wake", wake))
         if self.link is not None:
@@ -432,7 +431,8 @@ class Loop:
                 c.paused_until = d.until
                 self.watch.client(c)
         elif t is Prompt:
-            self.console.flush()  # what the answer answers is on screen before the prompt
+            if self.operator.tty:  # what the answer answers is on screen before the prompt
+                self.console.flush()
             self.operator.want(d.on, d.commands)
         elif t is Finish:
             self.finished = True
