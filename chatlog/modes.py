@@ -36,6 +36,7 @@ from chatlog.events import (
     StoreWrite,
 )
 from chatlog.handles import key_of
+from chatlog.recorder import ROWS_AT_ONCE
 from chatlog.render import ended_text
 from chatlog.room import history_lines
 from chatlog.sanitize import visible
@@ -67,16 +68,23 @@ class _Store:
             self.recorder.should_stop = should_stop
 
     def record(self, batch: list) -> list:
-        """Every store write of `batch` in one transaction (a lone Commit, one INSERT, commits on
-        its own, as atomically, without BEGIN and COMMIT around it: the 1:1 turn's case)."""
+        """Every store write of `batch` in one transaction. Messages alone (a 1:1 turn: a line,
+        and the answer a script already gave) go in one INSERT, which commits on its own, as
+        atomically, without BEGIN and COMMIT around it."""
         results: list = [None] * len(batch)
         writes = [i for i, d in enumerate(batch) if isinstance(d, StoreWrite)]
-        if len(writes) == 1 and type(batch[writes[0]]) is Commit:
-            results[writes[0]] = self._write(batch[writes[0]])
-        elif writes:
-            with self.recorder.transaction():
-                self._write_all(batch, writes, results)
+        if not writes or (len(writes) <= ROWS_AT_ONCE and self._messages([batch[i] for i in writes])):
+            return results
+        with self.recorder.transaction():
+            self._write_all(batch, writes, results)
         return results
+
+    def _messages(self, writes: list) -> bool:
+        """Commits alone, in one statement (False: not only commits; nothing was written)."""
+        if len(writes) == 1 and type(writes[0]) is Commit:
+            self._write(writes[0])
+            return True
+        return False
 
     def _write_all(self, batch: list, writes: list[int], results: list) -> None:
         for i in writes:
@@ -114,6 +122,17 @@ class ChatStore(_Store):
     def __init__(self, recorder):
         super().__init__(recorder)
         self.sessions: dict[int, tuple[int, str, int]] = {}  # conn -> (session, host, port)
+
+    def _messages(self, writes: list) -> bool:
+        sessions, rows = self.sessions, []
+        for d in writes:
+            if type(d) is not Commit:
+                return False
+            if (s := sessions.get(d.conn)) is not None:
+                rows.append((s[0], d.sender, d.handle, d.text, d.raw, d.note, d.at, d.verified))
+        if rows:
+            self.recorder.add_message_rows(rows)
+        return True
 
     def _write(self, d):
         rec = self.recorder

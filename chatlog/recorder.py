@@ -41,6 +41,14 @@ _INSERT_MESSAGE = (
     "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
     f"VALUES ({_NEXT_ID.format(t='messages')}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# A pass's few messages (a 1:1 turn: the line and its answer) in one statement, committed on its
+# own as one: the first takes the next id, each next one NULL, which SQLite makes max(id) + 1.
+_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_ROWS = (
+    "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
+    f"VALUES ({_NEXT_ID.format(t='messages')}, " + _VALUES[1:]
+)
+ROWS_AT_ONCE = 8  # at most this many messages in one such statement
 # A busy pass's messages take the ids after the first, given in one go (the transaction holds
 # the write lock, so nobody else takes one meanwhile).
 _FIRST_ID = f"SELECT {_NEXT_ID.format(t='messages')}"
@@ -48,6 +56,14 @@ _INSERT_MESSAGES = (
     "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def _kept(raw: bytes | None, note: str | None) -> tuple[bytes | None, str | None]:
+    """Of a message's raw bytes the first RAW_KEEP are kept, and the note says how many more came."""
+    if raw is not None and len(raw) > RAW_KEEP:
+        cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
+        return raw[:RAW_KEEP], f"{note}; {cut}" if note else cut
+    return raw, note
 
 
 def open_recorder(path: str | os.PathLike, *, fsync: bool = False, **kwargs) -> "Recorder":
@@ -278,10 +294,7 @@ class Recorder:
     ) -> int:
         """Commit one message; returns its sequence number. The hot path: one INSERT, one commit.
         Of its raw bytes the first RAW_KEEP are kept, and the note says how many more came."""
-        if raw is not None and len(raw) > RAW_KEEP:
-            cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
-            note = f"{note}; {cut}" if note else cut
-            raw = raw[:RAW_KEEP]
+        raw, note = _kept(raw, note)
         seq = self._seq.get(session_id)
         seq = (self._last_seq(session_id) if seq is None else seq) + 1
         self._run(_INSERT_MESSAGE, (session_id, seq, iso(at), sender, handle, text, raw, note, participant, verified))
@@ -289,6 +302,25 @@ class Recorder:
         if not self._in_tx:
             self._committed()
         return seq
+
+    def add_message_rows(self, rows: list[tuple]) -> list[int]:
+        """A few messages, of any sessions, in one INSERT (at most ROWS_AT_ONCE): committed on
+        its own, all or none, outside `transaction()`. Rows of (session_id, sender, handle, text,
+        raw, note, at, verified), in order; returns their sequence numbers."""
+        assert 0 < len(rows) <= ROWS_AT_ONCE
+        seqs, args, last = [], [], {}
+        for session_id, sender, handle, text, raw, note, at, verified in rows:
+            seq = last.get(session_id) or self._seq.get(session_id)
+            seq = (self._last_seq(session_id) if seq is None else seq) + 1
+            last[session_id] = seq
+            raw, note = _kept(raw, note)
+            args += (session_id, seq, iso(at), sender, handle, text, raw, note, None, verified)
+            seqs.append(seq)
+        self._run(_INSERT_ROWS + (", (NULL, " + _VALUES[1:]) * (len(rows) - 1), args)
+        self._seq.update(last)
+        if not self._in_tx:
+            self._committed()
+        return seqs
 
     def add_messages(self, session_id: int, rows: list[tuple]) -> None:
         """Many messages of one session in one statement (inside a transaction): rows of

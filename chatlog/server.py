@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from chatlog import protocol
 from chatlog.events import (
     NOTICES,
+    Bind,
     Broadcast,
     Commit,
     Connected,
@@ -64,6 +65,7 @@ PASS_LINES = 512  # lines taken from all clients in one pass, shared among those
 MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
 LINK_TAKE = 512  # events taken from a room's link to other servers in one pass
+_QUIET = (Commit, Handle, Open, Serve, Bind, Show, Prompt)  # recorded, shown, prompted: nothing reports back
 
 
 class Client:
@@ -224,8 +226,7 @@ class Loop:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, wake) -> None:
-        """Serve until stopped; `wake` is the socket a stop signal wakes the loop through (the
-        signals are ours by now: from here on Ctrl-C closes cleanly)."""
+        """Serve until stopped; `wake` is the socket a stop signal wakes the loop through (the signals are ours by now: from here on Ctrl-C closes cleanly)."""
         self._watch_listeners(True)
         self.watch.set(wake, selectors.EVENT_READ, ("wake", wake))
         if self.link is not None:
@@ -389,6 +390,7 @@ class Loop:
     def _carry_out_pending(self) -> None:
         while self.pending and not self.finished:
             batch, self.pending = self.pending, []
+            take_answer(self.operator, self.policy, batch)
             if self.link is not None:
                 self.link.publish_first(batch)
             try:
@@ -432,7 +434,8 @@ class Loop:
                 c.paused_until = d.until
                 self.watch.client(c)
         elif t is Prompt:
-            self.console.flush()  # what the answer answers is on screen before the prompt
+            if self.operator.tty:  # what the answer answers is on screen before the prompt
+                self.console.flush()
             self.operator.want(d.on, d.commands)
         elif t is Finish:
             self.finished = True
@@ -476,8 +479,7 @@ class Loop:
         self.watch.client(c)
 
     def _close(self, c: Client, notice: str | None) -> None:
-        """Best effort, never waiting on a client that does not read: what is queued, the notice
-        and `\\quit`, then close."""
+        """Best effort, never waiting on a client that does not read: what is queued, the notice and `\\quit`, then close."""
         self.intake.held.discard(c)
         if not c.gone:
             self.watch.set(c.io, 0, None)
@@ -492,6 +494,22 @@ class Loop:
             self._close(c, NOTICES["store"])
         self.clients.clear()
         self.finished = True
+
+
+def take_answer(operator: Operator, policy, batch: list) -> None:
+    """An answer a script already gave to what `batch` prompts for joins it: the message and its
+    answer are committed in one transaction, before either is shown or sent. Only for a batch
+    that records, shows and prompts (nothing in it reports back), never from a terminal (an
+    answer is typed there once what it answers is on screen)."""
+    last = batch[-1]
+    if operator.tty or type(last) is not Prompt or not last.on or any(type(d) not in _QUIET for d in batch):
+        return
+    for d in batch:
+        if type(d) is Prompt:
+            operator.want(d.on, d.commands)
+    event = next(operator.events(), None)
+    if event is not None:
+        batch += policy.handle_event(event)
 
 
 def handshake_line(io, n: int) -> str | None:

@@ -199,3 +199,35 @@ def test_a_bystanders_line_goes_out_in_the_pass_it_was_read_in_whatever_others_s
     except BlockingIOError:
         pass
     assert b"alice>probe\n" in got
+
+
+def test_a_turn_answered_by_a_script_is_one_commit_made_before_either_line_is_shown_or_sent(harness):
+    """A piped operator's answer, already read, joins the pass of the line it answers: the line
+    and the answer are committed in one statement; the console shows them in order, and the
+    client gets the answer, only after that."""
+    h = harness(room=False)
+    os.write(h.in_w, b"pong 1\npong 2\n")
+    c = socket.create_connection(("127.0.0.1", h.port))
+    h.clients.append(c)
+    h.step_until(lambda: len(h.loop.clients) == 1)
+    commits = []
+    real = h.recorder._committed
+
+    def counted():
+        db = sqlite3.connect(h.db)
+        commits.append(db.execute("SELECT sender, text FROM messages ORDER BY id").fetchall())
+        db.close()
+        assert "ping" not in h.read_console()  # one commit a turn: nothing of it is shown yet
+        real()
+
+    h.recorder._committed = counted
+    c.settimeout(5)
+    for n in (1, 2):
+        c.sendall(b"bob>ping %d\n" % n)
+        h.step_until(lambda n=n: len(commits) == n)
+        assert commits[-1][-2:] == [("client", f"ping {n}"), ("server", f"pong {n}")]
+        assert c.recv(100) == b"SERVER>pong %d\n" % n
+        out = h.read_console()
+        assert out.index(f"bob>ping {n}") < out.index(f"SERVER>pong {n}")
+        h.output = ""
+    assert len(commits) == 2  # one a turn

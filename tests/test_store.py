@@ -160,3 +160,29 @@ def test_iso_is_exactly_datetimes_isoformat():
     check()
     for ts in (0.0, 1.5, 1764871533.123456, 1764871533.9999999, -1.25):
         assert iso(ts) == datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+
+
+def test_a_few_messages_in_one_statement_take_fresh_ids_and_their_sessions_seqs(tmp_path):
+    """`add_message_rows` (a 1:1 turn: a line and its answer, one INSERT): each message its
+    session's next seq, ids after the newest ever given (a deleted newest id is not taken again),
+    a long raw form cut as add_message cuts it."""
+    from chatlog.recorder import RAW_KEEP, open_recorder
+
+    rec = open_recorder(tmp_path / "rows.db")
+    a = rec.begin_session("127.0.0.1", 1, "127.0.0.1", 2, 1.0, served=True)
+    b = rec.begin_session("127.0.0.1", 3, "127.0.0.1", 2, 1.0, served=True)
+    rec.add_message(a, "client", "amy", "one", None, None, 2.0)
+    rec.add_message(a, "client", "amy", "two", None, None, 2.0)
+    rec.conn.execute("DELETE FROM messages WHERE id = 2")  # the newest: its id is never given again
+    seqs = rec.add_message_rows([
+        (a, "client", "amy", "three", b"x" * (RAW_KEEP + 5), None, 3.0, False),
+        (b, "client", "bob", "hi", None, None, 3.0, True),
+        (a, "server", "SERVER", "four", None, None, 3.0, False),
+    ])
+    assert seqs == [3, 1, 4]
+    rows = rec.conn.execute("SELECT id, session_id, seq, text, length(raw), note, verified FROM messages "
+                            "ORDER BY id").fetchall()
+    assert rows == [(1, a, 1, "one", None, None, 0), (3, a, 3, "three", RAW_KEEP, "raw bytes cut at 1024; 5 more received", 0),
+                    (4, b, 1, "hi", None, None, 1), (5, a, 4, "four", None, None, 0)]
+    assert rec.add_message(b, "server", "SERVER", "yo", None, None, 4.0) == 2
+    rec.close()
