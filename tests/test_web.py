@@ -667,3 +667,12 @@ def test_live_picks_up_where_the_page_stopped(web, archive):
     assert len(re.findall(r"^event: line$", again, re.M)) == 2  # line 5 and the end
     status, _, _ = get(web.base + "/s/999999/live")
     assert status == 404
+
+
+def test_this_module_runs_on_one_worker(request):
+    """make test's --dist loadgroup keeps this module on one worker, so its archive, server and
+    browser are made once (a pytest and pytest-xdist pair that disagree on an item's id groups
+    nothing, silently: pytest 9.2 with pytest-xdist 3.8)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by make test's workers (--dist loadgroup)")
+    assert request.node.nodeid.endswith("@web"), request.node.nodeid
