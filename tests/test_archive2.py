@@ -439,6 +439,7 @@ def proc_wait(proc, seconds: float) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_forget_beside_a_live_server_stalls_no_turn(start_server, tmp_path):
     import subprocess
     import sys
@@ -510,6 +511,7 @@ def test_durations_are_read_by_one_helper_that_prune_shares():
         timespec="microseconds")
 
 
+@pytest.mark.slow
 def test_retain_removes_old_sessions_a_bounded_step_at_a_time(db_path):
     import time
 
@@ -551,6 +553,7 @@ def test_retain_removes_old_sessions_a_bounded_step_at_a_time(db_path):
     db.close()
 
 
+@pytest.mark.slow
 def test_retain_beside_a_live_server_stalls_no_turn(start_server, tmp_path):
     import subprocess
     import sys
@@ -579,6 +582,7 @@ print(total)
     assert turns > 10 and worst < 0.5, (worst, turns)
 
 
+@pytest.mark.slow
 def test_serve_retain_removes_what_ended_too_long_ago_in_the_background(start_server, tmp_path):
     db = tmp_path / "chat.db"
     old = _seed(db, 3, 20_000, at=T("10:00:00"))  # ended 2026-11-20, more than 7 days before the run

@@ -346,6 +346,7 @@ def test_export_filters_and_errors(db, tmp_path):
     assert r.exit_code == 1 and "cannot write" in r.output
 
 
+@pytest.mark.slow
 def test_large_export_streams_with_flat_memory(tmp_path):
     """200,000 messages to jsonl in a subprocess: peak memory stays far below the data size."""
     path = tmp_path / "big.db"
