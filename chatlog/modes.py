@@ -23,6 +23,7 @@ from chatlog.events import (
     Bind,
     CloseRoom,
     Commit,
+    CommitLines,
     End,
     Forget,
     Handle,
@@ -195,9 +196,14 @@ class RoomStore(_Store):
         participants = self.participants
         for i in writes:
             d = batch[i]
-            if type(d) is Commit:
+            t = type(d)
+            if t is Commit:
                 pid = participants.get(d.conn) if d.conn is not None else None
                 rows.append((d.sender, d.handle, d.text, d.raw, d.note, d.at, pid, d.verified))
+                continue
+            if t is CommitLines:
+                pid, handle, verified = participants.get(d.conn), d.handle, d.verified
+                rows += [("client", handle, text, None, None, at, pid, verified) for text, at in d.lines]
                 continue
             if rows:
                 self.recorder.add_messages(self.session, rows)
@@ -213,6 +219,9 @@ class RoomStore(_Store):
             pid = self.participants.get(d.conn) if d.conn is not None else None
             rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid,
                             verified=d.verified)
+        elif t is CommitLines:
+            rec.add_messages(self.session, [("client", d.handle, text, None, None, at, self.participants.get(d.conn),
+                                             d.verified) for text, at in d.lines])
         elif t is Join:
             pid = self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
             if d.link is not None:
