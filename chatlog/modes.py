@@ -202,8 +202,10 @@ class RoomStore(_Store):
                 rows.append((d.sender, d.handle, d.text, d.raw, d.note, d.at, pid, d.verified))
                 continue
             if t is CommitLines:
-                pid, handle, verified = participants.get(d.conn), d.handle, d.verified
-                rows += [("client", handle, text, None, None, at, pid, verified) for text, at in d.lines]
+                if rows:
+                    self.recorder.add_messages(self.session, rows)
+                    rows = []
+                self.recorder.add_lines(self.session, d.handle, d.lines, participants.get(d.conn), d.verified)
                 continue
             if rows:
                 self.recorder.add_messages(self.session, rows)
@@ -220,8 +222,7 @@ class RoomStore(_Store):
             rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid,
                             verified=d.verified)
         elif t is CommitLines:
-            rec.add_messages(self.session, [("client", d.handle, text, None, None, at, self.participants.get(d.conn),
-                                             d.verified) for text, at in d.lines])
+            rec.add_lines(self.session, d.handle, d.lines, self.participants.get(d.conn), d.verified)
         elif t is Join:
             pid = self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
             if d.link is not None:
