@@ -55,9 +55,11 @@ from chatlog.events import (
     Handle,
     OperatorLine,
     Publish,
+    ReceivedLines,
     Send,
     Show,
     StoreWrite,
+    received_each,
 )
 from chatlog.handles import fold
 from chatlog.modes import Mode, RoomStore
@@ -268,6 +270,11 @@ class LinkedRoom:
 
     def handle_event(self, ev) -> list[Decision]:
         t = type(ev)
+        if t is ReceivedLines:  # each line through the stream as its own publication, as it comes
+            out = []
+            for line in received_each(ev):
+                out += self.handle_event(line)
+            return out
         if t is Arrived:
             return self._arrived(ev)
         if t is LinkState:

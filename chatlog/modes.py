@@ -23,6 +23,7 @@ from chatlog.events import (
     Bind,
     CloseRoom,
     Commit,
+    CommitLines,
     End,
     Forget,
     Handle,
@@ -195,9 +196,16 @@ class RoomStore(_Store):
         participants = self.participants
         for i in writes:
             d = batch[i]
-            if type(d) is Commit:
+            t = type(d)
+            if t is Commit:
                 pid = participants.get(d.conn) if d.conn is not None else None
                 rows.append((d.sender, d.handle, d.text, d.raw, d.note, d.at, pid, d.verified))
+                continue
+            if t is CommitLines:
+                if rows:
+                    self.recorder.add_messages(self.session, rows)
+                    rows = []
+                self.recorder.add_lines(self.session, d.handle, d.lines, participants.get(d.conn), d.verified)
                 continue
             if rows:
                 self.recorder.add_messages(self.session, rows)
@@ -213,6 +221,8 @@ class RoomStore(_Store):
             pid = self.participants.get(d.conn) if d.conn is not None else None
             rec.add_message(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, participant=pid,
                             verified=d.verified)
+        elif t is CommitLines:
+            rec.add_lines(self.session, d.handle, d.lines, self.participants.get(d.conn), d.verified)
         elif t is Join:
             pid = self.participants[d.conn] = rec.add_participant(self.session, d.host, d.port, d.at)
             if d.link is not None:

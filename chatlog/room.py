@@ -46,6 +46,7 @@ from chatlog.events import (
     Broadcast,
     CloseRoom,
     Commit,
+    CommitLines,
     Connected,
     Decision,
     Disconnected,
@@ -61,16 +62,18 @@ from chatlog.events import (
     Pause,
     Prompt,
     Received,
+    ReceivedLines,
     Refuse,
     Send,
     Show,
+    ShowLines,
     Stalled,
     Started,
     Stop,
     Tick,
 )
 from chatlog.handles import Bindings, Names, bound_problem, example, fold, handle_problem
-from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, valid_handle
+from chatlog.protocol import MAX_LINE, MAX_TEXT, SERVER_HANDLE, is_quit, parse, valid_handle
 from chatlog.sanitize import visible
 from chatlog.words import LEFT, NOTICES, address, address_key, idle_text
 
@@ -94,6 +97,10 @@ _CLIENT_COMMAND = re.compile(r"\s*[\\/]([A-Za-z]+)(?:\s+(.*?))?\s*", re.S)
 CLIENT_HELP = ("Commands: \\who (who is here), \\help (this), \\quit (leave); /who works too. "
                "Commands are answered to you alone, never sent to the room.")
 COMMAND_NOTE = "a command, answered to its sender: not relayed"
+# A plain line's text, after its sender's own `handle>`: printable ASCII (shown and relayed as it
+# is), not starting like a command or with a space (which the parser would take off), at most
+# MAX_TEXT characters. A run of them is committed, shown and relayed at once.
+_PLAIN = re.compile(rb"(?:[!-.0-\[\]-~][ -~]{0,%d})?" % (MAX_TEXT - 1))
 
 
 @dataclass(slots=True, eq=False)
@@ -106,6 +113,7 @@ class Participant:
     handle: str | None = None  # as last used; None until its first line with a handle
     shown: str = ""  # visible(handle)
     prefix: bytes = b""  # b"shown>", what its relayed lines start with
+    said: bytes = b""  # b"handle>" as it sends it (UTF-8): a plain line of its starts with it
     announced: bool = False  # its join was announced (and recorded as an event)
     tokens: float = 0.0  # rate limit bucket
     stamp: float = 0.0  # when `tokens` was last brought up to date
@@ -159,7 +167,9 @@ class Room:
 
     def handle_event(self, event) -> list[Decision]:
         """The decisions for one event, in the order the loop must carry them out."""
-        if type(event) is Received:  # the hot path first
+        if type(event) is ReceivedLines:  # the hot path first
+            return self._received_lines(event)
+        if type(event) is Received:
             return self._received(event)
         if self.finished:
             if type(event) is Connected:
@@ -267,6 +277,70 @@ class Room:
         if self.rate:
             self._limit(p, at, out)
         return out
+
+    def _received_lines(self, ev: ReceivedLines) -> list[Decision]:
+        """A read's lines from one client. A run of plain lines (under its own handle, `_PLAIN`,
+        received as sent: no CR, no NUL, not cut) is one `CommitLines`, one `ShowLines` and one
+        `Broadcast` (each line's bytes are what is relayed), its rate counted line by line as
+        `_limit` counts it; any other line goes through `_received`, in its place."""
+        conn = ev.conn
+        people = self.people
+        out: list[Decision] = []
+        p = people.get(conn)
+        if p is None:
+            return out
+        plain = _PLAIN.fullmatch
+        rate, burst = self.rate, self.burst
+        lines: list[tuple[str, float]] = []
+        texts: list[str] = []
+        relay: list[bytes] = []
+        paused = None  # (at, tokens) of the run's last line that left less than one token
+        for frame in ev.frames:
+            payload = frame.payload
+            raw = frame.raw
+            said = p.said
+            n = len(said)
+            if (said and payload.startswith(said) and len(raw) == len(payload) + 1 and raw[-1] == 10
+                    and not frame.cut and plain(payload, n)):
+                at = frame.at
+                text = payload[n:].decode("ascii")
+                lines.append((text, at))
+                texts.append(text)
+                relay.append(raw)
+                if rate:
+                    elapsed = at - p.stamp
+                    tokens = p.tokens + elapsed * rate if elapsed > 0 else p.tokens
+                    if tokens > burst:
+                        tokens = burst
+                    tokens -= 1.0
+                    p.tokens = tokens
+                    if elapsed > 0:
+                        p.stamp = at
+                    if tokens < 1.0:
+                        paused = (at, tokens)
+                continue
+            if lines:
+                self._run(p, lines, texts, relay, paused, out)
+                lines, texts, relay, paused = [], [], [], None
+            out += self._received(Received(conn, parse(frame), frame.at))
+            p = people.get(conn)
+            if p is None:  # it left (`\\quit`, a line cut at MAX_LINE): the rest is not taken
+                return out
+        if lines:
+            self._run(p, lines, texts, relay, paused, out)
+        return out
+
+    def _run(self, p: Participant, lines: list, texts: list, relay: list, paused, out: list[Decision]) -> None:
+        """A run of plain lines: committed, shown, relayed (and its sender paused, if its last
+        line over the rate says so)."""
+        p.last = lines[-1][1]
+        out += [
+            CommitLines(p.conn, p.handle, lines, p.fingerprint is not None),
+            ShowLines("client", texts, p.shown),
+            Broadcast(b"".join(relay), p.conn),
+        ]
+        if paused is not None:
+            self._paused(p, paused[0], paused[1], out)
 
     def _received_slow(self, p: Participant, ev: Received) -> list[Decision]:
         """The first line, a new handle, a claimed server handle, no handle at all, `\\quit`, or a
@@ -406,6 +480,7 @@ class Room:
         p.handle = handle
         p.shown = visible(handle)
         p.prefix = (p.shown + ">").encode()
+        p.said = (handle + ">").encode() if p.shown == handle else b""
         if p.announced:
             # Everyone is told, or a participant could take another's name unnoticed.
             out += [

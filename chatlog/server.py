@@ -19,12 +19,12 @@ import signal
 import time
 from contextlib import contextmanager
 
-from chatlog import protocol
 from chatlog.events import (
     NOTICES,
     Bind,
     Broadcast,
     Commit,
+    CommitLines,
     Connected,
     Disconnected,
     End,
@@ -36,11 +36,12 @@ from chatlog.events import (
     Pause,
     Prompt,
     Publish,
-    Received,
+    ReceivedLines,
     Refuse,
     Send,
     Serve,
     Show,
+    ShowLines,
     Stalled,
     Started,
     Stop,
@@ -65,7 +66,8 @@ PASS_LINES = 512  # lines taken from all clients in one pass, shared among those
 MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
 LINK_TAKE = 512  # events taken from a room's link to other servers in one pass
-_QUIET = (Commit, Handle, Open, Serve, Bind, Show, Prompt)  # recorded, shown, prompted: nothing reports back
+EVENT_LINES = 128  # a read's lines reported in events of at most this many (PENDING_CHUNK stays a bound)
+_QUIET = (Commit, CommitLines, Handle, Open, Serve, Bind, Show, ShowLines, Prompt)  # recorded, shown, prompted: nothing reports back
 
 
 class Client:
@@ -145,10 +147,10 @@ class Intake:
                 self.frames(c, c.framer.flush(now))
                 self.loop._gone(c, now)
 
-    def frames(self, c: Client, frames) -> None:
+    def frames(self, c: Client, frames: list) -> None:
         feed = self.loop._feed
-        for frame in frames:
-            feed(Received(c.id, protocol.parse(frame), frame.at))
+        for i in range(0, len(frames), EVENT_LINES):
+            feed(ReceivedLines(c.id, frames[i : i + EVENT_LINES] if len(frames) > EVENT_LINES else frames))
 
     def quiet(self, now: float) -> None:
         """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
@@ -415,7 +417,14 @@ class Loop:
             if d.kind != "operator" or self.echo_operator:
                 self.console.write(show_line(self.r, d))
             return
-        if t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
+        if t is ShowLines:
+            if d.kind != "operator" or self.echo_operator:
+                write, line = self.console.write, self.r.chat_line
+                sender = "client" if d.kind == "client" else "server"
+                for text in d.texts:
+                    write(line(sender, d.handle, text))
+            return
+        if t is CommitLines or t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
             return  # recorded in phase one, or published before it; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows

@@ -41,6 +41,7 @@ from chatlog.events import (
     OperatorLine,
     Prompt,
     Received,
+    ReceivedLines,
     Refuse,
     Send,
     Serve,
@@ -49,6 +50,7 @@ from chatlog.events import (
     Started,
     Stop,
     Tick,
+    received_each,
 )
 from chatlog.handles import Bindings, bound_problem, handle_problem
 from chatlog.protocol import MAX_LINE, MAX_TEXT
@@ -134,6 +136,11 @@ class Turns:
         match event:
             case Received():
                 return self._received(event)
+            case ReceivedLines():  # a read's lines, one by one
+                out = []
+                for line in received_each(event):
+                    out += self.handle_event(line)
+                return out
             case OperatorLine():
                 return self._operator_line(event)
             case Connected():

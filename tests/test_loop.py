@@ -231,3 +231,31 @@ def test_a_turn_answered_by_a_script_is_one_commit_made_before_either_line_is_sh
         assert out.index(f"bob>ping {n}") < out.index(f"SERVER>pong {n}")
         h.output = ""
     assert len(commits) == 2  # one a turn
+
+
+def test_a_burst_is_recorded_line_by_line_in_order_shown_and_relayed_whole(harness):
+    h = harness(rate=0)
+    alice, bob = h.join("alice"), h.join("bob")
+    bob.setblocking(False)
+    lines = [f"line {i}" for i in range(300)]
+    lines[150] = "\\who"  # answered to alice alone, recorded in its place
+    lines[200] = "caf\u00e9 \u00e0 la carte"  # not ASCII: the line-by-line path, in its place
+    alice.sendall("".join(f"alice>{t}\n" for t in lines).encode())
+    h.step_until(lambda: h.count(handle="alice") >= 301)
+    conn = sqlite3.connect(h.db)
+    try:
+        rows = conn.execute("SELECT seq, text, raw, note, participant_id FROM messages WHERE sender = 'client' "
+                            "AND handle = 'alice' ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    assert [r[1] for r in rows] == ["hi", *lines]
+    assert [r[0] for r in rows] == sorted({r[0] for r in rows})
+    assert all(r[2] is None and r[4] == rows[0][4] for r in rows)
+    assert [r[3] for r in rows if r[3]] == ["a command, answered to its sender: not relayed"]
+    got = b""
+    try:
+        while chunk := bob.recv(1 << 20):
+            got += chunk
+    except BlockingIOError:
+        pass
+    assert got.decode().endswith("".join(f"alice>{t}\n" for t in lines if t != "\\who"))

@@ -9,8 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatlog.events import (
+    Bind,
     Broadcast,
     Commit,
+    CommitLines,
     Connected,
     Disconnected,
     End,
@@ -23,14 +25,16 @@ from chatlog.events import (
     Pause,
     Prompt,
     Received,
+    ReceivedLines,
     Refuse,
     Send,
     Show,
+    ShowLines,
     Stalled,
     Stop,
     Tick,
 )
-from chatlog.protocol import Message
+from chatlog.protocol import Framer, Message, parse
 from chatlog.room import FULL_NOTICE, Room, fold
 from chatlog.handles import keys
 from chatlog.sanitize import is_safe, visible
@@ -860,3 +864,110 @@ def test_history_words_mark_every_line_with_its_time_and_make_it_safe():
     assert "\u202e" not in lines[2] and lines[2].endswith(" [100 more characters]")
     assert len(lines[2]) <= 500 + 60  # cut as the relay cuts it
     assert history_lines("lab", rows[:1], now)[0] == "History: the last line of lab"
+
+
+# -- a read's lines at once: the same as each line on its own ---------------------------------
+
+def _effects(room_, out, effects):
+    """What the loop would do with `out`: the records (a run's as a Commit each), the console's
+    lines (a run's as a Show each; the rate note apart, as it may come at the run's end), the
+    bytes each connection gets, when each is paused until, who is ended."""
+    records, shows, notes, wire, paused, ended = effects
+    for d in out:
+        t = type(d)
+        if t is CommitLines:
+            records += [Commit(d.conn, "client", d.handle, text, None, None, at, d.verified) for text, at in d.lines]
+        elif isinstance(d, (Commit, Join, Handle, End, Bind)):
+            records.append(d)
+            if t is End:
+                ended.append(d.conn)
+        elif t is ShowLines:
+            shows += [Show(d.kind, text, d.handle) for text in d.texts]
+        elif t is Show:
+            (notes if "reading paused" in d.text else shows).append(d)
+        elif t is Broadcast:
+            for c in range(1, 7):
+                if c != d.exclude:
+                    wire[c] = wire.get(c, b"") + d.data
+        elif t is Send:
+            wire[d.conn] = wire.get(d.conn, b"") + d.data
+        elif t is Pause:
+            paused[d.conn] = d.until
+
+
+plain_texts = st.one_of(
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+    st.sampled_from(["x" * 499, "x" * 500, "x" * 501, "\\who", "/who", " hi", "\\quit", "é", "a\tb", ""]),
+)
+
+
+@st.composite
+def reads(draw):
+    """A client's reads: lines under its handle (mostly), another handle, none; CRLF, NUL, overlong."""
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        data = b""
+        for _ in range(draw(st.integers(0, 12))):
+            handle = draw(st.sampled_from(["alice", "alice", "alice", "bob", "carol", None, "SERVER"]))
+            text = draw(plain_texts)
+            line = (f"{handle}>" if handle else "") + text
+            end = draw(st.sampled_from(["\n", "\n", "\n", "\r\n", "\n\0"]))
+            data += line.encode() + end.encode()
+        if draw(st.booleans()):
+            data += b"y" * draw(st.sampled_from([3, 9000]))  # an unterminated rest, or an overlong line
+        out.append((data, draw(st.sampled_from([0.0, 0.0, 0.01, 2.0]))))
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reads(), st.sampled_from([(20.0, 100), (5.0, 3), (0.0, 100)]))
+def test_a_reads_lines_at_once_do_what_each_line_on_its_own_does(script, limits):
+    rate, burst = limits
+    rooms = [room(3, ["alice", "bob"], rate=rate, burst=burst) for _ in range(2)]
+    framers = [Framer(), Framer()]
+    effects = [([], [], [], {}, {}, []) for _ in range(2)]
+    at = 10.0
+    for data, dt in script:
+        at += dt
+        for i, (r, f) in enumerate(zip(rooms, framers, strict=True)):
+            frames = f.feed(data, at)
+            if i == 0:
+                out = r.handle_event(ReceivedLines(1, frames)) if frames else []
+            else:
+                out = []
+                for frame in frames:
+                    out += r.handle_event(Received(1, parse(frame), frame.at))
+            _effects(r, out, effects[i])
+    a, b = effects
+    assert a[0] == b[0]  # the same records, in the same order
+    assert a[1] == b[1]  # the same console lines
+    assert len(a[2]) == len(b[2])  # the rate note, once
+    assert a[3] == b[3]  # every connection gets the same bytes
+    assert a[4] == b[4] and a[5] == b[5]
+    pa, pb = rooms[0].people.get(1), rooms[1].people.get(1)
+    assert (pa is None) == (pb is None)
+    if pa is not None:
+        assert (pa.handle, pa.tokens, pa.stamp, pa.last) == (pb.handle, pb.tokens, pb.stamp, pb.last)
+
+
+def test_a_run_of_plain_lines_is_one_record_one_console_decision_and_one_broadcast():
+    r = room(2, ["alice", "bob"])
+    frames = Framer().feed(b"alice>one\nalice>two\nalice>three\n", 20.0)
+    out = r.handle_event(ReceivedLines(1, frames))
+    assert out == [
+        CommitLines(1, "alice", [("one", 20.0), ("two", 20.0), ("three", 20.0)]),
+        ShowLines("client", ["one", "two", "three"], "alice"),
+        Broadcast(b"alice>one\nalice>two\nalice>three\n", 1),
+    ]
+
+
+def test_a_line_that_needs_the_slow_path_splits_the_run_in_its_place():
+    r = room(2, ["alice", "bob"])
+    frames = Framer().feed(b"alice>one\n\\who\nalice> two\nalice>three\n", 20.0)
+    out = r.handle_event(ReceivedLines(1, frames))
+    kinds = [type(d).__name__ for d in out]
+    assert kinds == ["CommitLines", "ShowLines", "Broadcast",  # one
+                     "Commit", "Show", "Send",  # \who: answered to alice alone
+                     "Commit", "Show", "Broadcast",  # " two": the parser takes the space off
+                     "CommitLines", "ShowLines", "Broadcast"]  # three
+    assert out[8].data == b"alice>two\n"

@@ -10,6 +10,7 @@ from chatlog import schema
 from storebuild import open_store
 
 from chatlog.db import StoreError
+from chatlog.recorder import open_recorder
 
 
 def test_fresh_database_has_schema_wal_and_owner_only_mode(tmp_path):
@@ -186,3 +187,24 @@ def test_a_few_messages_in_one_statement_take_fresh_ids_and_their_sessions_seqs(
                     (4, b, 1, "hi", None, None, 1), (5, a, 4, "four", None, None, 0)]
     assert rec.add_message(b, "server", "SERVER", "yo", None, None, 4.0) == 2
     rec.close()
+
+
+def test_a_run_of_plain_lines_is_recorded_as_each_line_on_its_own_would_be(tmp_path):
+    lines = [("plain", 10.5), ('"quoted" \\ back', 10.5), ("", 10.5), ("later", 11.25), ("x" * 500, 11.25)]
+    tables = []
+    for name, json_path in (("each", False), ("run", True)):
+        rec = open_recorder(tmp_path / f"{name}.db")
+        sid = rec.begin_session(None, None, "127.0.0.1", 1, 10.0, served=True, kind="room", room="r")
+        pid = rec.add_participant(sid, "127.0.0.1", 5, 10.0)
+        rec.add_message(sid, "client", "amy", "first", None, None, 10.0, participant=pid)
+        rec._json = json_path  # the statement over a JSON array, or the fallback (add_messages)
+        with rec.transaction():
+            rec.add_lines(sid, "amy", lines, pid, True)
+        rec.add_message(sid, "client", "amy", "after", None, None, 12.0, participant=pid)
+        tables.append(rec.conn.execute(
+            "SELECT id, session_id, seq, at, sender, handle, text, typeof(text), raw, note, participant_id, "
+            "verified FROM messages ORDER BY id").fetchall())
+        rec.close()
+    assert tables[0] == tables[1]
+    assert [r[6] for r in tables[1]] == ["first", *(t for t, _ in lines), "after"]
+    assert [r[2] for r in tables[1]] == list(range(1, 8))
