@@ -271,7 +271,7 @@ def startup():
     for args in (["--help"], ["path"]):
         a = run_timed([*CHATLOG, *args], runs=11)
         row(f"chatlog {args[0]} start-up", ms(a), ms(base) + " python -c pass", f"{a[0] / base[0]:.1f}",
-            "< 80 ms", a[0] < 0.080)
+            "< 60 ms", a[0] < 0.060)
 
 
 def memory():
