@@ -116,6 +116,10 @@ class Console:
         """A line, written at the end of the pass (`flush`)."""
         self._batch.append(line)
 
+    def extend(self, lines: list[str]) -> None:
+        """Lines, written at the end of the pass (`flush`)."""
+        self._batch.extend(lines)
+
     def flush(self) -> None:
         """Write this pass's lines: at once if the console takes them without blocking and the
         thread has nothing queued, else through the thread."""

@@ -413,16 +413,9 @@ class Loop:
         if t is Broadcast:
             self._bcast.append((d.data, d.exclude))
             return
-        if t is Show:
+        if t is Show or t is ShowLines:
             if d.kind != "operator" or self.echo_operator:
-                self.console.write(show_line(self.r, d))
-            return
-        if t is ShowLines:
-            if d.kind != "operator" or self.echo_operator:
-                write, line = self.console.write, self.r.chat_line
-                sender = "client" if d.kind == "client" else "server"
-                for text in d.texts:
-                    write(line(sender, d.handle, text))
+                self.console.extend(show_lines(self.r, d))
             return
         if t is CommitLines or t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
             return  # recorded in phase one, or published before it; nothing to send or show
@@ -588,6 +581,14 @@ def stop_signals(handler):
             signal.signal(sig, signal.SIG_IGN)
         wake_r.close()
         wake_w.close()
+
+
+def show_lines(r: Renderer, d: Show | ShowLines) -> list[str]:
+    """A Show or ShowLines decision as the console prints it."""
+    if type(d) is Show:
+        return [show_line(r, d)]
+    line, sender = r.chat_line, "client" if d.kind == "client" else "server"
+    return [line(sender, d.handle, text) for text in d.texts]
 
 
 def show_line(r: Renderer, d: Show) -> str:

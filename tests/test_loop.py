@@ -260,3 +260,21 @@ def _drain(sock) -> bytes:
     except BlockingIOError:
         pass
     return got
+
+
+def test_the_loop_stays_small_and_never_touches_a_socket():
+    """The loop carries decisions out and moves no bytes itself: socket calls live in
+    transport.py, decisions in the policies (docs/architecture.md)."""
+    import ast
+    import inspect
+    import re
+
+    from chatlog import server
+
+    source = inspect.getsource(server.Loop)
+    assert len(source.rstrip().splitlines()) < 300
+    code = inspect.getsource(server)
+    assert not re.search(r"\.(recv|recv_into|send|sendall|sendmsg)\(", code)
+    assert re.findall(r"\w+\.accept\(", code) == ["acc.accept("]  # (transport.Acceptor's)
+    assert not [n for n in ast.walk(ast.parse(inspect.getsource(server))) if isinstance(n, ast.Import)
+                and any(a.name == "socket" for a in n.names)]
