@@ -319,8 +319,10 @@ class Operator:
         if self.reading:
             # A prompt is already on screen from before the message was shown: whatever is
             # typed there now was typed before the operator saw what it would answer.
+            # Typed means in the line editor's buffer, or still in the terminal's input queue:
+            # on a busy machine the reading thread may not have taken the keystrokes yet.
             if not commands:
-                self._stale = bool(self.typed())
+                self._stale = bool(self.typed()) or unread(self.stream)
             self.console.redraw()
         else:
             self._request.set()
@@ -468,4 +470,16 @@ def _discard_typeahead(fd: int) -> bool:
         termios.tcflush(fd, termios.TCIFLUSH)
         return pending > 0
     except (ImportError, OSError):
+        return False
+
+
+def unread(stream) -> bool:
+    """Whether keystrokes wait in a terminal's input queue, not yet read by anyone."""
+    import fcntl
+    import struct
+    import termios
+
+    try:
+        return struct.unpack("i", fcntl.ioctl(stream.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+    except (OSError, ValueError):
         return False

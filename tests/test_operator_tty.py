@@ -7,7 +7,7 @@ import sys
 
 import pexpect
 import pytest
-from conftest import ending, ROOT, db_rows, recv_until
+from conftest import ROOT, db_rows, ending, recv_until, wait_until
 
 
 @pytest.fixture
@@ -216,3 +216,28 @@ def test_no_stray_prompt_is_left_after_ctrl_c(tmp_path, room):
     p.close()
     assert p.exitstatus == 0
     assert _last_screen_line("Server stopped (SIGINT)" + rest) == "", repr(rest)
+
+
+def test_keystrokes_not_yet_read_count_as_typed():
+    """A line is stale if it was begun before the message it would answer, even when the line
+    editor's thread has not yet taken its first keystrokes from the terminal (a busy machine:
+    the line was then sent to the next client)."""
+    import io
+    import pty
+    import tty
+
+    from chatlog.operator import unread
+
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # as the line editor has it while it reads
+    try:
+        with io.open(slave, "rb", buffering=0, closefd=False) as term:
+            assert not unread(term)
+            os.write(master, b"amy, it is hun")
+            assert wait_until(lambda: unread(term), timeout=5)
+            os.read(slave, 100)
+            assert not unread(term)
+        assert not unread(io.BytesIO())  # not a terminal: nothing waits there
+    finally:
+        os.close(master)
+        os.close(slave)
