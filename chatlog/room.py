@@ -280,9 +280,10 @@ class Room:
 
     def _received_lines(self, ev: ReceivedLines) -> list[Decision]:
         """A read's lines from one client. A run of plain lines (under its own handle, `_PLAIN`,
-        received as sent: no CR, no NUL, not cut) is one `CommitLines`, one `ShowLines` and one
-        `Broadcast` (each line's bytes are what is relayed), its rate counted line by line as
-        `_limit` counts it; any other line goes through `_received`, in its place."""
+        ended by "\n" or "\n\0" and nothing else, not cut) is one `CommitLines`, one `ShowLines`
+        and one `Broadcast` (each line's bytes, less a NUL after the newline, are what is
+        relayed), its rate counted line by line as `_limit` counts it; any other line goes
+        through `_received`, in its place."""
         conn = ev.conn
         people = self.people
         out: list[Decision] = []
@@ -300,13 +301,14 @@ class Room:
             raw = frame.raw
             said = p.said
             n = len(said)
-            if (said and payload.startswith(said) and len(raw) == len(payload) + 1 and raw[-1] == 10
+            end = raw[len(payload):]  # "\n", or "\n\0" as ./chatclient sends (both canonical)
+            if (said and (end == b"\n" or end == b"\n\0") and payload.startswith(said)
                     and not frame.cut and plain(payload, n)):
                 at = frame.at
                 text = payload[n:].decode("ascii")
                 lines.append((text, at))
                 texts.append(text)
-                relay.append(raw)
+                relay.append(raw if end == b"\n" else raw[:-1])
                 if rate:
                     elapsed = at - p.stamp
                     tokens = p.tokens + elapsed * rate if elapsed > 0 else p.tokens

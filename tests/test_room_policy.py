@@ -961,6 +961,20 @@ def test_a_run_of_plain_lines_is_one_record_one_console_decision_and_one_broadca
     ]
 
 
+def test_the_clients_own_lines_ending_in_a_nul_are_a_run_too():
+    """./chatclient ends every line with "\n\0" (as the original CS372 server expects): its
+    lines are plain too, recorded alike (the NUL is canonical, no raw bytes kept), relayed
+    without the NUL."""
+    r = room(2, ["alice", "bob"])
+    frames = Framer().feed(b"alice>one\n\0alice>two\n\0", 20.0)
+    out = r.handle_event(ReceivedLines(1, frames))
+    assert out == [
+        CommitLines(1, "alice", [("one", 20.0), ("two", 20.0)]),
+        ShowLines("client", ["one", "two"], "alice"),
+        Broadcast(b"alice>one\nalice>two\n", 1),
+    ]
+
+
 def test_a_line_that_needs_the_slow_path_splits_the_run_in_its_place():
     r = room(2, ["alice", "bob"])
     frames = Framer().feed(b"alice>one\n\\who\nalice> two\nalice>three\n", 20.0)
