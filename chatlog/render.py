@@ -77,6 +77,17 @@ class Renderer:
         mark = VERIFIED_MARK if verified else ""
         return f"{mark}{start}{visible(handle)}>{end}{visible(text)}"
 
+    def chat_lines(self, sender: str, handle: str | None, texts: list[str]) -> list[str]:
+        """What `chat_line` makes of each text, for many lines of one handle: the handle made
+        visible once, and the texts checked together (printable ASCII, as a room's run of plain
+        lines always is, needs no escaping); any other text escaped line by line."""
+        joined = "".join(texts)
+        if handle is None or not (joined.isascii() and joined.isprintable()):
+            return [self.chat_line(sender, handle, text) for text in texts]
+        start, end = self._codes["server" if sender == "server" else "client"]
+        head = f"{start}{visible(handle)}>{end}"
+        return [head + text for text in texts]
+
     def chat(self, sender: str, handle: str | None, text: str) -> None:
         self.write(self.chat_line(sender, handle, text))
 

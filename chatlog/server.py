@@ -587,8 +587,7 @@ def show_lines(r: Renderer, d: Show | ShowLines) -> list[str]:
     """A Show or ShowLines decision as the console prints it."""
     if type(d) is Show:
         return [show_line(r, d)]
-    line, sender = r.chat_line, "client" if d.kind == "client" else "server"
-    return [line(sender, d.handle, text) for text in d.texts]
+    return r.chat_lines("client" if d.kind == "client" else "server", d.handle, d.texts)
 
 
 def show_line(r: Renderer, d: Show) -> str:

@@ -125,3 +125,25 @@ def test_the_unsafe_ranges_are_unicode_data_not_a_hand_made_list():
 
     literal = ", ".join(f"(0x{lo:X}, 0x{hi:X})" for lo, hi in want)
     assert UNSAFE_RANGES == want, f"UNSAFE_RANGES is stale (Unicode {icu.UNICODE_VERSION}): [{literal}]"
+
+
+def test_many_lines_of_one_handle_render_as_each_would():
+    """`chat_lines` (a room's run of lines, rendered at once) makes what `chat_line` makes of
+    each, with or without color, and escapes as it does whatever is not printable ASCII."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    texts = st.lists(st.one_of(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126)),
+                               st.text()), max_size=8)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.none(), st.text(max_size=12)), texts, st.booleans(), st.sampled_from(["client", "server"]))
+    def same(handle, lines, color, sender):
+        import io
+
+        r = Renderer(io.StringIO(), color=color)
+        assert r.chat_lines(sender, handle, lines) == [r.chat_line(sender, handle, t) for t in lines]
+
+    same()
+    r = Renderer(color=False)
+    assert r.chat_lines("client", "al\x1bice", ["fine", "\x1b[2Jwiped"]) == ["al\\x1bice>fine", "al\\x1bice>\\x1b[2Jwiped"]
