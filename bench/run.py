@@ -313,15 +313,22 @@ def room():
     ]
     res = {}
     for scenario, kw, servers in scenarios:
+        if scenario == "throughput":
+            # A fraction of a second each, and ncat alone varies 18-30 M/s from run to run here:
+            # five rounds, the servers alternated within each (one round if a run was slow), and
+            # the median of each server's runs.
+            runs = {server: [] for server in servers}
+            for _ in range(5):
+                for server in servers:
+                    runs[server].append(room_run(scenario, server, **kw))
+                if any(not isinstance(r, dict) or r["wall_s"] >= 20 for rs in runs.values() for r in rs):
+                    break
+            for server, rs in runs.items():
+                ok = sorted((r for r in rs if isinstance(r, dict)), key=lambda r: r.get("deliveries_per_s") or 0)
+                res[scenario, server] = ok[len(ok) // 2] if ok else rs[0]
+            continue
         for server in servers:
-            rs = [room_run(scenario, server, **kw)]
-            # a fraction of a second each against ncat: the median of 3 (once, if it was slow)
-            if scenario == "throughput" and isinstance(rs[0], dict) and rs[0]["wall_s"] < 20:
-                rs += [room_run(scenario, server, **kw) for _ in range(2)]
-            ok = [r for r in rs if isinstance(r, dict)]
-            if ok and scenario == "throughput":
-                ok.sort(key=lambda r: r.get("deliveries_per_s") or 0)
-            res[scenario, server] = ok[len(ok) // 2] if ok else rs[0]
+            res[scenario, server] = room_run(scenario, server, **kw)
     room_rows(res, secs)
 
 
@@ -383,7 +390,7 @@ def room_rows(res, secs):
         return text + (f", {cut:,} of {r['lines']:,} lines cut on one listener" if cut else "") + _exited(r)
 
     figure = "room: 1 sender, 100 listeners, 20,000 lines: deliveries/s"
-    target = ">= 0.5x ncat, all committed"
+    target = ">= 0.8x ncat, all committed"
     if _na(t_ours) or "deliveries_per_s" not in t_ours:
         row(figure, tput(t_ours), f"{tput(t_base)} ncat", "", target, None if _na(t_ours) else False)
     else:
@@ -391,7 +398,7 @@ def room_rows(res, secs):
         stored = t_ours.get("stored")
         row(figure, f"{tput(t_ours)}; {stored:,} committed", f"{tput(t_base)} ncat",
             f"{ratio:.2f}" if ratio else "", target,
-            bool(ratio and ratio >= 0.5 and t_ours["complete"] and stored == t_ours["lines"]))
+            bool(ratio and ratio >= 0.8 and t_ours["complete"] and stored == t_ours["lines"]))
     row("  generator ceiling: same load, C relay", tput(t_relay), busy(t_relay, t_base, t_ours),
         "", "(not the bottleneck)", "")
 
