@@ -97,6 +97,9 @@ class Framer:
         self._last = now
         i, n = 0, len(data)
         nul = data.find(b"\0")  # (found once, again only once passed: not once a line)
+        if nul > 0 and not self._padding and data.count(b"\0") == data.count(b"\n\0"):
+            self._lines(data, 0, now, out, nuls=True)  # every NUL ends a line ("\n\0", as ./chatclient sends)
+            return out
         while i < n:
             if 0 <= nul < i:
                 nul = data.find(b"\0", i)
@@ -141,20 +144,31 @@ class Framer:
             i = end
         return out
 
-    def _lines(self, data: bytes, i: int, now: float, out: list[Frame]) -> None:
-        """data[i:] holds no NUL: every line in it, split at once (what the loop above does
-        line by line, for the many lines of a burst); an unterminated rest is held."""
+    def _lines(self, data: bytes, i: int, now: float, out: list[Frame], nuls: bool = False) -> None:
+        """data[i:] holds no NUL (with `nuls`, none but right after a newline): every line in it, split at once
+        (what the loop above does line by line, for the many lines of a burst), a NUL after
+        its newline part of its terminator as there; an unterminated rest is held."""
         parts = (data[i:] if i else data).split(b"\n")
         tail = parts.pop()
         max_line = self.max_line
-        for p in parts:
+        last = len(parts) - 1
+        nul = False  # this part starts with the NUL that ended the line before
+        end = b"\n"
+        for k, p in enumerate(parts):
+            if nuls:
+                if nul:
+                    p = p[1:]
+                nul = (parts[k + 1] if k < last else tail)[:1] == b"\0"
+                end = b"\n\0" if nul else b"\n"
             if self._buf or self._cutting or len(p) > max_line:
-                self._take(p, p + b"\n")
+                self._take(p, p + end)
                 if self._buf.endswith(b"\r"):
                     del self._buf[-1]
                 out.append(self._complete(now))
             else:
-                out.append(Frame(p[:-1] if p[-1:] == b"\r" else p, p + b"\n", now))
+                out.append(Frame(p[:-1] if p[-1:] == b"\r" else p, p + end, now))
+        if nul:
+            tail = tail[1:]
         if tail:
             self._take(tail, tail)
 

@@ -323,3 +323,33 @@ def test_cut_after_takes_at_most_the_limit_of_line_endings_and_keeps_cs372_termi
             head = data[:n]
             assert head.count(b"\n") + head.count(b"\0") <= max(limit, 0) + (1 if head.endswith(b"\n\0") else 0)
             assert n == len(data) or data[:n].count(b"\n") + data[:n].count(b"\0") >= limit
+
+
+_line_text = st.lists(st.sampled_from([b"a", b"b>", b"\r", b"\xff", "é".encode(), b" "]), max_size=12).map(b"".join)
+_client_lines = st.lists(st.tuples(_line_text, st.sampled_from([b"\n", b"\n\0"])), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_client_lines, _line_text, st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+       st.integers(min_value=1, max_value=12))
+def test_lines_ended_by_a_newline_and_a_nul_split_at_once_as_one_by_one(lines, tail, cuts, max_line):
+    """./chatclient ends each line with "\\n\\0": a burst of such lines is split at once, as a
+    burst without NUL is, and frames as each line alone would: the NUL part of its line's
+    terminator (in its raw bytes), cut lines counted, however the stream arrives (cut anywhere
+    but between a newline and its NUL, where the NUL would start padding)."""
+    data = b"".join(text + end for text, end in lines) + tail
+    expected = []
+    for text, end in lines:
+        kept = text[:max_line]
+        raw = kept + end if len(text) <= max_line else kept
+        expected.append((kept.removesuffix(b"\r"), raw, len(text) - len(kept)))
+    if tail:
+        expected.append((tail[:max_line], tail[:max_line], len(tail) - len(tail[:max_line])))
+    points = sorted({c % (len(data) + 1) for c in cuts if not (data[c % (len(data) + 1) - 1:c % (len(data) + 1) + 1] == b"\n\0")}
+                    | {0, len(data)})
+    f, out = Framer(max_line=max_line), []
+    for a, b in zip(points, points[1:], strict=False):
+        out += f.feed(data[a:b], 0.0)
+    out += f.flush(0.0)
+    assert [(fr.payload, fr.raw, fr.cut) for fr in out] == expected
+
