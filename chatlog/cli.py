@@ -1117,13 +1117,34 @@ def merge(sources, output):
     id), in the room's stream order; every other session is copied with its server named. The
     sources are only read. `sessions`, `show`, `search` and `export` work on the result.
     """
+    import signal
+
     from chatlog.db import StoreError
     from chatlog.merge import merge as run_merge
 
+    class Stopped(BaseException):  # (not an Exception: nothing on the way may take it for an error)
+        pass
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    # Stopped midway (a service manager's SIGTERM, a closed terminal's SIGHUP), the merge's one
+    # transaction is rolled back and an output it began is removed, as after Ctrl-C.
+    existed = output.exists()
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         added = run_merge(list(sources), output)
     except StoreError as exc:
         raise Failed(str(exc)) from None
+    except Stopped as exc:
+        signum = exc.args[0]
+        err = Failed(f"merge stopped by {signal.Signals(signum).name}; "
+                     + (f"{output} is left as it was" if existed else f"{output} was not made"))
+        err.exit_code = 128 + signum
+        raise err from None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     click.echo(f"merged {plural(len(sources), 'archive')} into {output}: "
                f"{plural(added['sessions'], 'new session')}, {plural(added['messages'], 'new message')}", err=True)
 

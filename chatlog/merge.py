@@ -238,9 +238,10 @@ def merge(sources: list[Path], out: Path) -> dict[str, int]:
     for src in sources:
         check_source(Path(src))
     new = not Path(out).exists()
-    m = Merge(out)
+    m = None
     failed = True
     try:
+        m = Merge(out)  # (inside: stopped while a new output is made, it is not left behind)
         m.conn.execute("BEGIN IMMEDIATE")
         try:
             for src in sources:
@@ -255,7 +256,8 @@ def merge(sources: list[Path], out: Path) -> dict[str, int]:
         failed = False
     finally:
         if failed:
-            m.db.close()
+            if m is not None:
+                m.db.close()
             if new:
                 for suffix in ("", "-wal", "-shm", "-lock", "-journal"):
                     Path(f"{out}{suffix}").unlink(missing_ok=True)

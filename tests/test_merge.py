@@ -2,9 +2,14 @@
 one is not left behind), never half a merge. (Merging linked rooms: test_link.py.)"""
 
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 
-from conftest import run_chatlog
+import pytest
+
+from conftest import ROOT, run_chatlog, wait_until
 from storebuild import open_store
 
 
@@ -61,3 +66,31 @@ def test_a_source_that_fails_halfway_leaves_the_output_as_it_was(tmp_path):
     assert everything(out) == before  # not even bob's archive, which came first
     r = merge(tmp_path / "b.db", out=out)
     assert r.exit_code == 0 and "1 new session, 3 new messages" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_merge_stopped_by_a_signal_leaves_nothing_behind(tmp_path, sig):
+    """A merge stopped midway (SIGTERM from a service manager, SIGHUP from a closed terminal) is
+    one line and its exit status, and the output it began is not left behind: it used to stay,
+    an archive that looked merged and held nothing. An output that was there is left as it was."""
+    s = open_store(tmp_path / "big.db")
+    sid = s.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    s.add_lines(sid, "client", "amy", 80_000)
+    s.end_session(sid, "client-quit")
+    s.close()
+    out = tmp_path / "all.db"
+    kept = tmp_path / "kept.db"
+    assert merge(archive(tmp_path / "a.db", "amy"), out=kept).exit_code == 0
+    before = everything(kept)
+    for target, said in ((out, f"{out} was not made"), (kept, f"{kept} is left as it was")):
+        p = subprocess.Popen([sys.executable, "-m", "chatlog", "merge", str(tmp_path / "big.db"), "-o", str(target)],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        # (the output is made, or opened, before the first message is copied)
+        wait_until(lambda t=target, p=p: p.poll() is not None or (t.exists() and (tmp_path / f"{t.name}-wal").exists()))
+        p.send_signal(sig)
+        err = p.communicate(timeout=30)[1]
+        assert p.returncode == 128 + sig, (p.returncode, err)  # (had it finished, this says so)
+        assert err == f"chatlog: merge stopped by {sig.name}; {said}\n"
+    assert not list(tmp_path.glob("all.db*"))
+    assert everything(kept) == before
