@@ -264,14 +264,14 @@ class DB:
             pass
 
 
-def index_some(conn: sqlite3.Connection, seconds: float) -> int:
+def index_some(conn: sqlite3.Connection, seconds: float) -> bool:
     """The background checkpointer's indexing: what is pending, for at most `seconds`, each chunk
     its own short transaction followed by a pause as long, so the server's commits go first.
-    Returns how many messages are left to index (0 too when it could not: the next pass tries)."""
+    Returns whether messages are left to index (False too when it could not: the next pass tries)."""
     try:
         return indexer.catch_up(conn, seconds, pause=True)
     except sqlite3.Error:
-        return 0  # a store that cannot be written: the server's own writes report it
+        return False  # a store that cannot be written: the server's own writes report it
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:

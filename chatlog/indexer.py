@@ -53,10 +53,16 @@ def pending(conn: sqlite3.Connection, *, searchable: bool = False) -> int:
     return conn.execute(sql).fetchone()[0]
 
 
-def catch_up(conn: sqlite3.Connection, seconds: float, chunk: int = CHUNK, pause: bool = False) -> int:
+def any_pending(conn: sqlite3.Connection) -> bool:
+    """Whether some message is not indexed yet: one row looked at, where `pending` counts them
+    all (36 ms at a backlog of 200,000, every half second while a chat is busy)."""
+    return conn.execute("SELECT 1 FROM messages WHERE id > (SELECT upto FROM fts_progress) LIMIT 1").fetchone() is not None
+
+
+def catch_up(conn: sqlite3.Connection, seconds: float, chunk: int = CHUNK, pause: bool = False) -> bool:
     """Index what is pending, chunk by chunk, for at most `seconds`, waiting out a busy database
     in short steps; with `pause`, each chunk is followed by a pause as long as it held the lock,
-    so a writer that was waiting goes first. Returns how many messages are left unindexed."""
+    so a writer that was waiting goes first. Returns whether messages are left unindexed."""
     deadline = time.monotonic() + seconds
 
     def out_of_time() -> bool:
@@ -67,10 +73,10 @@ def catch_up(conn: sqlite3.Connection, seconds: float, chunk: int = CHUNK, pause
         n = index_pending(conn, chunk, give_up=out_of_time)
         now = time.monotonic()
         if n < chunk:
-            left = pending(conn)
-            if left == 0 or now >= deadline:
+            left = any_pending(conn)
+            if not left or now >= deadline:
                 return left
         if now >= deadline:
-            return pending(conn)
+            return any_pending(conn)
         if pause:
             time.sleep(min(0.05, max(0.001, now - started)))
