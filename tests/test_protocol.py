@@ -325,6 +325,31 @@ def test_cut_after_takes_at_most_the_limit_of_line_endings_and_keeps_cs372_termi
             assert n == len(data) or data[:n].count(b"\n") + data[:n].count(b"\0") >= limit
 
 
+
+def _reference_cut(data: bytes, limit: int) -> int:
+    """cut_after by definition, a byte at a time: just past the limit-th ending (a NUL right
+    after that newline with it), or all of it when it holds no more than that."""
+    if data.count(b"\n") + data.count(b"\0") <= limit:
+        return len(data)
+    if limit <= 0:
+        return 0
+    seen = 0
+    for i, byte in enumerate(data):
+        if byte in (10, 0):
+            seen += 1
+            if seen == limit:
+                return i + 2 if byte == 10 and data[i + 1:i + 2] == b"\0" else i + 1
+    return len(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\n", b"\0", b"\n\0", b"xyz"]), max_size=60).map(b"".join),
+       st.integers(min_value=-1, max_value=40))
+def test_cut_after_is_its_definition(data, limit):
+    from chatlog.transport import cut_after
+
+    assert cut_after(data, limit) == _reference_cut(data, limit)
+
 _line_text = st.lists(st.sampled_from([b"a", b"b>", b"\r", b"\xff", "é".encode(), b" "]), max_size=12).map(b"".join)
 _client_lines = st.lists(st.tuples(_line_text, st.sampled_from([b"\n", b"\n\0"])), max_size=30)
 
