@@ -124,6 +124,10 @@ class Intake:
     def __init__(self, loop: "Loop"):
         self.loop = loop
         self.held: set[Client] = set()  # input read but not yet taken (past a pass's share)
+        # Who has a timer, so a pass looks at them and not at everyone connected: an unterminated
+        # line or late padding (its framer's deadline), a pause for its rate (until its end).
+        self.timed: set[Client] = set()
+        self.paused: set[Client] = set()
 
     def read(self, clients: list[Client], now: float) -> None:
         if not clients:
@@ -148,17 +152,44 @@ class Intake:
                 self.loop._gone(c, now)
 
     def frames(self, c: Client, frames: list) -> None:
+        """(Every call of a client's framer is followed by this: its timer is noted here.)"""
+        if c.framer.deadline() is None:
+            self.timed.discard(c)
+        else:
+            self.timed.add(c)
         feed = self.loop._feed
         for i in range(0, len(frames), EVENT_LINES):
             feed(ReceivedLines(c.id, frames[i : i + EVENT_LINES] if len(frames) > EVENT_LINES else frames))
+
+    def resume(self, now: float) -> list[Client]:
+        """The paused clients whose pause has ended, no longer paused (the gone forgotten)."""
+        clients, ended = self.loop.clients, []
+        for c in list(self.paused):
+            if clients.get(c.id) is not c:
+                self.paused.discard(c)
+            elif now >= c.paused_until:
+                c.paused_until = None
+                self.paused.discard(c)
+                ended.append(c)
+        return ended
+
+    def timers(self) -> list[Client]:
+        """The clients with a timer running (see `timed` and `paused`)."""
+        clients = self.loop.clients
+        return [c for c in self.timed | self.paused if clients.get(c.id) is c]
 
     def quiet(self, now: float) -> None:
         """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
         more has arrived: after a long pass the rest of a line may be waiting in the socket, so
         it is read first. A paused client is not quiet."""
         clients = self.loop.clients
-        quiet = [c for c in clients.values()
-                 if c.paused_until is None and (d := c.framer.deadline()) is not None and now >= d]
+        quiet = []
+        for c in list(self.timed):
+            if clients.get(c.id) is not c:
+                self.timed.discard(c)
+            elif c.paused_until is None and (d := c.framer.deadline()) is not None and now >= d:
+                quiet.append(c)
+        quiet.sort(key=lambda c: c.id)  # (in the order they connected, as before)
         self.read(quiet, now)
         for c in quiet:
             if c.id in clients:
@@ -310,7 +341,7 @@ class Loop:
         more = [c.io.deadline for c in self.tls.clients.values()]
         if self.link is not None:  # (more than a pass took, or the broker client's own timers)
             more.append(self.link.deadline(now))
-        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.clients.values(), more)
+        when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.intake.timers(), more)
         return None if when is None else max(0.0, when - now)
 
     def _feed(self, event) -> None:
@@ -375,10 +406,8 @@ class Loop:
     def _resume(self, now: float) -> None:
         if self.acceptor.resume(now):
             self._watch_listeners(True)
-        for c in self.clients.values():
-            if c.paused_until is not None and now >= c.paused_until:
-                c.paused_until = None
-                self.watch.client(c)
+        for c in self.intake.resume(now):
+            self.watch.client(c)
 
     # -- carrying out decisions ----------------------------------------------------------------
 
@@ -434,6 +463,7 @@ class Loop:
             c = self.clients.get(d.conn)
             if c is not None:
                 c.paused_until = d.until
+                self.intake.paused.add(c)
                 self.watch.client(c)
         elif t is Prompt:
             if self.operator.tty:  # what the answer answers is on screen before the prompt

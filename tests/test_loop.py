@@ -262,6 +262,33 @@ def _drain(sock) -> bytes:
     return got
 
 
+def test_a_pass_looks_at_the_clients_with_input_or_a_timer_not_at_everyone(harness, monkeypatch):
+    """A pass's work follows what happens, not how many are connected: with 60 clients who say
+    nothing, a pass in which one of them speaks asks no framer of the silent ones for its timer
+    (each pass asked every client's framer, twice: with 5,000 connected, a line between two
+    others took 37 ms instead of 0.2). An unterminated line and a paused client still have theirs."""
+    from chatlog import protocol
+
+    h = harness(rate=20, burst=100, max_clients=200)
+    for _ in range(60):
+        h.clients.append(socket.create_connection(("127.0.0.1", h.port)))
+    h.step_until(lambda: len(h.loop.clients) == 60)
+    amy = h.join("amy")
+    asked = []
+    real = protocol.Framer.deadline
+    monkeypatch.setattr(protocol.Framer, "deadline", lambda self: (asked.append(self), real(self))[1])
+    amy.sendall(b"amy>hello\n")
+    h.step_until(lambda: h.count("amy") == 2)
+    assert len(asked) < 10, f"{len(asked)} framers asked for their timer"
+    # a line left unterminated is still completed once its sender is quiet
+    amy.sendall(b"amy>no newline")
+    h.step_until(lambda: h.count("amy") == 3, passes=100_000)
+    # and a client paused for its rate is resumed when its pause ends
+    amy.sendall(b"amy>x\n" * 300)
+    time.sleep(0.05)
+    h.step_until(lambda: h.loop.clients[61].paused_until is not None)
+    h.step_until(lambda: h.count("amy") >= 3 + 150, passes=100_000)
+
 def test_the_loop_stays_small_and_never_touches_a_socket():
     """The loop carries decisions out and moves no bytes itself: socket calls live in
     transport.py, decisions in the policies (docs/architecture.md)."""
