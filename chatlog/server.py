@@ -161,6 +161,16 @@ class Intake:
         for i in range(0, len(frames), EVENT_LINES):
             feed(ReceivedLines(c.id, frames[i : i + EVENT_LINES] if len(frames) > EVENT_LINES else frames))
 
+    def last_word(self, c: Client, now: float) -> None:
+        """A client is gone (however that was noticed: a write to it may fail before a read sees
+        the reset): what it sent before, held by its framer or still in the kernel (one bounded
+        read, unless it is paused: that was never accepted), is its last word."""
+        if c.paused_until is None:
+            data = c.io.read(min(PASS_LINES, self.loop.policy.allowance(c.id, now)))
+            if data:
+                self.frames(c, c.framer.feed(data, now))
+        self.frames(c, c.framer.flush(now))
+
     def resume(self, now: float) -> list[Client]:
         """The paused clients whose pause has ended, no longer paused (the gone forgotten)."""
         clients, ended = self.loop.clients, []
@@ -354,6 +364,7 @@ class Loop:
         if c.gone:
             return
         c.gone = True
+        self.intake.last_word(c, now)
         self.intake.held.discard(c)
         self.watch.set(c.io, 0, None)
         self._feed(Disconnected(c.id, now))

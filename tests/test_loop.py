@@ -289,6 +289,32 @@ def test_a_pass_looks_at_the_clients_with_input_or_a_timer_not_at_everyone(harne
     h.step_until(lambda: h.loop.clients[61].paused_until is not None)
     h.step_until(lambda: h.count("amy") >= 3 + 150, passes=100_000)
 
+def test_what_a_client_sent_before_it_reset_is_recorded_when_a_write_to_it_fails_first(harness):
+    """A client's unterminated last line, already read, is its last word however its going is
+    noticed: here by a broadcast to it failing (it reset the connection: it closed with the room's
+    lines unread), before a read sees the reset. It used to be dropped with the connection."""
+    import struct
+
+    h = harness(rate=0)
+    amy = h.join("amy")
+    h.join("bob")
+    amy.sendall(b"amy>last words")
+    h.step_until(lambda: h.loop.clients[1].framer.deadline() is not None)  # read, held unterminated
+    amy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    amy.close()  # a reset
+    h.clients.remove(amy)
+    time.sleep(0.05)
+    # The room's next line reaches amy before any read of hers sees the reset (a select that
+    # returned just before it came): the write fails first.
+    h.loop._send(h.loop.clients[1], b"bob>anyone there?\n")
+    h.loop._carry_out()
+    h.step_until(lambda: 1 not in h.loop.clients)
+    assert h.count("amy") == 2, "amy's last line was lost"
+    conn = sqlite3.connect(h.db)
+    assert conn.execute("SELECT text FROM messages WHERE handle = 'amy' AND sender = 'client' ORDER BY id").fetchall() \
+        == [("hi",), ("last words",)]
+    conn.close()
+
 def test_the_loop_stays_small_and_never_touches_a_socket():
     """The loop carries decisions out and moves no bytes itself: socket calls live in
     transport.py, decisions in the policies (docs/architecture.md)."""
