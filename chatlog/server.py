@@ -147,8 +147,7 @@ class Intake:
                     self.loop.watch.client(c)
             elif data:
                 self.frames(c, c.framer.feed(data, now))
-            else:
-                self.frames(c, c.framer.flush(now))
+            else:  # closed or failed: its last word is taken as it goes
                 self.loop._gone(c, now)
 
     def frames(self, c: Client, frames: list) -> None:
