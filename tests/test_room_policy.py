@@ -35,6 +35,7 @@ from chatlog.events import (
     Tick,
 )
 from chatlog.protocol import Framer, Message, parse
+import chatlog.room as room_module
 from chatlog.room import FULL_NOTICE, Room, fold
 from chatlog.handles import keys
 from chatlog.sanitize import is_safe, visible
@@ -922,6 +923,23 @@ def reads(draw):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reads(), st.sampled_from([(20.0, 100), (5.0, 3), (0.0, 100)]))
 def test_a_reads_lines_at_once_do_what_each_line_on_its_own_does(script, limits):
+    _at_once_as_each(script, limits)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reads(), st.sampled_from([(20.0, 100), (5.0, 3), (0.0, 100)]))
+def test_a_bursting_senders_own_matcher_takes_the_same_lines_as_plain(script, limits):
+    """A sender whose reads bring many lines gets a matcher with its handle in it: with it made
+    at every read (and made again after each rename), the room does the same."""
+    saved = room_module.OWN_MATCH_RUN
+    room_module.OWN_MATCH_RUN = 1
+    try:
+        _at_once_as_each(script, limits)
+    finally:
+        room_module.OWN_MATCH_RUN = saved
+
+
+def _at_once_as_each(script, limits):
     rate, burst = limits
     rooms = [room(3, ["alice", "bob"], rate=rate, burst=burst) for _ in range(2)]
     framers = [Framer(), Framer()]
