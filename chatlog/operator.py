@@ -90,6 +90,7 @@ class Console:
         self.operator: Operator | None = None  # set when a terminal prompt may be on screen
         self.failed = False
         self._batch: list[str] = []  # this pass's lines (the loop's thread only)
+        self._after: list = []  # called once they are written (`after_written`)
         self._poll = None
         self._fd: int | None = None  # written with os.write, past the text layer's buffer
         self._encoding = getattr(self.stream, "encoding", None) or "utf-8"
@@ -120,9 +121,24 @@ class Console:
         """Lines, written at the end of the pass (`flush`)."""
         self._batch.extend(lines)
 
+    def after_written(self, fn) -> None:
+        """Call `fn` at the end of this pass's `flush`, once its lines are on screen or queued
+        for the writer thread (whose `wait_written` then waits for them): a prompt asked for
+        now is drawn below what the pass says, never above it."""
+        self._after.append(fn)
+
     def flush(self) -> None:
         """Write this pass's lines: at once if the console takes them without blocking and the
-        thread has nothing queued, else through the thread."""
+        thread has nothing queued, else through the thread. Then what waited for them."""
+        try:
+            self._flush()
+        finally:
+            if self._after:
+                after, self._after = self._after, []
+                for fn in after:
+                    fn()
+
+    def _flush(self) -> None:
         if not self._batch or self.failed:
             self._batch.clear()
             return
@@ -366,7 +382,7 @@ class Operator:
     def rearm(self) -> None:
         """After a line was used: if answers are still wanted (a room), prompt for the next."""
         if self.tty and self._wanted and not self.reading and not self.eof:
-            self._request.set()
+            self.console.after_written(self._request.set)  # below what the line made the console say
 
     def take(self) -> str | None:
         """The next line, if an answer is wanted and one is there."""
@@ -419,8 +435,8 @@ class Operator:
                         self._stale = False
                         self.discarded += 1
                         notes.append("(discarded a line begun before the message it would answer; type it again)")
-                        if self._wanted:
-                            self._request.set()
+                        if self._wanted:  # prompted again below the note, once it is written
+                            self.console.after_written(self._request.set)
                     else:
                         self.lines.append(value)
         return notes

@@ -241,3 +241,55 @@ def test_keystrokes_not_yet_read_count_as_typed():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_discarded_lines_note_is_on_screen_before_the_prompt_comes_back(monkeypatch):
+    """The operator's Enter on a stale line: the note that it was discarded is written first,
+    and only then is the line editor asked for the prompt again (it was asked at once, while
+    the note still waited for the end of the pass, and a busy machine drew the prompt above
+    the note: the operator was left typing below it, at no prompt)."""
+    import builtins
+    import io
+    import pty
+    import queue
+
+    from chatlog.operator import Console, Operator
+
+    prompts, answers = queue.Queue(), queue.Queue()
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+
+    def screen() -> bytes:
+        try:
+            return os.read(r, 65536)
+        except BlockingIOError:
+            return b""
+
+    def line_editor(prompt):  # input(), as the terminal thread calls it: what is on screen then
+        prompts.put(screen())
+        return answers.get(timeout=10)
+
+    monkeypatch.setattr(builtins, "input", line_editor)
+    master, slave = pty.openpty()
+    out = os.fdopen(w, "w")
+    console = Console(out)
+    try:
+        with io.open(slave, "rb", buffering=0, closefd=False) as term:
+            op = Operator(term, console)
+            op.want(True)
+            prompts.get(timeout=5)  # the prompt is up
+            op._stale = True  # (what want() finds when a message arrives while a line is begun)
+            answers.put("amy, it is hunter2")  # Enter
+            assert wait_until(lambda: op._events, timeout=5)
+            for note in op.read_available():  # as the loop does: the note is this pass's
+                console.write(note)
+            assert not op._request.is_set()  # not before the note is written
+            console.flush()  # the pass ends
+            assert b"discarded a line begun before the message" in prompts.get(timeout=5)
+            answers.put(None)
+    finally:
+        console.close()
+        out.close()
+        os.close(r)
+        os.close(master)
+        os.close(slave)
