@@ -91,6 +91,10 @@ def test_a_client_that_never_reads_is_dropped_and_nobody_waits(start_server):
     stuck = join(server, "stuck")
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     talker, listener = join(server, "talker"), join(server, "ear")
+    # The talker's sends wait for the server to take them, so the listener, reading every 50
+    # lines, keeps up (a kernel that gives a new loopback socket megabytes of send buffer would
+    # take all 4,000 lines at once, and the listener would rightly be dropped as not reading).
+    talker.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     line = b"talker>" + b"x" * 440 + b"\n"
     received = b""
     listener.settimeout(10)
