@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from chatlog.protocol import Message, parse
+from chatlog.protocol import Message, Run, parse
 from chatlog.words import NOTICES, timeout_notice  # noqa: F401 (server.py still imports them from here)
 
 
@@ -87,18 +87,19 @@ class Received(Event):
 @dataclass(slots=True)
 class ReceivedLines(Event):
     """The lines one read brought from a client, framed, in order (`protocol.Frame`s, each with
-    its own `at`): what a `Received` each would be (`received_each`), reported at once so a
-    room can take a run of plain lines in one go."""
+    its own `at`, and `protocol.Run`s, whole lines as they came): what a `Received` each would
+    be (`received_each`), reported at once so a room can take a run of plain lines in one go."""
 
     conn: int
     frames: list
 
 
 def received_each(event: ReceivedLines):
-    """The `Received` events `event` stands for, parsed, in order."""
+    """The `Received` events `event` stands for, parsed, in order (a `Run` line by line)."""
     conn = event.conn
-    for frame in event.frames:
-        yield Received(conn, parse(frame), frame.at)
+    for item in event.frames:
+        for frame in item.frames() if type(item) is Run else (item,):
+            yield Received(conn, parse(frame), frame.at)
 
 
 @dataclass(slots=True)

@@ -36,6 +36,39 @@ class Frame:
 
 
 @dataclass(slots=True)
+class Run:
+    """Whole lines of one read, as the bytes they came in (`feed(..., runs=True)`): each line
+    ends in "\n", or "\n\0" (a NUL only ever right after a newline), and they became complete
+    at one time. `frames()` gives the Frames the framer would have returned for them (a line
+    over `max_line` cut, a "\r" before the newline taken off), so a reader that takes a run
+    whole (a room's burst of plain lines, which has neither) and one that takes it line by line
+    see the same lines."""
+
+    data: bytes
+    count: int  # lines
+    at: float
+    max_line: int = MAX_LINE
+
+    def frames(self) -> list[Frame]:
+        parts = self.data.split(b"\n")
+        nul = parts.pop() == b"\0"  # (the last line's NUL)
+        at, limit, out = self.at, self.max_line, []
+        for k in range(len(parts) - 1, -1, -1):  # from the last: a part's NUL ends the line before
+            p = parts[k]
+            end = b"\n\0" if nul else b"\n"
+            nul = p[:1] == b"\0"
+            if nul:
+                p = p[1:]
+            if len(p) > limit:  # as the framer cuts it: the first `limit` bytes, the rest counted
+                kept = p[:limit]
+                out.append(Frame(kept[:-1] if kept[-1:] == b"\r" else kept, kept, at, len(p) - limit))
+            else:
+                out.append(Frame(p[:-1] if p[-1:] == b"\r" else p, p + end, at))
+        out.reverse()
+        return out
+
+
+@dataclass(slots=True)
 class Message:
     """A frame parsed: who said what."""
 
@@ -85,8 +118,10 @@ class Framer:
         self._padding = False
         return self._late_frame(self._last)
 
-    def feed(self, data: bytes, now: float) -> list[Frame]:
-        out: list[Frame] = []
+    def feed(self, data: bytes, now: float, runs: bool = False) -> list:
+        """The messages `data` completes, in order. With `runs`, a stretch of whole plain-framed
+        lines is one `Run` (what its `frames()` give, without making a Frame a line)."""
+        out: list = []
         if self._padding and now - self._last >= self.quiet:
             self._padding = False
             out += self._late_frame(now)
@@ -98,13 +133,15 @@ class Framer:
         i, n = 0, len(data)
         nul = data.find(b"\0")  # (found once, again only once passed: not once a line)
         if nul > 0 and not self._padding and data.count(b"\0") == data.count(b"\n\0"):
-            self._lines(data, 0, now, out, nuls=True)  # every NUL ends a line ("\n\0", as ./chatclient sends)
+            if not (runs and self._run(data, 0, now, out)):
+                self._lines(data, 0, now, out, nuls=True)  # every NUL ends a line ("\n\0", as ./chatclient sends)
             return out
         while i < n:
             if 0 <= nul < i:
                 nul = data.find(b"\0", i)
             if nul < 0 and not self._padding:
-                self._lines(data, i, now, out)  # no NUL in the rest: the usual case
+                if not (runs and self._run(data, i, now, out)):
+                    self._lines(data, i, now, out)  # no NUL in the rest: the usual case
                 return out
             if self._padding:
                 j = self._resumes_at(data, i)
@@ -171,6 +208,27 @@ class Framer:
             tail = tail[1:]
         if tail:
             self._take(tail, tail)
+
+    def _run(self, data: bytes, i: int, now: float, out: list) -> bool:
+        """What `_lines` would make of data[i:], as one Run and a held rest (a line begun in an
+        earlier read completed first, by `_lines`). False: no line ends in it after that."""
+        last = data.rfind(b"\n", i)
+        if last < 0:
+            return False
+        end = last + 2 if data[last + 1 : last + 2] == b"\0" else last + 1
+        start = i
+        if self._buf or self._cutting:  # the line held from before ends at the first newline
+            nl = data.find(b"\n", i)
+            start = nl + 2 if data[nl + 1 : nl + 2] == b"\0" else nl + 1
+            if start >= end:
+                return False
+            self._lines(data[i:start], 0, now, out, nuls=True)  # (a NUL in it only after its newline)
+        out.append(Run(data[start:end] if start or end < len(data) else data, data.count(b"\n", start, end), now,
+                       self.max_line))
+        if end < len(data):
+            rest = data[end:]
+            self._take(rest, rest)
+        return True
 
     def flush_if_quiet(self, now: float) -> list[Frame]:
         if now - self._last < self.quiet:

@@ -66,7 +66,7 @@ PASS_LINES = 512  # lines taken from all clients in one pass, shared among those
 MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
 LINK_TAKE = 512  # events taken from a room's link to other servers in one pass
-EVENT_LINES = 128  # a read's lines reported in events of at most this many (PENDING_CHUNK stays a bound)
+EVENT_LINES = 128  # a read's frames reported in events of at most this many (a Run of whole lines is one)
 _QUIET = (Commit, CommitLines, Handle, Open, Serve, Bind, Show, ShowLines, Prompt)  # recorded, shown, prompted: nothing reports back
 
 
@@ -146,7 +146,7 @@ class Intake:
                 if c.io.wants_write:  # (a TLS read that must write first)
                     self.loop.watch.client(c)
             elif data:
-                self.frames(c, c.framer.feed(data, now))
+                self.frames(c, c.framer.feed(data, now, runs=True))
             else:  # closed or failed: its last word is taken as it goes
                 self.loop._gone(c, now)
 

@@ -9,6 +9,7 @@ from chatlog.protocol import (
     QUIET,
     Frame,
     Framer,
+    Run,
     format_client,
     format_server,
     parse,
@@ -378,3 +379,33 @@ def test_lines_ended_by_a_newline_and_a_nul_split_at_once_as_one_by_one(lines, t
     out += f.flush(0.0)
     assert [(fr.payload, fr.raw, fr.cut) for fr in out] == expected
 
+
+
+_run_pieces = st.sampled_from([b"bob>hi", b"a", b"\n", b"\n\0", b"\0", b"\r\n", b"\r", b"b>", b" ", b"\xff",
+                               b"y" * 20, b"\n\n"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_run_pieces, max_size=60).map(b"".join), st.lists(st.integers(min_value=0, max_value=600), max_size=6),
+       st.sampled_from([8, 30, MAX_LINE]), st.lists(st.sampled_from([0.0, 0.01, 1.0]), min_size=7, max_size=7))
+def test_a_run_stands_for_the_frames_its_lines_would_be(data, cuts, max_line, gaps):
+    """What the intake reads is framed with `runs`: a stretch of whole lines is one Run. Its
+    frames (over-long lines cut, "\r\n" taken as the framer takes it), with the frames around
+    it, are what the framer gives line by line, and the framer is left holding the same, however
+    the stream is cut."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    one, whole = Framer(max_line=max_line), Framer(max_line=max_line)
+    at, runs = 1.0, 0
+    for (a, b), gap in zip(zip(points, points[1:], strict=False), gaps, strict=False):
+        at += gap
+        expected = one.feed(data[a:b], at)
+        got = []
+        for item in whole.feed(data[a:b], at, runs=True):
+            runs += type(item) is Run
+            got += item.frames() if type(item) is Run else [item]
+            if type(item) is Run:
+                assert item.count == len(item.frames()) and item.at == at
+        assert got == expected
+        assert one.deadline() == whole.deadline()
+        assert one.flush_if_quiet(at + 0.2) == whole.flush_if_quiet(at + 0.2)
+    assert one.flush(at + 1) == whole.flush(at + 1)
