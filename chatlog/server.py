@@ -62,7 +62,7 @@ from chatlog.transport import (
     wakeup_pair,
 )
 
-PASS_LINES = 512  # lines taken from all clients in one pass, shared among those with input
+PASS_LINES = 1024  # lines taken from all clients in one pass, shared among those with input
 MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
 LINK_TAKE = 512  # events taken from a room's link to other servers in one pass
