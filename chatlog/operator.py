@@ -83,6 +83,7 @@ class Console:
     """
 
     MAX_QUEUED = 10_000
+    EVERY = 0.01  # seconds: under load, a pass's lines wait at most this long for the next pass's
     DIRECT_MAX = 4096  # bytes written by the loop itself (PIPE_BUF: a pipe takes them whole)
 
     def __init__(self, stream: TextIO | None = None):
@@ -91,6 +92,7 @@ class Console:
         self.failed = False
         self._batch: list[str] = []  # this pass's lines (the loop's thread only)
         self._after: list = []  # called once they are written (`after_written`)
+        self._written = 0.0  # when lines were last written (time.time)
         self._poll = None
         self._fd: int | None = None  # written with os.write, past the text layer's buffer
         self._encoding = getattr(self.stream, "encoding", None) or "utf-8"
@@ -127,21 +129,35 @@ class Console:
         now is drawn below what the pass says, never above it."""
         self._after.append(fn)
 
-    def flush(self) -> None:
+    def flush_due(self, now: float) -> None:
+        """The end of a pass: its lines are written if the last write was EVERY ago or more (or
+        a prompt waits on them); else they go with the next pass's, by `due` at the latest. So a
+        busy chat writes its console a hundred times a second, not at every line: each write
+        wakes whoever reads it (a pipe's reader, a terminal), on the chat's cores."""
+        if (self._batch and now >= self._written + self.EVERY) or self._after:
+            self.flush(now)
+
+    @property
+    def due(self) -> float | None:
+        """When the lines `flush_due` held are written (None: it holds none)."""
+        return self._written + self.EVERY if self._batch else None
+
+    def flush(self, now: float | None = None) -> None:
         """Write this pass's lines: at once if the console takes them without blocking and the
         thread has nothing queued, else through the thread. Then what waited for them."""
         try:
-            self._flush()
+            self._flush(time.time() if now is None else now)
         finally:
             if self._after:
                 after, self._after = self._after, []
                 for fn in after:
                     fn()
 
-    def _flush(self) -> None:
+    def _flush(self, now: float) -> None:
         if not self._batch or self.failed:
             self._batch.clear()
             return
+        self._written = now
         lines, self._batch = self._batch, []
         # Read without the lock: only this thread adds lines, and a thread finishing just now
         # at worst sends these through it too. Written here, they are on screen before the loop

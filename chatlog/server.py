@@ -278,7 +278,7 @@ class Loop:
             self._carry_out()
             self._operator_input()
             while not self.finished:
-                self.console.flush()  # this pass's console lines, before waiting again
+                self.console.flush_due(time.time())  # this pass's console lines (or with the next's)
                 self._pass()
         finally:
             for c in [*self.clients.values(), *self.tls.clients.values()]:
@@ -347,7 +347,7 @@ class Loop:
         if any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
         now = time.time()
-        more = [c.io.deadline for c in self.tls.clients.values()]
+        more = [self.console.due, *(c.io.deadline for c in self.tls.clients.values())]
         if self.link is not None:  # (more than a pass took, or the broker client's own timers)
             more.append(self.link.deadline(now))
         when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.intake.timers(), more)

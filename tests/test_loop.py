@@ -182,6 +182,47 @@ def test_the_consoles_lines_of_a_pass_are_written_when_the_pass_ends(harness):
     assert "amy>hi" in h.output
 
 
+def test_a_busy_console_is_written_at_most_every_hundredth_of_a_second_and_never_later():
+    """Each write to the console wakes whoever reads it, on the chat's cores: a pass's lines
+    are written at its end when the last write was Console.EVERY ago, else held for the next
+    pass's, and `due` says when they must go (the loop waits no longer than that)."""
+    import os
+
+    from chatlog.operator import Console
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    out = os.fdopen(w, "w")
+    console = Console(out)
+
+    def screen() -> bytes:
+        try:
+            return os.read(r, 65536)
+        except BlockingIOError:
+            return b""
+
+    try:
+        t = 1000.0
+        console.write("one")
+        console.flush_due(t)
+        assert screen() == b"one\n" and console.due is None  # idle before: at once
+        console.write("two")
+        console.flush_due(t + 0.004)
+        assert screen() == b"" and console.due == t + Console.EVERY  # held, with its deadline
+        console.write("three")
+        console.flush_due(t + 0.008)
+        assert screen() == b""
+        console.flush_due(t + Console.EVERY)  # the deadline: both go, in one write
+        assert screen() == b"two\nthree\n" and console.due is None
+        console.write("four")
+        console.flush()  # (a prompt on a terminal: at once)
+        assert screen() == b"four\n"
+    finally:
+        console.close()
+        out.close()
+        os.close(r)
+
+
 def test_a_bystanders_line_goes_out_in_the_pass_it_was_read_in_whatever_others_send(harness):
     h = harness(rate=0)
     floods = [h.join(f"f{i}") for i in range(10)]
