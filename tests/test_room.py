@@ -308,7 +308,10 @@ def test_a_console_nobody_reads_does_not_stall_the_room(start_server):
     recv_until(a, b"\n")
     recv_until(b, b"\n")
     b.sendall(b"bob>here\n")
-    n = 16_000  # past a pipe's 64 KB and then past the console's queue of 10,000 lines
+    # Past a pipe's 64 KB, the batch the console's writer holds while it waits on the pipe (up
+    # to a queue's worth: with a pass's lines written together it often holds thousands), and
+    # then past the console's queue of 10,000 lines.
+    n = 32_000
     a.sendall(b"".join(b"alice>line %05d\n" % i for i in range(n)))
     got = recv_until(b, b"line %05d\n" % (n - 1), timeout=20)
     assert got.count(b"alice>line ") == n
