@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from bisect import bisect_left, bisect_right
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
@@ -139,6 +141,9 @@ def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bo
         read_only = os.path.exists(path) and not writable(path)
     return Archive(connect(path, create=create, read_only=read_only))
 
+
+FETCH = 1024  # an export's messages fetched at a time
+_SESSION_OF = itemgetter(1)  # a message row's session id (MSG_COLUMNS and UNTYPED_MSG_COLUMNS alike)
 
 class Archive:
     def __init__(self, db: DB):
@@ -395,28 +400,35 @@ class Archive:
                     return self.conn.execute(walk, (lo, hi))
                 return self.conn.execute(walk_on, (last[1], last[2], hi))
 
-        try:
-            first = next(rows, None)
-        except sqlite3.OperationalError as exc:
-            rows = resume(exc, None)
-            first = next(rows, None)
-        pending = [first]
+        buf: list = []  # rows fetched and not yet handed on: buf[at:]
+        at = 0
+        last: tuple | None = None  # the last row fetched (a resumed walk goes on after it)
+
+        def fill() -> bool:
+            """The next rows, FETCH at a time (False at the end). A batch whose decoding failed
+            is read again, leniently, after the last row of the one before."""
+            nonlocal rows, buf, at, last
+            while True:
+                try:
+                    buf = rows.fetchmany(FETCH)
+                except sqlite3.OperationalError as exc:
+                    rows = resume(exc, last)
+                    continue
+                at = 0
+                if buf:
+                    last = buf[-1]
+                return bool(buf)
 
         def messages_of(session_id: int) -> Iterator[tuple]:
-            nonlocal rows
-            row = pending[0]
-            while True:
-                try:  # when next() fails, `row` is still the last row read
-                    while row is not None and row[1] < session_id:  # messages of skipped sessions
-                        row = next(rows, None)
-                    while row is not None and row[1] == session_id:
-                        yield row
-                        row = next(rows, None)
-                    break
-                except sqlite3.OperationalError as exc:
-                    rows = resume(exc, row)
-                    row = next(rows, None)
-            pending[0] = row
+            nonlocal at
+            while at < len(buf) or fill():
+                start = bisect_left(buf, session_id, at, key=_SESSION_OF)  # (skipped sessions' rows)
+                end = bisect_right(buf, session_id, start, key=_SESSION_OF)
+                at = end
+                if start < end:
+                    yield from buf[start:end]
+                if end < len(buf):  # the next session's rows follow: this one is done
+                    return
 
         for srow in sessions:
             if srow[0] not in chosen:

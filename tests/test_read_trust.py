@@ -244,3 +244,42 @@ MUTATION = st.one_of(
 @given(changes=st.lists(MUTATION, min_size=1, max_size=3))
 def test_a_crafted_archive_never_crashes_a_reader(crafted_base, tmp_path, changes):
     _read_everything(_mutated(crafted_base, tmp_path, changes))
+
+
+def test_an_export_that_meets_text_that_is_not_utf8_goes_on_after_it_in_any_batch(tmp_path):
+    """The export reads messages a batch at a time (archive.FETCH); text that is not UTF-8 in a
+    later batch is read again leniently from after the last row of the batch before: every
+    message once, in order, the bad bytes made visible, whichever batch they fall in."""
+    import json
+    import sqlite3
+    import time
+
+    from click.testing import CliRunner
+
+    from chatlog.archive import FETCH
+    from chatlog.cli import cli
+    from chatlog.recorder import open_recorder
+
+    path = tmp_path / "batches.db"
+    rec = open_recorder(path)
+    per = FETCH + 300  # each session crosses a batch boundary
+    for s in range(3):
+        sid = rec.begin_session("127.0.0.1", 1, "127.0.0.1", 2, time.time(), served=True)
+        for i in range(per):
+            rec.add_message(sid, "client", "bob", f"line {s} {i}", None, None, time.time())
+        rec.end_session(sid, "disconnect", time.time())
+    rec.close()
+    conn = sqlite3.connect(path)
+    # The first is met in the third batch (the connection reads leniently from then on, so it
+    # is the one that makes the walk go on from where it was); then the last message.
+    bad = [2 * FETCH + 5, 3 * per]
+    conn.executemany("UPDATE messages SET text = CAST(X'62616466FF' AS TEXT) WHERE id = ?", [(i,) for i in bad])
+    conn.commit()
+    conn.close()
+    r = CliRunner().invoke(cli, ["export", "-f", "jsonl", "--db", str(path)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.splitlines()]
+    assert [row["id"] for row in rows] == list(range(1, 3 * per + 1))
+    texts = {row["id"]: row["text"] for row in rows}
+    assert all(texts[i].startswith("badf") and texts[i] != "badf" for i in bad)
+    assert texts[2] == "line 0 1" and texts[3 * per - 1] == f"line 2 {per - 2}"
