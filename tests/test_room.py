@@ -7,6 +7,8 @@ import time
 import pytest
 from conftest import db_rows, recv_until, wait_until
 
+from chatlog.sanitize import visible
+
 WELCOME = b"SERVER>*** Welcome to the room: %d here. Type at any time.\n"
 
 
@@ -383,3 +385,39 @@ def test_a_clients_who_is_answered_to_it_alone_and_never_reaches_the_others(star
         ("client", "alice", "/nick al", "a command, answered to its sender: not relayed"),
         ("client", "alice", "hello", None),
     ]
+
+
+def test_a_burst_of_mixed_lines_in_one_write_is_stored_and_relayed_line_for_line(start_server):
+    """One write holds runs of plain lines (./chatclient's "\\n\\0" and bare "\\n", enough for the
+    sender's own matcher, so they are taken as Runs), and between them what a run cannot take:
+    an escape, a command, CR-LF, a new handle, an empty line. The listener hears exactly what is
+    stored, in the store's order, with no NUL and no escape raw, and nothing is lost."""
+    server = start_server("--room", "--rate", "0")
+    talker = join(server, "amy")
+    server.wait_for(r"^amy>hi$")
+    ear = join(server, "ear")
+    server.wait_for(r"ear joined")
+    talker.sendall(b"".join(b"amy>plain %d\n\0" % i for i in range(300)))  # a run taken whole
+    server.wait_for(r"^amy>plain 299$")
+    mixed = b"amy>esc \x1b[2J here\n" + b"\\who\n" + b"amy>crlf line\r\n"
+    mixed += b"".join(b"amy>bare %d\n" % i for i in range(200))
+    talker.sendall(mixed + b"ann>new name\n" + b"ann>\n")  # line by line where a run cannot
+    server.wait_for(r"now calls itself ann")
+    talker.sendall(b"".join(b"ann>after %d\n\0" % i for i in range(300)))  # whole, under the new name
+    server.wait_for(r"^ann>after 299$")
+    rows = [(h, t, n) for s, h, t, n in lines_of(server.db) if s == "client" and h in ("amy", "ann")]
+    stored = [(h, t) for h, t, _ in rows]
+    said = [t for h, t in stored]
+    assert said[:2] == ["hi", "plain 0"] and said[-1] == "after 299"
+    assert len([t for t in said if t.startswith(("plain ", "bare ", "after "))]) == 800
+    assert ("ann", "new name") in stored and "crlf line" in said and "esc \x1b[2J here" in said
+    got = b""
+    ear.settimeout(10)
+    while not got.endswith(b"ann>after 299\n"):
+        got += ear.recv(1 << 20)
+    assert b"\0" not in got and b"\x1b" not in got
+    relayed = [x.decode() for x in got.split(b"\n") if x and not x.startswith(b"SERVER>")]
+    # amy's "hi" came before ear joined; a command is answered to its sender alone
+    expected = [f"{h}>{visible(t)}" for h, t, n in rows[1:] if not (n or "").endswith("not relayed")]
+    assert len(expected) == len(rows) - 2
+    assert relayed == expected
