@@ -301,7 +301,9 @@ class Room:
         ended by "\n" or "\n\0" and nothing else, not cut) is one `CommitLines`, one `ShowLines`
         and one `Broadcast` (each line's bytes, less a NUL after the newline, are what is
         relayed), its rate counted line by line as `_limit` counts it; any other line goes
-        through `_received`, in its place."""
+        through `_received`, in its place. A `Run` (whole lines as they came) from a sender
+        that bursts is taken at once when its own matcher says every line of it is plain: one
+        match, one split; any other Run line by line, as its `frames()`."""
         conn = ev.conn
         people = self.people
         out: list[Decision] = []
