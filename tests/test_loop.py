@@ -13,6 +13,7 @@ import sqlite3
 import time
 
 import pytest
+from conftest import wait_until
 
 from chatlog import modes, server
 from chatlog.events import Started
@@ -61,6 +62,28 @@ class Harness:
         s.sendall(f"{handle}>hi\n".encode())
         self.step_until(lambda: self.count(handle=handle) >= 1)
         return s
+
+    def delivered(self, nbytes: int) -> None:
+        """Wait until the kernel holds `nbytes` not yet read on the server's side of the clients'
+        connections (what a pass may take is then what is checked, not how fast loopback is)."""
+        import fcntl
+        import struct
+        import termios
+
+        def waiting() -> int:
+            return sum(struct.unpack("i", fcntl.ioctl(c.io.sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+                       for c in self.loop.clients.values())
+
+        wait_until(lambda: waiting() >= nbytes)
+
+    def reset_seen(self, conn: int) -> None:
+        """Wait until the server's side of a connection has had its reset (poll says so; nothing
+        is read, so the loop still finds it)."""
+        import select
+
+        p = select.poll()
+        p.register(self.loop.clients[conn].io.sock, select.POLLIN)
+        wait_until(lambda: any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0)))
 
     def step_until(self, predicate, passes=2000):
         for _ in range(passes):
@@ -144,7 +167,7 @@ def test_one_pass_takes_at_most_pass_lines_from_everyone_and_leaves_the_rest_in_
     before = h.count()
     for s in floods:
         s.sendall(b"\n" * 5_000)
-    time.sleep(0.05)  # (let loopback deliver it all: what a pass may take is what is checked)
+    h.delivered(20_000)
     h.step()
     taken = h.count() - before
     assert 0 < taken <= server.PASS_LINES
@@ -156,7 +179,7 @@ def test_a_client_over_its_allowance_is_left_unread_then_paused(harness):
     h = harness(rate=20, burst=100)
     flooder = h.join("flood")
     flooder.sendall(b"flood>x\n" * 5_000)
-    time.sleep(0.05)
+    h.delivered(40_000)
     h.step(5)
     assert h.count("flood") <= 1 + 100 + 20  # the burst, and what the rate allows meanwhile
     assert h.loop.clients[1].paused_until is not None
@@ -166,7 +189,7 @@ def test_a_stop_reads_nothing_a_paused_client_was_refused(harness):
     h = harness(rate=20, burst=100)
     flooder = h.join("flood")
     flooder.sendall(b"flood>x\n" * 5_000)
-    time.sleep(0.05)
+    h.delivered(40_000)
     h.step_until(lambda: h.loop.clients[1].paused_until is not None)
     taken = h.count("flood")
     h.loop.stopping = "SIGTERM"
@@ -231,7 +254,7 @@ def test_a_bystanders_line_goes_out_in_the_pass_it_was_read_in_whatever_others_s
     for s in floods:
         s.sendall(b"\n" * 30_000)
     alice.sendall(b"alice>probe\n")
-    time.sleep(0.05)
+    h.delivered(10 * 30_000 + 12)
     h.step(2)  # the probe was read in the first pass (every client gets its share)
     got = _drain(bob)
     assert b"alice>probe\n" in got
@@ -326,7 +349,7 @@ def test_a_pass_looks_at_the_clients_with_input_or_a_timer_not_at_everyone(harne
     h.step_until(lambda: h.count("amy") == 3, passes=100_000)
     # and a client paused for its rate is resumed when its pause ends
     amy.sendall(b"amy>x\n" * 300)
-    time.sleep(0.05)
+    h.delivered(300 * 6)
     h.step_until(lambda: h.loop.clients[61].paused_until is not None)
     h.step_until(lambda: h.count("amy") >= 3 + 150, passes=100_000)
 
@@ -344,7 +367,7 @@ def test_what_a_client_sent_before_it_reset_is_recorded_when_a_write_to_it_fails
     amy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     amy.close()  # a reset
     h.clients.remove(amy)
-    time.sleep(0.05)
+    h.reset_seen(1)
     # The room's next line reaches amy before any read of hers sees the reset (a select that
     # returned just before it came): the write fails first.
     h.loop._send(h.loop.clients[1], b"bob>anyone there?\n")
