@@ -4,8 +4,9 @@ events, and carries out the decisions it gets back. It decides nothing, and it n
 socket: bytes move through `transport` connections, and the mode's store records.
 
 One thread runs one `selectors` loop. Every pass is bounded: at most `PASS_LINES` lines are
-taken from all clients together (shared fairly, never more than the policy's `allowance` for a
-client: the rest stays unread in the kernel's socket buffer), and the decisions are carried out
+taken from a client that alone has input, `SHARED_LINES` from several together (shared fairly,
+never more than the policy's `allowance` for a client: the rest stays unread in the kernel's
+socket buffer), and the decisions are carried out
 in chunks of at most `PENDING_CHUNK`. Each chunk is carried out in two phases: first every store
 write, in one transaction (`mode.store.record`), then the console lines and the socket writes,
 in order. So nothing is shown or sent that is not committed, and a store that fails for good
@@ -62,7 +63,8 @@ from chatlog.transport import (
     wakeup_pair,
 )
 
-PASS_LINES = 1024  # lines taken from all clients in one pass, shared among those with input
+PASS_LINES = 1024  # lines taken in one pass from a client that alone has input (a burst's sender)
+SHARED_LINES = 512  # lines taken in one pass from all clients with input, shared among them
 MIN_LINES = 8  # ... but at least this many from each (still within its allowance)
 PENDING_CHUNK = 4096  # decisions carried out (committed, then sent) at a time
 LINK_TAKE = 512  # events taken from a room's link to other servers in one pass
@@ -132,7 +134,7 @@ class Intake:
     def read(self, clients: list[Client], now: float) -> None:
         if not clients:
             return
-        share = max(MIN_LINES, PASS_LINES // len(clients))
+        share = PASS_LINES if len(clients) == 1 else max(MIN_LINES, SHARED_LINES // len(clients))
         allowance, held = self.loop.policy.allowance, self.held
         for c in clients:
             if c.gone or c.paused_until is not None:

@@ -170,9 +170,23 @@ def test_one_pass_takes_at_most_pass_lines_from_everyone_and_leaves_the_rest_in_
     h.delivered(20_000)
     h.step()
     taken = h.count() - before
-    assert 0 < taken <= server.PASS_LINES
+    assert 0 < taken <= server.SHARED_LINES  # several with input: they share the smaller bound
     assert len(h.loop.pending) == 0  # everything taken was carried out in the pass
     h.step_until(lambda: h.count() - before == 20_000, passes=10_000)
+
+
+def test_a_client_alone_with_input_may_take_a_larger_pass_but_no_more(harness):
+    """A burst's sender with nobody else to wait for takes up to PASS_LINES in a pass (each
+    pass writes once to every listener and commits once: fewer, larger passes are the burst's
+    speed); several with input share SHARED_LINES, so a pass of their slow lines stays short."""
+    h = harness(rate=0)
+    sender = h.join("amy")
+    before = h.count()
+    sender.sendall(b"amy>x\n" * 5_000)
+    h.delivered(30_000)
+    h.step()
+    taken = h.count() - before
+    assert server.SHARED_LINES < taken <= server.PASS_LINES
 
 
 def test_a_client_over_its_allowance_is_left_unread_then_paused(harness):
