@@ -145,6 +145,7 @@ def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bo
 FETCH = 1024  # an export's messages fetched at a time
 _SESSION_OF = itemgetter(1)  # a message row's session id (MSG_COLUMNS and UNTYPED_MSG_COLUMNS alike)
 
+
 class Archive:
     def __init__(self, db: DB):
         self.db = db

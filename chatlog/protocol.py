@@ -119,8 +119,9 @@ class Framer:
         return self._late_frame(self._last)
 
     def feed(self, data: bytes, now: float, runs: bool = False) -> list:
-        """The messages `data` completes, in order. With `runs`, a stretch of whole plain-framed
-        lines is one `Run` (what its `frames()` give, without making a Frame a line)."""
+        """The messages `data` completes, in order. With `runs`, its whole lines after any that
+        need the line-by-line framing (padding, a NUL not after a newline) are one `Run` (what
+        its `frames()` give, without making a Frame a line)."""
         out: list = []
         if self._padding and now - self._last >= self.quiet:
             self._padding = False
