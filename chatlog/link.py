@@ -576,6 +576,8 @@ class BrokerLink:
     # -- the loop's side (main thread) --------------------------------------------------------------
 
     def start(self, uid: str, run: int, label: str, resume: int) -> None:
+        import nats.js.api  # noqa: F401  (now, before `server.serve` sets aside what start-up made)
+
         self.uid, self.run, self.label = uid, run, label
         self.next_seq = resume + 1
         self.live_from = None  # the stream's first sequence said since this server linked
