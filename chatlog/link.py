@@ -69,6 +69,8 @@ from chatlog.words import address
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
 ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
+ROSTER_GAP = 0.25  # seconds at least between two announcements of a change: people joining by the
+#                   hundred are announced a few times a second, not once each (the whole list each time)
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
 BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
@@ -257,10 +259,16 @@ class LinkedRoom:
         self.inflight: dict[int, list[dict]] = {}  # ref -> what it published (to keep if refused)
         self.rosters: dict[str, tuple[str, list, float]] = {}  # server -> (label, people, heard at)
         self.roster_sent: list | None = None
+        self.roster_changed = False  # who is here changed since the last announcement
+        self.roster_at = float("-inf")  # when that was made
 
     # the policy interface
     def deadline(self):
-        return self.room.deadline()
+        due = self.room.deadline()
+        if self.roster_changed:
+            when = self.roster_at + ROSTER_GAP
+            due = when if due is None else min(due, when)
+        return due
 
     def allowance(self, conn, now):
         return self.room.allowance(conn, now)
@@ -291,12 +299,12 @@ class LinkedRoom:
             p = self.room.people.get(ev.conn)
             if p is None:
                 return []
-            return self._route(self.room.handle_event(OperatorLine(f"\\kick {address(p.host, p.port)}", ev.at)))
+            return self._route(self.room.handle_event(OperatorLine(f"\\kick {address(p.host, p.port)}", ev.at)), ev.at)
         if t is OperatorLine:
             kick = self._remote_kick(ev)
             if kick is not None:
                 return kick
-        out = self._route(self.room.handle_event(ev))
+        out = self._route(self.room.handle_event(ev), ev.at)
         if t is Connected and not self.up and any(type(d) is Send and d.conn == ev.conn for d in out):
             out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
             self.said_down = True  # so it hears when the link is up
@@ -305,9 +313,9 @@ class LinkedRoom:
         return out
 
     # what the room decided, through the stream
-    def _route(self, out: list[Decision]) -> list[Decision]:
+    def _route(self, out: list[Decision], at: float) -> list[Decision]:
         if not any(type(d) is Commit for d in out):
-            return out + self._roster_change(out)
+            return out + self._roster_change(out, at)
         commits: list[dict] = []
         shows: list[list] = []
         casts: list[list] = []
@@ -337,11 +345,11 @@ class LinkedRoom:
             said = [Show("error", visible(f"not relayed (the link is down): {c['h'] or '?'}>{c['t']}"))
                     for c in commits if c["s"] in _CHAT]
             rest[at_publish:at_publish] = kept + told + said
-            return rest + self._roster_change(out)
+            return rest + self._roster_change(out, at)
         self.inflight[ref] = commits
         body = json.dumps({"c": commits, "w": shows, "b": casts}, separators=(",", ":")).encode()
         rest.insert(at_publish, Publish("line", body, ref))
-        return rest + self._roster_change(out)
+        return rest + self._roster_change(out, at)
 
     def _keep(self, ref: int, commits: list[dict], why: str) -> list[Decision]:
         """What a refused publication said, recorded here alone, marked as not relayed."""
@@ -408,13 +416,20 @@ class LinkedRoom:
         if ev.up:
             self.said_down = False
             self.roster_sent = None
-            out += self._roster_change([Handle(0, "")])  # say who is here again
+            self.roster_at = float("-inf")
+            out += self._roster_change([Handle(0, "")], ev.at)  # say who is here again, at once
         return out
 
     # who is where
-    def _roster_change(self, out: list[Decision]) -> list[Decision]:
-        if not any(type(d) is Handle or type(d) is End or (type(d) is Commit and d.sender == "event") for d in out):
+    def _roster_change(self, out: list[Decision], at: float) -> list[Decision]:
+        """Who is here, announced when it changed, ROSTER_GAP after the last announcement at the
+        soonest (the loop's Tick at `deadline` brings what changed meanwhile)."""
+        if any(type(d) is Handle or type(d) is End or (type(d) is Commit and d.sender == "event") for d in out):
+            self.roster_changed = True
+        if not self.roster_changed or at < self.roster_at + ROSTER_GAP:
             return []
+        self.roster_changed = False
+        self.roster_at = at
         people = [[p.conn, p.handle, address(p.host, p.port)] for p in self.room.people.values() if p.handle]
         if people == self.roster_sent:
             return []
@@ -424,6 +439,9 @@ class LinkedRoom:
     def _roster(self, ev: Roster) -> list[Decision]:
         names = self.room.names
         old = self.rosters.get(ev.server)
+        if old is not None and old[0] == ev.label and old[1] == ev.people and ev.people:
+            self.rosters[ev.server] = (ev.label, old[1], ev.at)  # the same people, heard again
+            return self._forget_stale(ev.at)
         if old is not None:
             for _conn, handle, _addr in old[1]:
                 names.remove(handle)
@@ -434,13 +452,21 @@ class LinkedRoom:
                 names.add(handle)  # taken here too: one name, one person, across the room
         else:
             self.rosters.pop(ev.server, None)
+        self._forget_stale(ev.at, changed=True)
+        return []
+
+    def _forget_stale(self, at: float, changed: bool = False) -> list[Decision]:
+        """Servers not heard of for ROSTER_STALE have nobody here any more."""
+        names = self.room.names
         for server, (_label, gone, heard) in list(self.rosters.items()):
-            if ev.at - heard > ROSTER_STALE:
+            if at - heard > ROSTER_STALE:
                 for _conn, handle, _addr in gone:
                     names.remove(handle)
                 del self.rosters[server]
-        self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
-                               for _c, h, a in ps]
+                changed = True
+        if changed:
+            self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
+                                   for _c, h, a in ps]
         return []
 
     def _remote_kick(self, ev: OperatorLine) -> list[Decision] | None:

@@ -835,6 +835,54 @@ def test_policy_who_lists_other_servers_their_handles_are_taken_and_kick_goes_th
     assert [name for name, _, _ in p.room.elsewhere] == ["carol"]
 
 
+def test_people_joining_by_the_hundred_are_announced_a_few_times_a_second_not_once_each():
+    """Each announcement is the whole list of who is here, and every other server takes it
+    whole: announced at every join, a room filling up cost each server its size squared (200
+    joins in a second were 200 lists of up to 200 people, a stall of every linked server). A
+    change is announced at once after a quiet while, then ROSTER_GAP after the last at the
+    soonest, with everything that changed meanwhile; the policy asks for a Tick then."""
+    import json
+
+    from chatlog.events import Connected, Publish, Tick
+    from chatlog.link import ROSTER_GAP
+
+    def who(out):
+        return [json.loads(d.data) for d in out if type(d) is Publish and d.what == "who"]
+
+    p = _policy()
+    first = p.handle_event(_line(1, "hi", "alice", at=2.0))
+    assert [[h for _, h, _ in people] for people in who(first)] == [["alice"]]  # at once: a quiet while before
+    assert p.deadline() is None
+    said = []
+    for i in range(2, 202):
+        at = 2.0 + i * 0.001  # 200 more within 0.2 s
+        said += who(p.handle_event(Connected(i, "127.0.0.1", 5000 + i, at)))
+        said += who(p.handle_event(_line(i, "hello", f"u{i}", at=at)))
+    assert said == []  # none of them yet: the last announcement was less than ROSTER_GAP ago
+    assert p.deadline() == 2.0 + ROSTER_GAP
+    (everyone,) = who(p.handle_event(Tick(2.0 + ROSTER_GAP)))
+    assert len(everyone) == 201  # one announcement with all of them
+    assert p.deadline() is None
+    assert who(p.handle_event(Tick(3.0))) == []  # nothing changed since
+
+
+def test_a_roster_heard_again_unchanged_costs_nothing_but_its_time():
+    from chatlog.link import ROSTER_STALE, Roster
+
+    p = _policy()
+    people = [[i, f"u{i}", f"10.0.0.2:{i}"] for i in range(100)]
+    p.handle_event(Roster("srvB", "hostb:1", people, 5.0))
+    before = p.room.elsewhere
+    assert len(before) == 100
+    p.handle_event(Roster("srvB", "hostb:1", [list(x) for x in people], 5.0 + ROSTER_STALE - 1))
+    assert p.room.elsewhere is before  # nothing rebuilt
+    p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 5.0 + 2 * ROSTER_STALE - 1.5))
+    assert [n for n, _, _ in p.room.elsewhere][-1] == "carol" and len(p.room.elsewhere) == 101  # heard in time
+    p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 5.0 + 3 * ROSTER_STALE))
+    assert [n for n, _, _ in p.room.elsewhere] == ["carol"]  # srvB not heard for too long: nobody there
+    assert p.room.names.holder("u1") is None and p.room.names.holder("carol") == "carol"
+
+
 def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
     """What the consumer delivers out of order (a gap after a slow consumer's drops, a repeat
     after a consumer made again) never reaches the loop out of order: a repeat is dropped, a gap
