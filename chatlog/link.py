@@ -69,8 +69,8 @@ from chatlog.words import address
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
 ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
-ROSTER_GAP = 0.25  # seconds at least between two announcements of a change: people joining by the
-#                   hundred are announced a few times a second, not once each (the whole list each time)
+ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: people joining by the
+#                  hundred are announced ten times a second, not once each (the whole list each time)
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
 BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
