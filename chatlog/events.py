@@ -368,6 +368,7 @@ class Policy(Protocol):
 
     handle: str  # the operator's handle
     sendq: int  # bytes of unsent output a client may let pile up before it is reported Stalled
+    times_out: bool  # a Tick may time a client out: the loop reads every client before one
 
     def handle_event(self, event: Event) -> list[Decision]: ...
 

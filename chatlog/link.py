@@ -248,6 +248,8 @@ class LinkedRoom:
     decisions out). What the room commits and relays for one event becomes one `Publish`; what
     the stream brings back becomes commits, then console lines and broadcasts, in stream order."""
 
+    times_out = False  # (as the room: its Ticks announce who is here, never time anyone out)
+
     def __init__(self, room):
         self.room = room
         self.handle = room.handle

@@ -140,6 +140,7 @@ class Participant:
 
 
 class Room:
+    times_out = False  # no Tick ends anyone's turn: the loop reads nobody for one
     __slots__ = (
         "handle", "max_clients", "per_address", "rate", "burst", "people", "per_addr",
         "finished", "prompted", "sendq", "names", "bindings", "_server_prefix", "history", "elsewhere",

@@ -336,9 +336,8 @@ class Loop:
                 self._feed(event)
         deadline = self.policy.deadline()
         if deadline is not None and now >= deadline:
-            # Read what has arrived before timing anyone out: after a stall (SIGSTOP, a long
-            # lock wait) a message sent in time may be waiting in the socket.
-            self.intake.read(list(self.clients.values()), now)
+            if self.policy.times_out:  # what came in time is read before anyone is timed out (a
+                self.intake.read(list(self.clients.values()), now)  # stall: SIGSTOP, a lock wait)
             self._feed(Tick(now))
         for c in self.tls.expired(now):
             self._handshake(c, now)

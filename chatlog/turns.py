@@ -98,6 +98,8 @@ def notice_line(handle: str, text: str) -> bytes:
 
 
 class Turns:
+    times_out = True  # a Tick may end a client's turn: the loop reads everyone before one
+
     def __init__(
         self,
         *,

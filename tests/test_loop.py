@@ -393,6 +393,26 @@ def test_what_a_client_sent_before_it_reset_is_recorded_when_a_write_to_it_fails
         == [("hi",), ("last words",)]
     conn.close()
 
+@pytest.mark.parametrize("room", [True, False])
+def test_a_tick_reads_every_client_first_only_where_it_may_time_one_out(tmp_path, monkeypatch, room):
+    """Before a Tick that may time a client out (1:1), every client is read: after a stall a
+    line sent in time may be waiting in its socket. A room's Ticks time nobody out, and a linked
+    room asks for one ten times a second while people join (to say who is here): reading every
+    one of 10,000 idle sockets each time would be for nothing."""
+    h = Harness(tmp_path, room=room)
+    socks = [socket.create_connection(("127.0.0.1", h.port)) for _ in range(3)]
+    h.step_until(lambda: len(h.loop.clients) == 3)
+    read = []
+    real = server.Intake.read
+    monkeypatch.setattr(server.Intake, "read", lambda self, clients, now: (read.extend(c.id for c in clients),
+                                                                           real(self, clients, now)))
+    monkeypatch.setattr(type(h.loop.policy), "deadline", lambda self: 0.0)  # a Tick is due now
+    h.step()
+    assert sorted(read) == ([] if room else sorted(h.loop.clients))
+    for s in socks:
+        s.close()
+
+
 def test_the_loop_stays_small_and_never_touches_a_socket():
     """The loop carries decisions out and moves no bytes itself: socket calls live in
     transport.py, decisions in the policies (docs/architecture.md)."""
