@@ -428,8 +428,8 @@ class LinkedRoom:
         soonest (the loop's Tick at `deadline` brings what changed meanwhile)."""
         if any(type(d) is Handle or type(d) is End or (type(d) is Commit and d.sender == "event") for d in out):
             self.roster_changed = True
-        if not self.roster_changed or at < self.roster_at + ROSTER_GAP:
-            return []
+        if not self.roster_changed or self.roster_at <= at < self.roster_at + ROSTER_GAP:
+            return []  # (a clock set back is no reason to wait: then at once)
         self.roster_changed = False
         self.roster_at = at
         people = [[p.conn, p.handle, address(p.host, p.port)] for p in self.room.people.values() if p.handle]

@@ -864,6 +864,10 @@ def test_people_joining_by_the_hundred_are_announced_ten_times_a_second_not_once
     assert len(everyone) == 201  # one announcement with all of them
     assert p.deadline() is None
     assert who(p.handle_event(Tick(3.0))) == []  # nothing changed since
+    # The clock set back an hour: a change is not held until it catches up.
+    p.handle_event(Connected(300, "127.0.0.1", 6000, 3.0))
+    (again,) = who(p.handle_event(_line(300, "back", "late", at=3.0 - 3600)))
+    assert "late" in [h for _, h, _ in again]
 
 
 def test_a_roster_heard_again_unchanged_costs_nothing_but_its_time():
