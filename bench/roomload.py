@@ -395,27 +395,8 @@ class TlsSock:
         return None
 
     def recv(self, size):
-        s = self.s
-        try:
-            data = s.recv(size)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise BlockingIOError from None
-        if not data:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < size:
-            try:
-                more = s.recv(min(size - got, max(s.pending(), 16384)))
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
-            except OSError:
-                break  # seen again at the next read
-            if not more:
-                break
-            parts.append(more)
-            got += len(more)
-        return b"".join(parts) if len(parts) > 1 else data
+        buf = bytearray(size)
+        return bytes(memoryview(buf)[:self.recv_into(buf)])
 
     def recv_into(self, buf):
         """As `recv`, into `buf`: what the TLS layer has decrypted, up to len(buf) bytes."""
