@@ -443,7 +443,8 @@ class LinkedRoom:
         old = self.rosters.get(ev.server)
         if old is not None and old[0] == ev.label and old[1] == ev.people and ev.people:
             self.rosters[ev.server] = (ev.label, old[1], ev.at)  # the same people, heard again
-            return self._forget_stale(ev.at)
+            self._forget_stale(ev.at)
+            return []
         if old is not None:
             for _conn, handle, _addr in old[1]:
                 names.remove(handle)
@@ -457,7 +458,7 @@ class LinkedRoom:
         self._forget_stale(ev.at, changed=True)
         return []
 
-    def _forget_stale(self, at: float, changed: bool = False) -> list[Decision]:
+    def _forget_stale(self, at: float, changed: bool = False) -> None:
         """Servers not heard of for ROSTER_STALE have nobody here any more."""
         names = self.room.names
         for server, (_label, gone, heard) in list(self.rosters.items()):
@@ -469,7 +470,6 @@ class LinkedRoom:
         if changed:
             self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
                                    for _c, h, a in ps]
-        return []
 
     def _remote_kick(self, ev: OperatorLine) -> list[Decision] | None:
         m = re.fullmatch(r"\\kick\s+(.+)", ev.text.strip())
