@@ -59,16 +59,19 @@ from chatlog.events import (
     Send,
     Show,
     StoreWrite,
+    Tick,
     received_each,
 )
-from chatlog.handles import fold
+from chatlog.handles import Names, fold
 from chatlog.modes import Mode, RoomStore
 from chatlog.sanitize import visible
-from chatlog.words import address
+from chatlog.words import LEFT, address
 
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
 ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
+CLAIM_SETTLE = 1.0  # a name claimed through the stream that its server's list of who is there, heard
+#                    this long after, does not have: its person is gone (a restart lost the leaving)
 ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: people joining by the
 #                  hundred are announced ten times a second, not once each (the whole list each time)
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
@@ -114,6 +117,7 @@ class Arrived(Event):
     ref: int
     at: float
     live: bool = True  # False: stored before this server started (a backlog): recorded, not relayed
+    ours: bool = False  # published by this server, in this run (`mine`) or an earlier one
 
 
 @dataclass(slots=True)
@@ -263,6 +267,12 @@ class LinkedRoom:
         self.roster_sent: list | None = None
         self.roster_changed = False  # who is here changed since the last announcement
         self.roster_at = float("-inf")  # when that was made
+        # The names people on other servers took, as the stream brought their claims: server ->
+        # {(run, conn): (handle, label, heard at)}, and the same by name. The stream's order is
+        # every server's: a name is the person's whose claim came first (`_claims`).
+        self.claims: dict[str, dict[tuple[str, int], tuple[str, str, float]]] = {}
+        self.claimed = Names()
+        self.sweep_at: float | None = None  # when servers not heard of for a while are next forgotten
 
     # the policy interface
     def deadline(self):
@@ -270,6 +280,8 @@ class LinkedRoom:
         if self.roster_changed:
             when = self.roster_at + ROSTER_GAP
             due = when if due is None else min(due, when)
+        if self.sweep_at is not None:
+            due = self.sweep_at if due is None else min(due, self.sweep_at)
         return due
 
     def allowance(self, conn, now):
@@ -306,6 +318,8 @@ class LinkedRoom:
             kick = self._remote_kick(ev)
             if kick is not None:
                 return kick
+        elif t is Tick and self.sweep_at is not None and ev.at >= self.sweep_at:
+            self._forget_stale(ev.at)  # (with nobody else announcing, the Ticks still come)
         out = self._route(self.room.handle_event(ev), ev.at)
         if t is Connected and not self.up and any(type(d) is Send and d.conn == ev.conn for d in out):
             out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
@@ -377,17 +391,66 @@ class LinkedRoom:
                 bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq,
             ))
         out.append(Advance(ev.seq))
+        second = self._claims(ev, commits)
         if not ev.live:
             return out  # what was said while this server was away: its clients get it as history
         if not ev.mine:
             for c in commits:
                 if c["s"] == "event":
-                    out.append(Show("event", visible(f"{c['h']} {c['t']} (on {ev.label})")))
+                    why = f": {LEFT.get(c.get('n'), c.get('n'))}" if c["t"] == "left" and c.get("n") else ""
+                    out.append(Show("event", visible(f"{c['h']} {c['t']}{why} (on {ev.label})")))
         for kind, text, handle in shows:
             out.append(Show(kind, text, handle))
         for data, exclude in casts:
             out.append(Broadcast(data.encode("utf-8", "surrogateescape"), exclude if ev.mine else None))
+        return out + second
+
+    def _claims(self, ev: Arrived, commits: list) -> list[Decision]:
+        """Names taken and given up, in the stream's order, which every server reads alike: a
+        name belongs to the person whose claim came first. Another server's claims are kept
+        (and the names taken here too, before its list of who is there says so); a claim of ours
+        that comes back after another server's claim on a name like it was the second, and its
+        person gives the name up (that server, reading the same order, keeps its own)."""
+        out: list[Decision] = []
+        for c in commits:
+            if c["s"] != "event" or c["t"] not in ("joined", "renamed", "left"):
+                continue
+            conn, handle = c.get("k"), c["h"]
+            if type(conn) is not int or type(handle) is not str:
+                continue
+            if ev.mine:
+                if c["t"] != "left" and self.claimed.holder(handle) is not None:
+                    out += self._second(conn, handle, ev.at)
+                continue
+            if ev.ours:
+                continue  # an earlier run of this server: its people left with it
+            held = self.claims.setdefault(ev.origin, {})
+            key = (ev.oid.partition(".")[0], conn)
+            old = held.pop(key, None)
+            if old is not None:
+                self._unclaim(old[0])
+            if c["t"] != "left":
+                held[key] = (handle, ev.label, ev.at)
+                self.claimed.add(handle)
+                self.room.names.add(handle)
+                if self.sweep_at is None:
+                    self.sweep_at = ev.at + ROSTER_EVERY
+            elif not held:
+                del self.claims[ev.origin]
         return out
+
+    def _unclaim(self, handle: str) -> None:
+        self.claimed.remove(handle)
+        self.room.names.remove(handle)
+
+    def _second(self, conn: int, handle: str, at: float) -> list[Decision]:
+        """Our `conn` claimed `handle` after someone on another server claimed a name like it."""
+        p = self.room.people.get(conn)
+        if p is None or p.handle != handle:
+            return []  # gone, or under another name already
+        first = self.claimed.holder(handle)
+        where = next((label for held in self.claims.values() for h, label, _ in held.values() if h == first), "?")
+        return self._route(self.room.withdraw(conn, f"on {visible(where)}", at), at)
 
     def _unsent(self, ev: Unsent) -> list[Decision]:
         commits = self.inflight.pop(ev.ref, None)
@@ -455,11 +518,19 @@ class LinkedRoom:
                 names.add(handle)  # taken here too: one name, one person, across the room
         else:
             self.rosters.pop(ev.server, None)
+        held = self.claims.get(ev.server)
+        if held:  # claims its list, made since, does not have: gone without a word (a restart)
+            there = {(conn, handle) for conn, handle, _addr in people}
+            for key, (handle, _label, heard) in list(held.items()):
+                if heard < ev.at - CLAIM_SETTLE and (key[1], handle) not in there:
+                    del held[key]
+                    self._unclaim(handle)
         self._forget_stale(ev.at, changed=True)
         return []
 
     def _forget_stale(self, at: float, changed: bool = False) -> None:
-        """Servers not heard of for ROSTER_STALE have nobody here any more."""
+        """Servers not heard of for ROSTER_STALE have nobody here any more (their claims go
+        with them, and so do the claims of a server never heard of that long after them)."""
         names = self.room.names
         for server, (_label, gone, heard) in list(self.rosters.items()):
             if at - heard > ROSTER_STALE:
@@ -467,6 +538,15 @@ class LinkedRoom:
                     names.remove(handle)
                 del self.rosters[server]
                 changed = True
+        for server, held in list(self.claims.items()):
+            if server not in self.rosters:
+                for key, (handle, _label, heard) in list(held.items()):
+                    if at - heard > ROSTER_STALE:
+                        del held[key]
+                        self._unclaim(handle)
+                if not held:
+                    del self.claims[server]
+        self.sweep_at = at + ROSTER_EVERY if self.rosters or self.claims else None
         if changed:
             self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
                                    for _c, h, a in ps]
@@ -857,7 +937,7 @@ class BrokerLink:
         now = time.time()
         live = seq >= (self.live_from or 1)
         for ref, body in items:
-            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live))
+            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live, origin == self.uid))
 
     async def _on_who(self, msg) -> None:
         try:

@@ -556,6 +556,29 @@ class Room:
             Broadcast(self.notice(f"{p.shown} joined"), p.conn),
         ]
 
+    def withdraw(self, conn: int, where: str, at: float) -> list[Decision]:
+        """`conn`'s handle turned out to be someone else's first (a linked room: claimed on
+        another server `where`, earlier in the order every server reads): it gives the handle up.
+        Recorded and announced as its leaving under that handle (reason `name-taken`); the client
+        stays, with no handle, and is told to choose another."""
+        p = self.people.get(conn)
+        if p is None or p.handle is None:
+            return []
+        handle, shown = p.handle, p.shown
+        self.names.remove(handle)
+        announced = p.announced
+        p.handle, p.shown, p.prefix, p.said, p.plain, p.announced = None, "", b"", b"", None, False
+        like = example(self.names, self.handle)
+        out: list[Decision] = []
+        if announced:
+            out += [Commit(conn, "event", handle, "left", None, "name-taken", at),
+                    Broadcast(self.notice(f"{shown} left: the name was taken first {where}"), conn)]
+        return out + [
+            Show("event", f"{shown} ({address(p.host, p.port)}) gave up the name: it was taken first {where}"),
+            Send(conn, self.notice(f"The handle {shown} was taken first {where}, a moment before you; "
+                                   f"choose another, like: {like}>hello (not relayed)")),
+        ]
+
     def _limit(self, p: Participant, at: float, out: list[Decision]) -> None:
         """Token bucket: `burst` lines at once, then `rate` a second. Over it, reads pause until
         the bucket holds a line again; the line in hand has been committed and relayed."""

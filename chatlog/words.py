@@ -50,6 +50,7 @@ LEFT = {
     "slow": "dropped, it stopped reading",
     "kicked": "removed by the operator",
     "overlong": "dropped for a line over 8192 bytes",
+    "name-taken": "the name was taken first on another server",
 }
 
 

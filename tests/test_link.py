@@ -262,6 +262,36 @@ def test_a_newcomer_is_shown_the_room_history_said_on_every_server(tmp_path, lin
     s.close()
 
 
+def test_one_new_name_claimed_on_two_servers_at_the_same_instant_ends_with_one_holder(tmp_path, linked):
+    """Two people take one new name at once, one on each server: before, both were accepted
+    (each server checked against the other's list, which had not come yet). Now exactly one
+    keeps it, the same one on both servers, and the other is told to choose another."""
+    a, b = linked("a"), linked("b")
+    watcher = Peer(b, "watcher")
+    a.wait_for(r"^watcher joined \(on ")
+    for trial in range(4):
+        name = f"zed{trial}"
+        x, y = Peer(a), Peer(b)
+        x.send(f"{name}>\\join")
+        y.send(f"{name}>\\join")
+        wait_until(lambda x=x, y=y: x.poll() or y.poll() or (b"choose another" in x.buf + y.buf))
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        x.poll(), y.poll()
+        assert sorted([x.buf.count(b"choose another"), y.buf.count(b"choose another")]) == [0, 1], (x.buf, y.buf)
+        # Both servers agree who has it: \who lists it once, on the server that kept it.
+        keeper, loser = (a, b) if b"choose another" in y.buf else (b, a)
+        for s in (a, b):
+            listed = r"^  %s +127\.0\.0\.1:\d+ +%s" % (name, "idle" if s is keeper else "on ")
+            wait_until(lambda s=s, listed=listed: s.say("\\who") or s.count(listed), interval=0.2)
+            assert s.count(rf"^  {name} ") == s.count(listed)  # (never the other way)
+        loser.wait_for(rf"^{name} \(127\.0\.0\.1:\d+\) gave up the name: it was taken first on ")
+        keeper.wait_for(rf"^{name} left: the name was taken first on .* \(on ")
+        x.close(), y.close()
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    watcher.close()
+
+
 # -- faults --------------------------------------------------------------------------------------
 
 
@@ -885,6 +915,89 @@ def test_a_roster_heard_again_unchanged_costs_nothing_but_its_time():
     p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 5.0 + 3 * ROSTER_STALE))
     assert [n for n, _, _ in p.room.elsewhere] == ["carol"]  # srvB not heard for too long: nobody there
     assert p.room.names.holder("u1") is None and p.room.names.holder("carol") == "carol"
+
+
+def test_one_name_claimed_on_two_servers_at_once_is_the_first_claimants_by_the_stream():
+    """Each server checks a claim against what it has heard of the others, and both claims can
+    be made before either hears of the other. The stream's order is every server's: the claim
+    that comes first keeps the name, and the server whose person claimed it second (it reads
+    the same order) takes it back from them: recorded as their leaving under it, everyone
+    told; they stay, and must choose another."""
+    import json
+
+    from chatlog.events import Broadcast, Publish, Send
+    from chatlog.link import Arrived, LinkCommit
+
+    a, b = _policy(), _policy()
+    pub_a = [d for d in a.handle_event(_line(1, "\\join", "bob")) if type(d) is Publish and d.what == "line"][0]
+    pub_b = [d for d in b.handle_event(_line(1, "\\join", "bob")) if type(d) is Publish and d.what == "line"][0]
+    first, second = json.loads(pub_a.data), json.loads(pub_b.data)
+    # The stream: a's claim (7), then b's (8); each server reads both in that order.
+    kept = a.handle_event(Arrived(7, "srvA", "1.1", "hosta:1", first, True, pub_a.ref, 2.1, True, True))
+    kept += a.handle_event(Arrived(8, "srvB", "4.1", "hostb:1", second, False, 0, 2.2))
+    assert not [d for d in kept if type(d) is Publish and b"name-taken" in d.data]  # a's bob keeps it
+    b.handle_event(Arrived(7, "srvA", "1.1", "hosta:1", first, False, 0, 2.1))
+    gave = b.handle_event(Arrived(8, "srvB", "4.1", "hostb:1", second, True, pub_b.ref, 2.2, True, True))
+    (left,) = [json.loads(d.data) for d in gave if type(d) is Publish and d.what == "line"]
+    assert [(c["s"], c["h"], c["t"], c["n"]) for c in left["c"]] == [("event", "bob", "left", "name-taken")]
+    assert left["b"] == [["SERVER>*** bob left: the name was taken first on hosta:1\n", 1]]
+    (told,) = [d.data for d in gave if type(d) is Send and d.conn == 1]
+    assert b"The handle bob was taken first on hosta:1" in told and b"choose another" in told
+    assert b.room.people[1].handle is None
+    # b's person, still sending as bob, is refused: a's bob has it, for b too.
+    again = b.handle_event(_line(1, "hello", "bob", at=2.3))
+    assert not [d for d in again if type(d) is Publish and d.what == "line" and b'"v":false}],"w":[["client"' in d.data]
+    assert any(type(d) is Send and b"taken" in d.data for d in again)
+    assert not any(type(d) is Broadcast for d in again)
+    # Their leaving under it, back through the stream: a forgets b's claim; a's bob is alone.
+    a.handle_event(Arrived(9, "srvB", "4.2", "hostb:1", left, False, 0, 2.4))
+    assert a.claims == {} and a.room.names.holder("bob") == "bob"
+    assert b.handle_event(Arrived(9, "srvB", "4.2", "hostb:1", left, True, 2, 2.4, True, True))
+    assert [d.note for d in b.handle_event(Arrived(9, "srvB", "4.2", "hostb:1", left, True, 2, 2.4, True, True))
+            if type(d) is LinkCommit] == ["name-taken"]
+
+
+def test_a_name_claimed_on_another_server_is_taken_here_before_its_list_comes():
+    """Between another server's claim reaching here through the stream and its list of who is
+    there (up to ROSTER_GAP later), a claim here of the same name is refused at once."""
+    import json
+
+    from chatlog.events import Connected, Publish, Send
+    from chatlog.link import Arrived
+
+    b = _policy()
+    b.handle_event(Connected(2, "127.0.0.1", 5002, 2.0))
+    a = _policy()
+    body = json.loads([d for d in a.handle_event(_line(1, "\\join", "zed")) if type(d) is Publish][0].data)
+    b.handle_event(Arrived(3, "srvA", "1.1", "hosta:1", body, False, 0, 2.1))
+    out = b.handle_event(_line(2, "\\join", "ZED", at=2.15))  # (a look-alike: the same rule)
+    assert any(type(d) is Send and b"ZED looks like zed, who is here; choose another" in d.data for d in out)
+    assert not any(type(d) is Publish and b'"joined"' in d.data for d in out)
+
+
+def test_other_servers_are_forgotten_when_nobody_else_announces():
+    """A server that stops (kill -9, a lost host) announces nothing more: its people and the
+    names they claimed are forgotten after ROSTER_STALE even when no other server is left to
+    announce anything (the policy asks for Ticks while it knows of any)."""
+    import json
+
+    from chatlog.events import Publish, Tick
+    from chatlog.link import ROSTER_EVERY, ROSTER_STALE, Arrived, Roster
+
+    b = _policy()
+    a = _policy()
+    body = json.loads([d for d in a.handle_event(_line(1, "\\join", "zed")) if type(d) is Publish][0].data)
+    b.handle_event(Arrived(3, "srvA", "1.1", "hosta:1", body, False, 0, 5.0))
+    b.handle_event(Roster("srvA", "hosta:1", [[1, "zed", "127.0.0.1:5001"]], 5.0))
+    assert b.room.elsewhere and b.room.names.holder("zed") == "zed"
+    assert b.deadline() is not None
+    at = 5.0
+    while b.deadline() is not None and at < 5.0 + 10 * ROSTER_STALE:
+        at = max(at, b.deadline())
+        b.handle_event(Tick(at))
+        at += 0.01
+    assert at <= 5.0 + ROSTER_STALE + ROSTER_EVERY + 0.1
+    assert b.room.elsewhere == [] and b.room.names.holder("zed") is None and b.claims == {}
 
 
 def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
