@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlsplit
 from chatlog.events import (
     Broadcast,
     Commit,
+    CommitLines,
     Connected,
     Decision,
     End,
@@ -58,9 +59,9 @@ from chatlog.events import (
     ReceivedLines,
     Send,
     Show,
+    ShowLines,
     StoreWrite,
     Tick,
-    received_each,
 )
 from chatlog.handles import Names, fold
 from chatlog.modes import Mode, RoomStore
@@ -174,6 +175,22 @@ class LinkCommit(StoreWrite):
     origin: str | None
     oid: str
     seq: int | None
+
+
+@dataclass(slots=True)
+class LinkLines(StoreWrite):
+    """A run of one client's plain lines of a linked room, from the stream, in order: what a
+    `LinkCommit` each (sender 'client', no raw form, no note) would record. Their origin ids
+    are `oid`.`first`, `oid`.`first + 1`, ... (a publication's rows are numbered in order)."""
+
+    conn: int | None
+    handle: str
+    lines: list  # (text, at) each
+    verified: bool
+    origin: str
+    oid: str
+    first: int
+    seq: int
 
 
 @dataclass(slots=True)
@@ -292,11 +309,8 @@ class LinkedRoom:
 
     def handle_event(self, ev) -> list[Decision]:
         t = type(ev)
-        if t is ReceivedLines:  # each line through the stream as its own publication, as it comes
-            out = []
-            for line in received_each(ev):
-                out += self.handle_event(line)
-            return out
+        if t is ReceivedLines:  # a read's lines: a run of plain ones is one commit, show and relay
+            return self._route(self.room.handle_event(ev), ev.frames[-1].at if ev.frames else 0.0)
         if t is Arrived:
             return self._arrived(ev)
         if t is LinkState:
@@ -330,7 +344,7 @@ class LinkedRoom:
 
     # what the room decided, through the stream
     def _route(self, out: list[Decision], at: float) -> list[Decision]:
-        if not any(type(d) is Commit for d in out):
+        if not any(type(d) is Commit or type(d) is CommitLines for d in out):
             return out + self._roster_change(out, at)
         commits: list[dict] = []
         shows: list[list] = []
@@ -343,10 +357,12 @@ class LinkedRoom:
                 commits.append({"k": d.conn, "s": d.sender, "h": d.handle, "t": d.text,
                                 "r": base64.b64encode(d.raw).decode() if d.raw is not None else None,
                                 "n": d.note, "at": d.at, "v": d.verified})
+            elif t is CommitLines:  # (a run of plain lines: one entry, its lines as they were said)
+                commits.append({"k": d.conn, "s": "client", "h": d.handle, "L": d.lines, "v": d.verified})
             elif t is Broadcast:
                 casts.append([d.data.decode("utf-8", "surrogateescape"), d.exclude])
-            elif t is Show and d.kind in _CHAT:
-                shows.append([d.kind, d.text, d.handle])
+            elif (t is Show or t is ShowLines) and d.kind in _CHAT:
+                shows.append([d.kind, d.texts if t is ShowLines else d.text, d.handle])
             else:
                 rest.append(d)
                 continue
@@ -358,8 +374,8 @@ class LinkedRoom:
         if not self.up:
             kept = self._keep(ref, commits, DOWN_NOTE)
             told = [Send(conn, self.room.notice(DOWN_NOTICE)) for conn in dict.fromkeys(senders)]
-            said = [Show("error", visible(f"not relayed (the link is down): {c['h'] or '?'}>{c['t']}"))
-                    for c in commits if c["s"] in _CHAT]
+            said = [Show("error", visible(f"not relayed (the link is down): {k.handle or '?'}>{k.text}"))
+                    for k in kept if k.sender in _CHAT]
             rest[at_publish:at_publish] = kept + told + said
             return rest + self._roster_change(out, at)
         self.inflight[ref] = commits
@@ -368,28 +384,28 @@ class LinkedRoom:
         return rest + self._roster_change(out, at)
 
     def _keep(self, ref: int, commits: list[dict], why: str) -> list[Decision]:
-        """What a refused publication said, recorded here alone, marked as not relayed."""
-        return [
-            LinkCommit(c["k"], c["s"], c["h"], c["t"], base64.b64decode(c["r"]) if c["r"] is not None else None,
-                       f"{c['n']}; {why}" if c["n"] else why, c["at"], c["v"], None, f"{ref}.{i}", None)
-            for i, c in enumerate(commits)
-        ]
+        """What a refused publication said, recorded here alone, marked as not relayed (its
+        rows numbered as the stream's copy would be, should the broker have taken it after all)."""
+        out: list[Decision] = []
+        for c in commits:
+            i = len(out)
+            if "L" in c:
+                out += [LinkCommit(c["k"], "client", c["h"], text, None, why, at, c["v"], None, f"{ref}.{i + j}", None)
+                        for j, (text, at) in enumerate(c["L"])]
+                continue
+            out.append(LinkCommit(c["k"], c["s"], c["h"], c["t"], base64.b64decode(c["r"]) if c["r"] is not None else None,
+                                  f"{c['n']}; {why}" if c["n"] else why, c["at"], c["v"], None, f"{ref}.{i}", None))
+        return out
 
     def _arrived(self, ev: Arrived) -> list[Decision]:
         try:
             body = ev.body
             commits, shows, casts = body["c"], body["w"], body["b"]
-        except (KeyError, TypeError):
+            out = self._records(ev, commits)
+        except (KeyError, TypeError, ValueError, AttributeError):
             return [Advance(ev.seq), Show("error", f"stream message {ev.seq} from {visible(ev.label)} is not a chatlog line; skipped")]
         if ev.mine:
             self.inflight.pop(ev.ref, None)
-        out: list[Decision] = []
-        for i, c in enumerate(commits):
-            out.append(LinkCommit(
-                c.get("k") if ev.mine else None, c["s"], c["h"], c["t"],
-                base64.b64decode(c["r"]) if c.get("r") is not None else None, c.get("n"), c["at"],
-                bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq,
-            ))
         out.append(Advance(ev.seq))
         second = self._claims(ev, commits)
         if not ev.live:
@@ -400,10 +416,32 @@ class LinkedRoom:
                     why = f": {LEFT.get(c.get('n'), c.get('n'))}" if c["t"] == "left" and c.get("n") else ""
                     out.append(Show("event", visible(f"{c['h']} {c['t']}{why} (on {ev.label})")))
         for kind, text, handle in shows:
-            out.append(Show(kind, text, handle))
+            out.append(ShowLines(kind, text, handle) if type(text) is list else Show(kind, text, handle))
         for data, exclude in casts:
             out.append(Broadcast(data.encode("utf-8", "surrogateescape"), exclude if ev.mine else None))
         return out + second
+
+    def _records(self, ev: Arrived, commits: list) -> list[Decision]:
+        """The rows a publication's commits record, numbered in order (a run of lines, one
+        `LinkLines`, a row each). Malformed (not from a chatlog server): ValueError and kin."""
+        out: list[Decision] = []
+        conn_of = (lambda c: c.get("k")) if ev.mine else (lambda c: None)
+        i = 0
+        for c in commits:
+            lines = c.get("L")
+            if lines is not None:
+                if not all(type(x) is list and len(x) == 2 and type(x[0]) is str and type(x[1]) in (float, int)
+                           for x in lines) or type(c["h"]) is not str:
+                    raise ValueError("not a run of lines")
+                out.append(LinkLines(conn_of(c), c["h"], lines, bool(c.get("v")), ev.origin, ev.oid, i, ev.seq))
+                i += len(lines)
+                continue
+            out.append(LinkCommit(
+                conn_of(c), c["s"], c["h"], c["t"], base64.b64decode(c["r"]) if c.get("r") is not None else None,
+                c.get("n"), c["at"], bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq,
+            ))
+            i += 1
+        return out
 
     def _claims(self, ev: Arrived, commits: list) -> list[Decision]:
         """Names taken and given up, in the stream's order, which every server reads alike: a
@@ -579,7 +617,7 @@ class LinkedRoom:
 class LinkedRoomStore(RoomStore):
     """A room's store, plus the lines of the room's stream and how far it is committed."""
 
-    record_only = (LinkCommit, Advance)  # nothing to send or show: the loop's broadcasts gather across them
+    record_only = (LinkCommit, LinkLines, Advance)  # nothing to send or show: the loop's broadcasts gather across them
 
     def __init__(self, recorder, link: "BrokerLink", **kwargs):
         super().__init__(recorder, **kwargs)
@@ -607,6 +645,11 @@ class LinkedRoomStore(RoomStore):
             oid = d.oid if d.origin is not None else f"{self.run}.{d.oid}"
             return self.recorder.add_linked(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, pid,
                                             d.verified, origin, oid, d.seq)
+        if t is LinkLines:
+            pid = self.participants.get(d.conn) if d.conn is not None else None
+            self.recorder.add_linked_lines(self.session, d.handle, d.lines, pid, d.verified, d.origin,
+                                           [f"{d.oid}.{d.first + j}" for j in range(len(d.lines))], d.seq)
+            return None
         if t is Advance:
             self.recorder.link_advance(self.name, d.seq)
             return None

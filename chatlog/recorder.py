@@ -57,6 +57,12 @@ _INSERT_MESSAGES = (
     "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# A run of one client's plain lines of a linked room, a row each (`add_linked_lines`)
+_INSERT_LINKED_LINES = (
+    "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, participant_id, verified, "
+    "origin_server, origin_id, stream_seq) VALUES (?, ?, ?, ?, 'client', ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (origin_server, origin_id) WHERE origin_server IS NOT NULL DO NOTHING"
+)
 # A run of one client's plain lines said at one time, in one statement: their texts as one JSON
 # array, each row's id and seq the first ones plus its place in it. Binding one array instead of
 # eleven values a row (executemany) took 512-row transactions from 5.4 to 2.4 us a row, with
@@ -501,6 +507,39 @@ class Recorder:
         if not self._in_tx:
             self._committed()
         return seq
+
+    def add_linked_lines(self, session_id: int, handle: str, lines: list, participant: int | None, verified: bool,
+                         origin_server: str, origin_ids: list[str], stream_seq: int) -> None:
+        """A run of one client's plain lines of a linked room (no raw form, no note), rows of
+        (text, at) with their origin ids, in order, inside a transaction: what `add_linked` would
+        write for each, in one statement. Should this archive have any of them already (a
+        publication the stream brought twice), none is written so, and each goes through
+        `add_linked`, which leaves out what is here."""
+        assert self._in_tx, "add_linked_lines runs inside transaction()"
+        if len(lines) == 1:  # (a paced room's line: one INSERT, as ever)
+            (text, at), = lines
+            self.add_linked(session_id, "client", handle, text, None, None, at, participant, verified,
+                            origin_server, origin_ids[0], stream_seq)
+            return
+        seq = self._seq.get(session_id)
+        seq = self._last_seq(session_id) if seq is None else seq
+        next_id = self._run(_FIRST_ID).fetchone()[0]
+        rows = [(next_id + i, session_id, seq + 1 + i, iso(at), handle, text, participant, verified, origin_server, oid,
+                 stream_seq) for i, ((text, at), oid) in enumerate(zip(lines, origin_ids, strict=True))]
+        self._run("SAVEPOINT linked_lines")
+        try:
+            added = self.conn.executemany(_INSERT_LINKED_LINES, rows).rowcount
+        except sqlite3.Error as exc:
+            raise StoreFailed(failure_line(self.path, exc)) from None
+        if added == len(rows):
+            self._run("RELEASE linked_lines")
+            self._seq[session_id] = seq + len(rows)
+            return
+        self._run("ROLLBACK TO linked_lines")
+        self._run("RELEASE linked_lines")
+        for (text, at), oid in zip(lines, origin_ids, strict=True):
+            self.add_linked(session_id, "client", handle, text, None, None, at, participant, verified,
+                            origin_server, oid, stream_seq)
 
     def _last_seq(self, session_id: int) -> int:
         row = self._run("SELECT max(seq) FROM messages WHERE session_id = ?", (session_id,)).fetchone()

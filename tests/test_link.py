@@ -1000,6 +1000,93 @@ def test_other_servers_are_forgotten_when_nobody_else_announces():
     assert b.room.elsewhere == [] and b.room.names.holder("zed") is None and b.claims == {}
 
 
+def _burst(conn, texts, handle="alice", at=2.0):
+    """A read of `texts` from one client, framed as the loop frames it."""
+    from chatlog.events import ReceivedLines
+    from chatlog.protocol import Framer
+
+    data = b"".join(f"{handle}>{t}\n".encode() for t in texts)
+    return ReceivedLines(conn, Framer().feed(data, at))
+
+
+def test_a_read_of_plain_lines_is_one_publication_and_one_batch_of_rows_on_every_server():
+    """A burst went through the stream a line at a time: one publication, one stream item,
+    one row written and one relay per line, on every server (a linked room took a burst at a
+    fifteenth of one server's rate). A read's run of plain lines is one entry now; its rows are
+    numbered as before (a publication's rows in order), so the archives and a kept copy agree."""
+    import json
+
+    from chatlog.events import Broadcast, Publish, ShowLines
+    from chatlog.link import Arrived, LinkCommit, LinkLines, LinkState
+
+    p = _policy()
+    p.handle_event(_line(1, "hi", "alice"))  # (its handle known: the burst is plain lines)
+    texts = [f"line {i}" for i in range(50)]
+    out = p.handle_event(_burst(1, texts[:20] + ["caf\u00e9"] + texts[20:]))
+    (pub,) = [d for d in out if type(d) is Publish and d.what == "line"]
+    body = json.loads(pub.data)
+    assert [("L" in c, len(c.get("L", [1]))) for c in body["c"]] == [(True, 20), (False, 1), (True, 30)]
+    # Back from the stream: three writes, the rows numbered 0..50 in the order said.
+    back = p.handle_event(Arrived(9, "srvA", "1.2", "hosta:1", body, True, pub.ref, 2.1, True, True))
+    writes = [d for d in back if type(d) in (LinkLines, LinkCommit)]
+    assert [(type(d).__name__, getattr(d, "first", None)) for d in writes] == [
+        ("LinkLines", 0), ("LinkCommit", None), ("LinkLines", 21)]
+    assert writes[1].oid == "1.2.20" and writes[1].text == "caf\u00e9"
+    assert [t for t, _ in writes[2].lines] == texts[20:]
+    assert sum(len(d.texts) for d in back if type(d) is ShowLines) == 50
+    assert len([d for d in back if type(d) is Broadcast]) == 3
+    # Another server's copy: the same rows, with no connection of ours.
+    there = p.handle_event(Arrived(9, "srvA", "1.2", "hosta:1", body, False, 0, 2.1))
+    assert [(type(d).__name__, getattr(d, "first", None), d.conn) for d in there if type(d) in (LinkLines, LinkCommit)] == [
+        ("LinkLines", 0, None), ("LinkCommit", None, None), ("LinkLines", 21, None)]
+    # Kept here alone (the link down): a row each, numbered the same way.
+    p.handle_event(LinkState(False, "down", 3.0))
+    kept = [d for d in p.handle_event(_burst(1, texts[:3] + ["caf\u00e9"] + texts[3:5], at=3.1)) if type(d) is LinkCommit]
+    assert [(d.oid.split(".", 1)[1], d.text) for d in kept] == [
+        ("0", "line 0"), ("1", "line 1"), ("2", "line 2"), ("3", "caf\u00e9"), ("4", "line 3"), ("5", "line 4")]
+    assert all("not relayed" in d.note for d in kept)
+
+
+def test_a_run_of_lines_the_archive_has_already_is_not_recorded_twice(tmp_path):
+    """A publication the stream brings twice (a retry after the broker's duplicate window):
+    the batch finds a row it has, writes none of the batch so, and takes each line alone."""
+    import time
+
+    from chatlog.recorder import open_recorder
+
+    r = open_recorder(tmp_path / "x.db")
+    r.start("127.0.0.1", 0, time.time())
+    sid = r.begin_session("127.0.0.1", 0, "127.0.0.1", 0, time.time(), served=True)
+    lines = [(f"l{i}", 5.0 + i) for i in range(5)]
+    oids = [f"1.1.{i}" for i in range(5)]
+    with r.transaction():
+        r.add_linked_lines(sid, "amy", lines[1:3], None, False, "srvA", oids[1:3], 7)
+    with r.transaction():
+        r.add_linked_lines(sid, "amy", lines, None, False, "srvA", oids, 7)
+    with r.transaction():
+        r.add_linked_lines(sid, "amy", lines, None, False, "srvA", oids, 8)
+    got = r.conn.execute("SELECT seq, text, origin_id, stream_seq FROM messages ORDER BY id").fetchall()
+    assert [t for _, t, _, _ in got] == ["l1", "l2", "l0", "l3", "l4"]
+    assert [s for s, _, _, _ in got] == [1, 2, 3, 4, 5] and {x for _, _, _, x in got} == {7}
+    r.close()
+
+
+def test_a_burst_over_the_link_arrives_whole_in_order_and_the_archives_agree(tmp_path, linked):
+    a, b = linked("a", "--rate", "0"), linked("b", "--rate", "0")
+    bob = Peer(b, "bob")
+    a.wait_for(r"^bob joined \(on ")
+    alice = Peer(a, "alice")
+    bob.until(b"*** alice joined\n")
+    n = 2000
+    alice.sock.sendall(b"".join(b"alice>burst %d\n" % i for i in range(n)))
+    bob.until(b"alice>burst %d\n" % (n - 1))
+    got = [line for line in bob.lines() if line.startswith("alice>burst ")]
+    assert got == [f"alice>burst {i}" for i in range(n)]
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    assert len(rows(tmp_path / "b.db", "text LIKE 'burst %'")) == n
+
+
 def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
     """What the consumer delivers out of order (a gap after a slow consumer's drops, a repeat
     after a consumer made again) never reaches the loop out of order: a repeat is dropped, a gap
