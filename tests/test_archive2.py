@@ -447,17 +447,18 @@ def test_forget_beside_a_live_server_stalls_no_turn(start_server, tmp_path):
     from conftest import ROOT
 
     db = tmp_path / "chat.db"
-    _seed(db, 20, 10_000)
+    _seed(db, 40, 10_000)
     server = start_server(db=db)
     server.script(f"answer {i}" for i in range(100_000))
     proc = subprocess.Popen([sys.executable, "-m", "chatlog", "forget", "--handle", "amy", "--db", str(db)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     worst, turns = _chat_while(server, proc)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "removed 200000 messages from amy" in err, err
-    # The promise is no turn past 2 s; the bound is tighter so this can fail: all 200,000 in one
-    # transaction held the server up about 1 s here, batches of REMOVE_BATCH about 0.05 s.
-    assert turns > 10 and worst < 0.5, (worst, turns)
+    assert proc.returncode == 0 and "removed 400000 messages from amy" in err, err
+    # The promise is no turn past 2 s; the bound is tighter so this can fail: all 400,000 in one
+    # transaction held the server up about 2 s here (more with the suite's other tests beside
+    # it), batches of REMOVE_BATCH about 0.05 s: the bound leaves a loaded machine room either way.
+    assert turns > 10 and worst < 1.0, (worst, turns)
     import sqlite3
 
     conn = sqlite3.connect(db)
