@@ -400,8 +400,9 @@ class LinkedRoom:
     def _arrived(self, ev: Arrived) -> list[Decision]:
         try:
             body = ev.body
-            commits, shows, casts = body["c"], body["w"], body["b"]
+            commits = body["c"]
             out = self._records(ev, commits)
+            relayed = self._relayed(ev, body["w"], body["b"])
         except (KeyError, TypeError, ValueError, AttributeError):
             return [Advance(ev.seq), Show("error", f"stream message {ev.seq} from {visible(ev.label)} is not a chatlog line; skipped")]
         if ev.mine:
@@ -415,32 +416,48 @@ class LinkedRoom:
                 if c["s"] == "event":
                     why = f": {LEFT.get(c.get('n'), c.get('n'))}" if c["t"] == "left" and c.get("n") else ""
                     out.append(Show("event", visible(f"{c['h']} {c['t']}{why} (on {ev.label})")))
-        for kind, text, handle in shows:
-            out.append(ShowLines(kind, text, handle) if type(text) is list else Show(kind, text, handle))
-        for data, exclude in casts:
-            out.append(Broadcast(data.encode("utf-8", "surrogateescape"), exclude if ev.mine else None))
-        return out + second
+        return out + relayed + second
 
     def _records(self, ev: Arrived, commits: list) -> list[Decision]:
         """The rows a publication's commits record, numbered in order (a run of lines, one
         `LinkLines`, a row each). Malformed (not from a chatlog server): ValueError and kin."""
         out: list[Decision] = []
-        conn_of = (lambda c: c.get("k")) if ev.mine else (lambda c: None)
         i = 0
         for c in commits:
+            conn = c.get("k") if ev.mine else None
             lines = c.get("L")
             if lines is not None:
-                if not all(type(x) is list and len(x) == 2 and type(x[0]) is str and type(x[1]) in (float, int)
-                           for x in lines) or type(c["h"]) is not str:
+                if c["s"] != "client" or type(c["h"]) is not str or not all(
+                        type(x) is list and len(x) == 2 and type(x[0]) is str and type(x[1]) in (float, int)
+                        for x in lines):
                     raise ValueError("not a run of lines")
-                out.append(LinkLines(conn_of(c), c["h"], lines, bool(c.get("v")), ev.origin, ev.oid, i, ev.seq))
+                out.append(LinkLines(conn, c["h"], lines, bool(c.get("v")), ev.origin, ev.oid, i, ev.seq))
                 i += len(lines)
                 continue
-            out.append(LinkCommit(
-                conn_of(c), c["s"], c["h"], c["t"], base64.b64decode(c["r"]) if c.get("r") is not None else None,
-                c.get("n"), c["at"], bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq,
-            ))
+            s, h, t, at = c["s"], c["h"], c["t"], c["at"]
+            if type(s) is not str or type(t) is not str or (h is not None and type(h) is not str) or type(at) not in (float, int):
+                raise ValueError("not a line")
+            out.append(LinkCommit(conn, s, h, t, base64.b64decode(c["r"]) if c.get("r") is not None else None,
+                                  c.get("n"), at, bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq))
             i += 1
+        return out
+
+    @staticmethod
+    def _relayed(ev: Arrived, shows: list, casts: list) -> list[Decision]:
+        """A publication's console lines (made safe again: they came over the network) and
+        broadcasts. Malformed: ValueError and kin."""
+        out: list[Decision] = []
+        for kind, text, handle in shows:
+            if kind not in _CHAT:
+                raise ValueError("not a console line")
+            if handle is not None:
+                handle = visible(handle)
+            if type(text) is list:
+                out.append(ShowLines(kind, [visible(x) for x in text], handle))
+            else:
+                out.append(Show(kind, visible(text), handle))
+        for data, exclude in casts:
+            out.append(Broadcast(data.encode("utf-8", "surrogateescape"), exclude if ev.mine else None))
         return out
 
     def _claims(self, ev: Arrived, commits: list) -> list[Decision]:

@@ -1087,6 +1087,41 @@ def test_a_burst_over_the_link_arrives_whole_in_order_and_the_archives_agree(tmp
     assert len(rows(tmp_path / "b.db", "text LIKE 'burst %'")) == n
 
 
+def test_a_stream_message_not_from_a_chatlog_server_is_skipped_never_a_crash():
+    """Anything on the room's subject (another program, another version) is counted and
+    skipped: the stream moves on, nothing of it is recorded, shown or relayed. What is shown
+    from another server is made safe again here: it came over the network."""
+    from chatlog.events import Broadcast, Show, ShowLines
+    from chatlog.link import Advance, Arrived, LinkCommit, LinkLines
+
+    line = {"k": 1, "s": "client", "h": "bob", "t": "hi", "r": None, "n": None, "at": 2.0, "v": False}
+    bad = [
+        None, [], "text", {"c": "x", "w": [], "b": []}, {"c": [], "w": [], "b": [[1, None]]},
+        {"c": [{"s": "client"}], "w": [], "b": []},
+        {"c": [dict(line, t=5)], "w": [], "b": []},
+        {"c": [dict(line, at="now")], "w": [], "b": []},
+        {"c": [{"k": 1, "s": "client", "h": "bob", "L": [["a", 1.0], ["b"]]}], "w": [], "b": []},
+        {"c": [{"k": 1, "h": "bob", "L": [["a", 1.0]]}], "w": [], "b": []},
+        {"c": [{"k": 1, "s": "event", "h": "bob", "L": [["a", 1.0]]}], "w": [], "b": []},
+        {"c": [line], "w": [["shout", "hi", "bob"]], "b": []},
+        {"c": [line], "w": [["client", "hi"]], "b": []},
+    ]
+    p = _policy()
+    for seq, body in enumerate(bad, 10):
+        out = p.handle_event(Arrived(seq, "srvB", "4.1", "hostb:1", body, False, 0, 3.0))
+        assert [type(d) for d in out] == [Advance, Show], body
+        assert out[1].kind == "error" and "is not a chatlog line; skipped" in out[1].text
+    shown = p.handle_event(Arrived(99, "srvB", "4.2", "hostb:1", {
+        "c": [line, {"k": 1, "s": "client", "h": "bob", "L": [["x", 2.0], ["y", 2.0]]}],
+        "w": [["client", "hi\x1b[2J", "bob\x07"], ["client", ["x\x1b", "y"], "bob"]],
+        "b": [["bob>hi\n", None]]}, False, 0, 3.0))
+    assert [type(d) for d in shown if type(d) in (LinkCommit, LinkLines)] == [LinkCommit, LinkLines]
+    texts = [d.text for d in shown if type(d) is Show] + [t for d in shown if type(d) is ShowLines for t in d.texts]
+    assert texts == ["hi\\x1b[2J", "x\\x1b", "y"]
+    assert [d.handle for d in shown if type(d) is Show] == ["bob\\x07"]
+    assert [d.data for d in shown if type(d) is Broadcast] == [b"bob>hi\n"]
+
+
 def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
     """What the consumer delivers out of order (a gap after a slow consumer's drops, a repeat
     after a consumer made again) never reaches the loop out of order: a repeat is dropped, a gap
