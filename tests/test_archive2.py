@@ -550,7 +550,14 @@ def test_retain_removes_old_sessions_a_bounded_step_at_a_time(db_path):
     assert conn.execute("SELECT count(*) FROM messages WHERE session_id IN (1, 2, 3)").fetchone() == (0,)
     conn.close()
     db = connect(db_path)  # also given an open connection
-    assert upkeep.retain(db.conn, 1, 0.05, now=time.time() + 10).sessions == 2  # the recent ones, ended
+    ended, steps = 0, 0
+    while True:  # the recent ones, ended; a loaded machine may need more than one step for them
+        r = upkeep.retain(db.conn, 1, 0.05, now=time.time() + 10)
+        ended, steps = ended + r.sessions, steps + 1
+        if not r.more:
+            break
+        assert steps < 50
+    assert ended == 2
     db.close()
 
 
