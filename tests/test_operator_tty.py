@@ -55,6 +55,7 @@ def test_ctrl_c_at_the_prompt_closes_the_session(tty_server):
     p = tty_server
     c = socket.create_connection(("127.0.0.1", p.port))
     c.sendall(b"bob>hi\n\0")
+    p.expect_exact("bob>hi")  # (the idle prompt before it is not its prompt)
     p.expect("SERVER>")
     p.sendcontrol("c")
     p.expect(pexpect.EOF)
@@ -68,6 +69,7 @@ def test_ctrl_d_ends_the_chat_and_the_server(tty_server):
     p = tty_server
     c = socket.create_connection(("127.0.0.1", p.port))
     c.sendall(b"bob>hi\n\0")
+    p.expect_exact("bob>hi")  # (the idle prompt before it is not its prompt)
     p.expect("SERVER>")
     p.sendeof()
     p.expect(pexpect.EOF)
@@ -84,6 +86,7 @@ def test_text_typed_before_the_prompt_never_answers_anyone(tty_server):
     p = tty_server
     amy = socket.create_connection(("127.0.0.1", p.port))
     amy.sendall(b"amy>what is the password?\n\0")
+    p.expect_exact("amy>what is the password?")  # (the idle prompt before it is not its prompt)
     p.expect("SERVER>")
     p.send("ask me later\r")
     assert recv_until(amy, b"\n") == b"SERVER>ask me later\n"
@@ -109,6 +112,7 @@ def test_a_line_begun_at_a_stale_prompt_is_not_sent_to_the_next_client(tty_serve
     p = tty_server
     amy = socket.create_connection(("127.0.0.1", p.port))
     amy.sendall(b"amy>secret?\n\0")
+    p.expect_exact("amy>secret?")  # (the idle prompt before it is not its prompt)
     p.expect("SERVER>")
     p.send("amy, it is hun")
     amy.close()
@@ -161,6 +165,7 @@ def test_a_line_refused_as_too_long_gives_the_operator_the_prompt_again(tty_serv
     p = tty_server
     c = socket.create_connection(("127.0.0.1", p.port))
     c.sendall(b"bob>hi\n\0")
+    p.expect_exact("bob>hi")  # (the idle prompt before it is not its prompt)
     p.expect("SERVER>")
     p.send("y" * 600 + "\r")
     p.expect("too long")
