@@ -73,6 +73,7 @@ ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
 CLAIM_SETTLE = 1.0  # a name claimed through the stream that its server's list of who is there, heard
 #                    this long after, does not have: its person is gone (a restart lost the leaving)
+GONE = "server-gone"  # the reason a gone server's people left (`LinkedRoom._gone`)
 ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: people joining by the
 #                  hundred are announced ten times a second, not once each (the whole list each time)
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
@@ -119,6 +120,7 @@ class Arrived(Event):
     at: float
     live: bool = True  # False: stored before this server started (a backlog): recorded, not relayed
     ours: bool = False  # published by this server, in this run (`mine`) or an earlier one
+    gone_here: bool = False  # the other servers took this run of this server for gone (`_gone`)
 
 
 @dataclass(slots=True)
@@ -137,6 +139,7 @@ class Roster(Event):
     label: str
     people: list
     at: float
+    run: str = ""  # which run of that server (its people's lines are numbered by it)
 
 
 @dataclass(slots=True)
@@ -285,11 +288,20 @@ class LinkedRoom:
         self.roster_changed = False  # who is here changed since the last announcement
         self.roster_at = float("-inf")  # when that was made
         # The names people on other servers took, as the stream brought their claims: server ->
-        # {(run, conn): (handle, label, heard at)}, and the same by name. The stream's order is
+        # {(run, conn): (handle, label, heard at, the claim's stream sequence)}, and the same by name. The stream's order is
         # every server's: a name is the person's whose claim came first (`_claims`).
-        self.claims: dict[str, dict[tuple[str, int], tuple[str, str, float]]] = {}
+        self.claims: dict[str, dict[tuple[str, int], tuple[str, str, float, int]]] = {}
         self.claimed = Names()
         self.sweep_at: float | None = None  # when servers not heard of for a while are next forgotten
+        # Servers gone without a word (killed, cut off): their people leave on the record too,
+        # said by whichever server notices first (`_gone`). The run each server last announced,
+        # the people of runs not heard of for ROSTER_STALE ((server, run) -> (label, {conn:
+        # handle})), and since when this server's own link has been up (until it has been for
+        # ROSTER_STALE, silence proves nothing).
+        self.runs: dict[str, str] = {}
+        self.missing: dict[tuple[str, str], tuple[str, dict[int, tuple[str, int]]]] = {}
+        self.up_at: float | None = None
+        self.pending: list[Decision] = []
 
     # the policy interface
     def deadline(self):
@@ -308,6 +320,13 @@ class LinkedRoom:
         return self.room.notice(text)
 
     def handle_event(self, ev) -> list[Decision]:
+        out = self._handle(ev)
+        if self.pending:
+            out = out + self.pending
+            self.pending = []
+        return out
+
+    def _handle(self, ev) -> list[Decision]:
         t = type(ev)
         if t is ReceivedLines:  # a read's lines: a run of plain ones is one commit, show and relay
             return self._route(self.room.handle_event(ev), ev.frames[-1].at if ev.frames else 0.0)
@@ -411,6 +430,8 @@ class LinkedRoom:
         second = self._claims(ev, commits)
         if not ev.live:
             return out  # what was said while this server was away: its clients get it as history
+        if ev.gone_here:
+            return out + self._back(commits, ev.at)
         if not ev.mine:
             for c in commits:
                 if c["s"] == "event":
@@ -480,12 +501,12 @@ class LinkedRoom:
             if ev.ours:
                 continue  # an earlier run of this server: its people left with it
             held = self.claims.setdefault(ev.origin, {})
-            key = (ev.oid.partition(".")[0], conn)
+            key = (ev.oid.partition(".")[0].partition("-gone")[0], conn)
             old = held.pop(key, None)
             if old is not None:
                 self._unclaim(old[0])
             if c["t"] != "left":
-                held[key] = (handle, ev.label, ev.at)
+                held[key] = (handle, ev.label, ev.at, ev.seq)
                 self.claimed.add(handle)
                 self.room.names.add(handle)
                 if self.sweep_at is None:
@@ -504,7 +525,7 @@ class LinkedRoom:
         if p is None or p.handle != handle:
             return []  # gone, or under another name already
         first = self.claimed.holder(handle)
-        where = next((label for held in self.claims.values() for h, label, _ in held.values() if h == first), "?")
+        where = next((label for held in self.claims.values() for h, label, _, _ in held.values() if h == first), "?")
         return self._route(self.room.withdraw(conn, f"on {visible(where)}", at), at)
 
     def _unsent(self, ev: Unsent) -> list[Decision]:
@@ -526,6 +547,7 @@ class LinkedRoom:
             return [Show("error", visible(ev.why))]
         was = self.up
         self.up = ev.up
+        self.up_at = ev.at if ev.up else None
         self.said_whys = set() if ev.up else {ev.why}
         out: list[Decision] = [Show("event" if ev.up else "error", visible(ev.why))]
         if ev.up and was is False and self.said_down:
@@ -559,6 +581,14 @@ class LinkedRoom:
     def _roster(self, ev: Roster) -> list[Decision]:
         names = self.room.names
         old = self.rosters.get(ev.server)
+        self.missing.pop((ev.server, ev.run), None)  # not gone after all (a link cut for a while)
+        known = self.runs.get(ev.server)
+        if ev.run:
+            self.runs[ev.server] = ev.run
+            if known and known != ev.run and old is not None:
+                # That server started again: who was on it went with its last run, unsaid.
+                for conn, handle, _addr in old[1]:
+                    self._missing(ev.server, known, old[0], conn, handle, self._claim_seq(ev.server, known, conn))
         if old is not None and old[0] == ev.label and old[1] == ev.people and ev.people:
             self.rosters[ev.server] = (ev.label, old[1], ev.at)  # the same people, heard again
             self._forget_stale(ev.at)
@@ -576,10 +606,12 @@ class LinkedRoom:
         held = self.claims.get(ev.server)
         if held:  # claims its list, made since, does not have: gone without a word (a restart)
             there = {(conn, handle) for conn, handle, _addr in people}
-            for key, (handle, _label, heard) in list(held.items()):
+            for key, (handle, label, heard, seq) in list(held.items()):
                 if heard < ev.at - CLAIM_SETTLE and (key[1], handle) not in there:
                     del held[key]
                     self._unclaim(handle)
+                    if ev.run and key[0] != ev.run:  # (of its last run: gone with it, unsaid)
+                        self._missing(ev.server, key[0], label, key[1], handle, seq)
         self._forget_stale(ev.at, changed=True)
         return []
 
@@ -587,24 +619,74 @@ class LinkedRoom:
         """Servers not heard of for ROSTER_STALE have nobody here any more (their claims go
         with them, and so do the claims of a server never heard of that long after them)."""
         names = self.room.names
-        for server, (_label, gone, heard) in list(self.rosters.items()):
+        for server, (label, gone, heard) in list(self.rosters.items()):
             if at - heard > ROSTER_STALE:
                 for _conn, handle, _addr in gone:
                     names.remove(handle)
                 del self.rosters[server]
                 changed = True
+                run = self.runs.get(server)
+                if run:
+                    for conn, handle, _addr in gone:
+                        self._missing(server, run, label, conn, handle, self._claim_seq(server, run, conn))
         for server, held in list(self.claims.items()):
             if server not in self.rosters:
-                for key, (handle, _label, heard) in list(held.items()):
+                for key, (handle, label, heard, seq) in list(held.items()):
                     if at - heard > ROSTER_STALE:
                         del held[key]
                         self._unclaim(handle)
+                        self._missing(server, key[0], label, key[1], handle, seq)  # (before its list said so)
                 if not held:
                     del self.claims[server]
-        self.sweep_at = at + ROSTER_EVERY if self.rosters or self.claims else None
+        if self.missing and self.up and self.up_at is not None and at - self.up_at > ROSTER_STALE:
+            for (server, run), (label, gone) in self.missing.items():
+                self.pending += self._gone(server, run, label, gone, at)
+            self.missing.clear()
+        self.sweep_at = at + ROSTER_EVERY if self.rosters or self.claims or self.missing else None
         if changed:
             self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
                                    for _c, h, a in ps]
+
+    def _claim_seq(self, server: str, run: str, conn) -> int:
+        claim = self.claims.get(server, {}).get((run, conn))
+        return claim[3] if claim is not None else 0
+
+    def _missing(self, server: str, run: str, label: str, conn, handle, seq: int) -> None:
+        if type(conn) is int and type(handle) is str and run:
+            self.missing.setdefault((server, run), (label, {}))[1][conn] = (handle, seq)
+
+    def _gone(self, server: str, run: str, label: str, people: dict[int, tuple[str, int]],
+              at: float) -> list[Decision]:
+        """The people of a server's run not heard of for ROSTER_STALE (killed, or cut off from
+        the broker) leave the room on the record, as anyone's leaving would be: each its own
+        publication, whose id is that person's on that run of that server since the stream last
+        brought their joining (its sequence: every server read the same), so however many
+        servers say it the broker keeps one and every archive records it once, in the stream's
+        order. (Should that server be only cut off, it says they are back, `_back`: a joining
+        again, so if it is cut off again, that leaving has an id of its own.)"""
+        out: list[Decision] = []
+        for conn, (handle, seq) in people.items():
+            body = {"c": [{"k": conn, "s": "event", "h": handle, "t": "left", "r": None, "n": GONE, "at": at,
+                           "v": False}],
+                    "w": [], "b": [[self.room.notice(f"{visible(handle)} left: {LEFT[GONE]}").decode(
+                        "utf-8", "surrogateescape"), None]]}
+            out.append(Publish("gone", json.dumps({"o": server, "r": run, "e": seq, "l": label, "k": conn, "b": body},
+                                                  separators=(",", ":")).encode()))
+        return out
+
+    def _back(self, commits: list, at: float) -> list[Decision]:
+        """The other servers took this server for gone (its link was cut for a while) and said
+        its people left: those still here join the record again."""
+        out: list[Decision] = []
+        for c in commits:
+            p = self.room.people.get(c.get("k"))
+            if c["s"] != "event" or c["t"] != "left" or p is None or p.handle != c["h"] or not p.announced:
+                continue
+            out += [Commit(p.conn, "event", p.handle, "joined", None, "back", at),
+                    Show("event", visible(f"{p.shown} ({address(p.host, p.port)}) is back on the other servers: "
+                                          "they had taken this server for gone")),
+                    Broadcast(self.room.notice(f"{p.shown} is back"), p.conn)]
+        return self._route(out, at) if out else []
 
     def _remote_kick(self, ev: OperatorLine) -> list[Decision] | None:
         m = re.fullmatch(r"\\kick\s+(.+)", ev.text.strip())
@@ -997,7 +1079,8 @@ class BrokerLink:
         now = time.time()
         live = seq >= (self.live_from or 1)
         for ref, body in items:
-            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live, origin == self.uid))
+            self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live, origin == self.uid,
+                              origin == self.uid and run.startswith(f"{self.run}-gone")))
 
     async def _on_who(self, msg) -> None:
         try:
@@ -1011,7 +1094,9 @@ class BrokerLink:
             self._clash_said = True
             self._put(Clash(str(label), time.time()))
         elif server != self.uid and isinstance(people, list):
-            self._put(Roster(server, str(label), people, time.time()))
+            run = body.get("r")
+            self._put(Roster(server, str(label), people, time.time(),
+                             run if isinstance(run, str) and run.isascii() and run.isdigit() else ""))
 
     async def _on_kick(self, msg) -> None:
         try:
@@ -1023,7 +1108,8 @@ class BrokerLink:
 
     async def _announce(self) -> None:
         if self.nc is not None and self.nc.is_connected:
-            body = json.dumps({"s": self.uid, "l": self.label, "p": json.loads(self.roster)}).encode()
+            body = json.dumps({"s": self.uid, "r": str(self.run), "l": self.label,
+                               "p": json.loads(self.roster)}).encode()
             await self.nc.publish(self.who_subject, body)
 
     async def _publisher(self) -> None:
@@ -1053,6 +1139,8 @@ class BrokerLink:
                     await self._announce()
                 elif d.what == "kick" and self.nc is not None:
                     await self.nc.publish(self.kick_subject, d.data)
+                elif d.what == "gone":
+                    await self._publish_gone(d.data)
             except Exception:  # noqa: BLE001
                 if d.what == "line":
                     for item in batch:
@@ -1076,6 +1164,19 @@ class BrokerLink:
         self._unconfirmed.append((time.monotonic() + CONFIRM_SECONDS, fut))
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_confirmations())
+
+    async def _publish_gone(self, data: bytes) -> None:
+        """The leaving of a gone server's person (`LinkedRoom._gone`), published as if by that
+        server, under an id of its own: the broker keeps the first of the servers that say it."""
+        if self.js is None or self.nc is None or not self.nc.is_connected:
+            return  # (said again by the others; this server says it when it next notices)
+        g = json.loads(data)
+        run = f"{g['r']}-gone{int(g['e'])}"
+        headers = {"Nats-Msg-Id": f"{g['o']}.{run}.{g['k']}", "Chatlog-Origin": g["o"], "Chatlog-Run": run,
+                   "Chatlog-Server": g["l"]}
+        payload = json.dumps([[g["k"], g["b"]]], separators=(",", ":")).encode()
+        fut = await self.js.publish_async(self.subject, payload, headers=headers)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # (not confirmed: another says it)
 
     async def _watch_confirmations(self) -> None:
         """Give up on what the broker has not confirmed in CONFIRM_SECONDS (looked at every

@@ -51,6 +51,7 @@ LEFT = {
     "kicked": "removed by the operator",
     "overlong": "dropped for a line over 8192 bytes",
     "name-taken": "the name was taken first on another server",
+    "server-gone": "their server stopped answering",
 }
 
 

@@ -96,8 +96,8 @@ def linked(tmp_path, broker):
     tmp_path/NAME.db, up and linked (its console says so)."""
     servers = []
 
-    def start(name, *args, room="lab", wait=True):
-        s = ServerProc(tmp_path / f"{name}.db", "--room", "--name", room, "--link", broker.url, *args)
+    def start(name, *args, room="lab", wait=True, url=None):
+        s = ServerProc(tmp_path / f"{name}.db", "--room", "--name", room, "--link", url or broker.url, *args)
         servers.append(s)
         if wait:
             s.wait_for(r"^linked to nats://")
@@ -106,6 +106,68 @@ def linked(tmp_path, broker):
     yield start
     for s in servers:
         s.stop()
+
+
+class Cut:
+    """A real TCP relay on loopback between one server and the broker, that can cut that
+    server off (every connection closed, none taken) while the others keep the broker."""
+
+    def __init__(self, port):
+        import threading
+
+        self.port, self.listen_port = port, free_port()
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.threading = threading
+        self.open()
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.listen_port}"
+
+    def open(self):
+        self.server = socket.create_server(("127.0.0.1", self.listen_port), reuse_port=False)
+        self.threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server):
+        while True:
+            try:
+                conn, _ = server.accept()
+                up = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:
+                return
+            with self.lock:
+                self.socks += [conn, up]
+            for a, b in ((conn, up), (up, conn)):
+                self.threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # (wakes the accept: a close alone may not)
+        except OSError:
+            pass
+        self.server.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for x in socks:
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            x.close()
 
 
 class Peer:
@@ -326,6 +388,60 @@ def test_server_killed_and_restarted_resumes_without_gap_or_duplicate(tmp_path, 
     texts = [r[5] for r in rows(tmp_path / "b.db")]
     assert [t for t in texts if "away" in t] == [f"while away {i}" for i in range(10)]
     assert b"while away" not in carol.buf  # the backlog is recorded, not relayed as if said now
+
+
+def test_a_killed_servers_people_leave_on_every_record_once(tmp_path, linked):
+    """A server killed with -9 says nothing more: its people stayed in the room on every other
+    server's record for good (and in \\who until it went stale). The servers that notice say
+    they left, each under the same id, so the stream keeps one; every archive agrees, the
+    killed server's too when it comes back."""
+    a, b, c = linked("a"), linked("b"), linked("c")
+    alice, bob, carol = Peer(a, "alice"), Peer(b, "bob"), Peer(c, "carol")
+    for p, other in ((bob, "alice"), (carol, "alice"), (bob, "carol")):
+        p.until(f"*** {other} joined\n".encode())
+    alice.send("alice>last words")
+    carol.until(b"alice>last words\n")
+    a.proc.send_signal(signal.SIGKILL)
+    a.wait()
+    for p in (bob, carol):
+        p.until(b"*** alice left: their server stopped answering\n", timeout=30)
+    for s in (b, c):
+        s.wait_for(r"^alice left: their server stopped answering \(on ")
+    settled(tmp_path / "b.db", tmp_path / "c.db")
+    gone = [r for r in rows(tmp_path / "b.db") if r[4] == "alice" and r[5] == "left"]
+    assert [(r[3], r[6]) for r in gone] == [("event", "server-gone")]  # said by both, kept once
+    assert_same_archives(tmp_path / "b.db", tmp_path / "c.db")
+    a2 = linked("a", wait=False)  # back: it records its people's leaving as the others did
+    a2.wait_for(r"^linked to nats://")
+    wait_until(lambda: last_seq(tmp_path / "a.db") == last_seq(tmp_path / "b.db"))
+    settled(tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db")
+    assert b"alice left" not in bob.buf[bob.buf.index(b"stopped answering"):]  # said once
+
+
+def test_people_on_a_server_cut_off_for_a_while_are_back_on_every_record(tmp_path, broker, linked):
+    """Cut off from the broker, a server looks gone to the others, who say its people left;
+    when its link returns, those still on it join every record again, and the archives agree."""
+    relay = Cut(broker.port)
+    a, b = linked("a", url=relay.url), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    bob.until(b"*** alice joined\n")
+    for time_ in (1, 2):  # twice: the second leaving is one of its own, not the first again
+        relay.cut()
+        alice.until(b"is down", timeout=15)
+        bob.buf = bob.buf.replace(b"stopped answering", b"(seen)").replace(b"is back", b"(seen)")
+        bob.until(b"*** alice left: their server stopped answering\n", timeout=30)
+        relay.open()
+        bob.until(b"*** alice is back\n", timeout=30)
+        alice.send(f"alice>still here {time_}")
+        bob.until(f"alice>still here {time_}\n".encode())
+        alice.buf = b""
+    wait_until(lambda: a.count(r"^alice \(127\.0\.0\.1:\d+\) is back on the other servers") == 2)
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    said = [(r[5], r[6]) for r in rows(tmp_path / "a.db") if r[4] == "alice" and r[3] == "event"]
+    assert said == [("joined", None)] + [("left", "server-gone"), ("joined", "back")] * 2
+    relay.cut()
 
 
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
@@ -921,6 +1037,61 @@ def test_a_roster_heard_again_unchanged_costs_nothing_but_its_time():
     p.handle_event(Roster("srvC", "hostc:1", [[1, "carol", "x:1"]], 5.0 + 3 * ROSTER_STALE))
     assert [n for n, _, _ in p.room.elsewhere] == ["carol"]  # srvB not heard for too long: nobody there
     assert p.room.names.holder("u1") is None and p.room.names.holder("carol") == "carol"
+
+
+def test_policy_a_gone_servers_people_leave_on_the_record_under_one_id_each():
+    """Not heard of for ROSTER_STALE while this server's own link is up: that run's people
+    leave, each its own publication with that person's id on that run (the broker keeps one of
+    however many servers say it). Silence while our own link was down proves nothing; a
+    server heard again is not gone; a server that started again left its last run's people."""
+    import json
+
+    from chatlog.events import Publish, Tick
+    from chatlog.link import ROSTER_STALE, LinkState, Roster
+
+    def gone(out):
+        return [(g["o"], g["r"], g["k"], g["l"], g["b"]["c"][0]["h"], g["b"]["c"][0]["t"], g["b"]["c"][0]["n"])
+                for g in (json.loads(d.data) for d in out if type(d) is Publish and d.what == "gone")]
+
+    p = _policy()
+    p.handle_event(Roster("srvB", "hostb:1", [[4, "bob", "10.0.0.2:4000"], [5, "dan", "10.0.0.2:4001"]], 5.0, "7"))
+    assert gone(p.handle_event(Tick(5.0 + ROSTER_STALE - 0.5))) == []
+    out = p.handle_event(Tick(5.0 + ROSTER_STALE + 2.5))
+    assert gone(out) == [("srvB", "7", 4, "hostb:1", "bob", "left", "server-gone"),
+                         ("srvB", "7", 5, "hostb:1", "dan", "left", "server-gone")]
+    assert p.room.names.holder("bob") is None
+    assert gone(p.handle_event(Tick(40.0))) == []  # said once
+    # Our own link was down: the others' silence proves nothing, and they are heard again.
+    q = _policy()
+    q.handle_event(Roster("srvB", "hostb:1", [[4, "bob", "10.0.0.2:4000"]], 5.0, "7"))
+    q.handle_event(LinkState(False, "lost the broker", 6.0))
+    q.handle_event(LinkState(True, "linked", 12.0))
+    assert gone(q.handle_event(Tick(13.5))) == []
+    assert gone(q.handle_event(Roster("srvB", "hostb:1", [[4, "bob", "10.0.0.2:4000"]], 14.0, "7"))) == []
+    assert gone(q.handle_event(Tick(19.0))) == []
+    assert q.room.names.holder("bob") == "bob"
+    # Started again (a new run) before anyone noticed: who was on its last run is gone.
+    r = _policy()
+    r.handle_event(Roster("srvB", "hostb:1", [[4, "bob", "10.0.0.2:4000"]], 5.0, "7"))
+    assert gone(r.handle_event(Roster("srvB", "hostb:1", [[1, "eve", "10.0.0.2:4002"]], 8.0, "8"))) == [
+        ("srvB", "7", 4, "hostb:1", "bob", "left", "server-gone")]
+
+
+def test_policy_people_taken_for_gone_while_their_server_was_cut_off_are_back_on_the_record():
+    import json
+
+    from chatlog.events import Broadcast, Publish
+    from chatlog.link import Arrived
+
+    p = _policy()
+    p.handle_event(_line(1, "hi", "alice"))
+    body = {"c": [{"k": 1, "s": "event", "h": "alice", "t": "left", "r": None, "n": "server-gone", "at": 9.0,
+                   "v": False}], "w": [], "b": [["*** alice left: their server stopped answering\n", None]]}
+    out = p.handle_event(Arrived(9, "me", "1-gone.1", "hosta:1", body, False, 1, 9.5, True, True, True))
+    assert not [d for d in out if type(d) is Broadcast]  # alice never left here: not told she did
+    (pub,) = [d for d in out if type(d) is Publish]
+    (joined,) = json.loads(pub.data)["c"]
+    assert (joined["k"], joined["h"], joined["t"], joined["n"]) == (1, "alice", "joined", "back")
 
 
 def test_one_name_claimed_on_two_servers_at_once_is_the_first_claimants_by_the_stream():
