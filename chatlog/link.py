@@ -299,6 +299,9 @@ class LinkedRoom:
         # handle})), and since when this server's own link has been up (until it has been for
         # ROSTER_STALE, silence proves nothing).
         self.runs: dict[str, str] = {}
+        # Names taken here while the link was down (kept here alone, unsaid to the others):
+        # conn -> (joined or renamed, its name before, if renamed); said when the link returns.
+        self.unsaid: dict[int, tuple[str, str | None]] = {}
         self.missing: dict[tuple[str, str], tuple[str, dict[int, tuple[str, int]]]] = {}
         self.up_at: float | None = None
         self.pending: list[Decision] = []
@@ -391,6 +394,15 @@ class LinkedRoom:
         ref = self.ref
         senders = [c["k"] for c in commits if c["k"] is not None and c["s"] == "client"]
         if not self.up:
+            for c in commits:
+                conn, t = c["k"], c.get("t")
+                if c["s"] != "event" or type(conn) is not int:
+                    continue
+                if t == "left":
+                    self.unsaid.pop(conn, None)
+                elif t in ("joined", "renamed") and conn not in self.unsaid:
+                    note = c.get("n") or ""
+                    self.unsaid[conn] = (t, note.rpartition(" is now ")[0] or None if t == "renamed" else None)
             kept = self._keep(ref, commits, DOWN_NOTE)
             told = [Send(conn, self.room.notice(DOWN_NOTICE)) for conn in dict.fromkeys(senders)]
             said = [Show("error", visible(f"not relayed (the link is down): {k.handle or '?'}>{k.text}"))
@@ -560,7 +572,28 @@ class LinkedRoom:
             self.roster_sent = None
             self.roster_at = float("-inf")
             out += self._roster_change([Handle(0, "")], ev.at)  # say who is here again, at once
+            if self.unsaid:
+                out += self._resay(ev.at)
         return out
+
+    def _resay(self, at: float) -> list[Decision]:
+        """Who took a name here while the link was down joins (or renames on) every record now,
+        in the stream's order like anyone's claim: should someone on another server have taken
+        the same name meanwhile, the first claim in the stream keeps it (`_claims`)."""
+        out: list[Decision] = []
+        notice = self.room.notice
+        for conn, (kind, old) in self.unsaid.items():
+            p = self.room.people.get(conn)
+            if p is None or p.handle is None or not p.announced:
+                continue
+            if kind == "renamed" and old:
+                out += [Commit(conn, "event", p.handle, "renamed", None, f"{old} is now {p.handle}", at),
+                        Broadcast(notice(f"{visible(old)} is now {p.shown}"), conn)]
+            else:
+                out += [Commit(conn, "event", p.handle, "joined", None, "relinked", at),
+                        Broadcast(notice(f"{p.shown} joined"), conn)]
+        self.unsaid.clear()
+        return self._route(out, at) if out else []
 
     # who is where
     def _roster_change(self, out: list[Decision], at: float) -> list[Decision]:

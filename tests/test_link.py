@@ -528,6 +528,37 @@ def test_broker_gone_for_ten_seconds_then_the_room_is_whole_again(tmp_path, brok
     assert len(kept) == n and all(r[2] is None and "not relayed" in r[6] for r in kept)
 
 
+def test_one_name_taken_on_two_servers_while_the_broker_was_away_ends_with_one_holder(tmp_path, broker, linked):
+    """A name taken while the link is down is kept here alone: before, nobody else heard of it,
+    so when the link returned two servers could each have someone under one name (and the
+    others' records had no joining for anyone who joined then). Now those joinings are said
+    when the link returns, in the stream's order: the first keeps the name, every record has it."""
+    a, b = linked("a"), linked("b")
+    watcher = Peer(b, "watcher")
+    a.wait_for(r"^watcher joined \(on ")
+    broker.stop()
+    x, y = Peer(a), Peer(b)
+    for p in (x, y):
+        p.until(b"is down")
+    x.send("zed>\\join")
+    y.send("zed>\\join")
+    a.wait_for(r"^zed joined \(127")
+    b.wait_for(r"^zed joined \(127")
+    broker.start()
+    wait_until(lambda: x.poll() or y.poll() or b"choose another" in x.buf + y.buf, timeout=20)
+    keeper, kept_on = (x, a) if b"choose another" in y.buf else (y, b)
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    x.poll(), y.poll()
+    assert sorted([x.buf.count(b"choose another"), y.buf.count(b"choose another")]) == [0, 1], (x.buf, y.buf)
+    keeper.send("zed>the name is mine")
+    watcher.until(b"zed>the name is mine\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    joins = [r for r in rows(tmp_path / "a.db") if r[4] == "zed" and r[5] == "joined"]
+    assert [r[6] for r in joins] == ["relinked", "relinked"]  # both said, in one order everywhere
+    assert kept_on.count(r"^zed ") >= 1
+
+
 def test_a_copied_archive_linking_beside_its_original_is_said(tmp_path, linked):
     a = linked("a")
     a.say("\\who")  # (something committed: the copy is a real archive)
