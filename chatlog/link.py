@@ -143,6 +143,14 @@ class Roster(Event):
 
 
 @dataclass(slots=True)
+class Echo(Event):
+    """This server's own announcement, heard back from the broker at `at`: the link delivers,
+    and everything heard before it has been taken (so silence since is silence)."""
+
+    at: float
+
+
+@dataclass(slots=True)
 class Clash(Event):
     """Another server (`label`) links with this archive's identity: a copy of this database."""
 
@@ -288,9 +296,12 @@ class LinkedRoom:
         self.roster_changed = False  # who is here changed since the last announcement
         self.roster_at = float("-inf")  # when that was made
         # The names people on other servers took, as the stream brought their claims: server ->
-        # {(run, conn): (handle, label, heard at, the claim's stream sequence)}, and the same by name. The stream's order is
+        # {(run, conn): (handle, label, heard at)}, and the same by name. The stream's order is
         # every server's: a name is the person's whose claim came first (`_claims`).
-        self.claims: dict[str, dict[tuple[str, int], tuple[str, str, float, int]]] = {}
+        self.claims: dict[str, dict[tuple[str, int], tuple[str, str, float]]] = {}
+        # The stream sequence of each present person's joining on another server ((server, run,
+        # conn) -> seq): every server read the same, whatever its lists said when.
+        self.joined_seq: dict[tuple[str, str, int], int] = {}
         self.claimed = Names()
         self.sweep_at: float | None = None  # when servers not heard of for a while are next forgotten
         # Servers gone without a word (killed, cut off): their people leave on the record too,
@@ -301,10 +312,16 @@ class LinkedRoom:
         self.runs: dict[str, str] = {}
         # Names taken here while the link was down (kept here alone, unsaid to the others):
         # conn -> (joined or renamed, its name before, if renamed); said when the link returns.
+        # And people the others took for gone while this server was cut off (back).
         self.unsaid: dict[int, tuple[str, str | None]] = {}
         self.missing: dict[tuple[str, str], tuple[str, dict[int, tuple[str, int]]]] = {}
         self.up_at: float | None = None
         self.pending: list[Decision] = []
+        # When a run was last heard of ((server, run) -> at), and when this server's own last
+        # announcement came back through the broker (taken in turn with all it brought, so a
+        # server busy with a backlog never takes the lines queued before a list for silence).
+        self.last_heard: dict[tuple[str, str], float] = {}
+        self.echo_at = float("-inf")
 
     # the policy interface
     def deadline(self):
@@ -341,6 +358,10 @@ class LinkedRoom:
             return self._unsent(ev)
         if t is Roster:
             return self._roster(ev)
+        if t is Echo:
+            self.echo_at = ev.at
+            self._forget_stale(ev.at)
+            return []
         if t is Clash:
             return [Show("error", visible(
                 f"the server {ev.label} links with this archive's identity (a copy of this database?): "
@@ -514,11 +535,15 @@ class LinkedRoom:
                 continue  # an earlier run of this server: its people left with it
             held = self.claims.setdefault(ev.origin, {})
             key = (ev.oid.partition(".")[0].partition("-gone")[0], conn)
+            if c["t"] == "joined":
+                self.joined_seq[ev.origin, key[0], conn] = ev.seq
+            elif c["t"] == "left":
+                self.joined_seq.pop((ev.origin, key[0], conn), None)
             old = held.pop(key, None)
             if old is not None:
                 self._unclaim(old[0])
             if c["t"] != "left":
-                held[key] = (handle, ev.label, ev.at, ev.seq)
+                held[key] = (handle, ev.label, ev.at)
                 self.claimed.add(handle)
                 self.room.names.add(handle)
                 if self.sweep_at is None:
@@ -537,7 +562,7 @@ class LinkedRoom:
         if p is None or p.handle != handle:
             return []  # gone, or under another name already
         first = self.claimed.holder(handle)
-        where = next((label for held in self.claims.values() for h, label, _, _ in held.values() if h == first), "?")
+        where = next((label for held in self.claims.values() for h, label, _ in held.values() if h == first), "?")
         return self._route(self.room.withdraw(conn, f"on {visible(where)}", at), at)
 
     def _unsent(self, ev: Unsent) -> list[Decision]:
@@ -589,6 +614,9 @@ class LinkedRoom:
             if kind == "renamed" and old:
                 out += [Commit(conn, "event", p.handle, "renamed", None, f"{old} is now {p.handle}", at),
                         Broadcast(notice(f"{visible(old)} is now {p.shown}"), conn)]
+            elif kind == "back":
+                out += [Commit(conn, "event", p.handle, "joined", None, "back", at),
+                        Broadcast(notice(f"{p.shown} is back"), conn)]
             else:
                 out += [Commit(conn, "event", p.handle, "joined", None, "relinked", at),
                         Broadcast(notice(f"{p.shown} joined"), conn)]
@@ -615,13 +643,14 @@ class LinkedRoom:
         names = self.room.names
         old = self.rosters.get(ev.server)
         self.missing.pop((ev.server, ev.run), None)  # not gone after all (a link cut for a while)
+        self.last_heard[ev.server, ev.run] = ev.at
         known = self.runs.get(ev.server)
         if ev.run:
             self.runs[ev.server] = ev.run
             if known and known != ev.run and old is not None:
                 # That server started again: who was on it went with its last run, unsaid.
                 for conn, handle, _addr in old[1]:
-                    self._missing(ev.server, known, old[0], conn, handle, self._claim_seq(ev.server, known, conn))
+                    self._missing(ev.server, known, old[0], conn, handle)
         if old is not None and old[0] == ev.label and old[1] == ev.people and ev.people:
             self.rosters[ev.server] = (ev.label, old[1], ev.at)  # the same people, heard again
             self._forget_stale(ev.at)
@@ -639,12 +668,12 @@ class LinkedRoom:
         held = self.claims.get(ev.server)
         if held:  # claims its list, made since, does not have: gone without a word (a restart)
             there = {(conn, handle) for conn, handle, _addr in people}
-            for key, (handle, label, heard, seq) in list(held.items()):
+            for key, (handle, label, heard) in list(held.items()):
                 if heard < ev.at - CLAIM_SETTLE and (key[1], handle) not in there:
                     del held[key]
                     self._unclaim(handle)
                     if ev.run and key[0] != ev.run:  # (of its last run: gone with it, unsaid)
-                        self._missing(ev.server, key[0], label, key[1], handle, seq)
+                        self._missing(ev.server, key[0], label, key[1], handle)
         self._forget_stale(ev.at, changed=True)
         return []
 
@@ -661,32 +690,31 @@ class LinkedRoom:
                 run = self.runs.get(server)
                 if run:
                     for conn, handle, _addr in gone:
-                        self._missing(server, run, label, conn, handle, self._claim_seq(server, run, conn))
+                        self._missing(server, run, label, conn, handle)
         for server, held in list(self.claims.items()):
             if server not in self.rosters:
-                for key, (handle, label, heard, seq) in list(held.items()):
+                for key, (handle, label, heard) in list(held.items()):
                     if at - heard > ROSTER_STALE:
                         del held[key]
                         self._unclaim(handle)
-                        self._missing(server, key[0], label, key[1], handle, seq)  # (before its list said so)
+                        self._missing(server, key[0], label, key[1], handle)  # (before its list said so)
                 if not held:
                     del self.claims[server]
         if self.missing and self.up and self.up_at is not None and at - self.up_at > ROSTER_STALE:
-            for (server, run), (label, gone) in self.missing.items():
-                self.pending += self._gone(server, run, label, gone, at)
-            self.missing.clear()
+            for key, (label, gone) in list(self.missing.items()):
+                if self.last_heard.get(key, float("-inf")) < self.echo_at - ROSTER_STALE:
+                    self.pending += self._gone(key[0], key[1], label, gone, at)
+                    del self.missing[key]
         self.sweep_at = at + ROSTER_EVERY if self.rosters or self.claims or self.missing else None
         if changed:
             self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
                                    for _c, h, a in ps]
 
-    def _claim_seq(self, server: str, run: str, conn) -> int:
-        claim = self.claims.get(server, {}).get((run, conn))
-        return claim[3] if claim is not None else 0
-
-    def _missing(self, server: str, run: str, label: str, conn, handle, seq: int) -> None:
+    def _missing(self, server: str, run: str, label: str, conn, handle) -> None:
         if type(conn) is int and type(handle) is str and run:
-            self.missing.setdefault((server, run), (label, {}))[1][conn] = (handle, seq)
+            people = self.missing.setdefault((server, run), (label, {}))[1]
+            if conn not in people:
+                people[conn] = (handle, self.joined_seq.get((server, run, conn), 0))
 
     def _gone(self, server: str, run: str, label: str, people: dict[int, tuple[str, int]],
               at: float) -> list[Decision]:
@@ -699,6 +727,7 @@ class LinkedRoom:
         again, so if it is cut off again, that leaving has an id of its own.)"""
         out: list[Decision] = []
         for conn, (handle, seq) in people.items():
+            self.joined_seq.pop((server, run, conn), None)
             body = {"c": [{"k": conn, "s": "event", "h": handle, "t": "left", "r": None, "n": GONE, "at": at,
                            "v": False}],
                     "w": [], "b": [[self.room.notice(f"{visible(handle)} left: {LEFT[GONE]}").decode(
@@ -715,11 +744,11 @@ class LinkedRoom:
             p = self.room.people.get(c.get("k"))
             if c["s"] != "event" or c["t"] != "left" or p is None or p.handle != c["h"] or not p.announced:
                 continue
-            out += [Commit(p.conn, "event", p.handle, "joined", None, "back", at),
-                    Show("event", visible(f"{p.shown} ({address(p.host, p.port)}) is back on the other servers: "
-                                          "they had taken this server for gone")),
-                    Broadcast(self.room.notice(f"{p.shown} is back"), p.conn)]
-        return self._route(out, at) if out else []
+            self.unsaid.setdefault(p.conn, ("back", None))
+            out.append(Show("event", visible(f"{p.shown} ({address(p.host, p.port)}) is back on the other servers: "
+                                             "they had taken this server for gone")))
+        # (said now, or as the link comes up: the stream may bring this before the link's news)
+        return out + self._resay(at) if self.up else out
 
     def _remote_kick(self, ev: OperatorLine) -> list[Decision] | None:
         m = re.fullmatch(r"\\kick\s+(.+)", ev.text.strip())
@@ -1121,11 +1150,14 @@ class BrokerLink:
             server, label, people = body["s"], body["l"], body["p"]
         except (ValueError, KeyError, TypeError):
             return
-        if server == self.uid and label != self.label and not self._clash_said:
-            # Another server with this archive's identity (a copied database): its lines and
-            # ours would be taken for one another's. Said once; each needs an archive of its own.
-            self._clash_said = True
-            self._put(Clash(str(label), time.time()))
+        if server == self.uid and label != self.label:
+            if not self._clash_said:
+                # Another server with this archive's identity (a copied database): its lines and
+                # ours would be taken for one another's. Said once; each needs an archive of its own.
+                self._clash_said = True
+                self._put(Clash(str(label), time.time()))
+        elif server == self.uid:
+            self._put(Echo(time.time()))
         elif server != self.uid and isinstance(people, list):
             run = body.get("r")
             self._put(Roster(server, str(label), people, time.time(),
