@@ -705,6 +705,7 @@ class LinkedRoom:
                 if self.last_heard.get(key, float("-inf")) < self.echo_at - ROSTER_STALE:
                     self.pending += self._gone(key[0], key[1], label, gone, at)
                     del self.missing[key]
+                    self.last_heard.pop(key, None)
         self.sweep_at = at + ROSTER_EVERY if self.rosters or self.claims or self.missing else None
         if changed:
             self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
