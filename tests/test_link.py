@@ -243,12 +243,15 @@ def settled(*dbs):
 
 
 def assert_same_archives(*dbs):
-    first = rows(dbs[0])
+    """The archives hold the same stream, as far as all have committed it (a message the stream
+    brings meanwhile, such as a gone server's people leaving, is not yet in all of them)."""
+    upto = min(last_seq(db) for db in dbs)
+    first = rows(dbs[0], f"stream_seq IS NOT NULL AND stream_seq <= {upto}")
     seqs = [r[2] for r in first]
     assert sorted(set(seqs)) == list(range(1, max(seqs) + 1)), "a gap in the stream"
     assert len({(r[0], r[1]) for r in first}) == len(first), "a line recorded twice"
     for db in dbs[1:]:
-        assert rows(db) == first
+        assert rows(db, f"stream_seq IS NOT NULL AND stream_seq <= {upto}") == first
 
 
 # -- one room over three servers -----------------------------------------------------------------
