@@ -483,7 +483,8 @@ class Recorder:
                    origin_server: str, origin_id: str, stream_seq: int | None) -> int | None:
         """One line of a linked room, with its origin and stream sequence; None if this archive
         has it already (a line is its origin: the same line is never recorded twice). A line
-        kept here alone (`stream_seq` None) that the stream brings after all gets its sequence."""
+        kept here alone (`stream_seq` None) that the stream brings after all gets its sequence,
+        and the stream's note in place of the one that said it was not relayed."""
         if raw is not None and len(raw) > RAW_KEEP:
             cut = f"raw bytes cut at {RAW_KEEP}; {len(raw) - RAW_KEEP} more received"
             note = f"{note}; {cut}" if note else cut
@@ -499,9 +500,9 @@ class Recorder:
              origin_server, origin_id, stream_seq),
         ).rowcount
         if not added:
-            if stream_seq is not None:
-                self._run("UPDATE messages SET stream_seq = ? WHERE origin_server = ? AND origin_id = ? "
-                          "AND stream_seq IS NULL", (stream_seq, origin_server, origin_id))
+            if stream_seq is not None:  # (relayed after all: its note is the stream's, not "not relayed")
+                self._run("UPDATE messages SET stream_seq = ?, note = ? WHERE origin_server = ? AND origin_id = ? "
+                          "AND stream_seq IS NULL", (stream_seq, note, origin_server, origin_id))
             return None
         self._seq[session_id] = seq
         if not self._in_tx:

@@ -1316,6 +1316,29 @@ def test_a_run_of_lines_the_archive_has_already_is_not_recorded_twice(tmp_path):
     r.close()
 
 
+def test_a_line_kept_as_not_relayed_that_the_stream_brings_after_all_is_relayed_on_the_record(tmp_path):
+    """The broker took a line but its confirmation came too late: kept here alone, marked "not
+    relayed: the broker did not take it"; when the stream brought it, the row got its sequence
+    but kept that note, so this archive said not relayed where every other said nothing (a
+    loaded test run compared them)."""
+    import time
+
+    from chatlog.recorder import open_recorder
+
+    r = open_recorder(tmp_path / "x.db")
+    r.start("127.0.0.1", 0, time.time())
+    sid = r.begin_session("127.0.0.1", 0, "127.0.0.1", 0, time.time(), served=True)
+    r.add_linked(sid, "client", "amy", "hi", None, "not relayed: the broker did not take it", 5.0, None, False,
+                 "me", "1.3.0", None)
+    r.add_linked(sid, "client", "amy", "hi", None, None, 5.0, None, False, "me", "1.3.0", 7)
+    r.add_linked(sid, "event", "amy", "left", None, "disconnect; not relayed: the broker did not take it", 6.0,
+                 None, False, "me", "1.4.0", None)
+    r.add_linked(sid, "event", "amy", "left", None, "disconnect", 6.0, None, False, "me", "1.4.0", 8)
+    got = r.conn.execute("SELECT text, note, stream_seq FROM messages ORDER BY id").fetchall()
+    assert got == [("hi", None, 7), ("left", "disconnect", 8)]
+    r.close()
+
+
 def test_a_burst_over_the_link_arrives_whole_in_order_and_the_archives_agree(tmp_path, linked):
     a, b = linked("a", "--rate", "0"), linked("b", "--rate", "0")
     bob = Peer(b, "bob")
