@@ -89,6 +89,7 @@ DOWN_NOTICE = ("The link to the room's other servers is down: what you say now i
                "(this server records it, marked so).")
 UP_NOTICE = "The link to the room's other servers is back: lines are relayed again."
 UNSENT_NOTICE = "The broker did not take your line: it was not relayed (this server records it, marked so)."
+LATE_NOTICE = "Your line reached the room after all: the broker had taken it, and confirmed it late."
 DOWN_NOTE = "not relayed: the link to the other servers was down"
 
 
@@ -457,8 +458,11 @@ class LinkedRoom:
             relayed = self._relayed(ev, body["w"], body["b"])
         except (KeyError, TypeError, ValueError, AttributeError):
             return [Advance(ev.seq), Show("error", f"stream message {ev.seq} from {visible(ev.label)} is not a chatlog line; skipped")]
-        if ev.mine:
-            self.inflight.pop(ev.ref, None)
+        if ev.mine and self.inflight.pop(ev.ref, None) is None and ev.live:
+            # Given up here (not confirmed in time: its sender was told it was not relayed), and
+            # the stream brings it after all: relayed as any line, and its sender told so.
+            out += [Send(conn, self.room.notice(LATE_NOTICE)) for conn in dict.fromkeys(
+                c["k"] for c in commits if c["s"] == "client" and type(c["k"]) is int)]
         out.append(Advance(ev.seq))
         second = self._claims(ev, commits)
         if not ev.live:

@@ -944,8 +944,10 @@ def test_policy_a_line_is_published_not_committed_then_carried_out_in_stream_ord
 
 
 def test_policy_link_down_refuses_tells_and_keeps_marked():
+    import json
+
     from chatlog.events import Connected, Publish, Send
-    from chatlog.link import DOWN_NOTICE, LinkCommit, LinkState, Unsent
+    from chatlog.link import DOWN_NOTICE, LATE_NOTICE, Arrived, LinkCommit, LinkState, Unsent
 
     p = _policy()
     p.handle_event(_line(1, "first", "alice"))
@@ -964,6 +966,14 @@ def test_policy_link_down_refuses_tells_and_keeps_marked():
     out = p.handle_event(Unsent(pub.ref, 7.0))
     assert [d.text for d in out if type(d) is LinkCommit] == ["lost"]
     assert any(type(d) is Send and d.conn == 1 for d in out)
+    # The broker had taken it after all: the stream brings it, and its sender hears so.
+    came = p.handle_event(Arrived(9, "me", f"1.{pub.ref}", "here:1", json.loads(pub.data), True, pub.ref, 8.0))
+    assert [d for d in came if type(d) is Send and d.conn == 1 and LATE_NOTICE.encode() in d.data]
+    assert any(type(d) is LinkCommit and d.text == "lost" and d.seq == 9 for d in came)
+    # A line confirmed in time says nothing of the kind.
+    pub = next(d for d in p.handle_event(_line(1, "in time", at=8.1)) if type(d) is Publish)
+    came = p.handle_event(Arrived(10, "me", f"1.{pub.ref}", "here:1", json.loads(pub.data), True, pub.ref, 8.2))
+    assert not [d for d in came if type(d) is Send and LATE_NOTICE.encode() in d.data]
 
 
 def test_policy_why_the_link_is_down_reaches_the_console_even_after_clients_were_told():
