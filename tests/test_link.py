@@ -447,6 +447,33 @@ def test_people_on_a_server_cut_off_for_a_while_are_back_on_every_record(tmp_pat
     relay.cut()
 
 
+def test_a_server_stopped_for_a_while_is_gone_then_back_and_takes_nobody_else_for_gone(tmp_path, linked):
+    """SIGSTOP: the others say its people left, and when it goes on it brings them back. What
+    it finds waiting when it wakes (the others' lists, heard long ago by the clock) is taken
+    before any silence is judged: it says nobody else left."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    b.wait_for(r"^alice joined \(on ")
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        bob.until(b"*** alice left: their server stopped answering\n", timeout=30)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    bob.until(b"*** alice is back\n", timeout=30)
+    alice.send("alice>woke up")
+    bob.until(b"alice>woke up\n")
+    bob.send("bob>hello alice")
+    alice.until(b"bob>hello alice\n")
+    wait_until(lambda: a.count(r"is back on the other servers") == 1)
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    said = [(r[4], r[5], r[6]) for r in rows(tmp_path / "b.db") if r[3] == "event"]
+    assert [x for x in said if x[0] == "alice"] == [("alice", "joined", None), ("alice", "left", "server-gone"),
+                                                    ("alice", "joined", "back")]
+    assert [x for x in said if x[0] == "bob"] == [("bob", "joined", None)]  # never taken for gone
+    assert a.count(r"left: their server stopped answering") == 0 and b"stopped answering" not in alice.buf
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")
