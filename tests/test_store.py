@@ -189,6 +189,36 @@ def test_a_few_messages_in_one_statement_take_fresh_ids_and_their_sessions_seqs(
     rec.close()
 
 
+def test_a_turn_takes_no_id_another_process_freed_after_the_last_turn(tmp_path):
+    """After its own turn a recorder lets SQLite give the next ids (max + 1) while its newest
+    message stands; when another process has deleted that one, or added newer ones and deleted
+    those, it goes by the floor again: a freed id is never given twice."""
+    from chatlog.recorder import open_recorder
+
+    path = tmp_path / "turns.db"
+    rec, other = open_recorder(path), open_recorder(path)
+    sid = rec.begin_session("127.0.0.1", 1, "127.0.0.1", 2, 1.0, served=True)
+    elsewhere = other.begin_session("127.0.0.1", 3, "127.0.0.1", 2, 1.0, served=True)
+
+    def turn(n):
+        rec.add_message_rows([(sid, "client", "amy", f"line {n}", None, None, 2.0, False),
+                              (sid, "server", "SERVER", f"answer {n}", None, None, 2.0, False)])
+        return [r[0] for r in rec.conn.execute("SELECT id FROM messages WHERE text LIKE ? ORDER BY id", (f"% {n}",))]
+
+    assert turn(1) == [1, 2]
+    assert turn(2) == [3, 4]
+    other.conn.execute("DELETE FROM messages WHERE id = 4")  # the newest, this recorder's own
+    assert turn(3) == [5, 6]
+    other.add_message(elsewhere, "client", "bob", "elsewhere", None, None, 3.0)  # 7, then deleted
+    other.add_message(elsewhere, "client", "bob", "elsewhere", None, None, 3.0)  # 8, then deleted
+    other.conn.execute("DELETE FROM messages WHERE id >= 7")
+    assert turn(4) == [9, 10]
+    other.add_message(elsewhere, "client", "bob", "kept", None, None, 3.0)  # 11, kept
+    assert turn(5) == [12, 13]
+    rec.close()
+    other.close()
+
+
 def test_a_run_of_plain_lines_is_recorded_as_each_line_on_its_own_would_be(tmp_path):
     lines = [("plain", 10.5), ('"quoted" \\ back', 10.5), ("", 10.5), ("later", 11.25), ("x" * 500, 11.25)]
     tables = []
