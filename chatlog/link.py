@@ -83,6 +83,7 @@ WHYS_SAID = 4  # different reasons for one outage said on the console, at most
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
 CLIENT_PASSES = 16  # the client's event loop run at most this many passes at a time (then the room's turn)
 CLIENT_POLL = 0.05  # how often the client runs when its timers cannot be read
+NO_STREAM_AGAIN = 0.2  # seconds between the tries of a retry the broker answered "no stream"
 CONFIRM_EVERY = 0.5  # how often at most what the broker has not confirmed is looked at
 
 DOWN_NOTICE = ("The link to the room's other servers is down: what you say now is not relayed "
@@ -900,6 +901,7 @@ class BrokerLink:
         self.live_from = None  # the stream's first sequence said since this server linked
         aloop = asyncio.SelectorEventLoop(self._sel)
         self._out: asyncio.Queue = asyncio.Queue()
+        self._following = asyncio.Lock()  # (one resubscription at a time)
         self._aloop = aloop
         self._main_task = aloop.create_task(self._main())  # (run from the loop's next pass on)
 
@@ -1105,20 +1107,34 @@ class BrokerLink:
         self.sub = await self.js.subscribe(self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
                                            config=config, idle_heartbeat=2.0)
 
-    async def _resubscribe(self) -> None:
+    async def _resubscribe(self) -> bool:
+        """Follow the stream again from `next_seq`, trying until it works or the link closes: a
+        broker still starting, a cluster that has lost its quorum for a while (the stream has no
+        leader, so no consumer can be made). While it fails the link counts as down (said once
+        per reason). Returns whether it failed at first. One at a time."""
         self._resubscribing = True
+        failed = False
         try:
-            for _ in range(20):
-                if self._closing:
-                    return
-                try:
-                    await self._ensure_stream()
-                    await self._subscribe()
-                    return
-                except Exception:  # noqa: BLE001  (the broker is still starting: again)
-                    await asyncio.sleep(RETRY_SECONDS)
+            async with self._following:
+                while not self._closing:
+                    try:
+                        await self._ensure_stream()
+                        await self._subscribe()
+                        return failed
+                    except Exception as exc:  # noqa: BLE001
+                        failed = True
+                        self._put(LinkState(False, f"cannot follow the room's stream {self.stream}: {_why(exc)}; "
+                                            "retrying", time.time()))
+                        await asyncio.sleep(RETRY_SECONDS)
+            return failed
         finally:
             self._resubscribing = False
+
+    async def _follow_again(self) -> None:
+        """After a gap in what the stream delivered (the link itself up)."""
+        if await self._resubscribe() and not self._closing:
+            self._put(LinkState(True, f"following the stream {self.stream} again from sequence {self.next_seq}",
+                                time.time()))
 
     async def _on_msg(self, msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -1128,7 +1144,7 @@ class BrokerLink:
             # A gap (a slow consumer's dropped messages): deliver again from where we are (once:
             # what the old subscription still brings meanwhile is dropped here the same way).
             if not self._resubscribing:
-                asyncio.get_running_loop().create_task(self._resubscribe())
+                asyncio.get_running_loop().create_task(self._follow_again())
             return
         while self._full() and not self._closing:
             await asyncio.sleep(0.005)  # the loop is behind: the broker keeps the rest
@@ -1267,12 +1283,23 @@ class BrokerLink:
         asyncio.get_running_loop().create_task(self._retry(batch, data, headers))
 
     async def _retry(self, batch: list[Publish], data: bytes, headers: dict) -> None:
-        try:
-            if self.nc is not None and self.nc.is_connected:
-                await self.js.publish(self.subject, data, timeout=CONFIRM_SECONDS, headers=headers)
+        """Once more, waiting CONFIRM_SECONDS at most for the broker to confirm. Within them, a
+        broker that says nobody takes the subject (a cluster still settling which node leads
+        the stream, just after it lost and regained its quorum) is asked again."""
+        from nats.js.errors import NoStreamResponseError
+
+        give_up = time.monotonic() + CONFIRM_SECONDS
+        while self.nc is not None and self.nc.is_connected and not self._closing:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await self.js.publish(self.subject, data, timeout=left, headers=headers)
                 return
-        except Exception:  # noqa: BLE001
-            pass
+            except NoStreamResponseError:
+                await asyncio.sleep(min(NO_STREAM_AGAIN, max(0.0, give_up - time.monotonic())))
+            except Exception:  # noqa: BLE001
+                break
         for d in batch:
             self._put(Unsent(d.ref, time.time()))
 

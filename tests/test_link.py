@@ -651,6 +651,63 @@ def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp
     finally:
         for s in servers:
             s.stop()
+            print(f"----- {s.db.name}:\n{s.output}")  # (shown if it failed)
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.slow
+def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_returns(tmp_path):
+    """Two of three nodes stopped: the one left takes the clients, but the room's stream (three
+    replicas) has no leader, so nobody can follow it. Each server keeps trying, says it cannot,
+    and follows it again once a node returns (it had given up after 20 tries: its people heard
+    nothing more, while what they said still went out)."""
+    six = free_ports(6)
+    ports, routes = six[:3], six[3:]
+    nodes = []
+    for i in range(3):
+        conf = tmp_path / f"n{i}.conf"
+        conf.write_text(
+            f"server_name: n{i}\n"
+            f"cluster {{\n  name: chatlog\n  listen: 127.0.0.1:{routes[i]}\n"
+            f"  routes: [{', '.join(f'nats://127.0.0.1:{r}' for r in routes)}]\n}}\n")
+        nodes.append(Broker(tmp_path / f"n{i}", port=ports[i], args=["-c", str(conf)]))
+    urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    servers = []
+    try:
+        for name in "ab":
+            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link", urls,
+                                      "--link-replicas", "3"))
+        for s in servers:
+            s.wait_for(r"^linked to nats://", timeout=30)
+        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
+        alice.until(b"*** bob joined\n")
+        alice.send("alice>before")
+        bob.until(b"alice>before\n")
+        # Both servers lose their node (so each must follow the stream anew), and one is left.
+        used = {wait_until(lambda s=s: _broker_port_of(s, ports)) for s in servers}
+        kept = next(p for p in ports if p not in used)
+        gone = [n for n in nodes if n.port != kept]
+        for n in gone:
+            n.stop()
+        for s in servers:
+            s.wait_for(r"cannot follow the room's stream CHATLOG_lab: .*; retrying", timeout=45)
+        # The outage lasts longer than the 20 tries (10 s and more) the servers used to make.
+        outage = time.monotonic() + 15
+        wait_until(lambda: time.monotonic() >= outage, timeout=30)
+        gone[0].start()
+        for s in servers:
+            s.wait_for(r"linked to nats://\S+ again|following the stream CHATLOG_lab again", timeout=60)
+        bob.send("bob>still here")
+        alice.until(b"bob>still here\n", timeout=45)
+        alice.send("alice>and me")
+        bob.until(b"alice>and me\n", timeout=45)
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    finally:
+        for s in servers:
+            s.stop()
+            print(f"----- {s.db.name}:\n{s.output}")  # (shown if it failed)
         for n in nodes:
             n.stop()
 
