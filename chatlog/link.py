@@ -1311,6 +1311,8 @@ class BrokerLink:
         if self._closing:
             return
         await self._resubscribe()
+        if self._closing:
+            return
         self._put(LinkState(True, f"linked to {self.url} again: stream {self.stream} from sequence {self.next_seq}",
                             time.time()))
         try:
