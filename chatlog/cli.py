@@ -1039,7 +1039,8 @@ def visible_text(text: str) -> str:
 
 @cli.command()
 @click.option("--handle", metavar="NAME", required=True, help="Whose lines to remove: in 1:1 chats and rooms alike.")
-@click.option("--host", metavar="ADDR", help="Only NAME's lines from this client address.")
+@click.option("--host", metavar="ADDR", help="Only NAME's lines from this client address (in a linked room, "
+              "lines said on another server are left: their address is not known here).")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed, and remove nothing.")
 @db_option
 def forget(handle, host, dry_run, db):

@@ -319,6 +319,35 @@ def test_three_servers_one_room_one_order(tmp_path, linked):
         assert r.exit_code == 0 and r.output.strip() == "1"
 
 
+def test_forget_removes_a_persons_lines_from_every_servers_archive(tmp_path, linked):
+    """Each archive holds the whole room, so each can forget a person: on the server they were
+    not connected to, their lines are found by the name they were said under."""
+    a, b = linked("a"), linked("b")
+    alice = Peer(a, "alice")
+    b.wait_for(r"^alice joined \(on ")
+    bob = Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    alice.send("alice>my secret")
+    alice.send("alice>another")
+    bob.until(b"alice>another\n")
+    bob.send("bob>kept")
+    alice.until(b"bob>kept\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    for db in (tmp_path / "a.db", tmp_path / "b.db"):
+        for name in ("alice", "bob"):  # (both took part in the room, wherever they were connected)
+            r = run_chatlog(db, "sessions", "--handle", name, "--json")
+            assert r.exit_code == 0 and [s["kind"] for s in json.loads(r.output)] == ["room"], r.output
+        r = run_chatlog(db, "forget", "--handle", "alice")
+        assert r.exit_code == 0 and "removed 2 messages from alice" in r.output, r.output
+        said = [(h, t) for _, _, _, sender, h, t, _ in rows(db) if sender == "client"]
+        assert said == [("alice", ""), ("alice", ""), ("bob", "kept")]
+        r = run_chatlog(db, "search", "-c", "secret")
+        assert r.exit_code == 0 and r.output.strip() == "0"
+    # A client address is known only where the person was connected.
+    r = run_chatlog(tmp_path / "b.db", "forget", "--handle", "bob", "--host", "127.0.0.1", "--dry-run")
+    assert "would remove 1 message from bob at 127.0.0.1" in r.output
+
+
 def test_who_lists_everyone_and_kick_works_across_servers(tmp_path, linked):
     a, b = linked("a"), linked("b")
     alice = Peer(a, "alice")
