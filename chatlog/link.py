@@ -83,6 +83,7 @@ WHYS_SAID = 4  # different reasons for one outage said on the console, at most
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
 CLIENT_PASSES = 16  # the client's event loop run at most this many passes at a time (then the room's turn)
 CLIENT_POLL = 0.05  # how often the client runs when its timers cannot be read
+LOST_AGAIN = 5.0  # seconds between looks at a room's stream that is gone or was made again
 NO_STREAM_AGAIN = 0.2  # seconds between the tries of a retry the broker answered "no stream"
 CONFIRM_EVERY = 0.5  # how often at most what the broker has not confirmed is looked at
 
@@ -95,6 +96,10 @@ DOWN_NOTE = "not relayed: the link to the other servers was down"
 
 
 # -- events the link brings in ------------------------------------------------------------------
+
+
+class StreamLost(Exception):
+    """The room's stream this server followed is gone from the broker, or was made again."""
 
 
 @dataclass(slots=True)
@@ -877,6 +882,7 @@ class BrokerLink:
         self.roster = b"[]"
         self._clash_said = False
         self._resubscribing = False
+        self._created = None  # when the stream followed was made (the broker's word for it)
         self._unconfirmed: deque = deque()  # (deadline, future) of each publication, oldest first
         self._watcher: asyncio.Task | None = None
 
@@ -1047,6 +1053,8 @@ class BrokerLink:
                 break
             except Exception as exc:  # noqa: BLE001  (unreachable, refused, not authorised, no JetStream)
                 why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+                if isinstance(exc, StreamLost):
+                    why = f"{exc} (lines are kept here, marked not relayed); looking again every {LOST_AGAIN:.0f} s"
                 if why != self._said:
                     self._put(LinkState(False, why, time.time()))
                     self._said = why
@@ -1057,7 +1065,7 @@ class BrokerLink:
                     except Exception:  # noqa: BLE001
                         pass
                     self.nc = None
-                await asyncio.sleep(RETRY_SECONDS)
+                await asyncio.sleep(LOST_AGAIN if isinstance(exc, StreamLost) else RETRY_SECONDS)
         if self._closing:
             return
         self._put(LinkState(True, f"linked to {self.url}: room {self.room}, stream {self.stream} "
@@ -1072,6 +1080,7 @@ class BrokerLink:
                 await self._announce()
             except Exception:  # noqa: BLE001  (reconnecting: said again when it is back)
                 pass
+            await self._check_stream()
             await asyncio.sleep(ROSTER_EVERY)
 
     def _tls_context(self):
@@ -1080,29 +1089,59 @@ class BrokerLink:
         return ssl.create_default_context(cafile=self.ca)
 
     async def _ensure_stream(self) -> None:
+        """The room's stream, made if this server has followed none yet. One this server has
+        followed that is gone, or was made again (deleted by hand, the broker's storage lost),
+        is StreamLost: its sequence starts again at 1, and following it from where this archive
+        is would drop what it holds now, unseen by anyone."""
         from nats.js.api import StorageType
         from nats.js.errors import NotFoundError
 
+        recorded = self.next_seq - 1
         try:
             info = await self.js.stream_info(self.stream)
-            if self.live_from is None:  # the first time: what the stream held before is backlog
-                self.live_from = info.state.last_seq + 1
         except NotFoundError:
+            if recorded > 0:
+                raise StreamLost(f"the room's stream {self.stream} is gone from the broker (this server has "
+                                 f"recorded it to sequence {recorded}); not making it again") from None
             if self.live_from is None:
                 self.live_from = 1
-            await self.js.add_stream(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
-                                     duplicate_window=120.0, num_replicas=self.replicas)
+            info = await self.js.add_stream(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
+                                            duplicate_window=120.0, num_replicas=self.replicas)
+        else:
+            made_again = self._created is not None and info.created is not None and info.created != self._created
+            if info.state.last_seq < recorded or made_again:
+                raise StreamLost(f"the room's stream {self.stream} was made again (it ends at sequence "
+                                 f"{info.state.last_seq}; this server has recorded it to {recorded}); not following it")
+            if self.live_from is None:  # the first time: what the stream held before is backlog
+                self.live_from = info.state.last_seq + 1
+        if self._created is None:
+            self._created = info.created
 
-    async def _subscribe(self) -> None:
-        """(Again) deliver the stream from the first sequence not yet handed to the loop."""
-        from nats.js.api import ConsumerConfig, DeliverPolicy
+    async def _check_stream(self) -> None:
+        """While following: the stream still the one followed (see _ensure_stream)."""
+        if self.sub is None or self._resubscribing or self.js is None:
+            return
+        try:
+            await self._ensure_stream()
+        except StreamLost:
+            await self._unfollow()
+            asyncio.get_running_loop().create_task(self._follow_again())
+        except Exception:  # noqa: BLE001  (the broker's trouble: said where it shows)
+            pass
 
+    async def _unfollow(self) -> None:
         old, self.sub = self.sub, None
         if old is not None:
             try:
                 await old.unsubscribe()
             except Exception:  # noqa: BLE001
                 pass
+
+    async def _subscribe(self) -> None:
+        """(Again) deliver the stream from the first sequence not yet handed to the loop."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        await self._unfollow()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq)
         self.sub = await self.js.subscribe(self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
                                            config=config, idle_heartbeat=2.0)
@@ -1121,6 +1160,12 @@ class BrokerLink:
                         await self._ensure_stream()
                         await self._subscribe()
                         return failed
+                    except StreamLost as exc:
+                        failed = True
+                        await self._unfollow()
+                        self._put(LinkState(False, f"{exc} (lines are kept here, marked not relayed); looking "
+                                            f"again every {LOST_AGAIN:.0f} s", time.time()))
+                        await asyncio.sleep(LOST_AGAIN)
                     except Exception as exc:  # noqa: BLE001
                         failed = True
                         self._put(LinkState(False, f"cannot follow the room's stream {self.stream}: {_why(exc)}; "

@@ -623,6 +623,61 @@ def test_broker_gone_for_ten_seconds_then_the_room_is_whole_again(tmp_path, brok
     assert len(kept) == n and all(r[2] is None and "not relayed" in r[6] for r in kept)
 
 
+def _stream(url, what):
+    """Delete the room's stream on the broker, or make it again (as someone could by hand)."""
+    import asyncio
+
+    import nats
+
+    async def go():
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            if what == "delete":
+                await js.delete_stream("CHATLOG_lab")
+            else:
+                await js.add_stream(name="CHATLOG_lab", subjects=["chatlog.room.lab"])
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_a_stream_deleted_or_made_again_is_not_followed_and_nothing_said_is_lost(tmp_path, broker, linked):
+    """The room's stream deleted on the broker (by hand, or its storage lost): a stream made in
+    its place starts again at sequence 1, so following it from where an archive is would drop
+    what it holds, unseen by anyone. No server makes it again or follows one made again: each
+    says so, its people are told the link is down, and what they say is kept, marked."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    alice.send("alice>before")
+    bob.until(b"alice>before\n")
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    _stream(broker.url, "delete")
+    for s in (a, b):
+        s.wait_for(r"the room's stream CHATLOG_lab is gone from the broker \(this server has recorded it to "
+                   r"sequence \d+\); not making it again", timeout=20)
+    alice.until(b"link to the room's other servers is down")
+    alice.send("alice>while it is gone")
+    a.stop()
+    a = linked("a", wait=False)  # restarted, the same archive: it makes no new stream either
+    a.wait_for(r"the room's stream CHATLOG_lab is gone from the broker")
+    carol = Peer(a, "carol")
+    carol.send("carol>after the restart")
+    _stream(broker.url, "add")
+    b.wait_for(r"the room's stream CHATLOG_lab was made again \(it ends at sequence 0; this server has "
+               r"recorded it to \d+\); not following it", timeout=20)
+    bob.until(b"link to the room's other servers is down")
+    bob.send("bob>after it was made again")
+    for db, text in (("a", "while it is gone"), ("a", "after the restart"), ("b", "after it was made again")):
+        kept = wait_until(lambda db=db, text=text: rows(tmp_path / f"{db}.db", f"text = '{text}'"))
+        assert len(kept) == 1 and "not relayed" in kept[0][6], kept
+    assert not any(r[2] is not None and r[2] > 0 for r in rows(tmp_path / "a.db", "text = 'after the restart'"))
+    assert "linked to nats://" not in a.output
+
+
 def test_one_name_taken_on_two_servers_while_the_broker_was_away_ends_with_one_holder(tmp_path, broker, linked):
     """A name taken while the link is down is kept here alone: before, nobody else heard of it,
     so when the link returned two servers could each have someone under one name (and the
