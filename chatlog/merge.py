@@ -3,7 +3,8 @@
 - A room linked across servers (its lines carry a stream sequence, schema m014) becomes one
   session per room name, its lines taken once each by origin identity (origin server and id: a
   line present on three servers appears once), in stream order. A line one server kept alone
-  (said while its link was down: not relayed) is placed among them by its time.
+  (said while its link was down: not relayed) is placed among them by its time. A line removed
+  on any server (a tombstone) is removed in the result.
 - Everything else (1:1 sessions, rooms that were never linked) is copied session by session,
   each with its server's row, so the server it was on stays named.
 - What has been taken from which archive is recorded (`merged`), so merging the same archives
@@ -134,6 +135,13 @@ class Merge:
             [session, pid, seq, origin, oid, *[m[c] for c in cols]])
         if cur.rowcount:
             self.counts["messages"] += 1
+        elif _get(m, "removed_at") is not None:
+            # Taken already from an archive where it was not removed: removed on any server
+            # (`forget`, `rm --message`), it stays removed here, whatever was merged first.
+            self.conn.execute(
+                "UPDATE messages SET text = ?, raw = NULL, note = NULL, removed_at = ? "
+                "WHERE origin_server = ? AND origin_id = ? AND removed_at IS NULL",
+                (m["text"], m["removed_at"], origin, oid))
         return bool(cur.rowcount)
 
     def _room_session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row) -> None:

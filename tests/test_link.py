@@ -343,6 +343,14 @@ def test_forget_removes_a_persons_lines_from_every_servers_archive(tmp_path, lin
         assert said == [("alice", ""), ("alice", ""), ("bob", "kept")]
         r = run_chatlog(db, "search", "-c", "secret")
         assert r.exit_code == 0 and r.output.strip() == "0"
+        if db.name == "a.db":  # forgotten on a alone: a merge keeps it forgotten, whatever it met first
+            out = tmp_path / "all.db"
+            r = run_chatlog(None, "merge", str(tmp_path / "b.db"), str(tmp_path / "a.db"), "-o", str(out))
+            assert r.exit_code == 0, r.output
+            said = [(h, t) for _, _, _, sender, h, t, _ in rows(out) if sender == "client"]
+            assert said == [("alice", ""), ("alice", ""), ("bob", "kept")]
+            assert run_chatlog(out, "search", "-c", "secret").output.strip() == "0"
+            assert db_one(out, "SELECT count(*) FROM messages WHERE removed_at IS NOT NULL")[0] == 2
     # A client address is known only where the person was connected.
     r = run_chatlog(tmp_path / "b.db", "forget", "--handle", "bob", "--host", "127.0.0.1", "--dry-run")
     assert "would remove 1 message from bob at 127.0.0.1" in r.output
