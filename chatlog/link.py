@@ -883,6 +883,7 @@ class BrokerLink:
         self._clash_said = False
         self._resubscribing = False
         self._created = None  # when the stream followed was made (the broker's word for it)
+        self._checking: asyncio.Task | None = None  # the look at the stream under way (_check_stream)
         self._unconfirmed: deque = deque()  # (deadline, future) of each publication, oldest first
         self._watcher: asyncio.Task | None = None
 
@@ -1080,7 +1081,8 @@ class BrokerLink:
                 await self._announce()
             except Exception:  # noqa: BLE001  (reconnecting: said again when it is back)
                 pass
-            await self._check_stream()
+            if self._checking is None or self._checking.done():  # (apart: a slow answer delays no announcement)
+                self._checking = asyncio.get_running_loop().create_task(self._check_stream())
             await asyncio.sleep(ROSTER_EVERY)
 
     def _tls_context(self):
