@@ -1055,7 +1055,7 @@ class BrokerLink:
             except Exception as exc:  # noqa: BLE001  (unreachable, refused, not authorised, no JetStream)
                 why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
                 if isinstance(exc, StreamLost):
-                    why = f"{exc} (lines are kept here, marked not relayed); looking again every {LOST_AGAIN:.0f} s"
+                    why = f"{exc}; lines are kept here, marked not relayed; looking again every {LOST_AGAIN:.0f} s"
                 if why != self._said:
                     self._put(LinkState(False, why, time.time()))
                     self._said = why
@@ -1104,7 +1104,8 @@ class BrokerLink:
         except NotFoundError:
             if recorded > 0:
                 raise StreamLost(f"the room's stream {self.stream} is gone from the broker (this server has "
-                                 f"recorded it to sequence {recorded}); not making it again") from None
+                                 f"recorded it to sequence {recorded}): not making it again; a room started afresh needs a "
+                                 "new --name") from None
             if self.live_from is None:
                 self.live_from = 1
             info = await self.js.add_stream(name=self.stream, subjects=[self.subject], storage=StorageType.FILE,
@@ -1113,7 +1114,8 @@ class BrokerLink:
             made_again = self._created is not None and info.created is not None and info.created != self._created
             if info.state.last_seq < recorded or made_again:
                 raise StreamLost(f"the room's stream {self.stream} was made again (it ends at sequence "
-                                 f"{info.state.last_seq}; this server has recorded it to {recorded}); not following it")
+                                 f"{info.state.last_seq}; this server has recorded it to {recorded}): not following it; a room "
+                                 "started afresh needs a new --name")
             if self.live_from is None:  # the first time: what the stream held before is backlog
                 self.live_from = info.state.last_seq + 1
         if self._created is None:
@@ -1165,7 +1167,7 @@ class BrokerLink:
                     except StreamLost as exc:
                         failed = True
                         await self._unfollow()
-                        self._put(LinkState(False, f"{exc} (lines are kept here, marked not relayed); looking "
+                        self._put(LinkState(False, f"{exc}; lines are kept here, marked not relayed; looking "
                                             f"again every {LOST_AGAIN:.0f} s", time.time()))
                         await asyncio.sleep(LOST_AGAIN)
                     except Exception as exc:  # noqa: BLE001

@@ -666,7 +666,7 @@ def test_a_stream_deleted_or_made_again_is_not_followed_and_nothing_said_is_lost
     _stream(broker.url, "delete")
     for s in (a, b):
         s.wait_for(r"the room's stream CHATLOG_lab is gone from the broker \(this server has recorded it to "
-                   r"sequence \d+\); not making it again", timeout=20)
+                   r"sequence \d+\): not making it again; a room started afresh needs a new --name", timeout=20)
     alice.until(b"link to the room's other servers is down")
     alice.send("alice>while it is gone")
     a.stop()
@@ -676,7 +676,7 @@ def test_a_stream_deleted_or_made_again_is_not_followed_and_nothing_said_is_lost
     carol.send("carol>after the restart")
     _stream(broker.url, "add")
     b.wait_for(r"the room's stream CHATLOG_lab was made again \(it ends at sequence 0; this server has "
-               r"recorded it to \d+\); not following it", timeout=20)
+               r"recorded it to \d+\): not following it", timeout=20)
     bob.until(b"link to the room's other servers is down")
     bob.send("bob>after it was made again")
     for db, text in (("a", "while it is gone"), ("a", "after the restart"), ("b", "after it was made again")):
