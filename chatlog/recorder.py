@@ -61,6 +61,10 @@ _INSERT_ROWS_AFTER = _INSERT_ROWS.replace(
     _NEXT_ID.format(t="messages"),
     "CASE WHEN (SELECT upto FROM id_floors WHERE name = 'messages') < ? THEN NULL ELSE 'stale' END",
 )
+# Each statement's text for each number of rows, made once (the statement cache is keyed by it).
+_MORE = ", (NULL, " + _VALUES[1:]
+_ROWS_SQL = {n: (_INSERT_ROWS + _MORE * (n - 1), _INSERT_ROWS_AFTER + _MORE * (n - 1))
+             for n in range(1, ROWS_AT_ONCE + 1)}
 # A busy pass's messages take the ids after the first, given in one go (the transaction holds
 # the write lock, so nobody else takes one meanwhile).
 _FIRST_ID = f"SELECT {_NEXT_ID.format(t='messages')}"
@@ -347,11 +351,11 @@ class Recorder:
             raw, note = _kept(raw, note)
             args += (session_id, seq, iso(at), sender, handle, text, raw, note, None, verified)
             seqs.append(seq)
-        more = (", (NULL, " + _VALUES[1:]) * (len(rows) - 1)
+        full, after = _ROWS_SQL[len(rows)]
         if self._in_tx or self._last_id is None:
-            cur = self._run(_INSERT_ROWS + more, args)
+            cur = self._run(full, args)
         else:
-            cur = self._run_after(_INSERT_ROWS_AFTER + more, args, _INSERT_ROWS + more)
+            cur = self._run_after(after, args, full)
         self._seq.update(last)
         if self._in_tx:
             self._last_id = None  # (the transaction may yet be rolled back)
