@@ -54,6 +54,43 @@ def test_partial_schema_is_upgraded(tmp_path):
     assert hits == [(1,)]  # the FTS migration indexed the existing row
 
 
+def test_the_id_floors_keep_their_values_and_triggers_through_m016(tmp_path):
+    """m016 makes `id_floors` a WITHOUT ROWID table (the turn's one lookup): an archive made
+    before it keeps its floors, and deleting the newest rows still raises them."""
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
+
+    from chatlog.recorder import open_recorder
+
+    path = tmp_path / "before-m016.db"
+    db = Database(path)
+    m = Migrations(schema.MIGRATION_SET)
+    for name, fn in zip(schema.NAMES, schema.MIGRATIONS, strict=True):
+        if name != "m016_id_floors_without_rowid":
+            m(name=name)(fn)
+    m.apply(db)
+    db.execute("INSERT INTO sessions (id, started_at) VALUES (1, '2026-01-01T00:00:00.000000+00:00')")
+    for i in (1, 2, 3):
+        db.execute("INSERT INTO messages (id, session_id, seq, at, sender, text) "
+                   "VALUES (?, 1, ?, '2026-01-01T00:00:01.000000+00:00', 'client', 'x')", [i, i])
+    db.execute("DELETE FROM messages WHERE id = 3")
+    db.conn.commit()
+    db.close()
+    rec = open_recorder(path)
+    conn = rec.conn
+    assert "WITHOUT ROWID" in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'id_floors'").fetchone()[0]
+    assert conn.execute("SELECT upto FROM id_floors WHERE name = 'messages'").fetchone() == (3,)
+    rows = [(1, "client", None, "new", None, None, 5.0, False), (1, "server", "SERVER", "answer", None, None, 5.0, False)]
+    rec.add_message_rows(rows)
+    rec.add_message_rows(rows)
+    assert [r[0] for r in conn.execute("SELECT id FROM messages ORDER BY id")] == [1, 2, 4, 5, 6, 7]
+    conn.execute("DELETE FROM messages WHERE id = 7")
+    assert conn.execute("SELECT upto FROM id_floors WHERE name = 'messages'").fetchone() == (7,)
+    rec.add_message_rows(rows)
+    assert [r[0] for r in conn.execute("SELECT id FROM messages WHERE id > 6 ORDER BY id")] == [8, 9]
+    rec.close()
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "new.db"
     open_store(path).close()
