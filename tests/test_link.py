@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -739,10 +740,11 @@ def _broker_port_of(server, ports):
     return None
 
 
-@pytest.mark.slow
-def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp_path):
-    """The broker need not be the one thing that can fail: a 3-node JetStream cluster with the
-    room's stream replicated three times; the node a chatlog server uses is stopped mid-room."""
+@contextmanager
+def cluster_room(tmp_path):
+    """A 3-node JetStream cluster on loopback and two chatlog servers in one room linked through
+    it, the stream replicated three times; alice on the first, bob on the second, a line between
+    them. Yields (nodes, ports, servers, alice, bob); the consoles are printed if the test fails."""
     if shutil.which("ss") is None:
         pytest.skip("ss (iproute2) is not installed: cannot tell which node a server uses")
     six = free_ports(6)
@@ -767,11 +769,7 @@ def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp
         alice.until(b"*** bob joined\n")
         alice.send("alice>before")
         bob.until(b"alice>before\n")
-        used = wait_until(lambda: _broker_port_of(servers[0], ports))
-        nodes[ports.index(used)].stop()  # the node alice's server uses
-        servers[0].wait_for(r"linked to nats://\S+ again", timeout=45)
-        said_until_heard(alice, "alice>after a node died", bob)
-        said_until_heard(bob, "bob>still here", alice)
+        yield nodes, ports, servers, alice, bob
         settled(tmp_path / "a.db", tmp_path / "b.db")
         assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
     finally:
@@ -783,6 +781,18 @@ def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp
 
 
 @pytest.mark.slow
+def test_a_three_node_nats_cluster_keeps_the_room_through_the_loss_of_a_node(tmp_path):
+    """The broker need not be the one thing that can fail: a 3-node JetStream cluster with the
+    room's stream replicated three times; the node a chatlog server uses is stopped mid-room."""
+    with cluster_room(tmp_path) as (nodes, ports, servers, alice, bob):
+        used = wait_until(lambda: _broker_port_of(servers[0], ports))
+        nodes[ports.index(used)].stop()  # the node alice's server uses
+        servers[0].wait_for(r"linked to nats://\S+ again", timeout=45)
+        said_until_heard(alice, "alice>after a node died", bob)
+        said_until_heard(bob, "bob>still here", alice)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("left", ["another node", "alice's node"])
 def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_returns(tmp_path, left):
     """Two of three nodes stopped: the one left takes the clients, but the room's stream (three
@@ -790,28 +800,7 @@ def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_retu
     says it cannot, and follows it again once a node returns (it had given up after 20 tries:
     its people heard nothing more, while what they said still went out). One whose node is the
     one left is followed again by the client's own recovery of its consumer."""
-    six = free_ports(6)
-    ports, routes = six[:3], six[3:]
-    nodes = []
-    for i in range(3):
-        conf = tmp_path / f"n{i}.conf"
-        conf.write_text(
-            f"server_name: n{i}\n"
-            f"cluster {{\n  name: chatlog\n  listen: 127.0.0.1:{routes[i]}\n"
-            f"  routes: [{', '.join(f'nats://127.0.0.1:{r}' for r in routes)}]\n}}\n")
-        nodes.append(Broker(tmp_path / f"n{i}", port=ports[i], args=["-c", str(conf)]))
-    urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
-    servers = []
-    try:
-        for name in "ab":
-            servers.append(ServerProc(tmp_path / f"{name}.db", "--room", "--name", "lab", "--link", urls,
-                                      "--link-replicas", "3"))
-        for s in servers:
-            s.wait_for(r"^linked to nats://", timeout=30)
-        alice, bob = Peer(servers[0], "alice"), Peer(servers[1], "bob")
-        alice.until(b"*** bob joined\n")
-        alice.send("alice>before")
-        bob.until(b"alice>before\n")
+    with cluster_room(tmp_path) as (nodes, ports, servers, alice, bob):
         used = [wait_until(lambda s=s: _broker_port_of(s, ports)) for s in servers]
         kept = used[0] if left == "alice's node" else next(p for p in ports if p not in used)
         gone = [n for n in nodes if n.port != kept]
@@ -831,14 +820,6 @@ def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_retu
             wait_until(lambda s=s: s.count(r"linked to nats://\S+ again") > back[s], timeout=60)
         said_until_heard(bob, "bob>still here", alice)
         said_until_heard(alice, "alice>and me", bob)
-        settled(tmp_path / "a.db", tmp_path / "b.db")
-        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
-    finally:
-        for s in servers:
-            s.stop()
-            print(f"----- {s.db.name}:\n{s.output}")  # (shown if it failed)
-        for n in nodes:
-            n.stop()
 
 
 def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
