@@ -539,9 +539,19 @@ class Recorder:
              origin_server, origin_id, stream_seq),
         ).rowcount
         if not added:
-            if stream_seq is not None:  # (relayed after all: its note is the stream's, not "not relayed")
-                self._run("UPDATE messages SET stream_seq = ?, note = ? WHERE origin_server = ? AND origin_id = ? "
-                          "AND stream_seq IS NULL", (stream_seq, note, origin_server, origin_id))
+            if stream_seq is not None:  # relayed after all: its note is the stream's, not "not relayed",
+                # and its place in the session is where the stream put it, after what the stream
+                # brought before it (committed here after the line was kept), as on every archive
+                # (its id stays: an export's cursor has passed it once already)
+                moved = self._run(
+                    "UPDATE messages SET stream_seq = ?, note = ?, seq = ? WHERE origin_server = ? AND origin_id = ? "
+                    "AND stream_seq IS NULL AND session_id = ?",
+                    (stream_seq, note, seq, origin_server, origin_id, session_id)).rowcount
+                if moved:
+                    self._seq[session_id] = seq
+                else:  # (kept in an earlier session of the room: it stays there)
+                    self._run("UPDATE messages SET stream_seq = ?, note = ? WHERE origin_server = ? AND origin_id = ? "
+                              "AND stream_seq IS NULL", (stream_seq, note, origin_server, origin_id))
             return None
         self._seq[session_id] = seq
         if not self._in_tx:

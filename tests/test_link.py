@@ -253,11 +253,12 @@ def said_until_heard(sender, line: str, listener, tries=5, timeout=60.0):
 
 
 def rows(db, where="stream_seq IS NOT NULL"):
-    """The linked lines of an archive, in the order it committed them."""
+    """The linked lines of an archive, in its transcripts' order."""
     conn = sqlite3.connect(db)
     try:
         return conn.execute(
-            f"SELECT origin_server, origin_id, stream_seq, sender, handle, text, note FROM messages WHERE {where} ORDER BY id"
+            f"SELECT origin_server, origin_id, stream_seq, sender, handle, text, note FROM messages WHERE {where} "
+            "ORDER BY session_id, seq"
         ).fetchall()
     finally:
         conn.close()
@@ -1541,6 +1542,37 @@ def test_a_line_kept_as_not_relayed_that_the_stream_brings_after_all_is_relayed_
     got = r.conn.execute("SELECT text, note, stream_seq FROM messages ORDER BY id").fetchall()
     assert got == [("hi", None, 7), ("left", "disconnect", 8)]
     r.close()
+
+
+def test_a_kept_line_the_stream_brings_after_all_takes_its_place_in_the_stream_order(tmp_path):
+    """A line kept here alone (the broker stalled: not confirmed in time) that the stream stored
+    after another server's line: every other archive has that line first, so this one must too.
+    It kept its place from when it was said, so the archives' transcripts differed (a probe with
+    the broker stopped by SIGSTOP for 10 s)."""
+    import time
+
+    from chatlog.recorder import open_recorder
+
+    here, there = open_recorder(tmp_path / "a.db"), open_recorder(tmp_path / "b.db")
+    sids = []
+    for r in (here, there):
+        r.start("127.0.0.1", 0, time.time())
+        sids.append(r.begin_session("127.0.0.1", 0, "127.0.0.1", 0, time.time(), served=True))
+    kept = ("client", "amy", "hi", None, None, 5.0, None, False, "srvA", "1.3.0")
+    gone = ("event", "amy", "left", None, "server-gone", 6.0, None, False, "srvB", "2.9.0")
+    here.add_linked(sids[0], *kept[:4], "not relayed: the broker did not take it", *kept[5:], None)
+    here.add_linked(sids[0], *gone, 7)
+    here.add_linked(sids[0], *kept, 8)
+    there.add_linked(sids[1], *gone, 7)
+    there.add_linked(sids[1], *kept, 8)
+    for r in (here, there):
+        r.close()
+    a, b = rows(tmp_path / "a.db"), rows(tmp_path / "b.db")
+    assert [x[2] for x in a] == [7, 8] and a == b
+    # and the transcript, as anyone reads it, has the stream's order
+    for db in ("a.db", "b.db"):
+        out = run_chatlog(tmp_path / db, "show", "1").output
+        assert out.index("amy left (their server stopped answering)\n") < out.index("amy>hi\n")
 
 
 def test_a_burst_over_the_link_arrives_whole_in_order_and_the_archives_agree(tmp_path, linked):
