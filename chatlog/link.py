@@ -71,6 +71,7 @@ from chatlog.words import LEFT, address
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
 ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
+ECHO_LATE = ROSTER_EVERY  # this server's own announcement back later than this: the broker stalled
 CLAIM_SETTLE = 1.0  # a name claimed through the stream that its server's list of who is there, heard
 #                    this long after, does not have: its person is gone (a restart lost the leaving)
 GONE = "server-gone"  # the reason a gone server's people left (`LinkedRoom._gone`)
@@ -152,9 +153,11 @@ class Roster(Event):
 @dataclass(slots=True)
 class Echo(Event):
     """This server's own announcement, heard back from the broker at `at`: the link delivers,
-    and everything heard before it has been taken (so silence since is silence)."""
+    and everything heard before it has been taken (so silence since is silence). `sent`: when
+    it was made (this server's clock; None from a server that does not say)."""
 
     at: float
+    sent: float | None = None
 
 
 @dataclass(slots=True)
@@ -366,6 +369,12 @@ class LinkedRoom:
         if t is Roster:
             return self._roster(ev)
         if t is Echo:
+            if ev.sent is not None and ev.at - ev.sent > ECHO_LATE and self.up_at is not None:
+                # It took that long to come back: the broker stalled (stopped, or swamped), and
+                # what the others said meanwhile may still be on its way behind it (the broker
+                # takes each connection's messages in turn), so their silence proves nothing
+                # until the link has worked for ROSTER_STALE again, as after a relink.
+                self.up_at = max(self.up_at, ev.at)
             self.echo_at = ev.at
             self._forget_stale(ev.at)
             return []
@@ -1227,7 +1236,8 @@ class BrokerLink:
                 self._clash_said = True
                 self._put(Clash(str(label), time.time()))
         elif server == self.uid:
-            self._put(Echo(time.time()))
+            sent = body.get("t")
+            self._put(Echo(time.time(), float(sent) if type(sent) in (int, float) else None))
         elif server != self.uid and isinstance(people, list):
             run = body.get("r")
             self._put(Roster(server, str(label), people, time.time(),
@@ -1244,7 +1254,7 @@ class BrokerLink:
     async def _announce(self) -> None:
         if self.nc is not None and self.nc.is_connected:
             body = json.dumps({"s": self.uid, "r": str(self.run), "l": self.label,
-                               "p": json.loads(self.roster)}).encode()
+                               "p": json.loads(self.roster), "t": time.time()}).encode()
             await self.nc.publish(self.who_subject, body)
 
     async def _publisher(self) -> None:

@@ -549,6 +549,35 @@ def test_a_server_stopped_for_a_while_is_gone_then_back_and_takes_nobody_else_fo
     assert a.count(r"left: their server stopped answering") == 0 and b"stopped answering" not in alice.buf
 
 
+def test_a_broker_stopped_for_a_while_takes_nobody_for_gone_and_the_archives_agree(tmp_path, broker, linked):
+    """The broker stopped (SIGSTOP) for 10 s, a line said on each server meanwhile. When it went
+    on, a server heard its own announcements back before the other's and took the other's
+    people for gone, then back; and a line kept here unconfirmed that the broker had stored
+    after the other's stood before it in this archive alone (a probe)."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    bob.until(b"*** alice joined\n")
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        alice.send("alice>said in the stall")
+        bob.send("bob>said in the stall too")
+        time.sleep(10)  # the stall itself is what is tested: the broker's silence for this long
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    alice.send("alice>after")
+    bob.until(b"alice>after\n", timeout=30)
+    bob.send("bob>after")
+    alice.until(b"bob>after\n", timeout=30)
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    for db in ("a.db", "b.db"):
+        assert not [r for r in rows(tmp_path / db) if r[6] == "server-gone" or r[6] == "back"]
+    assert b"stopped answering" not in alice.buf and b"stopped answering" not in bob.buf
+    for s in (a, b):
+        assert s.count(r"stopped answering|is back on the other servers") == 0
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")
@@ -1318,6 +1347,44 @@ def test_policy_a_gone_servers_people_leave_on_the_record_under_one_id_each():
     r.handle_event(Roster("srvB", "hostb:1", [[4, "bob", "10.0.0.2:4000"]], 5.0, "7"))
     r.handle_event(Roster("srvB", "hostb:1", [[1, "eve", "10.0.0.2:4002"]], 8.0, "8"))
     assert gone(r.handle_event(Echo(11.5))) == [("srvB", "7", 4, "hostb:1", "bob", "left", "server-gone")]
+
+
+def test_policy_a_stalled_broker_is_no_reason_to_take_anyone_for_gone():
+    """The broker stopped (SIGSTOP) for 10 s and went on: this server's own announcements, made
+    meanwhile, came back before the other server's (the broker takes each connection's in turn),
+    so its people were taken for gone, and then were back: a leaving and a joining on every
+    record for nothing (a probe). An announcement of ours that comes back late says the link
+    stalled: the others' silence proves nothing until it has worked for ROSTER_STALE again."""
+    import json
+
+    from chatlog.events import Publish, Tick
+    from chatlog.link import ECHO_LATE, ROSTER_STALE, Echo, Roster
+
+    def gone(out):
+        return [json.loads(d.data)["b"]["c"][0]["h"] for d in out if type(d) is Publish and d.what == "gone"]
+
+    bob = [[4, "bob", "10.0.0.2:4000"]]
+    p = _policy()
+    p.handle_event(Roster("srvB", "hostb:1", bob, 5.0, "7"))
+    p.handle_event(Echo(5.1, 5.0))
+    # stopped from 6 to 16: ours, made at 7 ... 15, come back at 16, before srvB's
+    said = []
+    for sent in (7.0, 9.0, 11.0, 13.0, 15.0):
+        said += p.handle_event(Echo(16.0, sent)) + p.handle_event(Tick(16.0))
+    assert 16.0 - 15.0 < ECHO_LATE < 16.0 - 13.0  # (the last one was not late: the first ones were)
+    said += p.handle_event(Roster("srvB", "hostb:1", bob, 16.05, "7"))
+    for at in (17.0, 18.0, 20.0, 22.0, 24.0):
+        said += p.handle_event(Roster("srvB", "hostb:1", bob, at, "7")) + p.handle_event(Echo(at + 0.01, at))
+    assert gone(said) == [] and p.room.names.holder("bob") == "bob"
+    # srvB killed in a stall: once the link has worked for ROSTER_STALE, its people are gone.
+    q = _policy()
+    q.handle_event(Roster("srvB", "hostb:1", bob, 5.0, "7"))
+    assert gone(q.handle_event(Echo(16.0, 7.0)) + q.handle_event(Tick(16.0 + ROSTER_STALE - 0.5))) == []
+    assert gone(q.handle_event(Echo(16.0 + ROSTER_STALE + 0.5, 16.0 + ROSTER_STALE + 0.5))) == ["bob"]
+    # An echo from a server that does not say when it made it: as before.
+    r = _policy()
+    r.handle_event(Roster("srvB", "hostb:1", bob, 5.0, "7"))
+    assert gone(r.handle_event(Echo(16.0))) == ["bob"]
 
 
 def test_policy_a_gone_persons_leaving_has_one_id_whatever_each_servers_lists_said_when():
