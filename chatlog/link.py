@@ -80,6 +80,7 @@ ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: peop
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
 BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
+SAID_AT = (10, 100, 1000, 10_000, 100_000, 1_000_000)  # refused lines, counted aloud at these
 WHYS_SAID = 4  # different reasons for one outage said on the console, at most
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
 CLIENT_PASSES = 16  # the client's event loop run at most this many passes at a time (then the room's turn)
@@ -133,10 +134,12 @@ class Arrived(Event):
 
 @dataclass(slots=True)
 class Unsent(Event):
-    """The broker did not confirm what we published as `ref`."""
+    """The broker did not confirm what we published as `ref`; `why`, if it said (its store
+    full, say)."""
 
     ref: int
     at: float
+    why: str | None = None
 
 
 @dataclass(slots=True)
@@ -301,6 +304,7 @@ class LinkedRoom:
         self.said_whys: set[str] = set()  # the reasons the console was given for this outage
         self.ref = 0
         self.inflight: dict[int, list[dict]] = {}  # ref -> what it published (to keep if refused)
+        self.refused: dict[str, int] = {}  # why -> lines the broker refused for it since one got through
         self.rosters: dict[str, tuple[str, list, float]] = {}  # server -> (label, people, heard at)
         self.roster_sent: list | None = None
         self.roster_changed = False  # who is here changed since the last announcement
@@ -473,6 +477,8 @@ class LinkedRoom:
             relayed = self._relayed(ev, body["w"], body["b"])
         except (KeyError, TypeError, ValueError, AttributeError):
             return [Advance(ev.seq), Show("error", f"stream message {ev.seq} from {visible(ev.label)} is not a chatlog line; skipped")]
+        if ev.mine and ev.live and self.inflight.get(ev.ref) is not None:
+            self.refused.clear()  # (one got through: a refusal from now on is said again)
         if ev.mine and self.inflight.pop(ev.ref, None) is None and ev.live:
             # Given up here (not confirmed in time: its sender was told it was not relayed), and
             # the stream brings it after all: relayed as any line, and its sender told so.
@@ -589,9 +595,21 @@ class LinkedRoom:
         if commits is None:
             return []
         senders = dict.fromkeys(c["k"] for c in commits if c["k"] is not None and c["s"] == "client")
-        return (self._keep(ev.ref, commits, "not relayed: the broker did not take it")
-                + [Send(conn, self.room.notice(UNSENT_NOTICE)) for conn in senders]
-                + [Show("error", "the broker did not take a line: kept here alone, marked not relayed")])
+        why = visible(ev.why) if ev.why else None
+        kept = self._keep(ev.ref, commits, f"not relayed: the broker did not take it ({why})" if why
+                          else "not relayed: the broker did not take it")
+        out = kept + [Send(conn, self.room.notice(UNSENT_NOTICE)) for conn in senders]
+        # Said on the console the first time for each reason, then at 10, 100, ... lines: a broker
+        # whose store is full refuses every line, and the console is not flooded with it.
+        before = self.refused.get(why or "", 0)
+        after = self.refused[why or ""] = before + len(kept)
+        because = f" ({why})" if why else ""
+        if before == 0:
+            out.append(Show("error", f"the broker did not take a line{because}: kept here alone, marked not relayed"))
+        elif any(before < n <= after for n in SAID_AT):
+            out.append(Show("error", f"the broker did not take {after} lines{because} (since one last got through): "
+                                     "each kept here alone, marked not relayed"))
+        return out
 
     def _state(self, ev: LinkState) -> list[Decision]:
         if ev.up == self.up and (ev.up or self.said_down):
@@ -1348,6 +1366,7 @@ class BrokerLink:
         from nats.js.errors import NoStreamResponseError
 
         give_up = time.monotonic() + CONFIRM_SECONDS
+        why = None
         while self.nc is not None and self.nc.is_connected and not self._closing:
             left = give_up - time.monotonic()
             if left <= 0:
@@ -1357,10 +1376,14 @@ class BrokerLink:
                 return
             except NoStreamResponseError:
                 await asyncio.sleep(min(NO_STREAM_AGAIN, max(0.0, give_up - time.monotonic())))
-            except Exception:  # noqa: BLE001
+            except asyncio.TimeoutError:
+                why = "not confirmed in time"
+                break
+            except Exception as exc:  # noqa: BLE001
+                why = _refusal(exc)
                 break
         for d in batch:
-            self._put(Unsent(d.ref, time.time()))
+            self._put(Unsent(d.ref, time.time(), why))
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
@@ -1405,6 +1428,13 @@ class BrokerLink:
                 await asyncio.wait_for(self.nc.close(), 2.0)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _refusal(exc: BaseException) -> str:
+    """What the broker said when it refused a publication: its description (`maximum bytes
+    exceeded`, `insufficient resources`), or the error's first line."""
+    description = getattr(exc, "description", None)
+    return str(description)[:200] if description else _why(exc)
 
 
 def _why(exc: BaseException) -> str:

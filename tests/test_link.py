@@ -578,6 +578,43 @@ def test_a_broker_stopped_for_a_while_takes_nobody_for_gone_and_the_archives_agr
         assert s.count(r"stopped answering|is back on the other servers") == 0
 
 
+def test_a_broker_whose_store_is_full_refuses_lines_that_are_kept_told_and_said_why(tmp_path, linked):
+    """The broker's JetStream store full: what it refuses is kept on its own server, marked with
+    why, its sender told; the console says why, a few times, not once a line; what it took is
+    on both archives alike."""
+    conf = tmp_path / "small.conf"
+    conf.write_text("jetstream { max_file_store: 1MB, max_memory_store: 1MB }\n")
+    small = Broker(tmp_path / "small", args=["-c", str(conf)])
+    try:
+        a, b = linked("a", "--rate", "0", url=small.url), linked("b", "--rate", "0", url=small.url)
+        alice, _bob = Peer(a, "alice"), Peer(b, "bob")
+        alice.until(b"*** bob joined\n")
+        n = 1500  # 1.4 MB of lines
+        for k in range(0, n, 100):
+            alice.sock.sendall(b"".join(b"alice>%s %d\n" % (b"x" * 900, i) for i in range(k, k + 100)))
+        alice.until(b"The broker did not take your line", timeout=30)
+
+        def held():
+            conn = sqlite3.connect(tmp_path / "a.db")
+            try:
+                return conn.execute("SELECT count(*) FROM messages WHERE text LIKE 'xxx%'").fetchone()[0]
+            finally:
+                conn.close()
+
+        wait_until(lambda: held() == n, timeout=60)
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+        relayed = rows(tmp_path / "b.db", "text LIKE 'xxx%'")
+        kept = rows(tmp_path / "a.db", "text LIKE 'xxx%' AND stream_seq IS NULL")
+        assert relayed and kept and len(relayed) + len(kept) == n
+        assert {r[6] for r in kept} == {"longer than 500 characters; not relayed: the broker did not take it "
+                                         "(insufficient resources)"}
+        said = a.count(r"^the broker did not take .*\(insufficient resources\)")
+        assert 1 <= said <= 4, said
+    finally:
+        small.stop()
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")
@@ -1198,6 +1235,41 @@ def test_policy_link_down_refuses_tells_and_keeps_marked():
     pub = next(d for d in p.handle_event(_line(1, "in time", at=8.1)) if type(d) is Publish)
     came = p.handle_event(Arrived(10, "me", f"1.{pub.ref}", "here:1", json.loads(pub.data), True, pub.ref, 8.2))
     assert not [d for d in came if type(d) is Send and LATE_NOTICE.encode() in d.data]
+
+
+def test_policy_lines_the_broker_refuses_say_why_on_the_console_without_flooding_it():
+    """A broker whose store is full refuses every line: the console said "the broker did not take
+    a line" once for each, with no reason (a probe: 2,529 such lines for one burst). Now the
+    reason is said, and is in each kept line's note; the console says it the first time and at
+    10, 100, ... lines, and again once a line has got through since."""
+    import json
+
+    from chatlog.events import Publish, Send, Show
+    from chatlog.link import Arrived, LinkCommit, Unsent
+
+    p = _policy()
+    p.handle_event(_line(1, "first", "alice"))
+    shown, notes, told = [], [], 0
+    for i in range(120):
+        pub = next(d for d in p.handle_event(_line(1, f"l{i}", at=3.0 + i / 100)) if type(d) is Publish)
+        out = p.handle_event(Unsent(pub.ref, 4.0 + i / 100, "insufficient resources"))
+        shown += [d.text for d in out if type(d) is Show]
+        notes += [d.note for d in out if type(d) is LinkCommit]
+        told += sum(1 for d in out if type(d) is Send and d.conn == 1)
+    assert shown == [
+        "the broker did not take a line (insufficient resources): kept here alone, marked not relayed",
+        "the broker did not take 10 lines (insufficient resources) (since one last got through): each kept here "
+        "alone, marked not relayed",
+        "the broker did not take 100 lines (insufficient resources) (since one last got through): each kept here "
+        "alone, marked not relayed"]
+    assert notes == ["not relayed: the broker did not take it (insufficient resources)"] * 120 and told == 120
+    # one gets through: the next refusal is said again
+    pub = next(d for d in p.handle_event(_line(1, "through", at=6.0)) if type(d) is Publish)
+    p.handle_event(Arrived(9, "me", f"1.{pub.ref}", "here:1", json.loads(pub.data), True, pub.ref, 6.1))
+    pub = next(d for d in p.handle_event(_line(1, "again", at=7.0)) if type(d) is Publish)
+    out = p.handle_event(Unsent(pub.ref, 8.0, "insufficient resources\x1b[2J"))
+    assert [d.text for d in out if type(d) is Show] == [
+        "the broker did not take a line (insufficient resources\\x1b[2J): kept here alone, marked not relayed"]
 
 
 def test_policy_why_the_link_is_down_reaches_the_console_even_after_clients_were_told():
