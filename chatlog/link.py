@@ -65,6 +65,7 @@ from chatlog.events import (
 )
 from chatlog.handles import Names, fold
 from chatlog.modes import Mode, RoomStore
+from chatlog.protocol import Run
 from chatlog.sanitize import visible
 from chatlog.words import LEFT, address
 
@@ -79,7 +80,15 @@ ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: peop
 #                  hundred are announced ten times a second, not once each (the whole list each time)
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
-BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default)
+BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default), or the broker's own
+HEADERS_ROOM = 1024  # bytes of a stream message kept for its headers (its max_payload counts them)
+BATCH_FRAME = 24  # bytes around each publication in a stream message: `[ref,` ... `],`
+DEFAULT_MOST = 1024 * 1024 - HEADERS_ROOM - BATCH_FRAME  # a publication's bytes at most (NATS's default)
+# What a read's lines may make a publication weigh, at most, per byte and per line (each is in it
+# three times: recorded, shown, relayed; JSON-escaped, and a line that is not plain with its raw
+# bytes too): a read that may weigh more is taken as several (`_parts`).
+RUN_BYTE, RUN_LINE = 10, 150
+FRAME_BYTE, FRAME_LINE = 20, 300
 SAID_AT = (10, 100, 1000, 10_000, 100_000, 1_000_000)  # refused lines, counted aloud at these
 WHYS_SAID = 4  # different reasons for one outage said on the console, at most
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
@@ -106,11 +115,13 @@ class StreamLost(Exception):
 
 @dataclass(slots=True)
 class LinkState(Event):
-    """The link came up (`up`) or went down; `why` in words, for the console."""
+    """The link came up (`up`) or went down; `why` in words, for the console; `most`: how many
+    bytes one publication may take (the broker's max_payload, less room for the headers)."""
 
     up: bool
     why: str
     at: float
+    most: int | None = None
 
 
 @dataclass(slots=True)
@@ -305,6 +316,7 @@ class LinkedRoom:
         self.ref = 0
         self.inflight: dict[int, list[dict]] = {}  # ref -> what it published (to keep if refused)
         self.refused: dict[str, int] = {}  # why -> lines the broker refused for it since one got through
+        self.most = DEFAULT_MOST  # bytes a publication may take (the broker says, as the link comes up)
         self.rosters: dict[str, tuple[str, list, float]] = {}  # server -> (label, people, heard at)
         self.roster_sent: list | None = None
         self.roster_changed = False  # who is here changed since the last announcement
@@ -363,7 +375,10 @@ class LinkedRoom:
     def _handle(self, ev) -> list[Decision]:
         t = type(ev)
         if t is ReceivedLines:  # a read's lines: a run of plain ones is one commit, show and relay
-            return self._route(self.room.handle_event(ev), ev.frames[-1].at if ev.frames else 0.0)
+            out = []
+            for part in _parts(ev, self.most):  # (each publication fits in one stream message)
+                out += self._route(self.room.handle_event(part), part.frames[-1].at if part.frames else 0.0)
+            return out
         if t is Arrived:
             return self._arrived(ev)
         if t is LinkState:
@@ -612,6 +627,8 @@ class LinkedRoom:
         return out
 
     def _state(self, ev: LinkState) -> list[Decision]:
+        if ev.up and ev.most:
+            self.most = ev.most
         if ev.up == self.up and (ev.up or self.said_down):
             # No change for the clients (they were told); a reason not yet given is the
             # console's (each once an outage, a few at most: retries alternate between some).
@@ -1097,7 +1114,7 @@ class BrokerLink:
         if self._closing:
             return
         self._put(LinkState(True, f"linked to {self.url}: room {self.room}, stream {self.stream} "
-                            f"(from sequence {self.next_seq})", time.time()))
+                            f"(from sequence {self.next_seq})", time.time(), self._room_for() - BATCH_FRAME))
         for subject, cb in ((self.who_subject, self._on_who), (self.kick_subject, self._on_kick)):
             try:  # (plain subscriptions: the client makes them again after a reconnect itself)
                 await self.nc.subscribe(subject, cb=cb)
@@ -1210,7 +1227,7 @@ class BrokerLink:
         """After a gap in what the stream delivered (the link itself up)."""
         if await self._resubscribe() and not self._closing:
             self._put(LinkState(True, f"following the stream {self.stream} again from sequence {self.next_seq}",
-                                time.time()))
+                                time.time(), self._room_for() - BATCH_FRAME))
 
     async def _on_msg(self, msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -1288,14 +1305,20 @@ class BrokerLink:
                 return
             try:
                 if d.what == "line":
-                    batch, size = [d], len(d.data)
-                    while not out.empty() and len(batch) < BATCH_LINES and size < BATCH_BYTES:
+                    most = self._room_for()
+                    if len(d.data) + BATCH_FRAME > most:  # alone too big for the broker: refused, said why
+                        self._put(Unsent(d.ref, time.time(), "more than the broker takes in one message (its "
+                                         f"max_payload, {most + HEADERS_ROOM} bytes)"))
+                        continue
+                    limit = min(BATCH_BYTES, most)
+                    batch, size = [d], len(d.data) + BATCH_FRAME
+                    while not out.empty() and len(batch) < BATCH_LINES:
                         nxt = out.get_nowait()
-                        if nxt is None or nxt.what != "line":
+                        if nxt is None or nxt.what != "line" or size + len(nxt.data) + BATCH_FRAME > limit:
                             held = nxt
                             break
                         batch.append(nxt)
-                        size += len(nxt.data)
+                        size += len(nxt.data) + BATCH_FRAME
                     await self._publish_lines(batch)
                 elif d.what == "who":
                     self.roster = d.data
@@ -1308,6 +1331,12 @@ class BrokerLink:
                 if d.what == "line":
                     for item in batch:
                         self._put(Unsent(item.ref, time.time()))
+
+    def _room_for(self) -> int:
+        """How many bytes of publications one stream message may carry: what the broker takes
+        in one message (its max_payload, which counts the headers too), less their room."""
+        most = getattr(self.nc, "max_payload", 0) if self.nc is not None else 0
+        return most - HEADERS_ROOM if most > HEADERS_ROOM else 1024 * 1024 - HEADERS_ROOM
 
     async def _publish_lines(self, batch: list[Publish]) -> None:
         """One stream message: `[[ref, body], ...]`, its id the run and the refs it carries (a
@@ -1396,7 +1425,7 @@ class BrokerLink:
         if self._closing:
             return
         self._put(LinkState(True, f"linked to {self.url} again: stream {self.stream} from sequence {self.next_seq}",
-                            time.time()))
+                            time.time(), self._room_for() - BATCH_FRAME))
         try:
             await self._announce()
         except Exception:  # noqa: BLE001
@@ -1428,6 +1457,32 @@ class BrokerLink:
                 await asyncio.wait_for(self.nc.close(), 2.0)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _parts(ev: ReceivedLines, most: int) -> list[ReceivedLines]:
+    """A read's lines as events whose publications each fit in `most` bytes (by a bound on what
+    they may weigh): what smaller reads would have brought. Almost always the event itself."""
+    weights = [RUN_BYTE * len(f.data) + RUN_LINE * f.count if type(f) is Run else FRAME_BYTE * len(f.raw) + FRAME_LINE
+               for f in ev.frames]
+    if sum(weights) <= most:
+        return [ev]
+    items: list[tuple[object, int]] = []
+    for f, w in zip(ev.frames, weights, strict=True):
+        if type(f) is Run and w > most and f.count > 1:
+            items += [(r, RUN_BYTE * len(r.data) + RUN_LINE * r.count) for r in f.split(-(-w // most))]
+        else:
+            items.append((f, w))
+    out: list[ReceivedLines] = []
+    frames: list = []
+    weight = 0
+    for f, w in items:
+        if frames and weight + w > most:
+            out.append(ReceivedLines(ev.conn, frames))
+            frames, weight = [], 0
+        frames.append(f)
+        weight += w
+    out.append(ReceivedLines(ev.conn, frames))
+    return out
 
 
 def _refusal(exc: BaseException) -> str:

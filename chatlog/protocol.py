@@ -49,6 +49,24 @@ class Run:
     at: float
     max_line: int = MAX_LINE
 
+    def split(self, pieces: int) -> list["Run"]:
+        """This run as at most `pieces` runs of about equal size, each of whole lines (a line's
+        NUL stays with it), in order: what smaller reads would have brought."""
+        data, out, start = self.data, [], 0
+        for k in range(1, pieces):
+            cut = data.find(b"\n", max(start, len(data) * k // pieces - 1))
+            if cut < 0 or cut + 1 >= len(data):
+                break
+            cut += 2 if data[cut + 1:cut + 2] == b"\0" else 1
+            if cut >= len(data):
+                break
+            piece = data[start:cut]
+            out.append(Run(piece, piece.count(b"\n"), self.at, self.max_line))
+            start = cut
+        piece = data[start:]
+        out.append(Run(piece, piece.count(b"\n"), self.at, self.max_line))
+        return out
+
     def frames(self) -> list[Frame]:
         parts = self.data.split(b"\n")
         nul = parts.pop() == b"\0"  # (the last line's NUL)

@@ -615,6 +615,36 @@ def test_a_broker_whose_store_is_full_refuses_lines_that_are_kept_told_and_said_
         small.stop()
 
 
+@pytest.mark.parametrize("line", [b"y" * 40, b"\x01z" * 245, b"q\x02" * 4000], ids=["plain", "control", "cut"])
+def test_a_burst_fits_a_broker_that_takes_small_messages(tmp_path, linked, line):
+    """A broker whose max_payload is 64 KB (NATS's default is 1 MB): a burst's publications were
+    batched up to 256 KB, and one read's lines made one publication of ~200 KB, so the broker
+    refused all but a few and 1,751 of 2,000 lines were kept here alone, not relayed (a probe).
+    Now the stream messages keep to the broker's size, and a read that would weigh more is
+    published in pieces: every line reaches the other server, in order."""
+    conf = tmp_path / "small.conf"
+    conf.write_text("max_payload: 65536\n")
+    small = Broker(tmp_path / "small", args=["-c", str(conf)])
+    try:
+        a, b = linked("a", "--rate", "0", url=small.url), linked("b", "--rate", "0", url=small.url)
+        alice, bob = Peer(a, "alice"), Peer(b, "bob")
+        alice.until(b"*** bob joined\n")
+        n = 600
+        alice.sock.settimeout(60)  # (the server takes a burst a pass at a time)
+        alice.sock.sendall(b"".join(b"alice>%s %d\n" % (line, i) for i in range(n)))
+        mine = "handle = 'alice' AND sender = 'client'"
+        wait_until(lambda: len(rows(tmp_path / "b.db", mine)) == n, timeout=60)
+        settled(tmp_path / "a.db", tmp_path / "b.db")
+        assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+        got = [r[5] for r in rows(tmp_path / "b.db", mine)]
+        assert [int(t.rsplit(" ", 1)[1]) for t in got] == list(range(n))
+        assert not rows(tmp_path / "a.db", f"{mine} AND stream_seq IS NULL")
+        assert a.count("did not take") == 0
+        del bob
+    finally:
+        small.stop()
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")

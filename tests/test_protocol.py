@@ -409,3 +409,19 @@ def test_a_run_stands_for_the_frames_its_lines_would_be(data, cuts, max_line, ga
         assert one.deadline() == whole.deadline()
         assert one.flush_if_quiet(at + 0.2) == whole.flush_if_quiet(at + 0.2)
     assert one.flush(at + 1) == whole.flush(at + 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), st.booleans()), min_size=1,
+                max_size=40),
+       st.integers(min_value=1, max_value=9))
+def test_a_run_split_in_pieces_is_what_smaller_reads_would_have_brought(lines, pieces):
+    """(A linked room publishes a large read as several: each piece must frame as the whole did.)"""
+    data = b"".join(text.lstrip(b"\0") + (b"\n\0" if nul else b"\n") for text, nul in lines)
+    run = Run(data, data.count(b"\n"), 5.0, max_line=8)
+    parts = run.split(pieces)
+    assert 1 <= len(parts) <= pieces and all(p.data for p in parts)
+    assert b"".join(p.data for p in parts) == data and sum(p.count for p in parts) == run.count
+    assert [f for p in parts for f in p.frames()] == run.frames()
+    if pieces > 1 and run.count >= 2 * pieces and len(data) > 16 * pieces:
+        assert len(parts) > 1
