@@ -522,17 +522,17 @@ class LinkedRoom:
             lines = c.get("L")
             if lines is not None:
                 if c["s"] != "client" or type(c["h"]) is not str or not all(
-                        type(x) is list and len(x) == 2 and type(x[0]) is str and type(x[1]) in (float, int)
-                        for x in lines):
+                        type(x) is list and len(x) == 2 and type(x[0]) is str and _is_time(x[1]) for x in lines):
                     raise ValueError("not a run of lines")
                 out.append(LinkLines(conn, c["h"], lines, bool(c.get("v")), ev.origin, ev.oid, i, ev.seq))
                 i += len(lines)
                 continue
-            s, h, t, at = c["s"], c["h"], c["t"], c["at"]
-            if type(s) is not str or type(t) is not str or (h is not None and type(h) is not str) or type(at) not in (float, int):
+            s, h, t, at, n = c["s"], c["h"], c["t"], c["at"], c.get("n")
+            if (type(s) is not str or type(t) is not str or (h is not None and type(h) is not str) or not _is_time(at)
+                    or (n is not None and type(n) is not str)):
                 raise ValueError("not a line")
             out.append(LinkCommit(conn, s, h, t, base64.b64decode(c["r"]) if c.get("r") is not None else None,
-                                  c.get("n"), at, bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq))
+                                  n, at, bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq))
             i += 1
         return out
 
@@ -712,7 +712,8 @@ class LinkedRoom:
         if old is not None:
             for _conn, handle, _addr in old[1]:
                 names.remove(handle)
-        people = [p for p in ev.people if isinstance(p, list) and len(p) == 3 and isinstance(p[1], str)]
+        people = [p for p in ev.people if isinstance(p, list) and len(p) == 3 and isinstance(p[1], str)
+                  and isinstance(p[2], str)]
         if people:
             self.rosters[ev.server] = (ev.label, people, ev.at)
             for _conn, handle, _addr in people:
@@ -762,7 +763,7 @@ class LinkedRoom:
                     self.last_heard.pop(key, None)
         self.sweep_at = at + ROSTER_EVERY if self.rosters or self.claims or self.missing else None
         if changed:
-            self.room.elsewhere = [(visible(h), visible(label), a) for label, ps, _ in self.rosters.values()
+            self.room.elsewhere = [(visible(h), visible(label), visible(a)) for label, ps, _ in self.rosters.values()
                                    for _c, h, a in ps]
 
     def _missing(self, server: str, run: str, label: str, conn, handle) -> None:
@@ -1250,7 +1251,7 @@ class BrokerLink:
         try:
             items = json.loads(msg.data)
             items = [(int(ref), body) for ref, body in items]
-        except (ValueError, TypeError):
+        except _NOT_JSON:
             items = [(0, None)]  # not ours: the policy says so, and the sequence is counted
         now = time.time()
         live = seq >= (self.live_from or 1)
@@ -1262,7 +1263,7 @@ class BrokerLink:
         try:
             body = json.loads(msg.data)
             server, label, people = body["s"], body["l"], body["p"]
-        except (ValueError, KeyError, TypeError):
+        except _NOT_JSON:
             return
         if server == self.uid and label != self.label:
             if not self._clash_said:
@@ -1281,7 +1282,7 @@ class BrokerLink:
     async def _on_kick(self, msg) -> None:
         try:
             body = json.loads(msg.data)
-        except ValueError:
+        except _NOT_JSON:
             return
         if isinstance(body, dict) and body.get("server") == self.uid and isinstance(body.get("conn"), int):
             self._put(KickAsked(body["conn"], str(body.get("by", "")), time.time()))
@@ -1457,6 +1458,17 @@ class BrokerLink:
                 await asyncio.wait_for(self.nc.close(), 2.0)
             except Exception:  # noqa: BLE001
                 pass
+
+
+# What a message that is not a chatlog server's can make reading it raise (nested past the
+# parser's depth: RecursionError; `Infinity` as a number: OverflowError).
+_NOT_JSON = (ValueError, TypeError, KeyError, RecursionError, OverflowError)
+
+
+def _is_time(x) -> bool:
+    """A time a stream message may carry: epoch seconds from 1970 to the year 9999 (anything
+    else, NaN or 1e308, is not a chatlog line's: it would not even make a date)."""
+    return (type(x) is float or type(x) is int) and 0 <= x < 253402300800
 
 
 def _parts(ev: ReceivedLines, most: int) -> list[ReceivedLines]:

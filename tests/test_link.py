@@ -645,6 +645,62 @@ def test_a_burst_fits_a_broker_that_takes_small_messages(tmp_path, linked, line)
         small.stop()
 
 
+def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server_goes_on(tmp_path, broker, linked):
+    """Anyone who may publish on the broker (a buggy or hostile client) put into the room's
+    stream a line whose time was 1e308: every linked server died on it (OverflowError making its
+    date), and died again on it at every restart (a probe). A NaN time, a note that is an object,
+    JSON nested past the parser's depth, an `Infinity` where a number goes, and a list of who is
+    on a server with an address that is an object (\\who then failed) or holds escapes: each is
+    skipped, or shown made visible, and the servers go on."""
+    import asyncio
+
+    import nats
+
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    ours = {"Chatlog-Origin": "evil", "Chatlog-Run": "1", "Chatlog-Server": "evil:1"}
+    bad = [b'[[1, {"c": [{"k": 1, "s": "client", "h": "eve", "L": [["hi", 1e308]], "v": 1}], "w": [], "b": []}]]',
+           b'[[1, {"c": [{"k": 1, "s": "client", "h": "eve", "t": "x", "r": null, "n": null, "at": 1e308, "v": 0}], '
+           b'"w": [], "b": []}]]',
+           b'[[1, {"c": [{"k": 1, "s": "client", "h": "eve", "t": "x", "r": null, "n": null, "at": NaN, "v": 0}], '
+           b'"w": [], "b": []}]]',
+           b'[[1, {"c": [{"k": 1, "s": "client", "h": "eve", "t": "x", "r": null, "n": {"a": 1}, "at": 5, "v": 0}], '
+           b'"w": [], "b": []}]]',
+           b"[" * 100000 + b"]" * 100000,
+           b"[[Infinity, {}]]"]
+
+    async def publish():
+        nc = await nats.connect(broker.url)
+        js = nc.jetstream()
+        for i, data in enumerate(bad):
+            await js.publish("chatlog.room.lab", data, headers=dict(ours, **{"Nats-Msg-Id": f"evil.{i}"}))
+        await nc.publish("chatlog.who.lab", b'{"s": "mal", "l": "m\\u001b]0;x\\u0007:1", "r": "1", "p": '
+                         b'[[1, "mallory", {"x": 1}], [2, "eve", "\\u001b[2J10.0.0.1:1"]]}')
+        await nc.publish("chatlog.kick.lab", b'{"server": 1, "conn": Infinity}')
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(publish())
+    for server in (a, b):
+        wait_until(lambda s=server: s.count(r"^stream message \d+ from evil:1 is not a chatlog line; skipped$")
+                   == len(bad))
+    def listed():  # (the list of who is on that server is heard; until then \\who does not show it)
+        start = len(a.lines)
+        a.say("\\who")
+        a.wait_for(r"^  alice ", start=start)
+        return next((x for x in a.lines[start:] if x and x.startswith("  eve ")), None)
+
+    line = wait_until(listed)
+    assert line.split() == ["eve", "\\x1b[2J10.0.0.1:1", "on", "m\\x1b]0;x\\x07:1"]
+    assert "\x1b" not in a.output and "mallory" not in a.output
+    alice.send("alice>still here")
+    bob.until(b"alice>still here\n")
+    bob.send("bob>so am I")
+    alice.until(b"bob>so am I\n")
+    assert a.proc.poll() is None and b.proc.poll() is None
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")
