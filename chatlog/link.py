@@ -66,7 +66,7 @@ from chatlog.events import (
 from chatlog.handles import Names, fold
 from chatlog.modes import Mode, RoomStore
 from chatlog.protocol import Run
-from chatlog.sanitize import visible
+from chatlog.sanitize import visible, visible_lines
 from chatlog.words import LEFT, address
 
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
@@ -550,7 +550,8 @@ class LinkedRoom:
                 out.append(ShowLines(kind, [visible(x) for x in text], handle))
             else:
                 out.append(Show(kind, visible(text), handle))
-        for data, exclude in casts:
+        for data, exclude in casts:  # (as the origin made them: a hostile publisher's made visible)
+            data = data if ev.mine else visible_lines(data)
             out.append(Broadcast(data.encode("utf-8", "surrogateescape"), exclude if ev.mine else None))
         return out
 

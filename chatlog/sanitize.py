@@ -61,6 +61,13 @@ def visible(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
+def visible_lines(text: str) -> str:
+    """`visible` for each line of `text`, its newlines kept (lines another server formatted)."""
+    if text.isascii() and text.replace("\n", " ").isprintable():
+        return text
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
 def is_safe(text: str) -> bool:
     """True when `visible(text)` would change nothing."""
     return _UNSAFE.search(text) is None

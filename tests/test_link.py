@@ -669,11 +669,14 @@ def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server
            b'"w": [], "b": []}]]',
            b"[" * 100000 + b"]" * 100000,
            b"[[Infinity, {}]]"]
+    # and a well-formed line whose relayed bytes carry escapes (a server's own are made visible)
+    cast = (b'[[1, {"c": [{"k": 1, "s": "client", "h": "eve", "t": "hi", "r": null, "n": null, "at": 5, "v": 0}], '
+            b'"w": [], "b": [["eve>hi \\u001b[2J\\u0007\\n", null]]}]]')
 
     async def publish():
         nc = await nats.connect(broker.url)
         js = nc.jetstream()
-        for i, data in enumerate(bad):
+        for i, data in enumerate([*bad, cast]):
             await js.publish("chatlog.room.lab", data, headers=dict(ours, **{"Nats-Msg-Id": f"evil.{i}"}))
         await nc.publish("chatlog.who.lab", b'{"s": "mal", "l": "m\\u001b]0;x\\u0007:1", "r": "1", "p": '
                          b'[[1, "mallory", {"x": 1}], [2, "eve", "\\u001b[2J10.0.0.1:1"]]}')
@@ -694,6 +697,8 @@ def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server
     line = wait_until(listed)
     assert line.split() == ["eve", "\\x1b[2J10.0.0.1:1", "on", "m\\x1b]0;x\\x07:1"]
     assert "\x1b" not in a.output and "mallory" not in a.output
+    bob.until(b"eve>hi \\x1b[2J\\x07\n")
+    assert b"\x1b" not in bob.buf and b"\x07" not in bob.buf
     alice.send("alice>still here")
     bob.until(b"alice>still here\n")
     bob.send("bob>so am I")

@@ -147,3 +147,11 @@ def test_many_lines_of_one_handle_render_as_each_would():
     same()
     r = Renderer(color=False)
     assert r.chat_lines("client", "al\x1bice", ["fine", "\x1b[2Jwiped"]) == ["al\\x1bice>fine", "al\\x1bice>\\x1b[2Jwiped"]
+
+
+def test_visible_lines_keeps_newlines_and_makes_the_rest_visible():
+    from chatlog.sanitize import visible_lines
+
+    assert visible_lines("alice>hi\nSERVER>*** bob joined\n") == "alice>hi\nSERVER>*** bob joined\n"
+    assert visible_lines("eve>\x1b[2J\n\x07\r\n") == "eve>\\x1b[2J\n\\x07\\r\n"
+    assert visible_lines("caf\u00e9\n\u202eevil\n") == "caf\u00e9\n\\u202eevil\n"
