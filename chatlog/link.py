@@ -519,6 +519,8 @@ class LinkedRoom:
         i = 0
         for c in commits:
             conn = c.get("k") if ev.mine else None
+            if conn is not None and type(conn) is not int:
+                raise ValueError("not a connection")
             lines = c.get("L")
             if lines is not None:
                 if c["s"] != "client" or type(c["h"]) is not str or not all(

@@ -673,11 +673,21 @@ def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server
     cast = (b'[[1, {"c": [{"k": 1, "s": "client", "h": "eve", "t": "hi", "r": null, "n": null, "at": 5, "v": 0}], '
             b'"w": [], "b": [["eve>hi \\u001b[2J\\u0007\\n", null]]}]]')
 
+    # and one in server a's name (its identity is in every header it publishes) with a connection
+    # that is not one: a took it for its own and failed looking the connection up
+    conn = sqlite3.connect(tmp_path / "a.db")
+    uid, run = conn.execute("SELECT (SELECT uid FROM node), (SELECT max(id) FROM servers)").fetchone()
+    conn.close()
+    spoof = (b'[[999, {"c": [{"k": [1], "s": "client", "h": "alice", "t": "x", "r": null, "n": null, "at": 5, '
+             b'"v": 0}], "w": [], "b": []}]]')
+
     async def publish():
         nc = await nats.connect(broker.url)
         js = nc.jetstream()
         for i, data in enumerate([*bad, cast]):
             await js.publish("chatlog.room.lab", data, headers=dict(ours, **{"Nats-Msg-Id": f"evil.{i}"}))
+        await js.publish("chatlog.room.lab", spoof, headers={"Chatlog-Origin": uid, "Chatlog-Run": str(run),
+                                                              "Chatlog-Server": "a:1", "Nats-Msg-Id": "evil.a"})
         await nc.publish("chatlog.who.lab", b'{"s": "mal", "l": "m\\u001b]0;x\\u0007:1", "r": "1", "p": '
                          b'[[1, "mallory", {"x": 1}], [2, "eve", "\\u001b[2J10.0.0.1:1"]]}')
         await nc.publish("chatlog.kick.lab", b'{"server": 1, "conn": Infinity}')
@@ -688,6 +698,7 @@ def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server
     for server in (a, b):
         wait_until(lambda s=server: s.count(r"^stream message \d+ from evil:1 is not a chatlog line; skipped$")
                    == len(bad))
+    a.wait_for(r"^stream message \d+ from a:1 is not a chatlog line; skipped$")
     def listed():  # (the list of who is on that server is heard; until then \\who does not show it)
         start = len(a.lines)
         a.say("\\who")
