@@ -1101,7 +1101,10 @@ class BrokerLink:
                 await self._subscribe()
                 break
             except Exception as exc:  # noqa: BLE001  (unreachable, refused, not authorised, no JetStream)
-                why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+                if self.nc is not None and self.nc.is_connected:  # reached, but it would not have the stream
+                    why = f"the broker {self.url} refused the room's stream {self.stream}: {_why(exc)}; retrying"
+                else:
+                    why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
                 if isinstance(exc, StreamLost):
                     why = f"{exc}; lines are kept here, marked not relayed; looking again every {LOST_AGAIN:.0f} s"
                 if why != self._said:
@@ -1109,11 +1112,11 @@ class BrokerLink:
                     self._said = why
                 self.js = None
                 if self.nc is not None:
+                    nc, self.nc = self.nc, None  # (closed here: not a broker lost, for _on_disconnected)
                     try:
-                        await self.nc.close()
+                        await nc.close()
                     except Exception:  # noqa: BLE001
                         pass
-                    self.nc = None
                 await asyncio.sleep(LOST_AGAIN if isinstance(exc, StreamLost) else RETRY_SECONDS)
         if self._closing:
             return
@@ -1419,7 +1422,7 @@ class BrokerLink:
             self._put(Unsent(d.ref, time.time(), why))
 
     async def _on_disconnected(self) -> None:
-        if not self._closing:
+        if not self._closing and self.nc is not None:
             self._put(LinkState(False, f"lost the broker {self.url}; reconnecting", time.time()))
 
     async def _on_reconnected(self) -> None:

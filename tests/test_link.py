@@ -717,6 +717,20 @@ def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server
     assert a.proc.poll() is None and b.proc.poll() is None
 
 
+def test_a_broker_that_will_not_make_the_stream_is_said_so_not_taken_for_unreachable(tmp_path, linked):
+    """--link-replicas 3 against a single broker: it refuses the stream ("replicas > 1 not
+    supported in non-clustered mode"). The console said "cannot reach the broker", then "lost the
+    broker; reconnecting" as the server itself closed its connection to try again."""
+    s = linked("a", "--link-replicas", "3", wait=False)
+    s.wait_for(r"^the broker nats://127\.0\.0\.1:\d+ refused the room's stream CHATLOG_lab: .*replicas > 1 not "
+               r"supported in non-clustered mode.*; retrying$")
+    wait_until(lambda: s.count(r"refused the room's stream") == 1 and "lost the broker" not in s.output
+               and s.count(r"^linked to") == 0, timeout=3)
+    time.sleep(1.5)  # (retries, RETRY_SECONDS apart, meanwhile: the same reason is not said again, nor else)
+    assert s.count(r"refused the room's stream") == 1
+    assert "lost the broker" not in s.output and "cannot reach" not in s.output
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")
