@@ -1102,7 +1102,7 @@ class BrokerLink:
                 break
             except Exception as exc:  # noqa: BLE001  (unreachable, refused, not authorised, no JetStream)
                 if self.nc is not None and self.nc.is_connected:  # reached, but it would not have the stream
-                    why = f"the broker {self.url} refused the room's stream {self.stream}: {_why(exc)}; retrying"
+                    why = f"the broker {self.url} refused the room's stream {self.stream}: {_stream_why(exc)}; retrying"
                 else:
                     why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
                 if isinstance(exc, StreamLost):
@@ -1508,6 +1508,17 @@ def _refusal(exc: BaseException) -> str:
     exceeded`, `insufficient resources`), or the error's first line."""
     description = getattr(exc, "description", None)
     return str(description)[:200] if description else _why(exc)
+
+
+def _stream_why(exc: BaseException) -> str:
+    """Why a broker reached would not have the room's stream: a broker without JetStream
+    answers nothing (ServiceUnavailableError, code None), which says nothing by itself."""
+    from nats.errors import NoRespondersError
+    from nats.js.errors import ServiceUnavailableError
+
+    if isinstance(exc, NoRespondersError) or (isinstance(exc, ServiceUnavailableError) and not exc.description):
+        return "it answers no JetStream request (is JetStream on? nats-server -js)"
+    return _why(exc)
 
 
 def _why(exc: BaseException) -> str:

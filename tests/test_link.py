@@ -731,6 +731,32 @@ def test_a_broker_that_will_not_make_the_stream_is_said_so_not_taken_for_unreach
     assert "lost the broker" not in s.output and "cannot reach" not in s.output
 
 
+def test_a_broker_without_jetstream_is_said_so(tmp_path, linked):
+    """A nats-server started without -js answers no JetStream request: the console said
+    "ServiceUnavailableError: code=None err_code=None description='None'"."""
+    if NATS is None:
+        pytest.skip(NO_NATS)
+    port = free_port()
+    plain = subprocess.Popen([NATS, "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _listening(port))
+        s = linked("a", wait=False, url=f"nats://127.0.0.1:{port}")
+        s.wait_for(r"^the broker nats://127\.0\.0\.1:\d+ refused the room's stream CHATLOG_lab: it answers no "
+                   r"JetStream request \(is JetStream on\? nats-server -js\); retrying$")
+    finally:
+        plain.terminate()
+        plain.wait(10)
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
     a, b = linked("a"), linked("b")
     alice, bob = Peer(a, "alice"), Peer(b, "bob")
