@@ -4,6 +4,7 @@ real chatlog servers, raw socket clients on each. Every client sees every line i
 every archive holds the same lines in the same order, and the faults (a server killed with -9, the
 broker restarted, the broker gone) lose and duplicate nothing."""
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -107,6 +108,26 @@ def linked(tmp_path, broker):
     yield start
     for s in servers:
         s.stop()
+
+
+@contextlib.contextmanager
+def broker_with(tmp_path, conf: str):
+    """A broker of its own with this configuration (its limits), stopped after."""
+    path = tmp_path / "limits.conf"
+    path.write_text(conf)
+    b = Broker(tmp_path / "limited", args=["-c", str(path)])
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def alice_and_bob(linked, url, *args):
+    """Servers a and b linked through `url`, alice on a and bob on b, each heard by the other."""
+    a, b = linked("a", *args, url=url), linked("b", *args, url=url)
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    return a, b, alice, bob
 
 
 class Cut:
@@ -582,13 +603,8 @@ def test_a_broker_whose_store_is_full_refuses_lines_that_are_kept_told_and_said_
     """The broker's JetStream store full: what it refuses is kept on its own server, marked with
     why, its sender told; the console says why, a few times, not once a line; what it took is
     on both archives alike."""
-    conf = tmp_path / "small.conf"
-    conf.write_text("jetstream { max_file_store: 1MB, max_memory_store: 1MB }\n")
-    small = Broker(tmp_path / "small", args=["-c", str(conf)])
-    try:
-        a, b = linked("a", "--rate", "0", url=small.url), linked("b", "--rate", "0", url=small.url)
-        alice, _bob = Peer(a, "alice"), Peer(b, "bob")
-        alice.until(b"*** bob joined\n")
+    with broker_with(tmp_path, "jetstream { max_file_store: 1MB, max_memory_store: 1MB }\n") as small:
+        a, b, alice, _bob = alice_and_bob(linked, small.url, "--rate", "0")
         n = 1500  # 1.4 MB of lines
         for k in range(0, n, 100):
             alice.sock.sendall(b"".join(b"alice>%s %d\n" % (b"x" * 900, i) for i in range(k, k + 100)))
@@ -611,8 +627,6 @@ def test_a_broker_whose_store_is_full_refuses_lines_that_are_kept_told_and_said_
                                          "(insufficient resources)"}
         said = a.count(r"^the broker did not take .*\(insufficient resources\)")
         assert 1 <= said <= 4, said
-    finally:
-        small.stop()
 
 
 @pytest.mark.parametrize("line", [b"y" * 40, b"\x01z" * 245, b"q\x02" * 4000], ids=["plain", "control", "cut"])
@@ -622,13 +636,8 @@ def test_a_burst_fits_a_broker_that_takes_small_messages(tmp_path, linked, line)
     refused all but a few and 1,751 of 2,000 lines were kept here alone, not relayed (a probe).
     Now the stream messages keep to the broker's size, and a read that would weigh more is
     published in pieces: every line reaches the other server, in order."""
-    conf = tmp_path / "small.conf"
-    conf.write_text("max_payload: 65536\n")
-    small = Broker(tmp_path / "small", args=["-c", str(conf)])
-    try:
-        a, b = linked("a", "--rate", "0", url=small.url), linked("b", "--rate", "0", url=small.url)
-        alice, bob = Peer(a, "alice"), Peer(b, "bob")
-        alice.until(b"*** bob joined\n")
+    with broker_with(tmp_path, "max_payload: 65536\n") as small:
+        a, b, alice, _bob = alice_and_bob(linked, small.url, "--rate", "0")
         n = 600
         alice.sock.settimeout(60)  # (the server takes a burst a pass at a time)
         alice.sock.sendall(b"".join(b"alice>%s %d\n" % (line, i) for i in range(n)))
@@ -640,9 +649,6 @@ def test_a_burst_fits_a_broker_that_takes_small_messages(tmp_path, linked, line)
         assert [int(t.rsplit(" ", 1)[1]) for t in got] == list(range(n))
         assert not rows(tmp_path / "a.db", f"{mine} AND stream_seq IS NULL")
         assert a.count("did not take") == 0
-        del bob
-    finally:
-        small.stop()
 
 
 def test_what_is_not_a_chatlog_servers_on_the_broker_is_skipped_and_every_server_goes_on(tmp_path, broker, linked):
