@@ -84,6 +84,7 @@ BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by de
 HEADERS_ROOM = 1024  # bytes of a stream message kept for its headers (its max_payload counts them)
 BATCH_FRAME = 24  # bytes around each publication in a stream message: `[ref,` ... `],`
 DEFAULT_MOST = 1024 * 1024 - HEADERS_ROOM - BATCH_FRAME  # a publication's bytes at most (NATS's default)
+MOST_AT_LEAST = 1024  # (a broker that takes less refuses what does not fit, and says so: no smaller pieces)
 # What a read's lines may make a publication weigh, at most, per byte and per line (each is in it
 # three times: recorded, shown, relayed; JSON-escaped, and a line that is not plain with its raw
 # bytes too): a read that may weigh more is taken as several (`_parts`).
@@ -630,8 +631,8 @@ class LinkedRoom:
         return out
 
     def _state(self, ev: LinkState) -> list[Decision]:
-        if ev.up and ev.most:
-            self.most = ev.most
+        if ev.up and ev.most is not None:
+            self.most = max(ev.most, MOST_AT_LEAST)
         if ev.up == self.up and (ev.up or self.said_down):
             # No change for the clients (they were told); a reason not yet given is the
             # console's (each once an outage, a few at most: retries alternate between some).
