@@ -60,6 +60,7 @@ from chatlog.events import (
     Send,
     Show,
     ShowLines,
+    Stop,
     StoreWrite,
     Tick,
 )
@@ -78,6 +79,7 @@ CLAIM_SETTLE = 1.0  # a name claimed through the stream that its server's list o
 GONE = "server-gone"  # the reason a gone server's people left (`LinkedRoom._gone`)
 ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: people joining by the
 #                  hundred are announced ten times a second, not once each (the whole list each time)
+DRAIN_SECONDS = 2.0  # a stopping server waits at most this long to record what it published
 CONFIRM_SECONDS = 3.0  # how long a retry waits for the broker to confirm, then the line is refused
 BATCH_LINES = 256  # what piled up while the last publication went out goes as one stream message,
 BATCH_BYTES = 256 * 1024  # ... up to this much (NATS takes 1 MB a message by default), or the broker's own
@@ -349,9 +351,15 @@ class LinkedRoom:
         # server busy with a backlog never takes the lines queued before a list for silence).
         self.last_heard: dict[tuple[str, str], float] = {}
         self.echo_at = float("-inf")
+        # Stopping (a signal): the room's end, held until what this server published has come
+        # back through the stream and is recorded here too (DRAIN_SECONDS at most).
+        self.stopped_at: float | None = None
+        self.finishing: list[Decision] = []
 
     # the policy interface
     def deadline(self):
+        if self.finishing:
+            return self.stopped_at + DRAIN_SECONDS
         due = self.room.deadline()
         if self.roster_changed:
             when = self.roster_at + ROSTER_GAP
@@ -407,6 +415,8 @@ class LinkedRoom:
             if p is None:
                 return []
             return self._route(self.room.handle_event(OperatorLine(f"\\kick {address(p.host, p.port)}", ev.at)), ev.at)
+        if t is Stop:
+            return self._stop(ev)
         if t is OperatorLine:
             kick = self._remote_kick(ev)
             if kick is not None:
@@ -420,6 +430,25 @@ class LinkedRoom:
         if any(type(d) is Finish for d in out):
             out.insert(0, Publish("who", b"[]"))  # the room closes here (a stop, \quit): nobody here any more
         return out
+
+    def _stop(self, ev: Stop) -> list[Decision]:
+        """The room ends as ever (everyone told, their leaving published), but the loop is let
+        finish only once what this server published has come back through the stream and is
+        recorded here, as on the other servers (its people's last lines, their leaving), or
+        DRAIN_SECONDS have passed. The loop feeds a Stop each pass while it stops."""
+        if self.stopped_at is None:
+            self.stopped_at = ev.at
+            out = self._route(self.room.handle_event(ev), ev.at)
+            finish = [d for d in out if type(d) is Finish]
+            out = [Publish("who", b"[]")] + [d for d in out if type(d) is not Finish]
+            if not (self.up and self.inflight):
+                return out + finish
+            self.finishing = finish
+            return out
+        if self.finishing and (not self.up or not self.inflight or ev.at >= self.stopped_at + DRAIN_SECONDS):
+            finish, self.finishing = self.finishing, []
+            return finish
+        return []
 
     # what the room decided, through the stream
     def _route(self, out: list[Decision], at: float) -> list[Decision]:

@@ -323,6 +323,7 @@ class Loop:
             self.intake.read(readable + [c for c in self.intake.held if c not in readable], now)
             for c in list(self.clients.values()):
                 self.intake.frames(c, c.framer.flush(now))
+            take_from_link(self, link_io, now)  # (a linked room records what it published before it ends)
             self._feed(Stop(self.stopping, now))
             self._carry_out()
             return
@@ -331,9 +332,7 @@ class Loop:
                 readable.append(c)
         self.intake.read(readable, now)
         self.intake.quiet(now)
-        if self.link is not None:  # what the broker sent, as events
-            for event in self.link.events(link_io, LINK_TAKE, now):
-                self._feed(event)
+        take_from_link(self, link_io, now)
         deadline = self.policy.deadline()
         if deadline is not None and now >= deadline:
             if self.policy.times_out:  # what came in time is read before anyone is timed out (a
@@ -538,6 +537,14 @@ class Loop:
             self._close(c, NOTICES["store"])
         self.clients.clear()
         self.finished = True
+
+
+def take_from_link(loop: Loop, io: bool, now: float) -> None:
+    """What the broker sent (`io`: its socket was readable), as events for the policy: at most
+    LINK_TAKE a pass, the rest the next."""
+    if loop.link is not None:
+        for event in loop.link.events(io, LINK_TAKE, now):
+            loop._feed(event)
 
 
 def take_answer(operator: Operator, policy, batch: list) -> None:
