@@ -351,15 +351,15 @@ class LinkedRoom:
         # server busy with a backlog never takes the lines queued before a list for silence).
         self.last_heard: dict[tuple[str, str], float] = {}
         self.echo_at = float("-inf")
-        # Stopping (a signal): the room's end, held until what this server published has come
-        # back through the stream and is recorded here too (DRAIN_SECONDS at most).
-        self.stopped_at: float | None = None
+        # The room's end (a stop, \quit), held until what this server published has come back
+        # through the stream and is recorded here too (DRAIN_SECONDS at most).
+        self.ended_at: float | None = None
         self.finishing: list[Decision] = []
 
     # the policy interface
     def deadline(self):
         if self.finishing:
-            return self.stopped_at + DRAIN_SECONDS
+            return self.ended_at + DRAIN_SECONDS
         due = self.room.deadline()
         if self.roster_changed:
             when = self.roster_at + ROSTER_GAP
@@ -379,6 +379,9 @@ class LinkedRoom:
         if self.pending:
             out = out + self.pending
             self.pending = []
+        if self.finishing and (not self.up or not self.inflight or getattr(ev, "at", 0.0) >= self.ended_at + DRAIN_SECONDS):
+            out = out + self.finishing  # (what it published is recorded here, or it waited long enough)
+            self.finishing = []
         return out
 
     def _handle(self, ev) -> list[Decision]:
@@ -415,8 +418,8 @@ class LinkedRoom:
             if p is None:
                 return []
             return self._route(self.room.handle_event(OperatorLine(f"\\kick {address(p.host, p.port)}", ev.at)), ev.at)
-        if t is Stop:
-            return self._stop(ev)
+        if t is Stop and self.ended_at is not None:
+            return []  # (the loop feeds a Stop each pass while it stops)
         if t is OperatorLine:
             kick = self._remote_kick(ev)
             if kick is not None:
@@ -428,27 +431,20 @@ class LinkedRoom:
             out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
             self.said_down = True  # so it hears when the link is up
         if any(type(d) is Finish for d in out):
-            out.insert(0, Publish("who", b"[]"))  # the room closes here (a stop, \quit): nobody here any more
+            out = self._end(out, getattr(ev, "at", 0.0))
         return out
 
-    def _stop(self, ev: Stop) -> list[Decision]:
-        """The room ends as ever (everyone told, their leaving published), but the loop is let
-        finish only once what this server published has come back through the stream and is
-        recorded here, as on the other servers (its people's last lines, their leaving), or
-        DRAIN_SECONDS have passed. The loop feeds a Stop each pass while it stops."""
-        if self.stopped_at is None:
-            self.stopped_at = ev.at
-            out = self._route(self.room.handle_event(ev), ev.at)
-            finish = [d for d in out if type(d) is Finish]
-            out = [Publish("who", b"[]")] + [d for d in out if type(d) is not Finish]
-            if not (self.up and self.inflight):
-                return out + finish
-            self.finishing = finish
-            return out
-        if self.finishing and (not self.up or not self.inflight or ev.at >= self.stopped_at + DRAIN_SECONDS):
-            finish, self.finishing = self.finishing, []
-            return finish
-        return []
+    def _end(self, out: list[Decision], at: float) -> list[Decision]:
+        """The room ends (a stop, \\quit): nobody is here any more, and its leaving is published
+        as ever, but the loop finishes only once what this server published has come back through
+        the stream and is recorded here, as on the other servers (its people's last lines, their
+        leaving), or DRAIN_SECONDS have passed (`handle_event`)."""
+        self.ended_at = at
+        out.insert(0, Publish("who", b"[]"))
+        if self.up and self.inflight:
+            self.finishing = [d for d in out if type(d) is Finish]
+            out = [d for d in out if type(d) is not Finish]
+        return out
 
     # what the room decided, through the stream
     def _route(self, out: list[Decision], at: float) -> list[Decision]:
