@@ -107,6 +107,7 @@ UP_NOTICE = "The link to the room's other servers is back: lines are relayed aga
 UNSENT_NOTICE = "The broker did not take your line: it was not relayed (this server records it, marked so)."
 LATE_NOTICE = "Your line reached the room after all: the broker had taken it, and confirmed it late."
 DOWN_NOTE = "not relayed: the link to the other servers was down"
+UNCONFIRMED_NOTE = "not relayed: the broker had not confirmed it when the server stopped"
 
 
 # -- events the link brings in ------------------------------------------------------------------
@@ -380,9 +381,22 @@ class LinkedRoom:
             out = out + self.pending
             self.pending = []
         if self.finishing and (not self.up or not self.inflight or getattr(ev, "at", 0.0) >= self.ended_at + DRAIN_SECONDS):
-            out = out + self.finishing  # (what it published is recorded here, or it waited long enough)
+            out = out + self._unconfirmed() + self.finishing  # (what it published is recorded here, or kept)
             self.finishing = []
         return out
+
+    def _unconfirmed(self) -> list[Decision]:
+        """As the room ends, what it published that the stream has not brought back (the broker
+        stalled, or down) is kept here alone, marked; should the broker have stored it, this
+        archive gives it its place when the server next links (same origin: never twice)."""
+        if not self.inflight:
+            return []
+        out: list[Decision] = []
+        for ref, commits in self.inflight.items():
+            out += self._keep(ref, commits, UNCONFIRMED_NOTE)
+        self.inflight.clear()
+        return out + [Show("error", f"{len(out)} messages the broker had not confirmed as the room ended: kept here "
+                                    "alone, marked not relayed")]
 
     def _handle(self, ev) -> list[Decision]:
         t = type(ev)
@@ -440,11 +454,12 @@ class LinkedRoom:
         the stream and is recorded here, as on the other servers (its people's last lines, their
         leaving), or DRAIN_SECONDS have passed (`handle_event`)."""
         self.ended_at = at
-        out.insert(0, Publish("who", b"[]"))
+        finish = [d for d in out if type(d) is Finish]
+        out = [Publish("who", b"[]")] + [d for d in out if type(d) is not Finish]
         if self.up and self.inflight:
-            self.finishing = [d for d in out if type(d) is Finish]
-            out = [d for d in out if type(d) is not Finish]
-        return out
+            self.finishing = finish
+            return out
+        return out + self._unconfirmed() + finish
 
     # what the room decided, through the stream
     def _route(self, out: list[Decision], at: float) -> list[Decision]:

@@ -132,7 +132,8 @@ def alice_and_bob(linked, url, *args):
 
 class Cut:
     """A real TCP relay on loopback between one server and the broker, that can cut that
-    server off (every connection closed, none taken) while the others keep the broker."""
+    server off (every connection closed, none taken) while the others keep the broker, or hold
+    what the server sends (`hold`: kept, and seen, not passed on) until `release`."""
 
     def __init__(self, port):
         import threading
@@ -141,6 +142,9 @@ class Cut:
         self.socks: list[socket.socket] = []
         self.lock = threading.Lock()
         self.threading = threading
+        self.holding = False
+        self.held: list[tuple[socket.socket, bytes]] = []
+        self.orphans: list[socket.socket] = []  # the server gone, what it sent still held
         self.open()
 
     @property
@@ -161,20 +165,46 @@ class Cut:
             with self.lock:
                 self.socks += [conn, up]
             for a, b in ((conn, up), (up, conn)):
-                self.threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                self.threading.Thread(target=self._pump, args=(a, b, b is up), daemon=True).start()
 
-    @staticmethod
-    def _pump(a, b):
+    def _pump(self, a, b, upward):
         try:
             while data := a.recv(65536):
+                with self.lock:
+                    if upward and self.holding:
+                        self.held.append((b, data))
+                        continue
                 b.sendall(data)
         except OSError:
             pass
+        with self.lock:
+            if upward and any(up is b for up, _ in self.held):
+                self.orphans.append(b)
+                return  # (what it holds for the broker goes when released; then the connection ends)
         for x in (a, b):
             try:
                 x.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def hold(self):
+        with self.lock:
+            self.holding = True
+
+    def seen(self) -> bytes:
+        """What the server sent since `hold`."""
+        with self.lock:
+            return b"".join(data for _, data in self.held)
+
+    def release(self):
+        with self.lock:
+            self.holding, held, self.held = False, self.held, []
+        for up, data in held:
+            up.sendall(data)
+        with self.lock:
+            orphans, self.orphans = self.orphans, []
+        for up in orphans:
+            up.shutdown(socket.SHUT_WR)  # (the broker reads what came, then the end)
 
     def cut(self):
         try:
@@ -785,6 +815,33 @@ def test_a_server_stopped_mid_burst_records_what_it_published_before_it_ends(tmp
     there, here = rows(tmp_path / "b.db", mine), rows(tmp_path / "a.db", mine)
     assert here == there and [r[5] for r in here[-1:]] == ["left"]
     assert len(here) > 2000
+
+
+def test_what_a_stopping_server_published_unconfirmed_is_kept_and_placed_when_it_links_again(
+        tmp_path, broker, linked):
+    """The broker stalled (SIGSTOP in a probe; here a relay that holds what a sends) as server a
+    stopped: the lines alice had just said were published, never confirmed, and recorded nowhere
+    on a (had the broker lost them, nowhere at all). They are kept on a now, marked; when a
+    links again and the broker has them after all, the stream brings them and each takes its
+    place: once, as on b."""
+    relay = Cut(broker.port)
+    a, b, alice, _bob = alice_and_bob(linked, relay.url, "--rate", "0")
+    relay.hold()  # (what a sends stops on its way to the broker: seen, never confirmed)
+    alice.sock.sendall(b"".join(b"alice>stall %d\n" % i for i in range(50)))
+    wait_until(lambda: b"stall 49" in relay.seen())
+    a.proc.send_signal(signal.SIGTERM)
+    a.proc.wait(30)
+    relay.release()  # (the broker takes the publication after all)
+    assert a.count(r"^5[01] messages the broker had not confirmed as the room ended: kept here alone") == 1, a.output
+    stalled = "text LIKE 'stall %'"
+    kept = rows(tmp_path / "a.db", stalled)
+    assert len(kept) == 50 and {(r[2], r[6]) for r in kept} == {
+        (None, "not relayed: the broker had not confirmed it when the server stopped")}
+    linked("a", "--rate", "0", url=broker.url)
+    wait_until(lambda: all(r[2] is not None for r in rows(tmp_path / "a.db", stalled)))
+    settled(tmp_path / "a.db", tmp_path / "b.db")
+    assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
+    assert [r[5] for r in rows(tmp_path / "a.db", stalled)] == [f"stall {i}" for i in range(50)]
 
 
 def test_broker_restarted_mid_room_loses_and_duplicates_nothing(tmp_path, broker, linked):
