@@ -1501,6 +1501,24 @@ def test_policy_lines_the_broker_refuses_say_why_on_the_console_without_flooding
         "the broker did not take a line (insufficient resources\\x1b[2J): kept here alone, marked not relayed"]
 
 
+def test_policy_a_broker_taking_tiny_messages_is_no_reason_to_fail():
+    """A broker whose max_payload leaves no room for a publication (under about 1 KB) gave the
+    policy a size of 0 (ignored: 1 MB assumed) or below it (each line alone). It takes 1 KB."""
+    from chatlog.events import Publish, ReceivedLines
+    from chatlog.link import MOST_AT_LEAST, LinkState
+    from chatlog.protocol import Run
+
+    p = _policy()
+    p.handle_event(_line(1, "first", "alice"))
+    for most in (0, -24, 10):
+        p.handle_event(LinkState(True, "linked", 2.0, most))
+        assert p.most == MOST_AT_LEAST
+    data = b"".join(b"alice>line %d\n" % i for i in range(300))
+    out = p.handle_event(ReceivedLines(1, [Run(data, 300, 3.0)]))
+    sent = [d for d in out if type(d) is Publish and d.what == "line"]
+    assert len(sent) > 1 and sum(len(json.loads(d.data)["c"][0]["L"]) for d in sent) == 300
+
+
 def test_policy_why_the_link_is_down_reaches_the_console_even_after_clients_were_told():
     """A broker that accepts and never answers times out only after a client has been told the
     link is down: its reason still reaches the console (once each), the clients nothing more."""
