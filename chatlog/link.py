@@ -454,12 +454,8 @@ class LinkedRoom:
         the stream and is recorded here, as on the other servers (its people's last lines, their
         leaving), or DRAIN_SECONDS have passed (`handle_event`)."""
         self.ended_at = at
-        finish = [d for d in out if type(d) is Finish]
-        out = [Publish("who", b"[]")] + [d for d in out if type(d) is not Finish]
-        if self.up and self.inflight:
-            self.finishing = finish
-            return out
-        return out + self._unconfirmed() + finish
+        self.finishing = [d for d in out if type(d) is Finish]  # (let go at once if nothing is awaited)
+        return [Publish("who", b"[]")] + [d for d in out if type(d) is not Finish]
 
     # what the room decided, through the stream
     def _route(self, out: list[Decision], at: float) -> list[Decision]:
