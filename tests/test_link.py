@@ -247,18 +247,11 @@ class Peer:
         self.buf += chunk
 
     def until(self, needle: bytes, timeout=10.0) -> bytes:
-        self.sock.settimeout(0.5)
         deadline = time.monotonic() + timeout
         while needle not in self.buf:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{needle!r} not received; got {self.buf[-2000:]!r}")
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise AssertionError(f"closed before {needle!r}; got {self.buf[-2000:]!r}")
-            self.buf += chunk
+            self.pump(0.5)
         return self.buf
 
     def poll(self) -> bool:
