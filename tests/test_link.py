@@ -177,11 +177,14 @@ class Cut:
                 b.sendall(data)
         except OSError:
             pass
+        # A connection to the broker with something held for it stays open (either direction may
+        # end first): what is held goes when released, and then its end (`release`).
         with self.lock:
-            if upward and any(up is b for up, _ in self.held):
-                self.orphans.append(b)
-                return  # (what it holds for the broker goes when released; then the connection ends)
+            waiting = {id(up) for up, _ in self.held}
+            self.orphans += [x for x in (a, b) if id(x) in waiting and x not in self.orphans]
         for x in (a, b):
+            if id(x) in waiting:
+                continue
             try:
                 x.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -818,7 +821,9 @@ def test_what_a_stopping_server_published_unconfirmed_is_kept_and_placed_when_it
     links again and the broker has them after all, the stream brings them and each takes its
     place: once, as on b."""
     relay = Cut(broker.port)
-    a, b, alice, _bob = alice_and_bob(linked, relay.url, "--rate", "0")
+    a, b = linked("a", "--rate", "0", url=relay.url), linked("b", "--rate", "0")
+    alice, _bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
     relay.hold()  # (what a sends stops on its way to the broker: seen, never confirmed)
     alice.sock.sendall(b"".join(b"alice>stall %d\n" % i for i in range(50)))
     wait_until(lambda: b"stall 49" in relay.seen())
