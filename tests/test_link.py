@@ -830,7 +830,7 @@ def test_what_a_stopping_server_published_unconfirmed_is_kept_and_placed_when_it
     a.proc.send_signal(signal.SIGTERM)
     a.proc.wait(30)
     relay.release()  # (the broker takes the publication after all)
-    assert a.count(r"^5[01] messages the broker had not confirmed as the room ended: kept here alone") == 1, a.output
+    assert a.count(r"^\d+ messages the broker had not confirmed as the room ended: kept here alone") == 1, a.output
     stalled = "text LIKE 'stall %'"
     kept = rows(tmp_path / "a.db", stalled)
     assert len(kept) == 50 and {(r[2], r[6]) for r in kept} == {
