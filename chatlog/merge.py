@@ -68,13 +68,62 @@ class Merge:
                 "WHERE se.kind = 'room' AND se.room IS NOT NULL AND m.stream_seq IS NOT NULL AND se.deleting = 0")}
         cols = _columns(s, "sessions")
         live = "WHERE deleting = 0 " if "deleting" in cols else ""
+        also = self._identities(s)
+        removed: dict[int, int] = {}  # session: its lines removed (`forget`, `rm --message`)
+        if "removed_at" in _columns(s, "messages"):
+            removed = dict(s.execute(
+                "SELECT session_id, count(*) FROM messages WHERE removed_at IS NOT NULL GROUP BY session_id"))
         for se in s.execute(f"SELECT * FROM sessions {live}ORDER BY id").fetchall():
             if linked and se["room"] in linked and se["kind"] == "room":
                 self._room_session(s, uid, se)
-            elif not self._taken(uid, se["id"]):
-                self._session(s, uid, se)
+                continue
+            ids = [(uid, se["id"]), *also.get(se["id"], ())]
+            taken = next((t for t in (self._taken(*i) for i in ids) if t is not None), None)
+            if taken is None:
+                self._session(s, uid, se, ids)
+                continue
+            self._note(ids, taken)
+            if self._changed(se, taken) or removed.get(se["id"], 0) > self._removed(taken):
+                self._refresh(s, uid, se, taken)
         for room in linked:
             self._resequence(room)
+
+    @staticmethod
+    def _identities(s: sqlite3.Connection) -> dict[int, list[tuple[str, int]]]:
+        """A merged archive's sessions, each under the archives and ids it was taken from: the
+        same session met again, from one of those archives or another merge of them, is taken
+        once."""
+        out: dict[int, list[tuple[str, int]]] = {}
+        if {"source", "session_id", "merged_session"} <= set(_columns(s, "merged")):
+            for source, sid, into in s.execute("SELECT source, session_id, merged_session FROM merged WHERE session_id != 0"):
+                out.setdefault(into, []).append((source, sid))
+        return out
+
+    def _note(self, ids: list[tuple[str, int]], into: int) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
+                              [(source, sid, into) for source, sid in ids])
+
+    def _changed(self, se: sqlite3.Row, into: int) -> bool:
+        """Whether a session taken before has moved on since: it was in progress, or has ended
+        since (a nightly merge of a live server's archive)."""
+        ended = self.conn.execute("SELECT ended_at FROM sessions WHERE id = ?", (into,)).fetchone()
+        return ended is not None and (ended[0] is None or ended[0] != _get(se, "ended_at"))
+
+    def _removed(self, into: int) -> int:
+        return self.conn.execute("SELECT count(*) FROM messages WHERE session_id = ? AND removed_at IS NOT NULL",
+                                 (into,)).fetchone()[0]
+
+    def _refresh(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row, into: int) -> None:
+        """A session taken before, again: its later lines and people, its end, and the lines
+        removed since (each line is taken once, by its origin; a removed one stays removed)."""
+        pids = self._participants(s, se["id"], into, again=True)
+        for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
+            self._message(m, into, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
+        cols = [c for c in ("served_at", "ended_at", "end_reason", "handle", "client_messages", "server_messages")
+                if c in self.cols["sessions"] and c in se.keys()]
+        if cols:
+            self.conn.execute(f'UPDATE sessions SET {", ".join(f"{c} = ?" for c in cols)} WHERE id = ?',
+                              [*(se[c] for c in cols), into])
 
     def _taken(self, source: str, sid: int) -> int | None:
         row = self.conn.execute("SELECT merged_session FROM merged WHERE source = ? AND session_id = ?",
@@ -101,20 +150,34 @@ class Merge:
         marks = ", ".join("?" for _ in cols)
         return self.conn.execute(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', values).lastrowid
 
-    def _participants(self, s: sqlite3.Connection, sid: int, into: int) -> dict[int, int]:
-        out = {}
+    def _participants(self, s: sqlite3.Connection, sid: int, into: int, again: bool = False) -> dict[int, int]:
+        """A session's participants copied into session `into`, their ids mapped. `again`: into
+        a session that may hold some already (taken before, or a merged archive's room met
+        beside the archives it came from): a participant is known there by its address and
+        when it joined, and only brought up to date (a handle taken, its leaving)."""
+        out: dict[int, int] = {}
         if not _columns(s, "participants"):
             return out
+        have = {}
+        if again:
+            have = {(h, p, j): i for i, h, p, j in self.conn.execute(
+                "SELECT id, host, port, joined_at FROM participants WHERE session_id = ?", (into,))}
         for p in s.execute("SELECT * FROM participants WHERE session_id = ? ORDER BY id", (sid,)).fetchall():
             cols = [c for c in self.cols["participants"] if c not in ("id", "session_id") and c in p.keys()]
-            out[p["id"]] = self._insert("participants", ["session_id", *cols], [into, *[p[c] for c in cols]])
+            known = have.get((_get(p, "host"), _get(p, "port"), _get(p, "joined_at")))
+            if known is None:
+                out[p["id"]] = self._insert("participants", ["session_id", *cols], [into, *[p[c] for c in cols]])
+            else:
+                out[p["id"]] = known
+                self.conn.execute(f'UPDATE participants SET {", ".join(f"{c} = ?" for c in cols)} WHERE id = ?',
+                                  [*(p[c] for c in cols), known])
         return out
 
-    def _session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row) -> None:
+    def _session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row, ids: list[tuple[str, int]]) -> None:
         """A session of one server (a 1:1 chat, a room never linked): copied whole."""
         cols = [c for c in self.cols["sessions"] if c not in ("id", "server_id") and c in se.keys()]
         new = self._insert("sessions", ["server_id", *cols], [self._server(s, _get(se, "server_id")), *[se[c] for c in cols]])
-        self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)", (uid, se["id"], new))
+        self._note(ids, new)
         pids = self._participants(s, se["id"], new)
         for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
             self._message(m, new, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
@@ -165,9 +228,8 @@ class Merge:
         if self._taken(uid, se["id"]) is None:
             self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
                               (uid, se["id"], merged))
-            pids = self._participants(s, se["id"], merged)
-        else:
-            pids = {}
+        # (again: a run merged while it went on has had people join since, and its people leave)
+        pids = self._participants(s, se["id"], merged, again=True)
         top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE session_id = ?", (merged,)).fetchone()[0]
         for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
             if self._message(m, merged, uid, pids.get(_get(m, "participant_id")), seq=top + 1):

@@ -1372,6 +1372,14 @@ def test_merge_one_archive_from_three_idempotent_and_readable(tmp_path, linked):
     assert shown.exit_code == 0 and "merge 4 from carol" in shown.output
     assert run_chatlog(out, "search", "-c", "merge").output.strip() == "15"
     assert "a private word" in run_chatlog(out, "export", "--format", "jsonl").output
+    # A merged archive is a source like any other: beside the archives it came from, in either
+    # order, each session, person and line is there once (the room's people used to be twice).
+    counts = "SELECT (SELECT count(*) FROM sessions), (SELECT count(*) FROM participants), (SELECT count(*) FROM messages)"
+    for i, order in enumerate(((out, *dbs), (*dbs, out))):
+        again = tmp_path / f"again{i}.db"
+        assert run_chatlog(None, "merge", *map(str, order), "-o", str(again)).exit_code == 0
+        assert db_one(again, counts) == db_one(out, counts), order
+        assert [x[5] for x in rows(again, f"session_id = {room_sid}")] == [x[5] for x in merged]
 
 
 def db_one(db, sql):

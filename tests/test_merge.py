@@ -94,3 +94,73 @@ def test_a_merge_stopped_by_a_signal_leaves_nothing_behind(tmp_path, sig):
         assert err == f"chatlog: merge stopped by {sig.name}; {said}\n"
     assert not list(tmp_path.glob("all.db*"))
     assert everything(kept) == before
+
+
+def texts(db):
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT s.id, s.ended_at IS NOT NULL, s.client_messages, group_concat(m.text, '|') FROM sessions s "
+            "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_merged_archive_and_its_sources_give_each_session_once(tmp_path):
+    """A merged archive is a source like any other: merged again with one of the archives it came
+    from, in either order, each session is there once. It used to be there twice, the second copy
+    empty but counted as holding the lines (its lines were rightly taken once)."""
+    a, b = archive(tmp_path / "a.db", "amy"), archive(tmp_path / "b.db", "bob")
+    ab = tmp_path / "ab.db"
+    assert merge(a, b, out=ab).exit_code == 0
+    for order in ((ab, a, b), (a, b, ab), (a, ab)):
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*.db')))}.db"
+        r = merge(*order, out=out)
+        assert r.exit_code == 0, r.stderr
+        assert sorted((t[3] or "", t[2]) for t in texts(out)) == sorted((t[3], t[2]) for t in texts(ab)), order
+        again = everything(out)
+        r = merge(ab, a, b, out=out)  # and again, every way round: nothing new
+        assert r.exit_code == 0 and "0 new sessions, 0 new messages" in r.stderr, r.stderr
+        assert everything(out) == again
+
+
+def test_a_session_merged_while_in_progress_gets_the_rest_at_the_next_merge(tmp_path):
+    """A merge of a live server's archive (a nightly one) takes a chat still going on as it is; the
+    next merge takes its later lines and its end. They used to be left out for good, the session
+    shown in progress forever."""
+    s = open_store(tmp_path / "a.db")
+    sid = s.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    s.set_handle(sid, "amy")
+    for i in range(3):
+        s.add_message(sid, "client", "amy", f"amy line {i}")
+    out = tmp_path / "all.db"
+    assert merge(tmp_path / "a.db", out=out).exit_code == 0
+    assert texts(out) == [(1, 0, 0, "amy line 0|amy line 1|amy line 2")]  # (counted as it ends)
+    for i in range(3, 5):
+        s.add_message(sid, "client", "amy", f"amy line {i}")
+    s.add_message(sid, "server", "SERVER", "bye")
+    s.end_session(sid, "client-quit")
+    s.close()
+    r = merge(tmp_path / "a.db", out=out)
+    assert r.exit_code == 0 and "0 new sessions, 3 new messages" in r.stderr, r.stderr
+    assert texts(out) == [(1, 1, 5, "amy line 0|amy line 1|amy line 2|amy line 3|amy line 4|bye")]
+    assert run_chatlog(out, "show", "1").output == run_chatlog(tmp_path / "a.db", "show", "1").output
+    before = everything(out)
+    assert merge(tmp_path / "a.db", out=out).exit_code == 0
+    assert everything(out) == before
+
+
+def test_a_line_forgotten_after_a_merge_is_forgotten_at_the_next(tmp_path):
+    """`forget` on a server's archive after it was merged: the next merge removes those lines from
+    the result too, as it does for a linked room's. It used to keep them there."""
+    a = archive(tmp_path / "a.db", "amy")
+    archive(tmp_path / "b.db", "bob")
+    out = tmp_path / "all.db"
+    assert merge(a, tmp_path / "b.db", out=out).exit_code == 0
+    assert run_chatlog(a, "forget", "--handle", "amy").exit_code == 0
+    assert merge(a, tmp_path / "b.db", out=out).exit_code == 0
+    assert run_chatlog(out, "search", "-c", "amy").output.strip() == "0"
+    assert run_chatlog(out, "search", "-c", "bob").output.strip() == "3"
+    conn = sqlite3.connect(out)
+    assert conn.execute("SELECT count(*) FROM messages WHERE removed_at IS NOT NULL AND text = ''").fetchone()[0] == 3
+    conn.close()
