@@ -29,6 +29,8 @@ import time
 from collections import deque
 from typing import TextIO
 
+from chatlog.events import OperatorEnd, OperatorLine
+
 READ_SIZE = 65536
 BACKLOG = 256  # piped lines read ahead of need, at most
 
@@ -326,8 +328,6 @@ class Operator:
     def events(self):
         """The operator's lines while answers are wanted (the loop carries out each before the
         next is taken), then, once, the end of the input: OperatorLine and OperatorEnd events."""
-        from chatlog.events import OperatorEnd, OperatorLine
-
         while True:
             self.fill()
             line = self.take()
