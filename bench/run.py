@@ -110,6 +110,16 @@ def turn_cost():
     k = 500 if QUICK else 2000
     early = turns.answered_before_committed(k)
     row("turns answered before both committed", f"{early} of {k:,}", "", "", "0", early == 0)
+    # The same comparison in instructions the server runs: what this machine's noise (a bare
+    # echo's turn 21 us one hour, 100 the next) does not move.
+    figure = "server instructions a turn (callgrind, 2,000 turns)"
+    try:
+        ours_i, min_i, floor_i = (turns.instructions(kind) for kind in ("chatlog", "minimal", "floor"))
+    except turns.Missing as exc:
+        missing(figure, "(the work a turn takes)", str(exc))
+        return
+    row(figure, f"{ours_i / 1000:.1f}k", f"{min_i / 1000:.1f}k minimal recorder; {floor_i / 1000:.1f}k floor",
+        f"{ours_i / min_i:.2f}", "(the work a turn takes)", "")
 
 
 def fsync_cost():

@@ -10,6 +10,7 @@ With tls=True the server also listens with `--tls-port 0` and the client speaks 
 """
 
 import os
+import shutil
 import socket
 import ssl
 import sqlite3
@@ -112,7 +113,7 @@ def echo_turns(n, commit=False, minimal=False):
     return summary(lat, elapsed)
 
 
-def start_server(db, n_answers, extra=(), tls=False):
+def start_server(db, n_answers, extra=(), tls=False, wrap=()):
     """`chatlog serve 0` on loopback with n_answers scripted replies; returns (process, port);
     with tls, `--tls-port 0` too, and the port is the TLS one.
 
@@ -134,7 +135,7 @@ def start_server(db, n_answers, extra=(), tls=False):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )
     p = subprocess.Popen(
-        [str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600",
+        [*wrap, str(VENV_BIN / "chatlog"), "serve", "0", "--db", str(db), "--bind", "127.0.0.1", "--idle-timeout", "600",
          *extra],
         stdin=feeder.stdout, stdout=console.stdin, stderr=err, env=dict(os.environ, NO_COLOR="1"),
     )
@@ -222,3 +223,65 @@ def _answered_before_committed(db, n):
     stop(p)
     reader.close()
     return early
+
+
+def callgrind_prefix(out):
+    """The command that runs a process under callgrind, counting nothing until told to."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise Missing("valgrind is not installed")
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+
+
+def _counted(pid, chat, n):
+    """Chat n turns with the counting on (after a warm-up of WARM turns); the instructions the
+    server ran in them, from callgrind's totals once it has exited (`chat` stops it)."""
+    subprocess.run(["callgrind_control", "-i", "on", str(pid)], capture_output=True, check=True)
+    chat(n)
+    subprocess.run(["callgrind_control", "-i", "off", str(pid)], capture_output=True, check=True)
+
+
+def _total(out):
+    """The instructions counted (callgrind's file says `summary: 0` first when counting began
+    off, and the count in `totals:`)."""
+    totals = [int(line.split()[1]) for line in Path(out).read_text().splitlines() if line.startswith("totals:")]
+    if not totals:
+        raise Missing(f"no totals in {out}")
+    return sum(totals)
+
+
+WARM = 300
+
+
+def instructions(kind, n=2000):
+    """Instructions the server runs a turn (all its threads), counted by valgrind's callgrind:
+    a figure this machine's noise does not move (the same code gives the same count within a
+    fraction of a percent), though it leaves out the kernel's time and the caches' misses.
+    kind: "chatlog", "minimal" (the minimal recorder) or "floor" (echo + 2 recorder commits)."""
+    with tempfile.TemporaryDirectory(prefix="chatlog-bench-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        wrap = callgrind_prefix(out)
+        if kind == "chatlog":
+            p, port = start_server(Path(tmp) / "turns.db", n + WARM + 10, wrap=wrap)
+            c = socket.create_connection(("127.0.0.1", port))
+        else:
+            args = [str(Path(tmp) / "echo.db")] + (["minimal"] if kind == "minimal" else [])
+            p = subprocess.Popen([*wrap, sys.executable, "-c", ECHO, *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+            c = socket.create_connection(("127.0.0.1", int(p.stdout.readline())))
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def chat(k):
+            for i in range(k):
+                c.sendall(b"bob>msg %d\n\0" % i)
+                data = c.recv(4096)
+                while not data.endswith(b"\n"):
+                    data += c.recv(4096)
+
+        chat(WARM)
+        _counted(p.pid, chat, n)
+        c.close()
+        if kind == "chatlog":
+            stop(p)
+        else:
+            p.wait(60)
+        return _total(out) / n
