@@ -44,7 +44,8 @@ _INSERT_MESSAGE = (
 )
 # A pass's few messages (a 1:1 turn: the line and its answer) in one statement, committed on its
 # own as one: the first takes the next id, each next one NULL, which SQLite makes max(id) + 1.
-_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# (no participant: a 1:1 chat's; the NULL written here, not bound: binding None costs an adaptation)
+_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)"
 _INSERT_ROWS = (
     "INSERT INTO messages (id, session_id, seq, at, sender, handle, text, raw, note, participant_id, verified) "
     f"VALUES ({_NEXT_ID.format(t='messages')}, " + _VALUES[1:]
@@ -349,7 +350,7 @@ class Recorder:
             seq = (self._last_seq(session_id) if seq is None else seq) + 1
             last[session_id] = seq
             raw, note = _kept(raw, note)
-            args += (session_id, seq, iso(at), sender, handle, text, raw, note, None, verified)
+            args += (session_id, seq, iso(at), sender, handle, text, raw, note, 1 if verified else 0)
             seqs.append(seq)
         full, after = _ROWS_SQL[len(rows)]
         if self._in_tx or self._last_id is None:
