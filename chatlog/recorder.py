@@ -14,6 +14,7 @@ good (disk full, read-only file, I/O error), with one line saying so.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -62,10 +63,18 @@ _INSERT_ROWS_AFTER = _INSERT_ROWS.replace(
     _NEXT_ID.format(t="messages"),
     "CASE WHEN (SELECT upto FROM id_floors WHERE name = 'messages') < ? THEN NULL ELSE 'stale' END",
 )
-# Each statement's text for each number of rows, made once (the statement cache is keyed by it).
-_MORE = ", (NULL, " + _VALUES[1:]
-_ROWS_SQL = {n: (_INSERT_ROWS + _MORE * (n - 1), _INSERT_ROWS_AFTER + _MORE * (n - 1))
-             for n in range(1, ROWS_AT_ONCE + 1)}
+# A row without raw bytes or a note (nearly every one) has its NULLs in the text, not bound.
+_PLAIN = "(?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)"
+
+
+@functools.cache  # (at most 2 ** (ROWS_AT_ONCE + 1) - 2 texts; a 1:1 chat uses one or two)
+def _rows_sql(shape: tuple[bool, ...]) -> tuple[str, str]:
+    """The statement's text, plain and after (`_INSERT_ROWS_AFTER`), for rows each with its raw
+    bytes and note bound (True) or plain (False), made once: the statement cache is keyed by it."""
+    first, *more = [(_VALUES if kept else _PLAIN)[1:] for kept in shape]
+    tail = "".join(", (NULL, " + v for v in more)
+    return (_INSERT_ROWS.removesuffix(_VALUES[1:]) + first + tail,
+            _INSERT_ROWS_AFTER.removesuffix(_VALUES[1:]) + first + tail)
 # A busy pass's messages take the ids after the first, given in one go (the transaction holds
 # the write lock, so nobody else takes one meanwhile).
 _FIRST_ID = f"SELECT {_NEXT_ID.format(t='messages')}"
@@ -344,15 +353,20 @@ class Recorder:
         its own, all or none, outside `transaction()`. Rows of (session_id, sender, handle, text,
         raw, note, at, verified), in order; returns their sequence numbers."""
         assert 0 < len(rows) <= ROWS_AT_ONCE
-        seqs, args, last = [], [], {}
+        seqs, args, last, shape = [], [], {}, []
         for session_id, sender, handle, text, raw, note, at, verified in rows:
             seq = last.get(session_id) or self._seq.get(session_id)
             seq = (self._last_seq(session_id) if seq is None else seq) + 1
             last[session_id] = seq
-            raw, note = _kept(raw, note)
-            args += (session_id, seq, iso(at), sender, handle, text, raw, note, 1 if verified else 0)
+            if raw is None and note is None:
+                args += (session_id, seq, iso(at), sender, handle, text, 1 if verified else 0)
+                shape.append(False)
+            else:
+                raw, note = _kept(raw, note)
+                args += (session_id, seq, iso(at), sender, handle, text, raw, note, 1 if verified else 0)
+                shape.append(True)
             seqs.append(seq)
-        full, after = _ROWS_SQL[len(rows)]
+        full, after = _rows_sql(tuple(shape))
         if self._in_tx or self._last_id is None:
             cur = self._run(full, args)
         else:
