@@ -1131,10 +1131,15 @@ def merge(sources, output):
 
     # Stopped midway (a service manager's SIGTERM, a closed terminal's SIGHUP), the merge's one
     # transaction is rolled back and an output it began is removed, as after Ctrl-C.
+    def done():  # committed: a signal now is too late to stop anything, and is let go
+        for sig in saved:
+            signal.signal(sig, signal.SIG_IGN)
+
     existed = output.exists()
     saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    saved[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
-        added = run_merge(list(sources), output)
+        added = run_merge(list(sources), output, on_commit=done)
     except StoreError as exc:
         raise Failed(str(exc)) from None
     except Stopped as exc:

@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 from chatlog import indexer, schema
 
@@ -188,8 +189,18 @@ def hostname() -> str:
 
 
 def _uri_path(path: Path) -> str:
-    """A file path as the path of an SQLite `file:` URI (only %, ? and # need escaping)."""
-    return str(path.absolute()).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    """A file path as the path of an SQLite `file:` URI: its bytes percent-encoded, so any name
+    works (one that is not UTF-8 too)."""
+    return quote_from_bytes(os.fsencode(path.absolute()), safe="/")
+
+
+def read_only_uri(path: Path) -> str:
+    """The URI that opens `path` without writing a byte: SQLite's `mode=ro`, plus `immutable=1`
+    when the directory cannot be written and there is no WAL (no writer can be running then,
+    and SQLite could not make the -shm it needs)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")
+    return f"file:{_uri_path(path)}?mode=ro" + ("&immutable=1" if immutable else "")
 
 
 class DB:
@@ -381,11 +392,8 @@ def _connect_read_only(path: Path) -> DB:
         raise StoreError(f"cannot read the database {path}: Permission denied")
     if os.path.getsize(path) == 0:
         raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
-    parent = path.parent if str(path.parent) else Path(".")
-    immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")
-    uri = f"file:{_uri_path(path)}?mode=ro" + ("&immutable=1" if immutable else "")
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA query_only = 1")
         done = _check_schema(conn, path)

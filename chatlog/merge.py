@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from urllib.parse import quote
 
 from chatlog import indexer
-from chatlog.db import StoreError, connect
+from chatlog.db import StoreError, connect, read_only_uri
+from chatlog.recorder import _NEXT_ID
 
 _SERVER_KEY = ("pid", "hostname", "host", "port", "started_at")
+_FLOORED = ("sessions", "messages")  # the tables whose ids are never reused (schema m013)
 
 
 def _get(row: sqlite3.Row, key: str):
@@ -41,8 +42,16 @@ class Merge:
         self.cols = {t: _columns(self.conn, t) for t in ("servers", "sessions", "messages", "participants")}
         self.counts = {"sessions": 0, "messages": 0}
 
+    def index(self) -> None:
+        """What the merge added, indexed for search in the merge's own transaction (all or
+        nothing, and nothing left to do once it has committed)."""
+        upto = self.conn.execute("SELECT upto FROM fts_progress").fetchone()[0]
+        self.conn.execute("INSERT INTO messages_fts (rowid, text) SELECT id, text FROM messages "
+                          "WHERE id > ? AND sender != 'event'", (upto,))
+        self.conn.execute("UPDATE fts_progress SET upto = max(upto, (SELECT coalesce(max(id), 0) FROM messages))")
+
     def close(self) -> None:
-        indexer.catch_up(self.conn, 30.0)
+        indexer.catch_up(self.conn, 30.0)  # (nothing, unless someone wrote to it meanwhile)
         self.db.close()
 
     def add(self, path: Path) -> None:
@@ -69,10 +78,9 @@ class Merge:
         cols = _columns(s, "sessions")
         live = "WHERE deleting = 0 " if "deleting" in cols else ""
         also = self._identities(s)
-        removed: dict[int, int] = {}  # session: its lines removed (`forget`, `rm --message`)
+        removed = set()  # the sessions with lines removed (`forget`, `rm --message`)
         if "removed_at" in _columns(s, "messages"):
-            removed = dict(s.execute(
-                "SELECT session_id, count(*) FROM messages WHERE removed_at IS NOT NULL GROUP BY session_id"))
+            removed = {r[0] for r in s.execute("SELECT DISTINCT session_id FROM messages WHERE removed_at IS NOT NULL")}
         for se in s.execute(f"SELECT * FROM sessions {live}ORDER BY id").fetchall():
             if linked and se["room"] in linked and se["kind"] == "room":
                 self._room_session(s, uid, se)
@@ -83,7 +91,7 @@ class Merge:
                 self._session(s, uid, se, ids)
                 continue
             self._note(ids, taken)
-            if self._changed(se, taken) or removed.get(se["id"], 0) > self._removed(taken):
+            if self._going_on(taken) or (se["id"] in removed and self._removed_since(s, uid, se["id"])):
                 self._refresh(s, uid, se, taken)
         for room in linked:
             self._resequence(room)
@@ -103,15 +111,22 @@ class Merge:
         self.conn.executemany("INSERT OR IGNORE INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
                               [(source, sid, into) for source, sid in ids])
 
-    def _changed(self, se: sqlite3.Row, into: int) -> bool:
-        """Whether a session taken before has moved on since: it was in progress, or has ended
-        since (a nightly merge of a live server's archive)."""
-        ended = self.conn.execute("SELECT ended_at FROM sessions WHERE id = ?", (into,)).fetchone()
-        return ended is not None and (ended[0] is None or ended[0] != _get(se, "ended_at"))
+    def _going_on(self, into: int) -> bool:
+        """Whether a session taken before was in progress then (a nightly merge of a live
+        server's archive): its later lines, people and end may have come since."""
+        row = self.conn.execute("SELECT ended_at FROM sessions WHERE id = ?", (into,)).fetchone()
+        return row is not None and row[0] is None
 
-    def _removed(self, into: int) -> int:
-        return self.conn.execute("SELECT count(*) FROM messages WHERE session_id = ? AND removed_at IS NOT NULL",
-                                 (into,)).fetchone()[0]
+    def _removed_since(self, s: sqlite3.Connection, uid: str, sid: int) -> bool:
+        """Whether a line the source has removed (`forget`, `rm --message`) still stands here."""
+        has_origin = "origin_id" in _columns(s, "messages")
+        for m in s.execute(f"SELECT id{', origin_server, origin_id' if has_origin else ''} FROM messages "
+                           "WHERE session_id = ? AND removed_at IS NOT NULL", (sid,)):
+            origin, oid = (m[1], m[2]) if has_origin else (None, None)
+            if self.conn.execute("SELECT 1 FROM messages WHERE origin_server = ? AND origin_id = ? AND removed_at IS NULL",
+                                 (origin or uid, oid or f"local.{m[0]}")).fetchone():
+                return True
+        return False
 
     def _refresh(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row, into: int) -> None:
         """A session taken before, again: its later lines and people, its end, and the lines
@@ -119,11 +134,14 @@ class Merge:
         pids = self._participants(s, se["id"], into, again=True)
         for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
             self._message(m, into, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
+        # Only ever forward: an older copy (a merged archive made while the chat went on, met
+        # after the archive it came from) never puts an ended chat back in progress.
+        if _get(se, "ended_at") is None or not self._going_on(into):
+            return
         cols = [c for c in ("served_at", "ended_at", "end_reason", "handle", "client_messages", "server_messages")
                 if c in self.cols["sessions"] and c in se.keys()]
-        if cols:
-            self.conn.execute(f'UPDATE sessions SET {", ".join(f"{c} = ?" for c in cols)} WHERE id = ?',
-                              [*(se[c] for c in cols), into])
+        self.conn.execute(f'UPDATE sessions SET {", ".join(f"{c} = ?" for c in cols)} WHERE id = ?',
+                          [*(se[c] for c in cols), into])
 
     def _taken(self, source: str, sid: int) -> int | None:
         row = self.conn.execute("SELECT merged_session FROM merged WHERE source = ? AND session_id = ?",
@@ -148,6 +166,8 @@ class Merge:
     def _insert(self, table: str, cols: list[str], values: list) -> int:
         names = ", ".join(f'"{c}"' for c in cols)
         marks = ", ".join("?" for _ in cols)
+        if table in _FLOORED:  # (an id a deleted row had is never given again: schema m013)
+            names, marks = f'"id", {names}', f"{_NEXT_ID.format(t=table)}, {marks}"
         return self.conn.execute(f'INSERT INTO "{table}" ({names}) VALUES ({marks})', values).lastrowid
 
     def _participants(self, s: sqlite3.Connection, sid: int, into: int, again: bool = False) -> dict[int, int]:
@@ -188,8 +208,8 @@ class Merge:
                 if c not in ("id", "session_id", "participant_id", "seq", "origin_server", "origin_id") and c in m.keys()]
         origin = _get(m, "origin_server") or uid
         oid = _get(m, "origin_id") or f"local.{m['id']}"
-        names = ", ".join(f'"{c}"' for c in ["session_id", "participant_id", "seq", "origin_server", "origin_id", *cols])
-        marks = ", ".join("?" for _ in range(5 + len(cols)))
+        names = ", ".join(f'"{c}"' for c in ["id", "session_id", "participant_id", "seq", "origin_server", "origin_id", *cols])
+        marks = ", ".join([_NEXT_ID.format(t="messages"), *("?" for _ in range(5 + len(cols)))])
         cur = self.conn.execute(
             # Only a line already taken (by its origin) is skipped: any other conflict is an
             # archive that cannot be merged as it is, said, never a line quietly left out.
@@ -274,8 +294,9 @@ _NEEDED = {
 
 
 def _open_source(path: Path) -> sqlite3.Connection:
+    """A source, read as the read commands read an archive (on read-only media too)."""
     try:
-        return sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+        return sqlite3.connect(read_only_uri(Path(path).resolve()), uri=True)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from None
 
@@ -298,7 +319,7 @@ def check_source(path: Path) -> None:
         s.close()
 
 
-def merge(sources: list[Path], out: Path) -> dict[str, int]:
+def merge(sources: list[Path], out: Path, on_commit=lambda: None) -> dict[str, int]:
     """Merge `sources` into `out` (created if needed), all or nothing; returns what was added.
     Every source is checked before anything is written, and one transaction takes them all:
     a source that fails halfway leaves `out` as it was (a new one is not left behind)."""
@@ -312,17 +333,26 @@ def merge(sources: list[Path], out: Path) -> dict[str, int]:
     failed = True
     try:
         m = Merge(out)  # (inside: stopped while a new output is made, it is not left behind)
-        m.conn.execute("BEGIN IMMEDIATE")
+        try:
+            m.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # (another process writing it, past the busy timeout)
+            raise StoreError(f"cannot merge into {out}: {exc}; "
+                             + (f"{out} was not made" if new else f"{out} is left as it was")) from None
         try:
             for src in sources:
                 try:
                     m.add(Path(src))
                 except sqlite3.Error as exc:
                     raise StoreError(f"cannot merge {src}: {exc}; {out} is left as it was") from None
+            m.index()
             m.conn.execute("COMMIT")
         except BaseException:
-            m.conn.execute("ROLLBACK")
-            raise
+            if m.conn.in_transaction:
+                m.conn.execute("ROLLBACK")
+                raise
+            # Committed: a signal (Ctrl-C, SIGTERM) that came as COMMIT returned finds the merge
+            # done, and it is said as done.
+        on_commit()  # (from here on the merge is done: the caller stops taking signals as stops)
         failed = False
     finally:
         if failed:

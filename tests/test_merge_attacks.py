@@ -1,0 +1,182 @@
+"""`chatlog merge` attacked: a busy output, odd file names, signals as it commits, rows deleted from
+a merged archive, lines removed on one side and the other, an older merged archive beside its
+source. Each test failed before its fix."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_chatlog, wait_until
+from storebuild import open_store
+from test_merge import archive, everything, merge, texts
+
+
+def test_a_locked_output_is_one_line_not_a_traceback(tmp_path):
+    """The output busy (another merge, a server writing to it): one line, exit status 1, the
+    output left as it was. It was an OperationalError traceback from BEGIN IMMEDIATE."""
+    out = tmp_path / "all.db"
+    assert merge(archive(tmp_path / "a.db", "amy"), out=out).exit_code == 0
+    before = everything(out)
+    holder = sqlite3.connect(out, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            r = merge(archive(tmp_path / "b.db", "bob"), out=out)
+        except sqlite3.Error as exc:  # (run in-process: what a person saw as a traceback)
+            raise AssertionError(f"traceback: {exc!r}") from None
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert r.exit_code == 1 and r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1, r.stderr
+    assert everything(out) == before
+
+
+def test_a_source_whose_name_is_not_utf8_is_merged(tmp_path):
+    """File names may be any bytes (cli._utf8_arguments): an archive named so is merged like any
+    other. It was a UnicodeEncodeError traceback (quote() of the path)."""
+    src = archive(tmp_path / "a.db", "amy")
+    odd = tmp_path / os.fsdecode(b"\xff-archive.db")
+    src.rename(odd)
+    out = tmp_path / "all.db"
+    try:
+        r = merge(odd, out=out)
+    except UnicodeError as exc:
+        raise AssertionError(f"traceback: {exc!r}") from None
+    assert r.exit_code == 0 and "1 new session, 3 new messages" in r.stderr, r.stderr
+
+
+def test_a_session_deleted_from_the_merged_archive_does_not_give_its_id_to_the_next(tmp_path):
+    """`rm` of the newest session of a merged archive, then a merge of another archive: the new
+    session must not take the deleted one's id (m013: ids are never reused), and the next merge
+    of the same archives must still work. The new session took id 2, `merged` still said the
+    deleted session of b.db was session 2, and every later merge of b.db failed (its lines put
+    into cat's session: a UNIQUE constraint)."""
+    a, b, c = (archive(tmp_path / f"{h[0]}.db", h) for h in ("amy", "bob", "cat"))
+    out = tmp_path / "all.db"
+    assert merge(a, b, out=out).exit_code == 0
+    assert run_chatlog(out, "rm", "-y", "2").exit_code == 0
+    assert merge(c, out=out).exit_code == 0
+    conn = sqlite3.connect(out)
+    try:
+        ids = [r[0] for r in conn.execute("SELECT id FROM sessions ORDER BY id")]
+        mids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE session_id = ?", (ids[-1],))]
+    finally:
+        conn.close()
+    assert ids[-1] > 2 and min(mids) > 6, (ids, mids)
+    r = merge(a, b, c, out=out)
+    assert r.exit_code == 0, r.stderr
+
+
+def test_a_line_removed_on_the_server_after_another_was_removed_from_the_merged_archive(tmp_path):
+    """One line removed from the merged archive (`rm --message` there), then another of the same
+    chat removed on the server: the next merge must remove that one too. Whether a session was to
+    be looked at again was decided by counting tombstones (1 here, 1 there: nothing to do), and
+    the line stayed in the merged archive for good."""
+    a = archive(tmp_path / "a.db", "amy")
+    out = tmp_path / "all.db"
+    assert merge(a, out=out).exit_code == 0
+    assert run_chatlog(out, "rm", "-y", "--message", "1").exit_code == 0  # amy line 0, in the merged archive
+    assert run_chatlog(a, "rm", "-y", "--message", "2").exit_code == 0  # amy line 1, on the server
+    assert merge(a, out=out).exit_code == 0
+    assert run_chatlog(out, "search", "-c", "amy").output.strip() == "1"  # amy line 2 alone
+    conn = sqlite3.connect(out)
+    try:
+        assert [r[0] for r in conn.execute("SELECT text FROM messages ORDER BY seq")] == ["", "", "amy line 2"]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_merge_stopped_after_its_commit_does_not_say_the_output_was_not_made(tmp_path):
+    """SIGTERM while the merge indexes what it committed (Merge.close: up to 30 s of search
+    indexing after COMMIT): it said `all.db was not made` and left all.db there, holding the
+    whole merge. Either the output is not there, or the merge did not fail."""
+    s = open_store(tmp_path / "big.db")
+    sid = s.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    s.add_lines(sid, "client", "amy", 200_000, text="some words here number %d")
+    s.end_session(sid, "client-quit")
+    s.close()
+    out = tmp_path / "all.db"
+    p = subprocess.Popen([sys.executable, "-m", "chatlog", "merge", str(tmp_path / "big.db"), "-o", str(out)],
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def committed():
+        if p.poll() is not None:
+            return True
+        try:
+            conn = sqlite3.connect(f"file:{out}?mode=ro", uri=True, timeout=0.05)
+            try:
+                return conn.execute("SELECT count(*) FROM messages").fetchone()[0] > 0
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+
+    wait_until(committed, timeout=60)
+    p.send_signal(signal.SIGTERM)  # (committed: what is left is closing)
+    err = p.communicate(timeout=60)[1]
+    if p.returncode != 0:
+        assert not out.exists(), (p.returncode, err, texts(out)[0][:3])
+
+
+def test_ctrl_c_as_the_merge_commits_is_not_a_traceback(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM/SIGHUP, raised the same way) arriving while COMMIT runs is raised as
+    COMMIT returns: merge() then ran ROLLBACK with no transaction, and `cannot rollback - no
+    transaction is active` came out as an OperationalError traceback (seen with a real SIGTERM
+    too), and a new output, complete, was removed."""
+    import chatlog.merge as merge_module
+
+    class Conn:
+        def __init__(self, conn):
+            self._conn = conn
+
+        def execute(self, sql, *args):
+            cur = self._conn.execute(sql, *args)
+            if sql == "COMMIT" and not self.__dict__.get("told"):
+                self.told = True  # (one Ctrl-C)
+                raise KeyboardInterrupt
+            return cur
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+    real = merge_module.Merge.__init__
+
+    def init(self, out):
+        real(self, out)
+        self.conn = Conn(self.conn)
+
+    monkeypatch.setattr(merge_module.Merge, "__init__", init)
+    out = tmp_path / "all.db"
+    try:
+        r = merge(archive(tmp_path / "a.db", "amy"), out=out)
+    except sqlite3.Error as exc:
+        raise AssertionError(f"traceback: {exc!r}") from None
+    # Committed, the merge is done: it says so (and the output holds it), not a traceback.
+    assert r.exit_code == 0 and "1 new session, 3 new messages" in r.stderr, r.stderr
+    assert texts(out) == texts(tmp_path / "a.db")
+
+
+def test_an_older_merged_archive_does_not_put_an_ended_chat_back_in_progress(tmp_path):
+    """ab.db merged while amy's chat went on; the chat has ended since. `merge a.db ab.db` (a
+    merged archive beside its source) took the end from a.db, then ab.db's older row wrote over
+    it: the chat shown `in progress` for ever (ended_at NULL, 0 messages counted), every merge
+    again. `merge ab.db a.db` gives the ended chat: the order must not matter."""
+    s = open_store(tmp_path / "a.db")
+    sid = s.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    s.set_handle(sid, "amy")
+    s.add_message(sid, "client", "amy", "amy line 0")
+    ab = tmp_path / "ab.db"
+    assert merge(tmp_path / "a.db", out=ab).exit_code == 0
+    s.add_message(sid, "client", "amy", "amy line 1")
+    s.end_session(sid, "client-quit")
+    s.close()
+    one, two = tmp_path / "one.db", tmp_path / "two.db"
+    assert merge(ab, tmp_path / "a.db", out=one).exit_code == 0
+    assert merge(tmp_path / "a.db", ab, out=two).exit_code == 0
+    assert texts(one) == [(1, 1, 2, "amy line 0|amy line 1")]
+    assert texts(two) == texts(one)
