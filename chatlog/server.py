@@ -175,6 +175,8 @@ class Intake:
 
     def resume(self, now: float) -> list[Client]:
         """The paused clients whose pause has ended, no longer paused (the gone forgotten)."""
+        if not self.paused:
+            return []
         clients, ended = self.loop.clients, []
         for c in list(self.paused):
             if clients.get(c.id) is not c:
@@ -187,6 +189,8 @@ class Intake:
 
     def timers(self) -> list[Client]:
         """The clients with a timer running (see `timed` and `paused`)."""
+        if not (self.timed or self.paused):
+            return []
         clients = self.loop.clients
         return [c for c in self.timed | self.paused if clients.get(c.id) is c]
 
@@ -194,6 +198,8 @@ class Intake:
         """Complete the unterminated lines of clients that have gone quiet. Quiet means nothing
         more has arrived: after a long pass the rest of a line may be waiting in the socket, so
         it is read first. A paused client is not quiet."""
+        if not self.timed:
+            return
         clients = self.loop.clients
         quiet = []
         for c in list(self.timed):
@@ -222,6 +228,8 @@ class Handshakes:
         self.loop.watch.set(c.io, selectors.EVENT_READ, ("hs", c))
 
     def expired(self, now: float) -> list[Client]:
+        if not self.clients:
+            return []
         return [c for c in self.clients.values() if now >= c.io.deadline]
 
     def step(self, c: Client, now: float):
@@ -345,10 +353,12 @@ class Loop:
         self._operator_input()
 
     def _timeout(self) -> float | None:
-        if any(c.paused_until is None for c in self.intake.held):
+        if self.intake.held and any(c.paused_until is None for c in self.intake.held):
             return 0.0  # input is held that the kernel will not signal again
         now = time.time()
-        more = [self.console.due, *(c.io.deadline for c in self.tls.clients.values())]
+        more = [self.console.due]
+        if self.tls.clients:
+            more += [c.io.deadline for c in self.tls.clients.values()]
         if self.link is not None:  # (more than a pass took, or the broker client's own timers)
             more.append(self.link.deadline(now))
         when = next_deadline(self.policy.deadline(), self.acceptor.paused_until, self.intake.timers(), more)
