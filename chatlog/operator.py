@@ -340,6 +340,13 @@ class Operator:
                 yield OperatorEnd(time.time())
             return
 
+    def may_have_events(self) -> bool:
+        """False when `events()` would yield nothing now (it is not started then: a pass of a
+        busy chat asks every time)."""
+        if self.fd is None:
+            return True  # (a file: events() reads it as it goes)
+        return bool(self._wanted and self.lines) or (self.ended and not self._told_end)
+
     def want(self, on: bool, commands: bool = False) -> None:
         """An answer is (or is no longer) wanted; `commands`: only a command is (nobody is
         being served): a terminal shows the prompt, a script's next line is taken only if it is

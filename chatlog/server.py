@@ -381,7 +381,7 @@ class Loop:
 
     def _operator_input(self) -> None:
         """Hand the policy the operator's lines while it wants them, and the end of input."""
-        for event in self.operator.events():
+        for event in self.operator.events() if self.operator.may_have_events() else ():
             if self.finished:
                 break
             self._feed(event)

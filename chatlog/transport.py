@@ -47,6 +47,8 @@ def cut_after(data: bytes, limit: int) -> int:
     """The length of the prefix of `data` that holds at most `limit` line endings (`\\n`, or
     `\\0` for clients that end lines with a NUL); len(data) when it holds no more than that. A
     `\\0` right after a cut `\\n` stays with it (it is part of the CS372 terminator)."""
+    if len(data) <= limit:  # (fewer bytes than the limit: fewer line endings too)
+        return len(data)
     ends = data.translate(_NUL_AS_NEWLINE) if b"\0" in data else data
     if ends.count(b"\n") <= limit:
         return len(data)
