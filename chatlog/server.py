@@ -563,8 +563,11 @@ def take_answer(operator: Operator, policy, batch: list) -> None:
     that records, shows and prompts (nothing in it reports back), never from a terminal (an
     answer is typed there once what it answers is on screen)."""
     last = batch[-1]
-    if operator.tty or type(last) is not Prompt or not last.on or any(type(d) not in _QUIET for d in batch):
+    if operator.tty or type(last) is not Prompt or not last.on:
         return
+    for d in batch:
+        if type(d) not in _QUIET:
+            return
     for d in batch:
         if type(d) is Prompt:
             operator.want(d.on, d.commands)

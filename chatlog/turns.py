@@ -141,7 +141,9 @@ class Turns:
             case ReceivedLines():  # a read's lines, one by one
                 out = []
                 for line in received_each(event):
-                    out += self.handle_event(line)
+                    if self.finished:
+                        break
+                    out += self._received(line)
                 return out
             case OperatorLine():
                 return self._operator_line(event)
