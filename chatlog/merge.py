@@ -75,6 +75,8 @@ class Merge:
             linked = {r[0] for r in s.execute(
                 "SELECT DISTINCT se.room FROM sessions se JOIN messages m ON m.session_id = se.id "
                 "WHERE se.kind = 'room' AND se.room IS NOT NULL AND m.stream_seq IS NOT NULL AND se.deleting = 0")}
+        if _columns(s, "room_links"):  # (a room linked, though nothing came through its stream yet)
+            linked |= {r[0] for r in s.execute("SELECT room FROM room_links")}
         cols = _columns(s, "sessions")
         live = "WHERE deleting = 0 " if "deleting" in cols else ""
         also = self._identities(s)
@@ -243,8 +245,11 @@ class Merge:
         else:
             self.conn.execute(
                 "UPDATE sessions SET started_at = min(started_at, ?), served_at = min(served_at, ?), "
-                "ended_at = CASE WHEN ended_at IS NULL OR ? IS NULL THEN ended_at ELSE max(ended_at, ?) END "
-                "WHERE id = ?", (se["started_at"], se["started_at"], se["ended_at"], se["ended_at"], merged))
+                # (the latest end of its runs: a run in progress then, ended since, ends it too)
+                "ended_at = CASE WHEN ? IS NULL THEN ended_at WHEN ended_at IS NULL THEN ? ELSE max(ended_at, ?) END, "
+                "end_reason = CASE WHEN ended_at IS NULL THEN ? ELSE end_reason END "
+                "WHERE id = ?", (se["started_at"], se["started_at"], se["ended_at"], se["ended_at"], se["ended_at"],
+                                 _get(se, "end_reason"), merged))
         if self._taken(uid, se["id"]) is None:
             self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
                               (uid, se["id"], merged))

@@ -180,3 +180,62 @@ def test_an_older_merged_archive_does_not_put_an_ended_chat_back_in_progress(tmp
     assert merge(tmp_path / "a.db", ab, out=two).exit_code == 0
     assert texts(one) == [(1, 1, 2, "amy line 0|amy line 1")]
     assert texts(two) == texts(one)
+
+
+def rooms(db):
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT s.room, s.ended_at IS NOT NULL, group_concat(m.text, '|') FROM sessions s "
+            "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.id").fetchall()
+    finally:
+        conn.close()
+
+
+def room_run(path, lines=(), *, streamed, at="2026-01-01 00:00:00", end=True):
+    """One run of room `lab` (its lines as a linked room records them when `streamed`: origin and
+    stream sequence; else as a room never linked)."""
+    s = open_store(path)
+    sid = s.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), served=True, kind="room", at=at)
+    uid = s.rec.node_uid()
+    s.close()
+    add_room_lines(path, sid, uid, lines, streamed=streamed, at=at, end=end)
+    return sid, uid
+
+
+def add_room_lines(path, sid, uid, lines, *, streamed, at="2026-01-01 00:00:00", end=True):
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE sessions SET room = 'lab' WHERE id = ?", (sid,))
+    top = conn.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE session_id = ?", (sid,)).fetchone()[0]
+    base = conn.execute("SELECT coalesce(max(stream_seq), 0) FROM messages").fetchone()[0]
+    for i, text in enumerate(lines, 1):
+        conn.execute(
+            "INSERT INTO messages (session_id, seq, at, sender, handle, text, origin_server, origin_id, stream_seq) "
+            "VALUES (?, ?, ?, 'client', 'amy', ?, ?, ?, ?)",
+            (sid, top + i, f"{at[:-2]}{top + i:02d}", text, *((uid, f"{sid}.{top + i}.0", base + i) if streamed
+                                                            else (None, None, None))))
+    if end:
+        conn.execute("UPDATE sessions SET ended_at = ?, end_reason = 'shutdown' WHERE id = ?", (f"{at[:-5]}59:00", sid))
+    conn.commit()
+    conn.close()
+
+
+def test_a_linked_room_merged_before_its_first_streamed_line_is_not_left_in_progress_for_ever(tmp_path):
+    """A nightly merge that meets a linked room just begun (nothing relayed yet) copies it as a
+    session of one server; once its lines came through the stream, the next merge puts the room
+    in its one session, and the first copy stayed beside it: empty, `in progress` for ever. The
+    result must be what a merge made afresh gives."""
+    a = tmp_path / "a.db"
+    sid, uid = room_run(a, streamed=True, end=False)
+    conn = sqlite3.connect(a)  # (a linked server notes its room's stream as it starts)
+    conn.execute("INSERT INTO room_links (room, stream) VALUES ('lab', 'chatlog_lab')")
+    conn.commit()
+    conn.close()
+    out = tmp_path / "all.db"
+    assert merge(a, out=out).exit_code == 0
+    add_room_lines(a, sid, uid, ["line 1", "line 2"], streamed=True)
+    assert merge(a, out=out).exit_code == 0
+    fresh = tmp_path / "fresh.db"
+    assert merge(a, out=fresh).exit_code == 0
+    assert rooms(fresh) == [("lab", 1, "line 1|line 2")]
+    assert rooms(out) == rooms(fresh)
