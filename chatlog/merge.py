@@ -80,12 +80,14 @@ class Merge:
         cols = _columns(s, "sessions")
         live = "WHERE deleting = 0 " if "deleting" in cols else ""
         also = self._identities(s)
+        grown: set[str] = set()  # the linked rooms that took lines: put in order again
         removed = set()  # the sessions with lines removed (`forget`, `rm --message`)
         if "removed_at" in _columns(s, "messages"):
             removed = {r[0] for r in s.execute("SELECT DISTINCT session_id FROM messages WHERE removed_at IS NOT NULL")}
         for se in s.execute(f"SELECT * FROM sessions {live}ORDER BY id").fetchall():
             if linked and se["room"] in linked and se["kind"] == "room":
-                self._room_session(s, uid, se)
+                if self._room_session(s, uid, se, se["id"] in removed):
+                    grown.add(se["room"])
                 continue
             ids = [(uid, se["id"]), *also.get(se["id"], ())]
             taken = next((t for t in (self._taken(*i) for i in ids) if t is not None), None)
@@ -95,7 +97,7 @@ class Merge:
             self._note(ids, taken)
             if self._going_on(taken) or (se["id"] in removed and self._removed_since(s, uid, se["id"])):
                 self._refresh(s, uid, se, taken)
-        for room in linked:
+        for room in grown:
             self._resequence(room)
 
     @staticmethod
@@ -180,19 +182,23 @@ class Merge:
         out: dict[int, int] = {}
         if not _columns(s, "participants"):
             return out
-        have = {}
+        have: dict = {}
         if again:
-            have = {(h, p, j): i for i, h, p, j in self.conn.execute(
-                "SELECT id, host, port, joined_at FROM participants WHERE session_id = ?", (into,))}
+            cur = self.conn.execute("SELECT * FROM participants WHERE session_id = ?", (into,))
+            names = [d[0] for d in cur.description]
+            for values in cur:
+                row = dict(zip(names, values, strict=True))
+                have[row["host"], row["port"], row["joined_at"]] = row
         for p in s.execute("SELECT * FROM participants WHERE session_id = ? ORDER BY id", (sid,)).fetchall():
             cols = [c for c in self.cols["participants"] if c not in ("id", "session_id") and c in p.keys()]
             known = have.get((_get(p, "host"), _get(p, "port"), _get(p, "joined_at")))
             if known is None:
                 out[p["id"]] = self._insert("participants", ["session_id", *cols], [into, *[p[c] for c in cols]])
-            else:
-                out[p["id"]] = known
+                continue
+            out[p["id"]] = known["id"]
+            if any(known[c] != p[c] for c in cols):  # (written only when it changed)
                 self.conn.execute(f'UPDATE participants SET {", ".join(f"{c} = ?" for c in cols)} WHERE id = ?',
-                                  [*(p[c] for c in cols), known])
+                                  [*(p[c] for c in cols), known["id"]])
         return out
 
     def _session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row, ids: list[tuple[str, int]]) -> None:
@@ -229,8 +235,10 @@ class Merge:
                 (m["text"], m["removed_at"], origin, oid))
         return bool(cur.rowcount)
 
-    def _room_session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row) -> None:
-        """One run of a linked room on one server: its lines go into the room's one session."""
+    def _room_session(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row, removed: bool) -> bool:
+        """One run of a linked room on one server: its lines go into the room's one session.
+        Only the lines after those taken before are read (`merged.upto`), and the ones removed
+        since (`removed`: the run has removed lines). Returns whether lines were added."""
         room = se["room"]
         key = f"room:{room}"
         merged = self._taken(key, 0)
@@ -244,21 +252,35 @@ class Merge:
             self.counts["sessions"] += 1
         else:
             self.conn.execute(
-                "UPDATE sessions SET started_at = min(started_at, ?), served_at = min(served_at, ?), "
+                "UPDATE sessions SET started_at = min(started_at, ?1), served_at = min(served_at, ?1), "
                 # (the latest end of its runs: a run in progress then, ended since, ends it too)
-                "ended_at = CASE WHEN ? IS NULL THEN ended_at WHEN ended_at IS NULL THEN ? ELSE max(ended_at, ?) END, "
-                "end_reason = CASE WHEN ended_at IS NULL THEN ? ELSE end_reason END "
-                "WHERE id = ?", (se["started_at"], se["started_at"], se["ended_at"], se["ended_at"], se["ended_at"],
-                                 _get(se, "end_reason"), merged))
-        if self._taken(uid, se["id"]) is None:
+                "ended_at = CASE WHEN ?2 IS NULL THEN ended_at WHEN ended_at IS NULL THEN ?2 ELSE max(ended_at, ?2) END, "
+                "end_reason = CASE WHEN ended_at IS NULL THEN ?3 ELSE end_reason END "
+                # (written only when it changes: merging again changes nothing)
+                "WHERE id = ?4 AND (started_at > ?1 OR served_at > ?1 OR (?2 IS NOT NULL AND "
+                "(ended_at IS NULL OR ended_at < ?2)))",
+                (se["started_at"], se["ended_at"], _get(se, "end_reason"), merged))
+        row = self.conn.execute("SELECT upto FROM merged WHERE source = ? AND session_id = ?", (uid, se["id"])).fetchone()
+        if row is None:
             self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
                               (uid, se["id"], merged))
+        upto = row[0] if row else 0
         # (again: a run merged while it went on has had people join since, and its people leave)
         pids = self._participants(s, se["id"], merged, again=True)
         top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE session_id = ?", (merged,)).fetchone()[0]
-        for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
+        added, last = False, upto
+        for m in s.execute("SELECT * FROM messages WHERE session_id = ? AND id > ? ORDER BY seq", (se["id"], upto)):
+            last = max(last, m["id"])
             if self._message(m, merged, uid, pids.get(_get(m, "participant_id")), seq=top + 1):
                 top += 1
+                added = True
+        if removed and upto:  # (lines taken before, removed since: removed here too)
+            for m in s.execute("SELECT * FROM messages WHERE session_id = ? AND id <= ? AND removed_at IS NOT NULL",
+                               (se["id"], upto)):
+                self._message(m, merged, uid, pids.get(_get(m, "participant_id")), seq=top + 1)
+        if last > upto:
+            self.conn.execute("UPDATE merged SET upto = ? WHERE source = ? AND session_id = ?", (last, uid, se["id"]))
+        return added
 
     def _resequence(self, room: str) -> None:
         """The room's lines in stream order (the lines of one stream message in their order);

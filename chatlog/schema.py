@@ -505,6 +505,13 @@ def m016_id_floors_without_rowid(conn: sqlite3.Connection) -> None:
         """,
     )
 
+
+@migration
+def m017_merged_upto(conn: sqlite3.Connection) -> None:
+    # How far `chatlog merge` has read each source session (its highest message id taken), so
+    # merging a busy room again reads only what came since, not the whole room again.
+    run_script(conn, '''ALTER TABLE "merged" ADD COLUMN "upto" INTEGER NOT NULL DEFAULT 0;''')
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 
