@@ -96,14 +96,19 @@ def test_a_merge_stopped_by_a_signal_leaves_nothing_behind(tmp_path, sig):
     assert everything(kept) == before
 
 
-def texts(db):
+def by_session(db, columns):
+    """Each session's `columns` and its lines' texts joined by '|', in session order."""
     conn = sqlite3.connect(db)
     try:
         return conn.execute(
-            "SELECT s.id, s.ended_at IS NOT NULL, s.client_messages, group_concat(m.text, '|') FROM sessions s "
+            f"SELECT {columns}, group_concat(m.text, '|') FROM sessions s "
             "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.id").fetchall()
     finally:
         conn.close()
+
+
+def texts(db):
+    return by_session(db, "s.id, s.ended_at IS NOT NULL, s.client_messages")
 
 
 def test_a_merged_archive_and_its_sources_give_each_session_once(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run_chatlog, wait_until
 from storebuild import open_store
-from test_merge import archive, everything, merge, texts
+from test_merge import archive, by_session, everything, merge, texts
 
 
 def test_a_locked_output_is_one_line_not_a_traceback(tmp_path):
@@ -183,13 +183,7 @@ def test_an_older_merged_archive_does_not_put_an_ended_chat_back_in_progress(tmp
 
 
 def rooms(db):
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(
-            "SELECT s.room, s.ended_at IS NOT NULL, group_concat(m.text, '|') FROM sessions s "
-            "LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id ORDER BY s.id").fetchall()
-    finally:
-        conn.close()
+    return by_session(db, "s.room, s.ended_at IS NOT NULL")
 
 
 def room_run(path, lines=(), *, streamed, at="2026-01-01 00:00:00", end=True):
