@@ -260,10 +260,15 @@ class Merge:
                 "WHERE id = ?4 AND (started_at > ?1 OR served_at > ?1 OR (?2 IS NOT NULL AND "
                 "(ended_at IS NULL OR ended_at < ?2)))",
                 (se["started_at"], se["ended_at"], _get(se, "end_reason"), merged))
-        row = self.conn.execute("SELECT upto FROM merged WHERE source = ? AND session_id = ?", (uid, se["id"])).fetchone()
+        row = self.conn.execute("SELECT upto, merged_session FROM merged WHERE source = ? AND session_id = ?",
+                                (uid, se["id"])).fetchone()
+        folded = False
         if row is None:
             self.conn.execute("INSERT INTO merged (source, session_id, merged_session) VALUES (?, ?, ?)",
                               (uid, se["id"], merged))
+        elif row[1] != merged:  # taken as a session of its own before its room was linked
+            self._fold(row[1], merged)
+            folded = True
         upto = row[0] if row else 0
         # (again: a run merged while it went on has had people join since, and its people leave)
         pids = self._participants(s, se["id"], merged, again=True)
@@ -280,7 +285,19 @@ class Merge:
                 self._message(m, merged, uid, pids.get(_get(m, "participant_id")), seq=top + 1)
         if last > upto:
             self.conn.execute("UPDATE merged SET upto = ? WHERE source = ? AND session_id = ?", (last, uid, se["id"]))
-        return added
+        return added or folded
+
+    def _fold(self, old: int, room: int) -> None:
+        """A room's run merged as a session of its own (its room not linked yet then) goes into
+        the room's one session, as a merge made afresh puts it: its lines after the room's (put
+        in stream order next), its people with them; the session it was is no more."""
+        top = self.conn.execute("SELECT coalesce(max(seq), 0) FROM messages WHERE session_id = ?", (room,)).fetchone()[0]
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM messages WHERE session_id = ? ORDER BY seq", (old,))]
+        self.conn.executemany("UPDATE messages SET session_id = ?, seq = ? WHERE id = ?",
+                              [(room, top + k, mid) for k, mid in enumerate(ids, 1)])
+        self.conn.execute("UPDATE participants SET session_id = ? WHERE session_id = ?", (room, old))
+        self.conn.execute("UPDATE merged SET merged_session = ? WHERE merged_session = ?", (room, old))
+        self.conn.execute("DELETE FROM sessions WHERE id = ?", (old,))
 
     def _resequence(self, room: str) -> None:
         """The room's lines in stream order (the lines of one stream message in their order);

@@ -274,3 +274,19 @@ def test_merging_a_big_linked_room_again_does_not_redo_it(tmp_path):
     fresh = tmp_path / "fresh.db"
     assert merge(a, out=fresh).exit_code == 0
     assert rooms(fresh) == rooms(out)
+
+
+def test_a_room_run_merged_before_the_room_was_linked_joins_the_room_at_the_next_merge(tmp_path):
+    """Room `lab` served without --link, merged; then served with --link. A merge made afresh
+    puts both runs' lines in the room's one session; the merge made in two steps left the first
+    run's lines in a session of their own, for good."""
+    a = tmp_path / "a.db"
+    room_run(a, ["old one", "old two"], streamed=False)
+    out = tmp_path / "all.db"
+    assert merge(a, out=out).exit_code == 0
+    room_run(a, ["new one", "new two"], streamed=True, at="2026-01-02 00:00:00")
+    assert merge(a, out=out).exit_code == 0
+    fresh = tmp_path / "fresh.db"
+    assert merge(a, out=fresh).exit_code == 0
+    assert rooms(fresh) == [("lab", 1, "old one|old two|new one|new two")]
+    assert rooms(out) == rooms(fresh)
