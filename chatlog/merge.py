@@ -134,10 +134,17 @@ class Merge:
 
     def _refresh(self, s: sqlite3.Connection, uid: str, se: sqlite3.Row, into: int) -> None:
         """A session taken before, again: its later lines and people, its end, and the lines
-        removed since (each line is taken once, by its origin; a removed one stays removed)."""
+        removed since (each line is taken once, by its origin; a removed one stays removed).
+        The lines up to `merged.upto` were taken: of those, only the removed are read."""
         pids = self._participants(s, se["id"], into, again=True)
-        for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
-            self._message(m, into, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
+        row = self.conn.execute("SELECT upto FROM merged WHERE source = ? AND session_id = ?", (uid, se["id"])).fetchone()
+        upto = row[0] if row else 0
+        if upto and "removed_at" in _columns(s, "messages"):
+            last = self._lines(s, uid, se["id"], into, pids, "id > ? OR removed_at IS NOT NULL", (upto,))
+        else:
+            last = self._lines(s, uid, se["id"], into, pids, "id > ?", (upto,))
+        if last > upto:
+            self.conn.execute("UPDATE merged SET upto = ? WHERE source = ? AND session_id = ?", (last, uid, se["id"]))
         # Only ever forward: an older copy (a merged archive made while the chat went on, met
         # after the archive it came from) never puts an ended chat back in progress.
         if _get(se, "ended_at") is None or not self._going_on(into):
@@ -207,9 +214,19 @@ class Merge:
         new = self._insert("sessions", ["server_id", *cols], [self._server(s, _get(se, "server_id")), *[se[c] for c in cols]])
         self._note(ids, new)
         pids = self._participants(s, se["id"], new)
-        for m in s.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq", (se["id"],)).fetchall():
-            self._message(m, new, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
+        last = self._lines(s, uid, se["id"], new, pids)
+        self.conn.execute("UPDATE merged SET upto = ? WHERE source = ? AND session_id = ?", (last, uid, se["id"]))
         self.counts["sessions"] += 1
+
+    def _lines(self, s: sqlite3.Connection, uid: str, sid: int, into: int, pids: dict, where: str = "1",
+               args: tuple = ()) -> int:
+        """A session's lines (those `where` picks) into session `into`, at their own places, as
+        they are read (not all held at once); returns the highest id read (0: none)."""
+        last = 0
+        for m in s.execute(f"SELECT * FROM messages WHERE session_id = ? AND ({where}) ORDER BY seq", (sid, *args)):
+            last = max(last, m["id"])
+            self._message(m, into, uid, pids.get(_get(m, "participant_id")), seq=m["seq"])
+        return last
 
     def _message(self, m: sqlite3.Row, session: int, uid: str, pid: int | None, seq: int) -> bool:
         cols = [c for c in self.cols["messages"]
