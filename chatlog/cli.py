@@ -1117,6 +1117,11 @@ def merge(sources, output):
     A linked room becomes one session per room name, each line once (by its origin server and
     id), in the room's stream order; every other session is copied with its server named. The
     sources are only read. `sessions`, `show`, `search` and `export` work on the result.
+
+    Merge into the same output as often as you like (a nightly job): what came since is added,
+    a chat still going on is completed, and lines `forget` removed since are removed. A merged
+    archive can be a source beside the archives it came from. All or nothing: a source it cannot
+    read, a busy output or Ctrl-C leaves the output as it was.
     """
     import signal
 
