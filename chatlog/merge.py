@@ -259,6 +259,8 @@ class Merge:
         room = se["room"]
         key = f"room:{room}"
         merged = self._taken(key, 0)
+        if merged is not None and self.conn.execute("SELECT 1 FROM sessions WHERE id = ?", (merged,)).fetchone() is None:
+            return False  # deleted from this archive (`rm`): it stays deleted, as a 1:1 chat does
         if merged is None:
             merged = self._insert(
                 "sessions", ["started_at", "served_at", "ended_at", "end_reason", "kind", "room", "server_host",

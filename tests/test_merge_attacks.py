@@ -290,3 +290,26 @@ def test_a_room_run_merged_before_the_room_was_linked_joins_the_room_at_the_next
     assert merge(a, out=fresh).exit_code == 0
     assert rooms(fresh) == [("lab", 1, "old one|old two|new one|new two")]
     assert rooms(out) == rooms(fresh)
+
+
+def test_a_room_deleted_from_the_merged_archive_stays_deleted_and_merges_go_on(tmp_path):
+    """`rm` of a linked room's session in the merged archive, then more lines in the room: every
+    later merge of that archive failed (`FOREIGN KEY constraint failed`: the room's lines went to
+    the deleted session). A session deleted from the merged archive stays deleted, as a 1:1
+    chat's does, and the merge goes on with the rest."""
+    a = tmp_path / "a.db"
+    sid, uid = room_run(a, ["line 1", "line 2"], streamed=True)
+    b = archive(tmp_path / "b.db", "bob")
+    out = tmp_path / "all.db"
+    assert merge(a, b, out=out).exit_code == 0
+    room = sqlite3.connect(out).execute("SELECT merged_session FROM merged WHERE source = 'room:lab'").fetchone()[0]
+    assert run_chatlog(out, "rm", "-y", str(room)).exit_code == 0
+    add_room_lines(a, sid, uid, ["line 3"], streamed=True)
+    conn = sqlite3.connect(b)
+    conn.execute("UPDATE messages SET text = '', removed_at = '2026-01-02 00:00:00' WHERE text = 'bob line 0'")
+    conn.commit()
+    conn.close()
+    r = merge(a, b, out=out)
+    assert r.exit_code == 0 and "0 new sessions, 0 new messages" in r.stderr, r.stderr
+    assert [t[0] for t in rooms(out)] == [None]  # bob's chat alone
+    assert run_chatlog(out, "search", "-c", "bob").output.strip() == "2"  # (its forgotten line removed)
