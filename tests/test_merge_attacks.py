@@ -6,7 +6,6 @@ import os
 import signal
 import sqlite3
 
-
 from conftest import run_chatlog
 from storebuild import open_store
 from test_merge import archive, by_session, everything, merge, texts
