@@ -168,6 +168,14 @@ def rooms(db):
     return by_session(db, "s.room, s.ended_at IS NOT NULL")
 
 
+def as_afresh(src, out):
+    """The rooms of `out`, merged from `src` in steps, checked against a merge of it made afresh."""
+    fresh = out.with_name("fresh.db")
+    assert merge(src, out=fresh).exit_code == 0
+    assert rooms(out) == rooms(fresh)
+    return rooms(out)
+
+
 def room_run(path, lines=(), *, streamed, at="2026-01-01 00:00:00", end=True):
     """One run of room `lab` (its lines as a linked room records them when `streamed`: origin and
     stream sequence; else as a room never linked)."""
@@ -211,10 +219,7 @@ def test_a_linked_room_merged_before_its_first_streamed_line_is_not_left_in_prog
     assert merge(a, out=out).exit_code == 0
     add_room_lines(a, sid, uid, ["line 1", "line 2"], streamed=True)
     assert merge(a, out=out).exit_code == 0
-    fresh = tmp_path / "fresh.db"
-    assert merge(a, out=fresh).exit_code == 0
-    assert rooms(fresh) == [("lab", 1, "line 1|line 2")]
-    assert rooms(out) == rooms(fresh)
+    assert as_afresh(a, out) == [("lab", 1, "line 1|line 2")]
 
 
 def test_merging_a_big_linked_room_again_does_not_redo_it(tmp_path):
@@ -268,10 +273,7 @@ def test_a_room_run_merged_before_the_room_was_linked_joins_the_room_at_the_next
     assert merge(a, out=out).exit_code == 0
     room_run(a, ["new one", "new two"], streamed=True, at="2026-01-02 00:00:00")
     assert merge(a, out=out).exit_code == 0
-    fresh = tmp_path / "fresh.db"
-    assert merge(a, out=fresh).exit_code == 0
-    assert rooms(fresh) == [("lab", 1, "old one|old two|new one|new two")]
-    assert rooms(out) == rooms(fresh)
+    assert as_afresh(a, out) == [("lab", 1, "old one|old two|new one|new two")]
 
 
 def test_a_room_deleted_from_the_merged_archive_stays_deleted_and_merges_go_on(tmp_path):
