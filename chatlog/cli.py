@@ -10,14 +10,27 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from chatlog import __version__
 from chatlog.words import plural
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 # -- one error style --------------------------------------------------------------------------
+
+
+class PathParam(click.Path):
+    """click.Path, converted to a pathlib.Path (imported when an option is given, not at every
+    start: pathlib and what it imports are ~5 ms of `chatlog --help`)."""
+
+    def convert(self, value, param, ctx):
+        from pathlib import Path
+
+        return Path(super().convert(value, param, ctx))
 
 
 class Failed(click.ClickException):
@@ -176,6 +189,8 @@ def _db_value(ctx: click.Context, param: click.Parameter, value):
     ):
         root = ctx.find_root()
         if root is not ctx and root.params.get("db"):
+            from pathlib import Path
+
             return Path(root.params["db"]).expanduser()
     return db_path(value or None)
 
@@ -761,7 +776,7 @@ def _wait_for_archive(db: Path, r, poll: float = 0.2):
     help="Only the messages with an id above N (json, jsonl, csv: every message has its `id`).",
 )
 @click.option(
-    "--cursor", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    "--cursor", type=PathParam(dir_okay=False), metavar="FILE",
     help="Incremental: only messages newer than the id FILE holds (all, if FILE does not exist yet); "
          "once the output is written, FILE is updated to the newest id seen. For cron: "
          "`chatlog export -f jsonl --cursor F >> log.jsonl` appends each message exactly once.",
@@ -1107,8 +1122,8 @@ def _delete(store, ids, yes):
 
 @cli.command()
 @click.argument("sources", metavar="DB...", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="ALL.db",
+                type=PathParam(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=PathParam(dir_okay=False), metavar="ALL.db",
               help="The merged archive (created, or added to: merging the same archives again changes nothing).")
 def merge(sources, output):
     """One archive from several servers' archives (a room linked with `serve --link`, and each
@@ -1161,7 +1176,7 @@ def merge(sources, output):
 
 
 @cli.command()
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=PathParam())
 @click.option("-f", "--force", is_flag=True, help="Overwrite DEST if it exists.")
 @db_option
 def backup(dest, force, db):
@@ -1241,7 +1256,7 @@ def identities(forget, as_json, db):
               help="Port to listen on (0 picks a free one; it is printed).")
 @click.option("--token", metavar="TOKEN", help="A token the browser must give (asked for by a page) [env: CHATLOG_WEB_TOKEN].",
               envvar="CHATLOG_WEB_TOKEN")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--token-file", type=PathParam(dir_okay=False), metavar="FILE",
               help="Read the token from FILE (kept out of the process list).")
 @db_option
 def web(bind, port, token, token_file, db):
