@@ -200,11 +200,13 @@ class Cut:
             return b"".join(data for _, data in self.held)
 
     def release(self):
+        # All under the lock: a pump ending meanwhile (its server gone) must still see what is
+        # held for its broker connection, or it shuts that connection while this sends on it
+        # (BrokenPipeError); and a pump's new bytes must not overtake the held ones.
         with self.lock:
-            self.holding, held, self.held = False, self.held, []
-        for up, data in held:
-            up.sendall(data)
-        with self.lock:
+            for up, data in self.held:
+                up.sendall(data)
+            self.holding, self.held = False, []
             orphans, self.orphans = self.orphans, []
         for up in orphans:
             up.shutdown(socket.SHUT_WR)  # (the broker reads what came, then the end)
