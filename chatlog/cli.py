@@ -1150,7 +1150,8 @@ def _delete(store, ids, yes):
 @click.argument("sources", metavar="DB...", nargs=-1, required=True,
                 type=PathParam(exists=True, dir_okay=False))
 @click.option("-o", "--output", required=True, type=PathParam(dir_okay=False), metavar="ALL.db",
-              help="The merged archive (created, or added to: merging the same archives again changes nothing).")
+              help="The merged archive (created, or added to: merging the same archives again changes nothing; "
+                   "never a server's own archive or a copy of one).")
 def merge(sources, output):
     """One archive from several servers' archives (a room linked with `serve --link`, and each
     server's own sessions).

@@ -21,6 +21,7 @@ from pathlib import Path
 from chatlog import indexer
 from chatlog.db import StoreError, connect, read_only_uri
 from chatlog.recorder import _NEXT_ID
+from chatlog.words import plural
 
 _SERVER_KEY = ("pid", "hostname", "host", "port", "started_at")
 _FLOORED = ("sessions", "messages")  # the tables whose ids are never reused (schema m013)
@@ -49,6 +50,17 @@ class Merge:
         self.conn.execute("INSERT INTO messages_fts (rowid, text) SELECT id, text FROM messages "
                           "WHERE id > ? AND sender != 'event'", (upto,))
         self.conn.execute("UPDATE fts_progress SET upto = max(upto, (SELECT coalesce(max(id), 0) FROM messages))")
+
+    def check_output(self, out: Path) -> None:
+        """An output holding sessions no merge put there (a server's archive, or a copy of a
+        source) is refused: its own sessions are not known by their origin, so merging their
+        archive into it would give each twice."""
+        (n,) = self.conn.execute(
+            "SELECT count(*) FROM sessions WHERE id NOT IN (SELECT merged_session FROM merged)").fetchone()
+        if n:
+            raise StoreError(f"{out} holds {plural(n, 'session')} no merge put there (a server's archive, or a copy of "
+                             "one): merge into a new file, or into one chatlog merge made; "
+                             f"{out} is left as it was")
 
     def close(self) -> None:
         indexer.catch_up(self.conn, 30.0)  # (nothing, unless someone wrote to it meanwhile)
@@ -402,6 +414,8 @@ def merge(sources: list[Path], out: Path, on_commit=lambda: None) -> dict[str, i
             raise StoreError(f"cannot merge into {out}: {exc}; "
                              + (f"{out} was not made" if new else f"{out} is left as it was")) from None
         try:
+            if not new:
+                m.check_output(out)
             for src in sources:
                 try:
                     m.add(Path(src))

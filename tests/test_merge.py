@@ -129,6 +129,26 @@ def test_a_merged_archive_and_its_sources_give_each_session_once(tmp_path):
         assert everything(out) == again
 
 
+def test_an_output_that_is_a_servers_archive_is_refused_and_left_as_it_was(tmp_path):
+    """An output that began as a copy of a source (or is a server's own archive) holds sessions no
+    merge put there: merging that source into it gave each of its sessions twice. It is refused
+    in one line, and left as it was; an archive a merge made takes more merges as ever."""
+    a, b = archive(tmp_path / "a.db", "amy"), archive(tmp_path / "b.db", "bob")
+    out = shutil.copy(a, tmp_path / "all.db")
+    before = everything(out)
+    r = merge(a, b, out=out)
+    assert r.exit_code == 1 and r.stderr == (
+        f"chatlog: {out} holds 1 session no merge put there (a server's archive, or a copy of one): merge "
+        f"into a new file, or into one chatlog merge made; {out} is left as it was\n"), r.stderr
+    assert everything(out) == before
+    made = tmp_path / "made.db"
+    assert merge(a, out=made).exit_code == 0
+    again = shutil.copy(made, tmp_path / "again.db")  # (a copy of a merge's archive is one too)
+    r = merge(a, b, out=again)
+    assert r.exit_code == 0 and "1 new session, 3 new messages" in r.stderr, r.stderr
+    assert [t[3] for t in texts(again)] == ["amy line 0|amy line 1|amy line 2", "bob line 0|bob line 1|bob line 2"]
+
+
 def test_a_session_merged_while_in_progress_gets_the_rest_at_the_next_merge(tmp_path):
     """A merge of a live server's archive (a nightly one) takes a chat still going on as it is; the
     next merge takes its later lines and its end. They used to be left out for good, the session
