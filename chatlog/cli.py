@@ -63,7 +63,9 @@ class Failed(click.ClickException):
     """A command could not do what was asked: one line, exit status 1."""
 
     def show(self, file=None) -> None:
-        click.echo(f"chatlog: {self.format_message()}", err=True)
+        from chatlog.sanitize import visible  # (a file name, a value given: never raw to the terminal)
+
+        click.echo(f"chatlog: {visible(self.format_message())}", err=True)
 
 
 class Nothing(Exception):
@@ -1198,7 +1200,9 @@ def merge(sources, output):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    click.echo(f"merged {plural(len(sources), 'archive')} into {output}: "
+    from chatlog.sanitize import visible
+
+    click.echo(f"merged {plural(len(sources), 'archive')} into {visible(str(output))}: "
                f"{plural(added['sessions'], 'new session')}, {plural(added['messages'], 'new message')}", err=True)
 
 

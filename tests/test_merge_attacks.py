@@ -45,6 +45,19 @@ def test_a_source_whose_name_is_not_utf8_is_merged(tmp_path):
     assert r.exit_code == 0 and "1 new session, 3 new messages" in r.stderr, r.stderr
 
 
+def test_escape_bytes_in_file_names_never_reach_the_terminal(tmp_path):
+    """A file name is any bytes, escapes included: what merge says of it (done, or why not) shows
+    them as visible escapes. The done line and every one-line error printed them raw (a file
+    name could set the terminal's title, or colour all that followed)."""
+    out = tmp_path / "all\x1b]0;owned\x07.db"
+    src = archive(tmp_path / "a\x1b[31mred.db", "amy")
+    said = [merge(src, out=out), merge(src, out=src), run_chatlog(None, "sessions", "--db", str(tmp_path / "no\x1b[2J.db"))]
+    assert said[0].exit_code == 0 and said[1].exit_code == 1 and said[2].exit_code == 1
+    for r in said:
+        assert r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr, r.stderr
+        assert "\\x1b" in r.stderr, r.stderr
+
+
 def test_a_session_deleted_from_the_merged_archive_does_not_give_its_id_to_the_next(tmp_path):
     """`rm` of the newest session of a merged archive, then a merge of another archive: the new
     session must not take the deleted one's id (m013: ids are never reused), and the next merge
