@@ -16,6 +16,7 @@ The result is an ordinary archive: `sessions`, `show`, `search`, `export` work o
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 from chatlog import indexer
@@ -74,10 +75,33 @@ class Merge:
             s.row_factory = sqlite3.Row
             tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             row = s.execute("SELECT uid FROM node WHERE id = 1").fetchone() if "node" in tables else None
-            uid = row[0] if row else f"file:{Path(path).resolve()}"
-            self._add(s, uid)
+            self._add(s, self._known_as(s, row[0] if row else None, Path(path).resolve()))
         finally:
             s.close()
+
+    def _known_as(self, s: sqlite3.Connection, uid: str | None, path: Path) -> str:
+        """The identity a source is taken under. One with its own (`node`, schema m014) is known
+        by it. One from before was taken under its file's path (`file:PATH`), so it is known by
+        its sessions instead (each one's id, start and client address): met again upgraded (a
+        server opened it and gave it an identity), moved or renamed, it is the same archive and
+        keeps its first identity; another archive put at that path is not taken for it."""
+        if uid is not None and self.conn.execute("SELECT 1 FROM merged WHERE source = ? LIMIT 1", (uid,)).fetchone():
+            return uid
+        old = self.conn.execute(
+            "SELECT m.source, m.session_id, se.started_at, se.client_host, se.client_port FROM merged m "
+            "JOIN sessions se ON se.id = m.merged_session WHERE m.source LIKE 'file:%' AND m.session_id != 0").fetchall()
+        if old:
+            mine = {tuple(r) for r in s.execute("SELECT id, started_at, client_host, client_port FROM sessions")}
+            votes = Counter(source for source, *session in old if tuple(session) in mine)
+            if votes:
+                return votes.most_common(1)[0][0]
+        if uid is not None:
+            return uid
+        key, n = f"file:{path}", 1
+        while self.conn.execute("SELECT 1 FROM merged WHERE source = ? LIMIT 1", (key,)).fetchone():
+            n += 1  # (the path of an archive merged before, which this one is not)
+            key = f"file:{path}#{n}"
+        return key
 
     # -- one source ---------------------------------------------------------------------------------
 

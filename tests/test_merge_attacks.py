@@ -310,3 +310,56 @@ def test_a_room_deleted_from_the_merged_archive_stays_deleted_and_merges_go_on(t
     assert r.exit_code == 0 and "0 new sessions, 0 new messages" in r.stderr, r.stderr
     assert [t[0] for t in rooms(out)] == [None]  # bob's chat alone
     assert run_chatlog(out, "search", "-c", "bob").output.strip() == "2"  # (its forgotten line removed)
+
+
+def legacy_archive(path, sessions):
+    """An archive from before archives had an identity of their own (schema m014)."""
+    from chatlog import schema
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    saved = list(schema.MIGRATIONS)
+    try:
+        schema.MIGRATIONS[:] = [fn for fn in saved if fn.__name__ < "m014"]
+        schema.apply(conn)
+    finally:
+        schema.MIGRATIONS[:] = saved
+    for sid, (started, handle) in enumerate(sessions, 1):
+        conn.execute("INSERT INTO sessions (id, started_at, ended_at, client_host, client_port, handle) "
+                     "VALUES (?, ?, ?, '10.0.0.1', ?, ?)", (sid, started, started, 5000 + sid, handle))
+        for i in range(2):
+            conn.execute("INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (?, ?, ?, 'client', ?, ?)",
+                         (sid, i + 1, started, handle, f"{handle} said {i}"))
+    conn.close()
+    return path
+
+
+def test_an_archive_from_before_identities_is_known_upgraded_moved_or_replaced(tmp_path):
+    """An archive from before `node` was taken under its file's path. Upgraded in place by a
+    server, or moved, the next merge took every session of it again (twice in the result);
+    another archive put at its path had its sessions taken for the first one's (left out)."""
+    old = legacy_archive(tmp_path / "old.db", [("2026-01-01T10:00:00.123456+00:00", "amy"),
+                                               ("2026-01-02T11:00:00.654321+00:00", "bob")])
+    moved = tmp_path / "moved.db"
+    moved.write_bytes(old.read_bytes())
+    out = tmp_path / "all.db"
+    assert "2 new sessions, 4 new messages" in merge(old, out=out).stderr
+    assert "0 new sessions, 0 new messages" in merge(moved, out=out).stderr  # (moved, or renamed)
+    open_store(old).close()  # upgraded in place: a server opened it (it has an identity now)
+    s = open_store(old)
+    sid = s.begin_session(("10.0.0.2", 6000), ("127.0.0.1", 9999), served=True)
+    s.add_message(sid, "client", "cat", "after the upgrade")
+    s.end_session(sid, "client-quit")
+    s.close()
+    r = merge(old, out=out)
+    assert r.exit_code == 0 and "1 new session, 1 new message" in r.stderr, r.stderr
+    assert "0 new sessions, 0 new messages" in merge(old, moved, out=out).stderr
+    assert [t[3] for t in texts(out)] == ["amy said 0|amy said 1", "bob said 0|bob said 1", "after the upgrade"]
+    other = tmp_path / "other"
+    other.mkdir()
+    first = legacy_archive(other / "x.db", [("2026-02-01T09:00:00.000001+00:00", "dan")])
+    assert "1 new session, 2 new messages" in merge(first, out=out).stderr
+    first.unlink()
+    legacy_archive(first, [("2026-03-01T09:00:00.000002+00:00", "eve")])  # another archive, same path
+    assert "1 new session, 2 new messages" in merge(first, out=out).stderr
+    assert "0 new sessions, 0 new messages" in merge(first, out=out).stderr
+    assert sorted(t[3] for t in texts(out))[-2:] == ["dan said 0|dan said 1", "eve said 0|eve said 1"]
