@@ -586,8 +586,9 @@ print(total)
     worst, turns = _chat_while(server, proc)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.split() == ["200000"], err
-    # The promise is no turn past 2 s; the bound is tighter so this can fail.
-    assert turns > 10 and worst < 0.5, (worst, turns)
+    # The promise is no turn past 2 s; the bound is tighter so this can fail (one removal of
+    # everything at once stalls a turn for seconds), and loose enough for a loaded parallel run.
+    assert turns > 10 and worst < 1.0, (worst, turns)
 
 
 @pytest.mark.slow

@@ -243,7 +243,9 @@ def test_a_huge_delete_never_holds_a_writer_up_for_long(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert db_rows(path, "SELECT count(*) FROM messages WHERE session_id = ?", (big,)) == [(0,)]
     assert done[0] > 50
-    assert worst[0] < 0.75, f"a commit waited {worst[0]:.3f} s behind the delete"
+    # (In one transaction the delete held it 2-3 s. Under a loaded parallel run a commit here has
+    # waited 0.82-0.92 s behind the chunked one, so the bound sits between the two.)
+    assert worst[0] < 1.5, f"a commit waited {worst[0]:.3f} s behind the delete"
     rec.close()
 
 
