@@ -118,8 +118,9 @@ def turn_cost():
     except turns.Missing as exc:
         missing(figure, "(the work a turn takes)", str(exc))
         return
-    row(figure, f"{ours_i / 1000:.1f}k", f"{min_i / 1000:.1f}k minimal recorder; {floor_i / 1000:.1f}k floor",
-        f"{ours_i / min_i:.2f}", "(the work a turn takes)", "")
+    row(figure, f"{ours_i[0] / 1000:.1f}k (main thread {ours_i[1] / 1000:.1f}k)",
+        f"{min_i[0] / 1000:.1f}k minimal recorder; {floor_i[0] / 1000:.1f}k floor (main thread {floor_i[1] / 1000:.1f}k)",
+        f"{ours_i[0] / min_i[0]:.2f}", "(the work a turn takes)", "")
 
 
 def fsync_cost():
