@@ -16,7 +16,6 @@ The result is an ordinary archive: `sessions`, `show`, `search`, `export` work o
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
 from pathlib import Path
 
 from chatlog import indexer
@@ -75,37 +74,43 @@ class Merge:
             s.row_factory = sqlite3.Row
             tables = {r[0] for r in s.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             row = s.execute("SELECT uid FROM node WHERE id = 1").fetchone() if "node" in tables else None
-            self._add(s, self._known_as(s, row[0] if row else None, Path(path).resolve()))
+            self._add(s, *self._known_as(s, row[0] if row else None, Path(path).resolve()))
         finally:
             s.close()
 
-    def _known_as(self, s: sqlite3.Connection, uid: str | None, path: Path) -> str:
-        """The identity a source is taken under. One with its own (`node`, schema m014) is known
-        by it. One from before was taken under its file's path (`file:PATH`), so it is known by
-        its sessions instead (each one's id, start and client address): met again upgraded (a
-        server opened it and gave it an identity), moved or renamed, it is the same archive and
-        keeps its first identity; another archive put at that path is not taken for it."""
+    def _known_as(self, s: sqlite3.Connection, uid: str | None, path: Path) -> tuple[str, dict]:
+        """The identity a source's sessions are noted under, and what it was taken as before it
+        had one. A source with its own identity (`node`, schema m014) is known by it; one from
+        before is taken under its file's path (`file:PATH`; another archive already merged from
+        that path: `file:PATH#2`). An archive from before was taken under its path then, so it is
+        known by its sessions too, as the output recorded them (each one's id, start to the
+        microsecond and client address): upgraded in place by a server, moved or renamed, its
+        sessions are the ones taken before; another archive put at its path is not taken for it.
+        Returns (identity, {session id: (the identity it was taken under, the session taken)})."""
         if uid is not None and self.conn.execute("SELECT 1 FROM merged WHERE source = ? LIMIT 1", (uid,)).fetchone():
-            return uid
+            return uid, {}
+        before: dict[int, tuple[str, int]] = {}
         old = self.conn.execute(
-            "SELECT m.source, m.session_id, se.started_at, se.client_host, se.client_port FROM merged m "
-            "JOIN sessions se ON se.id = m.merged_session WHERE m.source LIKE 'file:%' AND m.session_id != 0").fetchall()
-        if old:
-            mine = {tuple(r) for r in s.execute("SELECT id, started_at, client_host, client_port FROM sessions")}
-            votes = Counter(source for source, *session in old if tuple(session) in mine)
-            if votes:
-                return votes.most_common(1)[0][0]
-        if uid is not None:
-            return uid
-        key, n = f"file:{path}", 1
-        while self.conn.execute("SELECT 1 FROM merged WHERE source = ? LIMIT 1", (key,)).fetchone():
-            n += 1  # (the path of an archive merged before, which this one is not)
-            key = f"file:{path}#{n}"
-        return key
+            "SELECT m.source, m.session_id, m.merged_session, se.started_at, se.client_host, se.client_port "
+            "FROM merged m JOIN sessions se ON se.id = m.merged_session "
+            "WHERE m.source LIKE 'file:%' AND m.session_id != 0").fetchall()
+        mine = {r[0]: tuple(r[1:]) for r in s.execute("SELECT id, started_at, client_host, client_port FROM sessions")}
+        other: set[str] = set()  # the paths another archive was taken from: a session of it is not this one's
+        for source, sid, into, *session in old:
+            if mine.get(sid) == tuple(session):
+                before.setdefault(sid, (source, into))
+            elif sid in mine:
+                other.add(source)
+        if uid is None:
+            uid, n = f"file:{path}", 1
+            while uid in other:
+                n += 1
+                uid = f"file:{path}#{n}"
+        return uid, before
 
     # -- one source ---------------------------------------------------------------------------------
 
-    def _add(self, s: sqlite3.Connection, uid: str) -> None:
+    def _add(self, s: sqlite3.Connection, uid: str, before: dict | None = None) -> None:
         linked = set()
         if "stream_seq" in _columns(s, "messages"):
             linked = {r[0] for r in s.execute(
@@ -127,6 +132,12 @@ class Merge:
                 continue
             ids = [(uid, se["id"]), *also.get(se["id"], ())]
             taken = next((t for t in (self._taken(*i) for i in ids) if t is not None), None)
+            if taken is None and before and se["id"] in before:  # (taken before under the file's path)
+                source, taken = before[se["id"]]
+                self.conn.execute(  # (and as far as its lines were taken then)
+                    "INSERT OR IGNORE INTO merged (source, session_id, merged_session, upto) "
+                    "SELECT ?, session_id, merged_session, upto FROM merged WHERE source = ? AND session_id = ?",
+                    (uid, source, se["id"]))
             if taken is None:
                 self._session(s, uid, se, ids)
                 continue

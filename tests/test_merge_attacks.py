@@ -363,3 +363,26 @@ def test_an_archive_from_before_identities_is_known_upgraded_moved_or_replaced(t
     assert "1 new session, 2 new messages" in merge(first, out=out).stderr
     assert "0 new sessions, 0 new messages" in merge(first, out=out).stderr
     assert sorted(t[3] for t in texts(out))[-2:] == ["dan said 0|dan said 1", "eve said 0|eve said 1"]
+
+
+def test_two_copies_of_an_archive_from_before_identities_each_served_lose_nothing(tmp_path):
+    """Two copies of one old archive, each upgraded and served by a server of its own: their
+    shared sessions are one, and what each server recorded since is its own (the same session
+    ids on both: neither is taken for the other's)."""
+    old = legacy_archive(tmp_path / "old.db", [("2026-01-01T10:00:00.123456+00:00", "amy")])
+    out = tmp_path / "all.db"
+    assert "1 new session, 2 new messages" in merge(old, out=out).stderr
+    copies = []
+    for name, handle in (("a", "ann"), ("b", "ben")):
+        copy = tmp_path / f"{name}.db"
+        copy.write_bytes(old.read_bytes())
+        s = open_store(copy)  # upgraded, and served
+        sid = s.begin_session(("10.0.0.3", 7000), ("127.0.0.1", 9999), served=True)
+        s.add_message(sid, "client", handle, f"{handle} on {name}")
+        s.end_session(sid, "client-quit")
+        s.close()
+        copies.append(copy)
+    r = merge(*copies, out=out)
+    assert r.exit_code == 0 and "2 new sessions, 2 new messages" in r.stderr, r.stderr
+    assert "0 new sessions, 0 new messages" in merge(old, *copies, out=out).stderr
+    assert [t[3] for t in texts(out)] == ["amy said 0|amy said 1", "ann on a", "ben on b"]
