@@ -7,9 +7,10 @@ keeps fixtures readable; they are handed to the recorder as it is called by the 
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
-from chatlog import indexer
+from chatlog import indexer, schema
 from chatlog.archive import Archive
 from chatlog.db import connect
 from chatlog.records import iso, parse_iso
@@ -69,3 +70,16 @@ class Built(Archive):
 
 def open_store(path, **kwargs) -> Built:
     return Built(path, **kwargs)
+
+
+def schema_before(path, migration: str) -> sqlite3.Connection:
+    """An archive as it was before `migration` (e.g. "m014"), made by the real migrations up to
+    it; an autocommit connection to it, to write its rows as that schema had them."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    saved = list(schema.MIGRATIONS)
+    try:
+        schema.MIGRATIONS[:] = [fn for fn in saved if fn.__name__ < migration]
+        schema.apply(conn)
+    finally:
+        schema.MIGRATIONS[:] = saved
+    return conn

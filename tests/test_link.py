@@ -2057,16 +2057,10 @@ def test_the_link_takes_the_stream_in_order_and_asks_again_from_a_gap():
 
 
 def test_merge_takes_an_archive_from_before_linked_rooms_as_it_is(tmp_path):
-    from chatlog import schema
+    from storebuild import schema_before
 
     old = tmp_path / "old.db"
-    conn = sqlite3.connect(old, isolation_level=None)
-    saved = list(schema.MIGRATIONS)
-    try:
-        schema.MIGRATIONS[:] = [fn for fn in saved if fn.__name__ < "m014"]
-        schema.apply(conn)
-    finally:
-        schema.MIGRATIONS[:] = saved
+    conn = schema_before(old, "m014")
     conn.execute("INSERT INTO sessions (started_at, client_host, client_port) VALUES ('2026-01-01 00:00:00', '1.2.3.4', 5)")
     conn.execute("INSERT INTO messages (session_id, seq, at, sender, handle, text) VALUES (1, 1, '2026-01-01 00:00:01', 'client', 'zed', 'old words')")
     conn.close()

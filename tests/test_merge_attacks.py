@@ -7,7 +7,7 @@ import signal
 import sqlite3
 
 from conftest import run_chatlog
-from storebuild import open_store
+from storebuild import open_store, schema_before
 from test_merge import archive, by_session, everything, merge, texts
 
 
@@ -314,15 +314,7 @@ def test_a_room_deleted_from_the_merged_archive_stays_deleted_and_merges_go_on(t
 
 def legacy_archive(path, sessions):
     """An archive from before archives had an identity of their own (schema m014)."""
-    from chatlog import schema
-
-    conn = sqlite3.connect(path, isolation_level=None)
-    saved = list(schema.MIGRATIONS)
-    try:
-        schema.MIGRATIONS[:] = [fn for fn in saved if fn.__name__ < "m014"]
-        schema.apply(conn)
-    finally:
-        schema.MIGRATIONS[:] = saved
+    conn = schema_before(path, "m014")
     for sid, (started, handle) in enumerate(sessions, 1):
         conn.execute("INSERT INTO sessions (id, started_at, ended_at, client_host, client_port, handle) "
                      "VALUES (?, ?, ?, '10.0.0.1', ?, ?)", (sid, started, started, 5000 + sid, handle))
