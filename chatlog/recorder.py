@@ -36,6 +36,23 @@ RAW_KEEP = 1024  # bytes of a message's raw form kept; the rest is counted in it
 _FINAL_COUNTS = (
     f"client_messages = {message_count('client')}, server_messages = {message_count('server')}"
 )
+def stream_position(conn: sqlite3.Connection, room: str) -> int:
+    """How far `room`'s stream is committed in this archive: `room_links.last_seq`, or the stream
+    sequence of the room's newest line if later. A stream message that brought one line is
+    recorded by that line alone (one INSERT, committed on its own: it carries its sequence), and
+    the position written down after it at most once a second while lines come (LINK_POSITION_EVERY)
+    and as the room ends; anything else moves it in the transaction that records it."""
+    row = conn.execute("SELECT last_seq FROM room_links WHERE room = ?", (room,)).fetchone()
+    last = row[0] if row else 0
+    for (sid,) in conn.execute("SELECT id FROM sessions WHERE kind = 'room' AND room = ? ORDER BY id DESC",
+                               (room,)).fetchall():
+        row = conn.execute("SELECT stream_seq FROM messages WHERE session_id = ? AND stream_seq IS NOT NULL "
+                           "ORDER BY seq DESC LIMIT 1", (sid,)).fetchone()
+        if row is not None:
+            return max(last, row[0])
+    return last
+
+
 # A message's id is never one a deleted message had (m013: SQLite alone would give the newest
 # deleted id again, and an incremental export's cursor, already past it, would skip the new one).
 _NEXT_ID = "max(coalesce((SELECT max(id) FROM {t}), 0), (SELECT upto FROM id_floors WHERE name = '{t}')) + 1"
@@ -524,9 +541,12 @@ class Recorder:
         return self._run("SELECT uid FROM node WHERE id = 1").fetchone()[0]
 
     def link_resume(self, room: str, stream: str) -> int:
-        """The last stream sequence of `room` committed here (0: none yet)."""
+        """The last stream sequence of `room` committed here (0: none yet), written down as the
+        room's position again (see `stream_position`)."""
         self._run("INSERT INTO room_links (room, stream) VALUES (?, ?) ON CONFLICT (room) DO NOTHING", (room, stream))
-        return self._run("SELECT last_seq FROM room_links WHERE room = ?", (room,)).fetchone()[0]
+        seq = stream_position(self.conn, room)
+        self.link_advance(room, seq)
+        return seq
 
     def link_advance(self, room: str, seq: int) -> None:
         """`room`'s stream is committed up to `seq` (with what it brought: same transaction)."""

@@ -441,7 +441,8 @@ def m014_room_links(conn: sqlite3.Connection) -> None:
     # carries. Each message carries its origin (server and id, unique together: a line present on
     # several servers is the same line) and, once it came through the room's stream, the
     # stream's sequence: the one order of a linked room. `room_links`: how far each room's stream
-    # has been committed here, written in the same transaction as what it counts, so a restart
+    # has been committed here (with the newest line's stream sequence, if later: since then a
+    # lone line carries it, see recorder.stream_position), written with what it counts, so a restart
     # (even after kill -9) resumes with no gap and no duplicate. `merged`: what `chatlog merge`
     # has taken from each source, so merging again changes nothing.
     run_script(

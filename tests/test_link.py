@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import ServerProc, run_chatlog, wait_until
+from conftest import ServerProc, db_rows, run_chatlog, wait_until
 
 NATS = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")  # (Debian: sbin)
 NO_NATS = "nats-server is not installed (Debian: apt-get install nats-server; .ci/run installs it)"
@@ -314,10 +314,13 @@ def rows(db, where="stream_seq IS NOT NULL"):
 
 
 def last_seq(db):
+    """How far the room's stream is committed in `db` (its lone lines carry their sequence)."""
+    from chatlog.recorder import stream_position
+
     conn = sqlite3.connect(db)
     try:
-        row = conn.execute("SELECT last_seq FROM room_links").fetchone()
-        return row[0] if row else 0
+        row = conn.execute("SELECT room FROM room_links").fetchone()
+        return stream_position(conn, row[0]) if row else 0
     finally:
         conn.close()
 
@@ -2073,3 +2076,37 @@ def test_merge_takes_an_archive_from_before_linked_rooms_as_it_is(tmp_path):
     assert "zed>old words" in run_chatlog(out, "show", "1").output
     r = run_chatlog(None, "merge", str(tmp_path / "nothing.txt"), "-o", str(out))
     assert r.exit_code != 0
+
+
+def test_lone_lines_carry_the_streams_position_and_a_restart_resumes_from_the_newest(tmp_path):
+    """A stream message of one line is recorded by that line alone (one INSERT, which carries its
+    sequence), the position written down at most once a second: a server killed before it was
+    resumes from its newest line, not from the position written, and writes it down."""
+    from chatlog.link import Advance, LinkCommit, LinkedRoomStore
+    from chatlog.recorder import open_recorder
+
+    db = tmp_path / "a.db"
+    rec = open_recorder(db)
+    rec.start("127.0.0.1", 9999, time.time())
+    store = LinkedRoomStore(rec, None, name="lab")
+    store.session = rec.begin_session("", 0, "127.0.0.1", 9999, time.time(), served=True, kind="room", room="lab")
+    assert rec.link_resume("lab", "CHATLOG_lab") == 0
+    for seq in range(1, 51):
+        store.record([LinkCommit(None, "client", "amy", f"line {seq}", None, None, time.time(), False, "b0b0", f"7.{seq}", seq),
+                      Advance(seq)])
+    written = db_rows(db, "SELECT last_seq FROM room_links")[0][0]
+    assert 1 <= written < 50  # (the first at once, then at most once a second)
+    assert last_seq(db) == 50
+    again = open_recorder(db)  # (the first never closed: as after kill -9)
+    assert again.link_resume("lab", "CHATLOG_lab") == 50
+    assert db_rows(db, "SELECT last_seq FROM room_links") == [(50,)]
+    assert db_rows(db, "SELECT count(*), min(stream_seq), max(stream_seq) FROM messages WHERE text LIKE 'line %'") == [(50, 1, 50)]
+    store = LinkedRoomStore(again, None, name="lab")
+    store.session = again.begin_session("", 0, "127.0.0.1", 9999, time.time(), served=True, kind="room", room="lab")
+    for seq in range(51, 61):
+        store.record([LinkCommit(None, "client", "amy", f"line {seq}", None, None, time.time(), False, "b0b0", f"7.{seq}", seq),
+                      Advance(seq)])
+    from chatlog.events import CloseRoom
+
+    store.record([CloseRoom("shutdown", time.time())])  # the room ends: its position written down as it is
+    assert db_rows(db, "SELECT last_seq FROM room_links") == [(60,)]
