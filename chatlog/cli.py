@@ -838,7 +838,9 @@ def export(session_ids, handle, host, since, until, everything, fmt, output, aft
     options = exporters.Options(timestamps=timestamps, utc=utc, headings=len(chosen) > 1, sessions=len(chosen))
     exporters.run(store, chosen, fmt, output, filters, options)
     if output != "-":
-        click.echo(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})", err=True)
+        from chatlog.sanitize import visible
+
+        click.echo(visible(f"wrote {plural(len(chosen), 'session')} to {output} ({fmt})"), err=True)
 
 
 class Cursor:
@@ -1229,7 +1231,9 @@ def backup(dest, force, db):
         Upkeep(store).backup(dest)
     except OSError as exc:
         raise Failed(f"cannot write {dest}: {exc.strerror}") from None
-    click.echo(f"backed up {store.path} to {dest}", err=True)
+    from chatlog.sanitize import visible
+
+    click.echo(visible(f"backed up {store.path} to {dest}"), err=True)
 
 
 @cli.command()

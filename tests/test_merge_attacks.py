@@ -46,13 +46,15 @@ def test_a_source_whose_name_is_not_utf8_is_merged(tmp_path):
 
 
 def test_escape_bytes_in_file_names_never_reach_the_terminal(tmp_path):
-    """A file name is any bytes, escapes included: what merge says of it (done, or why not) shows
-    them as visible escapes. The done line and every one-line error printed them raw (a file
-    name could set the terminal's title, or colour all that followed)."""
+    """A file name is any bytes, escapes included: what merge, backup and export say of it (done,
+    or why not) shows them as visible escapes. Their done lines and every one-line error printed
+    them raw (a file name could set the terminal's title, or colour all that followed)."""
     out = tmp_path / "all\x1b]0;owned\x07.db"
     src = archive(tmp_path / "a\x1b[31mred.db", "amy")
-    said = [merge(src, out=out), merge(src, out=src), run_chatlog(None, "sessions", "--db", str(tmp_path / "no\x1b[2J.db"))]
-    assert said[0].exit_code == 0 and said[1].exit_code == 1 and said[2].exit_code == 1
+    said = [merge(src, out=out), merge(src, out=src), run_chatlog(None, "sessions", "--db", str(tmp_path / "no\x1b[2J.db")),
+            run_chatlog(src, "backup", str(tmp_path / "bk\x1b]0;owned\x07.db")),
+            run_chatlog(src, "export", "--all", "-o", str(tmp_path / "ex\x1b]0;owned\x07.txt"))]
+    assert [r.exit_code for r in said] == [0, 1, 1, 0, 0], [r.stderr for r in said]
     for r in said:
         assert r.stderr.count("\n") == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr, r.stderr
         assert "\\x1b" in r.stderr, r.stderr
