@@ -263,6 +263,9 @@ class Linked:
     def last_words(self):
         return [w for s in self.servers for w in s.last_words()]
 
+    def broker_cpu_seconds(self):
+        return Server("nats-server", self.broker, 0).cpu_seconds()
+
     def stop(self):
         for s in self.servers:
             s.stop()
@@ -751,14 +754,23 @@ def fanout(target, clients=200, rate=2.0, seconds=20.0, size=0):
             break
     joined = sum(c.greeted and not c.closed for c in cs)
     start, start_cpu = time.monotonic(), cpu_seconds()
+    broker = server.broker_cpu_seconds if isinstance(server, Linked) else lambda: None
+    server_cpu, broker_cpu = server.cpu_seconds(), broker()
     sent = _paced(load, cs, rate, seconds, size) if joined == clients else 0
     expected = sent * (clients - 1)
     _drain(load, expected)
-    busy = round(100 * (cpu_seconds() - start_cpu) / (time.monotonic() - start))
+    took = time.monotonic() - start
+    busy = round(100 * (cpu_seconds() - start_cpu) / took)
+    # The cores each part kept busy while lines came (where a shared machine's margin goes).
+    cores = {"generator": (cpu_seconds() - start_cpu) / took}
+    for part, then, now in (("server", server_cpu, server.cpu_seconds()), ("broker", broker_cpu, broker())):
+        if then is not None and now is not None:
+            cores[part] = (now - then) / took
     lat = sorted(load.lat)
     res = {"clients": clients, "joined": joined, "sent": sent, "expected": expected, "delivered": load.delivered,
            "relayed": len(load.seen), "p50_ms": ms(percentile(lat, 0.5)), "p99_ms": ms(percentile(lat, 0.99)),
-           "max_ms": ms(lat[-1] if lat else None), "dropped": sum(c.closed for c in cs), "generator_busy_pct": busy}
+           "max_ms": ms(lat[-1] if lat else None), "dropped": sum(c.closed for c in cs), "generator_busy_pct": busy,
+           "cores": {part: round(c, 2) for part, c in cores.items()}}
     return _finish(load, server, res, cpu0, t0)
 
 

@@ -508,6 +508,15 @@ def link():
         row(figure, f"{'complete' if done else 'INCOMPLETE'}, {three_text}{same({'archives_identical': same_all})}",
             f"{one_text} one server", f"{ratio:.2f}" if ratio else "", target,
             bool(done and ratio and ratio <= 2 and same_all))
+        # The cores each part kept busy while lines came (medians): where the linked p99's margin goes.
+        def cores(runs, *parts):
+            return [round(statistics.median(r.get("cores", {}).get(p, 0) for r in runs), 2) for p in parts]
+
+        s3, b3, g3 = cores(threes, "server", "broker", "generator")
+        s1, g1 = cores(ones, "server", "generator")
+        row("link: cores the paced room keeps busy (of this machine's)",
+            f"{s3 + b3 + g3:.2f}: 3 servers {s3}, broker {b3}, generator {g3}",
+            f"{s1 + g1:.2f}: one server {s1}, generator {g1}", f"{(s3 + b3 + g3) / (s1 + g1):.2f}", "(measured)", "")
     one, three = res["throughput", "chatlog"], res["throughput", "linked"]
     figure = "link: 1 sender, 100 listeners on 3 linked servers, 20,000 lines: deliveries/s"
     if _na(one) or _na(three) or "deliveries_per_s" not in three or "deliveries_per_s" not in one:
