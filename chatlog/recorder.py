@@ -36,6 +36,8 @@ RAW_KEEP = 1024  # bytes of a message's raw form kept; the rest is counted in it
 _FINAL_COUNTS = (
     f"client_messages = {message_count('client')}, server_messages = {message_count('server')}"
 )
+
+
 def stream_position(conn: sqlite3.Connection, room: str) -> int:
     """How far `room`'s stream is committed in this archive: `room_links.last_seq`, or the stream
     sequence of the room's newest line if later. A stream message that brought one line is
