@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 import gettext  # isort: skip  (before click: see _translation)
 
 
-def _translation(domain, localedir=None, languages=None, class_=None, fallback=False, _looked={}):  # noqa: B006
+_LOOKED: dict = {}  # (domain, directory) -> its translation, or why there is none
+
+
+def _translation(domain, localedir=None, languages=None, class_=None, fallback=False):
     """gettext.translation, looked up once per domain and directory (found or not). Click asks
     for a translation of each of its messages (every option's help, every heading), and the
     standard library searches the locale's files again at every call, a stat() per candidate:
@@ -23,12 +26,12 @@ def _translation(domain, localedir=None, languages=None, class_=None, fallback=F
     if languages is not None or class_ is not None:
         return _looked_up(domain, localedir, languages, class_, fallback)
     key = (domain, localedir)
-    if key not in _looked:
+    if key not in _LOOKED:
         try:
-            _looked[key] = _looked_up(domain, localedir)
+            _LOOKED[key] = _looked_up(domain, localedir)
         except OSError as exc:  # none for this locale: said the same way at every call
-            _looked[key] = exc
-    found = _looked[key]
+            _LOOKED[key] = exc
+    found = _LOOKED[key]
     if isinstance(found, OSError):
         if fallback:
             return gettext.NullTranslations()
