@@ -1108,16 +1108,23 @@ def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_retu
         moved = [s for s, port in zip(servers, used, strict=True) if port != kept]  # (they must follow anew)
         for n in gone:  # both at once: no server moves to the second before it goes too
             n.proc.send_signal(signal.SIGTERM)
+        before = {s: s.count(r"linked to nats://\S+ again") for s in moved}
         for n in gone:
             n.stop()
+        # A moved server says it cannot follow the stream, and keeps trying. (One that reached the
+        # node left and followed the stream there before the cluster noticed it had lost its
+        # quorum says nothing: its client's own heartbeat check makes its consumer again, silently,
+        # once the quorum is back. Seen in a loaded run; either way its people hear the room.)
+        cannot = r"cannot follow the room's stream CHATLOG_lab: .*; retrying"
         for s in moved:
-            s.wait_for(r"cannot follow the room's stream CHATLOG_lab: .*; retrying", timeout=45)
-        back = {s: s.count(r"linked to nats://\S+ again") for s in moved}  # (a first node may go too)
+            wait_until(lambda s=s: s.count(cannot) or s.count(r"linked to nats://\S+ again") > before[s], timeout=45)
+        told = [s for s in moved if s.count(cannot)]
+        back = {s: s.count(r"linked to nats://\S+ again") for s in told}  # (a first node may go too)
         # The outage lasts longer than the 20 tries (10 s and more) the servers used to make.
         outage = time.monotonic() + 15
         wait_until(lambda: time.monotonic() >= outage, timeout=30)
         gone[0].start()
-        for s in moved:
+        for s in told:
             wait_until(lambda s=s: s.count(r"linked to nats://\S+ again") > back[s], timeout=60)
         said_until_heard(bob, "bob>still here", alice)
         said_until_heard(alice, "alice>and me", bob)
