@@ -94,8 +94,11 @@ class Merge:
             "SELECT m.source, m.session_id, m.merged_session, se.started_at, se.client_host, se.client_port "
             "FROM merged m JOIN sessions se ON se.id = m.merged_session "
             "WHERE m.source LIKE 'file:%' AND m.session_id != 0").fetchall()
-        mine = {r[0]: tuple(r[1:]) for r in s.execute(
-            "SELECT id, started_at, client_host, client_port FROM sessions")} if old else {}
+        mine = {}
+        if old:  # (an archive made by hand may lack the addresses: NULL, as the output has them)
+            have = set(_columns(s, "sessions"))
+            cols = ", ".join(c if c in have else "NULL" for c in ("started_at", "client_host", "client_port"))
+            mine = {r[0]: tuple(r[1:]) for r in s.execute(f"SELECT id, {cols} FROM sessions")}
         other: set[str] = set()  # the paths another archive was taken from: a session of it is not this one's
         for source, sid, into, *session in old:
             if mine.get(sid) == tuple(session):

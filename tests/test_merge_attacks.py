@@ -380,3 +380,21 @@ def test_two_copies_of_an_archive_from_before_identities_each_served_lose_nothin
     assert r.exit_code == 0 and "2 new sessions, 2 new messages" in r.stderr, r.stderr
     assert "0 new sessions, 0 new messages" in merge(old, *copies, out=out).stderr
     assert [t[3] for t in texts(out)] == ["amy said 0|amy said 1", "ann on a", "ben on b"]
+
+
+def test_a_bare_archive_beside_an_old_one_is_merged(tmp_path):
+    """An archive with only the columns a merge needs (sessions without client addresses),
+    merged into an output that holds an archive from before identities: it failed with "no such
+    column: client_host", where beside any other output it is merged."""
+    out = tmp_path / "all.db"
+    assert merge(legacy_archive(tmp_path / "old.db", [("2026-01-01T10:00:00.123456+00:00", "amy")]), out=out).exit_code == 0
+    bare = tmp_path / "bare.db"
+    conn = sqlite3.connect(bare)
+    conn.executescript(
+        "CREATE TABLE sessions (id INTEGER PRIMARY KEY, started_at TEXT);"
+        "CREATE TABLE messages (id INTEGER PRIMARY KEY, session_id INTEGER, seq INTEGER, at TEXT, sender TEXT, handle TEXT, text TEXT);"
+        "INSERT INTO sessions VALUES (1, '2026-01-05T10:00:00.000000+00:00');"
+        "INSERT INTO messages VALUES (1, 1, 1, '2026-01-05T10:00:01.000000+00:00', 'client', 'zed', 'bare words');")
+    conn.close()
+    r = merge(bare, out=out)
+    assert r.exit_code == 0 and "1 new session, 1 new message" in r.stderr, r.stderr
