@@ -22,6 +22,7 @@ import io
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -149,15 +150,19 @@ class Zygote:
                                              stdout=subprocess.PIPE, env=env,
                                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
                 assert cls._proc.stdout.readline() == b"ready\n", "the fork server did not start"
-                atexit.register(cls._stop, cls._proc)
+                atexit.register(cls._stop, cls._proc, tmp)
             return cls._path
 
 
     @staticmethod
-    def _stop(proc) -> None:
-        """Its stdin closed, it exits (having waited for every child that ended)."""
+    def _stop(proc, tmp: str) -> None:
+        """Its stdin closed, it exits (having waited for every child that ended); its socket's
+        directory goes with it."""
         proc.stdin.close()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class ForkedProc:
