@@ -1245,8 +1245,13 @@ class BrokerLink:
         except StreamLost:
             await self._unfollow()
             asyncio.get_running_loop().create_task(self._follow_again())
-        except Exception:  # noqa: BLE001  (the broker's trouble: said where it shows)
-            pass
+        except Exception:  # noqa: BLE001
+            # The broker is there but cannot answer for the stream: a cluster without its quorum
+            # (the stream has no leader). Its client's own recovery of the consumer fails without a
+            # word; ours says so, retries, and says when it follows the stream again. (A broker
+            # that is gone is said by _on_disconnected, and followed again by _on_reconnected.)
+            if self.nc is not None and self.nc.is_connected and not self._resubscribing and not self._closing:
+                asyncio.get_running_loop().create_task(self._follow_again())
 
     async def _unfollow(self) -> None:
         old, self.sub = self.sub, None
