@@ -899,14 +899,16 @@ class LinkedRoomStore(RoomStore):
         return orphans
 
     def _messages(self, writes: list) -> bool:
-        """A stream message's one line and the position after it (nearly every pass of a paced
-        linked room): the line alone, in one INSERT that commits on its own, as atomically (it
+        """A stream message's one line (a client's plain line, or any other) and the position
+        after it (nearly every pass of a paced linked room): the line alone, in one INSERT that commits on its own, as atomically (it
         carries its stream sequence: `recorder.stream_position`). The position itself is written
         at most every LINK_POSITION_EVERY, and as the room ends; at once after a line this
         archive had already (its row may not carry the sequence)."""
         if len(writes) == 2:
             line, advance = writes
-            if type(line) is LinkCommit and type(advance) is Advance and line.origin is not None and line.seq == advance.seq:
+            t = type(line)
+            if type(advance) is Advance and line.seq == advance.seq and (
+                    (t is LinkCommit and line.origin is not None) or (t is LinkLines and len(line.lines) == 1)):
                 now = time.monotonic()
                 if self._write(line) is None or now >= self.position_at + LINK_POSITION_EVERY:
                     self.recorder.link_advance(self.name, advance.seq)
@@ -931,6 +933,10 @@ class LinkedRoomStore(RoomStore):
                                             d.verified, origin, oid, d.seq)
         if t is LinkLines:
             pid = self.participants.get(d.conn) if d.conn is not None else None
+            if len(d.lines) == 1:  # (a paced room's line: one INSERT, which may commit on its own)
+                (text, at), = d.lines
+                return self.recorder.add_linked(self.session, "client", d.handle, text, None, None, at, pid,
+                                                d.verified, d.origin, f"{d.oid}.{d.first}", d.seq)
             self.recorder.add_linked_lines(self.session, d.handle, d.lines, pid, d.verified, d.origin,
                                            [f"{d.oid}.{d.first + j}" for j in range(len(d.lines))], d.seq)
             return None

@@ -2081,11 +2081,20 @@ def test_merge_takes_an_archive_from_before_linked_rooms_as_it_is(tmp_path):
     assert r.exit_code != 0
 
 
-def test_lone_lines_carry_the_streams_position_and_a_restart_resumes_from_the_newest(tmp_path):
+def _one_line(kind, seq):
+    from chatlog.link import LinkCommit, LinkLines
+
+    if kind == "a client's plain line":  # (a run of one: what a paced room's stream brings)
+        return LinkLines(None, "amy", [(f"line {seq}", time.time())], False, "b0b0", f"7.{seq}", 0, seq)
+    return LinkCommit(None, "client", "amy", f"line {seq}", None, None, time.time(), False, "b0b0", f"7.{seq}", seq)
+
+
+@pytest.mark.parametrize("kind", ["a client's plain line", "a line"])
+def test_lone_lines_carry_the_streams_position_and_a_restart_resumes_from_the_newest(tmp_path, kind):
     """A stream message of one line is recorded by that line alone (one INSERT, which carries its
     sequence), the position written down at most once a second: a server killed before it was
     resumes from its newest line, not from the position written, and writes it down."""
-    from chatlog.link import Advance, LinkCommit, LinkedRoomStore
+    from chatlog.link import Advance, LinkedRoomStore
     from chatlog.recorder import open_recorder
 
     db = tmp_path / "a.db"
@@ -2095,8 +2104,7 @@ def test_lone_lines_carry_the_streams_position_and_a_restart_resumes_from_the_ne
     store.session = rec.begin_session("", 0, "127.0.0.1", 9999, time.time(), served=True, kind="room", room="lab")
     assert rec.link_resume("lab", "CHATLOG_lab") == 0
     for seq in range(1, 51):
-        store.record([LinkCommit(None, "client", "amy", f"line {seq}", None, None, time.time(), False, "b0b0", f"7.{seq}", seq),
-                      Advance(seq)])
+        store.record([_one_line(kind, seq), Advance(seq)])
     written = db_rows(db, "SELECT last_seq FROM room_links")[0][0]
     assert 1 <= written < 50  # (the first at once, then at most once a second)
     assert last_seq(db) == 50
@@ -2107,8 +2115,7 @@ def test_lone_lines_carry_the_streams_position_and_a_restart_resumes_from_the_ne
     store = LinkedRoomStore(again, None, name="lab")
     store.session = again.begin_session("", 0, "127.0.0.1", 9999, time.time(), served=True, kind="room", room="lab")
     for seq in range(51, 61):
-        store.record([LinkCommit(None, "client", "amy", f"line {seq}", None, None, time.time(), False, "b0b0", f"7.{seq}", seq),
-                      Advance(seq)])
+        store.record([_one_line(kind, seq), Advance(seq)])
     from chatlog.events import CloseRoom
 
     store.record([CloseRoom("shutdown", time.time())])  # the room ends: its position written down as it is
