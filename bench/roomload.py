@@ -638,7 +638,7 @@ class Load:
 
     def loop(self, until, deadline, timers=None, tick=None):
         """Run the event loop until until() is true or the monotonic deadline passes; timers is a
-        heap of (due, client id, client) to pass to tick(client, now) when due. Returns until()."""
+        heap of (due, client id, client) to pass to tick(client, now, due) when due. Returns until()."""
         sel, coalesce = self.sel, self.coalesce
         while True:
             if until():
@@ -661,8 +661,8 @@ class Load:
             if timers:
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
-                    _, cid, c = heapq.heappop(timers)
-                    nxt = tick(c, now)
+                    due, cid, c = heapq.heappop(timers)
+                    nxt = tick(c, now, due)
                     if nxt is not None:
                         heapq.heappush(timers, (nxt, cid, c))
             if self.server and now >= self.next_sample:
@@ -706,7 +706,10 @@ def _finish(load, server, res, cpu0, t0):
 
 def _paced(load, senders, rate, seconds, size):
     """Each sender sends `rate` lines a second for `seconds`, start times staggered across the
-    first period. Returns the number of lines sent."""
+    first period, each keeping its own phase: the next line is due a period after the last was
+    due, not after it went. (Timed from when it went, senders that fell due in one pass of the
+    loop stayed together from then on: the load gathered into ever larger bursts as the run went,
+    the sooner the busier the machine.) Returns the number of lines sent."""
     period = 1.0 / rate
     start = time.monotonic()
     end = start + seconds
@@ -715,15 +718,15 @@ def _paced(load, senders, rate, seconds, size):
     timers = [(start + period * i / len(senders), c.id, c) for i, c in enumerate(senders)]
     heapq.heapify(timers)
 
-    def tick(c, now):
+    def tick(c, now, due):
         nonlocal sent
         if now >= end or c.closed:
             return None
         n = seq.get(c.id, 0)
         seq[c.id] = n + 1
-        load.send(c, load.line(c.id, n, size))
+        load.send(c, load.line(c.id, n, size))  # (timed from now: a late line is not counted late)
         sent += 1
-        return now + period
+        return due + period
 
     load.loop(lambda: not timers, end + period, timers, tick)
     return sent
