@@ -900,10 +900,11 @@ class LinkedRoomStore(RoomStore):
 
     def _messages(self, writes: list) -> bool:
         """A stream message's one line (a client's plain line, or any other) and the position
-        after it (nearly every pass of a paced linked room): the line alone, in one INSERT that commits on its own, as atomically (it
-        carries its stream sequence: `recorder.stream_position`). The position itself is written
-        at most every LINK_POSITION_EVERY, and as the room ends; at once after a line this
-        archive had already (its row may not carry the sequence)."""
+        after it (nearly every pass of a paced linked room): the line alone, in one INSERT that
+        commits on its own, as atomically (it carries its stream sequence:
+        `recorder.stream_position`). The position itself is written at most every
+        LINK_POSITION_EVERY, and as the room ends; at once after a line this archive had already
+        (its row may not carry the sequence)."""
         if len(writes) == 2:
             line, advance = writes
             t = type(line)
@@ -1252,10 +1253,12 @@ class BrokerLink:
             await self._unfollow()
             asyncio.get_running_loop().create_task(self._follow_again())
         except Exception:  # noqa: BLE001
-            # The broker is there but cannot answer for the stream: a cluster without its quorum
-            # (the stream has no leader). Its client's own recovery of the consumer fails without a
-            # word; ours says so, retries, and says when it follows the stream again. (A broker
-            # that is gone is said by _on_disconnected, and followed again by _on_reconnected.)
+            # Connected, but nobody answers for the stream: a broker that has stalled, or a node
+            # of a cluster without its quorum (the stream has no leader) that does not lead it.
+            # The client's own recovery of its consumer fails without a word; ours says so (once
+            # its first try is unanswered too), retries, and says when it follows the stream
+            # again. (A broker that is gone is said by _on_disconnected, and followed again by
+            # _on_reconnected.)
             if self.nc is not None and self.nc.is_connected and not self._resubscribing and not self._closing:
                 asyncio.get_running_loop().create_task(self._follow_again())
 
