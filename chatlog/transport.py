@@ -21,6 +21,7 @@ Like redis's `connection.h` or ergo's `IRCConn`: one interface, a type per trans
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import socket
 import time
@@ -396,14 +397,18 @@ class AtLimit(Exception):
 class Acceptor:
     """Every listener, accepted from in bounded turns. At the open-files limit a listening
     socket stays readable while accept() fails: the listeners are then left alone for a
-    back-off that doubles (`paused_until`), instead of spinning."""
+    back-off that doubles (`paused_until`), instead of spinning. The last RESERVE descriptors
+    below the limit are never given to a client: the server's own need them (the broker's
+    connection made again, the archive's files, a thread's connection to it)."""
 
     BACKOFF = (0.05, 2.0)
     PER_TURN = 64  # connections accepted from one listener in one pass
     HANDSHAKES_PER_ADDRESS = 16  # TLS handshakes under way from one address; more are closed at once
+    RESERVE = 16  # descriptors kept from clients for the server's own
 
     def __init__(self, listeners: list[Listener]):
         self.listeners = listeners
+        self.limit = open_files_limit()
         self.handshaking: dict[str, int] = {}  # address -> TLS handshakes under way
         self.failures: dict[tuple[str, str], int] = {}  # (address, why) -> failed handshakes
         self.paused_until: float | None = None
@@ -416,6 +421,7 @@ class Acceptor:
         out = []
         for _ in range(self.PER_TURN):
             try:
+                self._room(listener)
                 conn = listener.accept()
             except AtLimit as exc:
                 self.paused_until = now + self._backoff
@@ -435,6 +441,19 @@ class Acceptor:
                 self.handshaking[conn.host] = n + 1
             out.append(conn)
         return out
+
+    def _room(self, listener: Listener) -> None:
+        """AtLimit unless a connection accepted now leaves RESERVE descriptors free. The kernel
+        gives the lowest free descriptor, so one accepted now would be the one a dup() gets: at
+        or past the limit less RESERVE, every one below it is taken, and fewer than RESERVE
+        are left."""
+        try:
+            fd = os.dup(listener.fileno())
+        except OSError as exc:
+            raise AtLimit(exc.strerror or str(exc)) from None
+        os.close(fd)
+        if fd >= self.limit - self.RESERVE:
+            raise AtLimit(f"Too many open files, less the {self.RESERVE} kept for the server's own")
 
     def handshake_over(self, conn) -> int:
         """A handshake ended; a failed one is closed and counted. Returns how many have failed

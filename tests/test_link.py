@@ -601,6 +601,36 @@ def test_a_server_stopped_for_a_while_is_gone_then_back_and_takes_nobody_else_fo
     assert a.count(r"left: their server stopped answering") == 0 and b"stopped answering" not in alice.buf
 
 
+def test_clients_at_the_open_files_limit_leave_room_for_the_broker(tmp_path, broker):
+    """With the open-files limit reached by clients, the broker restarted: the server links again
+    while they are all still there. (It took every descriptor for clients, so the link's new
+    socket failed, silently, until some of them left.)"""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    s = ServerProc(tmp_path / "a.db", "--room", "--name", "lab", "--link", broker.url, "--per-address", "100",
+                   preexec_fn=low_limit)
+    socks = []
+    try:
+        s.wait_for(r"^linked to nats://")
+        for i in range(80):
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(b"u%d\n" % i)
+            socks.append(c)
+        s.wait_for("cannot accept connections")
+        broker.stop()
+        s.wait_for("lost the broker")
+        broker.start()
+        s.wait_for(r"^linked to nats://\S+ again", timeout=20)
+        assert s.count("accepting connections again") == 0  # (nobody had left)
+    finally:
+        for c in socks:
+            c.close()
+        s.stop()
+
+
 def test_a_broker_stopped_for_a_while_takes_nobody_for_gone_and_the_archives_agree(tmp_path, broker, linked):
     """The broker stopped (SIGSTOP) for 10 s, a line said on each server meanwhile. When it went
     on, a server heard its own announcements back before the other's and took the other's
