@@ -35,6 +35,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
 import selectors
 import socket
@@ -1519,12 +1520,17 @@ class BrokerLink:
     async def _on_error(self, exc) -> None:
         """Before the first connection the client retries by itself and says why here (a broker
         not listening, a refused password): said once per reason. Later, the callbacks above
-        say when the link goes and comes back."""
-        if self.js is None and not self._closing:
-            why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+        say when the link goes and comes back, and why it cannot come back is said here while
+        the client tries (the room says each reason once an outage)."""
+        if self._closing:
+            return
+        why = f"cannot reach the broker {self.url}: {_why(exc)}; retrying"
+        if self.js is None:
             if why != self._said:
                 self._said = why
                 self._put(LinkState(False, why, time.time()))
+        elif self.nc is not None and self.nc.is_reconnecting:
+            self._put(LinkState(False, why, time.time()))
 
     async def _shutdown(self) -> None:
         await self._out.put(None)
@@ -1600,5 +1606,7 @@ def _stream_why(exc: BaseException) -> str:
 
 
 def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, (ssl.SSLError, socket.gaierror)) and (exc.errno or 0) > 0:
+        return os.strerror(exc.errno)  # "Connection refused", not asyncio's "[Errno 111] Connect call failed (...)"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

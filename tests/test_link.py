@@ -918,6 +918,8 @@ def test_broker_gone_clients_told_lines_refused_and_kept_marked(tmp_path, broker
     broker.stop()
     alice.until(b"link to the room's other servers is down")
     a.wait_for("lost the broker")
+    # why it cannot link again, said (once per reason) while it tries
+    a.wait_for(r"^cannot reach the broker nats://127\.0\.0\.1:\d+: .*[Rr]efused.*; retrying")
     alice.send("alice>said while the broker is gone")
     alice.until(b"what you say now is not relayed", timeout=10)
     newcomer = Peer(a)  # one who joins meanwhile is told at once too
