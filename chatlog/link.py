@@ -1160,13 +1160,15 @@ class BrokerLink:
         self._said = None
         while not self._closing:
             try:
-                self.nc = await nats.connect(
+                nc = _secure_client() if self.tls else nats.NATS()
+                await nc.connect(
                     servers=self.urls, user=self.user, password=self.password, user_credentials=self.creds,
                     tls=self._tls_context(), name=f"chatlog {self.label}", allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=RETRY_SECONDS, connect_timeout=2,
                     disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
                 )
+                self.nc = nc
                 js = self.nc.jetstream()
                 self.js = js
                 await self._ensure_stream()
@@ -1603,6 +1605,35 @@ def _stream_why(exc: BaseException) -> str:
     if isinstance(exc, NoRespondersError) or (isinstance(exc, ServiceUnavailableError) and not exc.description):
         return "it answers no JetStream request (is JetStream on? nats-server -js)"
     return _why(exc)
+
+
+_SECURE_CLIENT = None
+
+
+def _secure_client():
+    """A NATS client that never goes on in plaintext when TLS was asked for (a `tls://` URL,
+    `--link-ca`). nats-py (2.16) upgrades a connection only when the broker's greeting requires
+    TLS: to a broker that does not, or through someone between who strips that from its
+    greeting, it went on in the clear, its CONNECT carrying the credentials. The greeting of
+    every connection, first or again, is checked here before anything is sent; one without TLS
+    fails that attempt (an error of the client's own kind, so it goes on trying)."""
+    global _SECURE_CLIENT
+    if _SECURE_CLIENT is None:
+        import nats.errors
+        from nats.aio.client import Client
+
+        class NotSecure(nats.errors.Error):
+            def __str__(self) -> str:
+                return "it does not require TLS, which a tls:// URL or --link-ca asks for: not linking in plaintext"
+
+        class SecureClient(Client):
+            async def _process_info(self, info, initial_connection=False):
+                if initial_connection and not info.get("tls_required"):
+                    raise NotSecure()
+                return await super()._process_info(info, initial_connection)
+
+        _SECURE_CLIENT = SecureClient
+    return _SECURE_CLIENT()
 
 
 def _why(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 
@@ -1171,6 +1172,52 @@ def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_retu
             wait_until(lambda s=s: s.count(r"linked to nats://\S+ again") > back[s], timeout=60)
         said_until_heard(bob, "bob>still here", alice)
         said_until_heard(alice, "alice>and me", bob)
+
+
+def test_a_broker_that_offers_no_tls_is_not_linked_to_in_plaintext(tmp_path):
+    """`tls://` asks for TLS. A broker (or someone between) whose greeting does not require it
+    was linked to in plaintext anyway, the password in the URL sent in the clear: the client
+    upgrades only when the greeting says so. Now nothing is sent, and the console says why."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    ls.settimeout(0.2)
+    port = ls.getsockname()[1]
+    got = []
+    done = threading.Event()
+
+    def fake_broker():  # a NATS greeting without tls_required, then whatever the client says
+        conns = []
+        while not done.is_set():
+            try:
+                c, _ = ls.accept()
+                c.sendall(b'INFO {"server_id":"FAKE","version":"2.10.0","proto":1,"max_payload":1048576,'
+                          b'"headers":true,"jetstream":true}\r\n')
+                c.settimeout(0.05)
+                conns.append(c)
+            except OSError:
+                pass
+            for c in conns:
+                try:
+                    got.append(c.recv(65536))
+                except OSError:
+                    pass
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=fake_broker, daemon=True)
+    t.start()
+    s = ServerProc(tmp_path / "x.db", "--room", "--name", "lab", "--link", f"tls://someone:s3cret@127.0.0.1:{port}")
+    try:
+        s.wait_for(r"^cannot reach the broker tls://127\.0\.0\.1:%d: .*does not require TLS.*not linking in plaintext; retrying" % port, timeout=15)
+        assert s.count(r"^linked to ") == 0
+    finally:
+        s.stop()
+        done.set()
+        t.join(5)
+        ls.close()
+    assert b"s3cret" not in b"".join(got) and b"CONNECT" not in b"".join(got)
+    assert "s3cret" not in s.output and "someone" not in s.output
 
 
 def test_credentials_in_the_url_are_used_and_never_printed(tmp_path):
