@@ -1389,6 +1389,12 @@ def test_tls_to_the_broker_with_a_private_ca(tmp_path):
         alice.until(b"*** bob joined\n")
         alice.send("alice>over TLS")
         bob.until(b"alice>over TLS\n")
+        # The broker restarted: both link again over TLS (each greeting checked again).
+        broker.stop()
+        broker.start()
+        for s in servers:
+            s.wait_for(r"^linked to tls://127\.0\.0\.1:%d again" % broker.port, timeout=30)
+        said_until_heard(alice, "alice>over TLS again", bob)
         # Without the CA the broker's certificate is not trusted: said, never linked.
         untrusting = ServerProc(tmp_path / "c.db", "--room", "--name", "lab", "--link", f"tls://127.0.0.1:{broker.port}")
         servers.append(untrusting)
