@@ -67,6 +67,7 @@ from chatlog.events import (
     Tick,
 )
 from chatlog.handles import Names, fold
+from chatlog.db import StoreFailed
 from chatlog.modes import Mode, RoomStore
 from chatlog.protocol import Run
 from chatlog.sanitize import visible, visible_lines
@@ -892,6 +893,10 @@ class LinkedRoomStore(RoomStore):
         rec = self.recorder
         if self.name is None:
             self.name = f"room-{self.local[1]}"
+        other = rec.room_open_elsewhere(self.name)
+        if other is not None:
+            raise StoreFailed(f"the room {visible(self.name)} is linked from this database already, by the server on "
+                              f"port {other[1]} (pid {other[0]}); each linked server needs a database of its own")
         self.uid = rec.node_uid()
         self.run = rec.server_id
         self.link.configure(self.name)

@@ -542,6 +542,19 @@ class Recorder:
         """This archive's stable identity (schema m014): every line it originates carries it."""
         return self._run("SELECT uid FROM node WHERE id = 1").fetchone()[0]
 
+    def room_open_elsewhere(self, room: str) -> tuple[int, int | None] | None:
+        """(pid, port) of another server alive now that has `room` open in this archive (None:
+        none). Two servers of one archive in one linked room would share its stream position
+        and write every line twice into one file."""
+        for server, pid, port in self._run(
+            "SELECT DISTINCT s.server_id, v.pid, v.port FROM sessions s JOIN servers v ON v.id = s.server_id "
+            "WHERE s.kind = 'room' AND s.room = ? AND s.ended_at IS NULL AND s.server_id != ?",
+            (room, self.server_id),
+        ).fetchall():
+            if self._locks is not None and self._locks.alive(server):
+                return pid, port
+        return None
+
     def link_resume(self, room: str, stream: str) -> int:
         """The last stream sequence of `room` committed here (0: none yet), written down as the
         room's position again (see `stream_position`)."""

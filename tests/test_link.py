@@ -1174,6 +1174,25 @@ def test_a_cluster_without_its_quorum_for_a_while_is_followed_again_when_it_retu
         said_until_heard(alice, "alice>and me", bob)
 
 
+def test_a_second_server_on_one_archive_does_not_link_the_same_room(tmp_path, broker, linked):
+    """Two servers on one database, linked into one room, both ran: they shared the room's
+    stream position and wrote each line into two sessions of one file, told only that the other
+    "links with this archive's identity (a copy of this database?)". The second now refuses, in
+    one line, and the first goes on."""
+    a = linked("a")
+    second = ServerProc(tmp_path / "a.db", "--room", "--name", "lab", "--link", broker.url, ready=False)
+    try:
+        assert second.wait(30) != 0
+    finally:
+        second.stop()
+    err = second.output + second.stderr_text()
+    assert re.search(r"chatlog: the room lab is linked from this database already, by the server on port "
+                     r"%d \(pid \d+\); each linked server needs a database of its own" % a.port, err), err
+    assert "Traceback" not in err
+    alice, _bob = Peer(a, "alice"), Peer(linked("b"), "bob")  # (the first is still in the room)
+    alice.until(b"*** bob joined\n")
+
+
 def test_a_broker_that_offers_no_tls_is_not_linked_to_in_plaintext(tmp_path):
     """`tls://` asks for TLS. A broker (or someone between) whose greeting does not require it
     was linked to in plaintext anyway, the password in the URL sent in the clear: the client
