@@ -452,7 +452,7 @@ class Acceptor:
         except OSError as exc:
             raise AtLimit(exc.strerror or str(exc)) from None
         os.close(fd)
-        if fd >= self.limit - self.RESERVE:
+        if 0 <= self.limit - self.RESERVE <= fd:  # (no limit at all: RLIM_INFINITY, -1 here)
             raise AtLimit(f"Too many open files, less the {self.RESERVE} kept for the server's own")
 
     def handshake_over(self, conn) -> int:

@@ -429,3 +429,32 @@ def test_the_loop_stays_small_and_never_touches_a_socket():
     assert re.findall(r"\w+\.accept\(", code) == ["acc.accept("]  # (transport.Acceptor's)
     assert not [n for n in ast.walk(ast.parse(inspect.getsource(server))) if isinstance(n, ast.Import)
                 and any(a.name == "socket" for a in n.names)]
+
+
+@pytest.mark.parametrize("limit, accepted", [(-1, 1), (10**6, 1), ("lowest free", 0)])
+def test_the_acceptor_keeps_descriptors_from_clients_only_below_a_real_limit(limit, accepted):
+    """The last RESERVE descriptors below the open-files limit are never a client's; a limit of
+    RLIM_INFINITY (-1 here) is no limit at all (it read as one already passed)."""
+    from chatlog.transport import Acceptor, Listener
+
+    (sock,) = listen("127.0.0.1", 0)
+    sock.setblocking(False)
+    acc = Acceptor([Listener(sock)])
+    if limit == "lowest free":  # as if the descriptors above the next free one were the reserve
+        probe = os.dup(sock.fileno())
+        os.close(probe)
+        limit = probe + Acceptor.RESERVE
+    acc.limit = limit
+    c = socket.create_connection(sock.getsockname())
+    try:
+        deadline = time.monotonic() + 5
+        got = []
+        while not got and acc.at_limit is None and time.monotonic() < deadline:
+            got = acc.accept(acc.listeners[0], time.monotonic())
+        assert len(got) == accepted
+        assert (acc.at_limit is not None) == (not accepted)
+        for conn in got:
+            conn.close()
+    finally:
+        c.close()
+        sock.close()
