@@ -895,7 +895,7 @@ class LinkedRoomStore(RoomStore):
             self.name = f"room-{self.local[1]}"
         other = rec.room_open_elsewhere(self.name)
         if other is not None:
-            raise StoreFailed(f"the room {visible(self.name)} is linked from this database already, by the server on "
+            raise StoreFailed(f"the room {visible(self.name)} is open from this database already, by the server on "
                               f"port {other[1]} (pid {other[0]}); each linked server needs a database of its own")
         self.uid = rec.node_uid()
         self.run = rec.server_id

@@ -1188,7 +1188,7 @@ def test_a_second_server_on_one_archive_does_not_link_the_same_room(tmp_path, br
     finally:
         second.stop()
     err = second.output + second.stderr_text()
-    assert re.search(r"chatlog: the room lab is linked from this database already, by the server on port "
+    assert re.search(r"chatlog: the room lab is open from this database already, by the server on port "
                      r"%d \(pid \d+\); each linked server needs a database of its own" % a.port, err), err
     assert "Traceback" not in err
     alice, _bob = Peer(a, "alice"), Peer(linked("b"), "bob")  # (the first is still in the room)
