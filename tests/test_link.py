@@ -280,19 +280,24 @@ class Peer:
 def said_until_heard(sender, line: str, listener, tries=5, timeout=60.0):
     """`line` said until `listener` hears it. A cluster that has just got its quorum back may
     not take a line for some seconds (its returning node catches up before the stream confirms
-    a write): the sender is told it was not relayed, as anyone would be, and says it again."""
-    refused = b"The broker did not take your line"
+    a write), or its server may find it cannot follow the stream just as the line is said: the
+    sender is told it was not relayed, as anyone would be, and says it again."""
+
+    def refused():
+        return sender.buf.count(b"The broker did not take your line") + sender.buf.count(b"what you say now is not relayed")
+
     heard = line.encode() + b"\n"
     deadline = time.monotonic() + timeout
     for _ in range(tries):
+        sender.pump(0.05)  # what the sender was told so far
         # (and, like a person, not while told the link is down, until told it is back)
         while sender.buf.rfind(b"link to the room's other servers is down") > sender.buf.rfind(b"relayed again"):
             if time.monotonic() > deadline:
                 raise AssertionError(f"the link never came back; got {sender.buf[-2000:]!r}")
             sender.pump(0.2)
-        told = sender.buf.count(refused)
+        told = refused()
         sender.send(line)
-        while sender.buf.count(refused) == told:
+        while refused() == told:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{heard!r} not received; got {listener.buf[-2000:]!r}")
             listener.pump(0.2)
