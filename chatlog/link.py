@@ -1644,5 +1644,7 @@ def _secure_client():
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, (ssl.SSLError, socket.gaierror)) and (exc.errno or 0) > 0:
         return os.strerror(exc.errno)  # "Connection refused", not asyncio's "[Errno 111] Connect call failed (...)"
+    if isinstance(exc, TimeoutError) and not str(exc):  # (a broker that accepts and never answers)
+        return "it did not answer in time"
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]

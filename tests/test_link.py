@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
@@ -1429,6 +1430,24 @@ def test_tls_to_the_broker_with_a_private_ca(tmp_path):
         for s in servers:
             s.stop()
         broker.stop()
+
+
+def test_why_the_broker_cannot_be_reached_reads_as_words():
+    """The reasons the console gives, in words: not asyncio's "[Errno 111] Connect call failed
+    (...)", nor a bare "TimeoutError" for a broker that accepts and never answers."""
+    import asyncio
+    import errno
+
+    from chatlog.link import _why
+
+    assert _why(OSError(errno.ECONNREFUSED, "Connect call failed ('127.0.0.1', 4222)")) == "Connection refused"
+    assert _why(OSError(errno.EMFILE, "x")) == "Too many open files"
+    assert _why(asyncio.TimeoutError()) == "it did not answer in time"
+    assert _why(TimeoutError()) == "it did not answer in time"
+    assert _why(ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")) == (
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert _why(socket.gaierror(-2, "Name or service not known")) == "[Errno -2] Name or service not known"
+    assert _why(ValueError("first line\nsecond")) == "first line"
 
 
 def test_stream_names_are_safe_tokens():
