@@ -278,18 +278,22 @@ class Peer:
         self.sock.close()
 
 
-def said_until_heard(sender, line: str, listener, tries=5, timeout=60.0):
+def said_until_heard(sender, line: str, listener, timeout=60.0):
     """`line` said until `listener` hears it. A cluster that has just got its quorum back may
     not take a line for some seconds (its returning node catches up before the stream confirms
     a write), or its server may find it cannot follow the stream just as the line is said: the
-    sender is told it was not relayed, as anyone would be, and says it again."""
+    sender is told it was not relayed, as anyone would be, and says it again, for as long as
+    `timeout` allows (each refusal takes the broker's few seconds to confirm, and a cluster on a
+    loaded machine may take half a minute to lead the stream again)."""
 
     def refused():
         return sender.buf.count(b"The broker did not take your line") + sender.buf.count(b"what you say now is not relayed")
 
     heard = line.encode() + b"\n"
     deadline = time.monotonic() + timeout
-    for _ in range(tries):
+    tries = 0
+    while time.monotonic() < deadline:
+        tries += 1
         sender.pump(0.05)  # what the sender was told so far
         # (and, like a person, not while told the link is down, until told it is back)
         while sender.buf.rfind(b"link to the room's other servers is down") > sender.buf.rfind(b"relayed again"):
@@ -305,7 +309,7 @@ def said_until_heard(sender, line: str, listener, tries=5, timeout=60.0):
             if heard in listener.buf:
                 return
             sender.pump(0.05)
-    raise AssertionError(f"{line!r} refused {tries} times")
+    raise AssertionError(f"{line!r} refused {tries} times in {timeout:.0f} s")
 
 
 def rows(db, where="stream_seq IS NOT NULL"):
