@@ -211,7 +211,10 @@ class Cut:
             self.holding, self.held = False, []
             orphans, self.orphans = self.orphans, []
         for up in orphans:
-            up.shutdown(socket.SHUT_WR)  # (the broker reads what came, then the end)
+            try:
+                up.shutdown(socket.SHUT_WR)  # (the broker reads what came, then the end)
+            except OSError:  # (ENOTCONN: the pump the other way shut it first, as the broker answered)
+                pass
 
     def cut(self):
         try:
