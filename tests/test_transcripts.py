@@ -712,6 +712,49 @@ def test_into_a_pipe_nothing_imports_rich(db):
     assert "\x1b[" not in r.stdout  # plain, stable text
 
 
+def test_help_imports_no_more_than_it_needs():
+    """`--help` is start-up time: click's formatter would import shutil (with bz2 and lzma) for
+    the terminal's width; chatlog finds the width itself."""
+    code = (
+        "import sys\n"
+        "from chatlog.cli import cli\n"
+        "for args in (['--help'], ['serve', '--help']):\n"
+        "    try:\n"
+        "        cli(args)\n"
+        "    except SystemExit as exc:\n"
+        "        assert not exc.code, (args, exc.code)\n"
+        "print('heavy:', sorted(m for m in ('shutil', 'rich', 'sqlite_utils') if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "heavy: []" in r.stderr
+
+
+@pytest.mark.parametrize("columns", [50, 70, 120])
+def test_help_wraps_to_the_terminals_width(columns):
+    """In a terminal ($COLUMNS unset), the help is what click makes for the width it would find
+    there itself: the terminal's, less two, between 50 and 78."""
+    import os
+
+    import pexpect
+
+    env = dict(os.environ)
+    env.pop("COLUMNS", None)
+    p = pexpect.spawn(sys.executable, ["-m", "chatlog", "serve", "--help"], env=env, timeout=10,
+                      dimensions=(40, columns))
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0
+    width = max(min(columns, 80) - 2, 50)
+    code = ("import click.formatting\n"
+            f"click.formatting.FORCED_WIDTH = {width}\n"
+            "from chatlog.cli import cli\n"
+            "cli(['serve', '--help'], prog_name='chatlog')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert p.before.decode().replace("\r\n", "\n") == r.stdout
+
+
 @pytest.mark.parametrize("no_color", [True, False])
 def test_show_at_a_terminal_colors_unless_no_color(db, no_color):
     import os
