@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from chatlog.words import NOTICES
 from conftest import ServerProc, db_rows, run_chatlog, wait_until
 
 NATS = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin:/usr/local/sbin")  # (Debian: sbin)
@@ -2274,3 +2275,55 @@ def test_lone_lines_carry_the_streams_position_and_a_restart_resumes_from_the_ne
 
     store.record([CloseRoom("shutdown", time.time())])  # the room ends: its position written down as it is
     assert db_rows(db, "SELECT last_seq FROM room_links") == [(60,)]
+
+
+def test_a_linked_server_whose_disk_fills_stops_and_takes_its_place_again(tmp_path, broker, linked, tmpfs):
+    """Its disk full, a linked server cannot commit what the stream brings: it relays none of
+    it, tells its people, stops with one clear line, and its people leave the other servers'
+    records; the room goes on there. With room on its disk again it starts, resumes from what it
+    had committed, and the archives agree."""
+    disk = tmpfs("2m")
+    db = disk / "a.db"
+
+    def start_a():
+        s = ServerProc(db, "--room", "--name", "lab", "--link", broker.url, "--rate", "0")
+        s.wait_for(r"^linked to nats://")
+        return s
+
+    a, b = start_a(), linked("b", "--rate", "0")
+    alice, bob, carol = Peer(a, "alice"), Peer(b, "bob"), Peer(b, "carol")
+    alice.until(b"*** carol joined\n")
+    filler = disk / "filler"
+    with open(filler, "wb") as f:  # all but the last few pages of the disk
+        try:
+            while True:
+                f.write(b"\0" * 16384)
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - 96 * 1024))
+    said = 0
+    deadline = time.monotonic() + 60
+    while a.proc.poll() is None and time.monotonic() < deadline:
+        bob.send(f"bob>{said} " + "x" * 480)
+        said += 1
+        carol.until(f"bob>{said - 1} ".encode())  # (the stream took it)
+    assert a.proc.poll() is not None, "a never filled its disk"
+    err = a.stderr_text()
+    assert err.startswith(f"chatlog: cannot write the database {db}: disk is full") and err.count("\n") == 1, err
+    assert "Traceback" not in a.output
+    alice.until(NOTICES["store"].encode())
+    # a relayed nothing it had not committed: every line alice saw of bob's is in a's archive
+    shown = re.findall(rb"bob>(\d+) x+\n", alice.buf)
+    kept = {r[5].split()[0] for r in rows(db) if r[4] == "bob"}
+    assert shown and {s.decode() for s in shown} <= kept
+    bob.until(b"*** alice left", timeout=30)
+    bob.send("bob>while a is away")
+    carol.until(b"bob>while a is away\n")
+    filler.unlink()
+    a.stop()
+    a = start_a()
+    settled(tmp_path / "b.db", db)
+    assert_same_archives(tmp_path / "b.db", db)
+    assert any(r[5] == "while a is away" for r in rows(db))
+    a.stop()
