@@ -99,6 +99,8 @@ FRAME_BYTE, FRAME_LINE = 20, 300
 SAID_AT = (10, 100, 1000, 10_000, 100_000, 1_000_000)  # refused lines, counted aloud at these
 WHYS_SAID = 4  # different reasons for one outage said on the console, at most
 RETRY_SECONDS = 0.5  # between attempts to reach a broker that is not there
+TAKE_BYTES = 256 * 1024  # of stream messages taken in one pass (at least one): what a pass relays stays
+# well under what a client may leave unread (room.SENDQ, 1 MiB), as a sender's burst does
 CLIENT_PASSES = 16  # the client's event loop run at most this many passes at a time (then the room's turn)
 CLIENT_POLL = 0.05  # how often the client runs when its timers cannot be read
 LOST_AGAIN = 5.0  # seconds between looks at a room's stream that is gone or was made again
@@ -149,6 +151,7 @@ class Arrived(Event):
     live: bool = True  # False: stored before this server started (a backlog): recorded, not relayed
     ours: bool = False  # published by this server, in this run (`mine`) or an earlier one
     gone_here: bool = False  # the other servers took this run of this server for gone (`_gone`)
+    size: int = 0  # its share of the stream message's bytes (what a pass takes is bounded by them)
 
 
 @dataclass(slots=True)
@@ -1114,8 +1117,23 @@ class BrokerLink:
         return self.take(n, now)
 
     def take(self, n: int, now: float) -> list:
+        """At most `n` events, and of what the stream brought at most TAKE_BYTES (always one):
+        a server behind the stream (its database locked a while, say) catches up a pass's share
+        at a time, as a sender's burst is taken, not with the whole backlog at once, which
+        would be more than any client may leave unread (`room.SENDQ`) and more than a pass
+        commits at once."""
         q = self._q
-        out = [q.popleft() for _ in range(min(n, len(q)))]
+        if not q:
+            self.waiting = False
+            return []
+        out = []
+        budget = TAKE_BYTES
+        while q and len(out) < n:
+            size = getattr(q[0], "size", 0)
+            if size > budget and out:
+                break
+            budget -= size
+            out.append(q.popleft())
         self.waiting = bool(q)
         return out
 
@@ -1347,9 +1365,10 @@ class BrokerLink:
             items = [(0, None)]  # not ours: the policy says so, and the sequence is counted
         now = time.time()
         live = seq >= (self.live_from or 1)
+        size = len(msg.data) // (len(items) or 1)
         for ref, body in items:
             self._put(Arrived(seq, origin, f"{run}.{ref}", label, body, mine, ref, now, live, origin == self.uid,
-                              origin == self.uid and run.startswith(f"{self.run}-gone")))
+                              origin == self.uid and run.startswith(f"{self.run}-gone"), size))
 
     async def _on_who(self, msg) -> None:
         try:

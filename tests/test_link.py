@@ -2327,3 +2327,39 @@ def test_a_linked_server_whose_disk_fills_stops_and_takes_its_place_again(tmp_pa
     assert_same_archives(tmp_path / "b.db", db)
     assert any(r[5] == "while a is away" for r in rows(db))
     a.stop()
+
+
+def test_a_linked_server_whose_database_is_locked_for_a_while_catches_up_whole(tmp_path, broker, linked):
+    """Another process holds a's database's write lock while the room goes on at b (5,000 lines,
+    2 MB): a says it is waiting, relays nothing it could not commit, and once the lock is let go
+    takes up the stream where it was, so both archives hold the same lines, none lost or twice.
+    What it relays as it catches up comes a pass's share at a time, as a sender's burst does: a
+    client there that reads as it comes gets all of it. (It took up to 512 stream messages a
+    pass, whatever they held: the whole backlog in one pass, more than a client may leave
+    unread, so everyone there was dropped as a slow reader.)"""
+    a, b = linked("a", "--rate", "0"), linked("b", "--rate", "0")
+    alice, bob, carol = Peer(a, "alice"), Peer(b, "bob"), Peer(b, "carol")
+    alice.until(b"*** carol joined\n")
+    n, pad = 5000, "y" * 400
+    holder = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for i in range(0, n, 100):  # (a read of 100 lines: one publication)
+            bob.sock.sendall("".join(f"bob>held {j} {pad}\n" for j in range(i, i + 100)).encode())
+            carol.poll()
+        carol.until(f"bob>held {n - 1} ".encode(), timeout=30)
+        a.wait_for("locked by another process", timeout=15)
+        before = alice.buf.count(b"bob>held ")
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    assert before == 0  # nothing relayed there that was not committed there
+    alice.sock.settimeout(30)
+    last = f"bob>held {n - 1} ".encode()
+    while last not in alice.buf[-1000:]:  # (read as it comes: no search of the whole buffer)
+        chunk = alice.sock.recv(1 << 20)
+        assert chunk and b"stopped reading" not in alice.buf[-1000:], alice.buf[-300:]
+        alice.buf += chunk
+    assert re.findall(rb"bob>held (\d+) ", alice.buf) == [str(i).encode() for i in range(n)]
+    settled(tmp_path / "b.db", tmp_path / "a.db")
+    assert_same_archives(tmp_path / "b.db", tmp_path / "a.db")
