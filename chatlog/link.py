@@ -74,6 +74,9 @@ from chatlog.sanitize import visible, visible_lines
 from chatlog.words import LEFT, address
 
 QUEUE_MAX = 4096  # link events waiting for the loop; past this the link waits (the broker holds the rest)
+QUEUE_BYTES = 4 * 1024 * 1024  # ... or past this much of the stream messages they came in
+PENDING_BYTES = 16 * 1024 * 1024  # the client's own queue of what the broker delivered (its default: 256 MB);
+# past it the client drops what comes (a gap: the stream is followed again from where it was)
 ROSTER_EVERY = 2.0  # seconds between the announcements of who is on this server
 ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobody here
 ECHO_LATE = ROSTER_EVERY  # this server's own announcement back later than this: the broker stalled
@@ -1002,6 +1005,7 @@ class BrokerLink:
         self._sel = selectors.DefaultSelector()
         self.wake = self._sel
         self._q: deque = deque()
+        self._q_bytes = 0  # of the stream messages the events in _q came in (`Arrived.size`)
         self.waiting = False
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -1134,6 +1138,7 @@ class BrokerLink:
                 break
             budget -= size
             out.append(q.popleft())
+        self._q_bytes -= TAKE_BYTES - budget
         self.waiting = bool(q)
         return out
 
@@ -1171,10 +1176,11 @@ class BrokerLink:
 
     def _put(self, event) -> None:
         self._q.append(event)
+        self._q_bytes += getattr(event, "size", 0)
         self.waiting = True
 
     def _full(self) -> bool:
-        return len(self._q) >= QUEUE_MAX
+        return len(self._q) >= QUEUE_MAX or self._q_bytes >= QUEUE_BYTES
 
     async def _main(self) -> None:
         import nats
@@ -1303,7 +1309,7 @@ class BrokerLink:
         await self._unfollow()
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.next_seq)
         self.sub = await self.js.subscribe(self.subject, stream=self.stream, cb=self._on_msg, ordered_consumer=True,
-                                           config=config, idle_heartbeat=2.0)
+                                           config=config, idle_heartbeat=2.0, pending_bytes_limit=PENDING_BYTES)
 
     async def _resubscribe(self) -> bool:
         """Follow the stream again from `next_seq`, trying until it works or the link closes: a
