@@ -82,6 +82,7 @@ ROSTER_STALE = 3 * ROSTER_EVERY  # a server not heard of for this long has nobod
 ECHO_LATE = ROSTER_EVERY  # this server's own announcement back later than this: the broker stalled
 CLAIM_SETTLE = 1.0  # a name claimed through the stream that its server's list of who is there, heard
 #                    this long after, does not have: its person is gone (a restart lost the leaving)
+STOPPED = "their server stopped"  # how the others hear of a stopping server's people leaving
 GONE = "server-gone"  # the reason a gone server's people left (`LinkedRoom._gone`)
 ROSTER_GAP = 0.1  # seconds at least between two announcements of a change: people joining by the
 #                  hundred are announced ten times a second, not once each (the whole list each time)
@@ -450,13 +451,22 @@ class LinkedRoom:
                 return kick
         elif t is Tick and self.sweep_at is not None and ev.at >= self.sweep_at:
             self._forget_stale(ev.at)  # (with nobody else announcing, the Ticks still come)
-        out = self._route(self.room.handle_event(ev), ev.at)
+        decided = self.room.handle_event(ev)
+        if any(type(d) is Finish for d in decided):
+            decided += self._leaving_said(decided)
+        out = self._route(decided, ev.at)
         if t is Connected and not self.up and any(type(d) is Send and d.conn == ev.conn for d in out):
             out.append(Send(ev.conn, self.room.notice(DOWN_NOTICE)))
             self.said_down = True  # so it hears when the link is up
         if any(type(d) is Finish for d in out):
             out = self._end(out, getattr(ev, "at", 0.0))
         return out
+
+    def _leaving_said(self, out: list[Decision]) -> list[Decision]:
+        """The room ends here (a stop, \\quit): each of its people is told so, and nobody here
+        hears of the others leaving (`room.Room._close`), but the other servers' people do."""
+        return [Broadcast(self.room.notice(f"{visible(d.handle or '?')} left: {STOPPED}"), None)
+                for d in out if type(d) is Commit and d.sender == "event" and d.text == "left"]
 
     def _end(self, out: list[Decision], at: float) -> list[Decision]:
         """The room ends (a stop, \\quit): nobody is here any more, and its leaving is published

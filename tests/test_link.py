@@ -2415,3 +2415,21 @@ def test_a_linked_server_far_behind_the_stream_catches_up_in_bounded_memory(tmp_
     assert grew < 80, f"a's peak memory grew {grew:.0f} MB catching up"
     settled(tmp_path / "b.db", tmp_path / "a.db")
     assert_same_archives(tmp_path / "b.db", tmp_path / "a.db")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGINT", "\\quit"])
+def test_a_server_that_stops_has_its_people_leave_in_the_others_hearing(tmp_path, broker, linked, how):
+    """A linked server stopped (a signal, or its operator's \\quit) ends its part of the room:
+    its people are each told, and their leaving reached the other servers' records and consoles,
+    but not the people there: bob, on b, was never told that alice had gone."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    if how == "\\quit":
+        a.say("\\quit")
+    else:
+        a.proc.send_signal(getattr(signal, how))
+    assert a.wait(10) == 0
+    bob.until(b"SERVER>*** alice left: their server stopped\n", timeout=10)
+    b.wait_for(r"^alice left: shutdown|^alice left: server-quit")
+    assert bob.buf.count(b"alice left") == 1
