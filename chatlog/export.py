@@ -116,11 +116,22 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
 
     typed = chosen not in UNTYPED
     pairs = source(typed) if source is not None else store.export_rows(ids, typed=typed)
-    to_stdout = output == "-"
-    if source is None and sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty()):
+    if source is None and sys.stderr.isatty() and not (output == "-" and sys.stdout.isatty()):
         total = store.message_total(filters) if filters is not None else 0
         if total >= PROGRESS_MIN_MESSAGES:
             pairs = _with_progress(pairs, total)
+    try:
+        return _write_to(store, output, write, pairs, sync=source is not None)
+    finally:
+        # Closed here, not by the garbage collector at exit: Ctrl-C midway left the progress
+        # bar's generator open, and stopping its refresh thread during shutdown hung.
+        close = getattr(pairs, "close", None)
+        if close is not None:
+            close()
+
+
+def _write_to(store, output: str, write, pairs, *, sync: bool) -> bool:
+    to_stdout = output == "-"
     if to_stdout:
         return _to_stdout(write, pairs)
     dest = Path(output)
@@ -139,7 +150,7 @@ def run(store, ids: list[int], fmt: str, output: str = "-", filters: Filters | N
         dest = Path(os.path.realpath(dest))  # replace the file it points to, not the link
     try:
         # (an incremental export is synced: its cursor moves on only past what is on disk)
-        replace_file(dest, lambda out: write(pairs, out), sync=source is not None)
+        replace_file(dest, lambda out: write(pairs, out), sync=sync)
     except OSError as exc:
         raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
     return True

@@ -537,6 +537,42 @@ def test_ctrl_c_during_an_export_is_one_line_and_leaves_no_file(db_path, store, 
     assert not out.exists() and not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
 
 
+def test_an_export_stopped_midway_stops_its_progress_bar(db_path, store, tmp_path, monkeypatch):
+    """The bar is stopped with the export, not at the interpreter's exit: left to the garbage
+    collector there, stopping it waited for a lock its refresh thread held when shutdown froze
+    it, and Ctrl-C hung (`chatlog: interrupted`, then nothing)."""
+    import io
+    import threading
+
+    from rich.live import _RefreshThread
+
+    from chatlog import export
+    from chatlog.export import PROGRESS_MIN_MESSAGES
+    from chatlog.query import Filters
+
+    sid = chat(store, handle="amy", started=T("10:00:00"))
+    store.add_lines(sid, "client", "amy", 3 * PROGRESS_MIN_MESSAGES, at=T("10:00:01"))
+    store.end_session(sid, "client-quit", at=T("10:00:02"))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def interrupted(sessions, out, options):
+        for _ in sessions:
+            assert any(isinstance(t, _RefreshThread) for t in threading.enumerate())  # it shows
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.setitem(export.WRITERS, "txt", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:  # held, as the CLI's error holds it to the end
+        export.run(store, [sid], "txt", str(tmp_path / "big.txt"), Filters(ids=(sid,)))
+    assert caught.traceback
+    for bar in [t for t in threading.enumerate() if isinstance(t, _RefreshThread)]:
+        bar.join(timeout=10)  # told to stop, it ends at once; left running, it is still here
+        assert not bar.is_alive()
+
+
 # -- rooms ----------------------------------------------------------------------------------------
 
 
