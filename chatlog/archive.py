@@ -497,7 +497,8 @@ class Archive:
         """A room's lines, by sequence number: the address of the participant who said each."""
         rows = self.tolerant(lambda: self._all(
             f"SELECT m.seq, {sql_text('p.host')}, {sql_int('p.port')} FROM messages m "
-            "JOIN participants p ON p.id = m.participant_id WHERE m.session_id = ?",
+            # (another linked server's participant has no address here: their own server has it)
+            "JOIN participants p ON p.id = m.participant_id WHERE m.session_id = ? AND p.host IS NOT NULL",
             (session_id,),
         ))
         return {seq: (host, port) for seq, host, port in rows}

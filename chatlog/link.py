@@ -56,6 +56,8 @@ from chatlog.events import (
     Event,
     Finish,
     Handle,
+    Join,
+    OpenRoom,
     OperatorLine,
     Publish,
     ReceivedLines,
@@ -225,6 +227,7 @@ class LinkCommit(StoreWrite):
     origin: str | None
     oid: str
     seq: int | None
+    who: str | None = None  # its participant, on the server it came from (`run.conn`); None: ours
 
 
 @dataclass(slots=True)
@@ -241,6 +244,7 @@ class LinkLines(StoreWrite):
     oid: str
     first: int
     seq: int
+    who: str | None = None  # (as `LinkCommit.who`)
 
 
 @dataclass(slots=True)
@@ -574,16 +578,19 @@ class LinkedRoom:
         `LinkLines`, a row each). Malformed (not from a chatlog server): ValueError and kin."""
         out: list[Decision] = []
         i = 0
+        run = ev.oid.partition(".")[0].partition("-gone")[0]
         for c in commits:
-            conn = c.get("k") if ev.mine else None
-            if conn is not None and type(conn) is not int:
+            k = c.get("k")
+            if k is not None and type(k) is not int:
                 raise ValueError("not a connection")
+            conn = k if ev.mine else None
+            who = f"{run}.{k}" if k is not None and not ev.mine else None
             lines = c.get("L")
             if lines is not None:
                 if c["s"] != "client" or type(c["h"]) is not str or not all(
                         type(x) is list and len(x) == 2 and type(x[0]) is str and _is_time(x[1]) for x in lines):
                     raise ValueError("not a run of lines")
-                out.append(LinkLines(conn, c["h"], lines, bool(c.get("v")), ev.origin, ev.oid, i, ev.seq))
+                out.append(LinkLines(conn, c["h"], lines, bool(c.get("v")), ev.origin, ev.oid, i, ev.seq, who))
                 i += len(lines)
                 continue
             s, h, t, at, n = c["s"], c["h"], c["t"], c["at"], c.get("n")
@@ -591,7 +598,7 @@ class LinkedRoom:
                     or (n is not None and type(n) is not str)):
                 raise ValueError("not a line")
             out.append(LinkCommit(conn, s, h, t, base64.b64decode(c["r"]) if c.get("r") is not None else None,
-                                  n, at, bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq))
+                                  n, at, bool(c.get("v")), ev.origin, f"{ev.oid}.{i}", ev.seq, who))
             i += 1
         return out
 
@@ -903,6 +910,10 @@ class LinkedRoomStore(RoomStore):
         self.run = 0
         self.behind: int | None = None  # the position a lone line moved, not yet written down
         self.position_at = float("-inf")  # when it was last written (monotonic)
+        # Everyone in the room this run has a participant here, by (server, `run.conn`) there:
+        # this server's people (with their address) and the other servers' (without one).
+        self.people: dict[tuple[str, str], int] = {}
+        self.others: dict[int, bool] = {}  # the other servers' participants: still in the room?
 
     def start(self, local_addr, at: float) -> int:
         orphans = super().start(local_addr, at)
@@ -931,7 +942,9 @@ class LinkedRoomStore(RoomStore):
             line, advance = writes
             t = type(line)
             if type(advance) is Advance and line.seq == advance.seq and (
-                    (t is LinkCommit and line.origin is not None) or (t is LinkLines and len(line.lines) == 1)):
+                    line.who is None or (line.origin, line.who) in self.people) and (
+                    (t is LinkCommit and line.origin is not None and line.sender != "event")
+                    or (t is LinkLines and len(line.lines) == 1)):
                 now = time.monotonic()
                 if self._write(line) is None or now >= self.position_at + LINK_POSITION_EVERY:
                     self.recorder.link_advance(self.name, advance.seq)
@@ -949,13 +962,16 @@ class LinkedRoomStore(RoomStore):
         elif t is Advance:
             self.behind = None
         if t is LinkCommit:
-            pid = self.participants.get(d.conn) if d.conn is not None else None
+            pid = self._participant(d)
             origin = d.origin if d.origin is not None else self.uid
             oid = d.oid if d.origin is not None else f"{self.run}.{d.oid}"
-            return self.recorder.add_linked(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, pid,
-                                            d.verified, origin, oid, d.seq)
+            row = self.recorder.add_linked(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, pid,
+                                           d.verified, origin, oid, d.seq)
+            if d.sender == "event" and pid in self.others:
+                self._came_or_went(pid, d)
+            return row
         if t is LinkLines:
-            pid = self.participants.get(d.conn) if d.conn is not None else None
+            pid = self._participant(d)
             if len(d.lines) == 1:  # (a paced room's line: one INSERT, which may commit on its own)
                 (text, at), = d.lines
                 return self.recorder.add_linked(self.session, "client", d.handle, text, None, None, at, pid,
@@ -966,7 +982,50 @@ class LinkedRoomStore(RoomStore):
         if t is Advance:
             self.recorder.link_advance(self.name, d.seq)
             return None
-        return super()._write(d)
+        if t is OpenRoom:
+            self.people.clear()
+            self.others.clear()
+        elif t is CloseRoom:  # the others' people still there leave this record with the room
+            for pid in sorted(pid for pid, there in self.others.items() if there):
+                self.recorder.end_participant(pid, d.reason, d.at)
+                self.others[pid] = False
+        result = super()._write(d)
+        if t is Join:
+            key = f"{self.run}.{d.conn}"
+            pid = self.people[self.uid, key] = self.participants[d.conn]
+            self.recorder.set_participant_origin(pid, self.uid, key)
+        return result
+
+    def _participant(self, d) -> int | None:
+        """The participant a line or event from the stream is of. Another server's is made when
+        first heard of: their joining, or, for someone there before this server linked, their
+        first line."""
+        if d.conn is not None:  # ours: still here, or gone by the time the stream brings what they said
+            return self.participants.get(d.conn) or self.people.get((self.uid, f"{self.run}.{d.conn}"))
+        if d.who is None:
+            return None
+        key = (d.origin, d.who)
+        pid = self.people.get(key)
+        if pid is None:
+            at = d.at if type(d) is LinkCommit else d.lines[0][1]
+            pid = self.people[key] = self.recorder.add_remote_participant(self.session, d.origin, d.who, d.handle, at)
+            self.others[pid] = True
+            if d.verified:
+                self.recorder.set_verified("participants", pid)
+        return pid
+
+    def _came_or_went(self, pid: int, d: LinkCommit) -> None:
+        """Another server's participant joined (again), took another name, or left."""
+        rec = self.recorder
+        if d.text in ("joined", "renamed") and d.handle is not None:
+            if self.others[pid]:
+                rec.set_participant_handle(pid, d.handle)
+            else:
+                rec.reopen_participant(pid, d.handle)
+                self.others[pid] = True
+        elif d.text == "left" and d.note != "name-taken" and self.others[pid]:  # (giving a name up, they stay)
+            rec.end_participant(pid, d.note or "left", d.at)
+            self.others[pid] = False
 
 
 def linked_room_mode(mode: Mode, recorder, link: "BrokerLink") -> Mode:

@@ -27,6 +27,24 @@ _SERVER_KEY = ("pid", "hostname", "host", "port", "started_at")
 _FLOORED = ("sessions", "messages")  # the tables whose ids are never reused (schema m013)
 
 
+def _person(p) -> tuple:
+    """Who a participant row is: in a linked room, the server they were on and their key
+    there (every linked server's archive has a row for them); else their address and when they
+    joined."""
+    if _get(p, "origin_server") is not None:
+        return ("origin", p["origin_server"], _get(p, "origin_key"))
+    return (_get(p, "host"), _get(p, "port"), _get(p, "joined_at"))
+
+
+def _takes_over(known: dict, p) -> bool:
+    """Whether participant row `p` brings `known` (the same person, merged before) up to date.
+    Their own server's row (the one with their address) says it all; another server's view
+    of them only says they left, if `known` is a view too that has them still there."""
+    if _get(p, "origin_server") is None or _get(p, "host") is not None:
+        return True
+    return known.get("host") is None and known.get("left_at") is None and _get(p, "left_at") is not None
+
+
 def _get(row: sqlite3.Row, key: str):
     """A column an older archive may not have yet: None there."""
     return row[key] if key in row.keys() else None
@@ -246,14 +264,18 @@ class Merge:
             names = [d[0] for d in cur.description]
             for values in cur:
                 row = dict(zip(names, values, strict=True))
-                have[row["host"], row["port"], row["joined_at"]] = row
+                have[_person(row)] = row
         for p in s.execute("SELECT * FROM participants WHERE session_id = ? ORDER BY id", (sid,)).fetchall():
             cols = [c for c in self.cols["participants"] if c not in ("id", "session_id") and c in p.keys()]
-            known = have.get((_get(p, "host"), _get(p, "port"), _get(p, "joined_at")))
+            known = have.get(_person(p)) if again else None
             if known is None:
                 out[p["id"]] = self._insert("participants", ["session_id", *cols], [into, *[p[c] for c in cols]])
+                if again and _get(p, "origin_server") is not None:
+                    have[_person(p)] = {"id": out[p["id"]], **{c: p[c] for c in cols}}
                 continue
             out[p["id"]] = known["id"]
+            if not _takes_over(known, p):
+                continue
             if any(known[c] != p[c] for c in cols):  # (written only when it changed)
                 self.conn.execute(f'UPDATE participants SET {", ".join(f"{c} = ?" for c in cols)} WHERE id = ?',
                                   [*(p[c] for c in cols), known["id"]])

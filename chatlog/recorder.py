@@ -495,6 +495,23 @@ class Recorder:
             (session_id, host, port, iso(at)),
         ).lastrowid
 
+    def set_participant_origin(self, participant_id: int, server: str, key: str) -> None:
+        """A linked room's participant: the server they are on and their key there."""
+        self._run("UPDATE participants SET origin_server = ?, origin_key = ? WHERE id = ?", (server, key, participant_id))
+
+    def add_remote_participant(self, session_id: int, server: str, key: str, handle: str | None, at: float) -> int:
+        """A linked room's participant on another server (no address here: that server has it)."""
+        return self._run(
+            "INSERT INTO participants (session_id, handle, joined_at, origin_server, origin_key) VALUES (?, ?, ?, ?, ?)",
+            (session_id, handle, iso(at), server, key),
+        ).lastrowid
+
+    def reopen_participant(self, participant_id: int, handle: str | None) -> None:
+        """A participant on another server is in the room again (back after being taken for
+        gone, or joined again under another name)."""
+        self._run("UPDATE participants SET handle = coalesce(?, handle), left_at = NULL, end_reason = NULL WHERE id = ?",
+                  (handle, participant_id))
+
     def set_participant_handle(self, participant_id: int, handle: str) -> None:
         self._run("UPDATE participants SET handle = ? WHERE id = ?", (handle, participant_id))
 

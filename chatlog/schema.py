@@ -513,6 +513,24 @@ def m017_merged_upto(conn: sqlite3.Connection) -> None:
     # merging a busy room again reads only what came since, not the whole room again.
     run_script(conn, '''ALTER TABLE "merged" ADD COLUMN "upto" INTEGER NOT NULL DEFAULT 0;''')
 
+@migration
+def m018_participants_origin(conn: sqlite3.Connection) -> None:
+    # A linked room's participant as every server knows them: the server they are on (its node
+    # uid) and their key there (`run.conn`). Each linked server's archive has a row for everyone
+    # in the room: its own people with their address, the others' without one (only the server
+    # they were on has it). `chatlog merge` knows one person by this, whichever archive it
+    # reads first.
+    run_script(
+        conn,
+        """
+        ALTER TABLE "participants" ADD COLUMN "origin_server" TEXT;
+        ALTER TABLE "participants" ADD COLUMN "origin_key" TEXT;
+        CREATE INDEX "idx_participants_origin" ON "participants" ("session_id", "origin_server", "origin_key")
+            WHERE "origin_server" IS NOT NULL;
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

@@ -1484,6 +1484,67 @@ def dump(db):
         conn.close()
 
 
+def test_every_servers_archive_has_everyone_in_the_room_and_a_merge_has_each_once(tmp_path, linked):
+    """Each server's archive holds the whole room, and now its people too: the other servers'
+    people have a participant there (without an address: their own server has it), so `show`,
+    `sessions` and `stats` count everyone, and every line and leaving is somebody's. A merge
+    takes each person once, with their address, whatever the order of the archives."""
+    a, b = linked("a"), linked("b")
+    alice, bob = Peer(a, "alice"), Peer(b, "bob")
+    alice.until(b"*** bob joined\n")
+    alice.send("alice>hello from a")
+    bob.until(b"alice>hello from a\n")
+    c = linked("c")  # linked after they joined: they are known there by what they say
+    carol = Peer(c, "carol")
+    bob.until(b"*** carol joined\n")
+    alice.send("alice>who is new?")
+    bob.send("bob>carol is")
+    carol.until(b"bob>carol is\n")
+    bob.close()
+    carol.until(b"*** bob left\n")
+    dbs = [tmp_path / f"{x}.db" for x in "abc"]
+    settled(*dbs)
+    wait_until(lambda: all(rows(db, "sender = 'event' AND text = 'left'") for db in dbs))
+    b.stop()  # alice and carol are still in the room: they leave b's record with its room
+    assert db_rows(dbs[1], "SELECT p.handle, p.end_reason = s.end_reason, p.left_at = s.ended_at FROM participants p "
+                           "JOIN sessions s ON s.id = p.session_id WHERE p.handle != 'bob' ORDER BY 1") == [
+        ("alice", 1, 1), ("carol", 1, 1)]
+    for p in (alice, carol):
+        p.close()
+    wait_until(lambda: all(len(rows(db, "sender = 'event' AND text = 'left'")) == 3 for db in (dbs[0], dbs[2])))
+    for s in (a, c):
+        s.stop()
+    here = {"a": "alice", "b": "bob", "c": "carol"}
+    for name, db in zip("abc", dbs, strict=True):
+        people = db_rows(db, "SELECT handle, host IS NOT NULL, left_at IS NOT NULL, origin_server IS NOT NULL "
+                             "FROM participants ORDER BY handle")
+        assert people == [(h, int(h == here[name]), 1, 1) for h in ("alice", "bob", "carol")], (name, people)
+        # every line and every join and leave is somebody's, and theirs
+        said = db_rows(db, "SELECT m.handle, p.handle FROM messages m LEFT JOIN participants p "
+                           "ON p.id = m.participant_id WHERE m.sender IN ('client', 'event')")
+        assert said and all(h == ph for h, ph in said), (name, said)
+        shown = run_chatlog(db, "show", "1")
+        assert shown.exit_code == 0 and "3 participants" in shown.output, shown.output
+        stats = run_chatlog(db, "stats")
+        assert re.search(r"distinct handles +3\n", stats.output), stats.output
+        assert re.search(r"bob +said 1 message", stats.output), stats.output
+    merged = []
+    for i, order in enumerate((dbs, dbs[::-1])):
+        out = tmp_path / f"all{i}.db"
+        r = run_chatlog(None, "merge", *map(str, order), "-o", str(out))
+        assert r.exit_code == 0, r.output
+        people = db_rows(out, "SELECT handle, host, port, joined_at, left_at, end_reason FROM participants ORDER BY handle")
+        assert [p[0] for p in people] == ["alice", "bob", "carol"] and all(p[1] and p[2] for p in people), people
+        said = db_rows(out, "SELECT m.handle, p.handle FROM messages m LEFT JOIN participants p "
+                            "ON p.id = m.participant_id WHERE m.sender IN ('client', 'event')")
+        assert said and all(h == ph for h, ph in said), said
+        before = dump(out)
+        assert run_chatlog(None, "merge", *map(str, order), "-o", str(out)).exit_code == 0
+        assert dump(out) == before  # merging again changes nothing
+        merged.append(people)
+    assert merged[0] == merged[1]  # each person as their own server recorded them, in either order
+
+
 def test_merge_one_archive_from_three_idempotent_and_readable(tmp_path, linked):
     from storebuild import open_store
 
