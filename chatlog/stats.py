@@ -38,7 +38,10 @@ def _totals(archive: Archive) -> dict:
             "  (SELECT id FROM participants p2 WHERE p2.handle = p.handle) AND m.sender = 'client') "
             f"FROM participants p WHERE p.handle IS NOT NULL AND {not_deleting.format(p='p.')} GROUP BY p.handle"
         ).fetchall()
-        hosts = q("SELECT count(*) FROM host_totals").fetchone()[0]
+        hosts = q(  # (a room's people too: its session has no client host of its own)
+            "SELECT count(*) FROM (SELECT host FROM host_totals UNION "
+            f"SELECT host FROM participants WHERE host IS NOT NULL AND {not_deleting.format(p='participants.')})"
+        ).fetchone()[0]
         by_handle = {
             h: [n, c, a]
             for h, n, c, a in q(

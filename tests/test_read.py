@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -596,6 +597,14 @@ def room(store):
     store.add_message(sid, "event", "bob", "left", note="client-quit", at=T("12:00:05"), participant=bob)
     store.end_session(sid, "shutdown", at=T("12:00:06"))
     return sid
+
+
+def test_a_rooms_people_count_among_the_distinct_hosts(db_path, store, room):
+    """As their handles count among the distinct handles: a room's session has no client host of
+    its own, and an archive of rooms said it had seen no host at all."""
+    chat(store, handle="cy", started=T("10:00:00"))  # from 127.0.0.1
+    assert re.search(r"^distinct hosts +3$", run(db_path, "stats").output, re.M)
+    assert json.loads(run(db_path, "stats", "--json").output)["hosts"] == 3
 
 
 def test_padding_recorded_in_a_chat_shows_as_a_note(db_path, store):
