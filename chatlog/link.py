@@ -1015,9 +1015,10 @@ class LinkedRoomStore(RoomStore):
         return pid
 
     def _came_or_went(self, pid: int, d: LinkCommit) -> None:
-        """Another server's participant joined (again), took another name, or left."""
+        """Another server's participant joined (again, or under another name after giving one
+        up), or left."""
         rec = self.recorder
-        if d.text in ("joined", "renamed") and d.handle is not None:
+        if d.text == "joined" and d.handle is not None:  # (a rename keeps the first name, as on their server)
             if self.others[pid]:
                 rec.set_participant_handle(pid, d.handle)
             else:
