@@ -590,11 +590,11 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
     if f.ids:
         clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
         args += list(f.ids)
-    if f.handle is not None:  # a 1:1 chat's handle, a room's participant's, or one on another linked server's
+    if f.handle is not None:  # a 1:1 chat's handle, a room's participant's, or a name said under in a linked room
         clauses.append(
             "(sessions.handle = ? OR sessions.id IN (SELECT session_id FROM participants WHERE handle = ?) "
             "OR sessions.id IN (SELECT session_id FROM messages WHERE origin_server IS NOT NULL "
-            "AND participant_id IS NULL AND handle = ?))"
+            "AND handle = ?))"
         )
         args += [f.handle, f.handle, f.handle]
     for column, value, op in (

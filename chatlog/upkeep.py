@@ -164,7 +164,8 @@ class Upkeep:
     def said_by(self, handle: str, host: str | None = None) -> list[tuple[int, int]]:
         """(id, session id) of every line a person said and that is not removed yet: in 1:1
         chats with that handle (from `host`, if given), as a room participant with it (in a
-        linked room, on another server too: not with `host`, their address is not known here)."""
+        linked room, on another server too: not with `host`, their address is not known here),
+        and, in a linked room, said under it (a name taken later)."""
         chat = "SELECT id FROM sessions WHERE handle = ? AND kind != 'room' AND deleting = 0"
         part = "SELECT id FROM participants WHERE handle = ?"
         args: list = [handle]
@@ -181,10 +182,10 @@ class Upkeep:
             f"UNION SELECT m.id, m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id "
             f"WHERE m.participant_id IN ({part}) AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0 "
         )
-        if host is None:  # (a line from another server, recorded before it had a participant here)
+        if host is None:  # (a linked room's line, by the name it was said under: a later name too)
             sql += (
                 "UNION SELECT m.id, m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id "
-                "WHERE m.origin_server IS NOT NULL AND m.participant_id IS NULL AND m.handle = ? "
+                "WHERE m.origin_server IS NOT NULL AND m.handle = ? "
                 "AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0 "
             )
             args.append(handle)

@@ -401,15 +401,20 @@ def test_forget_removes_a_persons_lines_from_every_servers_archive(tmp_path, lin
     bob.until(b"alice>another\n")
     bob.send("bob>kept")
     alice.until(b"bob>kept\n")
+    alice.send("ally>my new name")
+    bob.until(b"ally>my new name\n")
     settled(tmp_path / "a.db", tmp_path / "b.db")
     for db in (tmp_path / "a.db", tmp_path / "b.db"):
-        for name in ("alice", "bob"):  # (both took part in the room, wherever they were connected)
+        for name in ("alice", "bob", "ally"):  # (all took part in the room, wherever they were connected)
             r = run_chatlog(db, "sessions", "--handle", name, "--json")
             assert r.exit_code == 0 and [s["kind"] for s in json.loads(r.output)] == ["room"], r.output
+        # a later name finds what was said under it; the person's name, everything they said
+        r = run_chatlog(db, "forget", "--handle", "ally")
+        assert r.exit_code == 0 and "removed 1 message from ally" in r.output, (db.name, r.output)
         r = run_chatlog(db, "forget", "--handle", "alice")
         assert r.exit_code == 0 and "removed 2 messages from alice" in r.output, r.output
         said = [(h, t) for _, _, _, sender, h, t, _ in rows(db) if sender == "client"]
-        assert said == [("alice", ""), ("alice", ""), ("bob", "kept")]
+        assert said == [("alice", ""), ("alice", ""), ("bob", "kept"), ("ally", "")]
         r = run_chatlog(db, "search", "-c", "secret")
         assert r.exit_code == 0 and r.output.strip() == "0"
         if db.name == "a.db":  # forgotten on a alone: a merge keeps it forgotten, whatever it met first
@@ -417,9 +422,9 @@ def test_forget_removes_a_persons_lines_from_every_servers_archive(tmp_path, lin
             r = run_chatlog(None, "merge", str(tmp_path / "b.db"), str(tmp_path / "a.db"), "-o", str(out))
             assert r.exit_code == 0, r.output
             said = [(h, t) for _, _, _, sender, h, t, _ in rows(out) if sender == "client"]
-            assert said == [("alice", ""), ("alice", ""), ("bob", "kept")]
+            assert said == [("alice", ""), ("alice", ""), ("bob", "kept"), ("ally", "")]
             assert run_chatlog(out, "search", "-c", "secret").output.strip() == "0"
-            assert db_one(out, "SELECT count(*) FROM messages WHERE removed_at IS NOT NULL")[0] == 2
+            assert db_one(out, "SELECT count(*) FROM messages WHERE removed_at IS NOT NULL")[0] == 3
     # A client address is known only where the person was connected.
     r = run_chatlog(tmp_path / "b.db", "forget", "--handle", "bob", "--host", "127.0.0.1", "--dry-run")
     assert "would remove 1 message from bob at 127.0.0.1" in r.output
