@@ -591,6 +591,9 @@ def test_people_on_a_server_cut_off_for_a_while_are_back_on_every_record(tmp_pat
     assert_same_archives(tmp_path / "a.db", tmp_path / "b.db")
     said = [(r[5], r[6]) for r in rows(tmp_path / "a.db") if r[4] == "alice" and r[3] == "event"]
     assert said == [("joined", None)] + [("left", "server-gone"), ("joined", "back")] * 2
+    # alice is one participant on each record, there still (b took her for gone, then back)
+    for db in (tmp_path / "a.db", tmp_path / "b.db"):
+        assert db_rows(db, "SELECT handle, left_at FROM participants ORDER BY handle") == [("alice", None), ("bob", None)], db
     relay.cut()
 
 
