@@ -41,6 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet --config-settings editable_mode=compat -e '.[test]'  # a path in a .pth: no import hook to load at every start
+	$(VENV)/bin/pip uninstall --quiet --yes setuptools  # (nothing here runs it; its distutils shim, a .pth, loaded at every start)
 	touch $@
 
 # make serve PORT=9999 ARGS="--room --bind 127.0.0.1"
