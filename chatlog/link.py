@@ -962,13 +962,14 @@ class LinkedRoomStore(RoomStore):
         elif t is Advance:
             self.behind = None
         if t is LinkCommit:
+            heard = d.who is None or (d.origin, d.who) in self.people
             pid = self._participant(d)
             origin = d.origin if d.origin is not None else self.uid
             oid = d.oid if d.origin is not None else f"{self.run}.{d.oid}"
             row = self.recorder.add_linked(self.session, d.sender, d.handle, d.text, d.raw, d.note, d.at, pid,
                                            d.verified, origin, oid, d.seq)
-            if d.sender == "event" and pid in self.others:
-                self._came_or_went(pid, d)
+            if d.sender == "event" and pid in self.others and (heard or d.text != "joined"):
+                self._came_or_went(pid, d)  # (a participant made by their joining has joined)
             return row
         if t is LinkLines:
             pid = self._participant(d)
