@@ -465,6 +465,7 @@ def merge(sources: list[Path], out: Path, on_commit=lambda: None) -> dict[str, i
     for src in sources:
         check_source(Path(src))
     new = not Path(out).exists()
+    left = f"{out} was not made" if new else f"{out} is left as it was"
     m = None
     failed = True
     try:
@@ -472,8 +473,8 @@ def merge(sources: list[Path], out: Path, on_commit=lambda: None) -> dict[str, i
         try:
             m.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:  # (another process writing it, past the busy timeout)
-            raise StoreError(f"cannot merge into {out}: {exc}; "
-                             + (f"{out} was not made" if new else f"{out} is left as it was")) from None
+            raise StoreError(f"cannot merge into {out}: {exc}; {left}") from None
+        committing = False
         try:
             if not new:
                 m.check_output(out)
@@ -481,15 +482,22 @@ def merge(sources: list[Path], out: Path, on_commit=lambda: None) -> dict[str, i
                 try:
                     m.add(Path(src))
                 except sqlite3.Error as exc:
-                    raise StoreError(f"cannot merge {src}: {exc}; {out} is left as it was") from None
-            m.index()
-            m.conn.execute("COMMIT")
-        except BaseException:
+                    raise StoreError(f"cannot merge {src}: {exc}; {left}") from None
+            try:
+                m.index()
+                committing = True
+                m.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot merge into {out}: {exc}; {left}") from None
+        except BaseException as exc:
             if m.conn.in_transaction:
                 m.conn.execute("ROLLBACK")
                 raise
-            # Committed: a signal (Ctrl-C, SIGTERM) that came as COMMIT returned finds the merge
-            # done, and it is said as done.
+            # Not in a transaction any more: SQLite rolled it back itself (a full disk, an I/O
+            # error: the error says so), or a signal (Ctrl-C, SIGTERM) came as COMMIT returned,
+            # which finds the merge done, and it is said as done.
+            if isinstance(exc, Exception) or not committing:
+                raise
         on_commit()  # (from here on the merge is done: the caller stops taking signals as stops)
         failed = False
     finally:

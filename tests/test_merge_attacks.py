@@ -398,3 +398,27 @@ def test_a_bare_archive_beside_an_old_one_is_merged(tmp_path):
     conn.close()
     r = merge(bare, out=out)
     assert r.exit_code == 0 and "1 new session, 1 new message" in r.stderr, r.stderr
+
+
+def test_an_output_on_a_disk_that_fills_is_an_error_not_said_as_merged(tmp_path, tmpfs):
+    """A full disk makes SQLite roll the merge's transaction back itself; merge took that for a
+    COMMIT that had returned and said `merged 1 archive ...: 202 new sessions` with exit status 0,
+    over an output holding none of it."""
+    src = tmp_path / "big.db"
+    s = open_store(src)
+    for i in range(40):
+        sid = s.begin_session((f"10.0.0.{i}", 5000), ("127.0.0.1", 9999), served=True)
+        s.add_lines(sid, "client", "amy", 1000, text="a line long enough to fill a small disk soon %d")
+        s.end_session(sid, "client-quit")
+    s.close()
+    disk = tmpfs("1m")
+    out = disk / "all.db"
+    r = merge(src, out=out)
+    assert r.exit_code == 1 and r.stderr.startswith("chatlog: ") and r.stderr.count("\n") == 1, (r.output, r.stderr)
+    assert "full" in r.stderr and "merged" not in r.output
+    assert not [p for p in disk.iterdir()]  # a new output is not left behind
+    assert merge(archive(tmp_path / "a.db", "amy"), out=out).exit_code == 0
+    before = everything(out)
+    r = merge(src, out=out)
+    assert r.exit_code == 1 and "full" in r.stderr and "is left as it was" in r.stderr, (r.output, r.stderr)
+    assert everything(out) == before
