@@ -27,6 +27,7 @@ from chatlog.db import (
     connect,
     describe_error,
     is_database_file,
+    no_room,
     writable,
 )
 from chatlog.records import HL_END, HL_START, Msg, Session
@@ -139,7 +140,16 @@ def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bo
     every read works, and nothing is written, not even a -shm file when none can be made."""
     if read_only is None:
         read_only = os.path.exists(path) and not writable(path)
-    return Archive(connect(path, create=create, read_only=read_only))
+    try:
+        return Archive(connect(path, create=create, read_only=read_only))
+    except StoreError as exc:
+        # Its disk full, SQLite cannot make the -shm a WAL database is read through. With no
+        # WAL to read (nothing committed that is not in the file yet) the file is read as it is;
+        # a write then says the disk is full.
+        wal = f"{path}-wal"
+        if read_only or not no_room(Path(path), exc.__cause__) or (os.path.exists(wal) and os.path.getsize(wal)):
+            raise
+    return Archive(connect(path, read_only=True, immutable=True))
 
 
 FETCH = 1024  # an export's messages fetched at a time

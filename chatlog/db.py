@@ -85,8 +85,29 @@ def _has_sqlite_header(path: Path) -> bool:
         return True
 
 
+# What SQLite says when there is no room on the disk: for a write, or for the -shm file that a
+# WAL database is read through (even a read makes it, 32 KiB, if it is not there yet).
+_NO_ROOM = frozenset(("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_SHMOPEN", "SQLITE_IOERR_SHMMAP",
+                      "SQLITE_IOERR_WRITE", "SQLITE_READONLY"))
+FULL_BELOW = 64 * 1024  # bytes free on a disk that is, for SQLite's side files, full
+
+
+def no_room(path: Path, exc: BaseException | None) -> bool:
+    """Whether `exc` failed for want of room on the disk `path` is on (that disk has less than
+    FULL_BELOW bytes free)."""
+    if getattr(exc, "sqlite_errorname", None) not in _NO_ROOM:
+        return False
+    try:
+        st = os.statvfs(path.parent if str(path.parent) else ".")
+    except OSError:
+        return False
+    return not st.f_flag & os.ST_RDONLY and st.f_bavail * st.f_frsize < FULL_BELOW  # (read-only media: none free)
+
+
 def describe_error(path: Path, exc: BaseException) -> str:
     text = str(exc)
+    if no_room(path, exc):
+        return f"cannot write the database {path}: disk is full"
     if text == "file is not a database" and not _has_sqlite_header(path):
         return f"{path} is not a chatlog database (not an SQLite file)"
     if "not a database" in text or "malformed" in text or "corrupt" in text:
@@ -194,12 +215,12 @@ def _uri_path(path: Path) -> str:
     return quote_from_bytes(os.fsencode(path.absolute()), safe="/")
 
 
-def read_only_uri(path: Path) -> str:
+def read_only_uri(path: Path, immutable: bool = False) -> str:
     """The URI that opens `path` without writing a byte: SQLite's `mode=ro`, plus `immutable=1`
     when the directory cannot be written and there is no WAL (no writer can be running then,
-    and SQLite could not make the -shm it needs)."""
+    and SQLite could not make the -shm it needs), or when asked (`immutable`)."""
     parent = path.parent if str(path.parent) else Path(".")
-    immutable = not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal")
+    immutable = immutable or (not os.access(parent, os.W_OK | os.X_OK) and not os.path.exists(f"{path}-wal"))
     return f"file:{_uri_path(path)}?mode=ro" + ("&immutable=1" if immutable else "")
 
 
@@ -310,6 +331,7 @@ def connect(
     create: bool = True,
     read_only: bool = False,
     fsync: bool = False,
+    immutable: bool = False,
 ) -> DB:
     """Open (creating if allowed) the database at `path`, upgrading its schema if needed.
 
@@ -318,7 +340,7 @@ def connect(
     survives a power loss too, not only a crash of the process (see docs/reliability.md)."""
     path = Path(path)
     if read_only:
-        return _connect_read_only(path)
+        return _connect_read_only(path, immutable)
     if not path.exists():
         if not create:
             raise StoreError(f"no chatlog database at {path} (nothing has been recorded yet)")
@@ -378,7 +400,7 @@ def writable(path: str | os.PathLike) -> bool:
     return os.access(path, os.W_OK) and os.access(path.parent if str(path.parent) else ".", os.W_OK | os.X_OK)
 
 
-def _connect_read_only(path: Path) -> DB:
+def _connect_read_only(path: Path, immutable: bool = False) -> DB:
     """Open without writing a byte: SQLite's `mode=ro`, plus `immutable=1` when the directory
     cannot be written and there is no WAL (no writer can be running then, and SQLite could not
     make the -shm it needs). A pending migration is an error, never applied."""
@@ -393,7 +415,7 @@ def _connect_read_only(path: Path) -> DB:
     if os.path.getsize(path) == 0:
         raise StoreError(f"{path} is not a chatlog database (not an SQLite file)")
     try:
-        conn = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(read_only_uri(path, immutable), uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA query_only = 1")
         done = _check_schema(conn, path)

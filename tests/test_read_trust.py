@@ -283,3 +283,35 @@ def test_an_export_that_meets_text_that_is_not_utf8_goes_on_after_it_in_any_batc
     texts = {row["id"]: row["text"] for row in rows}
     assert all(texts[i].startswith("badf") and texts[i] != "badf" for i in bad)
     assert texts[2] == "line 0 1" and texts[3 * per - 1] == f"line 2 {per - 2}"
+
+
+def test_an_archive_on_a_full_disk_is_read_and_a_write_says_the_disk_is_full(tmp_path, tmpfs):
+    """Its disk full, every read tool failed with `database error ...: disk I/O error`: SQLite
+    could not make the -shm a WAL database is read through. With no WAL to read (nothing
+    committed but not yet in the file), the file is read as it is; a write says why it cannot."""
+    import shutil
+
+    src = tmp_path / "chat.db"
+    s = open_store(src)
+    sid = s.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), served=True)
+    s.set_handle(sid, "amy")
+    s.add_message(sid, "client", "amy", "written before the disk filled")
+    s.end_session(sid, "client-quit")
+    s.close()
+    disk = tmpfs("1m")
+    db = disk / "chat.db"
+    shutil.copy(src, db)
+    assert not (disk / "chat.db-wal").exists()
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    for args in (["sessions"], ["show", "1"], ["stats"], ["search", "disk"], ["export", "1"]):
+        r = run_chatlog(db, *args)
+        assert r.exit_code == 0 and "Traceback" not in r.output, (args, r.output)
+        assert args[0] in ("sessions", "stats") or "written before the" in r.output, (args, r.output)
+    r = run_chatlog(db, "rm", "1", "--yes")
+    assert r.exit_code == 1 and "disk is full" in r.output and r.output.count("\n") == 1, r.output
+    assert "written before the disk filled" in run_chatlog(db, "show", "1").output
