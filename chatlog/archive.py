@@ -147,7 +147,7 @@ def open_archive(path: str | os.PathLike, *, create: bool = False, read_only: bo
         # WAL to read (nothing committed that is not in the file yet) the file is read as it is;
         # a write then says the disk is full.
         wal = f"{path}-wal"
-        if read_only or not no_room(Path(path), exc.__cause__) or (os.path.exists(wal) and os.path.getsize(wal)):
+        if not no_room(Path(path), exc.__cause__) or (os.path.exists(wal) and os.path.getsize(wal)):
             raise
     return Archive(connect(path, read_only=True, immutable=True))
 

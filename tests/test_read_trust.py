@@ -3,6 +3,7 @@
 Real SQLite files, real processes where a terminal matters (a pseudo-terminal, not a mock).
 """
 
+import contextlib
 import os
 import sys
 
@@ -312,6 +313,10 @@ def test_an_archive_on_a_full_disk_is_read_and_a_write_says_the_disk_is_full(tmp
         r = run_chatlog(db, *args)
         assert r.exit_code == 0 and "Traceback" not in r.output, (args, r.output)
         assert args[0] in ("sessions", "stats") or "written before the" in r.output, (args, r.output)
+    from chatlog.archive import open_archive
+
+    with contextlib.closing(open_archive(db, read_only=True)) as a:  # (as `chatlog web` opens it)
+        assert [m.text for m in a.messages(1)] == ["written before the disk filled"]
     r = run_chatlog(db, "rm", "1", "--yes")
     assert r.exit_code == 1 and "disk is full" in r.output and r.output.count("\n") == 1, r.output
     assert "written before the disk filled" in run_chatlog(db, "show", "1").output
