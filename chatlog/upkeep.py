@@ -12,6 +12,7 @@ read command may get slower; the chat path never imports it.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -22,7 +23,7 @@ from typing import Iterator
 
 from chatlog import txn
 from chatlog.archive import DELETING, VISIBLE, Archive
-from chatlog.db import StoreError, checkpoint
+from chatlog.db import StoreError, checkpoint, describe_error, no_room
 
 DELETE_BATCH = 1000  # messages (with their search entries) in the first delete transaction
 DELETE_HOLD = 0.02  # seconds each later one aims to hold the write lock (its size adapts)
@@ -225,17 +226,38 @@ class Upkeep:
             yield
 
     def backup(self, dest: str | os.PathLike) -> None:
-        """A consistent copy through SQLite's online backup API (safe while the server writes)."""
+        """A consistent copy through SQLite's online backup API (safe while the server writes),
+        made beside `dest` and renamed over it once whole and synced: one that fails (a full
+        disk) leaves `dest` as it was, a previous backup too, and nothing beside it. A disk that
+        fills is OSError (ENOSPC) for `dest`, not an error of the database read."""
         if self.archive.is_database_file(dest):
             raise StoreError(f"{dest} is the database {self.path} or one of its files; choose another path")
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        with self.db.guard:
-            target = sqlite3.connect(dest)
+        dest = Path(dest)
+        if dest.is_symlink():
+            dest = Path(os.path.realpath(dest))  # the file it points to, not the link
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            target = sqlite3.connect(tmp)
             try:
-                self.conn.backup(target)
+                try:
+                    self.conn.backup(target)
+                except sqlite3.Error as exc:
+                    if no_room(tmp, exc):
+                        raise OSError(errno.ENOSPC, "disk is full", str(dest)) from None
+                    raise StoreError(describe_error(self.path, exc)) from exc
             finally:
                 target.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            for leftover in (tmp, Path(f"{tmp}-journal")):
+                leftover.unlink(missing_ok=True)
+            raise
 
 
 @dataclass(frozen=True)

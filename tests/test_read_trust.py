@@ -320,3 +320,23 @@ def test_an_archive_on_a_full_disk_is_read_and_a_write_says_the_disk_is_full(tmp
     r = run_chatlog(db, "rm", "1", "--yes")
     assert r.exit_code == 1 and "disk is full" in r.output and r.output.count("\n") == 1, r.output
     assert "written before the disk filled" in run_chatlog(db, "show", "1").output
+
+
+def test_a_backup_onto_a_disk_that_fills_keeps_the_previous_one_and_names_its_own_file(tmp_path, tmpfs):
+    """A backup was written straight into DEST: one that failed halfway (a full disk) left part of
+    a copy there, over the previous backup with --force, and the error named the database it
+    read (`cannot write the database chat.db: disk is full`), not the file it could not write."""
+    src = tmp_path / "chat.db"
+    s = open_store(src)
+    for i in range(20):
+        sid = s.begin_session((f"10.0.0.{i}", 5000), ("127.0.0.1", 9999), served=True)
+        s.add_lines(sid, "client", "amy", 1000, text="a line long enough to fill a small disk soon %d")
+        s.end_session(sid, "client-quit")
+    s.close()
+    disk = tmpfs("1m")
+    dest = disk / "copy.db"
+    dest.write_bytes(b"the previous backup")
+    r = run_chatlog(src, "backup", str(dest), "--force")
+    assert r.exit_code == 1 and r.output == f"chatlog: cannot write {dest}: disk is full\n", r.output
+    assert dest.read_bytes() == b"the previous backup"
+    assert sorted(p.name for p in disk.iterdir()) == ["copy.db"]  # nothing half-written left beside it
