@@ -72,6 +72,18 @@ def open_store(path, **kwargs) -> Built:
     return Built(path, **kwargs)
 
 
+def bulky(path, sessions: int, lines: int = 1000):
+    """An archive at `path` big enough to fill a small disk: `sessions` ended chats of `lines`
+    long-ish lines each (20 of 1,000 are over 1 MB)."""
+    s = open_store(path)
+    for i in range(sessions):
+        sid = s.begin_session((f"10.0.0.{i}", 5000), ("127.0.0.1", 9999), served=True)
+        s.add_lines(sid, "client", "amy", lines, text="a line long enough to fill a small disk soon %d")
+        s.end_session(sid, "client-quit")
+    s.close()
+    return path
+
+
 def schema_before(path, migration: str) -> sqlite3.Connection:
     """An archive as it was before `migration` (e.g. "m014"), made by the real migrations up to
     it; an autocommit connection to it, to write its rows as that schema had them."""

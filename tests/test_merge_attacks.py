@@ -7,7 +7,7 @@ import signal
 import sqlite3
 
 from conftest import run_chatlog
-from storebuild import open_store, schema_before
+from storebuild import bulky, open_store, schema_before
 from test_merge import archive, by_session, everything, merge, texts
 
 
@@ -404,13 +404,7 @@ def test_an_output_on_a_disk_that_fills_is_an_error_not_said_as_merged(tmp_path,
     """A full disk makes SQLite roll the merge's transaction back itself; merge took that for a
     COMMIT that had returned and said `merged 1 archive ...: 202 new sessions` with exit status 0,
     over an output holding none of it."""
-    src = tmp_path / "big.db"
-    s = open_store(src)
-    for i in range(40):
-        sid = s.begin_session((f"10.0.0.{i}", 5000), ("127.0.0.1", 9999), served=True)
-        s.add_lines(sid, "client", "amy", 1000, text="a line long enough to fill a small disk soon %d")
-        s.end_session(sid, "client-quit")
-    s.close()
+    src = bulky(tmp_path / "big.db", 40)
     disk = tmpfs("1m")
     out = disk / "all.db"
     r = merge(src, out=out)

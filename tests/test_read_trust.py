@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from conftest import ROOT, run_chatlog
-from storebuild import open_store
+from storebuild import bulky, open_store
 
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J"  # sets the window title, clears the screen
 
@@ -326,13 +326,7 @@ def test_a_backup_onto_a_disk_that_fills_keeps_the_previous_one_and_names_its_ow
     """A backup was written straight into DEST: one that failed halfway (a full disk) left part of
     a copy there, over the previous backup with --force, and the error named the database it
     read (`cannot write the database chat.db: disk is full`), not the file it could not write."""
-    src = tmp_path / "chat.db"
-    s = open_store(src)
-    for i in range(20):
-        sid = s.begin_session((f"10.0.0.{i}", 5000), ("127.0.0.1", 9999), served=True)
-        s.add_lines(sid, "client", "amy", 1000, text="a line long enough to fill a small disk soon %d")
-        s.end_session(sid, "client-quit")
-    s.close()
+    src = bulky(tmp_path / "chat.db", 20)
     disk = tmpfs("1m")
     dest = disk / "copy.db"
     dest.write_bytes(b"the previous backup")
