@@ -44,6 +44,22 @@ def run_timed(cmd, runs=7, stdout=subprocess.DEVNULL, env=None):
     return median_spread(times)
 
 
+def run_interleaved(cmds, runs=11):
+    """run_timed for several commands taken in turn (a, b, c, a, b, c, ...): whatever else the
+    machine does meanwhile falls on all of them alike. One (median, (min, max)) per command."""
+    times = [[] for _ in cmds]
+    for i in range(runs + 1):
+        for cmd, got in zip(cmds, times, strict=True):
+            t0 = time.perf_counter_ns()
+            r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            elapsed = (time.perf_counter_ns() - t0) / 1e9
+            if r.returncode != 0:
+                raise Missing(f"{' '.join(map(str, cmd[:3]))}: exit {r.returncode}: {r.stderr.decode()[-200:]}")
+            if i:
+                got.append(elapsed)
+    return [median_spread(t) for t in times]
+
+
 def peak_rss_and_lines(cmd):
     """Peak resident memory (MB) of one run of `cmd` (as /usr/bin/time reports it), and how many
     lines it wrote (counted by `wc -l`, so the output is checked without being held)."""
