@@ -600,13 +600,13 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
     if f.ids:
         clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
         args += list(f.ids)
-    if f.handle is not None:  # a 1:1 chat's handle, a room's participant's, or a name said under in a linked room
-        clauses.append(
+    if f.handle is not None:  # a 1:1 chat's handle, a room's participant's, or a name said under in a room
+        clauses.append(  # (each subquery reads a partial index: rooms' lines only)
             "(sessions.handle = ? OR sessions.id IN (SELECT session_id FROM participants WHERE handle = ?) "
-            "OR sessions.id IN (SELECT session_id FROM messages WHERE origin_server IS NOT NULL "
-            "AND handle = ?))"
+            "OR sessions.id IN (SELECT session_id FROM messages WHERE participant_id IS NOT NULL AND handle = ?) "
+            "OR sessions.id IN (SELECT session_id FROM messages WHERE origin_server IS NOT NULL AND handle = ?))"
         )
-        args += [f.handle, f.handle, f.handle]
+        args += [f.handle, f.handle, f.handle, f.handle]
     for column, value, op in (
         ("client_host", f.host, "="),
         ("started_at", f.since, ">="),

@@ -166,7 +166,9 @@ class Upkeep:
         """(id, session id) of every line a person said and that is not removed yet: in 1:1
         chats with that handle (from `host`, if given), as a room participant with it (in a
         linked room, on another server too: not with `host`, their address is not known here),
-        and, in a linked room, said under it (a name taken later)."""
+        and in any room, said under it (a name taken later: a participant keeps the name they
+        came with). The last reads every room line (no index on the name said under), through
+        the partial indexes on rooms' lines, so an archive of 1:1 chats reads none."""
         chat = "SELECT id FROM sessions WHERE handle = ? AND kind != 'room' AND deleting = 0"
         part = "SELECT id FROM participants WHERE handle = ?"
         args: list = [handle]
@@ -181,18 +183,23 @@ class Upkeep:
             f"SELECT id, session_id FROM messages WHERE session_id IN ({chat}) AND sender = 'client' "
             "AND removed_at IS NULL "
             f"UNION SELECT m.id, m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id "
-            f"WHERE m.participant_id IN ({part}) AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0 "
+            f"WHERE m.participant_id IN ({part}) AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0"
         )
-        if host is None:  # (a linked room's line, by the name it was said under: a later name too)
-            sql += (
-                "UNION SELECT m.id, m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id "
-                "WHERE m.origin_server IS NOT NULL AND m.handle = ? "
-                "AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0 "
-            )
-            args.append(handle)
-        sql += "ORDER BY 1"
+        # Said under it, in any room: each its own statement, so each reads its partial index (in
+        # one UNION, SQLite reads the whole table in id order, for the ORDER BY: 0.6 s at 2M).
+        room_line = ("SELECT m.id, m.session_id FROM messages m JOIN sessions s ON s.id = m.session_id "
+                     "WHERE {} AND m.handle = ? AND m.sender = 'client' AND m.removed_at IS NULL AND s.deleting = 0")
+        if host is None:  # (a linked room's line from before m018 has no participant)
+            more = [(room_line.format("m.participant_id IS NOT NULL"), [handle]),
+                    (room_line.format("m.origin_server IS NOT NULL"), [handle])]
+        else:  # by a participant from that address
+            more = [(room_line.format("m.participant_id IN (SELECT id FROM participants WHERE host = ?)"),
+                     [host, handle])]
         with self.db.guard:
-            return self.conn.execute(sql, args).fetchall()
+            found = set(self.conn.execute(sql, args).fetchall())
+            for q, q_args in more:
+                found.update(self.conn.execute(q, q_args).fetchall())
+        return sorted(found)
 
     def remove_messages(self, ids: list[int], *, batch: int = REMOVE_BATCH) -> int:
         """Make these messages tombstones: text '', raw bytes and note cleared, removed_at set (the

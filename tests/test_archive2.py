@@ -392,6 +392,33 @@ def test_forget_removes_every_line_of_a_person_in_chats_and_rooms(db_path, store
     assert nobody.exit_code == 0 and "no messages from zed" in nobody.stderr
 
 
+def test_forget_finds_a_rooms_lines_said_under_a_later_name(db_path, store):
+    """A room's participant keeps the name they came with; what they said after taking another
+    is found by that name too (`sessions --handle`; `forget`, with --host as theirs from that
+    address), and the first name still takes everything the person said."""
+    room = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    p = store.rec.add_participant(room, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    store.rec.set_participant_handle(p, "amy")
+    q = store.rec.add_participant(room, "10.0.0.2", 4002, _ts(T("12:00:01")))
+    store.rec.set_participant_handle(q, "bob")
+    store.add_message(room, "client", "amy", "as amy", participant=p)
+    store.add_message(room, "event", "cara", "renamed", note="amy is now cara", participant=p)
+    store.add_message(room, "client", "cara", "as cara one", participant=p)
+    store.add_message(room, "client", "bob", "bob says cara", participant=q)
+    store.add_message(room, "client", "cara", "as cara two", participant=p)
+    assert str(room) in run(db_path, "sessions", "--handle", "cara").stdout
+    assert "no sessions" in run(db_path, "sessions", "--handle", "dana").stderr.lower()
+    assert "would remove 2 messages from cara at 10.0.0.1" in run(
+        db_path, "forget", "--handle", "cara", "--host", "10.0.0.1", "--dry-run").stderr
+    assert "no messages from cara at 10.0.0.2" in run(db_path, "forget", "--handle", "cara", "--host", "10.0.0.2").stderr
+    done = run(db_path, "forget", "--handle", "cara")
+    assert "removed 2 messages from cara in 1 session" in done.stderr, done.output
+    kept = [json.loads(x) for x in run(db_path, "export", "-f", "jsonl").stdout.splitlines()]
+    assert sorted(m["text"] for m in kept if m["sender"] == "client" and not m.get("removed_at")) == [
+        "as amy", "bob says cara"]
+    assert "removed 1 message from amy" in run(db_path, "forget", "--handle", "amy").stderr
+
+
 def _seed(db_path, sessions, lines, handle="amy", at=None):
     s = open_store(db_path)
     ids = []
