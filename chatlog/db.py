@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
-from chatlog import indexer, schema
+from chatlog import indexer, schema, txn
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # The WAL size at which the writer makes it start over (see DB.restart_wal): only a flood of
@@ -257,7 +257,8 @@ class DB:
         WAL into the database and an fsync: milliseconds, on the chat turn. Here the writer only
         appends to the WAL, and a second connection checkpoints passively (never blocking the
         writer) twice a second. Before each checkpoint it adds the new messages to the search
-        index (chatlog.indexer), in chunks of a few milliseconds each.
+        index (chatlog.indexer), in chunks of a few milliseconds each. When the chat has paused,
+        it also begins the WAL again itself (`begin_wal_again`), so the next line does not.
         """
         if self._checkpointer is not None:
             return
@@ -271,8 +272,10 @@ class DB:
             try:
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA busy_timeout = 1000")
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # (as the writer's: see begin_wal_again)
             except sqlite3.Error:
                 return
+            begun = 0.0  # when this thread last began the WAL again
             try:
                 while True:
                     # While the chat is busy (a commit in the last INDEX_WHEN_IDLE seconds), one
@@ -280,7 +283,11 @@ class DB:
                     # on it. When it pauses, as people do, the rest.
                     busy = time.monotonic() - self.last_write < INDEX_WHEN_IDLE
                     left = index_some(conn, 0.0 if busy else interval)
-                    checkpoint(conn)
+                    done = checkpoint(conn)
+                    now = time.monotonic()
+                    if done and self.last_write > begun and now - self.last_write >= INDEX_WHEN_IDLE:
+                        begin_wal_again(conn)  # (the writer has committed since: not our own write again)
+                        begun = now
                     self.checkpoints += 1
                     if stop.wait(interval if busy or not left else 0):
                         break
@@ -315,14 +322,31 @@ def index_some(conn: sqlite3.Connection, seconds: float) -> bool:
         return False  # a store that cannot be written: the server's own writes report it
 
 
-def checkpoint(conn: sqlite3.Connection) -> None:
+def checkpoint(conn: sqlite3.Connection) -> bool:
     """One pass of the background checkpointer, on its own connection: a passive checkpoint,
     which never blocks the writer. When the writer pauses (at chat pace, between any two
-    messages) it completes, and SQLite starts the WAL over at the next commit."""
+    messages) it completes, and SQLite starts the WAL over at the next commit. Returns whether
+    it completed (every frame of a WAL that has some is in the database now)."""
     try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        busy, log, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     except sqlite3.Error:
-        pass  # busy or locked this time: the next pass catches up
+        return False  # busy or locked this time: the next pass catches up
+    return busy == 0 and 0 < log == done
+
+
+def begin_wal_again(conn: sqlite3.Connection) -> None:
+    """After a checkpoint that completed: the first commit after it begins the WAL again, writing
+    its header anew and syncing it (fdatasync, whatever `synchronous`), and past
+    journal_size_limit truncating the file. Left to the writer, that is the next line's
+    commit: at chat pace nearly every line's (0.15 ms here, 10x the commit itself; milliseconds
+    on a slow disk). Here a one-row write (its own table's, m019) takes it on, in the
+    background, when the lock is free at once (never waiting: else the writer is busy, and pays
+    it later)."""
+    try:
+        with txn.write_transaction(conn, lock_timeout_ms=0, should_stop=lambda: True):
+            conn.execute("UPDATE wal_begun SET n = n + 1")
+    except (txn.Busy, sqlite3.Error):
+        pass
 
 
 def connect(

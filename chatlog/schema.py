@@ -531,6 +531,20 @@ def m018_participants_origin(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m019_wal_begun(conn: sqlite3.Connection) -> None:
+    # One row the background checkpointer changes to begin the WAL again itself after a
+    # checkpoint, while the chat pauses (db.begin_wal_again): a write that changes nothing
+    # writes nothing, and so begins nothing.
+    run_script(
+        conn,
+        """
+        CREATE TABLE "wal_begun" ("n" INTEGER NOT NULL);
+        INSERT INTO "wal_begun" ("n") VALUES (0);
+        """,
+    )
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

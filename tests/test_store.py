@@ -180,6 +180,42 @@ def test_wal_stays_bounded_under_continuous_writes(tmp_path, monkeypatch):
     assert biggest < 40_000_000  # without the restart: ~125 MB by the end
 
 
+def test_the_wal_is_begun_again_in_the_background_not_by_the_next_line(tmp_path):
+    """When the chat pauses, the checkpointer copies the WAL into the database and then begins
+    it again itself: beginning it writes a new header and syncs it (fdatasync), which must not
+    fall to the next line's commit (at chat pace, every line's: 0.15 ms here, milliseconds on a
+    slow disk). Seen in the WAL's header: its salts change with each beginning."""
+    from conftest import wait_until
+
+    path = tmp_path / "pace.db"
+    store = open_store(path)
+    store.db.start_checkpointer(interval=0.01)
+    sid = store.begin_session(("127.0.0.1", 1), ("127.0.0.1", 2), served=True)
+    wal = str(path) + "-wal"
+
+    def salts() -> bytes:
+        with open(wal, "rb") as f:
+            return f.read(32)[16:24]
+
+    for i in range(3):
+        store.add_message(sid, "client", "bob", f"a line at chat pace {i}")
+        before = salts()
+        passes = store.db.checkpoints
+        wait_until(lambda b=before: salts() != b, timeout=5)  # begun again, with no commit of the writer's
+        assert store.db.checkpoints > passes
+        mark = store.db.checkpoints
+        wait_until(lambda m=mark: store.db.checkpoints >= m + 2, timeout=5)  # (the pass that began it is over)
+        again = salts()
+        wait_until(lambda m=mark: store.db.checkpoints >= m + 8, timeout=5)
+        assert salts() == again  # nothing new: not begun again and again
+    store.close()
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT text FROM messages ORDER BY id")] == [
+        f"a line at chat pace {i}" for i in range(3)]
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
 def test_iso_is_exactly_datetimes_isoformat():
     """The cached form of a stored time equals datetime's own, for any moment (hypothesis)."""
     from datetime import datetime, timezone
