@@ -269,6 +269,7 @@ class Loop:
         self._next_id = 1
         self.pending: list = []
         self._bcast: list[tuple[bytes, int | None]] = []
+        self._later: list = []  # (decision, result) for the console, after the sockets (`_act`)
         self.intake = Intake(self)
         self.finished = False
         self.failure: str | None = None  # why the store failed for good
@@ -452,20 +453,25 @@ class Loop:
                     raise
                 self._store_failed(str(exc))
                 return
+            later = self._later
             for decision, result in zip(batch, results, strict=True):
                 self._act(decision, result)
             if self._bcast:
                 self._flush_broadcasts()
+            if later:  # then the console (and the operator's prompt), in the batch's order
+                self._later = []
+                for decision, result in later:
+                    to_console(self, decision, result)
 
     def _act(self, d, result) -> None:
-        """Phase two: the console and the sockets."""
+        """Phase two: the sockets. What is for the console (its lines, the prompt) is held for
+        after them, in order: no answer or relay waits while the batch's lines are formatted."""
         t = type(d)
         if t is Broadcast:
             self._bcast.append((d.data, d.exclude))
             return
-        if t is Show or t is ShowLines:
-            if d.kind != "operator" or self.echo_operator:
-                self.console.extend(show_lines(self.r, d))
+        if t is Show or t is ShowLines or t is Prompt:
+            self._later.append((d, None))
             return
         if t is CommitLines or t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
             return  # recorded in phase one, or published before it; nothing to send or show
@@ -486,10 +492,6 @@ class Loop:
                 c.paused_until = d.until
                 self.intake.paused.add(c)
                 self.watch.client(c)
-        elif t is Prompt:
-            if self.operator.tty:  # what the answer answers is on screen before the prompt
-                self.console.flush()
-            self.operator.want(d.on, d.commands)
         elif t is Finish:
             self.finished = True
         elif t is Join:
@@ -497,9 +499,7 @@ class Loop:
             if c is not None:
                 c.member = True  # it hears what is said from now on, not before
         if isinstance(d, StoreWrite):
-            line = self.store.describe(d, result)
-            if line is not None:
-                self.console.write(self.r.paint("event", line))
+            self._later.append((d, result))  # (what the store says of it, on the console)
             data = self.store.reply(d, result)  # what the store read for d.conn (a room's history)
             if data is not None and (c := self.clients.get(d.conn)) is not None:
                 self._send(c, data)
@@ -547,6 +547,22 @@ class Loop:
             self._close(c, NOTICES["store"])
         self.clients.clear()
         self.finished = True
+
+
+def to_console(loop: Loop, d, result) -> None:
+    """Phase three: the console's lines and the operator's prompt, after the sockets."""
+    t = type(d)
+    if t is Show or t is ShowLines:
+        if d.kind != "operator" or loop.echo_operator:
+            loop.console.extend(show_lines(loop.r, d))
+    elif t is Prompt:
+        if loop.operator.tty:  # what the answer answers is on screen before the prompt
+            loop.console.flush()
+        loop.operator.want(d.on, d.commands)
+    else:
+        line = loop.store.describe(d, result)
+        if line is not None:
+            loop.console.write(loop.r.paint("event", line))
 
 
 def take_from_link(loop: Loop, io: bool, now: float) -> None:
