@@ -360,6 +360,16 @@ def test_rm_message_leaves_a_tombstone_every_reader_shows(db_path, mixed, store)
         assert r.exit_code in (1, 2) and r.stderr.count("\n") <= 2
 
 
+def _room_of_amy_and_bob(store):
+    """A room (its session id) with two participants: amy from 10.0.0.1, bob from 10.0.0.2."""
+    room = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
+    p = store.rec.add_participant(room, "10.0.0.1", 4001, _ts(T("12:00:01")))
+    store.rec.set_participant_handle(p, "amy")
+    q = store.rec.add_participant(room, "10.0.0.2", 4002, _ts(T("12:00:01")))
+    store.rec.set_participant_handle(q, "bob")
+    return room, p, q
+
+
 def test_forget_removes_every_line_of_a_person_in_chats_and_rooms(db_path, store):
     a = store.begin_session(("10.0.0.1", 5000), ("127.0.0.1", 9999), at=T("10:00:00"), served=True)
     store.set_handle(a, "amy")
@@ -370,11 +380,7 @@ def test_forget_removes_every_line_of_a_person_in_chats_and_rooms(db_path, store
     b = store.begin_session(("10.0.0.9", 5001), ("127.0.0.1", 9999), at=T("10:05:00"), served=True)
     store.set_handle(b, "amy")  # another amy, from another host
     store.add_message(b, "client", "amy", "amy elsewhere")
-    room = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
-    p = store.rec.add_participant(room, "10.0.0.1", 4001, _ts(T("12:00:01")))
-    store.rec.set_participant_handle(p, "amy")
-    q = store.rec.add_participant(room, "10.0.0.2", 4002, _ts(T("12:00:01")))
-    store.rec.set_participant_handle(q, "bob")
+    room, p, q = _room_of_amy_and_bob(store)
     store.add_message(room, "client", "amy", "amy in the room", participant=p)
     store.add_message(room, "client", "bob", "bob in the room", participant=q)
     dry = run(db_path, "forget", "--handle", "amy", "--host", "10.0.0.1", "--dry-run")
@@ -396,11 +402,7 @@ def test_forget_finds_a_rooms_lines_said_under_a_later_name(db_path, store):
     """A room's participant keeps the name they came with; what they said after taking another
     is found by that name too (`sessions --handle`; `forget`, with --host as theirs from that
     address), and the first name still takes everything the person said."""
-    room = store.begin_session((None, None), ("127.0.0.1", 7000), at=T("12:00:00"), served=True, kind="room")
-    p = store.rec.add_participant(room, "10.0.0.1", 4001, _ts(T("12:00:01")))
-    store.rec.set_participant_handle(p, "amy")
-    q = store.rec.add_participant(room, "10.0.0.2", 4002, _ts(T("12:00:01")))
-    store.rec.set_participant_handle(q, "bob")
+    room, p, q = _room_of_amy_and_bob(store)
     store.add_message(room, "client", "amy", "as amy", participant=p)
     store.add_message(room, "event", "cara", "renamed", note="amy is now cara", participant=p)
     store.add_message(room, "client", "cara", "as cara one", participant=p)
