@@ -306,6 +306,44 @@ def test_a_turn_answered_by_a_script_is_one_commit_made_before_either_line_is_sh
     assert len(commits) == 2  # one a turn
 
 
+def test_the_answer_goes_out_before_the_console_is_formatted(harness, monkeypatch):
+    """A pass sends first, then formats its console lines (in their order): no client waits while
+    lines are made for the operator to read."""
+    events = []
+    real_show = server.show_lines
+    monkeypatch.setattr(server, "show_lines", lambda r, d: (events.append(("console", d.kind)), real_show(r, d))[1])
+    h = harness(room=False)
+    os.write(h.in_w, b"pong 1\n")
+    c = socket.create_connection(("127.0.0.1", h.port))
+    h.clients.append(c)
+    h.step_until(lambda: len(h.loop.clients) == 1)
+    real_send = h.loop._send
+    monkeypatch.setattr(h.loop, "_send", lambda client, data: (events.append(("send", data)), real_send(client, data)))
+    events.clear()
+    c.sendall(b"bob>ping 1\n")
+    h.step_until(lambda: ("send", b"SERVER>pong 1\n") in events)
+    assert events[0] == ("send", b"SERVER>pong 1\n") and events[1:3] == [("console", "client"), ("console", "operator")]
+    out = h.read_console()
+    assert out.index("bob>ping 1") < out.index("SERVER>pong 1")
+
+
+def test_a_rooms_relay_goes_out_before_its_lines_are_formatted_for_the_console(harness, monkeypatch):
+    """As the 1:1 answer: what a pass relays is sent before its lines are made for the console."""
+    events = []
+    real_show, real_fan_out = server.show_lines, server.fan_out
+    monkeypatch.setattr(server, "show_lines", lambda r, d: (events.append(("console", d.kind)), real_show(r, d))[1])
+    monkeypatch.setattr(server, "fan_out", lambda lines, clients: (events.append(("relay", len(lines))),
+                                                                  real_fan_out(lines, clients))[1])
+    h = harness()
+    alice, bob = h.join("alice"), h.join("bob")
+    events.clear()
+    alice.sendall(b"alice>to everyone\nalice>and again\n")
+    h.step_until(lambda: h.count(handle="alice") == 3)
+    assert events[0][0] == "relay" and ("console", "client") in events  # (the lines: one pass, or two)
+    bob.settimeout(5)
+    assert b"alice>to everyone\nalice>and again\n" in bob.recv(4096)
+
+
 def test_a_burst_is_recorded_line_by_line_in_order_shown_and_relayed_whole(harness):
     h = harness(rate=0)
     alice, bob = h.join("alice"), h.join("bob")
