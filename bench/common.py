@@ -46,7 +46,8 @@ def run_timed(cmd, runs=7, stdout=subprocess.DEVNULL, env=None):
 
 def run_interleaved(cmds, runs=11):
     """run_timed for several commands taken in turn (a, b, c, a, b, c, ...): whatever else the
-    machine does meanwhile falls on all of them alike. One (median, (min, max)) per command."""
+    machine does meanwhile falls on all of them alike (its speed moves by tens of percent within
+    minutes here). One (median, (min, max)) per command."""
     times = [[] for _ in cmds]
     for i in range(runs + 1):
         for cmd, got in zip(cmds, times, strict=True):
