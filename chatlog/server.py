@@ -256,7 +256,8 @@ class Loop:
         # or None: one more source of events, and one more place decisions go (`publish_first`).
         self.link = link
         # The store's decisions that only record, like Commit: broadcasts gather across them.
-        self._record_only = tuple(getattr(store, "record_only", ()))
+        # Decisions recorded in phase one (or published before it) and nothing more: not acted on.
+        self._recorded = frozenset((CommitLines, Commit, Handle, Open, Serve, Publish, *getattr(store, "record_only", ())))
         self.store = store
         self.acceptor = Acceptor(listeners)
         self.r = renderer
@@ -453,9 +454,13 @@ class Loop:
                     raise
                 self._store_failed(str(exc))
                 return
-            later = self._later
+            later, recorded = self._later, self._recorded
             for decision, result in zip(batch, results, strict=True):
-                self._act(decision, result)
+                t = type(decision)
+                if t is Show or t is ShowLines or t is Prompt:
+                    later.append((decision, None))
+                elif t not in recorded:
+                    self._act(decision, result)
             if self._bcast:
                 self._flush_broadcasts()
             if later:  # then the console (and the operator's prompt), in the batch's order
@@ -470,11 +475,6 @@ class Loop:
         if t is Broadcast:
             self._bcast.append((d.data, d.exclude))
             return
-        if t is Show or t is ShowLines or t is Prompt:
-            self._later.append((d, None))
-            return
-        if t is CommitLines or t is Commit or t is Handle or t is Open or t is Serve or t is Publish or t in self._record_only:
-            return  # recorded in phase one, or published before it; nothing to send or show
         if self._bcast and t is not Pause:
             self._flush_broadcasts()  # what was said before reaches everyone before what follows
         if t is Send:
