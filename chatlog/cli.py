@@ -241,30 +241,36 @@ class Group(click.Group):
 DB_HELP = "SQLite database file [env: CHATLOG_DB; default: ~/.local/share/chatlog/chatlog.db]"
 
 
-def _db_value(ctx: click.Context, param: click.Parameter, value):
+def _db_value(ctx: click.Context, param: click.Parameter, value, text: bool = False):
     """--db after the command wins; else `chatlog --db PATH COMMAND`; else $CHATLOG_DB; else
-    the per-user default. Always a Path."""
-    from chatlog.config import db_path
+    the per-user default. A Path (with `text`, the same as a str)."""
+    from chatlog.config import db_text
 
     if ctx.get_parameter_source(param.name) not in (
         click.core.ParameterSource.COMMANDLINE,
     ):
         root = ctx.find_root()
         if root is not ctx and root.params.get("db"):
-            from pathlib import Path
+            value = root.params["db"]
+    found = db_text(value or None)
+    if text:
+        return found
+    from pathlib import Path
 
-            return Path(root.params["db"]).expanduser()
-    return db_path(value or None)
+    return Path(found)
 
 
-def db_option(fn):
-    """--db, declared once: every command takes it (and `chatlog --db PATH COMMAND` too)."""
+def db_option(fn=None, *, text: bool = False):
+    """--db, declared once: every command takes it (and `chatlog --db PATH COMMAND` too). With
+    `text`, the command gets it as a str."""
+    if fn is None:
+        return lambda f: db_option(f, text=text)
     return click.option(
         "--db",
         "db",
         type=click.Path(dir_okay=False),
         envvar="CHATLOG_DB",
-        callback=_db_value,
+        callback=(lambda ctx, param, value: _db_value(ctx, param, value, text=True)) if text else _db_value,
         help=DB_HELP,
     )(fn)
 
@@ -660,7 +666,7 @@ def serve(
 
 
 @cli.command()
-@db_option
+@db_option(text=True)
 def path(db):
     """Print the path of the database file."""
     click.echo(str(db))
