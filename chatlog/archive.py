@@ -601,9 +601,9 @@ def filter_sql(f: "Filters | None") -> tuple[str, list]:
         clauses.append(f"sessions.id IN ({', '.join('?' * len(f.ids))})")
         args += list(f.ids)
     if f.handle is not None:  # a 1:1 chat's handle, a room's participant's, or a name said under in a room
-        clauses.append(  # (each subquery reads a partial index: rooms' lines only)
+        clauses.append(  # (each subquery reads an index: a room's events under the name, linked lines)
             "(sessions.handle = ? OR sessions.id IN (SELECT session_id FROM participants WHERE handle = ?) "
-            "OR sessions.id IN (SELECT session_id FROM messages WHERE participant_id IS NOT NULL AND handle = ?) "
+            "OR sessions.id IN (SELECT session_id FROM messages WHERE sender = 'event' AND handle = ?) "
             "OR sessions.id IN (SELECT session_id FROM messages WHERE origin_server IS NOT NULL AND handle = ?))"
         )
         args += [f.handle, f.handle, f.handle, f.handle]

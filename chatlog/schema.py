@@ -545,6 +545,14 @@ def m019_wal_begun(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m020_event_handles(conn: sqlite3.Connection) -> None:
+    # Who was ever called a name in a room: their joins and renames under it (a participant keeps
+    # the name they came with). Events only, so a room's lines, the bulk, write nothing to it.
+    # `forget --handle NAME` and `sessions --handle NAME` find a later name through it.
+    run_script(conn, """CREATE INDEX "idx_messages_event_handle" ON "messages" ("handle") WHERE "sender" = 'event';""")
+
+
 NAMES = [fn.__name__ for fn in MIGRATIONS]
 
 

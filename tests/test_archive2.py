@@ -421,6 +421,42 @@ def test_forget_finds_a_rooms_lines_said_under_a_later_name(db_path, store):
     assert "removed 1 message from amy" in run(db_path, "forget", "--handle", "amy").stderr
 
 
+def test_a_later_name_is_found_without_reading_every_rooms_lines(db_path, store):
+    """`forget` and `sessions --handle` find a name through the index of the rooms' events (a
+    join or rename under it), never by reading every line (1.6 s for a room of 1M lines)."""
+    import sqlite3
+
+    from chatlog.archive import filter_sql
+    from chatlog.query import Filters
+    from chatlog.upkeep import Upkeep
+    from chatlog.cli import open_archive
+
+    room, p, q = _room_of_amy_and_bob(store)
+    store.add_message(room, "event", "cara", "renamed", note="amy is now cara", participant=p)
+    store.add_message(room, "client", "cara", "as cara", participant=p)
+    up = Upkeep(open_archive(db_path))
+    plans, real = [], up.conn
+
+    class Watched:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def execute(self, sql, args=()):
+            plans.extend(r[3] for r in real.execute("EXPLAIN QUERY PLAN " + sql, args))
+            return real.execute(sql, args)
+
+    up.conn = Watched()
+    for host in (None, "10.0.0.1"):
+        assert len(up.said_by("cara", host)) == 1
+    where, args = filter_sql(Filters(handle="cara"))
+    conn = sqlite3.connect(db_path)
+    assert conn.execute(f"SELECT id FROM sessions WHERE {where}", args).fetchall() == [(room,)]
+    plans.extend(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN SELECT id FROM sessions WHERE {where}", args))
+    conn.close()
+    assert any("idx_messages_event_handle" in p for p in plans)
+    assert not [p for p in plans if p.startswith("SCAN m") or p == "SCAN messages"], plans
+
+
 def _seed(db_path, sessions, lines, handle="amy", at=None):
     s = open_store(db_path)
     ids = []
