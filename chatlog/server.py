@@ -255,8 +255,8 @@ class Loop:
         # A room's link to other servers (chatlog.link.BrokerLink, its client run in this thread),
         # or None: one more source of events, and one more place decisions go (`publish_first`).
         self.link = link
-        # The store's decisions that only record, like Commit: broadcasts gather across them.
-        # Decisions recorded in phase one (or published before it) and nothing more: not acted on.
+        # Decisions recorded in phase one (or published before it) and nothing more, like Commit:
+        # not acted on, and broadcasts gather across them.
         self._recorded = frozenset((CommitLines, Commit, Handle, Open, Serve, Publish, *getattr(store, "record_only", ())))
         self.store = store
         self.acceptor = Acceptor(listeners)
