@@ -32,19 +32,10 @@ def has_command(name):
 def run_timed(cmd, runs=7, stdout=subprocess.DEVNULL, env=None):
     """Whole-process wall time (seconds) of `cmd`: (median, (min, max)) over `runs` runs, after
     one untimed warm-up run (so every run finds the file in the page cache)."""
-    times = []
-    for i in range(runs + 1):
-        t0 = time.perf_counter_ns()
-        r = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
-        elapsed = (time.perf_counter_ns() - t0) / 1e9
-        if r.returncode != 0:
-            raise Missing(f"{' '.join(map(str, cmd[:3]))}: exit {r.returncode}: {r.stderr.decode()[-200:]}")
-        if i:
-            times.append(elapsed)
-    return median_spread(times)
+    return run_interleaved([cmd], runs, stdout, env)[0]
 
 
-def run_interleaved(cmds, runs=11):
+def run_interleaved(cmds, runs=11, stdout=subprocess.DEVNULL, env=None):
     """run_timed for several commands taken in turn (a, b, c, a, b, c, ...): whatever else the
     machine does meanwhile falls on all of them alike (its speed moves by tens of percent within
     minutes here). One (median, (min, max)) per command."""
@@ -52,7 +43,7 @@ def run_interleaved(cmds, runs=11):
     for i in range(runs + 1):
         for cmd, got in zip(cmds, times, strict=True):
             t0 = time.perf_counter_ns()
-            r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            r = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
             elapsed = (time.perf_counter_ns() - t0) / 1e9
             if r.returncode != 0:
                 raise Missing(f"{' '.join(map(str, cmd[:3]))}: exit {r.returncode}: {r.stderr.decode()[-200:]}")
