@@ -344,7 +344,7 @@ def begin_wal_again(conn: sqlite3.Connection) -> None:
     it later)."""
     try:
         with txn.write_transaction(conn, lock_timeout_ms=0, should_stop=lambda: True):
-            conn.execute("UPDATE wal_begun SET n = n + 1")
+            conn.execute("UPDATE wal_begun SET n = n + 1 WHERE rowid = (SELECT min(rowid) FROM wal_begun)")
     except (txn.Busy, sqlite3.Error):
         pass
 

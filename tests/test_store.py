@@ -216,6 +216,22 @@ def test_the_wal_is_begun_again_in_the_background_not_by_the_next_line(tmp_path)
     conn.close()
 
 
+def test_beginning_the_wal_again_writes_one_row_of_a_crafted_table(tmp_path):
+    """An archive whose `wal_begun` was filled with rows (crafted, or copied into): the
+    checkpointer's write still changes one, not all of them at every pause, holding the lock."""
+    from chatlog.db import begin_wal_again
+
+    path = tmp_path / "crafted.db"
+    open_store(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < 5000) "
+                 "INSERT INTO wal_begun (n) SELECT i FROM k")
+    before = conn.total_changes
+    begin_wal_again(conn)
+    assert conn.total_changes - before == 1
+    conn.close()
+
+
 def test_iso_is_exactly_datetimes_isoformat():
     """The cached form of a stored time equals datetime's own, for any moment (hypothesis)."""
     from datetime import datetime, timezone
