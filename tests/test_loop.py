@@ -496,3 +496,52 @@ def test_the_acceptor_keeps_descriptors_from_clients_only_below_a_real_limit(lim
     finally:
         c.close()
         sock.close()
+
+
+class _Counting:
+    """A selector that records the timeout of every select (0: a poll)."""
+
+    def __init__(self, sel):
+        self.sel, self.timeouts = sel, []
+
+    def select(self, timeout):
+        self.timeouts.append(timeout)
+        return self.sel.select(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.sel, name)
+
+
+def test_a_wait_polls_before_it_sleeps_only_while_the_last_wait_was_short(monkeypatch):
+    import selectors
+
+    monkeypatch.setattr(server, "SPIN", 0.5)  # wide, so a loaded machine does not blur short and long
+    watch = server.Watcher()
+    counting = watch.sel = _Counting(watch.sel)
+    a, b = socket.socketpair()
+    try:
+        watch.set(a, selectors.EVENT_READ, "a")
+        b.send(b"x")
+        assert watch.select(None) and counting.timeouts == [None]  # no spin yet: one plain wait
+        assert watch.spin  # it was short
+        a.recv(10)
+        counting.timeouts.clear()
+        b.send(b"y")
+        assert watch.select(None) and counting.timeouts == [0]  # polled first, found it, never slept
+        a.recv(10)
+        counting.timeouts.clear()
+        started = time.monotonic()
+        assert watch.select(0.7) == []  # nothing comes: it polls for the spin, then sleeps the rest
+        assert 0.65 < time.monotonic() - started < 5
+        assert set(counting.timeouts[:-1]) == {0} and counting.timeouts[-1] == pytest.approx(0.2)
+        assert not watch.spin  # that wait was long: the next one does not poll
+        counting.timeouts.clear()
+        b.send(b"z")
+        assert watch.select(None) and counting.timeouts == [None]
+        counting.timeouts.clear()
+        watch.select(0)
+        assert counting.timeouts == [0]  # a poll asked for is a poll, and says nothing of the next wait
+    finally:
+        watch.close()
+        a.close()
+        b.close()
