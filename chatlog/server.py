@@ -100,7 +100,10 @@ class Watcher:
     machine speed answers within it, and the loop takes its next line without being put to
     sleep and woken again, which on a virtual machine costs more than the pass itself and
     leaves the next pass running cold. A wait that outlasts the spin ends it until one is short
-    again, so a chat at human pace, an idle server or a room between lines never spins."""
+    again, so a chat at human pace, an idle server or a room between lines never spins. What it
+    costs is the CPU it polls for: a client that answers each line 100-150 us after it came,
+    just past the spin, costs the server ~60 us of CPU a turn more (measured: 140-160 against
+    200-220)."""
 
     def __init__(self):
         self.sel = selectors.DefaultSelector()
